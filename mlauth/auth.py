@@ -1,0 +1,418 @@
+"""MLAuth: the requests auth that injects the token, refreshes it, and re-sends on a 401.
+
+The decisions live in three methods that read top to bottom:
+
+- :meth:`MLAuth._current` (before every request): pick up a token a peer wrote, refresh
+  ahead of expiry;
+- :meth:`MLAuth._handle_401` (after a response): refresh or adopt, then re-send once;
+- :meth:`MLAuth._refresh_locked` (under both locks): re-read, decide, refresh, persist.
+
+Nothing per request is kept on the instance: one MLAuth serves every thread and session of
+a process. Its shared state is one ``(tokens, stamp)`` tuple, swapped whole.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+import weakref
+from collections.abc import Callable, Hashable, Iterable
+from http.cookiejar import CookieJar
+from typing import Any, cast
+
+import requests
+from requests.cookies import extract_cookies_to_jar
+from requests.utils import rewind_body
+
+from .config import DEFAULT_HOSTS, DEFAULT_TOKEN_URL, check_hosts, check_token_url, env_settings
+from .envfile import EnvFileStore
+from .errors import ConfigError, InvalidGrantError, LockTimeoutError, MLAuthError, StoreError
+from .refresher import REAUTHORIZE_HINT, TokenEndpoint
+from .secret import Secret
+from .store import TokenStore
+from .token import MAX_MARGIN_SHARE, TokenSet
+
+__all__ = ["MLAuth"]
+
+log = logging.getLogger("mlauth")
+
+# After a failed refresh ahead of expiry, the still-valid token is used and the refresh is
+# not tried again for this long (or a quarter of the time left, if shorter).
+ADVISORY_RETRY_DELAY = 30.0
+# While refreshed tokens could not be saved, saving is retried at most this often.
+PERSIST_RETRY_DELAY = 5.0
+
+_instances: weakref.WeakSet[MLAuth] = weakref.WeakSet()
+
+
+def _reset_after_fork() -> None:
+    # A thread of the parent may have held the mutex at fork time; in the child that thread
+    # does not exist and the mutex would stay locked for ever.
+    for auth in list(_instances):
+        auth._mutex = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_reset_after_fork)
+
+
+def _bearer(header: str | bytes | None) -> str | None:
+    if isinstance(header, bytes):
+        header = header.decode("latin-1")
+    if not header or header[:7].lower() != "bearer ":
+        return None
+    return header[7:].strip() or None
+
+
+def _replayable(request: requests.PreparedRequest) -> bool:
+    """Whether the body can be sent a second time: in memory, or a stream we can rewind."""
+    body: object = request.body
+    if body is None or isinstance(body, (bytes, str)):
+        return True
+    # requests records the stream's position before the first send; a generator has none
+    # (and would be re-sent empty, silently), a failed tell() left a non-int marker.
+    return isinstance(getattr(request, "_body_position", None), int)
+
+
+class MLAuth(requests.auth.AuthBase):
+    """A :class:`requests.auth.AuthBase` that keeps a MercadoLibre token chain alive.
+
+    ``session.auth = MLAuth.from_env(".env")`` is all a session needs. See the README for the
+    single-flight refresh and for every option.
+    """
+
+    def __init__(
+        self,
+        client_id: str,
+        client_secret: str | Secret,
+        store: TokenStore,
+        *,
+        token_url: str = DEFAULT_TOKEN_URL,
+        hosts: Iterable[str] = DEFAULT_HOSTS,
+        refresh_margin: float = 300.0,
+        lock_timeout: float = 120.0,
+        min_token_age: float = 10.0,
+        timeout: float | tuple[float, float] = (5.0, 15.0),
+        max_attempts: int = 3,
+        backoff: float = 0.5,
+        on_refresh: Callable[[TokenSet], None] | None = None,
+    ) -> None:
+        if not isinstance(client_id, str) or not client_id.strip():
+            raise ConfigError("client_id is empty; pass the app's client id (ML_CLIENT_ID)")
+        secret = client_secret if isinstance(client_secret, Secret) else Secret(client_secret)
+        if not secret.reveal().strip():
+            raise ConfigError("client_secret is empty; pass the app's secret (ML_CLIENT_SECRET)")
+        if not isinstance(store, TokenStore):
+            raise ConfigError(f"store must be a TokenStore such as EnvFileStore, got {store!r}")
+        if refresh_margin < 0 or lock_timeout <= 0 or min_token_age < 0:
+            raise ConfigError("refresh_margin and min_token_age must be >= 0, lock_timeout > 0")
+        self.client_id = client_id.strip()
+        self.store = store
+        self.token_url = check_token_url(token_url, "token_url")
+        self._hosts = check_hosts(hosts if isinstance(hosts, str) else list(hosts), "hosts")
+        self.refresh_margin = float(refresh_margin)
+        self.lock_timeout = float(lock_timeout)
+        self.min_token_age = float(min_token_age)
+        self.on_refresh = on_refresh
+        self._endpoint = TokenEndpoint(
+            self.token_url,
+            self.client_id,
+            secret,
+            timeout=timeout,
+            max_attempts=max_attempts,
+            backoff=backoff,
+        )
+        # Serializes refreshes inside this process, so threads wait here and only one of them
+        # goes on to the cross-process lock.
+        self._mutex = threading.Lock()
+        tokens, stamp = store.load()
+        if tokens.refresh_token is None:
+            raise ConfigError(
+                f"{store.location}: ML_REFRESH_TOKEN is missing or empty. " + REAUTHORIZE_HINT
+            )
+        self._cache: tuple[TokenSet, Hashable] = (tokens, stamp)
+        # Tokens that were refreshed but could not be saved: the only live copy of the chain.
+        self._unsaved: TokenSet | None = None
+        self._advisory_retry_at = 0.0
+        self._persist_retry_at = 0.0
+        _instances.add(self)
+
+    @classmethod
+    def from_env(cls, path: str | os.PathLike[str] = ".env", **kwargs: Any) -> MLAuth:
+        """Build from a ``.env``: credentials, token URL and hosts from the file, tokens in it.
+
+        Keyword arguments override the file and are passed on to :class:`MLAuth`; ``store=``
+        keeps the credentials in the file and the tokens elsewhere.
+        """
+        settings = env_settings(path)
+        settings.update(kwargs)
+        store = settings.pop("store", None) or EnvFileStore(path)
+        return cls(store=store, **settings)  # type: ignore[arg-type]
+
+    def __repr__(self) -> str:
+        tokens = self._cache[0]
+        return (
+            f"MLAuth(client_id={self.client_id!r}, store={self.store!r}, "
+            f"hosts={self._hosts!r}, {tokens.describe()})"
+        )
+
+    @property
+    def tokens(self) -> TokenSet:
+        """The tokens this process uses now (values wrapped in :class:`Secret`)."""
+        return self._unsaved or self._cache[0]
+
+    # -- before the request -------------------------------------------------------------
+
+    def __call__(self, r: requests.PreparedRequest) -> requests.PreparedRequest:
+        if not self._hosts.allows(r.url):
+            return r  # other hosts get nothing from us, not even a removed header
+        tokens = self._current()
+        assert tokens.access_token is not None  # _current refreshes when there is none
+        # Replaces whatever the caller set: legacy code passes stale headers.
+        r.headers["Authorization"] = f"Bearer {tokens.access_token.reveal()}"
+        r.register_hook("response", self._handle_401)
+        return r
+
+    def _current(self) -> TokenSet:
+        """The token to send: a peer's newer one if the store changed, refreshed if due."""
+        if self._unsaved is not None:
+            return self._retry_persist()
+        tokens, stamp = self._cache
+        if self.store.stamp() != stamp:
+            tokens, stamp = self.store.load()
+            log.debug("store changed; picked up %s", tokens.describe())
+            self._cache = (tokens, stamp)
+        if not tokens.needs_refresh(self.refresh_margin):
+            return tokens
+        if not tokens.is_expired():
+            return self._refresh_ahead(tokens)
+        # Mandatory: no valid token to send, so wait for the refresh and fail loudly.
+        with self._holding_mutex():
+            refreshed = self._refresh_locked(failed=None, reason="expired")
+        assert refreshed is not None
+        return refreshed
+
+    def _refresh_ahead(self, tokens: TokenSet) -> TokenSet:
+        """Advisory refresh: the current token still works, so never wait and never fail."""
+        if time.monotonic() < self._advisory_retry_at or not self._mutex.acquire(blocking=False):
+            return tokens  # another thread is refreshing, or a recent attempt failed
+        try:
+            refreshed = self._refresh_locked(failed=None, reason="ahead of expiry")
+            assert refreshed is not None
+            return refreshed
+        except MLAuthError as exc:
+            left = tokens.expires_in() or 0.0
+            self._advisory_retry_at = time.monotonic() + min(ADVISORY_RETRY_DELAY, left / 4)
+            level = logging.ERROR if isinstance(exc, InvalidGrantError) else logging.WARNING
+            log.log(level, "refresh ahead of expiry failed; using the current token: %s", exc)
+            return tokens
+        finally:
+            self._mutex.release()
+
+    # -- after the response -------------------------------------------------------------
+
+    def _handle_401(self, r: requests.Response, **kwargs: Any) -> requests.Response:
+        if r.status_code != 401:
+            return r  # 403 is about permissions, never about expiry
+        request = r.request
+        # Hooks run on every redirect hop: another host's 401 is none of our business, and
+        # a request whose header requests stripped on a redirect did not carry our token.
+        if not self._hosts.allows(request.url):
+            return r
+        failed = _bearer(request.headers.get("Authorization"))
+        if failed is None:
+            return r
+        new = self._recover(Secret(failed))
+        if new is None:
+            return r
+        if not _replayable(request):
+            log.warning(
+                "got a 401 on %s %s; the token is refreshed but the body cannot be sent again "
+                "(a generator or unrewindable stream), so the 401 is returned",
+                request.method,
+                request.path_url,
+            )
+            return r
+        # Read and release the first answer so the re-send can reuse its connection.
+        r.content  # noqa: B018
+        r.close()
+        prep = request.copy()  # never mutate r.request: it becomes history[0].request
+        if not isinstance(cast(object, prep.body), (bytes, str, type(None))):
+            rewind_body(prep)
+        jar = cast(CookieJar, prep._cookies)
+        extract_cookies_to_jar(jar, request, r.raw)
+        prep.headers.pop("Cookie", None)  # prepare_cookies never replaces an existing header
+        prep.prepare_cookies(jar)
+        prep.headers["Authorization"] = f"Bearer {new.reveal()}"
+        # The hooks dict is shared with the copy; the re-sent answer does not go through the
+        # hooks again, so one 401 can never loop.
+        retried: requests.Response = r.connection.send(prep, **kwargs)
+        retried.history.append(r)
+        retried.request = prep
+        return retried
+
+    def _recover(self, failed: Secret) -> Secret | None:
+        """The token to re-send with after ``failed`` got a 401, or None to return the 401."""
+        current = self.tokens.access_token
+        if current is not None and current != failed:
+            return current  # another thread has moved on already
+        with self._holding_mutex():
+            tokens = self._refresh_locked(failed=failed, reason="401")
+        return None if tokens is None else tokens.access_token
+
+    # -- the refresh itself ---------------------------------------------------------------
+
+    def _holding_mutex(self) -> _Held:
+        return _Held(self._mutex, self.lock_timeout)
+
+    def _satisfied(self, tokens: TokenSet, failed: Secret | None) -> bool:
+        """Whether ``tokens`` already answer the need, so no refresh token is spent."""
+        if tokens.access_token is None:
+            return False
+        if failed is not None:
+            return tokens.access_token != failed
+        return not tokens.needs_refresh(self.refresh_margin)
+
+    def _young(self, tokens: TokenSet) -> bool:
+        """Refreshed so recently that a 401 on it cannot be expiry."""
+        age = tokens.age()
+        if age is None:
+            return False
+        lifetime = tokens.lifetime
+        window = self.min_token_age
+        if lifetime is not None:
+            window = min(window, lifetime * MAX_MARGIN_SHARE)
+        return 0 <= age < window
+
+    def _refresh_locked(self, *, failed: Secret | None, reason: str) -> TokenSet | None:
+        """Re-read, decide, refresh, persist. Called with the mutex held.
+
+        Returns the tokens to use, or None when ``failed`` got a genuine 401 (it is the
+        current token and was refreshed moments ago: refreshing again would not help).
+        """
+        if self._unsaved is not None:
+            return self._retry_persist()
+        tokens, stamp = self._cache
+        if self.store.stamp() != stamp:
+            tokens, stamp = self.store.load()
+            self._cache = (tokens, stamp)
+        if self._satisfied(tokens, failed):
+            return tokens  # a thread of ours refreshed while we waited for the mutex
+        with self.store.lock(self.lock_timeout):
+            tokens, stamp = self.store.load()  # the re-read that makes refreshes single-flight
+            self._cache = (tokens, stamp)
+            if self._satisfied(tokens, failed):
+                log.debug(
+                    "adopted a token refreshed by %s (%s)", tokens.refreshed_by, tokens.describe()
+                )
+                return tokens
+            if failed is not None and self._young(tokens):
+                log.debug("401 on a token refreshed %.1fs ago: not an expiry", tokens.age())
+                return None
+            return self._refresh(tokens, reason)
+
+    def _refresh(self, tokens: TokenSet, reason: str) -> TokenSet:
+        """Spend the refresh token and persist its successor. Called under both locks."""
+        if tokens.refresh_token is None:
+            raise ConfigError(
+                f"{self.store.location}: ML_REFRESH_TOKEN is missing or empty. " + REAUTHORIZE_HINT
+            )
+        # A refresh token spent whose successor cannot be saved is lost for good: check first.
+        self.store.check_writable()
+        started = time.time()  # expiry counts from before the POST, not from the answer
+        try:
+            answer = self._endpoint.refresh(tokens.refresh_token)
+        except InvalidGrantError:
+            # A process that does not take our lock (a legacy script) may have rotated it.
+            again, stamp = self.store.load()
+            if again.refresh_token is not None and again.refresh_token != tokens.refresh_token:
+                log.info("refresh token was rotated outside the lock; adopting the new one")
+                self._cache = (again, stamp)
+                if again.access_token is not None and not again.is_expired():
+                    return again
+                return self._refresh(again, reason)
+            raise
+        if answer.refresh_token is None:
+            log.warning(
+                "the token answer had no refresh_token (does the app have offline_access?); "
+                "keeping the current one"
+            )
+        new = TokenSet(
+            access_token=answer.access_token,
+            refresh_token=answer.refresh_token or tokens.refresh_token,
+            expires_at=None if answer.expires_in is None else started + answer.expires_in,
+            refreshed_at=started,
+            refreshed_by=f"pid {os.getpid()}@{socket.gethostname()}",
+        )
+        # Persist before anything else uses the new tokens: the old refresh token is dead.
+        try:
+            stamp = self.store.save(new)
+        except StoreError as exc:
+            self._unsaved = new
+            self._persist_retry_at = time.monotonic() + PERSIST_RETRY_DELAY
+            log.error(
+                "refreshed tokens could not be saved to %s (%s); this process keeps them in "
+                "memory and retries saving, but other processes cannot see them until it works",
+                self.store.location,
+                exc,
+            )
+            return new
+        self._cache = (new, stamp)
+        log.info(
+            "refreshed MercadoLibre token (%s) in pid %d: %s",
+            reason,
+            os.getpid(),
+            new.describe(),
+        )
+        self._notify(new)
+        return new
+
+    def _retry_persist(self) -> TokenSet:
+        """Keep using unsaved tokens; try to save them again now and then."""
+        unsaved = self._unsaved
+        assert unsaved is not None
+        if time.monotonic() < self._persist_retry_at:
+            return unsaved
+        self._persist_retry_at = time.monotonic() + PERSIST_RETRY_DELAY
+        try:
+            with self.store.lock(self.lock_timeout):
+                stamp = self.store.save(unsaved)
+        except (StoreError, LockTimeoutError) as exc:
+            log.error("still cannot save refreshed tokens to %s: %s", self.store.location, exc)
+            return unsaved
+        log.info("saved the refreshed tokens to %s at last", self.store.location)
+        self._cache = (unsaved, stamp)
+        self._unsaved = None
+        self._notify(unsaved)
+        return unsaved
+
+    def _notify(self, tokens: TokenSet) -> None:
+        if self.on_refresh is None:
+            return
+        try:
+            self.on_refresh(tokens)
+        except Exception:  # a user's callback must not break the request that refreshed
+            log.exception("on_refresh callback failed")
+
+
+class _Held:
+    """The in-process mutex, taken with the lock timeout (a hung refresher must not hang all)."""
+
+    __slots__ = ("_lock", "_timeout")
+
+    def __init__(self, lock: threading.Lock, timeout: float) -> None:
+        self._lock = lock
+        self._timeout = timeout
+
+    def __enter__(self) -> None:
+        if not self._lock.acquire(timeout=self._timeout):
+            raise LockTimeoutError(
+                f"another thread of this process has been refreshing for over "
+                f"{self._timeout:g}s; no refresh was attempted",
+                lock_path="<in-process>",
+            )
+
+    def __exit__(self, *exc: object) -> None:
+        self._lock.release()

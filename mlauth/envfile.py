@@ -1,0 +1,277 @@
+"""The ``.env`` token store: read with python-dotenv, written atomically and durably.
+
+Writing keeps the file the user wrote: every line that is not a token key stays byte for
+byte (comments, blank lines, order, ``export`` prefixes, CRLF endings), and a token line keeps
+its own prefix, quoting style and inline comment; only the value changes. python-dotenv's
+``set_key`` was not enough on its own: it takes no lock, does not fsync, drops the comment and
+``export`` of the line it touches, and replaces a symlinked ``.env`` with a plain file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import re
+import stat
+import tempfile
+from collections.abc import Hashable, Iterator, Mapping
+
+from dotenv import dotenv_values
+from dotenv.parser import parse_stream
+
+from .errors import ConfigError, StoreError
+from .lock import ProcessLock
+from .secret import Secret
+from .token import TokenSet
+
+__all__ = ["EnvFileStore", "read_env_file", "update_env_file"]
+
+log = logging.getLogger("mlauth")
+
+ACCESS_KEY = "ML_ACCESS_TOKEN"
+REFRESH_KEY = "ML_REFRESH_TOKEN"
+EXPIRES_KEY = "ML_TOKEN_EXPIRES_AT"
+REFRESHED_AT_KEY = "ML_TOKEN_REFRESHED_AT"
+REFRESHED_BY_KEY = "ML_TOKEN_REFRESHED_BY"
+TOKEN_KEYS = (ACCESS_KEY, REFRESH_KEY, EXPIRES_KEY, REFRESHED_AT_KEY, REFRESHED_BY_KEY)
+
+# One assignment line: leading blank lines/space, optional export, key, '=', the value (single
+# or double quoted, or bare), then an optional inline comment and the line end. A line that
+# does not match (multi-line values, odd spacing) is rewritten whole.
+_LINE = re.compile(
+    r"""(?P<head>\s*(?:export[ \t]+)?(?P<key>[A-Za-z_][A-Za-z0-9_.]*)[ \t]*=[ \t]*)
+        (?P<value>'[^'\\]*'|"(?:[^"\\]|\\.)*"|[^\s'"\#][^\s]*|)
+        (?P<tail>(?:[ \t]+\#[^\r\n]*)?[ \t]*)
+        (?P<end>\r\n|\n|\r|)\Z""",
+    re.VERBOSE,
+)
+_BARE_SAFE = re.compile(r"[A-Za-z0-9_.:/@+\-]*\Z")
+
+
+def _quote(value: str, style: str) -> str:
+    """The value as it should be written; keeps the line's quoting style when it is safe."""
+    if style == "'" and "'" not in value and "\\" not in value:
+        return f"'{value}'"
+    if style == "" and _BARE_SAFE.match(value):
+        return value
+    escaped = value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    return f'"{escaped}"'
+
+
+def _newline_of(text: str) -> str:
+    """The file's own line ending: CRLF when most of its lines end so."""
+    return "\r\n" if text.count("\r\n") * 2 > text.count("\n") else "\n"
+
+
+def render_update(text: str, updates: Mapping[str, str | None]) -> str:
+    """``text`` with the keys of ``updates`` set (or removed, for None); all else unchanged."""
+    out: list[str] = []
+    done: set[str] = set()
+    for binding in parse_stream(io.StringIO(text)):
+        original = binding.original.string
+        key = binding.key
+        if binding.error or key is None or key not in updates:
+            out.append(original)
+            continue
+        value = updates[key]
+        done.add(key)
+        match = _LINE.match(original)
+        if value is None:
+            # Keep the blank lines the parser attached to the front of this binding.
+            lead = original[: len(original) - len(original.lstrip("\r\n"))]
+            out.append(lead)
+        elif match is not None:
+            old = match.group("value")
+            style = old[0] if old[:1] in ("'", '"') else ""
+            out.append(
+                match.group("head")
+                + _quote(value, style)
+                + match.group("tail")
+                + (match.group("end") or "")
+            )
+        else:
+            lead = original[: len(original) - len(original.lstrip())]
+            ending = "\n" if original.endswith("\n") else ""
+            out.append(f"{lead}{key}={_quote(value, '')}{ending}")
+    result = "".join(out)
+    missing = [k for k, v in updates.items() if k not in done and v is not None]
+    if missing:
+        newline = _newline_of(text)
+        if result and not result.endswith(("\n", "\r")):
+            result += newline
+        result += "".join(f"{k}={_quote(updates[k] or '', '')}{newline}" for k in missing)
+    return result
+
+
+def read_env_file(path: str | os.PathLike[str]) -> dict[str, str | None]:
+    """The file's keys and values as python-dotenv reads them; ConfigError if it is missing."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ConfigError(
+            f"{path}: no such .env file. Create it with ML_CLIENT_ID, ML_CLIENT_SECRET and "
+            "ML_REFRESH_TOKEN, or pass the right path (mlauth never creates it silently)."
+        )
+    try:
+        return dict(dotenv_values(path, interpolate=False))
+    except OSError as exc:
+        raise StoreError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path} is not UTF-8 text ({exc.reason}); save it as UTF-8.") from exc
+
+
+def _fsync_dir(folder: str) -> None:
+    fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def _temp_beside(real: str) -> Iterator[tuple[int, str]]:
+    folder, name = os.path.split(real)
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".mlauth-tmp", dir=folder)
+    try:
+        yield fd, tmp
+    finally:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+def update_env_file(path: str | os.PathLike[str], updates: Mapping[str, str | None]) -> None:
+    """Set (or, for None, remove) keys in an existing ``.env``, atomically and durably.
+
+    The new content goes to a temporary file in the same folder, is fsynced, takes the old
+    file's mode and owner, replaces the file with ``os.replace`` (readers see the old or the
+    new file, never half of one) and the folder is fsynced so the rename survives a crash. A
+    symlinked ``.env`` is followed: its target is replaced and the link stays.
+    """
+    real = os.path.realpath(os.fspath(path))
+    try:
+        with open(real, "rb") as handle:
+            before = os.fstat(handle.fileno())
+            raw = handle.read()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such .env file; mlauth never creates it silently.") from None
+    except OSError as exc:
+        raise StoreError(f"cannot read {real}: {exc.strerror or exc}") from exc
+    # newline="" semantics: keep \r\n as it is, so untouched lines stay byte for byte.
+    text = raw.decode("utf-8")
+    data = render_update(text, updates).encode("utf-8")
+    try:
+        with _temp_beside(real) as (fd, tmp):
+            os.fchmod(fd, stat.S_IMODE(before.st_mode))
+            with contextlib.suppress(PermissionError):
+                os.fchown(fd, before.st_uid, before.st_gid)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+            os.replace(tmp, real)
+        _fsync_dir(os.path.dirname(real))
+    except OSError as exc:
+        raise StoreError(
+            f"cannot write {real}: {exc.strerror or exc}. The folder must be writable by this "
+            "user and the disk must have space; the file was left as it was."
+        ) from exc
+
+
+def _number(values: Mapping[str, str | None], key: str, path: str) -> float | None:
+    raw = (values.get(key) or "").strip()
+    if not raw:
+        return None
+    try:
+        return float(raw)
+    except ValueError:
+        raise ConfigError(
+            f"{path}: {key}={raw!r} is not a number of unix seconds; delete the line and "
+            "mlauth will write it again at the next refresh."
+        ) from None
+
+
+def tokens_from_values(values: Mapping[str, str | None], path: str) -> TokenSet:
+    access = (values.get(ACCESS_KEY) or "").strip()
+    refresh = (values.get(REFRESH_KEY) or "").strip()
+    return TokenSet(
+        access_token=Secret(access) if access else None,
+        refresh_token=Secret(refresh) if refresh else None,
+        expires_at=_number(values, EXPIRES_KEY, path),
+        refreshed_at=_number(values, REFRESHED_AT_KEY, path),
+        refreshed_by=(values.get(REFRESHED_BY_KEY) or None),
+    )
+
+
+def _fmt_time(value: float | None) -> str | None:
+    return None if value is None else f"{value:.3f}".rstrip("0").rstrip(".")
+
+
+class EnvFileStore:
+    """Tokens in a ``.env`` file, refreshes serialized by a sibling ``<file>.lock``.
+
+    The lock sits next to the *target* of a symlinked ``.env``, so every process that reaches
+    the same file through any link takes the same lock.
+    """
+
+    def __init__(self, path: str | os.PathLike[str] = ".env") -> None:
+        self.path = os.path.abspath(os.fspath(path))
+        self.lock_path = os.path.realpath(self.path) + ".lock"
+        self._lock = ProcessLock(self.lock_path)
+
+    @property
+    def location(self) -> str:
+        return self.path
+
+    def __repr__(self) -> str:
+        return f"EnvFileStore({self.path!r})"
+
+    def stamp(self) -> Hashable:
+        # Rotated tokens have the same length, so the size alone would not tell; os.replace
+        # gives a new inode on every save, and mtime_ns catches an in-place edit.
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return None
+        return (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
+
+    def load(self) -> tuple[TokenSet, Hashable]:
+        stamp = self.stamp()  # before the read: a write in between then shows as a change
+        values = read_env_file(self.path)
+        return tokens_from_values(values, self.path), stamp
+
+    def check_writable(self) -> None:
+        real = os.path.realpath(self.path)
+        folder = os.path.dirname(real)
+        try:
+            size = os.path.getsize(real)
+            with _temp_beside(real) as (fd, _tmp):
+                # As many bytes as the new file will need, plus room for longer values, so a
+                # nearly full disk is found out now rather than after the token is spent.
+                os.write(fd, b"\0" * (size + 1024))
+                os.fsync(fd)
+        except OSError as exc:
+            raise StoreError(
+                f"cannot write to {folder} ({exc.strerror or exc}), so a refreshed token could "
+                f"not be saved in {real}. Refusing to spend the refresh token: fix the "
+                "permissions or free disk space, then try again."
+            ) from exc
+
+    def save(self, tokens: TokenSet) -> Hashable:
+        updates: dict[str, str | None] = {
+            ACCESS_KEY: tokens.access_token.reveal() if tokens.access_token else None,
+            REFRESH_KEY: tokens.refresh_token.reveal() if tokens.refresh_token else None,
+            EXPIRES_KEY: _fmt_time(tokens.expires_at),
+            REFRESHED_AT_KEY: _fmt_time(tokens.refreshed_at),
+            REFRESHED_BY_KEY: tokens.refreshed_by,
+        }
+        update_env_file(self.path, updates)
+        return self.stamp()
+
+    def lock(self, timeout: float) -> contextlib.AbstractContextManager[None]:
+        return self._lock.hold(timeout)
+
+    def lock_is_held_elsewhere(self) -> bool:
+        return self._lock.is_held_elsewhere()

@@ -1,0 +1,66 @@
+"""The exceptions mlauth raises.
+
+Every one derives from :class:`requests.RequestException`, so a pipeline's existing
+``except requests.RequestException`` keeps catching them. None of them carries the token
+call's ``response`` or ``request``: that request's body holds the client secret and the
+refresh token, and whoever logs ``exc.request.body`` would leak both. They keep only what is
+safe to print: the HTTP status, the provider's error code and its description.
+"""
+
+from __future__ import annotations
+
+import requests
+
+__all__ = [
+    "ConfigError",
+    "InvalidGrantError",
+    "LockTimeoutError",
+    "MLAuthError",
+    "RefreshError",
+    "StoreError",
+]
+
+
+class MLAuthError(requests.RequestException):
+    """Base class of every mlauth error."""
+
+
+class ConfigError(MLAuthError, ValueError):
+    """Configuration is missing or malformed: the message names the file, the key and the fix."""
+
+
+class StoreError(MLAuthError, OSError):
+    """The token store cannot be read or written (permissions, a read-only folder, a full disk)."""
+
+
+class LockTimeoutError(MLAuthError, TimeoutError):
+    """The cross-process refresh lock could not be had in time; no refresh was attempted."""
+
+    def __init__(self, message: str, *, lock_path: str) -> None:
+        super().__init__(message)
+        self.lock_path = lock_path
+
+
+class RefreshError(MLAuthError):
+    """The token endpoint did not give us a new access token.
+
+    ``status_code`` is the HTTP status (None when no answer arrived), ``error`` the provider's
+    error code (``invalid_client``, ``local_rate_limited``, ...) and ``description`` its text.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status_code: int | None = None,
+        error: str | None = None,
+        description: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+        self.error = error
+        self.description = description
+
+
+class InvalidGrantError(RefreshError):
+    """The refresh token is dead (used, expired or revoked): the seller must authorize again."""

@@ -1,0 +1,301 @@
+"""One conversation with the token endpoint: the POST, its retries, and its error mapping."""
+
+from __future__ import annotations
+
+import dataclasses
+import email.utils
+import logging
+import random
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import requests
+import urllib3.exceptions
+
+from .errors import InvalidGrantError, RefreshError
+from .secret import Secret
+
+__all__ = ["TokenAnswer", "TokenEndpoint"]
+
+log = logging.getLogger("mlauth")
+
+REAUTHORIZE_HINT = (
+    "The seller must authorize the app again to get a new refresh token "
+    "(open the authorization URL, exchange the code, put ML_REFRESH_TOKEN in the .env)."
+)
+
+# Errors that no retry can fix; each gets the fix in its message.
+_FATAL_HINTS = {
+    "invalid_client": "check ML_CLIENT_ID and ML_CLIENT_SECRET (a renewed secret must be "
+    "copied into the .env)",
+    "unauthorized_client": "the app may not use this grant; check the app's settings",
+    "unauthorized_application": "the app is blocked by MercadoLibre; see the developer panel",
+    "invalid_scope": "the app lacks the offline_access scope needed for refresh tokens",
+    "unsupported_grant_type": "the token URL does not accept refresh tokens; check ML_TOKEN_URL",
+    "invalid_request": "the token endpoint rejected the request's shape; check ML_TOKEN_URL",
+    "forbidden": "the token endpoint refused this client; check the app's status",
+}
+
+
+class _NoAuth(requests.auth.AuthBase):
+    """Explicit "no auth": keeps netrc credentials and any global patch off the token POST."""
+
+    def __call__(self, r: requests.PreparedRequest) -> requests.PreparedRequest:
+        return r
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenAnswer:
+    """A successful answer from the token endpoint."""
+
+    access_token: Secret
+    refresh_token: Secret | None
+    expires_in: float | None
+    user_id: str | None = None
+
+
+def _parse_expires_in(value: object) -> float | None:
+    # ML documents a number; older code and proxies have sent it as a numeric string.
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise ValueError("expires_in is a boolean")
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    elif isinstance(value, str):
+        seconds = float(value.strip())
+    else:
+        raise ValueError(f"expires_in has type {type(value).__name__}")
+    if not seconds > 0:
+        raise ValueError("expires_in is not positive")
+    return seconds
+
+
+def parse_success(body: object) -> TokenAnswer:
+    """Read a 200 answer; raise ValueError naming what is wrong with it."""
+    if not isinstance(body, dict):
+        raise ValueError("the body is not a JSON object")
+    access = body.get("access_token")
+    if not isinstance(access, str) or not access:
+        raise ValueError("access_token is missing")
+    token_type = body.get("token_type", "bearer")
+    if not isinstance(token_type, str) or token_type.lower() != "bearer":
+        raise ValueError(f"token_type is {token_type!r}, not bearer")
+    refresh = body.get("refresh_token")
+    if refresh is not None and (not isinstance(refresh, str) or not refresh):
+        raise ValueError("refresh_token is not a string")
+    user_id = body.get("user_id")
+    return TokenAnswer(
+        access_token=Secret(access),
+        refresh_token=Secret(refresh) if refresh else None,
+        expires_in=_parse_expires_in(body.get("expires_in")),
+        user_id=None if user_id is None else str(user_id),
+    )
+
+
+def _retry_after(response: requests.Response) -> float | None:
+    raw = response.headers.get("Retry-After")
+    if not raw:
+        return None
+    raw = raw.strip()
+    if raw.isdigit():
+        return float(raw)
+    try:
+        when = email.utils.parsedate_to_datetime(raw)
+    except (TypeError, ValueError):
+        return None
+    return max(when.timestamp() - time.time(), 0.0)
+
+
+def _never_sent(exc: requests.RequestException) -> bool:
+    """True when the request certainly never reached the server (so no token was spent)."""
+    if isinstance(exc, requests.ConnectTimeout):
+        return True
+    reason = exc.args[0] if exc.args else None
+    inner = getattr(reason, "reason", reason)
+    return isinstance(inner, urllib3.exceptions.NewConnectionError)
+
+
+def _error_fields(response: requests.Response) -> tuple[str | None, str | None]:
+    try:
+        body: Any = response.json()
+    except ValueError:
+        return None, None
+    if not isinstance(body, dict):
+        return None, None
+    error = body.get("error")
+    # The text is under error_description in the docs and under message in some answers.
+    description = body.get("error_description") or body.get("message")
+    return (
+        error if isinstance(error, str) else None,
+        description if isinstance(description, str) else None,
+    )
+
+
+class TokenEndpoint:
+    """Calls the token endpoint through a private session.
+
+    Retries: every failure that may be transient (no connection, a timeout, a reset, 5xx, 429)
+    is retried a bounded number of times with jittered exponential backoff, honouring
+    ``Retry-After``. A retry after the request may have reached the server (a read timeout, a
+    reset, a 5xx) can present a refresh token the server already consumed; that retry is still
+    the right move, since it cannot make things worse: if the token was consumed its successor
+    is already lost and the retry only finds out (``invalid_grant``), and if it was not, the
+    retry saves the chain. The error then says which earlier attempt was ambiguous.
+    """
+
+    def __init__(
+        self,
+        token_url: str,
+        client_id: str,
+        client_secret: Secret,
+        *,
+        timeout: float | tuple[float, float] = (5.0, 15.0),
+        max_attempts: int = 3,
+        backoff: float = 0.5,
+        max_backoff: float = 8.0,
+        max_retry_after: float = 30.0,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        if max_attempts < 1:
+            raise ValueError("max_attempts must be at least 1")
+        self.token_url = token_url
+        self.client_id = client_id
+        self._client_secret = client_secret
+        self.timeout = timeout
+        self.max_attempts = max_attempts
+        self.backoff = backoff
+        self.max_backoff = max_backoff
+        self.max_retry_after = max_retry_after
+        self._sleep = sleep
+        # A private session: under mlauth.install() every other session carries our auth,
+        # and the token POST must neither get a Bearer header nor re-enter the auth's lock.
+        self._session = requests.Session()
+        self._session.auth = _NoAuth()
+        self._session._mlauth_private = True  # type: ignore[attr-defined]
+
+    def __repr__(self) -> str:
+        return f"TokenEndpoint({self.token_url!r}, client_id={self.client_id!r})"
+
+    def refresh(self, refresh_token: Secret) -> TokenAnswer:
+        """Spend ``refresh_token`` for a new token pair."""
+        return self._call(
+            {
+                "grant_type": "refresh_token",
+                "client_id": self.client_id,
+                "client_secret": self._client_secret.reveal(),
+                "refresh_token": refresh_token.reveal(),
+            }
+        )
+
+    def exchange_code(
+        self, code: str, redirect_uri: str, code_verifier: str | None = None
+    ) -> TokenAnswer:
+        """Trade an authorization code for the first token pair."""
+        data = {
+            "grant_type": "authorization_code",
+            "client_id": self.client_id,
+            "client_secret": self._client_secret.reveal(),
+            "code": code,
+            "redirect_uri": redirect_uri,
+        }
+        if code_verifier:
+            data["code_verifier"] = code_verifier
+        return self._call(data)
+
+    def _delay(self, attempt: int, retry_after: float | None) -> float:
+        if retry_after is not None:
+            return min(retry_after, self.max_retry_after) + random.uniform(0, self.backoff / 2)
+        # Full jitter: processes that failed together do not come back together.
+        return random.uniform(0, min(self.max_backoff, self.backoff * 2 ** (attempt - 1)))
+
+    def _call(self, data: Mapping[str, str]) -> TokenAnswer:
+        ambiguous: str | None = None  # why an earlier attempt may have reached the server
+        last = "no attempt made"
+        for attempt in range(1, self.max_attempts + 1):
+            retry_after: float | None = None
+            try:
+                response = self._session.post(
+                    self.token_url,
+                    data=data,  # the body, never the query string: urllib3 logs URLs
+                    headers={"Accept": "application/json"},
+                    timeout=self.timeout,
+                    allow_redirects=False,
+                )
+            except (requests.ConnectionError, requests.Timeout) as exc:
+                if _never_sent(exc):
+                    last = f"could not connect to {self.token_url} ({type(exc).__name__})"
+                else:
+                    last = f"no answer from {self.token_url} ({type(exc).__name__})"
+                    ambiguous = ambiguous or last
+            except requests.RequestException as exc:
+                raise RefreshError(
+                    f"cannot call the token endpoint {self.token_url}: {type(exc).__name__}. "
+                    "Check ML_TOKEN_URL."
+                ) from None
+            else:
+                outcome = self._judge(response, ambiguous)
+                if isinstance(outcome, TokenAnswer):
+                    return outcome
+                last, retry_after = outcome
+                if response.status_code >= 500:
+                    ambiguous = ambiguous or last
+            if attempt < self.max_attempts:
+                delay = self._delay(attempt, retry_after)
+                log.debug(
+                    "token endpoint attempt %d/%d failed (%s); retrying in %.2fs",
+                    attempt,
+                    self.max_attempts,
+                    last,
+                    delay,
+                )
+                self._sleep(delay)
+        note = f" An earlier attempt may have reached the server: {ambiguous}." if ambiguous else ""
+        raise RefreshError(
+            f"token refresh failed after {self.max_attempts} attempts: {last}.{note} The stored "
+            "tokens were left as they were; the next request tries again."
+        )
+
+    def _judge(
+        self, response: requests.Response, ambiguous: str | None
+    ) -> TokenAnswer | tuple[str, float | None]:
+        """A TokenAnswer, or (reason, retry_after) for a retryable failure; raises otherwise."""
+        status = response.status_code
+        error, description = _error_fields(response)
+        response.close()
+        if status == 200:
+            try:
+                return parse_success(response.json())
+            except ValueError as exc:
+                raise RefreshError(
+                    f"the token endpoint answered 200 with an unusable body ({exc}). The "
+                    "refresh token may have been spent; if the next refresh says invalid_grant, "
+                    + REAUTHORIZE_HINT,
+                    status_code=status,
+                ) from None
+        if error == "invalid_grant":
+            note = (
+                f" An earlier attempt may have spent it without its answer arriving ({ambiguous})."
+                if ambiguous
+                else ""
+            )
+            raise InvalidGrantError(
+                f"the refresh token was rejected (invalid_grant: {description or 'no detail'})."
+                f"{note} {REAUTHORIZE_HINT}",
+                status_code=status,
+                error=error,
+                description=description,
+            )
+        if status == 429 or error == "local_rate_limited":
+            return f"rate limited (HTTP {status})", _retry_after(response)
+        if status >= 500:
+            return f"HTTP {status} {error or ''}".rstrip(), _retry_after(response)
+        hint = _FATAL_HINTS.get(error or "", "check ML_TOKEN_URL and the app's credentials")
+        raise RefreshError(
+            f"the token endpoint refused the refresh (HTTP {status} {error or 'no error code'}: "
+            f"{description or 'no detail'}); {hint}. Not retried.",
+            status_code=status,
+            error=error,
+            description=description,
+        )

@@ -1,0 +1,58 @@
+"""The token store interface.
+
+A store holds one token chain and the lock that serializes refreshes of it. The ``.env``
+store (:mod:`mlauth.envfile`) is the first; a Redis store follows the same shape, which is
+why the lock belongs to the store and not to the auth: whoever can see the tokens must be
+able to exclude the others from spending them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+from contextlib import AbstractContextManager
+from typing import Protocol, runtime_checkable
+
+from .token import TokenSet
+
+__all__ = ["TokenStore"]
+
+
+@runtime_checkable
+class TokenStore(Protocol):
+    """Where the tokens live between processes."""
+
+    @property
+    def location(self) -> str:
+        """Where the store is, for messages: a path or a URL without credentials."""
+        ...
+
+    def stamp(self) -> Hashable:
+        """A cheap identity of the stored version, without reading the tokens.
+
+        Called before every request, so it must cost next to nothing; when it differs from
+        the stamp :meth:`load` returned, somebody else wrote new tokens.
+        """
+        ...
+
+    def load(self) -> tuple[TokenSet, Hashable]:
+        """The stored tokens and the stamp of the version read (taken before the read)."""
+        ...
+
+    def check_writable(self) -> None:
+        """Raise :class:`~mlauth.StoreError` unless :meth:`save` would succeed.
+
+        Called before a refresh token is spent: a token spent whose successor cannot be saved
+        is lost for good.
+        """
+        ...
+
+    def save(self, tokens: TokenSet) -> Hashable:
+        """Persist the tokens atomically and durably; return the new stamp."""
+        ...
+
+    def lock(self, timeout: float) -> AbstractContextManager[None]:
+        """The lock that every process refreshing this chain takes first.
+
+        Raises :class:`~mlauth.LockTimeoutError` when it cannot be had in ``timeout`` seconds.
+        """
+        ...

@@ -1,0 +1,170 @@
+"""The .env store: everything but the token values survives a save, byte for byte."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+import mlauth
+from mlauth.envfile import EnvFileStore, read_env_file, render_update, update_env_file
+from mlauth.secret import Secret
+from mlauth.token import TokenSet
+
+NEW = TokenSet(
+    access_token=Secret("APP_USR-new-access-fake"),
+    refresh_token=Secret("TG-new-refresh-fake"),
+    expires_at=1900000000.5,
+    refreshed_at=1899978400.5,
+    refreshed_by="pid 7@host",
+)
+
+ORIGINAL = (
+    "# MercadoLibre pipeline\n"
+    "\n"
+    "export ML_CLIENT_ID=1234567890123456\n"
+    "ML_CLIENT_SECRET='fake secret # with hash'   # keep this comment\n"
+    'AMAZON_KEY="quoted = value with spaces"\n'
+    "export ML_ACCESS_TOKEN=APP_USR-old-access-fake  # current token\n"
+    "   \n"
+    "ML_REFRESH_TOKEN='TG-old-refresh-fake'\n"
+    "not a valid line\n"
+    "LAST=1"
+)
+
+
+def saved_text(tmp_path: Path, original: str, tokens: TokenSet = NEW) -> str:
+    path = tmp_path / ".env"
+    path.write_bytes(original.encode())
+    EnvFileStore(path).save(tokens)
+    return path.read_bytes().decode()
+
+
+def test_save_changes_only_token_values(tmp_path: Path) -> None:
+    text = saved_text(tmp_path, ORIGINAL)
+    expected = (
+        ORIGINAL.replace("APP_USR-old-access-fake", "APP_USR-new-access-fake").replace(
+            "TG-old-refresh-fake", "TG-new-refresh-fake"
+        )
+        + "\nML_TOKEN_EXPIRES_AT=1900000000.5\nML_TOKEN_REFRESHED_AT=1899978400.5\n"
+        + 'ML_TOKEN_REFRESHED_BY="pid 7@host"\n'
+    )
+    assert text == expected
+    values = read_env_file(tmp_path / ".env")
+    assert values["ML_CLIENT_SECRET"] == "fake secret # with hash"
+    assert values["AMAZON_KEY"] == "quoted = value with spaces"
+    assert values["ML_ACCESS_TOKEN"] == "APP_USR-new-access-fake"
+    assert values["ML_TOKEN_REFRESHED_BY"] == "pid 7@host"
+
+
+def test_second_save_updates_in_place_without_duplicating_keys(tmp_path: Path) -> None:
+    path = tmp_path / ".env"
+    saved_text(tmp_path, ORIGINAL)
+    first = path.read_text()
+    later = TokenSet(Secret("APP_USR-third"), Secret("TG-third"), 1900000100.0, 1899978500.0, "p")
+    EnvFileStore(path).save(later)
+    second = path.read_text()
+    assert second.count("ML_TOKEN_EXPIRES_AT=") == 1
+    assert second.splitlines()[:3] == first.splitlines()[:3]
+    assert "ML_TOKEN_EXPIRES_AT=1900000100\n" in second
+
+
+def test_crlf_file_keeps_its_line_endings(tmp_path: Path) -> None:
+    original = "A=1\r\nML_ACCESS_TOKEN=old\r\nML_REFRESH_TOKEN=old\r\n"
+    text = saved_text(tmp_path, original)
+    assert "\n" not in text.replace("\r\n", "")
+    assert text.startswith("A=1\r\nML_ACCESS_TOKEN=APP_USR-new-access-fake\r\n")
+
+
+def test_duplicate_keys_are_all_updated(tmp_path: Path) -> None:
+    original = "ML_REFRESH_TOKEN=a\nX=1\nML_REFRESH_TOKEN=b\n"
+    text = saved_text(tmp_path, original)
+    assert text.startswith("ML_REFRESH_TOKEN=TG-new-refresh-fake\nX=1\nML_REFRESH_TOKEN=TG-new")
+
+
+def test_mode_is_kept(tmp_path: Path) -> None:
+    path = tmp_path / ".env"
+    path.write_text(ORIGINAL)
+    path.chmod(0o640)
+    EnvFileStore(path).save(NEW)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o640
+
+
+def test_symlinked_env_is_followed_and_the_link_kept(tmp_path: Path) -> None:
+    real_dir = tmp_path / "secrets"
+    real_dir.mkdir()
+    target = real_dir / "ml.env"
+    target.write_text(ORIGINAL)
+    link = tmp_path / ".env"
+    link.symlink_to(target)
+    store = EnvFileStore(link)
+    store.save(NEW)
+    assert link.is_symlink()
+    assert read_env_file(target)["ML_ACCESS_TOKEN"] == "APP_USR-new-access-fake"
+    # The lock sits beside the target, so every link to it shares one lock.
+    assert store.lock_path == f"{target}.lock"
+
+
+def test_no_temporary_files_are_left_behind(tmp_path: Path) -> None:
+    saved_text(tmp_path, ORIGINAL)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".env"]
+
+
+def test_save_replaces_the_inode_so_peers_notice(tmp_path: Path) -> None:
+    path = tmp_path / ".env"
+    path.write_text(ORIGINAL)
+    store = EnvFileStore(path)
+    before = store.stamp()
+    after = store.save(NEW)
+    assert before != after
+    assert store.stamp() == after
+
+
+def test_missing_env_is_a_config_error_naming_the_path(tmp_path: Path) -> None:
+    missing = tmp_path / "nope" / ".env"
+    with pytest.raises(mlauth.ConfigError, match=str(missing)):
+        EnvFileStore(missing).load()
+    with pytest.raises(mlauth.ConfigError, match="never creates it"):
+        update_env_file(missing, {"A": "1"})
+    assert not missing.exists()
+
+
+def test_write_failure_leaves_the_file_as_it_was(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / ".env"
+    path.write_text(ORIGINAL)
+
+    def disk_full(*args: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", disk_full)
+    with pytest.raises(mlauth.StoreError, match="No space left"):
+        EnvFileStore(path).save(NEW)
+    assert path.read_text() == ORIGINAL
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".env"]
+
+
+def test_malformed_expiry_names_the_key(tmp_path: Path) -> None:
+    path = tmp_path / ".env"
+    path.write_text("ML_REFRESH_TOKEN=TG-x\nML_TOKEN_EXPIRES_AT=tomorrow\n")
+    with pytest.raises(mlauth.ConfigError, match="ML_TOKEN_EXPIRES_AT='tomorrow'"):
+        EnvFileStore(path).load()
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["plain", "with space", "quote'single", 'quote"double', "hash # here", "a=b", "back\\slash"],
+)
+def test_values_round_trip_through_python_dotenv(tmp_path: Path, value: str) -> None:
+    path = tmp_path / ".env"
+    for style in ("K=x\n", "K='x'\n", 'K="x"\n'):
+        path.write_text("A=1\n" + style)
+        update_env_file(path, {"K": value})
+        assert read_env_file(path) == {"A": "1", "K": value}
+
+
+def test_removing_a_key_keeps_the_rest() -> None:
+    assert render_update("A=1\nK=2\n\nB=3\n", {"K": None}) == "A=1\n\nB=3\n"

@@ -1,0 +1,145 @@
+"""Several real processes sharing one .env against a real loopback server."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from mlauth.envfile import TOKEN_KEYS, read_env_file
+from mlauth.testing import FakeMercadoLibre
+
+pytestmark = pytest.mark.processes
+
+LIFETIME = 2.0
+
+
+def worker(
+    env: Path,
+    url: str,
+    *,
+    threads: int,
+    seconds: float,
+    requests: int | None = None,
+    debug: bool = False,
+) -> subprocess.Popen[str]:
+    command = [sys.executable, "-m", "mlauth.demo", "--worker", "--env", str(env), "--url", url]
+    command += ["--threads", str(threads), "--seconds", str(seconds)]
+    if requests is not None:
+        command += ["--requests", str(requests)]
+    if debug:
+        command += ["--log-level", "DEBUG"]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def result_of(proc: subprocess.Popen[str], timeout: float = 120) -> dict[str, object]:
+    out, err = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, err[-2000:]
+    result: dict[str, object] = json.loads(out.strip().splitlines()[-1])
+    return result
+
+
+def test_eight_processes_share_one_token_chain_without_a_failed_call(tmp_path: Path) -> None:
+    processes, threads, seconds = 8, 4, 8.0
+    with FakeMercadoLibre(token_lifetime=LIFETIME, kill_old_access_on_refresh=True) as fake:
+        env = tmp_path / ".env"
+        fake.write_env(env, expires_at=time.time() + LIFETIME)
+        procs = [
+            worker(env, fake.base_url, threads=threads, seconds=seconds) for _ in range(processes)
+        ]
+        results = [result_of(proc) for proc in procs]
+        stats = fake.stats()
+        refresh_times = fake.refresh_times()
+
+    calls = sum(int(r["calls"]) for r in results)
+    failed = sum(int(r["failed"]) for r in results)
+    absorbed = sum(int(r["absorbed_401"]) for r in results)
+    print(
+        f"\n[figures] {processes} processes x {threads} threads, {seconds:g}s, "
+        f"tokens {LIFETIME:g}s: calls={calls} failed={failed} refreshes={stats['refreshes']} "
+        f"401s served={stats['api_401']} absorbed={absorbed} "
+        f"invalid_grant={stats['invalid_grant']}"
+    )
+    assert calls > processes * threads
+    assert failed == 0, [r["errors"] for r in results]
+    assert stats["invalid_grant"] == 0
+    # The token expires every LIFETIME seconds and is refreshed a quarter-lifetime early: at
+    # most one refresh per token. Two refreshes closer than half a lifetime would mean two
+    # processes refreshed the same token.
+    gaps = [b - a for a, b in itertools.pairwise(refresh_times)]
+    assert stats["refreshes"] >= seconds / LIFETIME - 1
+    assert stats["refreshes"] <= seconds / (LIFETIME * 0.75) + 2
+    assert min(gaps) >= LIFETIME / 2, gaps
+    # Every 401 the server sent was absorbed by a re-send; none reached a caller.
+    assert absorbed == stats["api_401"]
+
+
+def _read_lines_until(proc: subprocess.Popen[str], needle: str, deadline: float) -> list[str]:
+    """Read the process's stderr in a thread until a line contains ``needle`` or time runs out."""
+    found = threading.Event()
+    lines: list[str] = []
+
+    def pump() -> None:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            lines.append(line)
+            if needle in line:
+                found.set()
+        found.set()
+
+    threading.Thread(target=pump, daemon=True).start()
+    assert found.wait(max(deadline - time.monotonic(), 0)), "".join(lines)
+    assert any(needle in line for line in lines), "".join(lines)
+    return lines
+
+
+def test_sigkilled_refresher_frees_the_lock_and_a_peer_proceeds(tmp_path: Path) -> None:
+    with FakeMercadoLibre(token_lifetime=3600.0) as fake:
+        env = tmp_path / ".env"
+        # The file says the token expired: the first request of each process must refresh.
+        fake.write_env(env, expires_at=time.time() - 10, extra={"PIPELINE_SETTING": "keep"})
+        original = env.read_text()
+        fake.token_delay = 30.0  # the holder's POST hangs until we kill it
+
+        holder = worker(env, fake.base_url, threads=1, seconds=60, requests=1)
+        assert fake.token_requests_in_flight.wait(30), "the holder never reached the token POST"
+        peer = worker(env, fake.base_url, threads=1, seconds=60, requests=1, debug=True)
+        _read_lines_until(peer, "waiting for refresh lock", time.monotonic() + 30)
+
+        fake.token_delay = 0.0
+        killed_at = time.time()
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait(10)
+        out, _ = peer.communicate(timeout=60)
+        assert peer.returncode == 0
+        result = json.loads(out.strip().splitlines()[-1])
+        stats = fake.stats()
+
+    waited = float(result["finished_at"]) - killed_at
+    print(f"\n[figures] peer finished {waited * 1000:.0f} ms after the lock holder was SIGKILLed")
+    assert holder.returncode == -signal.SIGKILL
+    assert result["ok"] == 1 and result["failed"] == 0
+    assert stats["invalid_grant"] == 0
+    assert stats["refreshes"] == 1
+    # The .env is whole: every line but the token keys is as it was, and the tokens are new.
+    after = read_env_file(env)
+    before = {k: v for k, v in read_env_file_text(original).items() if k not in TOKEN_KEYS}
+    assert {k: v for k, v in after.items() if k not in TOKEN_KEYS} == before
+    assert after["ML_REFRESH_TOKEN"] != read_env_file_text(original)["ML_REFRESH_TOKEN"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".env", ".env.lock"]
+
+
+def read_env_file_text(text: str) -> dict[str, str | None]:
+    import io
+
+    from dotenv import dotenv_values
+
+    return dict(dotenv_values(stream=io.StringIO(text), interpolate=False))

@@ -179,11 +179,7 @@ class MLAuth(requests.auth.AuthBase):
         """The token to send: a peer's newer one if the store changed, refreshed if due."""
         if self._unsaved is not None:
             return self._retry_persist()
-        tokens, stamp = self._cache
-        if self.store.stamp() != stamp:
-            tokens, stamp = self.store.load()
-            log.debug("store changed; picked up %s", tokens.describe())
-            self._cache = (tokens, stamp)
+        tokens = self._sync()
         if not tokens.needs_refresh(self.refresh_margin):
             return tokens
         if not tokens.is_expired():
@@ -193,6 +189,15 @@ class MLAuth(requests.auth.AuthBase):
             refreshed = self._refresh_locked(failed=None, reason="expired")
         assert refreshed is not None
         return refreshed
+
+    def _sync(self) -> TokenSet:
+        """The cached tokens, re-read first if the store changed: a stat, and no read if not."""
+        tokens, stamp = self._cache
+        if self.store.stamp() != stamp:
+            tokens, stamp = self.store.load()
+            log.debug("store changed; picked up %s", tokens.describe())
+            self._cache = (tokens, stamp)
+        return tokens
 
     def _refresh_ahead(self, tokens: TokenSet) -> TokenSet:
         """Advisory refresh: the current token still works, so never wait and never fail."""
@@ -255,9 +260,11 @@ class MLAuth(requests.auth.AuthBase):
 
     def _recover(self, failed: Secret) -> Secret | None:
         """The token to re-send with after ``failed`` got a 401, or None to return the 401."""
+        if self._unsaved is None:
+            self._sync()  # a thread may have cached an older read than the store holds
         current = self.tokens.access_token
         if current is not None and current != failed:
-            return current  # another thread has moved on already
+            return current  # another thread or process has moved on already
         with self._holding_mutex():
             tokens = self._refresh_locked(failed=failed, reason="401")
         return None if tokens is None else tokens.access_token
@@ -294,10 +301,7 @@ class MLAuth(requests.auth.AuthBase):
         """
         if self._unsaved is not None:
             return self._retry_persist()
-        tokens, stamp = self._cache
-        if self.store.stamp() != stamp:
-            tokens, stamp = self.store.load()
-            self._cache = (tokens, stamp)
+        tokens = self._sync()
         if self._satisfied(tokens, failed):
             return tokens  # a thread of ours refreshed while we waited for the mutex
         with self.store.lock(self.lock_timeout):

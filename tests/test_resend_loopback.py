@@ -211,3 +211,68 @@ def test_redirect_within_the_api_host_refreshes_once(
     assert response.status_code == 200
     assert fake_ml.stats()["refreshes"] == 1
     assert fake_ml.stats()["invalid_grant"] == 0
+
+
+# -- what a refresh does to the .env, and how peers see it ----------------------------------
+
+
+def test_refresh_keeps_the_env_byte_for_byte_outside_the_token_keys(
+    fake_ml: FakeMercadoLibre, tmp_path: Path
+) -> None:
+    real = tmp_path / "secrets" / "ml.env"
+    real.parent.mkdir()
+    fake_ml.write_env(real)
+    update_env_file(real, {"ML_ACCESS_TOKEN": "APP_USR-1234-010101-deadbeef-8035443"})
+    original = real.read_bytes()
+    head = b"# seller pipeline\r\nexport AMAZON_TAG='my-tag' # affiliate\n\n"
+    tail = b"SLEEP_BETWEEN=0.5   # seconds\n# end\n"
+    real.write_bytes(head + original + tail)
+    real.chmod(0o640)
+    link = tmp_path / ".env"
+    link.symlink_to(real)
+
+    response = requests.get(f"{fake_ml.base_url}/users/me", auth=mlauth.MLAuth.from_env(link))
+    assert response.status_code == 200 and fake_ml.stats()["refreshes"] == 1
+
+    def untouched(data: bytes) -> list[bytes]:
+        return [
+            line
+            for line in data.splitlines(keepends=True)
+            if not line.startswith((b"ML_ACCESS_TOKEN=", b"ML_REFRESH_TOKEN=", b"ML_TOKEN_"))
+        ]
+
+    after = real.read_bytes()
+    assert after.startswith(head)
+    assert untouched(after) == untouched(head + original + tail)
+    assert after != head + original + tail  # the token lines did change
+    assert link.is_symlink()
+    assert oct(real.stat().st_mode & 0o777) == oct(0o640)
+
+
+class CountingStore(mlauth.EnvFileStore):
+    loads = 0
+
+    def load(self) -> tuple[mlauth.TokenSet, Any]:
+        self.loads += 1
+        return super().load()
+
+
+def test_peer_token_is_picked_up_before_a_401_and_the_file_is_not_reread_needlessly(
+    fake_ml: FakeMercadoLibre, stale_env: Path
+) -> None:
+    store = CountingStore(stale_env)
+    peer = mlauth.MLAuth.from_env(stale_env, store=store)  # holds the stale token now
+    loads_at_start = store.loads
+    # Another "process" refreshes: the server kills the stale token and issues a new one.
+    assert requests.get(f"{fake_ml.base_url}/x", auth=mlauth.MLAuth.from_env(stale_env)).ok
+    assert fake_ml.stats()["refreshes"] == 1
+    served_401 = fake_ml.stats()["api_401"]
+
+    session = requests.Session()
+    session.auth = peer
+    for _ in range(50):
+        response = session.get(f"{fake_ml.base_url}/users/me")
+        assert response.status_code == 200 and response.history == []
+    assert fake_ml.stats()["api_401"] == served_401  # the peer never sent the dead token
+    assert fake_ml.stats()["refreshes"] == 1
+    assert store.loads - loads_at_start == 1  # one read for the change, none for the 49 after

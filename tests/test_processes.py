@@ -8,9 +8,9 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
+from typing import IO
 
 import pytest
 
@@ -30,6 +30,7 @@ def worker(
     seconds: float,
     requests: int | None = None,
     debug: bool = False,
+    stderr: IO[str] | int = subprocess.PIPE,
 ) -> subprocess.Popen[str]:
     command = [sys.executable, "-m", "mlauth.demo", "--worker", "--env", str(env), "--url", url]
     command += ["--threads", str(threads), "--seconds", str(seconds)]
@@ -37,7 +38,7 @@ def worker(
         command += ["--requests", str(requests)]
     if debug:
         command += ["--log-level", "DEBUG"]
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr, text=True)
 
 
 def result_of(proc: subprocess.Popen[str], timeout: float = 120) -> dict[str, object]:
@@ -82,23 +83,14 @@ def test_eight_processes_share_one_token_chain_without_a_failed_call(tmp_path: P
     assert absorbed == stats["api_401"]
 
 
-def _read_lines_until(proc: subprocess.Popen[str], needle: str, deadline: float) -> list[str]:
-    """Read the process's stderr in a thread until a line contains ``needle`` or time runs out."""
-    found = threading.Event()
-    lines: list[str] = []
-
-    def pump() -> None:
-        assert proc.stderr is not None
-        for line in proc.stderr:
-            lines.append(line)
-            if needle in line:
-                found.set()
-        found.set()
-
-    threading.Thread(target=pump, daemon=True).start()
-    assert found.wait(max(deadline - time.monotonic(), 0)), "".join(lines)
-    assert any(needle in line for line in lines), "".join(lines)
-    return lines
+def wait_for_line(log: Path, needle: str, timeout: float) -> None:
+    """Poll a process's log file until a line contains ``needle``; fail at the deadline."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if needle in log.read_text():
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"{needle!r} not seen in {log}: {log.read_text()[-2000:]}")
 
 
 def test_sigkilled_refresher_frees_the_lock_and_a_peer_proceeds(tmp_path: Path) -> None:
@@ -111,13 +103,17 @@ def test_sigkilled_refresher_frees_the_lock_and_a_peer_proceeds(tmp_path: Path) 
 
         holder = worker(env, fake.base_url, threads=1, seconds=60, requests=1)
         assert fake.token_requests_in_flight.wait(30), "the holder never reached the token POST"
-        peer = worker(env, fake.base_url, threads=1, seconds=60, requests=1, debug=True)
-        _read_lines_until(peer, "waiting for refresh lock", time.monotonic() + 30)
+        peer_log = tmp_path / "peer.log"
+        with peer_log.open("w") as log:
+            peer = worker(
+                env, fake.base_url, threads=1, seconds=60, requests=1, debug=True, stderr=log
+            )
+        wait_for_line(peer_log, "waiting for refresh lock", 30)
 
         fake.token_delay = 0.0
         killed_at = time.time()
         os.kill(holder.pid, signal.SIGKILL)
-        holder.wait(10)
+        holder.communicate(timeout=10)
         out, _ = peer.communicate(timeout=60)
         assert peer.returncode == 0
         result = json.loads(out.strip().splitlines()[-1])
@@ -134,7 +130,7 @@ def test_sigkilled_refresher_frees_the_lock_and_a_peer_proceeds(tmp_path: Path) 
     before = {k: v for k, v in read_env_file_text(original).items() if k not in TOKEN_KEYS}
     assert {k: v for k, v in after.items() if k not in TOKEN_KEYS} == before
     assert after["ML_REFRESH_TOKEN"] != read_env_file_text(original)["ML_REFRESH_TOKEN"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".env", ".env.lock"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".env", ".env.lock", "peer.log"]
 
 
 def read_env_file_text(text: str) -> dict[str, str | None]:

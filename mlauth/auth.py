@@ -29,7 +29,7 @@ from requests.utils import rewind_body
 
 from .config import DEFAULT_HOSTS, DEFAULT_TOKEN_URL, check_hosts, check_token_url, env_settings
 from .envfile import EnvFileStore
-from .errors import ConfigError, InvalidGrantError, LockTimeoutError, MLAuthError, StoreError
+from .errors import ConfigError, InvalidGrantError, LockTimeoutError, MLAuthError
 from .refresher import REAUTHORIZE_HINT, TokenEndpoint
 from .secret import Secret
 from .store import TokenStore
@@ -51,8 +51,11 @@ _instances: weakref.WeakSet[MLAuth] = weakref.WeakSet()
 def _reset_after_fork() -> None:
     # A thread of the parent may have held the mutex at fork time; in the child that thread
     # does not exist and the mutex would stay locked for ever.
+    # Nor may the child share the parent's pooled connection to the token endpoint: two
+    # processes reading one socket could each take the other's token answer.
     for auth in list(_instances):
         auth._mutex = threading.Lock()
+        auth._endpoint.reset_session()
 
 
 os.register_at_fork(after_in_child=_reset_after_fork)
@@ -123,6 +126,8 @@ class MLAuth(requests.auth.AuthBase):
             timeout=timeout,
             max_attempts=max_attempts,
             backoff=backoff,
+            # Retries must end well before peers waiting on the lock give up.
+            budget=self.lock_timeout / 2,
         )
         # Serializes refreshes inside this process, so threads wait here and only one of them
         # goes on to the cross-process lock.
@@ -134,7 +139,7 @@ class MLAuth(requests.auth.AuthBase):
             )
         self._cache: tuple[TokenSet, Hashable] = (tokens, stamp)
         # Tokens that were refreshed but could not be saved: the only live copy of the chain.
-        self._unsaved: TokenSet | None = None
+        self._unsaved: tuple[TokenSet, Secret] | None = None  # (new tokens, the token spent)
         self._advisory_retry_at = 0.0
         self._persist_retry_at = 0.0
         _instances.add(self)
@@ -161,7 +166,8 @@ class MLAuth(requests.auth.AuthBase):
     @property
     def tokens(self) -> TokenSet:
         """The tokens this process uses now (values wrapped in :class:`Secret`)."""
-        return self._unsaved or self._cache[0]
+        unsaved = self._unsaved
+        return unsaved[0] if unsaved is not None else self._cache[0]
 
     # -- before the request -------------------------------------------------------------
 
@@ -177,21 +183,25 @@ class MLAuth(requests.auth.AuthBase):
 
     def _current(self) -> TokenSet:
         """The token to send: a peer's newer one if the store changed, refreshed if due."""
-        if self._unsaved is not None:
-            return self._retry_persist()
         tokens = self._sync()
         if not tokens.needs_refresh(self.refresh_margin):
             return tokens
         if not tokens.is_expired():
             return self._refresh_ahead(tokens)
         # Mandatory: no valid token to send, so wait for the refresh and fail loudly.
-        with self._holding_mutex():
-            refreshed = self._refresh_locked(failed=None, reason="expired")
+        refreshed = self._single_flight(failed=None, reason="expired", wait=True)
         assert refreshed is not None
         return refreshed
 
     def _sync(self) -> TokenSet:
-        """The cached tokens, re-read first if the store changed: a stat, and no read if not."""
+        """The tokens to use now; the store is re-read only when its stamp changed.
+
+        Unsaved tokens (a refresh whose save failed) come first: they are the only live copy
+        of the chain, and saving them is retried now and then.
+        """
+        unsaved = self._unsaved
+        if unsaved is not None and not self._retry_persist():
+            return unsaved[0]
         tokens, stamp = self._cache
         if self.store.stamp() != stamp:
             tokens, stamp = self.store.load()
@@ -201,20 +211,20 @@ class MLAuth(requests.auth.AuthBase):
 
     def _refresh_ahead(self, tokens: TokenSet) -> TokenSet:
         """Advisory refresh: the current token still works, so never wait and never fail."""
-        if time.monotonic() < self._advisory_retry_at or not self._mutex.acquire(blocking=False):
-            return tokens  # another thread is refreshing, or a recent attempt failed
+        if time.monotonic() < self._advisory_retry_at:
+            return tokens  # a recent attempt failed; don't hammer the endpoint
         try:
-            refreshed = self._refresh_locked(failed=None, reason="ahead of expiry")
-            assert refreshed is not None
-            return refreshed
+            refreshed = self._single_flight(failed=None, reason="ahead of expiry", wait=False)
+        except LockTimeoutError:
+            log.debug("another process is refreshing; sending the current token meanwhile")
+            return tokens
         except MLAuthError as exc:
             left = tokens.expires_in() or 0.0
             self._advisory_retry_at = time.monotonic() + min(ADVISORY_RETRY_DELAY, left / 4)
             level = logging.ERROR if isinstance(exc, InvalidGrantError) else logging.WARNING
             log.log(level, "refresh ahead of expiry failed; using the current token: %s", exc)
             return tokens
-        finally:
-            self._mutex.release()
+        return refreshed or tokens  # None: another thread of ours is refreshing
 
     # -- after the response -------------------------------------------------------------
 
@@ -260,19 +270,40 @@ class MLAuth(requests.auth.AuthBase):
 
     def _recover(self, failed: Secret) -> Secret | None:
         """The token to re-send with after ``failed`` got a 401, or None to return the 401."""
-        if self._unsaved is None:
-            self._sync()  # a thread may have cached an older read than the store holds
-        current = self.tokens.access_token
+        current = self._sync().access_token  # a thread may have cached an older read
         if current is not None and current != failed:
             return current  # another thread or process has moved on already
-        with self._holding_mutex():
-            tokens = self._refresh_locked(failed=failed, reason="401")
+        tokens = self._single_flight(failed=failed, reason="401", wait=True)
         return None if tokens is None else tokens.access_token
 
     # -- the refresh itself ---------------------------------------------------------------
 
-    def _holding_mutex(self) -> _Held:
-        return _Held(self._mutex, self.lock_timeout)
+    def _single_flight(self, *, failed: Secret | None, reason: str, wait: bool) -> TokenSet | None:
+        """Refresh at most once for all threads and processes; return the tokens to use.
+
+        With ``wait`` False (the advisory path) neither lock is waited for: None means another
+        thread holds the mutex, and LockTimeoutError that another process holds the lock.
+        With ``wait`` True, None means ``failed`` got a genuine 401 (see _refresh_locked).
+        """
+        if not wait:
+            if not self._mutex.acquire(blocking=False):
+                return None
+        elif not self._mutex.acquire(timeout=self.lock_timeout):
+            raise LockTimeoutError(
+                f"another thread of this process has been refreshing for over "
+                f"{self.lock_timeout:g}s; no refresh was attempted",
+                lock_path="<in-process>",
+            )
+        try:
+            tokens, refreshed = self._refresh_locked(
+                failed=failed, reason=reason, lock_timeout=self.lock_timeout if wait else 0.0
+            )
+        finally:
+            self._mutex.release()
+        if refreshed is not None:
+            # Outside both locks: a slow or re-entrant callback must not stall the others.
+            self._notify(refreshed)
+        return tokens
 
     def _satisfied(self, tokens: TokenSet, failed: Secret | None) -> bool:
         """Whether ``tokens`` already answer the need, so no refresh token is spent."""
@@ -293,33 +324,44 @@ class MLAuth(requests.auth.AuthBase):
             window = min(window, lifetime * MAX_MARGIN_SHARE)
         return 0 <= age < window
 
-    def _refresh_locked(self, *, failed: Secret | None, reason: str) -> TokenSet | None:
+    def _refresh_locked(
+        self, *, failed: Secret | None, reason: str, lock_timeout: float
+    ) -> tuple[TokenSet | None, TokenSet | None]:
         """Re-read, decide, refresh, persist. Called with the mutex held.
 
-        Returns the tokens to use, or None when ``failed`` got a genuine 401 (it is the
-        current token and was refreshed moments ago: refreshing again would not help).
+        Returns (tokens to use, the new tokens if this call spent a refresh token). The
+        tokens to use are None when ``failed`` got a genuine 401: it is the current token and
+        was refreshed moments ago, so refreshing again would not help.
         """
-        if self._unsaved is not None:
-            return self._retry_persist()
         tokens = self._sync()
         if self._satisfied(tokens, failed):
-            return tokens  # a thread of ours refreshed while we waited for the mutex
-        with self.store.lock(self.lock_timeout):
-            tokens, stamp = self.store.load()  # the re-read that makes refreshes single-flight
-            self._cache = (tokens, stamp)
+            return tokens, None  # a thread of ours refreshed while we waited for the mutex
+        with self.store.lock(lock_timeout):
+            tokens = self._reread_locked()  # the re-read that makes refreshes single-flight
             if self._satisfied(tokens, failed):
                 log.debug(
                     "adopted a token refreshed by %s (%s)", tokens.refreshed_by, tokens.describe()
                 )
-                return tokens
+                return tokens, None
             if failed is not None and self._young(tokens):
                 log.debug("401 on a token refreshed %.1fs ago: not an expiry", tokens.age())
-                return None
-            return self._refresh(tokens, reason)
+                return None, None
+            new = self._refresh(tokens, reason)
+            return new, new
+
+    def _reread_locked(self) -> TokenSet:
+        """The freshest tokens, read under the store lock (unsaved ones saved first if possible)."""
+        unsaved = self._unsaved
+        if unsaved is not None:
+            return self._cache[0] if self._persist_unsaved_locked() else unsaved[0]
+        tokens, stamp = self.store.load()
+        self._cache = (tokens, stamp)
+        return tokens
 
     def _refresh(self, tokens: TokenSet, reason: str) -> TokenSet:
         """Spend the refresh token and persist its successor. Called under both locks."""
-        if tokens.refresh_token is None:
+        spent = tokens.refresh_token
+        if spent is None:
             raise ConfigError(
                 f"{self.store.location}: ML_REFRESH_TOKEN is missing or empty. " + REAUTHORIZE_HINT
             )
@@ -327,11 +369,11 @@ class MLAuth(requests.auth.AuthBase):
         self.store.check_writable()
         started = time.time()  # expiry counts from before the POST, not from the answer
         try:
-            answer = self._endpoint.refresh(tokens.refresh_token)
+            answer = self._endpoint.refresh(spent)
         except InvalidGrantError:
             # A process that does not take our lock (a legacy script) may have rotated it.
             again, stamp = self.store.load()
-            if again.refresh_token is not None and again.refresh_token != tokens.refresh_token:
+            if again.refresh_token is not None and again.refresh_token != spent:
                 log.info("refresh token was rotated outside the lock; adopting the new one")
                 self._cache = (again, stamp)
                 if again.access_token is not None and not again.is_expired():
@@ -345,7 +387,7 @@ class MLAuth(requests.auth.AuthBase):
             )
         new = TokenSet(
             access_token=answer.access_token,
-            refresh_token=answer.refresh_token or tokens.refresh_token,
+            refresh_token=answer.refresh_token or spent,
             expires_at=None if answer.expires_in is None else started + answer.expires_in,
             refreshed_at=started,
             refreshed_by=f"pid {os.getpid()}@{socket.gethostname()}",
@@ -353,13 +395,14 @@ class MLAuth(requests.auth.AuthBase):
         # Persist before anything else uses the new tokens: the old refresh token is dead.
         try:
             stamp = self.store.save(new)
-        except StoreError as exc:
-            self._unsaved = new
+        except Exception as exc:  # noqa: BLE001 (whatever failed, `new` is the only live copy)
+            self._unsaved = (new, spent)
             self._persist_retry_at = time.monotonic() + PERSIST_RETRY_DELAY
             log.error(
-                "refreshed tokens could not be saved to %s (%s); this process keeps them in "
-                "memory and retries saving, but other processes cannot see them until it works",
+                "refreshed tokens could not be saved to %s (%s: %s); this process keeps them "
+                "in memory and retries saving, but other processes cannot see them until then",
                 self.store.location,
+                type(exc).__name__,
                 exc,
             )
             return new
@@ -370,27 +413,54 @@ class MLAuth(requests.auth.AuthBase):
             os.getpid(),
             new.describe(),
         )
-        self._notify(new)
         return new
 
-    def _retry_persist(self) -> TokenSet:
-        """Keep using unsaved tokens; try to save them again now and then."""
+    def _retry_persist(self) -> bool:
+        """Now and then, try again to save unsaved tokens, without waiting for any lock.
+
+        Returns whether they are settled; False keeps using them from memory.
+        """
+        if time.monotonic() < self._persist_retry_at or not self._mutex.acquire(blocking=False):
+            return self._unsaved is None
+        try:
+            self._persist_retry_at = time.monotonic() + PERSIST_RETRY_DELAY
+            if self._unsaved is None:
+                return True  # another thread settled them while we took the mutex
+            with self.store.lock(0.0):
+                return self._persist_unsaved_locked()
+        except LockTimeoutError:
+            return False  # a peer holds the lock; try again later
+        finally:
+            self._mutex.release()
+
+    def _persist_unsaved_locked(self) -> bool:
+        """Save unsaved tokens, but only over the refresh token they replaced (compare-and-set).
+
+        If the store holds anything else, either our save landed after all (the rename worked
+        and something after it failed) or a peer has moved the chain on from it: writing ours
+        then would put a spent token over a live one, so the store's tokens win. Returns
+        whether the tokens are settled (no longer unsaved).
+        """
         unsaved = self._unsaved
         assert unsaved is not None
-        if time.monotonic() < self._persist_retry_at:
-            return unsaved
-        self._persist_retry_at = time.monotonic() + PERSIST_RETRY_DELAY
+        tokens, spent = unsaved
         try:
-            with self.store.lock(self.lock_timeout):
-                stamp = self.store.save(unsaved)
-        except (StoreError, LockTimeoutError) as exc:
+            stored, stamp = self.store.load()
+            if stored.refresh_token == spent:
+                stamp = self.store.save(tokens)
+                stored = tokens
+                log.info("saved the refreshed tokens to %s at last", self.store.location)
+            else:
+                log.warning(
+                    "%s moved on while our tokens were unsaved; using its tokens",
+                    self.store.location,
+                )
+        except Exception as exc:  # noqa: BLE001 (keep the only live copy, whatever failed)
             log.error("still cannot save refreshed tokens to %s: %s", self.store.location, exc)
-            return unsaved
-        log.info("saved the refreshed tokens to %s at last", self.store.location)
-        self._cache = (unsaved, stamp)
+            return False
+        self._cache = (stored, stamp)
         self._unsaved = None
-        self._notify(unsaved)
-        return unsaved
+        return True
 
     def _notify(self, tokens: TokenSet) -> None:
         if self.on_refresh is None:
@@ -399,24 +469,3 @@ class MLAuth(requests.auth.AuthBase):
             self.on_refresh(tokens)
         except Exception:  # a user's callback must not break the request that refreshed
             log.exception("on_refresh callback failed")
-
-
-class _Held:
-    """The in-process mutex, taken with the lock timeout (a hung refresher must not hang all)."""
-
-    __slots__ = ("_lock", "_timeout")
-
-    def __init__(self, lock: threading.Lock, timeout: float) -> None:
-        self._lock = lock
-        self._timeout = timeout
-
-    def __enter__(self) -> None:
-        if not self._lock.acquire(timeout=self._timeout):
-            raise LockTimeoutError(
-                f"another thread of this process has been refreshing for over "
-                f"{self._timeout:g}s; no refresh was attempted",
-                lock_path="<in-process>",
-            )
-
-    def __exit__(self, *exc: object) -> None:
-        self._lock.release()

@@ -159,8 +159,10 @@ def update_env_file(path: str | os.PathLike[str], updates: Mapping[str, str | No
         raise ConfigError(f"{path}: no such .env file; mlauth never creates it silently.") from None
     except OSError as exc:
         raise StoreError(f"cannot read {real}: {exc.strerror or exc}") from exc
-    # newline="" semantics: keep \r\n as it is, so untouched lines stay byte for byte.
-    text = raw.decode("utf-8")
+    try:
+        text = raw.decode("utf-8")  # \r\n stays as it is, so untouched lines stay byte for byte
+    except UnicodeDecodeError as exc:
+        raise StoreError(f"{real} is not UTF-8 text ({exc.reason}); save it as UTF-8.") from None
     data = render_update(text, updates).encode("utf-8")
     try:
         with _temp_beside(real) as (fd, tmp):
@@ -172,12 +174,17 @@ def update_env_file(path: str | os.PathLike[str], updates: Mapping[str, str | No
                 view = view[os.write(fd, view) :]
             os.fsync(fd)
             os.replace(tmp, real)
-        _fsync_dir(os.path.dirname(real))
     except OSError as exc:
         raise StoreError(
             f"cannot write {real}: {exc.strerror or exc}. The folder must be writable by this "
             "user and the disk must have space; the file was left as it was."
         ) from exc
+    try:
+        _fsync_dir(os.path.dirname(real))
+    except OSError as exc:
+        # The new file is in place and readable by every process: reporting the save as
+        # failed now would make the caller treat saved tokens as unsaved.
+        log.warning("saved %s, but could not fsync its folder: %s", real, exc)
 
 
 def _number(values: Mapping[str, str | None], key: str, path: str) -> float | None:
@@ -272,6 +279,3 @@ class EnvFileStore:
 
     def lock(self, timeout: float) -> contextlib.AbstractContextManager[None]:
         return self._lock.hold(timeout)
-
-    def lock_is_held_elsewhere(self) -> bool:
-        return self._lock.is_held_elsewhere()

@@ -65,14 +65,3 @@ class ProcessLock:
             yield
         finally:
             self._lock.release()
-
-    def is_held_elsewhere(self) -> bool:
-        """True when another process holds the lock right now (for ``mlauth status``)."""
-        try:
-            self._lock.acquire(timeout=0)
-        except filelock.Timeout:
-            return True
-        except OSError:
-            return False
-        self._lock.release()
-        return False

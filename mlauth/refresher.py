@@ -156,6 +156,7 @@ class TokenEndpoint:
         backoff: float = 0.5,
         max_backoff: float = 8.0,
         max_retry_after: float = 30.0,
+        budget: float = 60.0,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         if max_attempts < 1:
@@ -168,12 +169,21 @@ class TokenEndpoint:
         self.backoff = backoff
         self.max_backoff = max_backoff
         self.max_retry_after = max_retry_after
+        self.budget = budget
         self._sleep = sleep
-        # A private session: under mlauth.install() every other session carries our auth,
-        # and the token POST must neither get a Bearer header nor re-enter the auth's lock.
-        self._session = requests.Session()
-        self._session.auth = _NoAuth()
-        self._session._mlauth_private = True  # type: ignore[attr-defined]
+        self._session = self._new_session()
+
+    @staticmethod
+    def _new_session() -> requests.Session:
+        # A private session: under a global patch of requests every other session carries our
+        # auth, and the token POST must neither get a Bearer header nor re-enter the auth.
+        session = requests.Session()
+        session.auth = _NoAuth()
+        return session
+
+    def reset_session(self) -> None:
+        """A new connection pool, for a forked child (the parent's sockets are not ours)."""
+        self._session = self._new_session()
 
     def __repr__(self) -> str:
         return f"TokenEndpoint({self.token_url!r}, client_id={self.client_id!r})"
@@ -189,21 +199,6 @@ class TokenEndpoint:
             }
         )
 
-    def exchange_code(
-        self, code: str, redirect_uri: str, code_verifier: str | None = None
-    ) -> TokenAnswer:
-        """Trade an authorization code for the first token pair."""
-        data = {
-            "grant_type": "authorization_code",
-            "client_id": self.client_id,
-            "client_secret": self._client_secret.reveal(),
-            "code": code,
-            "redirect_uri": redirect_uri,
-        }
-        if code_verifier:
-            data["code_verifier"] = code_verifier
-        return self._call(data)
-
     def _delay(self, attempt: int, retry_after: float | None) -> float:
         if retry_after is not None:
             return min(retry_after, self.max_retry_after) + random.uniform(0, self.backoff / 2)
@@ -213,7 +208,10 @@ class TokenEndpoint:
     def _call(self, data: Mapping[str, str]) -> TokenAnswer:
         ambiguous: str | None = None  # why an earlier attempt may have reached the server
         last = "no attempt made"
-        for attempt in range(1, self.max_attempts + 1):
+        give_up_at = time.monotonic() + self.budget
+        attempt = 0
+        while attempt < self.max_attempts:
+            attempt += 1
             retry_after: float | None = None
             try:
                 response = self._session.post(
@@ -241,8 +239,8 @@ class TokenEndpoint:
                 last, retry_after = outcome
                 if response.status_code >= 500:
                     ambiguous = ambiguous or last
-            if attempt < self.max_attempts:
-                delay = self._delay(attempt, retry_after)
+            delay = self._delay(attempt, retry_after)
+            if attempt < self.max_attempts and time.monotonic() + delay < give_up_at:
                 log.debug(
                     "token endpoint attempt %d/%d failed (%s); retrying in %.2fs",
                     attempt,
@@ -251,9 +249,11 @@ class TokenEndpoint:
                     delay,
                 )
                 self._sleep(delay)
+            else:
+                break
         note = f" An earlier attempt may have reached the server: {ambiguous}." if ambiguous else ""
         raise RefreshError(
-            f"token refresh failed after {self.max_attempts} attempts: {last}.{note} The stored "
+            f"token refresh failed after {attempt} attempts: {last}.{note} The stored "
             "tokens were left as they were; the next request tries again."
         )
 

@@ -119,6 +119,9 @@ def test_sigkilled_refresher_frees_the_lock_and_a_peer_proceeds(tmp_path: Path) 
         result = json.loads(out.strip().splitlines()[-1])
         stats = fake.stats()
 
+    # No bound on the wait is asserted (timing is reported, not tested): had the kernel not
+    # released the flock, the peer would have waited out its 120 s lock_timeout and failed,
+    # well past communicate()'s 60 s.
     waited = float(result["finished_at"]) - killed_at
     print(f"\n[figures] peer finished {waited * 1000:.0f} ms after the lock holder was SIGKILLed")
     assert holder.returncode == -signal.SIGKILL

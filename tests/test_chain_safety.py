@@ -1,0 +1,254 @@
+"""The token chain survives failures around a refresh: saves that fail, peers, locks, forks."""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Hashable
+from pathlib import Path
+
+import pytest
+import requests
+
+import mlauth
+import mlauth.auth
+import mlauth.envfile
+from mlauth.envfile import read_env_file, update_env_file
+from mlauth.lock import ProcessLock
+from mlauth.testing import FakeMercadoLibre
+
+DEAD_ACCESS = "APP_USR-1234-010101-deadbeef-8035443"
+
+
+class FlakyStore(mlauth.EnvFileStore):
+    """An .env store whose next saves fail with a chosen error (fault injection at the edge)."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.failures: list[BaseException] = []
+
+    def save(self, tokens: mlauth.TokenSet) -> Hashable:
+        if self.failures:
+            raise self.failures.pop(0)
+        return super().save(tokens)
+
+
+@pytest.fixture
+def stale_env(fake_ml: FakeMercadoLibre, fake_ml_env: Path) -> Path:
+    update_env_file(fake_ml_env, {"ML_ACCESS_TOKEN": DEAD_ACCESS})
+    return fake_ml_env
+
+
+@pytest.fixture
+def no_persist_delay(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(mlauth.auth, "PERSIST_RETRY_DELAY", 0.0)
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [
+        mlauth.StoreError("disk full"),
+        mlauth.ConfigError(".env vanished during an editor's save"),
+        UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte"),
+    ],
+    ids=["store-error", "config-error", "unicode-error"],
+)
+def test_a_failed_save_keeps_the_new_tokens_and_saves_them_later(
+    fake_ml: FakeMercadoLibre, stale_env: Path, no_persist_delay: None, failure: BaseException
+) -> None:
+    store = FlakyStore(stale_env)
+    store.failures.append(failure)
+    spent = read_env_file(stale_env)["ML_REFRESH_TOKEN"]
+    session = requests.Session()
+    session.auth = mlauth.MLAuth.from_env(stale_env, store=store)
+
+    first = session.get(f"{fake_ml.base_url}/users/me")
+    assert first.status_code == 200  # re-sent with the unsaved new token
+    assert read_env_file(stale_env)["ML_REFRESH_TOKEN"] == spent  # not on disk yet
+
+    second = session.get(f"{fake_ml.base_url}/users/me")
+    assert second.status_code == 200 and second.history == []
+    saved = read_env_file(stale_env)
+    assert saved["ML_REFRESH_TOKEN"] != spent  # saved at the next request
+    # A new process reading the .env now continues the chain.
+    fresh = requests.get(f"{fake_ml.base_url}/x", auth=mlauth.MLAuth.from_env(stale_env))
+    assert fresh.status_code == 200
+    assert fake_ml.stats()["refreshes"] == 1
+    assert fake_ml.stats()["invalid_grant"] == 0
+
+
+def test_unsaved_tokens_never_overwrite_a_chain_that_moved_on(
+    fake_ml: FakeMercadoLibre, stale_env: Path, no_persist_delay: None
+) -> None:
+    store = FlakyStore(stale_env)
+    store.failures.append(mlauth.StoreError("fsync failed after the rename"))
+    auth = mlauth.MLAuth.from_env(stale_env, store=store)
+    assert requests.get(f"{fake_ml.base_url}/users/me", auth=auth).status_code == 200
+    unsaved = auth.tokens.refresh_token
+    # Meanwhile a peer wrote a newer chain into the .env.
+    peer = fake_ml.issue_tokens()
+    update_env_file(
+        stale_env,
+        {
+            "ML_ACCESS_TOKEN": str(peer["access_token"]),
+            "ML_REFRESH_TOKEN": str(peer["refresh_token"]),
+        },
+    )
+    response = requests.get(f"{fake_ml.base_url}/users/me", auth=auth)
+    assert response.status_code == 200
+    assert response.request.headers["Authorization"] == f"Bearer {peer['access_token']}"
+    assert read_env_file(stale_env)["ML_REFRESH_TOKEN"] == peer["refresh_token"]
+    assert auth.tokens.refresh_token != unsaved
+
+
+def test_unsaved_tokens_that_die_are_not_resent_and_nothing_is_spent_blind(
+    fake_ml: FakeMercadoLibre, stale_env: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = FlakyStore(stale_env)
+    store.failures.append(mlauth.StoreError("disk full"))
+    auth = mlauth.MLAuth.from_env(stale_env, store=store, min_token_age=0)
+    assert requests.get(f"{fake_ml.base_url}/users/me", auth=auth).status_code == 200
+    # The folder stays unwritable.
+    store.failures.extend(mlauth.StoreError("disk full") for _ in range(5))
+
+    def unwritable() -> None:
+        raise mlauth.StoreError("disk still full")
+
+    monkeypatch.setattr(store, "check_writable", unwritable)
+    # Somebody spends the unsaved refresh token: the server kills the unsaved access token.
+    unsaved = auth.tokens.refresh_token
+    assert unsaved is not None
+    rotated = requests.post(
+        fake_ml.token_url,
+        data={
+            "grant_type": "refresh_token",
+            "client_id": fake_ml.client_id,
+            "client_secret": fake_ml.client_secret,
+            "refresh_token": unsaved.reveal(),
+        },
+    )
+    assert rotated.status_code == 200
+    token_calls = fake_ml.stats()["token_requests"]
+    with pytest.raises(mlauth.StoreError, match="disk still full"):
+        requests.get(f"{fake_ml.base_url}/users/me", auth=auth)
+    assert fake_ml.stats()["token_requests"] == token_calls  # the unsaved token was not spent
+
+
+def test_folder_fsync_failure_after_the_rename_counts_as_saved(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / ".env"
+    path.write_text("A=1\nML_REFRESH_TOKEN=TG-old\n")
+
+    def fsync_fails(folder: str) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(mlauth.envfile, "_fsync_dir", fsync_fails)
+    update_env_file(path, {"ML_REFRESH_TOKEN": "TG-new"})
+    assert read_env_file(path)["ML_REFRESH_TOKEN"] == "TG-new"
+    assert "could not fsync its folder" in caplog.text
+
+
+def test_on_refresh_runs_outside_both_locks(fake_ml: FakeMercadoLibre, stale_env: Path) -> None:
+    seen: list[tuple[bool, bool]] = []
+
+    def callback(tokens: mlauth.TokenSet) -> None:
+        mutex_free = auth._mutex.acquire(blocking=False)
+        if mutex_free:
+            auth._mutex.release()
+        try:
+            with ProcessLock(f"{stale_env}.lock").hold(timeout=0):
+                file_lock_free = True
+        except mlauth.LockTimeoutError:
+            file_lock_free = False
+        seen.append((mutex_free, file_lock_free))
+
+    auth = mlauth.MLAuth.from_env(stale_env, on_refresh=callback)
+    assert requests.get(f"{fake_ml.base_url}/users/me", auth=auth).status_code == 200
+    assert seen == [(True, True)]
+
+
+def test_refresh_ahead_of_expiry_never_waits_for_another_process(
+    fake_ml: FakeMercadoLibre, tmp_path: Path
+) -> None:
+    import time
+
+    env = tmp_path / ".env"
+    tokens = fake_ml.write_env(env, expires_at=time.time() + 100)  # inside the 300 s margin
+    auth = mlauth.MLAuth.from_env(env, lock_timeout=600)
+    held, done = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with ProcessLock(f"{env}.lock").hold(timeout=5):
+            held.set()
+            done.wait(30)  # released when the request is done, or after 30 s at the latest
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        assert held.wait(5)
+        response = requests.get(f"{fake_ml.base_url}/users/me", auth=auth)
+    finally:
+        done.set()
+        holder.join()
+    # Had it waited for the lock, it would have refreshed once the holder let go.
+    assert response.status_code == 200
+    assert response.request.headers["Authorization"] == f"Bearer {tokens['access_token']}"
+    assert fake_ml.stats()["token_requests"] == 0
+
+
+def test_lost_answer_gives_a_clear_invalid_grant_and_keeps_the_env(
+    fake_ml: FakeMercadoLibre, stale_env: Path
+) -> None:
+    # The one window no client can close: the server rotated the token, its answer was lost.
+    before = stale_env.read_bytes()
+    fake_ml.fail_next_token_requests(1, status=502, consume=True)
+    auth = mlauth.MLAuth.from_env(stale_env, backoff=0.001)
+    with pytest.raises(mlauth.InvalidGrantError) as caught:
+        requests.get(f"{fake_ml.base_url}/users/me", auth=auth)
+    message = str(caught.value)
+    assert "may have spent it without its answer arriving" in message
+    assert "authorize the app again" in message
+    assert stale_env.read_bytes() == before
+
+
+def test_retries_stop_within_the_budget(fake_ml: FakeMercadoLibre) -> None:
+    from mlauth.refresher import TokenEndpoint
+
+    slept: list[float] = []
+    endpoint = TokenEndpoint(
+        fake_ml.token_url,
+        fake_ml.client_id,
+        mlauth.Secret(fake_ml.client_secret),
+        budget=2.0,
+        sleep=slept.append,
+    )
+    fake_ml.fail_next_token_requests(3, status=429, error="local_rate_limited", retry_after=7)
+    with pytest.raises(mlauth.RefreshError, match="after 1 attempts"):
+        endpoint.refresh(mlauth.Secret(str(fake_ml.issue_tokens()["refresh_token"])))
+    assert slept == []  # a 7 s Retry-After does not fit a 2 s budget: no sleep, no retry
+
+
+def test_forked_child_gets_its_own_mutex_and_token_connection(
+    fake_ml: FakeMercadoLibre, fake_ml_env: Path
+) -> None:
+    auth = mlauth.MLAuth.from_env(fake_ml_env)
+    parent_session = auth._endpoint._session
+    read_end, write_end = os.pipe()
+    auth._mutex.acquire()  # as if another thread were refreshing at fork time
+    try:
+        pid = os.fork()
+        if pid == 0:  # the child: report and leave without running pytest's teardown
+            ok = (
+                auth._mutex.acquire(blocking=False)
+                and auth._endpoint._session is not parent_session
+            )
+            os.write(write_end, b"1" if ok else b"0")
+            os._exit(0)
+    finally:
+        auth._mutex.release()
+    os.close(write_end)
+    _, status = os.waitpid(pid, 0)
+    assert os.read(read_end, 1) == b"1"
+    os.close(read_end)
+    assert status == 0

@@ -8,7 +8,8 @@ The decisions live in three methods that read top to bottom:
 - :meth:`MLAuth._refresh_locked` (under both locks): re-read, decide, refresh, persist.
 
 Nothing per request is kept on the instance: one MLAuth serves every thread and session of
-a process. Its shared state is one ``(tokens, stamp)`` tuple, swapped whole.
+a process. Its shared state is the cached ``(tokens, stamp)`` tuple, swapped whole, plus the
+rarely used ``_unsaved`` pair for tokens whose save failed.
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ rarely used ``_unsaved`` pair for tokens whose save failed.
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import socket
@@ -30,7 +31,7 @@ from requests.utils import rewind_body
 
 from .config import DEFAULT_HOSTS, DEFAULT_TOKEN_URL, check_hosts, check_token_url, env_settings
 from .envfile import EnvFileStore
-from .errors import ConfigError, InvalidGrantError, LockTimeoutError, MLAuthError
+from .errors import ConfigError, InvalidGrantError, LockTimeoutError, MLAuthError, RefreshError
 from .refresher import REAUTHORIZE_HINT, TokenEndpoint
 from .secret import Secret
 from .store import TokenStore
@@ -45,6 +46,10 @@ log = logging.getLogger("mlauth")
 ADVISORY_RETRY_DELAY = 30.0
 # While refreshed tokens could not be saved, saving is retried at most this often.
 PERSIST_RETRY_DELAY = 5.0
+# After the token endpoint failed, the same refresh token is not tried again for this long
+# (or for as long as the server's Retry-After asked): the threads queued behind a failed
+# refresh get its error at once instead of each running a retry series of its own.
+FAILURE_COOLDOWN = 5.0
 
 _instances: weakref.WeakSet[MLAuth] = weakref.WeakSet()
 
@@ -130,6 +135,10 @@ class MLAuth(requests.auth.AuthBase):
             # Retries must end well before peers waiting on the lock give up.
             budget=self.lock_timeout / 2,
         )
+        # A thread waiting for the mutex waits out the holder's whole turn: its wait for the
+        # file lock, its retries, and one more attempt's timeout.
+        attempt_time = sum(timeout) if isinstance(timeout, tuple) else 2 * timeout
+        self._mutex_timeout = self.lock_timeout + self._endpoint.budget + attempt_time
         # Serializes refreshes inside this process, so threads wait here and only one of them
         # goes on to the cross-process lock.
         self._mutex = threading.Lock()
@@ -140,7 +149,11 @@ class MLAuth(requests.auth.AuthBase):
             )
         self._cache: tuple[TokenSet, Hashable] = (tokens, stamp)
         # Tokens that were refreshed but could not be saved: the only live copy of the chain.
-        self._unsaved: tuple[TokenSet, Secret] | None = None  # (new tokens, the token spent)
+        # Tokens whose save failed, and the refresh token the store still holds (the base a
+        # later save must find there).
+        self._unsaved: tuple[TokenSet, Secret] | None = None
+        # The last failed refresh: (not before, monotonic; the refresh token; the error).
+        self._last_failure: tuple[float, Secret, RefreshError] | None = None
         self._advisory_retry_at = 0.0
         self._persist_retry_at = 0.0
         _instances.add(self)
@@ -240,7 +253,11 @@ class MLAuth(requests.auth.AuthBase):
         failed = _bearer(request.headers.get("Authorization"))
         if failed is None:
             return r
-        new = self._recover(Secret(failed))
+        try:
+            new = self._recover(Secret(failed))
+        except BaseException:
+            r.close()  # the caller never sees this response: give its connection back
+            raise
         if new is None:
             return r
         if not _replayable(request):
@@ -289,16 +306,14 @@ class MLAuth(requests.auth.AuthBase):
         if not wait:
             if not self._mutex.acquire(blocking=False):
                 return None
-        elif not self._mutex.acquire(timeout=self.lock_timeout):
+        elif not self._mutex.acquire(timeout=self._mutex_timeout):
             raise LockTimeoutError(
                 f"another thread of this process has been refreshing for over "
-                f"{self.lock_timeout:g}s; no refresh was attempted",
+                f"{self._mutex_timeout:g}s; no refresh was attempted",
                 lock_path="<in-process>",
             )
         try:
-            tokens, refreshed = self._refresh_locked(
-                failed=failed, reason=reason, lock_timeout=self.lock_timeout if wait else 0.0
-            )
+            tokens, refreshed = self._refresh_locked(failed=failed, reason=reason, patient=wait)
         finally:
             self._mutex.release()
         if refreshed is not None:
@@ -326,18 +341,20 @@ class MLAuth(requests.auth.AuthBase):
         return 0 <= age < window
 
     def _refresh_locked(
-        self, *, failed: Secret | None, reason: str, lock_timeout: float
+        self, *, failed: Secret | None, reason: str, patient: bool
     ) -> tuple[TokenSet | None, TokenSet | None]:
         """Re-read, decide, refresh, persist. Called with the mutex held.
 
         Returns (tokens to use, the new tokens if this call spent a refresh token). The
         tokens to use are None when ``failed`` got a genuine 401: it is the current token and
-        was refreshed moments ago, so refreshing again would not help.
+        was refreshed moments ago, so refreshing again would not help. An impatient call (the
+        advisory refresh: the current token still works) takes the file lock only if it is
+        free and makes one attempt, so its own request is not held up either.
         """
         tokens = self._sync()
         if self._satisfied(tokens, failed):
             return tokens, None  # a thread of ours refreshed while we waited for the mutex
-        with self.store.lock(lock_timeout):
+        with self.store.lock(self.lock_timeout if patient else 0.0):
             tokens = self._reread_locked()  # the re-read that makes refreshes single-flight
             if self._satisfied(tokens, failed):
                 log.debug(
@@ -347,7 +364,7 @@ class MLAuth(requests.auth.AuthBase):
             if failed is not None and self._young(tokens):
                 log.debug("401 on a token refreshed %.1fs ago: not an expiry", tokens.age())
                 return None, None
-            new = self._refresh(tokens, reason)
+            new = self._refresh(tokens, reason, patient=patient)
             return new, new
 
     def _reread_locked(self) -> TokenSet:
@@ -359,27 +376,39 @@ class MLAuth(requests.auth.AuthBase):
         self._cache = (tokens, stamp)
         return tokens
 
-    def _refresh(self, tokens: TokenSet, reason: str) -> TokenSet:
+    def _refresh(self, tokens: TokenSet, reason: str, *, patient: bool = True) -> TokenSet:
         """Spend the refresh token and persist its successor. Called under both locks."""
         spent = tokens.refresh_token
         if spent is None:
             raise ConfigError(
                 f"{self.store.location}: ML_REFRESH_TOKEN is missing or empty. " + REAUTHORIZE_HINT
             )
+        # What the store holds: the spent token, or (while tokens are unsaved) an older one.
+        base = self._unsaved[1] if self._unsaved is not None else spent
+        failure = self._last_failure
+        if failure is not None and failure[1] == spent:
+            not_before, _, error = failure
+            if isinstance(error, InvalidGrantError) or time.monotonic() < not_before:
+                raise copy.copy(error)  # the same token, just refused: don't ask again yet
         # A refresh token spent whose successor cannot be saved is lost for good: check first.
         self.store.check_writable()
         started = time.time()  # expiry counts from before the POST, not from the answer
         try:
-            answer = self._endpoint.refresh(spent)
-        except InvalidGrantError:
+            answer = self._endpoint.refresh(spent, attempts=None if patient else 1)
+        except InvalidGrantError as exc:
             # A process that does not take our lock (a legacy script) may have rotated it.
             again, stamp = self.store.load()
-            if again.refresh_token is not None and again.refresh_token != spent:
+            if again.refresh_token is not None and again.refresh_token not in (spent, base):
                 log.info("refresh token was rotated outside the lock; adopting the new one")
                 self._cache = (again, stamp)
+                self._unsaved = None
                 if again.access_token is not None and not again.is_expired():
                     return again
-                return self._refresh(again, reason)
+                return self._refresh(again, reason, patient=patient)
+            self._remember_failure(spent, exc)
+            raise
+        except RefreshError as exc:
+            self._remember_failure(spent, exc)
             raise
         if answer.refresh_token is None:
             log.warning(
@@ -397,7 +426,7 @@ class MLAuth(requests.auth.AuthBase):
         try:
             stamp = self.store.save(new)
         except Exception as exc:  # noqa: BLE001 (whatever failed, `new` is the only live copy)
-            self._unsaved = (new, spent)
+            self._unsaved = (new, base)
             self._persist_retry_at = time.monotonic() + PERSIST_RETRY_DELAY
             log.error(
                 "refreshed tokens could not be saved to %s (%s: %s); this process keeps them "
@@ -408,6 +437,7 @@ class MLAuth(requests.auth.AuthBase):
             )
             return new
         self._cache = (new, stamp)
+        self._unsaved = None
         log.info(
             "refreshed MercadoLibre token (%s) in pid %d: %s",
             reason,
@@ -429,8 +459,9 @@ class MLAuth(requests.auth.AuthBase):
                 return True  # another thread settled them while we took the mutex
             with self.store.lock(0.0):
                 return self._persist_unsaved_locked()
-        except LockTimeoutError:
-            return False  # a peer holds the lock; try again later
+        except MLAuthError as exc:  # the lock is busy or cannot be opened: try again later
+            log.debug("could not retry saving the refreshed tokens yet: %s", exc)
+            return False
         finally:
             self._mutex.release()
 
@@ -462,6 +493,10 @@ class MLAuth(requests.auth.AuthBase):
         self._cache = (stored, stamp)
         self._unsaved = None
         return True
+
+    def _remember_failure(self, spent: Secret, error: RefreshError) -> None:
+        wait = error.retry_after if error.retry_after is not None else FAILURE_COOLDOWN
+        self._last_failure = (time.monotonic() + wait, spent, error)
 
     def _notify(self, tokens: TokenSet) -> None:
         if self.on_refresh is None:

@@ -46,6 +46,7 @@ class RefreshError(MLAuthError):
 
     ``status_code`` is the HTTP status (None when no answer arrived), ``error`` the provider's
     error code (``invalid_client``, ``local_rate_limited``, ...) and ``description`` its text.
+    ``retry_after`` is how many seconds the server asked us to wait, when it said so.
     """
 
     def __init__(
@@ -60,6 +61,7 @@ class RefreshError(MLAuthError):
         self.status_code = status_code
         self.error = error
         self.description = description
+        self.retry_after: float | None = None
 
 
 class InvalidGrantError(RefreshError):

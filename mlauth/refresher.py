@@ -155,7 +155,6 @@ class TokenEndpoint:
         max_attempts: int = 3,
         backoff: float = 0.5,
         max_backoff: float = 8.0,
-        max_retry_after: float = 30.0,
         budget: float = 60.0,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
@@ -168,7 +167,6 @@ class TokenEndpoint:
         self.max_attempts = max_attempts
         self.backoff = backoff
         self.max_backoff = max_backoff
-        self.max_retry_after = max_retry_after
         self.budget = budget
         self._sleep = sleep
         self._session = self._new_session()
@@ -188,29 +186,39 @@ class TokenEndpoint:
     def __repr__(self) -> str:
         return f"TokenEndpoint({self.token_url!r}, client_id={self.client_id!r})"
 
-    def refresh(self, refresh_token: Secret) -> TokenAnswer:
-        """Spend ``refresh_token`` for a new token pair."""
+    def refresh(self, refresh_token: Secret, *, attempts: int | None = None) -> TokenAnswer:
+        """Spend ``refresh_token`` for a new token pair, in at most ``attempts`` tries."""
         return self._call(
             {
                 "grant_type": "refresh_token",
                 "client_id": self.client_id,
                 "client_secret": self._client_secret.reveal(),
                 "refresh_token": refresh_token.reveal(),
-            }
+            },
+            attempts or self.max_attempts,
         )
 
     def _delay(self, attempt: int, retry_after: float | None) -> float:
         if retry_after is not None:
-            return min(retry_after, self.max_retry_after) + random.uniform(0, self.backoff / 2)
+            return retry_after + random.uniform(0, self.backoff / 2)
         # Full jitter: processes that failed together do not come back together.
         return random.uniform(0, min(self.max_backoff, self.backoff * 2 ** (attempt - 1)))
 
-    def _call(self, data: Mapping[str, str]) -> TokenAnswer:
+    def _timeout(self, left: float, first: bool) -> float | tuple[float, float]:
+        """The attempt's timeout: the configured one, cut to the budget left after the first."""
+        if first:
+            return self.timeout
+        connect, read = self.timeout if isinstance(self.timeout, tuple) else (self.timeout,) * 2
+        return (min(connect, left), min(read, left))
+
+    def _call(self, data: Mapping[str, str], attempts: int) -> TokenAnswer:
         ambiguous: str | None = None  # why an earlier attempt may have reached the server
         last = "no attempt made"
+        stop = ""
+        wait_hint: float | None = None  # how long the server asked us to stay away
         give_up_at = time.monotonic() + self.budget
         attempt = 0
-        while attempt < self.max_attempts:
+        while True:
             attempt += 1
             retry_after: float | None = None
             try:
@@ -218,7 +226,7 @@ class TokenEndpoint:
                     self.token_url,
                     data=data,  # the body, never the query string: urllib3 logs URLs
                     headers={"Accept": "application/json"},
-                    timeout=self.timeout,
+                    timeout=self._timeout(give_up_at - time.monotonic(), attempt == 1),
                     allow_redirects=False,
                 )
             except (requests.ConnectionError, requests.Timeout) as exc:
@@ -239,23 +247,34 @@ class TokenEndpoint:
                 last, retry_after = outcome
                 if response.status_code >= 500:
                     ambiguous = ambiguous or last
+            wait_hint = retry_after
             delay = self._delay(attempt, retry_after)
-            if attempt < self.max_attempts and time.monotonic() + delay < give_up_at:
-                log.debug(
-                    "token endpoint attempt %d/%d failed (%s); retrying in %.2fs",
-                    attempt,
-                    self.max_attempts,
-                    last,
-                    delay,
-                )
-                self._sleep(delay)
-            else:
+            if attempt >= attempts:
                 break
+            if time.monotonic() + delay >= give_up_at:
+                stop = (
+                    f" (the server asked to wait {retry_after:g}s, beyond the {self.budget:g}s "
+                    "retry budget)"
+                    if retry_after is not None
+                    else f" (the {self.budget:g}s retry budget is spent)"
+                )
+                break
+            log.debug(
+                "token endpoint attempt %d/%d failed (%s); retrying in %.2fs",
+                attempt,
+                attempts,
+                last,
+                delay,
+            )
+            self._sleep(delay)
         note = f" An earlier attempt may have reached the server: {ambiguous}." if ambiguous else ""
-        raise RefreshError(
-            f"token refresh failed after {attempt} attempts: {last}.{note} The stored "
-            "tokens were left as they were; the next request tries again."
+        tries = "1 attempt" if attempt == 1 else f"{attempt} attempts"
+        error = RefreshError(
+            f"token refresh gave up after {tries}{stop}: {last}.{note} The stored tokens were "
+            "left as they were."
         )
+        error.retry_after = wait_hint
+        raise error
 
     def _judge(
         self, response: requests.Response, ambiguous: str | None

@@ -26,10 +26,13 @@ class FlakyStore(mlauth.EnvFileStore):
     def __init__(self, path: Path) -> None:
         super().__init__(path)
         self.failures: list[BaseException] = []
+        self.broken = False  # every save fails while set (the disk filled after the check)
 
     def save(self, tokens: mlauth.TokenSet) -> Hashable:
         if self.failures:
             raise self.failures.pop(0)
+        if self.broken:
+            raise mlauth.StoreError("No space left on device")
         return super().save(tokens)
 
 
@@ -224,7 +227,7 @@ def test_retries_stop_within_the_budget(fake_ml: FakeMercadoLibre) -> None:
         sleep=slept.append,
     )
     fake_ml.fail_next_token_requests(3, status=429, error="local_rate_limited", retry_after=7)
-    with pytest.raises(mlauth.RefreshError, match="after 1 attempts"):
+    with pytest.raises(mlauth.RefreshError, match=r"after 1 attempt \(the server asked to wait 7s"):
         endpoint.refresh(mlauth.Secret(str(fake_ml.issue_tokens()["refresh_token"])))
     assert slept == []  # a 7 s Retry-After does not fit a 2 s budget: no sleep, no retry
 
@@ -252,3 +255,72 @@ def test_forked_child_gets_its_own_mutex_and_token_connection(
     assert os.read(read_end, 1) == b"1"
     os.close(read_end)
     assert status == 0
+
+
+def test_two_refreshes_while_saves_fail_keep_the_chain(
+    fake_ml: FakeMercadoLibre, stale_env: Path, no_persist_delay: None
+) -> None:
+    import time
+
+    fake_ml.token_lifetime = 0.4
+    original = read_env_file(stale_env)["ML_REFRESH_TOKEN"]
+    store = FlakyStore(stale_env)
+    store.broken = True
+    auth = mlauth.MLAuth.from_env(stale_env, store=store)
+    session = requests.Session()
+    session.auth = auth
+    assert session.get(f"{fake_ml.base_url}/users/me").status_code == 200  # refresh 1, unsaved
+    deadline = time.monotonic() + 10
+    while not auth.tokens.needs_refresh(auth.refresh_margin) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert session.get(f"{fake_ml.base_url}/users/me").status_code == 200  # refresh 2, unsaved
+    assert fake_ml.stats()["refreshes"] == 2
+    assert read_env_file(stale_env)["ML_REFRESH_TOKEN"] == original
+
+    store.broken = False  # the disk has room again
+    assert session.get(f"{fake_ml.base_url}/users/me").status_code == 200
+    live = auth.tokens.refresh_token
+    assert live is not None and read_env_file(stale_env)["ML_REFRESH_TOKEN"] == live.reveal()
+    fresh = requests.get(f"{fake_ml.base_url}/x", auth=mlauth.MLAuth.from_env(stale_env))
+    assert fresh.status_code == 200
+    assert fake_ml.stats()["invalid_grant"] == 0
+
+
+def test_threads_queued_behind_a_failed_refresh_do_not_each_retry(
+    fake_ml: FakeMercadoLibre, stale_env: Path
+) -> None:
+    fake_ml.fail_next_token_requests(100, status=503)
+    auth = mlauth.MLAuth.from_env(stale_env, max_attempts=3, backoff=0.001)
+    threads = 8
+    start = threading.Barrier(threads)
+    errors: list[BaseException] = []
+
+    def call() -> None:
+        start.wait()
+        try:
+            requests.get(f"{fake_ml.base_url}/users/me", auth=auth)
+        except mlauth.RefreshError as exc:
+            errors.append(exc)
+
+    workers = [threading.Thread(target=call) for _ in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    assert len(errors) == threads
+    assert all("503" in str(e) for e in errors)
+    assert fake_ml.stats()["token_requests"] == 3  # one retry series, not one per thread
+
+
+def test_unsaved_tokens_are_used_even_if_the_lock_cannot_be_opened(
+    fake_ml: FakeMercadoLibre, stale_env: Path, no_persist_delay: None
+) -> None:
+    store = FlakyStore(stale_env)
+    store.failures.append(mlauth.StoreError("disk full"))
+    auth = mlauth.MLAuth.from_env(stale_env, store=store)
+    assert requests.get(f"{fake_ml.base_url}/users/me", auth=auth).status_code == 200
+    lock = Path(f"{stale_env}.lock")
+    lock.unlink()
+    lock.mkdir()  # opening the lock now fails (EISDIR), as on a broken mount
+    response = requests.get(f"{fake_ml.base_url}/users/me", auth=auth)
+    assert response.status_code == 200 and response.history == []

@@ -18,7 +18,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import requests
 
@@ -37,15 +37,25 @@ def _percentile(values: list[float], share: float) -> float:
 
 
 def run_worker(
-    env: str, url: str, *, threads: int, seconds: float, requests_per_thread: int | None
+    env: str,
+    url: str,
+    *,
+    threads: int,
+    seconds: float,
+    requests_per_thread: int | None = None,
+    report: Callable[[dict[str, int]], None] | None = None,
 ) -> dict[str, object]:
-    """One process of the demo: ``threads`` sessions sharing one MLAuth, until the deadline."""
+    """One process of the demo: ``threads`` sessions sharing one MLAuth, until the deadline.
+
+    ``report`` gets the running totals once a second (the demo prints them live).
+    """
     auth = MLAuth.from_env(env)
     lock = threading.Lock()
     totals = {"calls": 0, "ok": 0, "failed": 0, "surfaced_401": 0, "absorbed_401": 0}
     latencies: list[float] = []
     errors: list[str] = []
     deadline = time.monotonic() + seconds
+    finished = threading.Event()
 
     def loop() -> None:
         session = requests.Session()
@@ -73,12 +83,24 @@ def run_worker(
                 else:
                     totals["failed"] += 1
                     totals["surfaced_401"] += status == 401
+        session.close()
+
+    def reporter() -> None:
+        while not finished.wait(1.0):  # a period for the live line, not a synchronization
+            with lock:
+                snapshot = dict(totals)
+            if report is not None:
+                report(snapshot)
 
     workers = [threading.Thread(target=loop) for _ in range(threads)]
+    ticker = threading.Thread(target=reporter, daemon=True)
+    ticker.start()
     for worker in workers:
         worker.start()
     for worker in workers:
         worker.join()
+    finished.set()
+    ticker.join()
     return {
         **totals,
         "pid": os.getpid(),
@@ -89,15 +111,43 @@ def run_worker(
     }
 
 
-def _spawn(env: str, url: str, threads: int, seconds: float) -> subprocess.Popen[str]:
-    return subprocess.Popen(  # noqa: S603 (our own module, run by this interpreter)
-        [
-            *(sys.executable, "-m", "mlauth.demo", "--worker", "--env", env, "--url", url),
-            *("--threads", str(threads), "--seconds", str(seconds)),
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+def total(results: Iterable[Mapping[str, object]], key: str) -> int:
+    """The sum of one counter over the workers' results."""
+    return sum(int(str(result[key])) for result in results)
+
+
+class _Worker:
+    """A worker process and the latest totals it reported on its stdout."""
+
+    def __init__(self, env: str, url: str, threads: int, seconds: float) -> None:
+        self.proc = subprocess.Popen(  # noqa: S603 (our own module, run by this interpreter)
+            [
+                *(sys.executable, "-m", "mlauth.demo", "--worker", "--env", env, "--url", url),
+                *("--threads", str(threads), "--seconds", str(seconds)),
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        self.latest: dict[str, object] = {"calls": 0, "failed": 0, "absorbed_401": 0}
+        self.result: dict[str, object] | None = None
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            message = json.loads(line)
+            if "progress" in message:
+                self.latest = message["progress"]
+            else:
+                self.latest = self.result = message
+
+    def wait(self) -> dict[str, object] | None:
+        self.proc.wait()
+        self._reader.join()
+        assert self.proc.stdout is not None
+        self.proc.stdout.close()
+        return self.result if self.proc.returncode == 0 else None
 
 
 def run_demo(processes: int, threads: int, seconds: float, lifetime: float) -> int:
@@ -108,38 +158,34 @@ def run_demo(processes: int, threads: int, seconds: float, lifetime: float) -> i
             f"fake MercadoLibre at {fake.base_url}: tokens live {lifetime:g}s and the old one "
             f"dies at each rotation; {processes} processes x {threads} threads for {seconds:g}s"
         )
-        procs = [_spawn(env, fake.base_url, threads, seconds) for _ in range(processes)]
+        workers = [_Worker(env, fake.base_url, threads, seconds) for _ in range(processes)]
         started = time.monotonic()
-        while any(p.poll() is None for p in procs):
+        while any(w.proc.poll() is None for w in workers):
             time.sleep(1.0)  # the live line's period, not a synchronization
+            now = [w.latest for w in workers]
             s = fake.stats()
             print(
-                f"  {time.monotonic() - started:5.1f}s  calls={s['api_calls']:<6} "
-                f"refreshes={s['refreshes']:<3} 401s absorbed={s['api_401']:<4} "
+                f"  {time.monotonic() - started:5.1f}s  calls={total(now, 'calls'):<6} "
+                f"failed={total(now, 'failed'):<3} refreshes={s['refreshes']:<3} "
+                f"401s absorbed={total(now, 'absorbed_401'):<4} "
                 f"invalid_grant={s['invalid_grant']}",
                 flush=True,
             )
-        results = []
-        for proc in procs:
-            out, _ = proc.communicate()
-            lines = out.strip().splitlines()
-            results.append(json.loads(lines[-1]) if proc.returncode == 0 and lines else None)
+        results = [w.wait() for w in workers]
         stats = fake.stats()
-    crashed = sum(r is None for r in results)
-    expected_gap = lifetime * (1 - MAX_MARGIN_SHARE)
     ok = [r for r in results if r is not None]
-    failed = sum(int(r["failed"]) for r in ok)
-    calls = sum(int(r["calls"]) for r in ok)
+    crashed = len(results) - len(ok)
+    failed = total(ok, "failed")
+    expected_gap = lifetime * (1 - MAX_MARGIN_SHARE)
     print(
-        f"\ncalls={calls} failed={failed} crashed_processes={crashed} "
+        f"\ncalls={total(ok, 'calls')} failed={failed} crashed_processes={crashed} "
         f"refreshes={stats['refreshes']} (one per token: each lives {lifetime:g}s and is "
         f"renewed {lifetime * MAX_MARGIN_SHARE:g}s early, about {seconds / expected_gap:.1f} "
-        f"in {seconds:g}s) "
-        f"401s absorbed={sum(int(r['absorbed_401']) for r in ok)} "
+        f"in {seconds:g}s) 401s absorbed={total(ok, 'absorbed_401')} "
         f"invalid_grant={stats['invalid_grant']}"
     )
     for r in ok:
-        for error in r["errors"]:
+        for error in r["errors"]:  # type: ignore[attr-defined]
             print(f"  pid {r['pid']}: {error}")
     good = failed == 0 and crashed == 0 and stats["invalid_grant"] == 0
     print("OK: no call failed, every refresh token was spent once." if good else "FAILED")
@@ -163,14 +209,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             level=args.log_level, stream=sys.stderr, format="%(created).6f %(message)s"
         )
     if args.worker:
+        print_lock = threading.Lock()
+
+        def emit(message: Mapping[str, object]) -> None:
+            with print_lock:
+                print(json.dumps(message), flush=True)
+
         result = run_worker(
             args.env,
             args.url,
             threads=args.threads,
             seconds=args.seconds,
             requests_per_thread=args.requests,
+            report=lambda totals: emit({"progress": totals}),
         )
-        print(json.dumps(result), flush=True)
+        emit(result)
         return 0
     return run_demo(args.processes, args.threads, args.seconds, args.token_lifetime)
 

@@ -14,6 +14,7 @@ from typing import IO
 
 import pytest
 
+from mlauth.demo import total
 from mlauth.envfile import TOKEN_KEYS, read_env_file
 from mlauth.testing import FakeMercadoLibre
 
@@ -60,9 +61,8 @@ def test_eight_processes_share_one_token_chain_without_a_failed_call(tmp_path: P
         stats = fake.stats()
         refresh_times = fake.refresh_times()
 
-    calls = sum(int(r["calls"]) for r in results)
-    failed = sum(int(r["failed"]) for r in results)
-    absorbed = sum(int(r["absorbed_401"]) for r in results)
+    calls, failed = total(results, "calls"), total(results, "failed")
+    absorbed = total(results, "absorbed_401")
     print(
         f"\n[figures] {processes} processes x {threads} threads, {seconds:g}s, "
         f"tokens {LIFETIME:g}s: calls={calls} failed={failed} refreshes={stats['refreshes']} "

@@ -276,3 +276,39 @@ def test_peer_token_is_picked_up_before_a_401_and_the_file_is_not_reread_needles
     assert fake_ml.stats()["api_401"] == served_401  # the peer never sent the dead token
     assert fake_ml.stats()["refreshes"] == 1
     assert store.loads - loads_at_start == 1  # one read for the change, none for the 49 after
+
+
+class LockProbingAdapter(HTTPAdapter):
+    """Records, at each send, whether the refresh lock and the auth's mutex are free."""
+
+    def __init__(self, lock_path: str, auth: mlauth.MLAuth) -> None:
+        super().__init__()
+        self.lock_path, self.auth = lock_path, auth
+        self.free: list[tuple[bool, bool]] = []
+
+    def send(self, request: requests.PreparedRequest, **kwargs: Any) -> requests.Response:  # type: ignore[override]
+        from mlauth.lock import ProcessLock
+
+        try:
+            with ProcessLock(self.lock_path).hold(timeout=0):
+                file_lock_free = True
+        except mlauth.LockTimeoutError:
+            file_lock_free = False
+        mutex_free = self.auth._mutex.acquire(blocking=False)
+        if mutex_free:
+            self.auth._mutex.release()
+        self.free.append((file_lock_free, mutex_free))
+        return super().send(request, **kwargs)
+
+
+def test_no_lock_is_held_while_the_request_is_resent(
+    fake_ml: FakeMercadoLibre, stale_env: Path
+) -> None:
+    auth = mlauth.MLAuth.from_env(stale_env)
+    adapter = LockProbingAdapter(f"{stale_env}.lock", auth)
+    session = requests.Session()
+    session.mount("http://", adapter)
+    session.auth = auth
+    response = session.get(f"{fake_ml.base_url}/users/me")
+    assert_resent_once(response, fake_ml)
+    assert adapter.free == [(True, True), (True, True)]

@@ -153,7 +153,11 @@ class _Worker:
 def run_demo(processes: int, threads: int, seconds: float, lifetime: float) -> int:
     with FakeMercadoLibre(token_lifetime=lifetime) as fake, tempfile.TemporaryDirectory() as tmp:
         env = os.path.join(tmp, ".env")
-        fake.write_env(env, expires_at=time.time() + lifetime)
+        issued = time.time()
+        # With the issue time known, the margin scales to these short tokens from the start.
+        fake.write_env(
+            env, expires_at=issued + lifetime, extra={"ML_TOKEN_REFRESHED_AT": str(issued)}
+        )
         print(
             f"fake MercadoLibre at {fake.base_url}: tokens live {lifetime:g}s and the old one "
             f"dies at each rotation; {processes} processes x {threads} threads for {seconds:g}s"

@@ -14,7 +14,6 @@ rarely used ``_unsaved`` pair for tokens whose save failed.
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
 import socket
@@ -46,10 +45,11 @@ log = logging.getLogger("mlauth")
 ADVISORY_RETRY_DELAY = 30.0
 # While refreshed tokens could not be saved, saving is retried at most this often.
 PERSIST_RETRY_DELAY = 5.0
-# After the token endpoint failed, the same refresh token is not tried again for this long
-# (or for as long as the server's Retry-After asked): the threads queued behind a failed
-# refresh get its error at once instead of each running a retry series of its own.
+# After a refresh failed, the same refresh token is not tried again for this long (or for as
+# long as the server's Retry-After asked, up to MAX_FAILURE_MEMORY): the threads queued behind
+# a failed refresh get its error at once instead of each running a retry series of its own.
 FAILURE_COOLDOWN = 5.0
+MAX_FAILURE_MEMORY = 60.0
 
 _instances: weakref.WeakSet[MLAuth] = weakref.WeakSet()
 
@@ -65,6 +65,23 @@ def _reset_after_fork() -> None:
 
 
 os.register_at_fork(after_in_child=_reset_after_fork)
+
+
+def _repeat(error: RefreshError, ago: float) -> RefreshError:
+    """A fresh error for a refresh not retried because the same token just failed.
+
+    Built anew rather than re-raised: one exception object shared by threads would mix their
+    tracebacks, and the original's traceback and context keep the token POST's locals (the
+    client secret, the refresh token) alive.
+    """
+    repeated = type(error)(
+        f"not retried: this refresh token failed {ago:.1f}s ago: {error}",
+        status_code=error.status_code,
+        error=error.error,
+        description=error.description,
+    )
+    repeated.retry_after = error.retry_after
+    return repeated
 
 
 def _bearer(header: str | bytes | None) -> str | None:
@@ -136,9 +153,8 @@ class MLAuth(requests.auth.AuthBase):
             budget=self.lock_timeout / 2,
         )
         # A thread waiting for the mutex waits out the holder's whole turn: its wait for the
-        # file lock, its retries, and one more attempt's timeout.
-        attempt_time = sum(timeout) if isinstance(timeout, tuple) else 2 * timeout
-        self._mutex_timeout = self.lock_timeout + self._endpoint.budget + attempt_time
+        # file lock and its retry series (two, when it adopts a token rotated outside the lock).
+        self._mutex_timeout = self.lock_timeout + 2 * self._endpoint.budget
         # Serializes refreshes inside this process, so threads wait here and only one of them
         # goes on to the cross-process lock.
         self._mutex = threading.Lock()
@@ -152,8 +168,8 @@ class MLAuth(requests.auth.AuthBase):
         # Tokens whose save failed, and the refresh token the store still holds (the base a
         # later save must find there).
         self._unsaved: tuple[TokenSet, Secret] | None = None
-        # The last failed refresh: (not before, monotonic; the refresh token; the error).
-        self._last_failure: tuple[float, Secret, RefreshError] | None = None
+        # The last failed refresh: (when, retry not before (monotonic); the token; the error).
+        self._last_failure: tuple[float, float, Secret, RefreshError] | None = None
         self._advisory_retry_at = 0.0
         self._persist_retry_at = 0.0
         _instances.add(self)
@@ -386,10 +402,11 @@ class MLAuth(requests.auth.AuthBase):
         # What the store holds: the spent token, or (while tokens are unsaved) an older one.
         base = self._unsaved[1] if self._unsaved is not None else spent
         failure = self._last_failure
-        if failure is not None and failure[1] == spent:
-            not_before, _, error = failure
+        if patient and failure is not None and failure[2] == spent:
+            failed_at, not_before, _, error = failure
             if isinstance(error, InvalidGrantError) or time.monotonic() < not_before:
-                raise copy.copy(error)  # the same token, just refused: don't ask again yet
+                # The same token, just refused: don't ask again yet.
+                raise _repeat(error, time.monotonic() - failed_at)
         # A refresh token spent whose successor cannot be saved is lost for good: check first.
         self.store.check_writable()
         started = time.time()  # expiry counts from before the POST, not from the answer
@@ -405,10 +422,10 @@ class MLAuth(requests.auth.AuthBase):
                 if again.access_token is not None and not again.is_expired():
                     return again
                 return self._refresh(again, reason, patient=patient)
-            self._remember_failure(spent, exc)
+            self._remember_failure(spent, exc, patient)
             raise
         except RefreshError as exc:
-            self._remember_failure(spent, exc)
+            self._remember_failure(spent, exc, patient)
             raise
         if answer.refresh_token is None:
             log.warning(
@@ -494,9 +511,14 @@ class MLAuth(requests.auth.AuthBase):
         self._unsaved = None
         return True
 
-    def _remember_failure(self, spent: Secret, error: RefreshError) -> None:
+    def _remember_failure(self, spent: Secret, error: RefreshError, patient: bool) -> None:
+        # A single advisory attempt says little about the endpoint: a 401 or an expiry after
+        # it still gets a full retry series.
+        if not patient and not isinstance(error, InvalidGrantError):
+            return
         wait = error.retry_after if error.retry_after is not None else FAILURE_COOLDOWN
-        self._last_failure = (time.monotonic() + wait, spent, error)
+        now = time.monotonic()
+        self._last_failure = (now, now + min(wait, MAX_FAILURE_MEMORY), spent, error)
 
     def _notify(self, tokens: TokenSet) -> None:
         if self.on_refresh is None:

@@ -58,8 +58,11 @@ def run_worker(
     finished = threading.Event()
 
     def loop() -> None:
-        session = requests.Session()
-        session.auth = auth
+        with requests.Session() as session:
+            session.auth = auth
+            run(session)
+
+    def run(session: requests.Session) -> None:
         done = 0
         while time.monotonic() < deadline and (
             requests_per_thread is None or done < requests_per_thread
@@ -83,7 +86,6 @@ def run_worker(
                 else:
                     totals["failed"] += 1
                     totals["surfaced_401"] += status == 401
-        session.close()
 
     def reporter() -> None:
         while not finished.wait(1.0):  # a period for the live line, not a synchronization
@@ -136,7 +138,10 @@ class _Worker:
     def _read(self) -> None:
         assert self.proc.stdout is not None
         for line in self.proc.stdout:
-            message = json.loads(line)
+            try:
+                message = json.loads(line)
+            except ValueError:
+                continue  # not ours (a stray print); keep draining the pipe
             if "progress" in message:
                 self.latest = message["progress"]
             else:
@@ -148,6 +153,23 @@ class _Worker:
         assert self.proc.stdout is not None
         self.proc.stdout.close()
         return self.result if self.proc.returncode == 0 else None
+
+
+def _watch(workers: list[_Worker], fake: FakeMercadoLibre) -> list[dict[str, object] | None]:
+    """Print a live line a second until every worker is done; return their results."""
+    started = time.monotonic()
+    while any(w.proc.poll() is None for w in workers):
+        time.sleep(1.0)  # the live line's period, not a synchronization
+        latest = [w.latest for w in workers]
+        s = fake.stats()
+        print(
+            f"  {time.monotonic() - started:5.1f}s  calls={total(latest, 'calls'):<6} "
+            f"failed={total(latest, 'failed'):<3} refreshes={s['refreshes']:<3} "
+            f"401s absorbed={total(latest, 'absorbed_401'):<4} "
+            f"invalid_grant={s['invalid_grant']}",
+            flush=True,
+        )
+    return [w.wait() for w in workers]
 
 
 def run_demo(processes: int, threads: int, seconds: float, lifetime: float) -> int:
@@ -163,19 +185,12 @@ def run_demo(processes: int, threads: int, seconds: float, lifetime: float) -> i
             f"dies at each rotation; {processes} processes x {threads} threads for {seconds:g}s"
         )
         workers = [_Worker(env, fake.base_url, threads, seconds) for _ in range(processes)]
-        started = time.monotonic()
-        while any(w.proc.poll() is None for w in workers):
-            time.sleep(1.0)  # the live line's period, not a synchronization
-            now = [w.latest for w in workers]
-            s = fake.stats()
-            print(
-                f"  {time.monotonic() - started:5.1f}s  calls={total(now, 'calls'):<6} "
-                f"failed={total(now, 'failed'):<3} refreshes={s['refreshes']:<3} "
-                f"401s absorbed={total(now, 'absorbed_401'):<4} "
-                f"invalid_grant={s['invalid_grant']}",
-                flush=True,
-            )
-        results = [w.wait() for w in workers]
+        try:
+            results = _watch(workers, fake)
+        finally:
+            for worker in workers:  # on Ctrl-C or an error, leave no worker behind
+                if worker.proc.poll() is None:
+                    worker.proc.kill()
         stats = fake.stats()
     ok = [r for r in results if r is not None]
     crashed = len(results) - len(ok)

@@ -204,12 +204,10 @@ class TokenEndpoint:
         # Full jitter: processes that failed together do not come back together.
         return random.uniform(0, min(self.max_backoff, self.backoff * 2 ** (attempt - 1)))
 
-    def _timeout(self, left: float, first: bool) -> float | tuple[float, float]:
-        """The attempt's timeout: the configured one, cut to the budget left after the first."""
-        if first:
-            return self.timeout
-        connect, read = self.timeout if isinstance(self.timeout, tuple) else (self.timeout,) * 2
-        return (min(connect, left), min(read, left))
+    @property
+    def attempt_time(self) -> float:
+        """The longest one attempt can take: its connect plus its read timeout."""
+        return sum(self.timeout) if isinstance(self.timeout, tuple) else 2 * self.timeout
 
     def _call(self, data: Mapping[str, str], attempts: int) -> TokenAnswer:
         ambiguous: str | None = None  # why an earlier attempt may have reached the server
@@ -226,7 +224,9 @@ class TokenEndpoint:
                     self.token_url,
                     data=data,  # the body, never the query string: urllib3 logs URLs
                     headers={"Accept": "application/json"},
-                    timeout=self._timeout(give_up_at - time.monotonic(), attempt == 1),
+                    # Never cut short: a read abandoned after the server rotated the token
+                    # loses the chain. The budget decides whether an attempt starts at all.
+                    timeout=self.timeout,
                     allow_redirects=False,
                 )
             except (requests.ConnectionError, requests.Timeout) as exc:
@@ -251,12 +251,12 @@ class TokenEndpoint:
             delay = self._delay(attempt, retry_after)
             if attempt >= attempts:
                 break
-            if time.monotonic() + delay >= give_up_at:
+            if time.monotonic() + delay + self.attempt_time > give_up_at:
                 stop = (
-                    f" (the server asked to wait {retry_after:g}s, beyond the {self.budget:g}s "
-                    "retry budget)"
+                    f" (the server asked to wait {retry_after:g}s; another attempt after that "
+                    f"would not end within the {self.budget:g}s retry budget)"
                     if retry_after is not None
-                    else f" (the {self.budget:g}s retry budget is spent)"
+                    else f" (another attempt would not end within the {self.budget:g}s budget)"
                 )
                 break
             log.debug(
@@ -267,7 +267,11 @@ class TokenEndpoint:
                 delay,
             )
             self._sleep(delay)
-        note = f" An earlier attempt may have reached the server: {ambiguous}." if ambiguous else ""
+        note = (
+            f" An attempt may have reached the server without its answer arriving: {ambiguous}."
+            if ambiguous
+            else ""
+        )
         tries = "1 attempt" if attempt == 1 else f"{attempt} attempts"
         error = RefreshError(
             f"token refresh gave up after {tries}{stop}: {last}.{note} The stored tokens were "

@@ -310,6 +310,73 @@ def test_threads_queued_behind_a_failed_refresh_do_not_each_retry(
     assert len(errors) == threads
     assert all("503" in str(e) for e in errors)
     assert fake_ml.stats()["token_requests"] == 3  # one retry series, not one per thread
+    assert sum("not retried: this refresh token failed" in str(e) for e in errors) == threads - 1
+
+
+def test_a_failed_advisory_attempt_does_not_stop_the_refresh_at_expiry(
+    fake_ml: FakeMercadoLibre, tmp_path: Path
+) -> None:
+    import time
+
+    env = tmp_path / ".env"
+    fake_ml.write_env(env, expires_at=time.time() + 100)  # inside the 300 s margin
+    auth = mlauth.MLAuth.from_env(env, backoff=0.001)
+    fake_ml.fail_next_token_requests(1, status=503)  # a blip during the advisory attempt
+    assert requests.get(f"{fake_ml.base_url}/users/me", auth=auth).status_code == 200
+    assert fake_ml.stats()["token_requests"] == 1 and fake_ml.stats()["refreshes"] == 0
+    # The token reaches its expiry: the mandatory refresh runs its own attempts and succeeds.
+    update_env_file(env, {"ML_TOKEN_EXPIRES_AT": str(time.time() - 1)})
+    assert requests.get(f"{fake_ml.base_url}/users/me", auth=auth).status_code == 200
+    assert fake_ml.stats()["refreshes"] == 1
+
+
+def test_a_long_retry_after_is_remembered_only_up_to_the_cap(
+    fake_ml: FakeMercadoLibre, stale_env: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(mlauth.auth, "MAX_FAILURE_MEMORY", 0.0)
+    fake_ml.fail_next_token_requests(1, status=429, error="local_rate_limited", retry_after=3600)
+    auth = mlauth.MLAuth.from_env(stale_env)
+    with pytest.raises(mlauth.RefreshError, match="asked to wait 3600s") as caught:
+        requests.get(f"{fake_ml.base_url}/users/me", auth=auth)
+    assert caught.value.retry_after == 3600
+    # With the memory capped (here at 0 s), the next request asks the endpoint again.
+    assert requests.get(f"{fake_ml.base_url}/users/me", auth=auth).status_code == 200
+    assert fake_ml.stats()["token_requests"] == 2
+
+
+def test_retries_get_the_full_read_timeout(fake_ml: FakeMercadoLibre) -> None:
+    from requests.adapters import HTTPAdapter
+
+    from mlauth.refresher import TokenEndpoint
+
+    timeouts: list[object] = []
+
+    class Recording(HTTPAdapter):
+        def send(self, request: requests.PreparedRequest, **kwargs: object) -> requests.Response:  # type: ignore[override]
+            timeouts.append(kwargs["timeout"])
+            return super().send(request, **kwargs)  # type: ignore[arg-type]
+
+    endpoint = TokenEndpoint(
+        fake_ml.token_url,
+        fake_ml.client_id,
+        mlauth.Secret(fake_ml.client_secret),
+        timeout=(2.0, 3.0),
+        budget=6.0,
+        sleep=lambda seconds: None,
+    )
+    endpoint._session.mount("http://", Recording())
+    fake_ml.fail_next_token_requests(1, status=429, error="local_rate_limited", retry_after=0)
+    endpoint.refresh(mlauth.Secret(str(fake_ml.issue_tokens()["refresh_token"])))
+    # A read cut short after the server rotated the token would lose the chain.
+    assert timeouts == [(2.0, 3.0), (2.0, 3.0)]
+
+    # With too little budget left for a whole attempt, the retry is not started at all.
+    timeouts.clear()
+    endpoint.budget = 4.0
+    fake_ml.fail_next_token_requests(1, status=429, error="local_rate_limited", retry_after=0)
+    with pytest.raises(mlauth.RefreshError, match="would not end within the 4s retry budget"):
+        endpoint.refresh(mlauth.Secret(str(fake_ml.issue_tokens()["refresh_token"])))
+    assert timeouts == [(2.0, 3.0)]
 
 
 def test_unsaved_tokens_are_used_even_if_the_lock_cannot_be_opened(

@@ -219,6 +219,7 @@ class TokenEndpoint:
         while True:
             attempt += 1
             retry_after: float | None = None
+            unusable: str | None = None
             try:
                 response = self._session.post(
                     self.token_url,
@@ -236,10 +237,7 @@ class TokenEndpoint:
                     last = f"no answer from {self.token_url} ({type(exc).__name__})"
                     ambiguous = ambiguous or last
             except requests.RequestException as exc:
-                raise RefreshError(
-                    f"cannot call the token endpoint {self.token_url}: {type(exc).__name__}. "
-                    "Check ML_TOKEN_URL."
-                ) from None
+                unusable = type(exc).__name__
             else:
                 outcome = self._judge(response, ambiguous)
                 if isinstance(outcome, TokenAnswer):
@@ -247,6 +245,13 @@ class TokenEndpoint:
                 last, retry_after = outcome
                 if response.status_code >= 500:
                     ambiguous = ambiguous or last
+            if unusable is not None:
+                # Raised outside the except block so the error has no __context__: requests'
+                # exception carries the request, whose body holds the secret and the token.
+                raise RefreshError(
+                    f"cannot call the token endpoint {self.token_url}: {unusable}. "
+                    "Check ML_TOKEN_URL."
+                )
             wait_hint = retry_after
             delay = self._delay(attempt, retry_after)
             if attempt >= attempts:

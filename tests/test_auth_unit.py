@@ -528,3 +528,13 @@ def test_redirect_rebuilt_with_the_stale_token_does_not_refresh_twice(
     response = requests.get(f"{API}/a", auth=make_auth())
     assert response.status_code == 200
     assert len(only_token_calls(requests_mock)) == 1
+
+
+def test_unusable_token_url_error_keeps_no_request_with_secrets(
+    make_auth: MakeAuth, requests_mock: requests_mock.Mocker
+) -> None:
+    requests_mock.post(TOKEN_URL, exc=requests.exceptions.InvalidSchema("no adapter"))
+    requests_mock.get(ME, status_code=401)
+    with pytest.raises(mlauth.RefreshError, match="Check ML_TOKEN_URL") as caught:
+        requests.get(ME, auth=make_auth())
+    assert caught.value.__context__ is None and caught.value.__cause__ is None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -64,3 +65,12 @@ def token_answer(
         answer["refresh_token"] = refresh
     answer.update(extra)
     return answer
+
+
+def run_threads(target: Callable[[], None], count: int) -> None:
+    """Run ``target`` in ``count`` threads at once and wait for all of them."""
+    workers = [threading.Thread(target=target) for _ in range(count)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()

@@ -16,6 +16,7 @@ import mlauth.envfile
 from mlauth.envfile import read_env_file, update_env_file
 from mlauth.lock import ProcessLock
 from mlauth.testing import FakeMercadoLibre
+from tests.conftest import run_threads
 
 DEAD_ACCESS = "APP_USR-1234-010101-deadbeef-8035443"
 
@@ -45,6 +46,17 @@ def stale_env(fake_ml: FakeMercadoLibre, fake_ml_env: Path) -> Path:
 @pytest.fixture
 def no_persist_delay(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(mlauth.auth, "PERSIST_RETRY_DELAY", 0.0)
+
+
+def refresh_with_a_failed_save(
+    fake: FakeMercadoLibre, env: Path, failure: BaseException
+) -> tuple[FlakyStore, mlauth.MLAuth]:
+    """An MLAuth whose first refresh (after a 401) could not be saved: its tokens are unsaved."""
+    store = FlakyStore(env)
+    store.failures.append(failure)
+    auth = mlauth.MLAuth.from_env(env, store=store)
+    assert requests.get(f"{fake.base_url}/users/me", auth=auth).status_code == 200
+    return store, auth
 
 
 @pytest.mark.parametrize(
@@ -83,10 +95,7 @@ def test_a_failed_save_keeps_the_new_tokens_and_saves_them_later(
 def test_unsaved_tokens_never_overwrite_a_chain_that_moved_on(
     fake_ml: FakeMercadoLibre, stale_env: Path, no_persist_delay: None
 ) -> None:
-    store = FlakyStore(stale_env)
-    store.failures.append(mlauth.StoreError("fsync failed after the rename"))
-    auth = mlauth.MLAuth.from_env(stale_env, store=store)
-    assert requests.get(f"{fake_ml.base_url}/users/me", auth=auth).status_code == 200
+    _, auth = refresh_with_a_failed_save(fake_ml, stale_env, mlauth.StoreError("fsync failed"))
     unsaved = auth.tokens.refresh_token
     # Meanwhile a peer wrote a newer chain into the .env.
     peer = fake_ml.issue_tokens()
@@ -302,11 +311,7 @@ def test_threads_queued_behind_a_failed_refresh_do_not_each_retry(
         except mlauth.RefreshError as exc:
             errors.append(exc)
 
-    workers = [threading.Thread(target=call) for _ in range(threads)]
-    for worker in workers:
-        worker.start()
-    for worker in workers:
-        worker.join()
+    run_threads(call, threads)
     assert len(errors) == threads
     assert all("503" in str(e) for e in errors)
     assert fake_ml.stats()["token_requests"] == 3  # one retry series, not one per thread
@@ -382,10 +387,7 @@ def test_retries_get_the_full_read_timeout(fake_ml: FakeMercadoLibre) -> None:
 def test_unsaved_tokens_are_used_even_if_the_lock_cannot_be_opened(
     fake_ml: FakeMercadoLibre, stale_env: Path, no_persist_delay: None
 ) -> None:
-    store = FlakyStore(stale_env)
-    store.failures.append(mlauth.StoreError("disk full"))
-    auth = mlauth.MLAuth.from_env(stale_env, store=store)
-    assert requests.get(f"{fake_ml.base_url}/users/me", auth=auth).status_code == 200
+    _, auth = refresh_with_a_failed_save(fake_ml, stale_env, mlauth.StoreError("disk full"))
     lock = Path(f"{stale_env}.lock")
     lock.unlink()
     lock.mkdir()  # opening the lock now fails (EISDIR), as on a broken mount

@@ -11,6 +11,7 @@ import requests
 import mlauth
 from mlauth.envfile import update_env_file
 from mlauth.testing import FakeMercadoLibre
+from tests.conftest import run_threads
 
 
 def test_twenty_threads_hitting_401_together_cause_one_refresh(
@@ -32,11 +33,7 @@ def test_twenty_threads_hitting_401_together_cause_one_refresh(
             with guard:
                 statuses.append(status)
 
-    workers = [threading.Thread(target=run) for _ in range(threads)]
-    for worker in workers:
-        worker.start()
-    for worker in workers:
-        worker.join()
+    run_threads(run, threads)
     assert statuses == [200] * threads * per_thread
     assert fake_ml.stats()["refreshes"] == 1
     assert fake_ml.stats()["invalid_grant"] == 0

@@ -67,21 +67,18 @@ def _reset_after_fork() -> None:
 os.register_at_fork(after_in_child=_reset_after_fork)
 
 
-def _repeat(error: RefreshError, ago: float) -> RefreshError:
-    """A fresh error for a refresh not retried because the same token just failed.
+def _fresh(error: RefreshError, message: str) -> RefreshError:
+    """A new error with ``error``'s fields and no traceback or context.
 
-    Built anew rather than re-raised: one exception object shared by threads would mix their
-    tracebacks, and the original's traceback and context keep the token POST's locals (the
-    client secret, the refresh token) alive.
+    Failures are remembered and reported again as new objects: one exception shared by
+    threads would mix their tracebacks, and a traceback keeps the token POST's frame, whose
+    locals hold the client secret and the refresh token, alive for as long as it is kept.
     """
-    repeated = type(error)(
-        f"not retried: this refresh token failed {ago:.1f}s ago: {error}",
-        status_code=error.status_code,
-        error=error.error,
-        description=error.description,
+    copy = type(error)(
+        message, status_code=error.status_code, error=error.error, description=error.description
     )
-    repeated.retry_after = error.retry_after
-    return repeated
+    copy.retry_after = error.retry_after
+    return copy
 
 
 def _bearer(header: str | bytes | None) -> str | None:
@@ -406,7 +403,10 @@ class MLAuth(requests.auth.AuthBase):
             failed_at, not_before, _, error = failure
             if isinstance(error, InvalidGrantError) or time.monotonic() < not_before:
                 # The same token, just refused: don't ask again yet.
-                raise _repeat(error, time.monotonic() - failed_at)
+                ago = time.monotonic() - failed_at
+                raise _fresh(
+                    error, f"not retried: this refresh token failed {ago:.1f}s ago: {error}"
+                )
         # A refresh token spent whose successor cannot be saved is lost for good: check first.
         self.store.check_writable()
         started = time.time()  # expiry counts from before the POST, not from the answer
@@ -518,7 +518,8 @@ class MLAuth(requests.auth.AuthBase):
             return
         wait = error.retry_after if error.retry_after is not None else FAILURE_COOLDOWN
         now = time.monotonic()
-        self._last_failure = (now, now + min(wait, MAX_FAILURE_MEMORY), spent, error)
+        remembered = _fresh(error, str(error))
+        self._last_failure = (now, now + min(wait, MAX_FAILURE_MEMORY), spent, remembered)
 
     def _notify(self, tokens: TokenSet) -> None:
         if self.on_refresh is None:

@@ -393,3 +393,24 @@ def test_unsaved_tokens_are_used_even_if_the_lock_cannot_be_opened(
     lock.mkdir()  # opening the lock now fails (EISDIR), as on a broken mount
     response = requests.get(f"{fake_ml.base_url}/users/me", auth=auth)
     assert response.status_code == 200 and response.history == []
+
+
+def test_a_remembered_failure_keeps_no_traceback_with_the_secret(
+    fake_ml: FakeMercadoLibre, stale_env: Path
+) -> None:
+    import traceback
+
+    fake_ml.revoke_refresh_tokens()
+    auth = mlauth.MLAuth.from_env(stale_env)
+    with pytest.raises(mlauth.InvalidGrantError) as caught:
+        requests.get(f"{fake_ml.base_url}/users/me", auth=auth)
+    del caught
+    # What the auth keeps of the failure must not lead back to the token POST's frame.
+    kept = [v for value in vars(auth).values() if isinstance(value, tuple) for v in value]
+    errors = [v for v in kept if isinstance(v, BaseException)]
+    assert errors, "the failure is remembered"
+    for error in errors:
+        assert error.__traceback__ is None and error.__context__ is None
+        assert fake_ml.client_secret not in "".join(traceback.format_exception(error))
+    with pytest.raises(mlauth.InvalidGrantError, match="not retried"):
+        requests.get(f"{fake_ml.base_url}/users/me", auth=auth)

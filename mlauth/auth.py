@@ -161,9 +161,8 @@ class MLAuth(requests.auth.AuthBase):
                 f"{store.location}: ML_REFRESH_TOKEN is missing or empty. " + REAUTHORIZE_HINT
             )
         self._cache: tuple[TokenSet, Hashable] = (tokens, stamp)
-        # Tokens that were refreshed but could not be saved: the only live copy of the chain.
-        # Tokens whose save failed, and the refresh token the store still holds (the base a
-        # later save must find there).
+        # Tokens whose save failed (the only live copy of the chain), and the refresh token the
+        # store still holds (the base a later save must find there).
         self._unsaved: tuple[TokenSet, Secret] | None = None
         # The last failed refresh: (when, retry not before (monotonic); the token; the error).
         self._last_failure: tuple[float, float, Secret, RefreshError] | None = None

@@ -195,6 +195,45 @@ class MLAuth(requests.auth.AuthBase):
         unsaved = self._unsaved
         return unsaved[0] if unsaved is not None else self._cache[0]
 
+    def handles(self, url: str) -> bool:
+        """Whether a request to ``url`` would carry the token (an allowed host, https)."""
+        return self._hosts.allows(url)
+
+    def valid_tokens(self) -> TokenSet:
+        """Tokens with a usable access token, as the next request would send them.
+
+        A peer's newer token is picked up; an expired token is refreshed (waiting for the
+        locks), and one within the refresh margin is refreshed if nobody else is doing it.
+        """
+        return self._current()
+
+    def refresh(self, *, force: bool = True) -> TokenSet:
+        """Refresh now under both locks and return the tokens to use.
+
+        ``force=True`` always spends the refresh token found under the lock (``mlauth
+        refresh``). ``force=False`` treats the token this process holds as failed, as a 401
+        would: if a peer has already replaced it, or it was refreshed less than
+        ``min_token_age`` ago, those tokens are returned and nothing is spent. That is the
+        right answer to a legacy "refresh now" call made by several processes at once.
+        """
+        if not force:
+            failed = self._sync().access_token
+            tokens = self._single_flight(failed=failed, reason="requested", wait=True)
+            return self.tokens if tokens is None else tokens
+        if not self._mutex.acquire(timeout=self._mutex_timeout):
+            raise LockTimeoutError(
+                f"another thread of this process has been refreshing for over "
+                f"{self._mutex_timeout:g}s; no refresh was attempted",
+                lock_path="<in-process>",
+            )
+        try:
+            with self.store.lock(self.lock_timeout):
+                new = self._refresh(self._reread_locked(), "forced")
+        finally:
+            self._mutex.release()
+        self._notify(new)
+        return new
+
     # -- before the request -------------------------------------------------------------
 
     def __call__(self, r: requests.PreparedRequest) -> requests.PreparedRequest:

@@ -6,11 +6,18 @@ import os
 from collections.abc import Mapping
 from urllib.parse import urlsplit
 
-from .envfile import read_env_file
+from .envfile import EnvFileStore, read_env_file
 from .errors import ConfigError
 from .hosts import HostRules, is_loopback
+from .store import TokenStore
 
-__all__ = ["DEFAULT_HOSTS", "DEFAULT_TOKEN_URL", "check_token_url", "env_settings"]
+__all__ = [
+    "DEFAULT_HOSTS",
+    "DEFAULT_TOKEN_URL",
+    "check_token_url",
+    "env_settings",
+    "store_from_env",
+]
 
 DEFAULT_TOKEN_URL = "https://api.mercadolibre.com/oauth/token"  # noqa: S105 (a URL)
 DEFAULT_HOSTS = ("api.mercadolibre.com",)
@@ -78,3 +85,11 @@ def env_settings(path: str | os.PathLike[str]) -> dict[str, object]:
             h.strip() for h in (values["ML_API_HOSTS"] or "").split(",") if h.strip()
         )
     return settings
+
+
+def store_from_env(path: str | os.PathLike[str]) -> TokenStore:
+    """The token store for a ``.env``: the one place the CLI and install() choose it.
+
+    Today the tokens live in the ``.env`` itself; other stores plug in here.
+    """
+    return EnvFileStore(path)

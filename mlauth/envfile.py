@@ -279,3 +279,7 @@ class EnvFileStore:
 
     def lock(self, timeout: float) -> contextlib.AbstractContextManager[None]:
         return self._lock.hold(timeout)
+
+    def refresh_in_progress(self) -> bool:
+        """Whether some process holds the refresh lock now (optional store method)."""
+        return self._lock.busy()

@@ -36,6 +36,22 @@ class ProcessLock:
             path, mode=0o600, preserve_lock_file=True, fallback_to_soft=False
         )
 
+    def busy(self) -> bool:
+        """Whether another process (or thread) holds the lock now; never waits.
+
+        A missing lock file means nobody ever locked it: it is not created just to look.
+        """
+        if not os.path.exists(self.path):
+            return False
+        try:
+            self._lock.acquire(timeout=0)
+        except filelock.Timeout:
+            return True
+        except OSError as exc:
+            raise StoreError(f"cannot open the refresh lock {self.path}: {exc}") from exc
+        self._lock.release()
+        return False
+
     @contextmanager
     def hold(self, timeout: float) -> Iterator[None]:
         started = time.monotonic()

@@ -198,6 +198,25 @@ class TokenEndpoint:
             attempts or self.max_attempts,
         )
 
+    def exchange_code(
+        self, code: Secret, redirect_uri: str, *, code_verifier: Secret | None = None
+    ) -> TokenAnswer:
+        """Exchange an authorization code (``mlauth login``) for the first token pair.
+
+        A code is single use like a refresh token, so the same retry rules apply. A refused
+        code raises :class:`InvalidGrantError`.
+        """
+        data = {
+            "grant_type": "authorization_code",
+            "client_id": self.client_id,
+            "client_secret": self._client_secret.reveal(),
+            "code": code.reveal(),
+            "redirect_uri": redirect_uri,
+        }
+        if code_verifier is not None:
+            data["code_verifier"] = code_verifier.reveal()
+        return self._call(data, self.max_attempts)
+
     def _delay(self, attempt: int, retry_after: float | None) -> float:
         if retry_after is not None:
             return retry_after + random.uniform(0, self.backoff / 2)

@@ -14,6 +14,8 @@ from .errors import (
     RefreshError,
     StoreError,
 )
+from .legacy import keep_globals_current, redirect_refresh
+from .patch import install, installed, uninstall
 from .secret import Secret, fingerprint
 from .store import TokenStore
 from .token import TokenSet
@@ -33,6 +35,11 @@ __all__ = [
     "TokenSet",
     "TokenStore",
     "fingerprint",
+    "install",
+    "installed",
+    "keep_globals_current",
+    "redirect_refresh",
+    "uninstall",
 ]
 
 # A library must not configure logging; the NullHandler keeps "no handler" warnings away.

@@ -1,0 +1,128 @@
+"""``mlauth.install()``: every ``requests`` call in the process carries the auth, unedited.
+
+One class attribute is patched: ``requests.Session.request``. ``requests.get/post/...`` build
+a throwaway Session and go through it, and so do sessions created before the patch, so this
+one patch covers legacy code whichever way it calls requests and whenever it was imported.
+What it does not cover: a bound ``session.request`` saved before install(), and code that
+calls ``Session.send`` with a request it prepared itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import requests
+
+from .auth import MLAuth
+from .config import store_from_env
+from .errors import ConfigError
+
+__all__ = ["install", "installed", "uninstall"]
+
+log = logging.getLogger("mlauth")
+
+_lock = threading.Lock()
+# (the .env's real path, the auth) while installed; read without the lock by every request,
+# so it is only ever replaced whole.
+_state: tuple[str, MLAuth] | None = None
+_original: Callable[..., requests.Response] | None = None
+# Called after every patched request (mlauth.legacy keeps a module's globals current).
+_after_request: list[Callable[[MLAuth], None]] = []
+
+# Session.request(self, method, url, params, data, headers, cookies, files, auth, ...):
+# the index of ``auth`` among the positional arguments after ``url``.
+_AUTH_POSITION = 5
+
+
+def _request(
+    self: requests.Session, method: str | bytes, url: str | bytes, *args: Any, **kwargs: Any
+) -> requests.Response:
+    state, original = _state, _original
+    assert original is not None  # the patch is only in place while _original is set
+    if state is not None:
+        auth = state[1]
+        explicit = args[_AUTH_POSITION] if len(args) > _AUTH_POSITION else kwargs.get("auth")
+        # Only for URLs the auth handles: any auth at all, even one that does nothing for a
+        # host, would stop requests from using ~/.netrc credentials for that host.
+        text = url.decode("utf-8", "replace") if isinstance(url, bytes) else str(url)
+        if explicit is None and self.auth is None and _gets_token(auth, text):
+            if len(args) > _AUTH_POSITION:
+                args = (*args[:_AUTH_POSITION], auth, *args[_AUTH_POSITION + 1 :])
+            else:
+                kwargs["auth"] = auth
+        response = original(self, method, url, *args, **kwargs)
+        for listener in list(_after_request):
+            listener(auth)
+        return response
+    return original(self, method, url, *args, **kwargs)
+
+
+def _gets_token(auth: MLAuth, url: str) -> bool:
+    # The token endpoint is on an allowed host, but a legacy refresh POST sent there needs
+    # no bearer token, and a 401 from it (invalid_client) must not start a refresh.
+    bare = url.split("?", 1)[0].split("#", 1)[0].rstrip("/")
+    return auth.handles(url) and bare != auth.token_url.rstrip("/")
+
+
+def install(path: str | os.PathLike[str] = ".env", **kwargs: Any) -> MLAuth:
+    """Make every ``requests`` call of this process carry an :class:`MLAuth` built on ``path``.
+
+    Requests to allowed hosts that have no ``auth=`` of their own and whose session has none
+    get the token (a stale ``Authorization`` header is replaced); everything else is left as
+    it is. Keyword arguments go to :meth:`MLAuth.from_env`.
+
+    Calling it again with the same ``.env`` returns the installed MLAuth (later keyword
+    arguments are ignored); with another ``.env`` it raises :class:`ConfigError`, since one
+    process cannot sensibly send two token chains to the same hosts: call :func:`uninstall`
+    first to switch.
+    """
+    global _state, _original
+    real = os.path.realpath(os.fspath(path))
+    with _lock:
+        if _state is not None:
+            if _state[0] == real:
+                return _state[1]
+            raise ConfigError(
+                f"mlauth is already installed for {_state[0]}; call mlauth.uninstall() before "
+                f"installing it for {real}"
+            )
+        kwargs.setdefault("store", store_from_env(path))
+        auth = MLAuth.from_env(path, **kwargs)
+        if _original is None:
+            _original = requests.Session.request
+            requests.Session.request = _request  # type: ignore[method-assign]
+        _state = (real, auth)
+        log.debug("installed mlauth into requests for %s", real)
+        return auth
+
+
+def uninstall() -> None:
+    """Undo :func:`install`: ``requests.Session.request`` is the original object again.
+
+    If something else patched ``Session.request`` on top of ours, that patch is kept and ours
+    becomes a pass-through. Calling it when nothing is installed does nothing.
+    """
+    global _state, _original
+    with _lock:
+        _state = None
+        _after_request.clear()
+        if _original is None:
+            return
+        if requests.Session.request is _request:
+            requests.Session.request = _original  # type: ignore[method-assign]
+            _original = None
+        else:
+            log.warning(
+                "requests.Session.request was patched again after mlauth.install(); leaving "
+                "that patch in place, with mlauth's part of it switched off"
+            )
+
+
+def installed() -> MLAuth | None:
+    """The MLAuth installed by :func:`install`, or None."""
+    state = _state
+    return None if state is None else state[1]

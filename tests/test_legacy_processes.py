@@ -1,5 +1,5 @@
-"""An unmodified legacy pipeline in several processes under install(), while the fake server
-rotates tokens and kills the old ones."""
+"""An unmodified legacy pipeline in several processes, under install() and under `mlauth run`,
+while the fake server rotates tokens and kills the old ones."""
 
 from __future__ import annotations
 
@@ -83,6 +83,21 @@ def test_legacy_module_under_install_never_fails_and_never_leaks(tmp_path: Path)
     assert len(headers) == sum(r["other_calls"] for _, r in results)
     assert set(headers) <= {"Bearer stale-legacy", None}
     assert headers.count(None) == len(headers) // 2
+
+
+def test_unmodified_script_under_mlauth_run_same_outcome(tmp_path: Path) -> None:
+    seconds = 6.0
+    env = tmp_path / ".env"
+    run = [PYTHON, "-m", "mlauth", "run", "--env", str(env), "--", PYTHON]
+    results, stats, times, headers = run_storm(tmp_path, [(run, "none")] * 3, seconds)
+    figures("unmodified script under mlauth run", results, stats)
+    for code, result in results:
+        assert code == 5, result  # the script's own exit code came through
+        assert result["calls"] > 0 and result["failed"] == 0, result["errors"]
+        assert result["legacy_refreshes"] == 0
+    check_chain(stats, times, seconds)
+    assert set(headers) <= {"Bearer stale-legacy", None}
+    assert len(headers) == sum(r["other_calls"] for _, r in results)
 
 
 def test_without_mlauth_the_same_script_fails(tmp_path: Path) -> None:

@@ -1,0 +1,9 @@
+"""``python -m mlauth``: the same as the ``mlauth`` command."""
+
+from __future__ import annotations
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,363 @@
+"""The ``mlauth`` command: status, token, refresh, login, run, demo.
+
+Each command is a ``_cmd_*`` function registered in :func:`build_parser`; adding one is a
+function plus one ``_command(...)`` line. Commands reach the tokens only through the
+:class:`~mlauth.TokenStore` that :func:`~mlauth.config.store_from_env` picks and through
+:class:`~mlauth.MLAuth`'s public methods, so any store works with every command.
+
+Exit codes: 0 success; 1 an expected failure (missing or bad configuration, the token
+endpoint refused or kept failing, an unwritable store, a lock held too long, a bad or
+mismatched authorization code); 2 a usage error; 3 re-authorization required (the refresh
+token is missing or dead: run ``mlauth login``). ``mlauth run`` exits with the command's own
+code (127 if it was not found, 126 if it could not be executed). Expected failures print one
+line naming the problem and the fix on stderr, never a traceback; no command prints a token
+except ``mlauth token``, whose output is the access token alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import shlex
+import sys
+import time
+from collections.abc import Callable, Sequence
+
+from .auth import MLAuth
+from .config import store_from_env
+from .envfile import read_env_file
+from .errors import ConfigError, InvalidGrantError, MLAuthError
+from .login import AUTH_HOSTS, LoginRequest, authorization_base, complete_login, parse_pasted
+from .secret import Secret
+from .store import TokenStore
+from .token import TokenSet
+
+__all__ = [
+    "EXIT_ERROR",
+    "EXIT_OK",
+    "EXIT_REAUTHORIZE",
+    "EXIT_USAGE",
+    "build_parser",
+    "main",
+    "refresh_in_progress",
+]
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_REAUTHORIZE = 3
+
+
+class ReauthorizationRequired(MLAuthError):
+    """The store has no live refresh token: only a new authorization helps (exit 3)."""
+
+
+def refresh_in_progress(store: TokenStore) -> bool | None:
+    """Whether another process holds the store's refresh lock; None if the store can't tell.
+
+    Stores may offer an optional ``refresh_in_progress() -> bool | None`` method; it is not
+    part of :class:`~mlauth.TokenStore`, so stores without it keep working.
+    """
+    probe = getattr(store, "refresh_in_progress", None)
+    if not callable(probe):
+        return None
+    answer = probe()
+    return answer if isinstance(answer, bool) else None
+
+
+def _login_hint(env: str) -> str:
+    return f"run `mlauth login --env {shlex.quote(env)}` to authorize the app again"
+
+
+def _duration(seconds: float) -> str:
+    seconds = abs(int(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+def _when(stamp: float) -> str:
+    utc = datetime.datetime.fromtimestamp(stamp, tz=datetime.timezone.utc)
+    return utc.strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _expiry(tokens: TokenSet) -> str:
+    if tokens.access_token is None:
+        return "no access token (fetched at the next request)"
+    left = tokens.expires_in()
+    if left is None:
+        return "unknown (refreshed on the first 401)"
+    assert tokens.expires_at is not None
+    if left <= 0:
+        return f"expired {_duration(left)} ago ({_when(tokens.expires_at)})"
+    return f"in {_duration(left)} ({_when(tokens.expires_at)})"
+
+
+def _summary(tokens: TokenSet) -> str:
+    access = tokens.access_token.fingerprint if tokens.access_token else "<none>"
+    refresh = tokens.refresh_token.fingerprint if tokens.refresh_token else "<none>"
+    return f"access {access}, refresh {refresh}, expires {_expiry(tokens)}"
+
+
+def _load(store: TokenStore) -> TokenSet:
+    tokens, _ = store.load()
+    if tokens.refresh_token is None:
+        raise ReauthorizationRequired(f"{store.location} holds no refresh token")
+    return tokens
+
+
+def _auth(args: argparse.Namespace) -> MLAuth:
+    store = store_from_env(args.env)
+    _load(store)  # exit 3 rather than a ConfigError when there is no refresh token
+    return MLAuth.from_env(args.env, store=store)
+
+
+# -- the commands ------------------------------------------------------------------------
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    store = store_from_env(args.env)
+    tokens, _ = store.load()
+    busy = refresh_in_progress(store)
+    rows = [
+        ("store", store.location),
+        ("access token", tokens.access_token.fingerprint if tokens.access_token else "<none>"),
+        ("refresh token", tokens.refresh_token.fingerprint if tokens.refresh_token else "<none>"),
+        ("expires", _expiry(tokens)),
+    ]
+    if tokens.refreshed_at is not None:
+        ago = _duration(time.time() - tokens.refreshed_at)
+        by = f" by {tokens.refreshed_by}" if tokens.refreshed_by else ""
+        rows.append(("last refresh", f"{_when(tokens.refreshed_at)} ({ago} ago){by}"))
+    else:
+        rows.append(("last refresh", "unknown"))
+    rows.append(("refresh running", {True: "yes (lock held)", False: "no", None: "unknown"}[busy]))
+    for label, value in rows:
+        print(f"{label + ':':<18}{value}")
+    if tokens.refresh_token is None:
+        raise ReauthorizationRequired(f"{store.location} holds no refresh token")
+    return EXIT_OK
+
+
+def _cmd_token(args: argparse.Namespace) -> int:
+    tokens = _auth(args).valid_tokens()
+    assert tokens.access_token is not None
+    print(tokens.access_token.reveal())
+    return EXIT_OK
+
+
+def _cmd_refresh(args: argparse.Namespace) -> int:
+    tokens = _auth(args).refresh()
+    print(f"refreshed: {_summary(tokens)}")
+    return EXIT_OK
+
+
+def _cmd_login(args: argparse.Namespace) -> int:
+    store = store_from_env(args.env)
+    values = read_env_file(args.env)
+    client_id = (values.get("ML_CLIENT_ID") or "").strip()
+    if not client_id:
+        raise ConfigError(
+            f"{args.env}: ML_CLIENT_ID is missing; copy it (and ML_CLIENT_SECRET) from your app "
+            "in the MercadoLibre developer panel"
+        )
+    redirect_uri = args.redirect_uri or (values.get("ML_REDIRECT_URI") or "").strip()
+    if not redirect_uri:
+        raise ConfigError(
+            "no redirect URI: pass --redirect-uri with the one registered for your app, or "
+            f"set ML_REDIRECT_URI in {args.env}"
+        )
+    base = authorization_base(args.site, args.auth_url or values.get("ML_AUTH_URL"))
+    if args.code is not None:
+        code, state = parse_pasted(args.code)
+        if args.state is not None and state is not None and state != args.state:
+            raise ConfigError(_state_mismatch())
+        verifier = Secret(args.code_verifier) if args.code_verifier else None
+    else:
+        request = LoginRequest.new(base, client_id, redirect_uri, pkce=args.pkce)
+        print(
+            "Open this address in a browser where the seller is logged in, authorize the app, "
+            "and paste the address the browser is sent to (or the code in it):",
+            file=sys.stderr,
+        )
+        print(request.url, flush=True)
+        print("redirected URL or code: ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line:
+            raise ConfigError("no answer on standard input; paste the redirected URL or code")
+        code, state = parse_pasted(line)
+        if state is None:
+            print("(a bare code: there is no state to check)", file=sys.stderr)
+        elif state != request.state:
+            raise ConfigError(_state_mismatch())
+        verifier = request.code_verifier
+    tokens = complete_login(
+        args.env, store, code=code, redirect_uri=redirect_uri, code_verifier=verifier
+    )
+    print(f"authorized: tokens saved in {store.location} ({_summary(tokens)})")
+    return EXIT_OK
+
+
+def _state_mismatch() -> str:
+    return (
+        "the pasted address's state does not match this login (an old or someone else's "
+        "authorization?); the code was not used. Run `mlauth login` again and paste the "
+        "address from that authorization"
+    )
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from . import runner
+
+    command = list(args.cmd)
+    if command[:1] == ["--"]:
+        command = command[1:]
+    if not command:
+        raise _Usage("run: give the command after --, e.g. mlauth run -- python main.py")
+    _auth(args)  # fail here, once, rather than in every Python the command starts
+    warning = runner.isolation_warning(command)
+    if warning:
+        print(f"mlauth run: warning: {warning}", file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        runner.exec_command(command, args.env)
+    except FileNotFoundError:
+        print(f"mlauth run: {command[0]}: command not found", file=sys.stderr)
+        return 127
+    except OSError as exc:
+        print(f"mlauth run: {command[0]}: {exc.strerror or exc}", file=sys.stderr)
+        return 126
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from . import demo
+
+    return demo.run_demo(args.processes, args.threads, args.seconds, args.token_lifetime)
+
+
+class _Usage(Exception):
+    """A usage error found after parsing (exit 2)."""
+
+
+# -- the parser --------------------------------------------------------------------------
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mlauth",
+        description="MercadoLibre OAuth tokens for pipelines.",
+        epilog="exit codes: 0 ok, 1 error (the message says how to fix it), 2 usage, "
+        "3 re-authorization required (run `mlauth login`); `run` exits with the command's code",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--env", default=".env", metavar="PATH", help="the .env file (default: ./.env)"
+    )
+
+    def command(name: str, handler: Handler, help: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, parents=[common], help=help, description=help)
+        sub.set_defaults(handler=handler)
+        return sub
+
+    command(
+        "status",
+        _cmd_status,
+        "show the store, token fingerprints, expiry, last refresh, and whether one is running",
+    )
+    command(
+        "token",
+        _cmd_token,
+        "print a valid access token (refreshed first if expired or near expiry), for "
+        'shell use: curl -H "Authorization: Bearer $(mlauth token)" ...',
+    )
+    command("refresh", _cmd_refresh, "refresh the tokens now, under the same lock as every process")
+
+    login = command(
+        "login",
+        _cmd_login,
+        "authorize the app (first time, or after invalid_grant) and save the tokens",
+    )
+    login.add_argument(
+        "--site",
+        default="MLA",
+        type=str.upper,
+        help=f"the seller's site, for the authorization page: {', '.join(AUTH_HOSTS)} "
+        "(default MLA)",
+    )
+    login.add_argument(
+        "--auth-url",
+        metavar="URL",
+        help="the authorization page's origin instead of the site's (or ML_AUTH_URL in .env)",
+    )
+    login.add_argument(
+        "--redirect-uri",
+        metavar="URI",
+        help="the redirect URI registered for the app (or ML_REDIRECT_URI in .env)",
+    )
+    login.add_argument("--pkce", action="store_true", help="use PKCE (S256), if the app has it")
+    login.add_argument(
+        "--code",
+        metavar="CODE_OR_URL",
+        help="the code, or the whole redirected URL, instead of pasting it at the prompt",
+    )
+    login.add_argument(
+        "--state", help="with --code: the state the URL must carry (checked when present)"
+    )
+    login.add_argument("--code-verifier", metavar="VERIFIER", help="with --code: the PKCE verifier")
+
+    run = command(
+        "run",
+        _cmd_run,
+        "run a command with mlauth installed in its Python processes: mlauth run -- python main.py",
+    )
+    run.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- COMMAND ...")
+
+    # No --env: the demo writes its own .env for its own fake server, in a temporary folder.
+    demo = commands.add_parser(
+        "demo",
+        help="the `make demo` storm: processes x threads against a fake MercadoLibre",
+        description="the `make demo` storm: processes x threads against a fake MercadoLibre "
+        "on loopback, with its own temporary .env",
+    )
+    demo.add_argument("--processes", type=int, default=6)
+    demo.add_argument("--threads", type=int, default=4)
+    demo.add_argument("--seconds", type=float, default=15.0)
+    demo.add_argument("--token-lifetime", type=float, default=3.0)
+    demo.set_defaults(handler=_cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handler: Handler = args.handler
+    env = getattr(args, "env", ".env")
+    try:
+        return handler(args)
+    except _Usage as exc:
+        parser.error(str(exc))  # exits 2
+    except (ReauthorizationRequired, InvalidGrantError) as exc:
+        print(f"mlauth: re-authorization required: {exc}", file=sys.stderr)
+        print(f"fix: {_login_hint(env)}", file=sys.stderr)
+        return EXIT_REAUTHORIZE
+    except MLAuthError as exc:
+        print(f"mlauth: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("mlauth: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # `mlauth token | head -c0` and the like: the reader left, nothing to report.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,53 @@
+"""``mlauth run``: start an unmodified command with mlauth installed in its Python processes.
+
+The command replaces this process (``exec``), so its exit code, signals, stdin, stdout and
+process id are the command's own by construction. mlauth reaches it through a
+``sitecustomize`` module on ``PYTHONPATH`` (see ``_run_site/sitecustomize.py``).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from typing import NoReturn
+
+__all__ = ["ENV_VARIABLE", "SITE_DIR", "child_environment", "exec_command", "isolation_warning"]
+
+SITE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_run_site")
+ENV_VARIABLE = "MLAUTH_RUN_ENV"
+
+
+def child_environment(env_path: str, environ: Mapping[str, str]) -> dict[str, str]:
+    """``environ`` plus what the child needs: our site folder first on PYTHONPATH, the .env."""
+    env = dict(environ)
+    paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != SITE_DIR]
+    env["PYTHONPATH"] = os.pathsep.join([SITE_DIR, *paths])
+    env[ENV_VARIABLE] = os.path.abspath(env_path)
+    return env
+
+
+def isolation_warning(command: Sequence[str]) -> str | None:
+    """A warning if the command is ``python`` with a flag that would skip sitecustomize."""
+    if not command or not os.path.basename(command[0]).startswith("python"):
+        return None
+    for arg in command[1:]:
+        if arg == "--" or not arg.startswith("-") or arg.startswith("--"):
+            break
+        if arg in ("-c", "-m"):
+            break
+        flags = set(arg[1:])
+        if flags & {"I", "E", "S"}:
+            return (
+                f"{command[0]} {arg}: isolated (-I), -E and -S modes skip PYTHONPATH or site, "
+                "so mlauth will not be installed in it; drop the flag, or call "
+                "mlauth.install() in the script"
+            )
+        if flags & {"c", "m", "W", "X", "Q"}:
+            break  # an option that takes the next argument, or ends the options
+    return None
+
+
+def exec_command(command: Sequence[str], env_path: str) -> NoReturn:
+    """Replace this process with ``command``; raises OSError if it cannot be started."""
+    # No shell: the user's argv is run as given, exactly as `exec "$@"` would.
+    os.execvpe(command[0], list(command), child_environment(env_path, os.environ))  # noqa: S606

@@ -1,0 +1,382 @@
+"""The ``mlauth`` command against the loopback fake, run as a real process each time."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+import requests
+
+import mlauth
+from mlauth.envfile import read_env_file
+from mlauth.login import AUTH_HOSTS, LoginRequest, authorization_base, parse_pasted
+from mlauth.testing import FakeMercadoLibre
+
+REDIRECT = "https://example.test/callback"
+
+
+def mlauth_cli(
+    *args: str, input: str | None = None, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "mlauth", *args],
+        input=input,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=cwd,
+    )
+
+
+def assert_clean_failure(done: subprocess.CompletedProcess[str], code: int) -> None:
+    """An expected failure: its exit code, a short message, no traceback, no output."""
+    assert done.returncode == code, done.stdout + done.stderr
+    assert "Traceback" not in done.stderr
+    assert 0 < len(done.stderr.strip().splitlines()) <= 2, done.stderr
+
+
+def secrets_in(path: Path) -> list[str]:
+    values = read_env_file(path)
+    keys = ("ML_ACCESS_TOKEN", "ML_REFRESH_TOKEN", "ML_CLIENT_SECRET")
+    return [v for k, v in values.items() if k in keys and v]
+
+
+def assert_no_secret(text: str, env: Path) -> None:
+    for secret in secrets_in(env):
+        assert secret not in text
+
+
+# -- status -------------------------------------------------------------------------------
+
+
+def test_status_shows_fingerprints_expiry_and_the_last_refresh(
+    fake_ml: FakeMercadoLibre, tmp_path: Path
+) -> None:
+    env = tmp_path / ".env"
+    fake_ml.write_env(env, expires_at=time.time() + 3 * 3600)
+    mlauth.MLAuth.from_env(env).refresh()
+    done = mlauth_cli("status", "--env", str(env))
+    assert done.returncode == 0, done.stderr
+    tokens = mlauth.EnvFileStore(env).load()[0]
+    assert tokens.access_token is not None and tokens.refresh_token is not None
+    assert f"access token:     {tokens.access_token.fingerprint}" in done.stdout
+    assert f"refresh token:    {tokens.refresh_token.fingerprint}" in done.stdout
+    assert re.search(r"expires:\s+in 5h59m", done.stdout)
+    assert f"by pid {os.getpid()}@" in done.stdout
+    assert re.search(r"refresh running:\s+no", done.stdout)
+    assert str(env) in done.stdout
+    assert_no_secret(done.stdout + done.stderr, env)
+
+
+def test_status_says_when_a_refresh_is_running(fake_ml_env: Path) -> None:
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, mlauth\n"
+            f"with mlauth.EnvFileStore({str(fake_ml_env)!r}).lock(5):\n"
+            "    print('held', flush=True)\n"
+            "    sys.stdin.readline()\n",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert holder.stdout is not None
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        done = mlauth_cli("status", "--env", str(fake_ml_env))
+    finally:
+        holder.communicate("done\n", timeout=30)
+    assert done.returncode == 0
+    assert re.search(r"refresh running:\s+yes \(lock held\)", done.stdout)
+
+
+def test_status_without_a_refresh_token_asks_for_login(
+    fake_ml: FakeMercadoLibre, tmp_path: Path
+) -> None:
+    env = tmp_path / ".env"
+    env.write_text(f"ML_CLIENT_ID={fake_ml.client_id}\nML_CLIENT_SECRET=x\n")
+    done = mlauth_cli("status", "--env", str(env))
+    assert_clean_failure(done, 3)
+    assert "mlauth login" in done.stderr
+    assert "refresh token:    <none>" in done.stdout
+
+
+def test_a_missing_env_is_one_line_naming_the_path(tmp_path: Path) -> None:
+    missing = tmp_path / "nowhere" / ".env"
+    for command in ("status", "token", "refresh", "login"):
+        done = mlauth_cli(command, "--env", str(missing), input="")
+        assert_clean_failure(done, 1)
+        assert str(missing) in done.stderr and "no such .env file" in done.stderr
+    assert not missing.exists()
+
+
+def test_usage_errors_exit_2() -> None:
+    assert mlauth_cli().returncode == 2
+    assert mlauth_cli("no-such-command").returncode == 2
+    assert mlauth_cli("status", "--bogus").returncode == 2
+    assert mlauth_cli("run").returncode == 2
+
+
+def test_the_console_script_is_installed() -> None:
+    script = Path(sys.executable).with_name("mlauth")
+    done = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0
+    for command in ("status", "token", "refresh", "login", "run", "demo"):
+        assert command in done.stdout
+
+
+# -- token --------------------------------------------------------------------------------
+
+
+def test_token_prints_the_stored_token_for_shell_use(
+    fake_ml: FakeMercadoLibre, fake_ml_env: Path
+) -> None:
+    done = mlauth_cli("token", "--env", str(fake_ml_env))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == read_env_file(fake_ml_env)["ML_ACCESS_TOKEN"] + "\n"
+    assert fake_ml.stats()["refreshes"] == 0
+    answer = requests.get(
+        f"{fake_ml.base_url}/users/me", headers={"Authorization": f"Bearer {done.stdout.strip()}"}
+    )
+    assert answer.status_code == 200
+
+
+def test_token_refreshes_an_expired_token_first(fake_ml: FakeMercadoLibre, tmp_path: Path) -> None:
+    env = tmp_path / ".env"
+    old = fake_ml.write_env(env, expires_at=time.time() - 5)
+    done = mlauth_cli("token", "--env", str(env))
+    assert done.returncode == 0, done.stderr
+    assert fake_ml.stats()["refreshes"] == 1
+    printed = done.stdout.strip()
+    assert printed != old["access_token"]
+    assert printed == read_env_file(env)["ML_ACCESS_TOKEN"]
+
+
+def test_token_with_a_dead_chain_asks_for_login(fake_ml: FakeMercadoLibre, tmp_path: Path) -> None:
+    env = tmp_path / ".env"
+    fake_ml.write_env(env, expires_at=time.time() - 5)
+    fake_ml.revoke_refresh_tokens()
+    before = env.read_text()
+    done = mlauth_cli("token", "--env", str(env))
+    assert_clean_failure(done, 3)
+    assert "invalid_grant" in done.stderr and "mlauth login --env" in done.stderr
+    assert done.stdout == ""
+    assert env.read_text() == before
+
+
+# -- refresh ------------------------------------------------------------------------------
+
+
+def test_refresh_rotates_once_and_prints_no_token(
+    fake_ml: FakeMercadoLibre, fake_ml_env: Path
+) -> None:
+    before = read_env_file(fake_ml_env)
+    done = mlauth_cli("refresh", "--env", str(fake_ml_env))
+    assert done.returncode == 0, done.stderr
+    after = read_env_file(fake_ml_env)
+    assert fake_ml.stats()["refreshes"] == 1
+    assert after["ML_REFRESH_TOKEN"] != before["ML_REFRESH_TOKEN"]
+    assert done.stdout.startswith("refreshed: access sha256:")
+    assert_no_secret(done.stdout + done.stderr, fake_ml_env)
+    assert after["ML_CLIENT_ID"] == before["ML_CLIENT_ID"]
+
+
+def test_refresh_with_a_dead_refresh_token_names_mlauth_login(
+    fake_ml: FakeMercadoLibre, fake_ml_env: Path
+) -> None:
+    fake_ml.revoke_refresh_tokens()
+    before = fake_ml_env.read_text()
+    done = mlauth_cli("refresh", "--env", str(fake_ml_env))
+    assert_clean_failure(done, 3)
+    assert "re-authorization required" in done.stderr
+    assert f"mlauth login --env {fake_ml_env}" in done.stderr
+    assert fake_ml_env.read_text() == before
+    assert_no_secret(done.stderr, fake_ml_env)
+
+
+def test_refresh_without_credentials_names_the_key(
+    fake_ml: FakeMercadoLibre, fake_ml_env: Path
+) -> None:
+    text = fake_ml_env.read_text()
+    fake_ml_env.write_text(re.sub(r"ML_CLIENT_SECRET=.*\n", "", text))
+    done = mlauth_cli("refresh", "--env", str(fake_ml_env))
+    assert_clean_failure(done, 1)
+    assert "ML_CLIENT_SECRET is missing" in done.stderr
+    assert fake_ml.stats()["token_requests"] == 0
+
+
+def test_refresh_with_a_wrong_secret_says_so(fake_ml: FakeMercadoLibre, fake_ml_env: Path) -> None:
+    text = fake_ml_env.read_text().replace(fake_ml.client_secret, "wrong-secret-for-tests")
+    fake_ml_env.write_text(text)
+    done = mlauth_cli("refresh", "--env", str(fake_ml_env))
+    assert_clean_failure(done, 1)
+    assert "invalid_client" in done.stderr
+
+
+# -- login --------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def first_env(fake_ml: FakeMercadoLibre, tmp_path: Path) -> Path:
+    """A .env as a seller writes it before the first authorization: credentials only."""
+    env = tmp_path / ".env"
+    env.write_text(
+        "# my pipeline\n"
+        f"ML_CLIENT_ID={fake_ml.client_id}\n"
+        f"ML_CLIENT_SECRET={fake_ml.client_secret}\n"
+        f"ML_TOKEN_URL={fake_ml.token_url}\n"
+        f"ML_AUTH_URL={fake_ml.base_url}\n"
+        f"ML_API_HOSTS={fake_ml.host}\n"
+        "AMAZON_REGION=us-east-1  # kept\n"
+    )
+    return env
+
+
+def start_login(env: Path, *extra: str) -> tuple[subprocess.Popen[str], dict[str, str]]:
+    """Start an interactive login; return it and the query of the URL it printed."""
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mlauth",
+            "login",
+            "--env",
+            str(env),
+            "--redirect-uri",
+            REDIRECT,
+            *extra,
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    url = proc.stdout.readline().strip()
+    query = {k: v[0] for k, v in parse_qs(urlsplit(url).query).items()}
+    return proc, query
+
+
+@pytest.mark.parametrize("pkce", [False, True])
+def test_login_pasting_the_redirected_url_writes_tokens_and_keeps_the_rest(
+    fake_ml: FakeMercadoLibre, first_env: Path, pkce: bool
+) -> None:
+    proc, query = start_login(first_env, *(["--pkce"] if pkce else []))
+    assert query["client_id"] == fake_ml.client_id and query["redirect_uri"] == REDIRECT
+    assert ("code_challenge" in query) is pkce
+    code = fake_ml.issue_authorization_code(REDIRECT, query.get("code_challenge"))
+    out, err = proc.communicate(f"{REDIRECT}?code={code}&state={query['state']}\n", timeout=60)
+    assert proc.returncode == 0, err
+    assert fake_ml.stats()["code_exchanges"] == 1
+    text = first_env.read_text()
+    assert text.startswith("# my pipeline\n") and "AMAZON_REGION=us-east-1  # kept\n" in text
+    values = read_env_file(first_env)
+    assert values["ML_REFRESH_TOKEN"] and values["ML_ACCESS_TOKEN"]
+    assert "authorized: tokens saved" in out
+    assert_no_secret(out + err, first_env)
+    # The new chain works: the CLI refreshes it.
+    assert mlauth_cli("refresh", "--env", str(first_env)).returncode == 0
+    assert fake_ml.stats()["invalid_grant"] == 0
+
+
+def test_login_refuses_a_url_from_another_login(fake_ml: FakeMercadoLibre, first_env: Path) -> None:
+    proc, _ = start_login(first_env)
+    code = fake_ml.issue_authorization_code(REDIRECT)
+    out, err = proc.communicate(f"{REDIRECT}?code={code}&state=not-this-one\n", timeout=60)
+    done = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    assert_clean_failure(done, 1)
+    assert "state does not match" in err
+    assert fake_ml.stats()["token_requests"] == 0  # the code was not spent
+    assert "ML_REFRESH_TOKEN" not in first_env.read_text()
+
+
+def test_login_with_a_bad_code_fails_cleanly(fake_ml: FakeMercadoLibre, first_env: Path) -> None:
+    before = first_env.read_text()
+    done = mlauth_cli(
+        "login", "--env", str(first_env), "--redirect-uri", REDIRECT, "--code", "TG-bogus"
+    )
+    assert_clean_failure(done, 1)
+    assert "authorization code was refused" in done.stderr
+    assert first_env.read_text() == before
+
+
+def test_login_code_argument_for_scripts_replaces_a_dead_chain(
+    fake_ml: FakeMercadoLibre, fake_ml_env: Path
+) -> None:
+    fake_ml.revoke_refresh_tokens()
+    assert mlauth_cli("refresh", "--env", str(fake_ml_env)).returncode == 3
+    code = fake_ml.issue_authorization_code(REDIRECT)
+    done = mlauth_cli(
+        "login",
+        "--env",
+        str(fake_ml_env),
+        "--redirect-uri",
+        REDIRECT,
+        "--code",
+        f"{REDIRECT}?code={code}&state=s1",
+        "--state",
+        "s1",
+    )
+    assert done.returncode == 0, done.stderr
+    assert mlauth_cli("refresh", "--env", str(fake_ml_env)).returncode == 0
+
+
+def test_login_without_a_redirect_uri_says_how_to_give_one(first_env: Path) -> None:
+    done = mlauth_cli("login", "--env", str(first_env), input="")
+    assert_clean_failure(done, 1)
+    assert "--redirect-uri" in done.stderr and "ML_REDIRECT_URI" in done.stderr
+
+
+def test_authorization_url_per_site_and_pkce() -> None:
+    assert authorization_base("MLB", None) == "https://auth.mercadolivre.com.br"
+    assert authorization_base("mlm", None) == "https://auth.mercadolibre.com.mx"
+    assert authorization_base("MLA", "http://127.0.0.1:9/") == "http://127.0.0.1:9"
+    with pytest.raises(mlauth.ConfigError, match="unknown site"):
+        authorization_base("XYZ", None)
+    with pytest.raises(mlauth.ConfigError, match="plain http"):
+        authorization_base("MLA", "http://auth.example.com")
+    request = LoginRequest.new(AUTH_HOSTS["MLA"], "123", REDIRECT, pkce=True)
+    parts = urlsplit(request.url)
+    query = {k: v[0] for k, v in parse_qs(parts.query).items()}
+    assert (parts.netloc, parts.path) == ("auth.mercadolibre.com.ar", "/authorization")
+    assert query["response_type"] == "code" and query["state"] == request.state
+    assert query["code_challenge_method"] == "S256"
+    assert request.code_verifier is not None
+    verifier = request.code_verifier.reveal()
+    assert 43 <= len(verifier) <= 128 and verifier not in request.url
+    digest = hashlib.sha256(verifier.encode()).digest()
+    assert query["code_challenge"] == base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
+
+
+def test_pasted_answers_are_read_or_refused_with_the_reason() -> None:
+    code, state = parse_pasted(f"  {REDIRECT}?code=TG-abc&state=xyz\n")
+    assert (code.reveal(), state) == ("TG-abc", "xyz")
+    code, state = parse_pasted("TG-abc")
+    assert (code.reveal(), state) == ("TG-abc", None)
+    with pytest.raises(mlauth.ConfigError, match="access_denied"):
+        parse_pasted(f"{REDIRECT}?error=access_denied&state=xyz")
+    with pytest.raises(mlauth.ConfigError, match="no code="):
+        parse_pasted(f"{REDIRECT}?state=xyz")
+    with pytest.raises(mlauth.ConfigError, match="nothing was pasted"):
+        parse_pasted("  \n")
+
+
+# -- demo ---------------------------------------------------------------------------------
+
+
+def test_demo_command_runs_the_demo() -> None:
+    done = mlauth_cli(
+        "demo", "--processes", "1", "--threads", "1", "--seconds", "2", "--token-lifetime", "1"
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "OK: no call failed" in done.stdout

@@ -1,0 +1,150 @@
+"""`mlauth run`: the command is exec'ed with mlauth installed in its Python; exit codes,
+signals, stdin and stdout are the command's own."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mlauth.runner import SITE_DIR, child_environment, isolation_warning
+
+pytestmark = pytest.mark.processes
+
+SHOW_INSTALLED = (
+    "import json, sys, mlauth, requests\n"
+    "auth = mlauth.installed()\n"
+    "print(json.dumps({'installed': auth is not None,\n"
+    "  'store': auth.store.location if auth else None,\n"
+    "  'patched': requests.Session.request.__module__}))\n"
+)
+
+
+def run(
+    env_file: Path, *command: str, cwd: Path | None = None, **kwargs: object
+) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "mlauth", "run", "--env", str(env_file), "--", *command],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=cwd,
+        **kwargs,  # type: ignore[call-overload]
+    )
+
+
+def finish(proc: subprocess.Popen[str], input: str | None = None) -> tuple[int, str, str]:
+    out, err = proc.communicate(input, timeout=60)
+    return proc.returncode, out, err
+
+
+def test_the_commands_exit_code_comes_through(fake_ml_env: Path) -> None:
+    for code in (0, 3, 42):
+        got = finish(run(fake_ml_env, sys.executable, "-c", f"raise SystemExit({code})"))
+        assert got[0] == code, got
+
+
+def test_stdin_and_stdout_are_the_commands(fake_ml_env: Path) -> None:
+    proc = run(
+        fake_ml_env,
+        sys.executable,
+        "-c",
+        "import sys; sys.stdout.write(sys.stdin.read().upper())",
+        stdin=subprocess.PIPE,
+    )
+    assert finish(proc, "hello pipeline\n")[:2] == (0, "HELLO PIPELINE\n")
+
+
+def test_a_signal_reaches_the_command_and_kills_it(fake_ml_env: Path) -> None:
+    proc = run(
+        fake_ml_env,
+        sys.executable,
+        "-c",
+        "import os, sys; print(os.getpid(), flush=True); sys.stdin.readline()",
+        stdin=subprocess.PIPE,
+    )
+    assert proc.stdout is not None
+    # exec: the command is the very process we started, not a child of a wrapper.
+    assert int(proc.stdout.readline()) == proc.pid
+    proc.send_signal(signal.SIGTERM)
+    code, _, _ = finish(proc)
+    assert code == -signal.SIGTERM
+
+
+def test_mlauth_is_installed_in_a_script_a_module_and_with_pythonpath_set(
+    fake_ml_env: Path, tmp_path: Path
+) -> None:
+    (tmp_path / "showmod.py").write_text(SHOW_INSTALLED)
+    (tmp_path / "mine.py").write_text("VALUE = 'from the user PYTHONPATH'\n")
+    environ = dict(os.environ, PYTHONPATH=str(tmp_path))
+    for command in (
+        [sys.executable, str(tmp_path / "showmod.py")],
+        [sys.executable, "-m", "showmod"],
+        [sys.executable, "-c", "import mine; print(mine.VALUE)\n" + SHOW_INSTALLED],
+    ):
+        code, out, err = finish(run(fake_ml_env, *command, cwd=tmp_path, env=environ))
+        assert code == 0, err
+        assert '"installed": true' in out, (command, out, err)
+        assert f'"store": "{fake_ml_env}"' in out
+        assert '"patched": "mlauth.patch"' in out
+    assert "from the user PYTHONPATH" in out
+
+
+def test_an_existing_sitecustomize_still_runs(fake_ml_env: Path, tmp_path: Path) -> None:
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text("import os\nos.environ['THEIR_SITE'] = 'ran'\n")
+    environ = dict(os.environ, PYTHONPATH=str(site))
+    script = "import os; print(os.environ.get('THEIR_SITE'))\n" + SHOW_INSTALLED
+    code, out, err = finish(run(fake_ml_env, sys.executable, "-c", script, env=environ))
+    assert code == 0, err
+    assert out.startswith("ran\n") and '"installed": true' in out
+
+
+def test_python_started_by_the_command_gets_mlauth_too(fake_ml_env: Path) -> None:
+    inner = (
+        "import subprocess, sys\n"
+        f"sys.exit(subprocess.call([sys.executable, '-c', {SHOW_INSTALLED!r}]))"
+    )
+    code, out, err = finish(run(fake_ml_env, sys.executable, "-c", inner))
+    assert code == 0, err
+    assert '"installed": true' in out
+
+
+def test_isolated_python_is_warned_about() -> None:
+    assert isolation_warning([sys.executable, "-I", "x.py"]) is not None
+    assert isolation_warning(["python3", "-uS", "x.py"]) is not None
+    assert isolation_warning(["python3", "-u", "x.py", "-I"]) is None
+    assert isolation_warning(["python3", "-c", "pass", "-E"]) is None
+    assert isolation_warning(["bash", "-E"]) is None
+
+
+def test_isolated_mode_runs_without_mlauth_and_says_so(fake_ml_env: Path) -> None:
+    script = "import sys; print('mlauth' in sys.modules)"
+    code, out, err = finish(run(fake_ml_env, sys.executable, "-I", "-c", script))
+    assert code == 0 and out == "False\n"
+    assert "isolated (-I)" in err
+
+
+def test_child_environment_prepends_our_site_once() -> None:
+    env = child_environment(".env", {"PYTHONPATH": f"/a{os.pathsep}{SITE_DIR}{os.pathsep}/b"})
+    assert env["PYTHONPATH"].split(os.pathsep) == [SITE_DIR, "/a", "/b"]
+    assert os.path.isabs(env["MLAUTH_RUN_ENV"])
+    assert child_environment(".env", {})["PYTHONPATH"] == SITE_DIR
+
+
+def test_a_missing_command_exits_127(fake_ml_env: Path) -> None:
+    code, _, err = finish(run(fake_ml_env, "no-such-command-for-mlauth-tests"))
+    assert code == 127 and "command not found" in err
+
+
+def test_bad_configuration_fails_before_the_command_starts(tmp_path: Path) -> None:
+    marker = tmp_path / "ran"
+    command = [sys.executable, "-c", f"open({str(marker)!r}, 'w')"]
+    code, _, err = finish(run(tmp_path / "missing.env", *command))
+    assert code == 1 and "no such .env file" in err and "Traceback" not in err
+    assert not marker.exists()

@@ -236,7 +236,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from . import demo
 
-    return demo.run_demo(args.processes, args.threads, args.seconds, args.token_lifetime)
+    if args.serve:
+        lifetime = 600.0 if args.token_lifetime is None else args.token_lifetime
+        return demo.serve(args.env, args.port, lifetime)
+    lifetime = 3.0 if args.token_lifetime is None else args.token_lifetime
+    return demo.run_demo(args.processes, args.threads, args.seconds, lifetime)
 
 
 class _Usage(Exception):
@@ -319,18 +323,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- COMMAND ...")
 
-    # No --env: the demo writes its own .env for its own fake server, in a temporary folder.
-    demo = commands.add_parser(
+    demo = command(
         "demo",
-        help="the `make demo` storm: processes x threads against a fake MercadoLibre",
-        description="the `make demo` storm: processes x threads against a fake MercadoLibre "
-        "on loopback, with its own temporary .env",
+        _cmd_demo,
+        "the `make demo` storm (processes x threads against a fake MercadoLibre on loopback, "
+        "with its own temporary .env); with --serve, just the fake server and a .env for it "
+        "at --env, to try the other commands by hand",
     )
     demo.add_argument("--processes", type=int, default=6)
     demo.add_argument("--threads", type=int, default=4)
     demo.add_argument("--seconds", type=float, default=15.0)
-    demo.add_argument("--token-lifetime", type=float, default=3.0)
-    demo.set_defaults(handler=_cmd_demo)
+    demo.add_argument(
+        "--token-lifetime", type=float, default=None, help="seconds (default 3, 600 with --serve)"
+    )
+    demo.add_argument("--serve", action="store_true", help="serve until Ctrl-C")
+    demo.add_argument("--port", type=int, default=0, help="with --serve (default: any free port)")
+    demo.set_defaults(env=".env.demo")  # never the project's own .env
     return parser
 
 

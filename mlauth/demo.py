@@ -13,6 +13,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -209,6 +210,54 @@ def run_demo(processes: int, threads: int, seconds: float, lifetime: float) -> i
     good = failed == 0 and crashed == 0 and stats["invalid_grant"] == 0
     print("OK: no call failed, every refresh token was spent once." if good else "FAILED")
     return 0 if good else 1
+
+
+SERVE_MARKER = "# written by `mlauth demo --serve` for its fake server; safe to delete"
+
+
+def serve(env: str, port: int, lifetime: float) -> int:
+    """Run a fake MercadoLibre on loopback until Ctrl-C or SIGTERM, with a ``.env`` for it.
+
+    For trying the command line and ``mlauth run`` by hand. The ``.env`` is written whole
+    (and atomically, so a command started meanwhile never reads half of it); an existing
+    file is replaced only if this function wrote it, so a real ``.env`` is never lost.
+    """
+    if os.path.exists(env):
+        with open(env, encoding="utf-8", errors="replace") as handle:
+            if handle.readline().rstrip("\n") != SERVE_MARKER:
+                print(
+                    f"mlauth demo --serve: {env} exists and was not written by the demo; "
+                    "give another --env path (the demo never overwrites a real .env)",
+                    file=sys.stderr,
+                )
+                return 1
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    with FakeMercadoLibre(port=port, token_lifetime=lifetime) as fake:
+        issued = time.time()
+        temp = f"{env}.{os.getpid()}.tmp"
+        fake.write_env(
+            temp,
+            expires_at=issued + lifetime,
+            extra={
+                "ML_TOKEN_REFRESHED_AT": str(issued),
+                "ML_AUTH_URL": fake.base_url,
+                "ML_REDIRECT_URI": "https://example.test/callback",
+            },
+        )
+        with open(temp, encoding="utf-8") as handle:
+            body = handle.read()
+        with open(temp, "w", encoding="utf-8") as handle:
+            handle.write(f"{SERVE_MARKER}\n{body}")
+        os.replace(temp, env)
+        print(
+            f"fake MercadoLibre at {fake.base_url} (tokens live {lifetime:g}s); {env} is "
+            "written for it. Ctrl-C to stop.",
+            flush=True,
+        )
+        stop.wait()
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

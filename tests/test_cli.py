@@ -380,3 +380,11 @@ def test_demo_command_runs_the_demo() -> None:
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "OK: no call failed" in done.stdout
+
+
+def test_demo_serve_never_overwrites_a_real_env(tmp_path: Path) -> None:
+    real = tmp_path / ".env"
+    real.write_text("ML_CLIENT_ID=mine\n")
+    done = mlauth_cli("demo", "--serve", "--env", str(real))
+    assert done.returncode == 1 and "never overwrites a real .env" in done.stderr
+    assert real.read_text() == "ML_CLIENT_ID=mine\n"

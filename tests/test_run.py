@@ -97,9 +97,11 @@ def test_mlauth_is_installed_in_a_script_a_module_and_with_pythonpath_set(
 def test_an_existing_sitecustomize_still_runs(fake_ml_env: Path, tmp_path: Path) -> None:
     site = tmp_path / "site"
     site.mkdir()
-    (site / "sitecustomize.py").write_text("import os\nos.environ['THEIR_SITE'] = 'ran'\n")
+    # Marks the interpreter it runs in (not the environment, which the child would inherit
+    # from `mlauth run` itself, since that process runs the same sitecustomize).
+    (site / "sitecustomize.py").write_text("import builtins\nbuiltins.THEIR_SITE = 'ran'\n")
     environ = dict(os.environ, PYTHONPATH=str(site))
-    script = "import os; print(os.environ.get('THEIR_SITE'))\n" + SHOW_INSTALLED
+    script = "import builtins; print(getattr(builtins, 'THEIR_SITE', None))\n" + SHOW_INSTALLED
     code, out, err = finish(run(fake_ml_env, sys.executable, "-c", script, env=environ))
     assert code == 0, err
     assert out.startswith("ran\n") and '"installed": true' in out

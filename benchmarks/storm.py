@@ -61,6 +61,7 @@ class Run:
     refresh_times: list[float]
     latencies_ms: list[float]
     touched_ms: list[float]
+    refreshing_ms: list[float]
     lock_waits_ms: list[float]
 
     @property
@@ -83,7 +84,7 @@ class Run:
 
     def summary(self) -> dict[str, object]:
         data = dataclasses.asdict(self)
-        for key in ("latencies_ms", "touched_ms", "lock_waits_ms", "refresh_times"):
+        for key in ("latencies_ms", "touched_ms", "refreshing_ms", "lock_waits_ms"):
             del data[key]
         data.update(
             p50_ms=self.p(0.5),
@@ -193,6 +194,7 @@ def run_library(
         refresh_times=fake.refresh_times(),
         latencies_ms=joined("latencies_ms"),
         touched_ms=joined("touched_ms"),
+        refreshing_ms=joined("refreshing_ms"),
         lock_waits_ms=joined("lock_waits_ms"),
     )
 

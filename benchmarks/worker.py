@@ -82,7 +82,7 @@ def run(
 
         def on_refresh(_tokens: object) -> None:
             refreshed[0] += 1
-            local.touched = True
+            local.touched = local.refreshed = True
 
         session.auth.on_refresh = on_refresh  # type: ignore[union-attr]
 
@@ -92,12 +92,13 @@ def run(
     samples: list[str] = []
     latencies: list[float] = []
     touched: list[float] = []
+    refreshing: list[float] = []  # the calls that made a refresh (a subset of touched)
     deadline = time.monotonic() + seconds
 
     def loop() -> None:
         clock = time.perf_counter
         while time.monotonic() < deadline:
-            local.touched = False
+            local.touched = local.refreshed = False
             started = clock()
             absorbed = 0
             try:
@@ -117,6 +118,8 @@ def run(
                 latencies.append(elapsed)
                 if local.touched or absorbed:
                     touched.append(elapsed)
+                if local.refreshed:
+                    refreshing.append(elapsed)
                 if status == 200:
                     counts["ok"] += 1
                 else:
@@ -138,6 +141,7 @@ def run(
         "warnings": waits.warnings[:3],
         "latencies_ms": [round(x * 1000, 3) for x in latencies],
         "touched_ms": [round(x * 1000, 3) for x in touched],
+        "refreshing_ms": [round(x * 1000, 3) for x in refreshing],
         "lock_waits_ms": [round(x * 1000, 3) for x in waits.waits if x >= CONTENDED],
     }
 

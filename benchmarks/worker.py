@@ -93,10 +93,14 @@ def run(
     latencies: list[float] = []
     touched: list[float] = []
     refreshing: list[float] = []  # the calls that made a refresh (a subset of touched)
-    deadline = time.monotonic() + seconds
+    started_at = time.monotonic()
+    deadline = started_at + seconds
+    first_failure: list[float] = []  # seconds from the start to the first failed call
+    last_ok: list[bool] = []  # per thread: whether its last call succeeded
 
     def loop() -> None:
         clock = time.perf_counter
+        ok = False
         while time.monotonic() < deadline:
             local.touched = local.refreshed = False
             started = clock()
@@ -120,11 +124,16 @@ def run(
                     touched.append(elapsed)
                 if local.refreshed:
                     refreshing.append(elapsed)
-                if status == 200:
+                ok = status == 200
+                if ok:
                     counts["ok"] += 1
                 else:
                     counts["failed"] += 1
                     counts["surfaced_401"] += status == 401
+                    if not first_failure:
+                        first_failure.append(time.monotonic() - started_at)
+        with lock:
+            last_ok.append(ok)
 
     workers = [threading.Thread(target=loop) for _ in range(threads)]
     for worker in workers:
@@ -136,6 +145,9 @@ def run(
         "library": library,
         "pid": os.getpid(),
         "refreshed_here": refreshed[0],
+        "first_failure_s": first_failure[0] if first_failure else None,
+        # Every thread's last call failed: this process lost the token chain for good.
+        "stranded": not any(last_ok),
         "errors": errors,
         "error_samples": samples,
         "warnings": waits.warnings[:3],

@@ -1,0 +1,103 @@
+"""CI smoke of every benchmark: each runs at tiny sizes and prints its table. No timing.
+
+The full-size runs are ``make bench``; here only that each script works end to end against
+the installed peers and reports every contender, with the columns BENCHMARKS.md shows.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks.run_all import replace_block
+
+pytestmark = pytest.mark.processes
+
+ROOT = Path(__file__).resolve().parent.parent
+PEERS = ("mlauth", "requests-oauthlib", "authlib", "google-auth")
+
+
+def run_script(name: str, *args: str, out: Path) -> str:
+    done = subprocess.run(
+        [sys.executable, "-m", f"benchmarks.{name}", *args, "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout
+
+
+def rows(table: str) -> dict[str, list[str]]:
+    """The markdown table's rows by first cell, header included."""
+    found = {}
+    for line in table.splitlines():
+        if line.startswith("| ") and not line.startswith("| -"):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            found[cells[0]] = cells
+    return found
+
+
+def test_overhead_reports_every_contender_against_the_floor(tmp_path: Path) -> None:
+    out = run_script("overhead", "--rounds", "2", "--calls", "20", out=tmp_path)
+    table = rows(out)
+    assert table["contender"][:4] == ["contender", "µs/call (median)", "best round", "x floor"]
+    for name in ("static AuthBase", *PEERS, "mlauth pickup"):
+        assert name in table, out
+    assert table["static AuthBase"][3] == "1.000"  # the floor against itself
+    data = json.loads((tmp_path / "overhead.json").read_text())
+    assert len(data["contenders"]["mlauth"]["per_round_us"]) == 2
+    assert (tmp_path / "overhead.md").read_text().strip() == out.strip()
+
+
+def test_storm_reports_every_library_and_mlauth_spends_no_token_twice(tmp_path: Path) -> None:
+    out = run_script(
+        "storm",
+        *("--processes", "1", "--threads", "2", "--seconds", "2", "--token-lifetime", "2"),
+        out=tmp_path,
+    )
+    table = rows(out)
+    header = table["library"]
+    assert header[:7] == [
+        "library",
+        "calls",
+        "failed",
+        "refreshes / floor",
+        "double refreshes",
+        "invalid_grant",
+        "401s surfaced",
+    ]
+    for name in PEERS:
+        assert name in table, out
+        assert int(table[name][1]) > 0  # every library made calls
+    runs = {r["library"]: r for r in json.loads((tmp_path / "storm.json").read_text())["runs"]}
+    assert runs["mlauth"]["failed"] == 0
+    assert runs["mlauth"]["server"]["invalid_grant"] == 0
+
+
+def test_scale_prints_its_table_and_draws_every_curve(tmp_path: Path) -> None:
+    out = run_script(
+        "scale", "--processes", "1,2", "--seconds", "1", "--token-lifetime", "2", out=tmp_path
+    )
+    table = rows(out)
+    assert table["processes"][:3] == ["processes", "calls/s", "floor calls/s"]
+    assert "1" in table and "2" in table
+    for png in sorted(tmp_path.glob("*.png")):
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
+    assert len(list(tmp_path.glob("scale_*.png"))) == 4
+    assert out.count("](scale_") == 4  # every plot linked under the table
+
+
+def test_run_all_replaces_only_the_marked_blocks() -> None:
+    doc = "intro\n<!-- bench:storm -->\nold table\n<!-- /bench:storm -->\nprose stays\n"
+    new = replace_block(doc, "storm", "| new | table |\n")
+    assert (
+        new == "intro\n<!-- bench:storm -->\n| new | table |\n<!-- /bench:storm -->\nprose stays\n"
+    )
+    with pytest.raises(ValueError, match="bench:scale"):
+        replace_block(doc, "scale", "x")

@@ -14,6 +14,7 @@ from .errors import (
     RefreshError,
     StoreError,
 )
+from .journal import reauthorization_required
 from .secret import Secret, fingerprint
 from .store import TokenStore
 from .token import TokenSet
@@ -33,6 +34,7 @@ __all__ = [
     "TokenSet",
     "TokenStore",
     "fingerprint",
+    "reauthorization_required",
 ]
 
 # A library must not configure logging; the NullHandler keeps "no handler" warnings away.

@@ -149,6 +149,8 @@ class FakeMercadoLibre:
         # Delay after a grant is processed and before its answer is sent: a client killed
         # meanwhile loses an answer whose refresh token the server has already rotated.
         self.token_answer_delay = 0.0
+        # Some proxies and old clients send expires_in as a string ("21600"); so can the fake.
+        self.expires_in_as_string = False
         self.api_delay = 0.0
         self.token_requests_in_flight = threading.Event()
         self._address = (host, port)
@@ -370,11 +372,15 @@ class FakeMercadoLibre:
         return {
             "access_token": access,
             "token_type": "bearer",
-            "expires_in": int(lifetime) if lifetime.is_integer() else lifetime,
+            "expires_in": self._expires_in(lifetime),
             "scope": "offline_access read write",
             "user_id": self.user_id,
             "refresh_token": refresh,
         }
+
+    def _expires_in(self, lifetime: float) -> object:
+        number = int(lifetime) if lifetime.is_integer() else lifetime
+        return str(number) if self.expires_in_as_string else number
 
     def _grant(self, form: Mapping[str, str]) -> tuple[int, dict[str, object]]:
         """Apply one token POST to the state and return the answer ML would give."""

@@ -129,7 +129,7 @@ class ScriptedServer:
             self.sends[url.path] = self.sends.get(url.path, 0) + 1
             if url.netloc != "api.mercadolibre.com" and header:
                 self.leaks.append(f"{url.netloc} got {header}")
-            if "access_token" in (url.query or ""):
+            if any(mark in str(request.url) for mark in ("access_token", "APP_USR", "TG-")):
                 self.leaks.append(f"token in URL {request.url}")
             status = next(self.scripts[caller], 200)
             hop = next(self.hops)

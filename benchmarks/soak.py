@@ -24,7 +24,9 @@ import threading
 import time
 from collections.abc import Sequence
 
-from mlauth.demo import run_worker
+import requests
+
+from mlauth.auth import MLAuth
 from mlauth.testing import FakeMercadoLibre
 
 
@@ -40,6 +42,46 @@ def _fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
+def _calls(auth: MLAuth, url: str, threads: int, seconds: float) -> dict[str, object]:
+    """Call the API from ``threads`` sessions until the deadline, keeping counts only.
+
+    Nothing is kept per call (no latency list, unlike the demo's worker), so the memory
+    figures are mlauth's and requests', not the harness's.
+    """
+    lock = threading.Lock()
+    totals = {"calls": 0, "ok": 0, "failed": 0, "surfaced_401": 0, "401_after_resend": 0}
+    errors: list[str] = []
+    deadline = time.monotonic() + seconds
+
+    def loop() -> None:
+        with requests.Session() as session:
+            session.auth = auth
+            while time.monotonic() < deadline:
+                resent = False
+                try:
+                    response = session.get(f"{url}/users/me", timeout=30)
+                    status = response.status_code
+                    resent = bool(response.history)
+                except requests.RequestException as exc:
+                    status = 0
+                    if len(errors) < 5:
+                        errors.append(f"{type(exc).__name__}: {str(exc)[:300]}")
+                with lock:
+                    totals["calls"] += 1
+                    totals["ok"] += status == 200
+                    totals["failed"] += status != 200
+                    totals["surfaced_401"] += status == 401
+                    # A 401 that survived the re-send: a second rotation overtook it.
+                    totals["401_after_resend"] += status == 401 and resent
+
+    workers = [threading.Thread(target=loop) for _ in range(threads)]
+    for thread in workers:
+        thread.start()
+    for thread in workers:
+        thread.join()
+    return {**totals, "errors": errors}
+
+
 def worker(env: str, url: str, threads: int, seconds: float, sample: float) -> int:
     lock = threading.Lock()
 
@@ -53,10 +95,11 @@ def worker(env: str, url: str, threads: int, seconds: float, sample: float) -> i
         while not stop.wait(sample):  # a sampling period, not a synchronization
             emit({"sample": {"t": time.time(), "rss_kib": _rss_kib(), "fds": _fds()}})
 
+    auth = MLAuth.from_env(env)
     emit({"sample": {"t": time.time(), "rss_kib": _rss_kib(), "fds": _fds()}})
     ticker = threading.Thread(target=sampler, daemon=True)
     ticker.start()
-    result = run_worker(env, url, threads=threads, seconds=seconds)
+    result = _calls(auth, url, threads, seconds)
     stop.set()
     ticker.join()
     emit({"sample": {"t": time.time(), "rss_kib": _rss_kib(), "fds": _fds()}})
@@ -133,6 +176,8 @@ def soak(
             {
                 "calls": result["calls"],
                 "failed": result["failed"],
+                "surfaced_401": result["surfaced_401"],
+                "401_after_resend": result["401_after_resend"],
                 "errors": result["errors"],
                 "rss_kib_first": rss[0],
                 "rss_kib_after_warmup": settled[0],

@@ -415,7 +415,7 @@ class MLAuth(requests.auth.AuthBase):
         self.store.check_writable()
         orphan = None  # who sent this token before and died without its answer
         journal = self._journal
-        if journal is not None:  # journal: a token known dead is not sent; the intent is
+        if journal is not None:  # journal: a token known dead is not sent; intent on disk first
             journal.check_reauthorization(spent)
             orphan = journal.intent(spent)
         started = time.time()  # expiry counts from before the POST, not from the answer

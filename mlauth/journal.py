@@ -34,6 +34,7 @@ with its own crash safety (Redis, with a generation-fenced save) simply has none
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import logging
@@ -413,6 +414,25 @@ def _open_intents(records: list[dict[str, Any]]) -> dict[str, str]:
     return intents
 
 
+# A temporary .env older than this, found under the lock, was left by a writer that died.
+STALE_TEMP_AGE = 60.0
+
+
+def _drop_stale_temps(store_path: str) -> None:
+    """Delete temporary copies of the .env that a writer killed mid-save left behind.
+
+    They hold live tokens (mode 0600, but still a copy nobody needs). Only old ones go: a
+    program calling ``update_env_file`` without our lock may be writing one right now.
+    """
+    folder, name = os.path.split(store_path)
+    now = time.time()
+    for path in glob.glob(os.path.join(glob.escape(folder), f".{glob.escape(name)}.*.mlauth-tmp")):
+        with contextlib.suppress(OSError):
+            if now - os.stat(path).st_mtime > STALE_TEMP_AGE:
+                os.unlink(path)
+                log.info("removed %s, left by a writer that died mid-save", path)
+
+
 def recover(
     journal: Journal, store: Any, tokens: TokenSet, stamp: Hashable
 ) -> tuple[TokenSet, Hashable, Recovery]:
@@ -422,6 +442,8 @@ def recover(
     what was found. A store that still cannot be written keeps the journal as it was.
     """
     records = journal.records()
+    if records:
+        _drop_stale_temps(journal.store_path)
     rescues = list(journal.rescues())
     if not records and not rescues:
         return tokens, stamp, Recovery()

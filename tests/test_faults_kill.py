@@ -193,10 +193,23 @@ def test_kill_after_the_answer_before_the_store_has_it_is_replayed(
     assert read_env_file(env)["ML_REFRESH_TOKEN"] != spent
     assert Path(f"{env}.journal").read_bytes() == b""
     assert_chain_lives(env, fake, tmp_path)
-    # A kill mid-write leaves the temporary file behind: private, like the .env.
-    for leftover in tmp_path.glob(".env.*.mlauth-tmp"):
-        assert phase == "during-write"
-        assert leftover.stat().st_mode & 0o077 == 0
+    # A kill mid-write leaves the temporary file behind: private, like the .env, and removed
+    # by the recovery that follows once it is old enough that no live writer can own it.
+    assert [p.stat().st_mode & 0o077 for p in tmp_path.glob("..env.*.mlauth-tmp")] == (
+        [0] if phase == "during-write" else []
+    )
+
+
+def test_recovery_removes_a_temporary_env_left_by_a_killed_writer(
+    env: Path, fake: FakeMercadoLibre, tmp_path: Path
+) -> None:
+    kill_at("during-write", env, fake, tmp_path)
+    (leftover,) = tmp_path.glob("..env.*.mlauth-tmp")
+    long_ago = time.time() - 3600
+    os.utime(leftover, (long_ago, long_ago))
+    assert peer(env, fake, tmp_path)["status"] == 200
+    assert not leftover.exists()
+    assert fake.stats()["token_requests"] == 1
 
 
 def test_kill_after_the_write_before_the_commit(

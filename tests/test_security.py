@@ -123,7 +123,7 @@ def test_tokens_never_appear_in_a_url(fake_ml: FakeMercadoLibre, fake_ml_env: Pa
     seen: list[str] = []
 
     def record(r: requests.Response, **kwargs: object) -> None:
-        seen.extend([r.request.url or "", r.url])
+        seen.extend(u for hop in [*r.history, r] for u in (hop.request.url or "", hop.url))
 
     update_env_file(fake_ml_env, {"ML_ACCESS_TOKEN": "APP_USR-1234-010101-deadbeef-8035443"})
     session = requests.Session()
@@ -132,6 +132,7 @@ def test_tokens_never_appear_in_a_url(fake_ml: FakeMercadoLibre, fake_ml_env: Pa
     assert session.get(f"{fake_ml.base_url}/users/me", params={"q": "x"}).status_code == 200
     stored = read_env_file(fake_ml_env)
     assert fake_ml.stats()["refreshes"] == 1
+    assert len(seen) == 4  # the 401 and the re-sent answer, each with its request's URL
     for url in seen:
         for token in (stored["ML_ACCESS_TOKEN"], stored["ML_REFRESH_TOKEN"]):
             assert str(token) not in url

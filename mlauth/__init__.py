@@ -14,6 +14,7 @@ from .errors import (
     RefreshError,
     StoreError,
 )
+from .journal import reauthorization_required
 from .legacy import keep_globals_current, redirect_refresh
 from .patch import install, installed, uninstall
 from .secret import Secret, fingerprint
@@ -38,6 +39,7 @@ __all__ = [
     "install",
     "installed",
     "keep_globals_current",
+    "reauthorization_required",
     "redirect_refresh",
     "uninstall",
 ]

@@ -31,6 +31,7 @@ from requests.utils import rewind_body
 from .config import DEFAULT_HOSTS, DEFAULT_TOKEN_URL, check_hosts, check_token_url, env_settings
 from .envfile import EnvFileStore
 from .errors import ConfigError, InvalidGrantError, LockTimeoutError, MLAuthError, RefreshError
+from .journal import journal_of, recover
 from .refresher import REAUTHORIZE_HINT, TokenEndpoint
 from .secret import Secret
 from .store import TokenStore
@@ -168,6 +169,8 @@ class MLAuth(requests.auth.AuthBase):
         self._last_failure: tuple[float, float, Secret, RefreshError] | None = None
         self._advisory_retry_at = 0.0
         self._persist_retry_at = 0.0
+        # journal: the store's write-ahead refresh journal, None if it has none (mlauth.journal).
+        self._journal = journal_of(store)
         _instances.add(self)
 
     @classmethod
@@ -424,6 +427,8 @@ class MLAuth(requests.auth.AuthBase):
         if unsaved is not None:
             return self._cache[0] if self._persist_unsaved_locked() else unsaved[0]
         tokens, stamp = self.store.load()
+        if self._journal is not None:  # journal: finish a refresh a dead process left half-done
+            tokens, stamp, _ = recover(self._journal, self.store, tokens, stamp)
         self._cache = (tokens, stamp)
         return tokens
 
@@ -447,9 +452,15 @@ class MLAuth(requests.auth.AuthBase):
                 )
         # A refresh token spent whose successor cannot be saved is lost for good: check first.
         self.store.check_writable()
+        orphan = None  # who sent this token before and died without its answer
+        journal = self._journal
+        if journal is not None:  # journal: a token known dead is not sent; intent on disk first
+            journal.check_reauthorization(spent)
+            orphan = journal.intent(spent)
         started = time.time()  # expiry counts from before the POST, not from the answer
         try:
-            answer = self._endpoint.refresh(spent, attempts=None if patient else 1)
+            # A token possibly spent by a dead refresher is tried exactly once.
+            answer = self._endpoint.refresh(spent, attempts=None if patient and not orphan else 1)
         except InvalidGrantError as exc:
             # A process that does not take our lock (a legacy script) may have rotated it.
             again, stamp = self.store.load()
@@ -460,9 +471,16 @@ class MLAuth(requests.auth.AuthBase):
                 if again.access_token is not None and not again.is_expired():
                     return again
                 return self._refresh(again, reason, patient=patient)
+            if journal is not None:  # journal: tell every process to stop trying this token
+                refused = journal.refused(spent, exc, orphan)
+                if refused is not exc:
+                    self._remember_failure(spent, refused, patient)
+                    raise refused from None
             self._remember_failure(spent, exc, patient)
             raise
         except RefreshError as exc:
+            if journal is not None:  # journal: an answer came, so the POST is not in flight
+                journal.abort(spent)
             self._remember_failure(spent, exc, patient)
             raise
         if answer.refresh_token is None:
@@ -478,19 +496,26 @@ class MLAuth(requests.auth.AuthBase):
             refreshed_by=f"pid {os.getpid()}@{socket.gethostname()}",
         )
         # Persist before anything else uses the new tokens: the old refresh token is dead.
+        if journal is not None:  # journal: the answer first, so a crash from here loses nothing
+            journal.answer(spent, new)
         try:
             stamp = self.store.save(new)
         except Exception as exc:  # noqa: BLE001 (whatever failed, `new` is the only live copy)
             self._unsaved = (new, base)
             self._persist_retry_at = time.monotonic() + PERSIST_RETRY_DELAY
+            rescue = None if journal is None else journal.write_rescue(base, new)  # journal
             log.error(
                 "refreshed tokens could not be saved to %s (%s: %s); this process keeps them "
-                "in memory and retries saving, but other processes cannot see them until then",
+                "in memory and retries saving, but other processes cannot see them until then. "
+                "Rescue copy: %s",
                 self.store.location,
                 type(exc).__name__,
                 exc,
+                rescue or "none could be written",
             )
             return new
+        if journal is not None:  # journal: the store has the answer; commit (empty) it
+            journal.commit()
         self._cache = (new, stamp)
         self._unsaved = None
         log.info(
@@ -545,6 +570,8 @@ class MLAuth(requests.auth.AuthBase):
         except Exception as exc:  # noqa: BLE001 (keep the only live copy, whatever failed)
             log.error("still cannot save refreshed tokens to %s: %s", self.store.location, exc)
             return False
+        if self._journal is not None:  # journal: settled, so nothing is left to replay
+            self._journal.settled()
         self._cache = (stored, stamp)
         self._unsaved = None
         return True

@@ -22,6 +22,7 @@ from dotenv import dotenv_values
 from dotenv.parser import parse_stream
 
 from .errors import ConfigError, StoreError
+from .journal import Journal
 from .lock import ProcessLock
 from .secret import Secret
 from .token import TokenSet
@@ -212,6 +213,28 @@ def tokens_from_values(values: Mapping[str, str | None], path: str) -> TokenSet:
     )
 
 
+_warned_modes: set[str] = set()
+
+
+def warn_if_readable_by_others(path: str) -> None:
+    """Warn, once per process and file, that a token file is group- or world-readable."""
+    real = os.path.realpath(path)
+    if real in _warned_modes:
+        return
+    try:
+        mode = stat.S_IMODE(os.stat(real).st_mode)
+    except OSError:
+        return  # a missing file gets its own clear error when it is read
+    if mode & 0o077:
+        _warned_modes.add(real)
+        log.warning(
+            "%s holds tokens but is readable by other users (mode %04o); fix with: chmod 600 %s",
+            real,
+            mode,
+            real,
+        )
+
+
 def _fmt_time(value: float | None) -> str | None:
     return None if value is None else f"{value:.3f}".rstrip("0").rstrip(".")
 
@@ -227,6 +250,11 @@ class EnvFileStore:
         self.path = os.path.abspath(os.fspath(path))
         self.lock_path = os.path.realpath(self.path) + ".lock"
         self._lock = ProcessLock(self.lock_path)
+        warn_if_readable_by_others(self.path)
+
+    def journal(self) -> Journal:
+        """The write-ahead refresh journal beside the file (see :mod:`mlauth.journal`)."""
+        return Journal(os.path.realpath(self.path))
 
     @property
     def location(self) -> str:

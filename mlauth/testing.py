@@ -117,9 +117,9 @@ class FakeMercadoLibre:
     """MercadoLibre's OAuth token endpoint and API, served on loopback from a daemon thread.
 
     Use as a context manager, or :meth:`start` / :meth:`stop`. ``token_lifetime``,
-    ``kill_old_access_on_refresh``, ``token_delay`` and ``api_delay`` are read on every
-    request, so a test may change them while the server runs. Every token chain (one per
-    :meth:`issue_tokens` or code exchange) is independent of the others.
+    ``kill_old_access_on_refresh``, ``token_delay``, ``token_answer_delay`` and ``api_delay``
+    are read on every request, so a test may change them while the server runs. Every token
+    chain (one per :meth:`issue_tokens` or code exchange) is independent of the others.
 
     Example::
 
@@ -146,6 +146,11 @@ class FakeMercadoLibre:
         self.token_lifetime = token_lifetime
         self.kill_old_access_on_refresh = kill_old_access_on_refresh
         self.token_delay = 0.0
+        # Delay after a grant is processed and before its answer is sent: a client killed
+        # meanwhile loses an answer whose refresh token the server has already rotated.
+        self.token_answer_delay = 0.0
+        # Some proxies and old clients send expires_in as a string ("21600"); so can the fake.
+        self.expires_in_as_string = False
         self.api_delay = 0.0
         self.token_requests_in_flight = threading.Event()
         self._address = (host, port)
@@ -367,11 +372,15 @@ class FakeMercadoLibre:
         return {
             "access_token": access,
             "token_type": "bearer",
-            "expires_in": int(lifetime) if lifetime.is_integer() else lifetime,
+            "expires_in": self._expires_in(lifetime),
             "scope": "offline_access read write",
             "user_id": self.user_id,
             "refresh_token": refresh,
         }
+
+    def _expires_in(self, lifetime: float) -> object:
+        number = int(lifetime) if lifetime.is_integer() else lifetime
+        return str(number) if self.expires_in_as_string else number
 
     def _grant(self, form: Mapping[str, str]) -> tuple[int, dict[str, object]]:
         """Apply one token POST to the state and return the answer ML would give."""
@@ -539,6 +548,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 self._send_fault(fault)
                 return
             status, payload = fake._grant(form)
+            if fake.token_answer_delay > 0:
+                time.sleep(fake.token_answer_delay)
             self._send(status, payload)
         finally:
             fake._token_finished()

@@ -133,7 +133,14 @@ def test_sigkilled_refresher_frees_the_lock_and_a_peer_proceeds(tmp_path: Path) 
     before = {k: v for k, v in read_env_file_text(original).items() if k not in TOKEN_KEYS}
     assert {k: v for k, v in after.items() if k not in TOKEN_KEYS} == before
     assert after["ML_REFRESH_TOKEN"] != read_env_file_text(original)["ML_REFRESH_TOKEN"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".env", ".env.lock", "peer.log"]
+    # The holder's intent was left in the journal; the peer's refresh settled and emptied it.
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        ".env",
+        ".env.journal",
+        ".env.lock",
+        "peer.log",
+    ]
+    assert (tmp_path / ".env.journal").read_bytes() == b""
 
 
 def read_env_file_text(text: str) -> dict[str, str | None]:

@@ -1,0 +1,493 @@
+"""The refresh journal: a write-ahead log that keeps a spent refresh token's successor.
+
+A refresh spends the stored refresh token; its successor exists only in the token
+endpoint's answer until the store has it. A process killed in between (or a store that
+fails to write) would lose the chain for good. So, under the store lock, every refresh
+appends to ``<real .env path>.journal``, each record fsynced before the next step:
+
+1. ``intent``: the fingerprint of the refresh token about to be spent (never the token);
+2. ``answer``: the raw answer, as soon as it arrives, *before* the store is written;
+3. commit: once the store holds the answer, the journal is emptied (truncated), so it
+   never grows beyond the refreshes of one outage.
+
+Recovery (:func:`recover`, run under the lock before anyone decides to refresh) reads it
+back: an answer the store does not have yet is written to the store (replayed); an intent
+with no answer means the token was *possibly spent* by a process that died while its POST
+was in flight, and it is tried exactly once, with no retry series. The answer record holds
+live tokens, so the journal is as secret as the ``.env``: created 0600, never logged.
+
+Beside it live two more files, both 0600:
+
+- ``<real .env path>.reauth``: written after ``invalid_grant``. While the store still holds
+  the refresh token it names, every process refuses at once with the fix instead of each
+  spending a request to learn the same thing; a new token in the store (``mlauth login``)
+  makes it stale. :func:`reauthorization_required` says whether it applies.
+- a rescue file, written when the store cannot be written after a token was spent: beside
+  the ``.env`` (``<real .env path>.rescue``) or, when that folder refuses too, in
+  ``$XDG_STATE_HOME/mlauth/`` (default ``~/.local/state/mlauth/``). Recovery reads both
+  places and writes their tokens to the store once it can.
+
+A store offers a journal by having a ``journal()`` method (see :func:`journal_of`); a store
+with its own crash safety (Redis, with a generation-fenced save) simply has none.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import hashlib
+import json
+import logging
+import os
+import socket
+import time
+from collections.abc import Hashable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import InvalidGrantError, StoreError
+from .secret import Secret, fingerprint
+from .token import TokenSet
+
+__all__ = ["Journal", "Recovery", "journal_of", "reauthorization_required", "recover"]
+
+log = logging.getLogger("mlauth")
+
+LOGIN_HINT = (
+    "Re-authorization required: run `mlauth login` (or authorize the app again and put the "
+    "new ML_REFRESH_TOKEN in the .env); other processes stop trying until the stored refresh "
+    "token changes."
+)
+
+
+def _fsync_dir(folder: str) -> None:
+    fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_new(path: str, data: bytes) -> None:
+    """Write ``path`` whole and durably, created 0600, replacing any previous file."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    try:
+        os.replace(tmp, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(os.path.dirname(path))
+
+
+def _tokens_to_json(tokens: TokenSet) -> dict[str, Any]:
+    return {
+        "access_token": tokens.access_token.reveal() if tokens.access_token else None,
+        "refresh_token": tokens.refresh_token.reveal() if tokens.refresh_token else None,
+        "expires_at": tokens.expires_at,
+        "refreshed_at": tokens.refreshed_at,
+        "refreshed_by": tokens.refreshed_by,
+    }
+
+
+def _tokens_from_json(data: dict[str, Any]) -> TokenSet:
+    def secret(key: str) -> Secret | None:
+        value = data.get(key)
+        return Secret(value) if isinstance(value, str) and value else None
+
+    def number(key: str) -> float | None:
+        value = data.get(key)
+        return float(value) if isinstance(value, (int, float)) else None
+
+    by = data.get("refreshed_by")
+    return TokenSet(
+        access_token=secret("access_token"),
+        refresh_token=secret("refresh_token"),
+        expires_at=number("expires_at"),
+        refreshed_at=number("refreshed_at"),
+        refreshed_by=by if isinstance(by, str) else None,
+    )
+
+
+def _state_dir() -> str:
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(
+        os.path.expanduser("~"), ".local", "state"
+    )
+    return os.path.join(base, "mlauth")
+
+
+@dataclass(frozen=True)
+class Recovery:
+    """What recovery found: tokens it wrote to the store, or a token possibly spent."""
+
+    replayed: TokenSet | None = None
+    possibly_spent: str | None = None  # fingerprint of the stored token a dead refresher sent
+    died: str | None = None  # who died with it in flight, for the message
+
+
+class Journal:
+    """The write-ahead journal of one token store, and its re-authorization and rescue files.
+
+    Every method that writes is called with the store lock held; the journal is never read or
+    written without it, so records from two refreshes never interleave.
+    """
+
+    def __init__(self, real_path: str) -> None:
+        self.store_path = real_path
+        self.path = real_path + ".journal"
+        self.reauth_path = real_path + ".reauth"
+        self.rescue_path = real_path + ".rescue"
+        digest = hashlib.sha256(real_path.encode("utf-8")).hexdigest()[:12]
+        name = os.path.basename(real_path).lstrip(".") or "env"
+        self.fallback_rescue_path = os.path.join(_state_dir(), f"rescue-{name}-{digest}.json")
+
+    def __repr__(self) -> str:
+        return f"Journal({self.path!r})"
+
+    # -- records ---------------------------------------------------------------------------
+
+    def _append(self, record: dict[str, Any]) -> None:
+        data = (json.dumps(record, separators=(",", ":")) + "\n").encode("utf-8")
+        created = not os.path.exists(self.path)
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        if created:
+            _fsync_dir(os.path.dirname(self.path))
+
+    def records(self) -> list[dict[str, Any]]:
+        """The records in order; a torn last line (a crash mid-append) is ignored."""
+        try:
+            with open(self.path, "rb") as handle:
+                raw = handle.read()
+        except FileNotFoundError:
+            return []
+        except OSError as exc:
+            raise StoreError(f"cannot read the refresh journal {self.path}: {exc}") from exc
+        out: list[dict[str, Any]] = []
+        for line in raw.split(b"\n"):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError:
+                log.warning("ignoring a torn record in the refresh journal %s", self.path)
+                continue
+            if isinstance(record, dict):
+                out.append(record)
+        return out
+
+    def intent(self, spent: Secret) -> str | None:
+        """Record that ``spent`` is about to be sent. Raises StoreError if it cannot be.
+
+        Returns who sent it before and died without an answer (the token is then *possibly
+        spent*), or None.
+        """
+        orphan = _open_intents(self.records()).get(spent.fingerprint)
+        try:
+            self._append(
+                {
+                    "kind": "intent",
+                    "spent": spent.fingerprint,
+                    "at": time.time(),
+                    "by": f"pid {os.getpid()}@{socket.gethostname()}",
+                }
+            )
+        except OSError as exc:
+            raise StoreError(
+                f"cannot write the refresh journal {self.path} ({exc.strerror or exc}). "
+                "Refusing to spend the refresh token: fix the folder's permissions or free "
+                "disk space, then try again."
+            ) from exc
+        return orphan
+
+    def abort(self, spent: Secret) -> None:
+        """The POST for ``spent`` got an answer (an error): it is no longer in flight."""
+        try:
+            self._append({"kind": "abort", "spent": spent.fingerprint})
+        except OSError as exc:
+            log.warning("could not write to the refresh journal %s: %s", self.path, exc)
+
+    def answer(self, spent: Secret, tokens: TokenSet) -> bool:
+        """Record the answer that replaced ``spent``; False (and an error log) if it failed."""
+        record = {"kind": "answer", "spent": spent.fingerprint, "tokens": _tokens_to_json(tokens)}
+        try:
+            self._append(record)
+        except OSError as exc:
+            log.error("could not write the token answer to the journal %s: %s", self.path, exc)
+            return False
+        return True
+
+    def commit(self) -> None:
+        """The store holds the answer: empty the journal (the commit, and its compaction)."""
+        try:
+            fd = os.open(self.path, os.O_WRONLY)
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            log.warning("could not empty the refresh journal %s: %s", self.path, exc)
+            return
+        try:
+            os.ftruncate(fd, 0)
+            os.fsync(fd)
+        except OSError as exc:
+            # Harmless: recovery finds the store already holds the answer and empties it then.
+            log.warning("could not empty the refresh journal %s: %s", self.path, exc)
+        finally:
+            os.close(fd)
+
+    def settled(self) -> None:
+        """Unsaved tokens reached the store after all: nothing is left to replay or rescue."""
+        self.commit()
+        self.drop_rescues()
+
+    def refused(
+        self, spent: Secret, error: InvalidGrantError, orphan: str | None
+    ) -> InvalidGrantError:
+        """Record an ``invalid_grant`` for ``spent``; the error to raise (with the history).
+
+        The marker stops every process from sending the dead token again until the store
+        holds another one.
+        """
+        self.abort(spent)
+        reason = "invalid_grant" + (
+            f" after {orphan} died with it in flight" if orphan is not None else ""
+        )
+        self.mark_reauthorization_required(spent, reason)
+        if orphan is None:
+            return error
+        refused = InvalidGrantError(
+            f"the refresh token {spent.fingerprint} was refused (invalid_grant). It was "
+            f"possibly spent already: {orphan} sent it and died before the answer could be "
+            f"saved (the one window no client can close). {LOGIN_HINT}",
+            status_code=error.status_code,
+            error=error.error,
+            description=error.description,
+        )
+        return refused
+
+    # -- rescue files ----------------------------------------------------------------------
+
+    def write_rescue(self, base: Secret, tokens: TokenSet) -> str | None:
+        """Save tokens the store refused, beside it or in the state dir; return where."""
+        data = json.dumps(
+            {"store": self.store_path, "base": base.fingerprint, "tokens": _tokens_to_json(tokens)}
+        ).encode("utf-8")
+        for path in (self.rescue_path, self.fallback_rescue_path):
+            try:
+                os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+                _write_new(path, data)
+            except OSError as exc:
+                log.debug("could not write a rescue file at %s: %s", path, exc)
+                continue
+            return path
+        return None
+
+    def rescues(self) -> Iterator[tuple[str, str, TokenSet]]:
+        """(path, fingerprint of the token they replaced, tokens) of each rescue file found."""
+        for path in (self.rescue_path, self.fallback_rescue_path):
+            try:
+                with open(path, encoding="utf-8") as handle:
+                    data = json.load(handle)
+                yield path, str(data["base"]), _tokens_from_json(data["tokens"])
+            except FileNotFoundError:
+                continue
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                log.warning("ignoring unreadable rescue file %s: %s", path, exc)
+
+    def drop_rescues(self) -> None:
+        for path in (self.rescue_path, self.fallback_rescue_path):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+
+    # -- re-authorization marker -----------------------------------------------------------
+
+    def mark_reauthorization_required(self, spent: Secret, reason: str) -> None:
+        record = {
+            "refresh_token": spent.fingerprint,
+            "at": time.time(),
+            "by": f"pid {os.getpid()}@{socket.gethostname()}",
+            "reason": reason,
+        }
+        try:
+            _write_new(self.reauth_path, json.dumps(record).encode("utf-8"))
+        except OSError as exc:
+            log.warning("could not write the re-authorization marker %s: %s", self.reauth_path, exc)
+
+    def reauthorization(self, stored: Secret | None) -> str | None:
+        """The re-authorization message if the marker names the stored refresh token."""
+        try:
+            with open(self.reauth_path, encoding="utf-8") as handle:
+                data = json.load(handle)
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            log.warning("ignoring unreadable marker %s: %s", self.reauth_path, exc)
+            return None
+        if not isinstance(data, dict) or stored is None:
+            return None
+        if data.get("refresh_token") != stored.fingerprint:
+            return None  # the store holds another token now (a new authorization)
+        at = data.get("at")
+        when = (
+            time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(at))
+            if isinstance(at, (int, float))
+            else "earlier"
+        )
+        return (
+            f"the refresh token {stored.fingerprint} in {self.store_path} was refused by "
+            f"MercadoLibre ({data.get('reason') or 'invalid_grant'}; seen by {data.get('by')} at "
+            f"{when}). {LOGIN_HINT}"
+        )
+
+    def check_reauthorization(self, spent: Secret) -> None:
+        """Raise InvalidGrantError at once if ``spent`` is already known to be dead."""
+        message = self.reauthorization(spent)
+        if message is not None:
+            raise InvalidGrantError(f"not sent: {message}", status_code=400, error="invalid_grant")
+
+
+def journal_of(store: object) -> Journal | None:
+    """The store's journal, if it offers one (a ``journal()`` method returning a Journal)."""
+    factory = getattr(store, "journal", None)
+    if not callable(factory):
+        return None
+    journal = factory()
+    return journal if isinstance(journal, Journal) else None
+
+
+def reauthorization_required(store: object) -> str | None:
+    """Why the seller must authorize again (with the command to run), or None.
+
+    For ``mlauth status`` and the like: true after an ``invalid_grant`` until the store holds
+    another refresh token. Takes no lock and changes nothing.
+    """
+    journal = journal_of(store)
+    if journal is None:
+        return None
+    load = getattr(store, "load", None)
+    if not callable(load):
+        return None
+    tokens, _ = load()
+    assert isinstance(tokens, TokenSet)
+    return journal.reauthorization(tokens.refresh_token)
+
+
+def _chain(start: str, answers: dict[str, TokenSet]) -> list[TokenSet]:
+    """The answers that follow each other from the stored token's fingerprint, oldest first."""
+    found: list[TokenSet] = []
+    seen = {start}
+    current = start
+    while current in answers:
+        tokens = answers[current]
+        found.append(tokens)
+        current = fingerprint(tokens.refresh_token.reveal() if tokens.refresh_token else None)
+        if current in seen:
+            break  # an answer that kept the same refresh token (no offline_access)
+        seen.add(current)
+    return found
+
+
+def _open_intents(records: list[dict[str, Any]]) -> dict[str, str]:
+    """Fingerprint -> who sent it, for intents that no answer or abort followed."""
+    intents: dict[str, str] = {}
+    for record in records:
+        spent = str(record.get("spent"))
+        if record.get("kind") == "intent":
+            intents[spent] = str(record.get("by"))
+        else:
+            intents.pop(spent, None)
+    return intents
+
+
+# A temporary .env older than this, found under the lock, was left by a writer that died.
+STALE_TEMP_AGE = 60.0
+
+
+def _drop_stale_temps(store_path: str) -> None:
+    """Delete temporary copies of the .env that a writer killed mid-save left behind.
+
+    They hold live tokens (mode 0600, but still a copy nobody needs). Only old ones go: a
+    program calling ``update_env_file`` without our lock may be writing one right now.
+    """
+    folder, name = os.path.split(store_path)
+    now = time.time()
+    for path in glob.glob(os.path.join(glob.escape(folder), f".{glob.escape(name)}.*.mlauth-tmp")):
+        with contextlib.suppress(OSError):
+            if now - os.stat(path).st_mtime > STALE_TEMP_AGE:
+                os.unlink(path)
+                log.info("removed %s, left by a writer that died mid-save", path)
+
+
+def recover(
+    journal: Journal, store: Any, tokens: TokenSet, stamp: Hashable
+) -> tuple[TokenSet, Hashable, Recovery]:
+    """Finish what a dead or failed refresher left behind. Called under the store lock.
+
+    ``tokens``/``stamp`` are what the store holds now. Returns what it holds afterwards and
+    what was found. A store that still cannot be written keeps the journal as it was.
+    """
+    records = journal.records()
+    if records:
+        _drop_stale_temps(journal.store_path)
+    rescues = list(journal.rescues())
+    if not records and not rescues:
+        return tokens, stamp, Recovery()
+    stored = fingerprint(tokens.refresh_token.reveal() if tokens.refresh_token else None)
+    answers: dict[str, TokenSet] = {}
+    intents = _open_intents(records)
+    for record in records:
+        if record.get("kind") == "answer" and isinstance(record.get("tokens"), dict):
+            answers[str(record.get("spent"))] = _tokens_from_json(record["tokens"])
+    chain = _chain(stored, answers)
+    newest = chain[-1] if chain else None
+    known = {t.refresh_token for t in chain}
+    for path, base, rescued in rescues:
+        # A rescue file holds its writer's latest tokens over the token the store held; it is
+        # newer than the journal when the journal's own append failed too.
+        if base == stored and rescued.refresh_token not in known:
+            log.info("found rescued tokens in %s", path)
+            newest = rescued
+    if newest is not None:
+        try:
+            stamp = store.save(newest)
+        except Exception as exc:  # noqa: BLE001 (the journal keeps them; nothing is lost)
+            log.error(
+                "could not replay the journaled tokens into %s yet (%s); kept in %s",
+                journal.store_path,
+                exc,
+                journal.path,
+            )
+            return tokens, stamp, Recovery()
+        log.warning(
+            "recovered a refresh that was not saved (a crashed or failed refresher): wrote "
+            "%s to %s",
+            newest.describe(),
+            journal.store_path,
+        )
+        journal.commit()
+        journal.drop_rescues()
+        return newest, stamp, Recovery(replayed=newest)
+    if stored in intents:
+        # The last refresher sent (or was about to send) the stored token and died before its
+        # answer reached the journal. Keep the intent: the next refresh tries the token once.
+        return tokens, stamp, Recovery(possibly_spent=stored, died=intents[stored])
+    # Everything in the journal is older than the stored tokens: they were saved.
+    journal.commit()
+    if rescues:
+        journal.drop_rescues()
+    return tokens, stamp, Recovery()

@@ -1,0 +1,100 @@
+"""A process that makes one API call through MLAuth, and can be frozen at a refresh phase.
+
+Run as ``python tests/fault_worker.py ENV URL``; prints one JSON line with the outcome. With
+``MLAUTH_TEST_PAUSE_AT=<phase>`` and ``MLAUTH_TEST_PAUSE_MARKER=<path>`` it creates the marker
+file when it reaches the phase and then waits to be killed (the fault-injection tests send
+SIGKILL). The hooks are installed here, by wrapping library functions, so that production
+code carries no test switch. Phases:
+
+- ``before-post``: the intent is journaled and the token POST is about to be sent;
+- ``after-answer``: the answer arrived (and is journaled); the store is not written yet;
+- ``during-write``: the new .env is written to its temporary file, not renamed into place;
+- ``after-write``: the store holds the new tokens; the journal is not committed yet.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable, Hashable
+from typing import Any
+
+import requests
+
+import mlauth
+import mlauth.envfile
+import mlauth.journal
+import mlauth.refresher
+
+
+def pause(phase: str) -> None:
+    marker = os.environ["MLAUTH_TEST_PAUSE_MARKER"]
+    fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    os.write(fd, phase.encode())
+    os.close(fd)
+    while True:  # until the test's SIGKILL
+        signal.pause()
+
+
+def install_pause(phase: str, env: str) -> None:
+    real_env = os.path.realpath(env)
+    if phase == "before-post":
+        refresh = mlauth.refresher.TokenEndpoint.refresh
+
+        def paused_refresh(self: Any, *args: Any, **kwargs: Any) -> Any:
+            pause(phase)
+            return refresh(self, *args, **kwargs)
+
+        mlauth.refresher.TokenEndpoint.refresh = paused_refresh  # type: ignore[method-assign]
+    elif phase == "after-answer":
+        save = mlauth.EnvFileStore.save
+
+        def paused_save(self: mlauth.EnvFileStore, tokens: mlauth.TokenSet) -> Hashable:
+            pause(phase)
+            return save(self, tokens)
+
+        mlauth.EnvFileStore.save = paused_save  # type: ignore[method-assign]
+    elif phase == "during-write":
+        replace: Callable[..., None] = os.replace
+
+        def paused_replace(src: Any, dst: Any, **kwargs: Any) -> None:
+            if os.fspath(dst) == real_env:
+                pause(phase)
+            replace(src, dst, **kwargs)
+
+        mlauth.envfile.os.replace = paused_replace  # type: ignore[assignment]
+    elif phase == "after-write":
+        commit = mlauth.journal.Journal.commit
+
+        def paused_commit(self: mlauth.journal.Journal) -> None:
+            pause(phase)
+            commit(self)
+
+        mlauth.journal.Journal.commit = paused_commit  # type: ignore[method-assign]
+    else:
+        raise SystemExit(f"unknown phase {phase!r}")
+
+
+def main() -> int:
+    env, url = sys.argv[1], sys.argv[2]
+    logging.basicConfig(level=logging.DEBUG, stream=sys.stderr, format="%(message)s")
+    phase = os.environ.get("MLAUTH_TEST_PAUSE_AT")
+    if phase:
+        install_pause(phase, env)
+    outcome: dict[str, object] = {"pid": os.getpid()}
+    try:
+        auth = mlauth.MLAuth.from_env(env, backoff=0.01)
+        response = requests.get(f"{url}/users/me", auth=auth, timeout=60)
+        outcome["status"] = response.status_code
+    except requests.RequestException as exc:
+        outcome["error"] = type(exc).__name__
+        outcome["message"] = str(exc)
+    print(json.dumps(outcome), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

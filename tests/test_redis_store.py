@@ -146,7 +146,6 @@ def test_stale_holder_whose_lock_expired_adopts_the_newer_token(
     thread = threading.Thread(target=call)
     thread.start()
     assert fake_ml.token_requests_in_flight.wait(10)
-    fake_ml.token_delay = 0.0
     # A peer takes the lock once it expired and commits a newer generation (here: a chain
     # issued afresh, as a second `mlauth login` would), while the holder's POST is pending.
     peer = store_from_env(env)

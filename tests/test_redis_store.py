@@ -171,6 +171,46 @@ def test_stale_holder_whose_lock_expired_adopts_the_newer_token(
     assert response.request.headers["Authorization"] == f"Bearer {newer['access_token']}"
 
 
+def test_a_holder_commits_after_its_lock_lapsed_and_the_loser_adopts_on_invalid_grant(
+    fake_ml: FakeMercadoLibre, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    env = redis_env(
+        fake_ml,
+        tmp_path,
+        redis_server.url,
+        expires_at=time.time() - 10,
+        extra={"ML_TOKEN_LOCK_TIMEOUT": "0.5"},
+    )
+    holder = mlauth.MLAuth.from_env(env, backoff=0.001)
+    peer = mlauth.MLAuth.from_env(env, backoff=0.001)  # another machine: its own store
+    before = stored(redis_server, env)
+    fake_ml.token_delay = 2.0  # every POST is slow: the holder's outlives its 0.5 s lock
+    responses: dict[str, requests.Response] = {}
+
+    def call(name: str, auth: mlauth.MLAuth) -> None:
+        responses[name] = requests.get(f"{fake_ml.base_url}/users/me", auth=auth)
+
+    first = threading.Thread(target=call, args=("holder", holder))
+    first.start()
+    assert fake_ml.token_requests_in_flight.wait(10)
+    # The peer gets the lock once it lapses, reads the same (unspent) tokens and presents the
+    # same refresh token; the holder's earlier POST wins at the server.
+    second = threading.Thread(target=call, args=("peer", peer))
+    second.start()
+    first.join(30)
+    second.join(30)
+
+    assert responses["holder"].status_code == 200 and responses["peer"].status_code == 200
+    stats = fake_ml.stats()
+    assert stats["refreshes"] == 1 and stats["invalid_grant"] == 1
+    after = stored(redis_server, env)
+    # The holder committed on the generation alone, though the peer held the lock by then...
+    assert int(after["generation"]) == int(before["generation"]) + 1
+    assert after["refresh_token"] == holder.tokens.refresh_token.reveal()  # type: ignore[union-attr]
+    # ...and the peer, refused by the server, re-read Redis and adopted it.
+    assert peer.tokens == holder.tokens
+
+
 def test_a_lock_lost_during_retries_stops_before_the_token_is_spent_again(
     fake_ml: FakeMercadoLibre, redis_server: RedisServer, tmp_path: Path
 ) -> None:

@@ -93,8 +93,10 @@ def test_several_machines_share_one_chain_through_redis_without_a_failed_call(
         folders = machines(
             fake, redis_server.url, tmp_path, count, expires_at=time.time() + LIFETIME
         )
+        started = time.time()
         procs = [worker(f, fake.base_url, threads=threads, seconds=seconds) for f in folders]
         results = [result_of(proc) for proc in procs]
+        span = time.time() - started  # longer than `seconds` when starting processes is slow
         stats = fake.stats()
         refresh_times = fake.refresh_times()
 
@@ -111,7 +113,7 @@ def test_several_machines_share_one_chain_through_redis_without_a_failed_call(
     assert stats["invalid_grant"] == 0
     gaps = [b - a for a, b in itertools.pairwise(refresh_times)]
     assert stats["refreshes"] >= seconds / LIFETIME - 1
-    assert stats["refreshes"] <= seconds / (LIFETIME * 0.75) + 2
+    assert stats["refreshes"] <= span / (LIFETIME * 0.75) + 2
     assert min(gaps) >= LIFETIME / 2, gaps  # never two refreshes of one token
     assert absorbed == stats["api_401"]
     # Every refresh was one committed generation (the migration wrote the first).

@@ -16,6 +16,7 @@ import os
 import re
 import stat
 import tempfile
+import threading
 from collections.abc import Hashable, Iterator, Mapping
 
 from dotenv import dotenv_values
@@ -237,6 +238,9 @@ class EnvFileStore:
         self.lock_path = os.path.realpath(self.path) + ".lock"
         self._lock = ProcessLock(self.lock_path)
         self._moved: TokenStore | StoreMovedError | None = None
+        # Threads that notice the move together must all follow one store object: its lock
+        # and the version a thread read are kept on it.
+        self._follow_lock = threading.Lock()
 
     @property
     def location(self) -> str:
@@ -254,20 +258,26 @@ class EnvFileStore:
                 return None
             from .config import shared_store  # config imports this module
 
-            try:
-                self._moved = shared_store(values, self.path)
-            except ConfigError as exc:
-                self._moved = StoreMovedError(
-                    f"{self.path}: the tokens moved out of this file ({STORE_KEY} is set) and "
-                    f"this process cannot follow them: {exc}. Fix that and restart it; it will "
-                    "not refresh into the file."
-                )
-            if isinstance(self._moved, StoreMovedError):
-                log.error("%s", self._moved)
-            else:
-                log.warning("%s: tokens moved to %s; following them", self.path, self._moved)
+            with self._follow_lock:
+                if self._moved is None:
+                    try:
+                        self._moved = shared_store(values, self.path)
+                    except ConfigError as exc:
+                        self._moved = StoreMovedError(
+                            f"{self.path}: the tokens moved out of this file ({STORE_KEY} is "
+                            f"set) and this process cannot follow them: {exc}. Fix that and "
+                            "restart it; it will not refresh into the file."
+                        )
+                    if isinstance(self._moved, StoreMovedError):
+                        log.error("%s", self._moved)
+                    else:
+                        log.warning(
+                            "%s: tokens moved to %s; following them", self.path, self._moved
+                        )
         if isinstance(self._moved, StoreMovedError):
-            raise self._moved
+            # A new object each time: one exception raised in several threads would mix
+            # their tracebacks.
+            raise StoreMovedError(str(self._moved))
         return self._moved
 
     def stamp(self) -> Hashable:

@@ -197,3 +197,41 @@ def test_a_run_continues_across_a_redis_restart_with_persistence(
     assert stats["invalid_grant"] == 0
     assert after_restart, "no refresh after the restart"
     assert int(stored(persistent_redis, folders[0])["generation"]) == stats["refreshes"] + 1
+
+
+def test_processes_running_on_a_env_follow_a_migration_mid_run(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    count, threads, seconds = 3, 2, 8.0
+    with FakeMercadoLibre(token_lifetime=LIFETIME, kill_old_access_on_refresh=True) as fake:
+        env = tmp_path / ".env"
+        issued = time.time()
+        fake.write_env(
+            env, expires_at=issued + LIFETIME, extra={"ML_TOKEN_REFRESHED_AT": str(issued)}
+        )
+        procs = [
+            worker(tmp_path, fake.base_url, threads=threads, seconds=seconds) for _ in range(count)
+        ]
+        deadline = time.monotonic() + 30
+        while fake.stats()["refreshes"] < 1:  # mid-run: after a refresh into the file
+            assert time.monotonic() < deadline, "no refresh happened"
+            time.sleep(0.01)
+        migrating_at = time.time()
+        migrate_to_redis(env, redis_server.url)
+        results = [result_of(proc) for proc in procs]
+        stats = fake.stats()
+        refresh_times = fake.refresh_times()
+
+    calls, failed = total(results, "calls"), total(results, "failed")
+    into_redis = [t for t in refresh_times if t > migrating_at]
+    print(
+        f"\n[figures] {count} processes followed a migration mid-run: calls={calls} "
+        f"failed={failed} refreshes={stats['refreshes']} (into Redis: {len(into_redis)}) "
+        f"invalid_grant={stats['invalid_grant']}"
+    )
+    assert failed == 0, [r["errors"] for r in results]
+    assert stats["invalid_grant"] == 0
+    assert into_redis, "no refresh after the migration"
+    # Every refresh after the move went to Redis, and none back into the file.
+    assert int(stored(redis_server, tmp_path)["generation"]) == len(into_redis) + 1
+    assert "ML_REFRESH_TOKEN" not in read_env_file(env)

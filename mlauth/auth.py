@@ -28,9 +28,22 @@ import requests
 from requests.cookies import extract_cookies_to_jar
 from requests.utils import rewind_body
 
-from .config import DEFAULT_HOSTS, DEFAULT_TOKEN_URL, check_hosts, check_token_url, env_settings
-from .envfile import EnvFileStore
-from .errors import ConfigError, InvalidGrantError, LockTimeoutError, MLAuthError, RefreshError
+from .config import (
+    DEFAULT_HOSTS,
+    DEFAULT_TOKEN_URL,
+    check_hosts,
+    check_token_url,
+    env_settings,
+    store_from_env,
+)
+from .errors import (
+    ConfigError,
+    InvalidGrantError,
+    LockTimeoutError,
+    MLAuthError,
+    RefreshError,
+    StaleCommitError,
+)
 from .refresher import REAUTHORIZE_HINT, TokenEndpoint
 from .secret import Secret
 from .store import TokenStore
@@ -133,6 +146,9 @@ class MLAuth(requests.auth.AuthBase):
             raise ConfigError("refresh_margin and min_token_age must be >= 0, lock_timeout > 0")
         self.client_id = client_id.strip()
         self.store = store
+        bind_client = getattr(store, "bind_client", None)
+        if bind_client is not None:  # a shared store (Redis) names its key after the app
+            bind_client(self.client_id)
         self.token_url = check_token_url(token_url, "token_url")
         self._hosts = check_hosts(hosts if isinstance(hosts, str) else list(hosts), "hosts")
         self.refresh_margin = float(refresh_margin)
@@ -175,11 +191,11 @@ class MLAuth(requests.auth.AuthBase):
         """Build from a ``.env``: credentials, token URL and hosts from the file, tokens in it.
 
         Keyword arguments override the file and are passed on to :class:`MLAuth`; ``store=``
-        keeps the credentials in the file and the tokens elsewhere.
+        keeps the credentials in the file and the tokens elsewhere, as ``ML_TOKEN_STORE`` does.
         """
         settings = env_settings(path)
         settings.update(kwargs)
-        store = settings.pop("store", None) or EnvFileStore(path)
+        store = settings.pop("store", None) or store_from_env(path)
         return cls(store=store, **settings)  # type: ignore[arg-type]
 
     def __repr__(self) -> str:
@@ -445,11 +461,25 @@ class MLAuth(requests.auth.AuthBase):
                 raise _fresh(
                     error, f"not retried: this refresh token failed {ago:.1f}s ago: {error}"
                 )
-        # A refresh token spent whose successor cannot be saved is lost for good: check first.
-        self.store.check_writable()
-        started = time.time()  # expiry counts from before the POST, not from the answer
+        # Expiry counts from just before the first POST, not from the answer, and not from
+        # before the store's check either: that check fsyncs (or asks Redis), which under load
+        # can take a good part of a second that the token would then seem older by.
+        started = time.time()
+        first_attempt = True
+
+        def before_attempt() -> None:
+            nonlocal started, first_attempt
+            # A refresh token spent whose successor cannot be saved is lost for good: the store
+            # checks before every attempt (and a locking store renews its lock there).
+            self.store.check_writable()
+            if first_attempt:
+                first_attempt = False
+                started = time.time()
+
         try:
-            answer = self._endpoint.refresh(spent, attempts=None if patient else 1)
+            answer = self._endpoint.refresh(
+                spent, attempts=None if patient else 1, before_attempt=before_attempt
+            )
         except InvalidGrantError as exc:
             # A process that does not take our lock (a legacy script) may have rotated it.
             again, stamp = self.store.load()
@@ -480,6 +510,13 @@ class MLAuth(requests.auth.AuthBase):
         # Persist before anything else uses the new tokens: the old refresh token is dead.
         try:
             stamp = self.store.save(new)
+        except StaleCommitError as exc:
+            # Our lock expired during the call and a peer committed since: theirs win.
+            tokens, stamp = self.store.load()
+            self._cache = (tokens, stamp)
+            self._unsaved = None
+            log.warning("%s; using %s", exc, tokens.describe())
+            return tokens
         except Exception as exc:  # noqa: BLE001 (whatever failed, `new` is the only live copy)
             self._unsaved = (new, base)
             self._persist_retry_at = time.monotonic() + PERSIST_RETRY_DELAY

@@ -353,6 +353,33 @@ def test_transient_failures_are_retried_then_succeed(
     assert len(only_token_calls(requests_mock)) == 3
 
 
+def test_expiry_counts_from_the_first_post_not_from_the_store_check(
+    env_file: Path, requests_mock: requests_mock.Mocker
+) -> None:
+    # The store's check fsyncs a scratch file (or asks Redis): slow under load. Counting the
+    # token's life from before it would make the next refresh come early by that much.
+    checks: list[float] = []
+    posts: list[float] = []
+
+    class TimedStore(mlauth.EnvFileStore):
+        def check_writable(self) -> None:
+            super().check_writable()
+            checks.append(time.time())
+
+    def answer(request: object, context: object) -> dict[str, object]:
+        posts.append(time.time())
+        return token_answer()
+
+    requests_mock.post(TOKEN_URL, [{"status_code": 503}, {"json": answer}])
+    auth = mlauth.MLAuth.from_env(env_file, store=TimedStore(env_file), backoff=0.001)
+    new = auth.refresh()
+
+    assert len(checks) == 2 and len(posts) == 1  # checked before each of the two attempts
+    assert new.refreshed_at is not None and new.expires_at is not None
+    assert checks[0] <= new.refreshed_at <= checks[1] <= posts[0]
+    assert new.expires_at == new.refreshed_at + 21600
+
+
 def test_retry_after_is_honoured(requests_mock: requests_mock.Mocker) -> None:
     from mlauth.refresher import TokenEndpoint
 

@@ -6,8 +6,8 @@ function plus one ``_command(...)`` line. Commands reach the tokens only through
 :class:`~mlauth.MLAuth`'s public methods, so any store works with every command.
 
 Exit codes: 0 success; 1 an expected failure (missing or bad configuration, the token
-endpoint refused or kept failing, an unwritable store, a lock held too long, a bad or
-mismatched authorization code); 2 a usage error; 3 re-authorization required (the refresh
+endpoint refused or kept failing, an unwritable or unreachable store, a lock held too long, a
+bad or mismatched authorization code); 2 a usage error; 3 re-authorization required (the refresh
 token is missing or dead: run ``mlauth login``). ``mlauth run`` exits with the command's own
 code (127 if it was not found, 126 if it could not be executed). Expected failures print one
 line naming the problem and the fix on stderr, never a traceback; no command prints a token
@@ -41,6 +41,7 @@ __all__ = [
     "build_parser",
     "main",
     "refresh_in_progress",
+    "store_details",
 ]
 
 EXIT_OK = 0
@@ -64,6 +65,14 @@ def refresh_in_progress(store: TokenStore) -> bool | None:
         return None
     answer = probe()
     return answer if isinstance(answer, bool) else None
+
+
+def store_details(store: TokenStore) -> list[tuple[str, str]]:
+    """Extra ``status`` rows from a store's optional ``status_details()`` (Redis)."""
+    details = getattr(store, "status_details", None)
+    if not callable(details):
+        return []
+    return [(str(label), str(value)) for label, value in details()]
 
 
 def _login_hint(env: str) -> str:
@@ -123,7 +132,8 @@ def _cmd_status(args: argparse.Namespace) -> int:
     tokens, _ = store.load()
     busy = refresh_in_progress(store)
     rows = [
-        ("store", store.location),
+        ("store", store.location),  # a Redis URL's password is masked there
+        *store_details(store),
         ("access token", tokens.access_token.fingerprint if tokens.access_token else "<none>"),
         ("refresh token", tokens.refresh_token.fingerprint if tokens.refresh_token else "<none>"),
         ("expires", _expiry(tokens)),

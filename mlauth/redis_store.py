@@ -247,8 +247,9 @@ class RedisStore:
         if known is None:
             raise ConfigError(
                 f"Redis at {self.location} holds no tokens under {key!r}. Move them there "
-                "with `mlauth migrate --to URL` (mlauth.migrate.migrate_to_redis), or check "
-                "ML_TOKEN_STORE (host, port and database number)."
+                "with `mlauth migrate --to URL` (mlauth.migrate.migrate_to_redis), authorize "
+                "into it with `mlauth login`, or check ML_TOKEN_STORE (host, port and "
+                "database number) and ML_TOKEN_KEY."
             )
         tokens, chain, gen = known
         if self._reseed(keys=[key], args=[chain, gen, *self._pairs(tokens)]):
@@ -305,10 +306,14 @@ class RedisStore:
             raise self._unreachable(exc, "renew the refresh lock at") from None
 
     def save(self, tokens: TokenSet) -> Hashable:
-        """Commit over the version this thread last read; :class:`StaleCommitError` if stale."""
+        """Commit over the version this thread last read; :class:`StaleCommitError` if stale.
+
+        A thread that has read nothing (``mlauth login`` into an empty key, whose load found
+        no tokens) starts a new chain, and only into an empty key.
+        """
         read: tuple[str, int] | None = getattr(self._local, "read", None)
         if read is None:
-            raise StoreError("RedisStore.save() before any load() in this thread")
+            return self.seed(tokens)
         chain, gen = read
         try:
             new = int(self._commit(keys=[self._key()], args=[chain, gen, *self._pairs(tokens)]))
@@ -348,6 +353,27 @@ class RedisStore:
         except RedisError as exc:
             raise self._unreachable(exc, "read") from None
         return self.load()[0] if exists else None
+
+    # -- for `mlauth status` ---------------------------------------------------------------
+
+    def refresh_in_progress(self) -> bool:
+        """Whether some process holds the refresh lock now (optional store method).
+
+        A holder that died still counts until its lock expires (``lock_timeout``).
+        """
+        try:
+            return bool(self._client.exists(self.lock_key))
+        except RedisError as exc:
+            raise self._unreachable(exc, "read the refresh lock at") from None
+
+    def status_details(self) -> list[tuple[str, str]]:
+        """Rows for ``mlauth status`` (optional store method): the key, and the chain's
+        generation as this thread last read it."""
+        rows = [("key", self._key())]
+        read: tuple[str, int] | None = getattr(self._local, "read", None)
+        if read is not None:
+            rows.append(("generation", f"{read[1]} (chain {read[0]})"))
+        return rows
 
     # -- the lock --------------------------------------------------------------------------
 

@@ -210,12 +210,18 @@ class TokenEndpoint:
         )
 
     def exchange_code(
-        self, code: Secret, redirect_uri: str, *, code_verifier: Secret | None = None
+        self,
+        code: Secret,
+        redirect_uri: str,
+        *,
+        code_verifier: Secret | None = None,
+        before_attempt: Callable[[], None] | None = None,
     ) -> TokenAnswer:
         """Exchange an authorization code (``mlauth login``) for the first token pair.
 
-        A code is single use like a refresh token, so the same retry rules apply. A refused
-        code raises :class:`InvalidGrantError`.
+        A code is single use like a refresh token, so the same retry rules apply, and
+        ``before_attempt`` as for :meth:`refresh`. A refused code raises
+        :class:`InvalidGrantError`.
         """
         data = {
             "grant_type": "authorization_code",
@@ -226,7 +232,7 @@ class TokenEndpoint:
         }
         if code_verifier is not None:
             data["code_verifier"] = code_verifier.reveal()
-        return self._call(data, self.max_attempts)
+        return self._call(data, self.max_attempts, before_attempt)
 
     def _delay(self, attempt: int, retry_after: float | None) -> float:
         if retry_after is not None:

@@ -9,6 +9,9 @@ Two optional parts of the contract serve stores whose lock can expire (Redis): `
 raise :class:`~mlauth.StaleCommitError` when the chain changed since the calling thread last
 loaded it (MLAuth then loads and adopts the newer tokens), and a store may have a
 ``bind_client(client_id)`` method, which MLAuth calls once so the store can name its key.
+For ``mlauth status`` a store may also offer ``refresh_in_progress() -> bool | None`` (is
+the refresh lock held now?) and ``status_details() -> list[tuple[str, str]]`` (extra rows,
+such as the Redis key and generation).
 """
 
 from __future__ import annotations

@@ -355,9 +355,9 @@ class MLAuth(requests.auth.AuthBase):
 
     def _recover(self, failed: Secret) -> Secret | None:
         """The token to re-send with after ``failed`` got a 401, or None to return the 401."""
-        current = self._sync().access_token  # a thread may have cached an older read
-        if current is not None and current != failed:
-            return current  # another thread or process has moved on already
+        current = self._sync()  # a thread may have cached an older read
+        if current.access_token not in (None, failed) and not current.is_expired():
+            return current.access_token  # another thread or process has moved on already
         tokens = self._single_flight(failed=failed, reason="401", wait=True)
         return None if tokens is None else tokens.access_token
 
@@ -393,7 +393,10 @@ class MLAuth(requests.auth.AuthBase):
         if tokens.access_token is None:
             return False
         if failed is not None:
-            return tokens.access_token != failed
+            # A peer's token is only worth adopting while it lives: after a long wait for the
+            # lock (a Redis lock orphaned by a restart lasts lock_timeout) it may have expired,
+            # and re-sending with it would just return a second 401 to the caller.
+            return tokens.access_token != failed and not tokens.is_expired()
         return not tokens.needs_refresh(self.refresh_margin)
 
     def _young(self, tokens: TokenSet) -> bool:

@@ -1,8 +1,9 @@
-"""The ``mlauth`` command with the Redis store: status/token/refresh/login, run and install(),
-against a real redis-server and the loopback fake, each command a real process."""
+"""The ``mlauth`` command with the Redis store: migrate, status/token/refresh/login, run and
+install(), against a real redis-server and the loopback fake, each command a real process."""
 
 from __future__ import annotations
 
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -233,3 +234,99 @@ def test_mlauth_run_installs_the_redis_store_in_the_command(
     assert done.stdout == "RedisStore 200\n"
     assert stored(redis_server, redis_env)["generation"] == "2"
     assert fake_ml.stats()["refreshes"] == 1
+
+
+# -- migrate ------------------------------------------------------------------------------
+
+
+def test_migrate_moves_the_tokens_and_a_second_run_has_nothing_to_do(
+    fake_ml: FakeMercadoLibre, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    env = tmp_path / ".env"
+    fake_ml.write_env(env, extra={"PIPELINE": "keep me"})
+    before = read_env_file(env)
+
+    done = mlauth_cli("migrate", "--env", str(env), "--to", redis_server.url)
+
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("moved the tokens (refresh sha256:")
+    assert redis_server.url in done.stdout and len(done.stdout.splitlines()) == 1
+    after = read_env_file(env)
+    assert after[STORE_KEY] == redis_server.url and after["PIPELINE"] == "keep me"
+    assert not set(TOKEN_KEYS) & set(after)
+    values = stored(redis_server, env)
+    assert values["refresh_token"] == before["ML_REFRESH_TOKEN"]
+    assert values["generation"] == "1"
+    assert_no_secret(done.stdout + done.stderr, values, fake=fake_ml)
+
+    again = mlauth_cli("migrate", "--env", str(env), "--to", redis_server.url)
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.startswith("already migrated:") and "nothing to do" in again.stdout
+    assert stored(redis_server, env) == values  # not written again
+    assert read_env_file(env) == after
+
+    elsewhere = mlauth_cli("migrate", "--env", str(env), "--to", "redis://127.0.0.1:1/3")
+    assert_clean_failure(elsewhere, 1)
+    assert "already keeps its tokens in" in elsewhere.stderr
+
+
+def test_migrate_refuses_a_different_chain_unless_forced(
+    fake_ml: FakeMercadoLibre, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    first, second = tmp_path / "a" / ".env", tmp_path / "b" / ".env"
+    for env in (first, second):
+        env.parent.mkdir()
+        fake_ml.write_env(env)  # two chains of one app: the same key in Redis
+    assert mlauth_cli("migrate", "--env", str(first), "--to", redis_server.url).returncode == 0
+    in_redis = stored(redis_server, first)
+    untouched = second.read_text()
+
+    refused = mlauth_cli("migrate", "--env", str(second), "--to", redis_server.url)
+
+    assert_clean_failure(refused, 1)
+    assert "already holds another token chain" in refused.stderr
+    assert "--force" in refused.stderr
+    assert second.read_text() == untouched
+    assert stored(redis_server, first) == in_redis
+    assert_no_secret(refused.stderr, in_redis, fake=fake_ml)
+
+    replacement = read_env_file(second)["ML_REFRESH_TOKEN"]
+    forced = mlauth_cli("migrate", "--env", str(second), "--to", redis_server.url, "--force")
+    assert forced.returncode == 0, forced.stderr
+    assert stored(redis_server, second)["refresh_token"] == replacement
+    assert read_env_file(second)[STORE_KEY] == redis_server.url
+
+
+def test_migrate_without_the_redis_extra_names_it(fake_ml_env: Path) -> None:
+    before = fake_ml_env.read_text()
+    hidden = (
+        "import sys\n"
+        "sys.modules['redis'] = None  # as if the extra were not installed\n"
+        "from mlauth.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    args = ["migrate", "--env", str(fake_ml_env), "--to", "redis://127.0.0.1:6379/0"]
+    done = subprocess.run(
+        [sys.executable, "-c", hidden, *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert_clean_failure(done, 1)
+    assert len(done.stderr.splitlines()) == 1
+    assert "pip install 'mlauth[redis]'" in done.stderr
+    assert fake_ml_env.read_text() == before
+
+
+def test_migrate_to_an_unreachable_redis_names_it_and_changes_nothing(
+    fake_ml: FakeMercadoLibre, fake_ml_env: Path
+) -> None:
+    before = fake_ml_env.read_text()
+    port = free_port()  # nothing listens there
+    url = f"redis://:fake-redis-password@127.0.0.1:{port}/0"
+    done = mlauth_cli("migrate", "--env", str(fake_ml_env), "--to", url)
+    assert_clean_failure(done, 1)
+    assert len(done.stderr.splitlines()) == 1
+    assert f"redis://:***@127.0.0.1:{port}/0" in done.stderr
+    assert "fake-redis-password" not in done.stderr
+    assert fake_ml_env.read_text() == before

@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck bench clean
+.PHONY: demo test lint typecheck redis-server bench clean
 
 $(STAMP): pyproject.toml setup.cfg
 	$(PYTHON) -m venv $(VENV)
@@ -21,7 +21,14 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(PY) -m mypy --strict
 
-test: lint typecheck
+# The Redis store's tests run a real redis-server (Debian's package); CI runs as root.
+redis-server:
+	@command -v redis-server >/dev/null || { \
+		echo "installing redis-server (Debian package) for the Redis store tests"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+			--no-install-recommends redis-server >/dev/null; }
+
+test: lint typecheck redis-server
 	$(PY) -m pytest
 
 # Full-size runs of every benchmark; rewrites benchmarks/results/ (tables, JSON, plots).

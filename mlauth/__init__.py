@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 from .auth import MLAuth
 from .envfile import EnvFileStore
 from .errors import (
     ConfigError,
     InvalidGrantError,
+    LockLostError,
     LockTimeoutError,
     MLAuthError,
     RefreshError,
+    StaleCommitError,
     StoreError,
+    StoreMovedError,
 )
 from .journal import reauthorization_required
 from .legacy import keep_globals_current, redirect_refresh
@@ -21,18 +25,25 @@ from .secret import Secret, fingerprint
 from .store import TokenStore
 from .token import TokenSet
 
+if TYPE_CHECKING:
+    from .redis_store import RedisStore
+
 __version__ = "0.1.0"
 
 __all__ = [
     "ConfigError",
     "EnvFileStore",
     "InvalidGrantError",
+    "LockLostError",
     "LockTimeoutError",
     "MLAuth",
     "MLAuthError",
+    "RedisStore",
     "RefreshError",
     "Secret",
+    "StaleCommitError",
     "StoreError",
+    "StoreMovedError",
     "TokenSet",
     "TokenStore",
     "fingerprint",
@@ -46,3 +57,13 @@ __all__ = [
 
 # A library must not configure logging; the NullHandler keeps "no handler" warnings away.
 logging.getLogger("mlauth").addHandler(logging.NullHandler())
+
+
+def __getattr__(name: str) -> object:
+    # The Redis store is imported on first use: redis is an optional extra, and a missing
+    # package must fail only for whoever asks for the store (ImportError naming the extra).
+    if name == "RedisStore":
+        from .redis_store import RedisStore
+
+        return RedisStore
+    raise AttributeError(f"module 'mlauth' has no attribute {name!r}")

@@ -28,9 +28,22 @@ import requests
 from requests.cookies import extract_cookies_to_jar
 from requests.utils import rewind_body
 
-from .config import DEFAULT_HOSTS, DEFAULT_TOKEN_URL, check_hosts, check_token_url, env_settings
-from .envfile import EnvFileStore
-from .errors import ConfigError, InvalidGrantError, LockTimeoutError, MLAuthError, RefreshError
+from .config import (
+    DEFAULT_HOSTS,
+    DEFAULT_TOKEN_URL,
+    check_hosts,
+    check_token_url,
+    env_settings,
+    store_from_env,
+)
+from .errors import (
+    ConfigError,
+    InvalidGrantError,
+    LockTimeoutError,
+    MLAuthError,
+    RefreshError,
+    StaleCommitError,
+)
 from .journal import journal_of, recover
 from .refresher import REAUTHORIZE_HINT, TokenEndpoint
 from .secret import Secret
@@ -134,6 +147,9 @@ class MLAuth(requests.auth.AuthBase):
             raise ConfigError("refresh_margin and min_token_age must be >= 0, lock_timeout > 0")
         self.client_id = client_id.strip()
         self.store = store
+        bind_client = getattr(store, "bind_client", None)
+        if bind_client is not None:  # a shared store (Redis) names its key after the app
+            bind_client(self.client_id)
         self.token_url = check_token_url(token_url, "token_url")
         self._hosts = check_hosts(hosts if isinstance(hosts, str) else list(hosts), "hosts")
         self.refresh_margin = float(refresh_margin)
@@ -178,11 +194,11 @@ class MLAuth(requests.auth.AuthBase):
         """Build from a ``.env``: credentials, token URL and hosts from the file, tokens in it.
 
         Keyword arguments override the file and are passed on to :class:`MLAuth`; ``store=``
-        keeps the credentials in the file and the tokens elsewhere.
+        keeps the credentials in the file and the tokens elsewhere, as ``ML_TOKEN_STORE`` does.
         """
         settings = env_settings(path)
         settings.update(kwargs)
-        store = settings.pop("store", None) or EnvFileStore(path)
+        store = settings.pop("store", None) or store_from_env(path)
         return cls(store=store, **settings)  # type: ignore[arg-type]
 
     def __repr__(self) -> str:
@@ -342,9 +358,9 @@ class MLAuth(requests.auth.AuthBase):
 
     def _recover(self, failed: Secret) -> Secret | None:
         """The token to re-send with after ``failed`` got a 401, or None to return the 401."""
-        current = self._sync().access_token  # a thread may have cached an older read
-        if current is not None and current != failed:
-            return current  # another thread or process has moved on already
+        current = self._sync()  # a thread may have cached an older read
+        if current.access_token not in (None, failed) and not current.is_expired():
+            return current.access_token  # another thread or process has moved on already
         tokens = self._single_flight(failed=failed, reason="401", wait=True)
         return None if tokens is None else tokens.access_token
 
@@ -380,7 +396,10 @@ class MLAuth(requests.auth.AuthBase):
         if tokens.access_token is None:
             return False
         if failed is not None:
-            return tokens.access_token != failed
+            # A peer's token is only worth adopting while it lives: after a long wait for the
+            # lock (a Redis lock orphaned by a restart lasts lock_timeout) it may have expired,
+            # and re-sending with it would just return a second 401 to the caller.
+            return tokens.access_token != failed and not tokens.is_expired()
         return not tokens.needs_refresh(self.refresh_margin)
 
     def _young(self, tokens: TokenSet) -> bool:
@@ -450,17 +469,34 @@ class MLAuth(requests.auth.AuthBase):
                 raise _fresh(
                     error, f"not retried: this refresh token failed {ago:.1f}s ago: {error}"
                 )
-        # A refresh token spent whose successor cannot be saved is lost for good: check first.
-        self.store.check_writable()
+        # A refresh token spent whose successor cannot be saved is lost for good: check first
+        # (and again before each retry, where a locking store also renews its lock).
         orphan = None  # who sent this token before and died without its answer
         journal = self._journal
-        if journal is not None:  # journal: a token known dead is not sent; intent on disk first
+        if journal is not None:  # journal: a token known dead is not sent
             journal.check_reauthorization(spent)
+        self.store.check_writable()
+        if journal is not None:  # journal: the intent on disk before the POST
             orphan = journal.intent(spent)
-        started = time.time()  # expiry counts from before the POST, not from the answer
+        # Expiry counts from just before the first POST, not from the answer, and not from
+        # before the store's check either: that check fsyncs (or asks Redis), which under load
+        # can take a good part of a second that the token would then seem older by.
+        started = time.time()
+        attempts_made = 0
+
+        def before_attempt() -> None:
+            nonlocal attempts_made
+            attempts_made += 1
+            if attempts_made > 1:
+                self.store.check_writable()
+
         try:
             # A token possibly spent by a dead refresher is tried exactly once.
-            answer = self._endpoint.refresh(spent, attempts=None if patient and not orphan else 1)
+            answer = self._endpoint.refresh(
+                spent,
+                attempts=None if patient and not orphan else 1,
+                before_attempt=before_attempt,
+            )
         except InvalidGrantError as exc:
             # A process that does not take our lock (a legacy script) may have rotated it.
             again, stamp = self.store.load()
@@ -500,6 +536,15 @@ class MLAuth(requests.auth.AuthBase):
             journal.answer(spent, new)
         try:
             stamp = self.store.save(new)
+        except StaleCommitError as exc:
+            # Our lock expired during the call and a peer committed since: theirs win.
+            tokens, stamp = self.store.load()
+            self._cache = (tokens, stamp)
+            self._unsaved = None
+            if journal is not None:  # journal: the answer is void, the store holds a newer chain
+                journal.commit()
+            log.warning("%s; using %s", exc, tokens.describe())
+            return tokens
         except Exception as exc:  # noqa: BLE001 (whatever failed, `new` is the only live copy)
             self._unsaved = (new, base)
             self._persist_retry_at = time.monotonic() + PERSIST_RETRY_DELAY

@@ -1,4 +1,4 @@
-"""The ``mlauth`` command: status, token, refresh, login, run, demo.
+"""The ``mlauth`` command: status, token, refresh, login, migrate, run, demo.
 
 Each command is a ``_cmd_*`` function registered in :func:`build_parser`; adding one is a
 function plus one ``_command(...)`` line. Commands reach the tokens only through the
@@ -6,8 +6,9 @@ function plus one ``_command(...)`` line. Commands reach the tokens only through
 :class:`~mlauth.MLAuth`'s public methods, so any store works with every command.
 
 Exit codes: 0 success; 1 an expected failure (missing or bad configuration, the token
-endpoint refused or kept failing, an unwritable store, a lock held too long, a bad or
-mismatched authorization code); 2 a usage error; 3 re-authorization required (the refresh
+endpoint refused or kept failing, an unwritable or unreachable store, a lock held too long, a
+bad or mismatched authorization code, ``migrate`` finding another chain without ``--force``
+or the ``redis`` extra missing); 2 a usage error; 3 re-authorization required (the refresh
 token is missing or dead: run ``mlauth login``). ``mlauth run`` exits with the command's own
 code (127 if it was not found, 126 if it could not be executed). Expected failures print one
 line naming the problem and the fix on stderr, never a traceback; no command prints a token
@@ -26,7 +27,7 @@ from collections.abc import Callable, Sequence
 
 from .auth import MLAuth
 from .config import store_from_env
-from .envfile import read_env_file
+from .envfile import STORE_KEY, read_env_file
 from .errors import ConfigError, InvalidGrantError, MLAuthError
 from .login import AUTH_HOSTS, LoginRequest, authorization_base, complete_login, parse_pasted
 from .secret import Secret
@@ -41,6 +42,7 @@ __all__ = [
     "build_parser",
     "main",
     "refresh_in_progress",
+    "store_details",
 ]
 
 EXIT_OK = 0
@@ -64,6 +66,14 @@ def refresh_in_progress(store: TokenStore) -> bool | None:
         return None
     answer = probe()
     return answer if isinstance(answer, bool) else None
+
+
+def store_details(store: TokenStore) -> list[tuple[str, str]]:
+    """Extra ``status`` rows from a store's optional ``status_details()`` (Redis)."""
+    details = getattr(store, "status_details", None)
+    if not callable(details):
+        return []
+    return [(str(label), str(value)) for label, value in details()]
 
 
 def _login_hint(env: str) -> str:
@@ -123,7 +133,8 @@ def _cmd_status(args: argparse.Namespace) -> int:
     tokens, _ = store.load()
     busy = refresh_in_progress(store)
     rows = [
-        ("store", store.location),
+        ("store", store.location),  # a Redis URL's password is masked there
+        *store_details(store),
         ("access token", tokens.access_token.fingerprint if tokens.access_token else "<none>"),
         ("refresh token", tokens.refresh_token.fingerprint if tokens.refresh_token else "<none>"),
         ("expires", _expiry(tokens)),
@@ -198,6 +209,33 @@ def _cmd_login(args: argparse.Namespace) -> int:
         args.env, store, code=code, redirect_uri=redirect_uri, code_verifier=verifier
     )
     print(f"authorized: tokens saved in {store.location} ({_summary(tokens)})")
+    return EXIT_OK
+
+
+def _cmd_migrate(args: argparse.Namespace) -> int:
+    try:
+        from .migrate import migrate_to_redis
+        from .redis_store import RedisStore, redact_url
+    except ImportError as exc:  # the message names the extra: pip install 'mlauth[redis]'
+        raise ConfigError(f"migrate: {exc}") from None
+
+    current = (read_env_file(args.env).get(STORE_KEY) or "").strip()
+    if current and current == args.to.strip():
+        # Run again (by hand, or by a deploy script): done already if Redis holds the chain.
+        store = store_from_env(args.env)
+        assert isinstance(store, RedisStore)
+        tokens = store.peek()
+        if tokens is None or tokens.refresh_token is None:
+            raise ReauthorizationRequired(
+                f"{args.env} says the tokens are in {redact_url(current)}, but it holds none "
+                f"under {store.key!r} (Redis lost them?)"
+            )
+        print(
+            f"already migrated: {store.location} key {store.key} holds the tokens "
+            f"(refresh {tokens.refresh_token.fingerprint}); nothing to do"
+        )
+        return EXIT_OK
+    print(migrate_to_redis(args.env, args.to, force=args.force))
     return EXIT_OK
 
 
@@ -315,6 +353,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--state", help="with --code: the state the URL must carry (checked when present)"
     )
     login.add_argument("--code-verifier", metavar="VERIFIER", help="with --code: the PKCE verifier")
+
+    migrate = command(
+        "migrate",
+        _cmd_migrate,
+        "move the tokens from the .env into Redis (several machines share them), once, under "
+        "both locks; the .env keeps every other line and gains ML_TOKEN_STORE",
+    )
+    migrate.add_argument(
+        "--to", required=True, metavar="redis://HOST:PORT/DB", help="the Redis to move them to"
+    )
+    migrate.add_argument(
+        "--force",
+        action="store_true",
+        help="replace a different token chain already stored there (a dead or stale one)",
+    )
 
     run = command(
         "run",

@@ -16,15 +16,17 @@ import os
 import re
 import stat
 import tempfile
+import threading
 from collections.abc import Hashable, Iterator, Mapping
 
 from dotenv import dotenv_values
 from dotenv.parser import parse_stream
 
-from .errors import ConfigError, StoreError
+from .errors import ConfigError, StoreError, StoreMovedError
 from .journal import Journal
 from .lock import ProcessLock
 from .secret import Secret
+from .store import TokenStore
 from .token import TokenSet
 
 __all__ = ["EnvFileStore", "read_env_file", "update_env_file"]
@@ -37,6 +39,8 @@ EXPIRES_KEY = "ML_TOKEN_EXPIRES_AT"
 REFRESHED_AT_KEY = "ML_TOKEN_REFRESHED_AT"
 REFRESHED_BY_KEY = "ML_TOKEN_REFRESHED_BY"
 TOKEN_KEYS = (ACCESS_KEY, REFRESH_KEY, EXPIRES_KEY, REFRESHED_AT_KEY, REFRESHED_BY_KEY)
+# Set when the tokens moved out of the file (``mlauth migrate``): it names the shared store.
+STORE_KEY = "ML_TOKEN_STORE"
 
 # One assignment line: leading blank lines/space, optional export, key, '=', the value (single
 # or double quoted, or bare), then an optional inline comment and the line end. A line that
@@ -244,12 +248,22 @@ class EnvFileStore:
 
     The lock sits next to the *target* of a symlinked ``.env``, so every process that reaches
     the same file through any link takes the same lock.
+
+    When the tokens move out of the file while a process runs (a migration writes
+    ``ML_TOKEN_STORE`` and removes the token keys, under this file's lock), the store notices
+    at its next read or lock and from then on forwards everything to the store named there;
+    it never writes tokens into the file again. If that store cannot be reached from here
+    (the extra is not installed), every use raises :class:`~mlauth.StoreMovedError`.
     """
 
     def __init__(self, path: str | os.PathLike[str] = ".env") -> None:
         self.path = os.path.abspath(os.fspath(path))
         self.lock_path = os.path.realpath(self.path) + ".lock"
         self._lock = ProcessLock(self.lock_path)
+        self._moved: TokenStore | StoreMovedError | None = None
+        # Threads that notice the move together must all follow one store object: its lock
+        # and the version a thread read are kept on it.
+        self._follow_lock = threading.Lock()
         warn_if_readable_by_others(self.path)
 
     def journal(self) -> Journal:
@@ -263,7 +277,41 @@ class EnvFileStore:
     def __repr__(self) -> str:
         return f"EnvFileStore({self.path!r})"
 
+    def _follow(self, values: Mapping[str, str | None] | None = None) -> TokenStore | None:
+        """The store the tokens moved to, if the file says they moved; raise if unusable."""
+        if self._moved is None:
+            if values is None:
+                values = read_env_file(self.path)
+            if not (values.get(STORE_KEY) or "").strip():
+                return None
+            from .config import shared_store  # config imports this module
+
+            with self._follow_lock:
+                if self._moved is None:
+                    try:
+                        self._moved = shared_store(values, self.path)
+                    except ConfigError as exc:
+                        self._moved = StoreMovedError(
+                            f"{self.path}: the tokens moved out of this file ({STORE_KEY} is "
+                            f"set) and this process cannot follow them: {exc}. Fix that and "
+                            "restart it; it will not refresh into the file."
+                        )
+                    if isinstance(self._moved, StoreMovedError):
+                        log.error("%s", self._moved)
+                    else:
+                        log.warning(
+                            "%s: tokens moved to %s; following them", self.path, self._moved
+                        )
+        if isinstance(self._moved, StoreMovedError):
+            # A new object each time: one exception raised in several threads would mix
+            # their tracebacks.
+            raise StoreMovedError(str(self._moved))
+        return self._moved
+
     def stamp(self) -> Hashable:
+        moved = self._follow() if self._moved is not None else None
+        if moved is not None:
+            return moved.stamp()
         # Rotated tokens have the same length, so the size alone would not tell; os.replace
         # gives a new inode on every save, and mtime_ns catches an in-place edit.
         try:
@@ -274,10 +322,20 @@ class EnvFileStore:
 
     def load(self) -> tuple[TokenSet, Hashable]:
         stamp = self.stamp()  # before the read: a write in between then shows as a change
+        moved = self._follow() if self._moved is not None else None
+        if moved is not None:
+            return moved.load()
         values = read_env_file(self.path)
+        moved = self._follow(values)
+        if moved is not None:
+            return moved.load()
         return tokens_from_values(values, self.path), stamp
 
     def check_writable(self) -> None:
+        moved = self._follow() if self._moved is not None else None
+        if moved is not None:
+            moved.check_writable()
+            return
         real = os.path.realpath(self.path)
         folder = os.path.dirname(real)
         try:
@@ -295,6 +353,11 @@ class EnvFileStore:
             ) from exc
 
     def save(self, tokens: TokenSet) -> Hashable:
+        # Under the lock the file was re-read, so a move is known by now; look once more
+        # anyway: tokens written into a file that no longer holds the chain would fork it.
+        moved = self._follow()
+        if moved is not None:
+            return moved.save(tokens)
         updates: dict[str, str | None] = {
             ACCESS_KEY: tokens.access_token.reveal() if tokens.access_token else None,
             REFRESH_KEY: tokens.refresh_token.reveal() if tokens.refresh_token else None,
@@ -306,8 +369,30 @@ class EnvFileStore:
         return self.stamp()
 
     def lock(self, timeout: float) -> contextlib.AbstractContextManager[None]:
-        return self._lock.hold(timeout)
+        return self._hold(timeout)
 
-    def refresh_in_progress(self) -> bool:
-        """Whether some process holds the refresh lock now (optional store method)."""
+    @contextlib.contextmanager
+    def _hold(self, timeout: float) -> Iterator[None]:
+        moved = self._follow() if self._moved is not None else None
+        if moved is None:
+            with self._lock.hold(timeout):
+                # A migration holds this lock while it moves the tokens: whoever gets it next
+                # must look before deciding anything from the file.
+                moved = self._follow()
+                if moved is None:
+                    yield
+                    return
+        with moved.lock(timeout):
+            yield
+
+    def refresh_in_progress(self) -> bool | None:
+        """Whether some process holds the refresh lock now (optional store method).
+
+        After the tokens moved, the answer is the new store's (None if it cannot tell).
+        """
+        moved = self._follow() if self._moved is not None else None
+        if moved is not None:
+            probe = getattr(moved, "refresh_in_progress", None)
+            answer = probe() if callable(probe) else None
+            return answer if isinstance(answer, bool) else None
         return self._lock.busy()

@@ -14,10 +14,13 @@ import requests
 __all__ = [
     "ConfigError",
     "InvalidGrantError",
+    "LockLostError",
     "LockTimeoutError",
     "MLAuthError",
     "RefreshError",
+    "StaleCommitError",
     "StoreError",
+    "StoreMovedError",
 ]
 
 
@@ -39,6 +42,22 @@ class LockTimeoutError(MLAuthError, TimeoutError):
     def __init__(self, message: str, *, lock_path: str) -> None:
         super().__init__(message)
         self.lock_path = lock_path
+
+
+class StaleCommitError(StoreError):
+    """A peer committed newer tokens after this process read them; ours were not written.
+
+    Raised by a fenced store (Redis) when a holder whose lock expired tries to commit: the
+    newer tokens win, and the caller adopts them.
+    """
+
+
+class StoreMovedError(ConfigError):
+    """The ``.env`` no longer holds the tokens: they moved to the store its ML_TOKEN_STORE names."""
+
+
+class LockLostError(LockTimeoutError):
+    """The refresh lock expired before the refresh token was spent; nothing was spent."""
 
 
 class RefreshError(MLAuthError):

@@ -8,6 +8,7 @@ address the browser was sent to (or just the ``code`` in it).
 from __future__ import annotations
 
 import base64
+import contextlib
 import dataclasses
 import hashlib
 import os
@@ -128,8 +129,10 @@ def complete_login(
 ) -> TokenSet:
     """Exchange ``code`` with the ``.env``'s credentials and save the tokens in ``store``.
 
-    The store is checked writable before the single-use code is spent, and the tokens are
-    saved under the refresh lock so no running process refreshes the old chain meanwhile.
+    The store is checked writable before each attempt to spend the single-use code, and the
+    tokens are saved under the refresh lock so no running process refreshes the old chain
+    meanwhile. They go wherever the store keeps tokens: the ``.env``, or the Redis that its
+    ``ML_TOKEN_STORE`` names (the file is then left as it is).
     """
     settings = env_settings(env_path)
     endpoint = TokenEndpoint(
@@ -138,10 +141,25 @@ def complete_login(
         Secret(str(settings["client_secret"])),
     )
     with store.lock(lock_timeout):
-        store.check_writable()
+        # Read under the lock: a fenced store (Redis) commits the new tokens over the version
+        # read here, so running processes see them as the chain's next link. No usable tokens
+        # there (an empty Redis key, a mangled line) is fine: they are being replaced.
+        with contextlib.suppress(ConfigError):
+            store.load()
         started = time.time()
+        checked = False
+
+        def before_attempt() -> None:
+            nonlocal started, checked
+            store.check_writable()  # and a Redis store renews its lock
+            if not checked:  # expiry counts from the first POST, after the check's fsync
+                checked = True
+                started = time.time()
+
         try:
-            answer = endpoint.exchange_code(code, redirect_uri, code_verifier=code_verifier)
+            answer = endpoint.exchange_code(
+                code, redirect_uri, code_verifier=code_verifier, before_attempt=before_attempt
+            )
         except InvalidGrantError as exc:
             # Not an InvalidGrantError: the chain is not what failed, this login did.
             detail = exc.description or "no detail"

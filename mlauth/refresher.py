@@ -186,8 +186,18 @@ class TokenEndpoint:
     def __repr__(self) -> str:
         return f"TokenEndpoint({self.token_url!r}, client_id={self.client_id!r})"
 
-    def refresh(self, refresh_token: Secret, *, attempts: int | None = None) -> TokenAnswer:
-        """Spend ``refresh_token`` for a new token pair, in at most ``attempts`` tries."""
+    def refresh(
+        self,
+        refresh_token: Secret,
+        *,
+        attempts: int | None = None,
+        before_attempt: Callable[[], None] | None = None,
+    ) -> TokenAnswer:
+        """Spend ``refresh_token`` for a new token pair, in at most ``attempts`` tries.
+
+        ``before_attempt`` runs before every POST; whatever it raises stops the series before
+        the token is presented again (a store renews its lock there, or finds it lost).
+        """
         return self._call(
             {
                 "grant_type": "refresh_token",
@@ -196,15 +206,22 @@ class TokenEndpoint:
                 "refresh_token": refresh_token.reveal(),
             },
             attempts or self.max_attempts,
+            before_attempt,
         )
 
     def exchange_code(
-        self, code: Secret, redirect_uri: str, *, code_verifier: Secret | None = None
+        self,
+        code: Secret,
+        redirect_uri: str,
+        *,
+        code_verifier: Secret | None = None,
+        before_attempt: Callable[[], None] | None = None,
     ) -> TokenAnswer:
         """Exchange an authorization code (``mlauth login``) for the first token pair.
 
-        A code is single use like a refresh token, so the same retry rules apply. A refused
-        code raises :class:`InvalidGrantError`.
+        A code is single use like a refresh token, so the same retry rules apply, and
+        ``before_attempt`` as for :meth:`refresh`. A refused code raises
+        :class:`InvalidGrantError`.
         """
         data = {
             "grant_type": "authorization_code",
@@ -215,7 +232,7 @@ class TokenEndpoint:
         }
         if code_verifier is not None:
             data["code_verifier"] = code_verifier.reveal()
-        return self._call(data, self.max_attempts)
+        return self._call(data, self.max_attempts, before_attempt)
 
     def _delay(self, attempt: int, retry_after: float | None) -> float:
         if retry_after is not None:
@@ -228,7 +245,12 @@ class TokenEndpoint:
         """The longest one attempt can take: its connect plus its read timeout."""
         return sum(self.timeout) if isinstance(self.timeout, tuple) else 2 * self.timeout
 
-    def _call(self, data: Mapping[str, str], attempts: int) -> TokenAnswer:
+    def _call(
+        self,
+        data: Mapping[str, str],
+        attempts: int,
+        before_attempt: Callable[[], None] | None = None,
+    ) -> TokenAnswer:
         ambiguous: str | None = None  # why an earlier attempt may have reached the server
         last = "no attempt made"
         stop = ""
@@ -239,6 +261,8 @@ class TokenEndpoint:
             attempt += 1
             retry_after: float | None = None
             unusable: str | None = None
+            if before_attempt is not None:
+                before_attempt()  # outside the try: its errors are not the endpoint's
             try:
                 response = self._session.post(
                     self.token_url,

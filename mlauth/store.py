@@ -1,9 +1,17 @@
 """The token store interface.
 
 A store holds one token chain and the lock that serializes refreshes of it. The ``.env``
-store (:mod:`mlauth.envfile`) is the first; a Redis store follows the same shape, which is
-why the lock belongs to the store and not to the auth: whoever can see the tokens must be
-able to exclude the others from spending them.
+store (:mod:`mlauth.envfile`) is the first, the Redis store (:mod:`mlauth.redis_store`) the
+second; the lock belongs to the store and not to the auth, because whoever can see the tokens
+must be able to exclude the others from spending them.
+
+Two optional parts of the contract serve stores whose lock can expire (Redis): ``save`` may
+raise :class:`~mlauth.StaleCommitError` when the chain changed since the calling thread last
+loaded it (MLAuth then loads and adopts the newer tokens), and a store may have a
+``bind_client(client_id)`` method, which MLAuth calls once so the store can name its key.
+For ``mlauth status`` a store may also offer ``refresh_in_progress() -> bool | None`` (is
+the refresh lock held now?) and ``status_details() -> list[tuple[str, str]]`` (extra rows,
+such as the Redis key and generation).
 """
 
 from __future__ import annotations
@@ -41,13 +49,18 @@ class TokenStore(Protocol):
     def check_writable(self) -> None:
         """Raise :class:`~mlauth.StoreError` unless :meth:`save` would succeed.
 
-        Called before a refresh token is spent: a token spent whose successor cannot be saved
-        is lost for good.
+        Called before every attempt to spend a refresh token: a token spent whose successor
+        cannot be saved is lost for good. A store whose lock expires renews it here and raises
+        :class:`~mlauth.LockLostError` if it was lost.
         """
         ...
 
     def save(self, tokens: TokenSet) -> Hashable:
-        """Persist the tokens atomically and durably; return the new stamp."""
+        """Persist the tokens atomically and durably; return the new stamp.
+
+        A fenced store commits only over the version this thread last loaded and raises
+        :class:`~mlauth.StaleCommitError` otherwise.
+        """
         ...
 
     def lock(self, timeout: float) -> AbstractContextManager[None]:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 import mlauth
+from tests.redis_server import RedisServer
 
 TOKEN_URL = "https://api.mercadolibre.com/oauth/token"
 API = "https://api.mercadolibre.com"
@@ -74,3 +75,27 @@ def run_threads(target: Callable[[], None], count: int) -> None:
         worker.start()
     for worker in workers:
         worker.join()
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A real redis-server on a free loopback port, without persistence (a restart loses all)."""
+    folder = tmp_path / "redis"
+    folder.mkdir()
+    server = RedisServer(folder).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def persistent_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A real redis-server that fsyncs every write to its append-only file."""
+    folder = tmp_path / "redis"
+    folder.mkdir()
+    server = RedisServer(folder, persistent=True).start()
+    try:
+        yield server
+    finally:
+        server.stop()

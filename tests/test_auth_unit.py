@@ -214,6 +214,40 @@ def test_401_when_another_thread_already_moved_on_resends_without_refresh(
     assert only_token_calls(requests_mock) == []
 
 
+def test_401_never_resends_with_a_peers_token_that_has_expired(
+    env_file: Path, make_auth: MakeAuth, requests_mock: requests_mock.Mocker
+) -> None:
+    # The store moved on while this request was out (or while we waited a long time for the
+    # lock), but the token it holds now has expired too: refresh with its refresh token
+    # rather than re-send with a token that can only get a second 401.
+    access_3 = ACCESS_2.replace("0002", "0003")
+    expired_peer = env_text(
+        ML_ACCESS_TOKEN=ACCESS_2,
+        ML_REFRESH_TOKEN=REFRESH_2,
+        ML_TOKEN_EXPIRES_AT=str(int(time.time()) - 60),
+    )
+
+    def api(request: requests_mock.request._RequestObjectProxy, context: object) -> str:
+        token = request.headers["Authorization"]
+        if token == bearer(ACCESS_1):
+            env_file.write_text(expired_peer)  # a peer rotated, long ago
+        ok = token == bearer(access_3)
+        context.status_code = 200 if ok else 401  # type: ignore[attr-defined]
+        return "{}"
+
+    requests_mock.get(ME, text=api)
+    requests_mock.post(TOKEN_URL, json=token_answer(access=access_3, refresh="TG-fake-3"))
+    auth = make_auth()
+
+    response = requests.get(ME, auth=auth)
+
+    assert response.status_code == 200
+    (refresh,) = only_token_calls(requests_mock)
+    assert parse_qs(refresh.text)["refresh_token"] == [REFRESH_2]
+    sent = [r.headers["Authorization"] for r in requests_mock.request_history if r.url == ME]
+    assert sent == [bearer(ACCESS_1), bearer(access_3)]
+
+
 def test_proactive_refresh_happens_before_the_request(
     env_file: Path, requests_mock: requests_mock.Mocker
 ) -> None:
@@ -351,6 +385,33 @@ def test_transient_failures_are_retried_then_succeed(
     response = requests.get(ME, auth=make_auth(max_attempts=3))
     assert response.status_code == 200
     assert len(only_token_calls(requests_mock)) == 3
+
+
+def test_expiry_counts_from_the_first_post_not_from_the_store_check(
+    env_file: Path, requests_mock: requests_mock.Mocker
+) -> None:
+    # The store's check fsyncs a scratch file (or asks Redis): slow under load. Counting the
+    # token's life from before it would make the next refresh come early by that much.
+    checks: list[float] = []
+    posts: list[float] = []
+
+    class TimedStore(mlauth.EnvFileStore):
+        def check_writable(self) -> None:
+            super().check_writable()
+            checks.append(time.time())
+
+    def answer(request: object, context: object) -> dict[str, object]:
+        posts.append(time.time())
+        return token_answer()
+
+    requests_mock.post(TOKEN_URL, [{"status_code": 503}, {"json": answer}])
+    auth = mlauth.MLAuth.from_env(env_file, store=TimedStore(env_file), backoff=0.001)
+    new = auth.refresh()
+
+    assert len(checks) == 2 and len(posts) == 1  # checked before each of the two attempts
+    assert new.refreshed_at is not None and new.expires_at is not None
+    assert checks[0] <= new.refreshed_at <= checks[1] <= posts[0]
+    assert new.expires_at == new.refreshed_at + 21600
 
 
 def test_retry_after_is_honoured(requests_mock: requests_mock.Mocker) -> None:

@@ -1,0 +1,421 @@
+"""The Redis token store: one token chain shared by processes on several machines.
+
+The tokens live in one Redis hash; refreshes are serialized by a redis-py :class:`~redis.lock.Lock`
+with a timeout, so a holder killed mid-refresh blocks its peers for at most ``lock_timeout``
+seconds. A lock that can expire is not a fence, though: a holder that stalled past the timeout
+(on a slow token endpoint) may still come back with new tokens while a peer holds the lock.
+So every commit is a compare-and-set on a generation number, in one Lua script: a save lands
+only over the version the saving thread last read, and a stale holder's commit is refused
+(:class:`StaleCommitError`) instead of putting a dead chain over a live one.
+
+Needs the ``redis`` package: ``pip install 'mlauth[redis]'``.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+import time
+from collections.abc import Hashable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from typing import cast
+from urllib.parse import urlsplit, urlunsplit
+
+try:
+    import redis
+    from redis.backoff import ExponentialBackoff
+    from redis.exceptions import LockError, LockNotOwnedError, RedisError
+    from redis.lock import Lock
+    from redis.retry import Retry
+except ImportError:  # pragma: no cover (exercised in a test by hiding the package)
+    raise ImportError(
+        "mlauth's Redis store needs the redis package: pip install 'mlauth[redis]'"
+    ) from None
+
+from .errors import ConfigError, LockLostError, LockTimeoutError, StaleCommitError, StoreError
+from .secret import Secret
+from .token import TokenSet
+
+__all__ = ["RedisStore", "redact_url"]
+
+log = logging.getLogger("mlauth")
+
+_FIELDS = ("access_token", "refresh_token", "expires_at", "refreshed_at", "refreshed_by")
+
+# Commit over the version the caller read: refused if another chain is there or a newer
+# generation of ours. A missing key or an older generation (Redis lost its data and a peer put
+# back an older link) is not a conflict: our tokens are then the newest copy of the chain, so
+# they are written as the next generation. Returns it, or -1 when somebody committed first.
+_COMMIT = """
+local chain = redis.call('HGET', KEYS[1], 'chain')
+local gen = tonumber(redis.call('HGET', KEYS[1], 'generation') or '-1')
+if chain and (chain ~= ARGV[1] or gen > tonumber(ARGV[2])) then
+  return -1
+end
+redis.call('DEL', KEYS[1])
+local new = tonumber(ARGV[2]) + 1
+redis.call('HSET', KEYS[1], 'chain', ARGV[1], 'generation', new, unpack(ARGV, 3))
+return new
+"""
+
+# Put back what Redis lost: write only where the key is gone, or holds an older generation of
+# the same chain (a peer re-seeded an older link than ours). Another chain is never touched.
+# Returns 1 when it wrote.
+_RESEED = """
+local chain = redis.call('HGET', KEYS[1], 'chain')
+local gen = tonumber(redis.call('HGET', KEYS[1], 'generation') or '-1')
+if chain and (chain ~= ARGV[1] or gen >= tonumber(ARGV[2])) then
+  return 0
+end
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], 'chain', ARGV[1], 'generation', ARGV[2], unpack(ARGV, 3))
+return 1
+"""
+
+# Start a chain (a migration): into an empty key, or over anything when ARGV[2] is '1'. The
+# generation goes on from the old one, so no process takes the new chain for an older link.
+# Returns the new generation, or -1 when a chain is there and replacing was not asked.
+_SEED = """
+local old = redis.call('HGET', KEYS[1], 'generation')
+if old and ARGV[2] ~= '1' then
+  return -1
+end
+local new = tonumber(old or '0') + 1
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], 'chain', ARGV[1], 'generation', new, unpack(ARGV, 3))
+return new
+"""
+
+
+def redact_url(url: str) -> str:
+    """``url`` with any password replaced by ``***``, fit for messages and logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def _fmt(value: float | None) -> str:
+    return "" if value is None else repr(value)
+
+
+def _float(raw: str | None) -> float | None:
+    if not raw:
+        return None
+    try:
+        return float(raw)
+    except ValueError:
+        return None
+
+
+class RedisStore:
+    """Tokens in a Redis hash, refreshes serialized by a Redis lock, commits fenced.
+
+    ``url`` is a redis-py URL (``redis://host:6379/0``, ``rediss://...``, ``unix:///path``).
+    ``key`` is the hash holding the tokens; by default ``mlauth:<client_id>:tokens``, the
+    client id coming from ``client_id`` or from the :class:`~mlauth.MLAuth` the store is given
+    to. ``lock_timeout`` is how long a holder that died keeps its peers waiting; it must be
+    longer than one token call (connect + read timeout, 20 s by default), since the lock is
+    renewed before each attempt. ``check_interval`` bounds how often the store asks Redis
+    whether a peer committed: reads in between cost no round trip, and a 401 re-reads anyway.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        key: str | None = None,
+        client_id: str | None = None,
+        lock_timeout: float = 30.0,
+        check_interval: float = 1.0,
+        socket_timeout: float = 5.0,
+        client: redis.Redis | None = None,
+    ) -> None:
+        if not isinstance(url, str) or urlsplit(url).scheme not in ("redis", "rediss", "unix"):
+            raise ConfigError(
+                f"{url!r} is not a Redis URL; write redis://HOST:PORT/DB (or rediss:// for TLS)"
+            )
+        if lock_timeout <= 0 or check_interval < 0:
+            raise ConfigError("RedisStore: lock_timeout must be > 0 and check_interval >= 0")
+        self.url = url
+        self.location = redact_url(url)
+        self.lock_timeout = float(lock_timeout)
+        self.check_interval = float(check_interval)
+        if client is None:
+            try:
+                client = redis.Redis.from_url(
+                    url,
+                    decode_responses=True,
+                    socket_timeout=socket_timeout,
+                    socket_connect_timeout=socket_timeout,
+                    # A restart of Redis leaves dead sockets in the pool: retry on a new one.
+                    retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 3),
+                )
+            except ValueError as exc:
+                raise ConfigError(f"{self.location} is not a usable Redis URL: {exc}") from None
+        self._client = client
+        self._commit = client.register_script(_COMMIT)
+        self._reseed = client.register_script(_RESEED)
+        self._seed = client.register_script(_SEED)
+        self.key = ""
+        if key is not None:
+            self.key = key
+        elif client_id is not None:
+            self.bind_client(client_id)
+        self._local = threading.local()  # per thread: the version last read, the lock held
+        # The newest tokens this process has seen, to put back if Redis loses them.
+        self._known: tuple[TokenSet, str, int] | None = None
+        self._seen: Hashable = None  # the stamp of the version last read or written
+        self._checked_at = -float("inf")  # monotonic time of the last look at Redis
+        self._unreachable_logged = 0.0
+
+    def bind_client(self, client_id: str) -> None:
+        """Derive the default key from the app's client id (MLAuth calls this)."""
+        if not self.key:
+            self.key = f"mlauth:{client_id}:tokens"
+
+    @property
+    def lock_key(self) -> str:
+        return f"{self._key()}:lock"
+
+    def __repr__(self) -> str:
+        return f"RedisStore({self.location!r}, key={self.key!r})"
+
+    def _key(self) -> str:
+        if not self.key:
+            raise ConfigError(
+                "RedisStore has no key: pass key= or client_id=, or give it to an MLAuth"
+            )
+        return self.key
+
+    def _unreachable(self, exc: Exception, doing: str) -> StoreError:
+        return StoreError(
+            f"cannot {doing} Redis at {self.location} ({type(exc).__name__}: {exc}). Check "
+            "that redis-server runs there and that ML_TOKEN_STORE names it; until it is back, "
+            "a still-valid access token keeps being used and no refresh is attempted."
+        )
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def stamp(self) -> Hashable:
+        # One round trip per check_interval at most, whatever the call rate; in between the
+        # version last seen is reported, so no change shows. A 401 re-reads under the lock.
+        now = time.monotonic()
+        if now - self._checked_at < self.check_interval:
+            return self._seen
+        self._checked_at = now
+        try:
+            chain, gen = self._client.hmget(self._key(), ["chain", "generation"])
+        except RedisError as exc:
+            if now - self._unreachable_logged > 30:
+                self._unreachable_logged = now
+                log.warning("%s; using the cached token meanwhile", self._unreachable(exc, "read"))
+            return self._seen
+        return None if chain is None else (chain, int(gen or 0))
+
+    def load(self) -> tuple[TokenSet, Hashable]:
+        key = self._key()
+        try:
+            values = self._read(key)
+            if not values.get("chain"):
+                values = self._put_back(key)
+        except RedisError as exc:
+            raise self._unreachable(exc, "read the tokens from") from None
+        chain, gen = values["chain"], int(values.get("generation") or 0)
+        tokens = TokenSet(
+            access_token=Secret(values["access_token"]) if values.get("access_token") else None,
+            refresh_token=Secret(values["refresh_token"]) if values.get("refresh_token") else None,
+            expires_at=_float(values.get("expires_at")),
+            refreshed_at=_float(values.get("refreshed_at")),
+            refreshed_by=values.get("refreshed_by") or None,
+        )
+        self._remember(tokens, chain, gen)
+        return tokens, (chain, gen)
+
+    def _read(self, key: str) -> dict[str, str]:
+        return cast("dict[str, str]", self._client.hgetall(key))  # decode_responses=True
+
+    def _put_back(self, key: str) -> dict[str, str]:
+        """Re-seed a lost key from the newest tokens this process has seen, and re-read."""
+        known = self._known
+        if known is None:
+            raise ConfigError(
+                f"Redis at {self.location} holds no tokens under {key!r}. Move them there "
+                "with `mlauth migrate --to URL` (mlauth.migrate.migrate_to_redis), authorize "
+                "into it with `mlauth login`, or check ML_TOKEN_STORE (host, port and "
+                "database number) and ML_TOKEN_KEY."
+            )
+        tokens, chain, gen = known
+        if self._reseed(keys=[key], args=[chain, gen, *self._pairs(tokens)]):
+            log.warning(
+                "Redis at %s had lost the tokens (restarted without persistence?); put back "
+                "the newest ones this process had: %s",
+                self.location,
+                tokens.describe(),
+            )
+        values = self._read(key)
+        if not values.get("chain"):
+            raise StoreError(f"Redis at {self.location} dropped {key!r} again right after a write")
+        return values
+
+    def _remember(self, tokens: TokenSet, chain: str, gen: int) -> None:
+        self._local.read = (chain, gen)
+        self._seen = (chain, gen)
+        self._checked_at = time.monotonic()
+        self._known = (tokens, chain, gen)
+
+    # -- writing ---------------------------------------------------------------------------
+
+    @staticmethod
+    def _pairs(tokens: TokenSet) -> list[str]:
+        values = (
+            tokens.access_token.reveal() if tokens.access_token else "",
+            tokens.refresh_token.reveal() if tokens.refresh_token else "",
+            _fmt(tokens.expires_at),
+            _fmt(tokens.refreshed_at),
+            tokens.refreshed_by or "",
+        )
+        return [item for pair in zip(_FIELDS, values, strict=True) for item in pair]
+
+    def check_writable(self) -> None:
+        """Renew the lock this thread holds; raise :class:`LockLostError` if it expired.
+
+        Called before every attempt to spend the refresh token: a lock that lapsed may now be
+        held by a peer spending the same token, so nothing may be spent without it.
+        """
+        held: Lock | None = getattr(self._local, "lock", None)
+        try:
+            if held is None:
+                self._client.ping()
+                return
+            held.reacquire()  # back to the full lock_timeout, atomically, only if still ours
+        except LockNotOwnedError:
+            raise LockLostError(
+                f"the refresh lock {self.lock_key} at {self.location} expired before the "
+                f"refresh token was spent (held over {self.lock_timeout:g}s); nothing was "
+                "spent. Raise lock_timeout (ML_TOKEN_LOCK_TIMEOUT) above the token call's time.",
+                lock_path=f"{self.location} {self.lock_key}",
+            ) from None
+        except RedisError as exc:
+            raise self._unreachable(exc, "renew the refresh lock at") from None
+
+    def save(self, tokens: TokenSet) -> Hashable:
+        """Commit over the version this thread last read; :class:`StaleCommitError` if stale.
+
+        A thread that has read nothing (``mlauth login`` into an empty key, whose load found
+        no tokens) starts a new chain, and only into an empty key.
+        """
+        read: tuple[str, int] | None = getattr(self._local, "read", None)
+        if read is None:
+            return self.seed(tokens)
+        chain, gen = read
+        try:
+            new = int(self._commit(keys=[self._key()], args=[chain, gen, *self._pairs(tokens)]))
+        except RedisError as exc:
+            raise self._unreachable(exc, "save the tokens to") from None
+        if new < 0:
+            raise StaleCommitError(
+                f"a peer committed newer tokens to {self.location} after this process read "
+                f"generation {gen}; ours were not written (the newer ones win)"
+            )
+        self._remember(tokens, chain, new)
+        return (chain, new)
+
+    def seed(self, tokens: TokenSet, *, replace: bool = False) -> Hashable:
+        """Start a chain here (a migration): only into an empty key unless ``replace``.
+
+        A new chain id makes every process that knew the old chain adopt this one rather than
+        put its own back. Returns the stamp, or raises :class:`StaleCommitError` if a chain is
+        already there and ``replace`` is False.
+        """
+        key = self._key()
+        chain = secrets.token_hex(8)
+        args = [chain, "1" if replace else "0", *self._pairs(tokens)]
+        try:
+            gen = int(self._seed(keys=[key], args=args))
+        except RedisError as exc:
+            raise self._unreachable(exc, "write the tokens to") from None
+        if gen < 0:
+            raise StaleCommitError(f"{self.location} already holds tokens under {key!r}")
+        self._remember(tokens, chain, gen)
+        return (chain, gen)
+
+    def peek(self) -> TokenSet | None:
+        """The stored tokens, or None when the key is empty (never re-seeds)."""
+        try:
+            exists = self._client.exists(self._key())
+        except RedisError as exc:
+            raise self._unreachable(exc, "read") from None
+        return self.load()[0] if exists else None
+
+    # -- for `mlauth status` ---------------------------------------------------------------
+
+    def refresh_in_progress(self) -> bool:
+        """Whether some process holds the refresh lock now (optional store method).
+
+        A holder that died still counts until its lock expires (``lock_timeout``).
+        """
+        try:
+            return bool(self._client.exists(self.lock_key))
+        except RedisError as exc:
+            raise self._unreachable(exc, "read the refresh lock at") from None
+
+    def status_details(self) -> list[tuple[str, str]]:
+        """Rows for ``mlauth status`` (optional store method): the key, and the chain's
+        generation as this thread last read it."""
+        rows = [("key", self._key())]
+        read: tuple[str, int] | None = getattr(self._local, "read", None)
+        if read is not None:
+            rows.append(("generation", f"{read[1]} (chain {read[0]})"))
+        return rows
+
+    # -- the lock --------------------------------------------------------------------------
+
+    def lock(self, timeout: float) -> AbstractContextManager[None]:
+        return self._hold(timeout)
+
+    @contextmanager
+    def _hold(self, timeout: float) -> Iterator[None]:
+        lock = Lock(
+            self._client,
+            self.lock_key,
+            timeout=self.lock_timeout,  # a dead holder blocks the others this long at most
+            sleep=0.05,
+            thread_local=False,  # one Lock object per hold, kept per thread below
+        )
+        log.debug("waiting for refresh lock %s at %s", self.lock_key, self.location)
+        try:
+            got = lock.acquire(blocking=timeout > 0, blocking_timeout=max(timeout, 0.0))
+        except (RedisError, LockError) as exc:
+            raise self._unreachable(exc, "take the refresh lock at") from None
+        if not got:
+            raise LockTimeoutError(
+                f"could not take the refresh lock {self.lock_key} at {self.location} within "
+                f"{timeout:g}s: another process is refreshing. No refresh was attempted. A "
+                f"holder that died frees it after lock_timeout ({self.lock_timeout:g}s).",
+                lock_path=f"{self.location} {self.lock_key}",
+            )
+        log.debug("took refresh lock %s", self.lock_key)
+        self._local.lock = lock
+        try:
+            yield
+        finally:
+            self._local.lock = None
+            try:
+                lock.release()
+            except LockNotOwnedError:
+                log.warning(
+                    "the refresh lock %s expired while held (over %gs); the commit was still "
+                    "fenced by the generation check",
+                    self.lock_key,
+                    self.lock_timeout,
+                )
+            except RedisError as exc:
+                # It expires by itself after lock_timeout; the refresh outcome matters more.
+                log.warning("could not release the refresh lock %s: %s", self.lock_key, exc)

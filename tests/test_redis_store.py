@@ -1,0 +1,315 @@
+"""The Redis store against a real redis-server and the loopback fake MercadoLibre."""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+import mlauth
+from mlauth.config import store_from_env
+from mlauth.envfile import STORE_KEY, TOKEN_KEYS, read_env_file, update_env_file
+from mlauth.migrate import migrate_to_redis
+from mlauth.redis_store import RedisStore, redact_url
+from mlauth.testing import FakeMercadoLibre
+from tests.redis_server import RedisServer
+
+
+def redis_env(
+    fake: FakeMercadoLibre,
+    folder: Path,
+    url: str,
+    *,
+    expires_at: float | None = None,
+    extra: dict[str, str] | None = None,
+) -> Path:
+    """A .env for ``fake`` whose tokens were moved into the Redis at ``url``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    env = folder / ".env"
+    fake.write_env(env, expires_at=expires_at, extra=extra)
+    migrate_to_redis(env, url)
+    return env
+
+
+def commands(server: RedisServer, name: str) -> int:
+    """How many times the server ran command ``name`` (Redis counts them itself)."""
+    with server.client() as client:
+        stats = client.info("commandstats")
+    entry = stats.get(f"cmdstat_{name}")
+    return int(entry["calls"]) if entry else 0
+
+
+def stored(server: RedisServer, env: Path) -> dict[str, str]:
+    client_id = read_env_file(env)["ML_CLIENT_ID"]
+    with server.client() as client:
+        values: dict[str, str] = client.hgetall(f"mlauth:{client_id}:tokens")
+    return values
+
+
+def test_ml_token_store_in_the_env_selects_redis_and_refreshes_land_there(
+    fake_ml: FakeMercadoLibre, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    env = redis_env(fake_ml, tmp_path, redis_server.url, expires_at=time.time() - 10)
+    auth = mlauth.MLAuth.from_env(env)
+    assert isinstance(auth.store, RedisStore)
+    before = stored(redis_server, env)
+
+    assert requests.get(f"{fake_ml.base_url}/users/me", auth=auth).status_code == 200
+
+    after = stored(redis_server, env)
+    assert fake_ml.stats()["refreshes"] == 1
+    assert after["refresh_token"] != before["refresh_token"]
+    assert int(after["generation"]) == int(before["generation"]) + 1
+    assert after["refresh_token"] == auth.tokens.refresh_token.reveal()  # type: ignore[union-attr]
+    assert not set(TOKEN_KEYS) & set(read_env_file(env))  # nothing went back into the file
+
+
+def test_api_calls_cost_no_redis_round_trip_between_checks(
+    fake_ml: FakeMercadoLibre, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    env = redis_env(fake_ml, tmp_path, redis_server.url)
+    store = store_from_env(env)
+    assert isinstance(store, RedisStore)
+    store.check_interval = 3600.0
+    auth = mlauth.MLAuth.from_env(env, store=store)
+    reads = commands(redis_server, "hmget") + commands(redis_server, "hgetall")
+    with requests.Session() as session:
+        session.auth = auth
+        for _ in range(50):
+            assert session.get(f"{fake_ml.base_url}/users/me").status_code == 200
+    assert commands(redis_server, "hmget") + commands(redis_server, "hgetall") == reads
+
+
+def test_a_401_rereads_redis_at_once_and_adopts_a_peers_token(
+    fake_ml: FakeMercadoLibre, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    env = redis_env(fake_ml, tmp_path, redis_server.url)
+    slow = store_from_env(env)
+    assert isinstance(slow, RedisStore)
+    slow.check_interval = 3600.0  # would not look for a day on its own
+    auth = mlauth.MLAuth.from_env(env, store=slow)
+    peer = mlauth.MLAuth.from_env(env)
+    peer_store = peer.store
+    assert isinstance(peer_store, RedisStore)
+    with peer_store.lock(5):  # a peer refreshes; the old access token dies at once
+        tokens, _ = peer_store.load()
+        peer._refresh(tokens, "test")
+
+    response = requests.get(f"{fake_ml.base_url}/users/me", auth=auth)
+
+    assert response.status_code == 200
+    assert [r.status_code for r in response.history] == [401]
+    assert fake_ml.stats()["refreshes"] == 1  # adopted, not refreshed again
+    assert auth.tokens.access_token == peer.tokens.access_token
+
+
+def test_a_commit_over_a_version_a_peer_replaced_is_refused(
+    fake_ml: FakeMercadoLibre, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    env = redis_env(fake_ml, tmp_path, redis_server.url)
+    first, second = store_from_env(env), store_from_env(env)
+    first.load()
+    second.load()
+    newer = mlauth.TokenSet(mlauth.Secret("APP_USR-new"), mlauth.Secret("TG-new"))
+    first.save(newer)
+
+    with pytest.raises(mlauth.StaleCommitError, match="peer committed newer tokens"):
+        second.save(mlauth.TokenSet(mlauth.Secret("APP_USR-stale"), mlauth.Secret("TG-stale")))
+
+    assert stored(redis_server, env)["refresh_token"] == "TG-new"
+    assert second.load()[0].refresh_token == mlauth.Secret("TG-new")
+
+
+def test_stale_holder_whose_lock_expired_adopts_the_newer_token(
+    fake_ml: FakeMercadoLibre, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    env = redis_env(
+        fake_ml,
+        tmp_path,
+        redis_server.url,
+        expires_at=time.time() - 10,
+        extra={"ML_TOKEN_LOCK_TIMEOUT": "0.5"},
+    )
+    holder = mlauth.MLAuth.from_env(env, backoff=0.001)
+    store = holder.store
+    assert isinstance(store, RedisStore)
+    fake_ml.token_delay = 3.0  # the holder's POST outlives its 0.5 s lock
+    result: dict[str, object] = {}
+
+    def call() -> None:
+        result["response"] = requests.get(f"{fake_ml.base_url}/users/me", auth=holder)
+
+    thread = threading.Thread(target=call)
+    thread.start()
+    assert fake_ml.token_requests_in_flight.wait(10)
+    # A peer takes the lock once it expired and commits a newer generation (here: a chain
+    # issued afresh, as a second `mlauth login` would), while the holder's POST is pending.
+    peer = store_from_env(env)
+    with peer.lock(10):
+        peer.load()
+        newer = fake_ml.issue_tokens()
+        peer.save(
+            mlauth.TokenSet(
+                mlauth.Secret(str(newer["access_token"])),
+                mlauth.Secret(str(newer["refresh_token"])),
+                expires_at=time.time() + 3600,
+            )
+        )
+    thread.join(30)
+
+    response = result["response"]
+    assert isinstance(response, requests.Response)
+    assert response.status_code == 200
+    assert fake_ml.stats()["refreshes"] == 1  # the holder's POST did succeed...
+    # ...but its commit was refused: the peer's tokens stay, and the holder uses them.
+    assert stored(redis_server, env)["refresh_token"] == newer["refresh_token"]
+    assert holder.tokens.refresh_token == mlauth.Secret(str(newer["refresh_token"]))
+    assert response.request.headers["Authorization"] == f"Bearer {newer['access_token']}"
+
+
+def test_a_holder_commits_after_its_lock_lapsed_and_the_loser_adopts_on_invalid_grant(
+    fake_ml: FakeMercadoLibre, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    env = redis_env(
+        fake_ml,
+        tmp_path,
+        redis_server.url,
+        expires_at=time.time() - 10,
+        extra={"ML_TOKEN_LOCK_TIMEOUT": "0.5"},
+    )
+    holder = mlauth.MLAuth.from_env(env, backoff=0.001)
+    peer = mlauth.MLAuth.from_env(env, backoff=0.001)  # another machine: its own store
+    before = stored(redis_server, env)
+    fake_ml.token_delay = 2.0  # every POST is slow: the holder's outlives its 0.5 s lock
+    responses: dict[str, requests.Response] = {}
+
+    def call(name: str, auth: mlauth.MLAuth) -> None:
+        responses[name] = requests.get(f"{fake_ml.base_url}/users/me", auth=auth)
+
+    first = threading.Thread(target=call, args=("holder", holder))
+    first.start()
+    assert fake_ml.token_requests_in_flight.wait(10)
+    # The peer gets the lock once it lapses, reads the same (unspent) tokens and presents the
+    # same refresh token; the holder's earlier POST wins at the server.
+    second = threading.Thread(target=call, args=("peer", peer))
+    second.start()
+    first.join(30)
+    second.join(30)
+
+    assert responses["holder"].status_code == 200 and responses["peer"].status_code == 200
+    stats = fake_ml.stats()
+    assert stats["refreshes"] == 1 and stats["invalid_grant"] == 1
+    after = stored(redis_server, env)
+    # The holder committed on the generation alone, though the peer held the lock by then...
+    assert int(after["generation"]) == int(before["generation"]) + 1
+    assert after["refresh_token"] == holder.tokens.refresh_token.reveal()  # type: ignore[union-attr]
+    # ...and the peer, refused by the server, re-read Redis and adopted it.
+    assert peer.tokens == holder.tokens
+
+
+def test_a_lock_lost_during_retries_stops_before_the_token_is_spent_again(
+    fake_ml: FakeMercadoLibre, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    env = redis_env(
+        fake_ml,
+        tmp_path,
+        redis_server.url,
+        expires_at=time.time() - 10,
+        extra={"ML_TOKEN_LOCK_TIMEOUT": "0.3"},
+    )
+    auth = mlauth.MLAuth.from_env(env, backoff=0.001)
+    # The first attempt gets a 503 asking for 1 s: the 0.3 s lock lapses in the wait.
+    fake_ml.fail_next_token_requests(1, status=503, retry_after=1.0)
+
+    with pytest.raises(mlauth.LockLostError, match="expired before the refresh token was spent"):
+        requests.get(f"{fake_ml.base_url}/users/me", auth=auth)
+
+    assert fake_ml.stats()["token_requests"] == 1
+    assert fake_ml.stats()["refreshes"] == 0
+    # Nothing was spent: the stored refresh token still works.
+    assert requests.get(f"{fake_ml.base_url}/users/me", auth=auth).status_code == 200
+    assert fake_ml.stats()["refreshes"] == 1
+
+
+def test_redis_that_lost_its_data_is_reseeded_from_memory(
+    fake_ml: FakeMercadoLibre, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    env = redis_env(fake_ml, tmp_path, redis_server.url)
+    auth = mlauth.MLAuth.from_env(env)
+    store = auth.store
+    assert isinstance(store, RedisStore)
+    store.check_interval = 0.0
+    refresh = auth.tokens.refresh_token
+    redis_server.restart()  # no persistence: everything is gone
+    assert stored(redis_server, env) == {}
+
+    assert requests.get(f"{fake_ml.base_url}/users/me", auth=auth).status_code == 200
+
+    assert stored(redis_server, env)["refresh_token"] == refresh.reveal()  # type: ignore[union-attr]
+    # And the chain goes on from there: the next refresh commits over the re-seeded copy.
+    with store.lock(5):
+        tokens, _ = store.load()
+        auth._refresh(tokens, "test")
+    assert stored(redis_server, env)["refresh_token"] != refresh.reveal()  # type: ignore[union-attr]
+    assert fake_ml.stats()["invalid_grant"] == 0
+
+
+def test_unreachable_redis_keeps_a_valid_token_and_never_refreshes_without_the_lock(
+    fake_ml: FakeMercadoLibre, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    valid = redis_env(fake_ml, tmp_path / "valid", redis_server.url, expires_at=time.time() + 3600)
+    expired = redis_env(
+        fake_ml,
+        tmp_path / "expired",
+        redis_server.url,
+        expires_at=time.time() - 10,
+        extra={"ML_TOKEN_KEY": "other-seller"},
+    )
+    fresh, stale = mlauth.MLAuth.from_env(valid), mlauth.MLAuth.from_env(expired)
+    for auth in (fresh, stale):
+        assert isinstance(auth.store, RedisStore)
+        auth.store.check_interval = 0.0
+    redis_server.stop()
+
+    assert requests.get(f"{fake_ml.base_url}/users/me", auth=fresh).status_code == 200
+    with pytest.raises(mlauth.StoreError, match=f"Redis at {redis_server.url}"):
+        requests.get(f"{fake_ml.base_url}/users/me", auth=stale)
+    assert fake_ml.stats()["token_requests"] == 0
+
+
+def test_missing_tokens_in_redis_name_the_key_and_the_migration(
+    redis_server: RedisServer,
+) -> None:
+    with pytest.raises(mlauth.ConfigError, match="holds no tokens under 'mlauth:42:tokens'"):
+        mlauth.MLAuth("42", "fake-secret", RedisStore(redis_server.url))
+
+
+def test_url_passwords_never_reach_messages() -> None:
+    assert redact_url("redis://:hunter2@h:6379/0") == "redis://:***@h:6379/0"
+    store = RedisStore("redis://user:hunter2@127.0.0.1:1/0", client_id="1")
+    assert "hunter2" not in repr(store)
+    with pytest.raises(mlauth.StoreError) as caught:
+        store.load()
+    assert "hunter2" not in str(caught.value) and "127.0.0.1:1" in str(caught.value)
+
+
+def test_without_the_redis_package_the_error_names_the_extra(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, env_file: Path
+) -> None:
+    monkeypatch.setitem(sys.modules, "redis", None)  # as if not installed
+    monkeypatch.delitem(sys.modules, "mlauth.redis_store")
+    with pytest.raises(ImportError, match=r"pip install 'mlauth\[redis\]'"):
+        mlauth.RedisStore  # noqa: B018
+    update_env_file(env_file, {STORE_KEY: "redis://127.0.0.1:6379/0"})
+    with pytest.raises(mlauth.ConfigError, match=r"ML_TOKEN_STORE names Redis.*mlauth\[redis\]"):
+        mlauth.MLAuth.from_env(env_file)
+
+
+def test_an_unknown_store_url_is_a_config_error(env_file: Path) -> None:
+    update_env_file(env_file, {STORE_KEY: "memcached://127.0.0.1:11211"})
+    with pytest.raises(mlauth.ConfigError, match=r"ML_TOKEN_STORE=.* is not a store"):
+        mlauth.MLAuth.from_env(env_file)

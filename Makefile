@@ -32,7 +32,8 @@ test: lint typecheck redis-server
 	$(PY) -m pytest
 
 # Full-size runs of every benchmark; rewrites benchmarks/results/ (tables, JSON, plots).
-bench: $(STAMP)
+# The storm's `mlauth (redis)` row starts its own redis-server.
+bench: $(STAMP) redis-server
 	$(PY) -m benchmarks.run_all
 
 clean:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -15,7 +16,15 @@ from typing import IO
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
-PEER_PACKAGES = ("mlauth", "requests", "requests-oauthlib", "oauthlib", "Authlib", "google-auth")
+PEER_PACKAGES = (
+    "mlauth",
+    "requests",
+    "requests-oauthlib",
+    "oauthlib",
+    "Authlib",
+    "google-auth",
+    "redis",
+)
 
 # The fake MercadoLibre is plain http on loopback; both OAuth libraries refuse http token
 # endpoints unless told otherwise. Set only in the peers' worker processes.
@@ -53,6 +62,16 @@ def versions() -> dict[str, str]:
             found[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             found[name] = "not installed"
+    # The storm's Redis row runs Debian's redis-server: "Redis server v=7.0.15 sha=...".
+    server = shutil.which("redis-server")
+    if server is not None:
+        try:
+            banner = subprocess.run(
+                [server, "--version"], capture_output=True, text=True, timeout=10
+            ).stdout
+            found["redis-server"] = banner.split("v=", 1)[1].split()[0]
+        except (OSError, subprocess.SubprocessError, IndexError):
+            found["redis-server"] = "unknown"
     return found
 
 

@@ -10,6 +10,9 @@
   ``refresh()`` does the refresh grant; the token is saved with the quickstart's
   ``token.json`` pattern (write the JSON after getting a new token).
 - mlauth: ``session.auth = MLAuth.from_env(".env")``.
+- mlauth (redis): the same call; the ``.env`` holds only the credentials and
+  ``ML_TOKEN_STORE=redis://...`` (what ``mlauth migrate --to`` leaves), so the tokens live in
+  a real redis-server and every process is its own "machine" with its own ``.env``.
 
 Each peer loads its token from its JSON file once, at start, and writes it back on every
 refresh; none of them re-reads the file or takes a lock, because none of their docs says to.
@@ -31,6 +34,9 @@ import requests
 from mlauth import MLAuth
 
 LIBRARIES = ("mlauth", "requests-oauthlib", "authlib", "google-auth")
+# mlauth on the Redis store: only the storm runs it (it needs a redis-server).
+MLAUTH_REDIS = "mlauth (redis)"
+MLAUTH_KINDS = ("mlauth", MLAUTH_REDIS)
 # Not a library: a constant header and a token that outlives the run, the floor of a run.
 STATIC = "static"
 
@@ -135,12 +141,14 @@ def make_session(
 ) -> requests.Session:
     """A session for ``library`` whose token lives in ``store`` (.env for mlauth, else JSON).
 
+    For ``mlauth (redis)`` the ``.env`` names the Redis store; ``MLAuth.from_env`` follows it.
+
     ``margin`` is how long before expiry a library that refreshes ahead does so: mlauth scales
     its own (a quarter of a short token's life); Authlib's ``leeway`` and google-auth's
     ``REFRESH_THRESHOLD`` are set to the same. requests-oauthlib has no such setting: it
     refreshes once the token has expired.
     """
-    if library == "mlauth":
+    if library in MLAUTH_KINDS:
         session = requests.Session()
         session.auth = MLAuth.from_env(store)
         return session
@@ -188,4 +196,6 @@ def make_session(
             token, token_url=token_url, client_id=client_id, client_secret=client_secret, path=store
         )
         return AuthorizedSession(credentials)  # type: ignore[no-untyped-call]
-    raise ValueError(f"unknown library {library!r}; pick one of {', '.join(LIBRARIES)}")
+    raise ValueError(
+        f"unknown library {library!r}; pick one of {', '.join((*LIBRARIES, MLAUTH_REDIS))}"
+    )

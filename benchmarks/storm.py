@@ -7,6 +7,12 @@ that start together, each with M threads calling the API for the same number of 
 every library set up as its own documentation recommends (:mod:`benchmarks.contenders`).
 Counts come from the workers (what the caller saw) and from the fake (what the server saw).
 
+``mlauth (redis)`` is mlauth on its Redis store: a redis-server started here on a free
+loopback port (in a temporary folder, stopped at the end), each worker in a folder of its own
+whose ``.env`` holds only the credentials and ``ML_TOKEN_STORE`` (as ``mlauth migrate`` leaves
+it): processes that share nothing but Redis, like machines. Without redis-server or the
+``redis`` package its row says what is missing instead of figures.
+
     python -m benchmarks.storm --processes 4 --threads 4 --seconds 20 --token-lifetime 4
 """
 
@@ -16,10 +22,12 @@ import argparse
 import dataclasses
 import itertools
 import math
+import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import requests
@@ -36,10 +44,21 @@ from benchmarks.common import (
     table,
     total,
 )
-from benchmarks.contenders import LIBRARIES, STATIC, json_token, save_json_token
+from benchmarks.contenders import (
+    LIBRARIES,
+    MLAUTH_KINDS,
+    MLAUTH_REDIS,
+    STATIC,
+    json_token,
+    save_json_token,
+)
+from benchmarks.redis_server import RedisServer, unavailable
 from benchmarks.worker import SECRET_ENV
 from mlauth.testing import FakeMercadoLibre
 from mlauth.token import MAX_MARGIN_SHARE
+
+# The storm's default line-up: mlauth on each of its stores, then the peers.
+STORM_LIBRARIES = (LIBRARIES[0], MLAUTH_REDIS, *LIBRARIES[1:])
 
 
 @dataclasses.dataclass
@@ -66,6 +85,7 @@ class Run:
     touched_ms: list[float]
     refreshing_ms: list[float]
     lock_waits_ms: list[float]
+    stores: list[str]  # mlauth's token store class in the workers (none for the peers)
 
     @property
     def margin(self) -> float:
@@ -104,6 +124,45 @@ class Run:
         return data
 
 
+@dataclasses.dataclass
+class NotRun:
+    """A contender this machine cannot run, and why (what is missing, how to get it)."""
+
+    library: str
+    reason: str
+
+    def summary(self) -> dict[str, object]:
+        return {"library": self.library, "not_run": self.reason}
+
+
+@contextmanager
+def redis_for(libraries: Sequence[str]) -> Iterator[RedisServer | str | None]:
+    """A redis-server for the run if ``mlauth (redis)`` is in it: the server, or why not.
+
+    Started in a temporary folder on a free loopback port, stopped (and the folder removed)
+    at the end; None when no contender needs it.
+    """
+    if MLAUTH_REDIS not in libraries:
+        yield None
+        return
+    missing = unavailable()
+    if missing is not None:
+        yield missing
+        return
+    with tempfile.TemporaryDirectory(prefix="storm-redis-") as tmp:
+        server = RedisServer(Path(tmp))
+        try:
+            server.start()
+        except RuntimeError as exc:
+            server.stop()
+            yield f"redis-server did not start: {str(exc)[:300]}"
+            return
+        try:
+            yield server
+        finally:
+            server.stop()
+
+
 def token_round_trip_ms(fake: FakeMercadoLibre, samples: int = 20) -> float:
     """Median time of one refresh POST to the fake: the least an expiry can add to a call."""
     chain = fake.issue_tokens()
@@ -136,28 +195,53 @@ def run_library(
     threads: int,
     seconds: float,
     folder: Path,
+    redis_url: str | None = None,
 ) -> Run:
-    """One storm for one library, on a token chain of its own."""
+    """One storm for one library, on a token chain of its own.
+
+    ``redis_url`` is the server ``mlauth (redis)`` keeps its tokens in.
+    """
+    if library == MLAUTH_REDIS and redis_url is None:
+        raise ValueError(f"{MLAUTH_REDIS} needs a redis_url")
     lifetime = fake.token_lifetime
     margin = lifetime * MAX_MARGIN_SHARE
-    store = folder / (".env" if library == "mlauth" else "token.json")
-    command = [
-        *(sys.executable, "-m", "benchmarks.worker", library, "--store", str(store)),
-        *("--url", fake.base_url, "--token-url", fake.token_url),
-        *("--client-id", fake.client_id, "--threads", str(threads)),
-        *("--seconds", str(seconds), "--margin", str(margin)),
+    store = folder / (".env" if library in MLAUTH_KINDS else "token.json")
+    # On Redis each process has a folder and a .env of its own: they share only Redis.
+    stores = (
+        [folder / f"machine{n}" / ".env" for n in range(processes)]
+        if library == MLAUTH_REDIS
+        else [store] * processes
+    )
+    commands = [
+        [
+            *(sys.executable, "-m", "benchmarks.worker", library, "--store", str(path)),
+            *("--url", fake.base_url, "--token-url", fake.token_url),
+            *("--client-id", fake.client_id, "--threads", str(threads)),
+            *("--seconds", str(seconds), "--margin", str(margin)),
+        ]
+        for path in stores
     ]
     env = {SECRET_ENV: fake.client_secret}
-    if library not in ("mlauth", STATIC):
+    if library not in (*MLAUTH_KINDS, STATIC):
         env.update(INSECURE_LOOPBACK_ENV)
-    procs = start_workers([command] * processes, env=env)
+    procs = start_workers(commands, env=env)
     try:
         # A fresh token, written the moment before the workers load it.
         issued = time.time()
-        if library == "mlauth":
+        if library in MLAUTH_KINDS:
             fake.write_env(
                 store, expires_at=issued + lifetime, extra={"ML_TOKEN_REFRESHED_AT": str(issued)}
             )
+            if library == MLAUTH_REDIS and redis_url is not None:
+                # Imported here: without the redis package the other rows still run.
+                from mlauth.migrate import migrate_to_redis
+
+                # What a user does: migrate the .env once, copy it to every machine. force:
+                # the key (from the fake's client id) may hold an earlier run's chain.
+                migrate_to_redis(store, redis_url, force=True)
+                for path in stores:
+                    path.parent.mkdir()
+                    shutil.copyfile(store, path)
         elif library == STATIC:
             long_lived = 3600.0 + seconds  # outlives the run: no expiry, the floor
             save_json_token(
@@ -205,12 +289,17 @@ def run_library(
         touched_ms=joined("touched_ms"),
         refreshing_ms=joined("refreshing_ms"),
         lock_waits_ms=joined("lock_waits_ms"),
+        stores=sorted({str(r["store"]) for r in results if r.get("store")}),
     )
 
 
-def report(runs: Sequence[Run], rtt_ms: float) -> str:
-    rows = []
-    for run in runs:
+def report(outcomes: Sequence[Run | NotRun], rtt_ms: float) -> str:
+    rows: list[list[object]] = []
+    runs = [run for run in outcomes if isinstance(run, Run)]
+    for run in outcomes:
+        if isinstance(run, NotRun):
+            rows.append([run.library, "not run", *["-"] * 11])
+            continue
         rows.append(
             [
                 run.library,
@@ -228,7 +317,6 @@ def report(runs: Sequence[Run], rtt_ms: float) -> str:
                 ", ".join(f"{k} {v}" for k, v in sorted(run.errors.items())) or "-",
             ]
         )
-    first = runs[0]
     text = table(
         [
             "library",
@@ -247,6 +335,12 @@ def report(runs: Sequence[Run], rtt_ms: float) -> str:
         ],
         rows,
     )
+    for skipped in outcomes:
+        if isinstance(skipped, NotRun):
+            text += f"\n\n{skipped.library} not run: {skipped.reason}"
+    if not runs:
+        return text
+    first = runs[0]
     text += (
         f"\n\n{first.processes} processes x {first.threads} threads, {first.seconds:g} s per "
         f"library, tokens live {first.lifetime:g} s (refreshed {first.margin:g} s ahead where "
@@ -268,16 +362,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=4)
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--token-lifetime", type=float, default=4.0)
-    parser.add_argument("--libraries", default=",".join(LIBRARIES))
+    parser.add_argument(
+        "--libraries",
+        default=",".join(STORM_LIBRARIES),
+        help=f"comma-separated, from: {', '.join(STORM_LIBRARIES)} (default: all)",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS, help="where to write the results")
     args = parser.parse_args(argv)
     libraries = [name.strip() for name in args.libraries.split(",") if name.strip()]
-    runs = []
-    with FakeMercadoLibre(
+    # STATIC (a constant header, the floor scale.py uses) is accepted too, as it always was.
+    unknown = sorted(set(libraries) - {*STORM_LIBRARIES, STATIC})
+    if unknown:
+        parser.error(f"unknown libraries {unknown}; pick from: {', '.join(STORM_LIBRARIES)}")
+    runs: list[Run | NotRun] = []
+    fake_server = FakeMercadoLibre(
         token_lifetime=args.token_lifetime, kill_old_access_on_refresh=True
-    ) as fake:
+    )
+    with fake_server as fake, redis_for(libraries) as redis_or_why:
         rtt = token_round_trip_ms(fake)
         for library in libraries:
+            redis_url = None
+            if library == MLAUTH_REDIS:
+                if not isinstance(redis_or_why, RedisServer):
+                    runs.append(NotRun(library, str(redis_or_why)))
+                    continue
+                redis_url = redis_or_why.url
             with tempfile.TemporaryDirectory() as tmp:
                 runs.append(
                     run_library(
@@ -287,6 +396,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         threads=args.threads,
                         seconds=args.seconds,
                         folder=Path(tmp),
+                        redis_url=redis_url,
                     )
                 )
     text = report(runs, rtt)

@@ -6,8 +6,9 @@ written), calls ``GET /users/me`` until the deadline and prints one JSON line of
 
 For mlauth it also records, from mlauth's public hooks only, which calls an expiry touched:
 the call that refreshed (``on_refresh`` runs in its thread), calls that waited for the refresh
-lock (mlauth's "took refresh lock ... after Xs" debug record, logged in the waiting thread) and
-calls whose 401 was absorbed by a re-send (``response.history``).
+lock (mlauth's "took refresh lock ... after Xs" debug record, logged in the waiting thread; on
+the Redis store, the time between its "waiting for" and "took" records) and calls whose 401
+was absorbed by a re-send (``response.history``).
 """
 
 from __future__ import annotations
@@ -24,10 +25,13 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import wait_for_go
-from benchmarks.contenders import LIBRARIES, STATIC, make_session
+from benchmarks.contenders import LIBRARIES, MLAUTH_KINDS, MLAUTH_REDIS, STATIC, make_session
 
 # mlauth logs this after taking the cross-process lock; its args are (path, seconds, pid).
 TOOK_LOCK = "took refresh lock %s after %.3fs (pid %d)"
+# The Redis store logs these two instead, both in the waiting thread; the wait is timed here.
+REDIS_WAITING = "waiting for refresh lock %s at %s"
+REDIS_TOOK_LOCK = "took refresh lock %s"
 # A wait shorter than this is an uncontended flock, not a wait for a peer's refresh.
 CONTENDED = 0.001
 SECRET_ENV = "BENCH_CLIENT_SECRET"
@@ -44,12 +48,21 @@ class _LockWaits(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         if record.msg == TOOK_LOCK and isinstance(record.args, tuple):
-            waited = float(record.args[1])  # type: ignore[arg-type]
-            self.waits.append(waited)
-            if waited >= CONTENDED:
-                self.local.touched = True
+            self.waited(float(record.args[1]))  # type: ignore[arg-type]
+        elif record.msg == REDIS_WAITING:
+            self.local.waiting_since = time.monotonic()
+        elif record.msg == REDIS_TOOK_LOCK:
+            since = getattr(self.local, "waiting_since", None)
+            if since is not None:
+                self.local.waiting_since = None
+                self.waited(time.monotonic() - since)
         elif record.levelno >= logging.WARNING:
             self.warnings.append(record.getMessage()[:200])
+
+    def waited(self, seconds: float) -> None:
+        self.waits.append(seconds)
+        if seconds >= CONTENDED:
+            self.local.touched = True
 
 
 def run(
@@ -75,7 +88,10 @@ def run(
         margin=margin,
     )
     refreshed = [0]
-    if library == "mlauth":
+    store_kind = None
+    if library in MLAUTH_KINDS:
+        # Which store the .env selected: the Redis row must really run on Redis.
+        store_kind = type(session.auth.store).__name__  # type: ignore[union-attr]
         logger = logging.getLogger("mlauth")
         logger.setLevel(logging.DEBUG)
         logger.addHandler(waits)
@@ -145,6 +161,7 @@ def run(
         "library": library,
         "pid": os.getpid(),
         "refreshed_here": refreshed[0],
+        "store": store_kind,
         "first_failure_s": first_failure[0] if first_failure else None,
         # Every thread's last call failed: this process lost the token chain for good.
         "stranded": not any(last_ok),
@@ -160,7 +177,7 @@ def run(
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.worker")
-    parser.add_argument("library", choices=(*LIBRARIES, STATIC))
+    parser.add_argument("library", choices=(*LIBRARIES, MLAUTH_REDIS, STATIC))
     parser.add_argument("--store", type=Path, required=True)
     parser.add_argument("--url", required=True)
     parser.add_argument("--token-url", required=True)

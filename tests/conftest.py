@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 import mlauth
-from tests.redis_server import RedisServer
+from benchmarks.redis_server import RedisServer
 
 TOKEN_URL = "https://api.mercadolibre.com/oauth/token"
 API = "https://api.mercadolibre.com"

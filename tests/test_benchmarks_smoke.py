@@ -7,6 +7,7 @@ the installed peers and reports every contender, with the columns BENCHMARKS.md 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -19,15 +20,17 @@ pytestmark = pytest.mark.processes
 
 ROOT = Path(__file__).resolve().parent.parent
 PEERS = ("mlauth", "requests-oauthlib", "authlib", "google-auth")
+REDIS_ROW = "mlauth (redis)"
 
 
-def run_script(name: str, *args: str, out: Path) -> str:
+def run_script(name: str, *args: str, out: Path, env: dict[str, str] | None = None) -> str:
     done = subprocess.run(
         [sys.executable, "-m", f"benchmarks.{name}", *args, "--out", str(out)],
         capture_output=True,
         text=True,
         timeout=300,
         cwd=ROOT,
+        env=env,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done.stdout
@@ -72,12 +75,33 @@ def test_storm_reports_every_library_and_mlauth_spends_no_token_twice(tmp_path: 
         "invalid_grant",
         "401s surfaced",
     ]
-    for name in PEERS:
+    for name in (*PEERS, REDIS_ROW):
         assert name in table, out
-        assert int(table[name][1]) > 0  # every library made calls
+        assert int(table[name][1]) > 0  # every library made calls (`make test` has redis-server)
     runs = {r["library"]: r for r in json.loads((tmp_path / "storm.json").read_text())["runs"]}
-    assert runs["mlauth"]["failed"] == 0
-    assert runs["mlauth"]["server"]["invalid_grant"] == 0
+    for name in ("mlauth", REDIS_ROW):
+        assert runs[name]["failed"] == 0, runs[name]["errors"]
+        assert runs[name]["server"]["invalid_grant"] == 0
+    # Each row ran on the store it names: the workers' .env selected it.
+    assert runs["mlauth"]["stores"] == ["EnvFileStore"]
+    assert runs[REDIS_ROW]["stores"] == ["RedisStore"]
+
+
+def test_storm_without_redis_server_says_so_in_the_table(tmp_path: Path) -> None:
+    # PATH without redis-server (the workers are started by absolute interpreter path).
+    empty = tmp_path / "bin"
+    empty.mkdir()
+    out = run_script(
+        "storm",
+        *("--processes", "1", "--threads", "1", "--seconds", "1", "--libraries", REDIS_ROW),
+        out=tmp_path,
+        env={**os.environ, "PATH": str(empty)},
+    )
+    assert rows(out)[REDIS_ROW][1] == "not run", out
+    assert f"{REDIS_ROW} not run: redis-server is not installed" in out
+    runs = json.loads((tmp_path / "storm.json").read_text())["runs"]
+    assert runs == [{"library": REDIS_ROW, "not_run": runs[0]["not_run"]}]
+    assert "redis-server" in runs[0]["not_run"]
 
 
 def test_scale_prints_its_table_and_draws_every_curve(tmp_path: Path) -> None:

@@ -9,11 +9,11 @@ import pytest
 import requests
 
 import mlauth
+from benchmarks.redis_server import RedisServer
 from mlauth.envfile import STORE_KEY, TOKEN_KEYS, read_env_file, update_env_file
 from mlauth.migrate import ChainConflictError, migrate_to_redis
 from mlauth.redis_store import RedisStore
 from mlauth.testing import FakeMercadoLibre
-from tests.redis_server import RedisServer
 
 
 def key_of(env: Path) -> str:

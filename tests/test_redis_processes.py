@@ -14,11 +14,11 @@ from typing import IO
 
 import pytest
 
+from benchmarks.redis_server import RedisServer
 from mlauth.demo import total
 from mlauth.envfile import read_env_file
 from mlauth.migrate import migrate_to_redis
 from mlauth.testing import FakeMercadoLibre
-from tests.redis_server import RedisServer
 from tests.test_processes import result_of, wait_for_line
 
 pytestmark = pytest.mark.processes

@@ -11,12 +11,12 @@ import pytest
 import requests
 
 import mlauth
+from benchmarks.redis_server import RedisServer
 from mlauth.config import store_from_env
 from mlauth.envfile import STORE_KEY, TOKEN_KEYS, read_env_file, update_env_file
 from mlauth.migrate import migrate_to_redis
 from mlauth.redis_store import RedisStore, redact_url
 from mlauth.testing import FakeMercadoLibre
-from tests.redis_server import RedisServer
 
 
 def redis_env(

@@ -1,14 +1,35 @@
-"""A real redis-server for the tests: a free loopback port, its own folder, stopped at the end."""
+"""A real redis-server for the tests and the storm benchmark: a free loopback port, its own
+folder, stopped at the end.
+
+It lives in benchmarks/ (which the tests already import) so both use one copy. redis-py is
+imported only when a server is used: the benchmarks run without the ``redis`` extra and then
+report the Redis row as not run (see :func:`unavailable`).
+"""
 
 from __future__ import annotations
 
+import importlib.util
 import shutil
 import socket
 import subprocess
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import redis
+if TYPE_CHECKING:
+    import redis
+
+INSTALL_SERVER = "install Debian's redis-server package (`make test` does)"
+INSTALL_CLIENT = "pip install 'mlauth[redis]'"
+
+
+def unavailable() -> str | None:
+    """Why a Redis server cannot be run here (what is missing and how to get it), or None."""
+    if shutil.which("redis-server") is None:
+        return f"redis-server is not installed: {INSTALL_SERVER}"
+    if importlib.util.find_spec("redis") is None:
+        return f"the redis package is not installed: {INSTALL_CLIENT}"
+    return None
 
 
 def free_port() -> int:
@@ -28,7 +49,7 @@ class RedisServer:
     def __init__(self, folder: Path, *, persistent: bool = False) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
-            raise RuntimeError("redis-server is not installed; `make test` installs it")
+            raise RuntimeError(f"redis-server is not installed; {INSTALL_SERVER}")
         self.binary = binary
         self.folder = folder
         self.persistent = persistent
@@ -40,9 +61,13 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def client(self) -> redis.Redis:
+        import redis
+
         return redis.Redis.from_url(self.url, decode_responses=True)
 
     def start(self) -> RedisServer:
+        import redis
+
         durability = ["--appendonly", "yes", "--appendfsync", "always"]
         command = [
             self.binary,

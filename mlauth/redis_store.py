@@ -34,6 +34,7 @@ except ImportError:  # pragma: no cover (exercised in a test by hiding the packa
     ) from None
 
 from .errors import ConfigError, LockLostError, LockTimeoutError, StaleCommitError, StoreError
+from .lock import POLL_INTERVAL
 from .secret import Secret
 from .token import TokenSet
 
@@ -386,7 +387,9 @@ class RedisStore:
             self._client,
             self.lock_key,
             timeout=self.lock_timeout,  # a dead holder blocks the others this long at most
-            sleep=0.05,
+            # Polled like the file lock (5 ms): a peer's refresh takes a few milliseconds, and
+            # redis-py's 0.1 s default (or 50 ms) would make every waiter wait that long.
+            sleep=POLL_INTERVAL,
             thread_local=False,  # one Lock object per hold, kept per thread below
         )
         log.debug("waiting for refresh lock %s at %s", self.lock_key, self.location)

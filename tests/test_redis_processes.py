@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import json
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -19,7 +16,7 @@ from mlauth.demo import total
 from mlauth.envfile import read_env_file
 from mlauth.migrate import migrate_to_redis
 from mlauth.testing import FakeMercadoLibre
-from tests.test_processes import result_of, wait_for_line
+from tests.test_processes import kill_holder_mid_post, result_of
 
 pytestmark = pytest.mark.processes
 
@@ -134,30 +131,19 @@ def test_killed_lock_holder_blocks_peers_only_until_the_lock_times_out(
             extra={"ML_TOKEN_LOCK_TIMEOUT": "3"},
         )
         before = stored(redis_server, holder_dir)
-        fake.token_delay = 30.0  # the holder's POST hangs until we kill it
-
-        holder = worker(holder_dir, fake.base_url, threads=1, seconds=60, requests=1)
-        assert fake.token_requests_in_flight.wait(30), "the holder never reached the token POST"
-        peer_log = tmp_path / "peer.log"
-        with peer_log.open("w") as log:
-            peer = worker(
+        result, killed_at = kill_holder_mid_post(
+            fake,
+            lambda: worker(holder_dir, fake.base_url, threads=1, seconds=60, requests=1),
+            lambda log: worker(
                 peer_dir, fake.base_url, threads=1, seconds=60, requests=1, debug=True, stderr=log
-            )
-        wait_for_line(peer_log, "waiting for refresh lock", 30)
-
-        fake.token_delay = 0.0
-        killed_at = time.time()
-        os.kill(holder.pid, signal.SIGKILL)
-        holder.communicate(timeout=10)
-        out, _ = peer.communicate(timeout=60)
-        assert peer.returncode == 0
-        result = json.loads(out.strip().splitlines()[-1])
+            ),
+            tmp_path / "peer.log",
+        )
         stats = fake.stats()
         after = stored(redis_server, holder_dir)
 
     waited = float(result["finished_at"]) - killed_at
     print(f"\n[figures] redis: peer finished {waited * 1000:.0f} ms after the holder was killed")
-    assert holder.returncode == -signal.SIGKILL
     assert result["ok"] == 1 and result["failed"] == 0
     assert stats["invalid_grant"] == 0
     assert stats["refreshes"] == 1

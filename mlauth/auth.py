@@ -359,7 +359,7 @@ class MLAuth(requests.auth.AuthBase):
     def _recover(self, failed: Secret) -> Secret | None:
         """The token to re-send with after ``failed`` got a 401, or None to return the 401."""
         current = self._sync()  # a thread may have cached an older read
-        if current.access_token not in (None, failed) and not current.is_expired():
+        if self._satisfied(current, failed):
             return current.access_token  # another thread or process has moved on already
         tokens = self._single_flight(failed=failed, reason="401", wait=True)
         return None if tokens is None else tokens.access_token
@@ -393,13 +393,14 @@ class MLAuth(requests.auth.AuthBase):
 
     def _satisfied(self, tokens: TokenSet, failed: Secret | None) -> bool:
         """Whether ``tokens`` already answer the need, so no refresh token is spent."""
-        if tokens.access_token is None:
+        # After a 401 (``failed`` set) the failed token never satisfies, and a peer's token
+        # only while it has time left: after a long wait for the lock (a Redis lock orphaned
+        # by a restart lasts lock_timeout) it may have expired, or be so close to expiry that
+        # the re-sent request meets a second 401. The same margin as before a request; a
+        # token a peer refreshed moments ago is young, far from it, so this spends nothing
+        # more in the common case.
+        if tokens.access_token is None or tokens.access_token == failed:
             return False
-        if failed is not None:
-            # A peer's token is only worth adopting while it lives: after a long wait for the
-            # lock (a Redis lock orphaned by a restart lasts lock_timeout) it may have expired,
-            # and re-sending with it would just return a second 401 to the caller.
-            return tokens.access_token != failed and not tokens.is_expired()
         return not tokens.needs_refresh(self.refresh_margin)
 
     def _young(self, tokens: TokenSet) -> bool:

@@ -118,6 +118,22 @@ def _tokens_from_json(data: dict[str, Any]) -> TokenSet:
     )
 
 
+def _after_fragment(line: bytes) -> dict[str, Any] | None:
+    """A whole record glued after a torn fragment on one line, or None.
+
+    Journals written before appends ended a fragment with a newline can hold such a line;
+    only the fragment is dropped, not the record after it (an intent, say).
+    """
+    start = line.rfind(b'{"kind":')
+    if start <= 0:
+        return None
+    try:
+        record = json.loads(line[start:])
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) else None
+
+
 def _state_dir() -> str:
     base = os.environ.get("XDG_STATE_HOME") or os.path.join(
         os.path.expanduser("~"), ".local", "state"
@@ -156,14 +172,30 @@ class Journal:
     # -- records ---------------------------------------------------------------------------
 
     def _append(self, record: dict[str, Any]) -> None:
+        """Append one record durably, or leave the file exactly as it was and raise OSError.
+
+        A write cut short (a full disk mid-record) is cut back off; a fragment left by a
+        writer killed mid-record is ended with a newline first, so our record starts a line
+        of its own instead of being glued to the fragment and dropped with it.
+        """
         data = (json.dumps(record, separators=(",", ":")) + "\n").encode("utf-8")
         created = not os.path.exists(self.path)
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
+            size = os.fstat(fd).st_size
+            if size and os.pread(fd, 1, size - 1) != b"\n":
+                data = b"\n" + data
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+                os.fsync(fd)
+            except OSError:
+                # Undo the partial record: the next append would otherwise follow a fragment.
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, size)
+                    os.fsync(fd)
+                raise
         finally:
             os.close(fd)
         if created:
@@ -185,8 +217,10 @@ class Journal:
             try:
                 record = json.loads(line)
             except ValueError:
+                record = _after_fragment(line)
                 log.warning("ignoring a torn record in the refresh journal %s", self.path)
-                continue
+                if record is None:
+                    continue
             if isinstance(record, dict):
                 out.append(record)
         return out

@@ -142,6 +142,26 @@ def test_a_torn_last_record_is_ignored(stale_env: Path) -> None:
     assert [r["kind"] for r in journal.records()] == ["intent"]
 
 
+def test_an_intent_after_a_torn_record_starts_its_own_line_and_is_read_back(
+    stale_env: Path,
+) -> None:
+    journal = journal_for(stale_env)
+    with open(journal.path, "wb") as handle:
+        handle.write(b'{"kind":"answer","spent":"sha')  # a writer killed mid-append
+    token = mlauth.Secret("TG-fake-token-1")
+    assert journal.intent(token) is None
+    assert [r["kind"] for r in journal.records()] == ["intent"]
+    # The guarantee the intent exists for: the next refresher sees the token may be spent.
+    assert journal.intent(token) is not None
+
+
+def test_a_record_glued_to_a_fragment_by_an_older_writer_is_still_read(stale_env: Path) -> None:
+    journal = journal_for(stale_env)
+    with open(journal.path, "wb") as handle:
+        handle.write(b'{"kind":"answer","spent":"sha{"kind":"intent","spent":"sha256:1"}\n')
+    assert journal.records() == [{"kind": "intent", "spent": "sha256:1"}]
+
+
 def test_possibly_spent_token_that_still_works_is_tried_once_and_saved(
     fake_ml: FakeMercadoLibre, stale_env: Path
 ) -> None:

@@ -182,7 +182,12 @@ class Journal:
         created = not os.path.exists(self.path)
         fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
         try:
-            size = os.fstat(fd).st_size
+            info = os.fstat(fd)
+            if info.st_mode & 0o777 != 0o600:
+                # The answer records hold live tokens: a journal created loose (by hand, an
+                # older version, a restored backup) is made private before one is written.
+                os.fchmod(fd, 0o600)
+            size = info.st_size
             if size and os.pread(fd, 1, size - 1) != b"\n":
                 data = b"\n" + data
             try:

@@ -68,6 +68,19 @@ def test_every_file_mlauth_creates_is_private(
         assert mode(tmp_path / name) == 0o600, name
 
 
+def test_a_loose_journal_is_made_private_before_tokens_are_written_to_it(
+    fake_ml: FakeMercadoLibre, tmp_path: Path
+) -> None:
+    env = tmp_path / ".env"
+    fake_ml.write_env(env, expires_at=time.time() - 10)
+    journal = tmp_path / ".env.journal"
+    journal.touch()
+    journal.chmod(0o644)  # left world-readable by hand, a backup restore, an older version
+    assert requests.get(f"{fake_ml.base_url}/users/me", auth=mlauth.MLAuth.from_env(env)).ok
+    assert fake_ml.stats()["refreshes"] == 1
+    assert mode(journal) == 0o600
+
+
 def test_an_existing_env_keeps_its_mode_through_a_refresh(
     fake_ml: FakeMercadoLibre, tmp_path: Path
 ) -> None:

@@ -326,13 +326,20 @@ class Journal:
         data = json.dumps(
             {"store": self.store_path, "base": base.fingerprint, "tokens": _tokens_to_json(tokens)}
         ).encode("utf-8")
-        for path in (self.rescue_path, self.fallback_rescue_path):
+        paths = (self.rescue_path, self.fallback_rescue_path)
+        for path in paths:
             try:
                 os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
                 _write_new(path, data)
             except OSError as exc:
                 log.debug("could not write a rescue file at %s: %s", path, exc)
                 continue
+            # One rescue file at a time: an older one left in the other place holds tokens
+            # these replace, and could otherwise be taken for the newest.
+            for other in paths:
+                if other != path:
+                    with contextlib.suppress(OSError):
+                        os.unlink(other)
             return path
         return None
 
@@ -495,12 +502,17 @@ def recover(
     chain = _chain(stored, answers)
     newest = chain[-1] if chain else None
     known = {t.refresh_token for t in chain}
-    for path, base, rescued in rescues:
-        # A rescue file holds its writer's latest tokens over the token the store held; it is
-        # newer than the journal when the journal's own append failed too.
-        if base == stored and rescued.refresh_token not in known:
-            log.info("found rescued tokens in %s", path)
-            newest = rescued
+    # A rescue file holds its writer's latest tokens over the token the store held; it is
+    # newer than the journal when the journal's own append failed too. Of two (beside the
+    # store and in the state dir, say one left by an older version), the latest refresh wins.
+    usable = [
+        (path, rescued)
+        for path, base, rescued in rescues
+        if base == stored and rescued.refresh_token not in known
+    ]
+    if usable:
+        path, newest = max(usable, key=lambda found: found[1].refreshed_at or float("-inf"))
+        log.info("found rescued tokens in %s", path)
     if newest is not None:
         try:
             stamp = store.save(newest)

@@ -95,6 +95,30 @@ def _fresh(error: RefreshError, message: str) -> RefreshError:
     return copy
 
 
+def _possibly_spent_by(error: RefreshError, attempts: int) -> str | None:
+    """Why a failed refresh may still have spent the token, or None if it cannot have.
+
+    Only a definite refusal proves the token unspent: an OAuth error answer (400
+    invalid_request, 401 invalid_client, 403 unauthorized_client...) is given instead of
+    processing the grant. It must be the only attempt: an earlier one of the series may have
+    timed out after the server rotated the token. A timeout, a reset connection, a 5xx (the
+    server may have failed after rotating), a 200 we could not read, a 408 or 429 at the end
+    of a series: all leave the token possibly spent. (A connection refused before anything
+    was sent is counted here too; the endpoint's error does not tell it apart, and the
+    cost is only that the next refresh makes one attempt instead of a series.)
+    """
+    if attempts == 0:
+        return None  # nothing was sent
+    status = error.status_code
+    if attempts == 1 and status is not None and 400 <= status < 500 and status not in (408, 429):
+        return None
+    if status == 200:
+        return "HTTP 200 with an unusable body"
+    # The error's first sentence names the last failure ("gave up after 1 attempt: HTTP 502");
+    # mlauth's errors never hold a token or the secret.
+    return str(error).split(". ", 1)[0]
+
+
 def _bearer(header: str | bytes | None) -> str | None:
     if isinstance(header, bytes):
         header = header.decode("latin-1")
@@ -516,8 +540,8 @@ class MLAuth(requests.auth.AuthBase):
             self._remember_failure(spent, exc, patient)
             raise
         except RefreshError as exc:
-            if journal is not None:  # journal: an answer came, so the POST is not in flight
-                journal.abort(spent)
+            if journal is not None:  # journal: keep the token "possibly spent" unless proven not
+                journal.abort(spent, unanswered=_possibly_spent_by(exc, attempts_made))
             self._remember_failure(spent, exc, patient)
             raise
         if answer.refresh_token is None:

@@ -146,8 +146,8 @@ class Recovery:
     """What recovery found: tokens it wrote to the store, or a token possibly spent."""
 
     replayed: TokenSet | None = None
-    possibly_spent: str | None = None  # fingerprint of the stored token a dead refresher sent
-    died: str | None = None  # who died with it in flight, for the message
+    possibly_spent: str | None = None  # fingerprint of the stored token sent without an answer
+    died: str | None = None  # who sent it and what became of the request, for the message
 
 
 class Journal:
@@ -233,8 +233,9 @@ class Journal:
     def intent(self, spent: Secret) -> str | None:
         """Record that ``spent`` is about to be sent. Raises StoreError if it cannot be.
 
-        Returns who sent it before and died without an answer (the token is then *possibly
-        spent*), or None.
+        Returns how it was sent before without a usable answer (the token is then *possibly
+        spent*): "pid N@host sent it and died ..." or "... got no usable answer (why)"; or
+        None.
         """
         orphan = _open_intents(self.records()).get(spent.fingerprint)
         try:
@@ -254,10 +255,22 @@ class Journal:
             ) from exc
         return orphan
 
-    def abort(self, spent: Secret) -> None:
-        """The POST for ``spent`` got an answer (an error): it is no longer in flight."""
+    def abort(self, spent: Secret, *, unanswered: str | None = None) -> None:
+        """The refresh with ``spent`` failed: record whether the token may have been spent.
+
+        ``unanswered`` None: the server's answer proves it was not (a definite refusal), so
+        the intent is closed and the next refresh gets a full retry series. Otherwise it
+        says why no usable answer came (a timeout, a reset, a 5xx, a broken 200): the
+        request may have reached the server and rotated the token, so the intent stays open
+        and the next refresh tries the token exactly once.
+        """
+        record: dict[str, Any] = {"kind": "abort", "spent": spent.fingerprint}
+        if unanswered is not None:
+            record.update(
+                kind="unanswered", by=f"pid {os.getpid()}@{socket.gethostname()}", why=unanswered
+            )
         try:
-            self._append({"kind": "abort", "spent": spent.fingerprint})
+            self._append(record)
         except OSError as exc:
             log.warning("could not write to the refresh journal %s: %s", self.path, exc)
 
@@ -303,16 +316,14 @@ class Journal:
         holds another one.
         """
         self.abort(spent)
-        reason = "invalid_grant" + (
-            f" after {orphan} died with it in flight" if orphan is not None else ""
-        )
+        reason = "invalid_grant" + (f"; possibly spent before: {orphan}" if orphan else "")
         self.mark_reauthorization_required(spent, reason)
         if orphan is None:
             return error
         refused = InvalidGrantError(
             f"the refresh token {spent.fingerprint} was refused (invalid_grant). It was "
-            f"possibly spent already: {orphan} sent it and died before the answer could be "
-            f"saved (the one window no client can close). {LOGIN_HINT}",
+            f"possibly spent already: {orphan}, so its successor never reached the store (the "
+            f"one window no client can close). {LOGIN_HINT}",
             status_code=error.status_code,
             error=error.error,
             description=error.description,
@@ -449,12 +460,17 @@ def _chain(start: str, answers: dict[str, TokenSet]) -> list[TokenSet]:
 
 
 def _open_intents(records: list[dict[str, Any]]) -> dict[str, str]:
-    """Fingerprint -> who sent it, for intents that no answer or abort followed."""
+    """Fingerprint -> how it was sent, for intents no answer or definite refusal closed."""
     intents: dict[str, str] = {}
     for record in records:
         spent = str(record.get("spent"))
-        if record.get("kind") == "intent":
-            intents[spent] = str(record.get("by"))
+        kind = record.get("kind")
+        if kind == "intent":
+            intents[spent] = f"{record.get('by')} sent it and died before the answer was saved"
+        elif kind == "unanswered":  # the request may have reached the server: still open
+            intents[spent] = f"{record.get('by')} sent it and got no usable answer " + (
+                f"({record.get('why')})"
+            )
         else:
             intents.pop(spent, None)
     return intents

@@ -574,6 +574,15 @@ class MLAuth(requests.auth.AuthBase):
             self._unsaved = (new, base)
             self._persist_retry_at = time.monotonic() + PERSIST_RETRY_DELAY
             rescue = None if journal is None else journal.write_rescue(base, new)  # journal
+            where = rescue or "none could be written"
+            if journal is not None and rescue == journal.fallback_rescue_path:
+                # Each process finds the state dir from its own environment: say so, and how
+                # to put the file where every process looks.
+                where += (
+                    " (in the state dir of this process's $XDG_STATE_HOME or $HOME: processes "
+                    "run with another user, $HOME or $XDG_STATE_HOME do not look there; moving "
+                    f"it to {journal.rescue_path} makes every process find it)"
+                )
             log.error(
                 "refreshed tokens could not be saved to %s (%s: %s); this process keeps them "
                 "in memory and retries saving, but other processes cannot see them until then. "
@@ -581,7 +590,7 @@ class MLAuth(requests.auth.AuthBase):
                 self.store.location,
                 type(exc).__name__,
                 exc,
-                rescue or "none could be written",
+                where,
             )
             return new
         if journal is not None:  # journal: the store has the answer; commit (empty) it

@@ -271,6 +271,9 @@ def test_rescue_goes_to_the_state_dir_when_the_folder_refuses(
         assert requests.get(f"{fake_ml.base_url}/users/me", auth=auth).status_code == 200
     (rescue,) = (state / "mlauth").iterdir()
     assert str(rescue) in caplog.text
+    # The state dir is this process's: the log says so and where every process would look.
+    assert "$XDG_STATE_HOME or $HOME" in caplog.text
+    assert f"moving it to {os.path.realpath(stale_env)}.rescue" in caplog.text
     assert stat.S_IMODE(rescue.stat().st_mode) == 0o600
     assert stat.S_IMODE((state / "mlauth").stat().st_mode) == 0o700
 

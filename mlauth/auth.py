@@ -95,6 +95,30 @@ def _fresh(error: RefreshError, message: str) -> RefreshError:
     return copy
 
 
+def _possibly_spent_by(error: RefreshError, attempts: int) -> str | None:
+    """Why a failed refresh may still have spent the token, or None if it cannot have.
+
+    Only a definite refusal proves the token unspent: an OAuth error answer (400
+    invalid_request, 401 invalid_client, 403 unauthorized_client...) is given instead of
+    processing the grant. It must be the only attempt: an earlier one of the series may have
+    timed out after the server rotated the token. A timeout, a reset connection, a 5xx (the
+    server may have failed after rotating), a 200 we could not read, a 408 or 429 at the end
+    of a series: all leave the token possibly spent. (A connection refused before anything
+    was sent is counted here too; the endpoint's error does not tell it apart, and the
+    cost is only that the next refresh makes one attempt instead of a series.)
+    """
+    if attempts == 0:
+        return None  # nothing was sent
+    status = error.status_code
+    if attempts == 1 and status is not None and 400 <= status < 500 and status not in (408, 429):
+        return None
+    if status == 200:
+        return "HTTP 200 with an unusable body"
+    # The error's first sentence names the last failure ("gave up after 1 attempt: HTTP 502");
+    # mlauth's errors never hold a token or the secret.
+    return str(error).split(". ", 1)[0]
+
+
 def _bearer(header: str | bytes | None) -> str | None:
     if isinstance(header, bytes):
         header = header.decode("latin-1")
@@ -359,7 +383,7 @@ class MLAuth(requests.auth.AuthBase):
     def _recover(self, failed: Secret) -> Secret | None:
         """The token to re-send with after ``failed`` got a 401, or None to return the 401."""
         current = self._sync()  # a thread may have cached an older read
-        if current.access_token not in (None, failed) and not current.is_expired():
+        if self._satisfied(current, failed):
             return current.access_token  # another thread or process has moved on already
         tokens = self._single_flight(failed=failed, reason="401", wait=True)
         return None if tokens is None else tokens.access_token
@@ -393,13 +417,14 @@ class MLAuth(requests.auth.AuthBase):
 
     def _satisfied(self, tokens: TokenSet, failed: Secret | None) -> bool:
         """Whether ``tokens`` already answer the need, so no refresh token is spent."""
-        if tokens.access_token is None:
+        # After a 401 (``failed`` set) the failed token never satisfies, and a peer's token
+        # only while it has time left: after a long wait for the lock (a Redis lock orphaned
+        # by a restart lasts lock_timeout) it may have expired, or be so close to expiry that
+        # the re-sent request meets a second 401. The same margin as before a request; a
+        # token a peer refreshed moments ago is young, far from it, so this spends nothing
+        # more in the common case.
+        if tokens.access_token is None or tokens.access_token == failed:
             return False
-        if failed is not None:
-            # A peer's token is only worth adopting while it lives: after a long wait for the
-            # lock (a Redis lock orphaned by a restart lasts lock_timeout) it may have expired,
-            # and re-sending with it would just return a second 401 to the caller.
-            return tokens.access_token != failed and not tokens.is_expired()
         return not tokens.needs_refresh(self.refresh_margin)
 
     def _young(self, tokens: TokenSet) -> bool:
@@ -515,8 +540,8 @@ class MLAuth(requests.auth.AuthBase):
             self._remember_failure(spent, exc, patient)
             raise
         except RefreshError as exc:
-            if journal is not None:  # journal: an answer came, so the POST is not in flight
-                journal.abort(spent)
+            if journal is not None:  # journal: keep the token "possibly spent" unless proven not
+                journal.abort(spent, unanswered=_possibly_spent_by(exc, attempts_made))
             self._remember_failure(spent, exc, patient)
             raise
         if answer.refresh_token is None:
@@ -549,6 +574,15 @@ class MLAuth(requests.auth.AuthBase):
             self._unsaved = (new, base)
             self._persist_retry_at = time.monotonic() + PERSIST_RETRY_DELAY
             rescue = None if journal is None else journal.write_rescue(base, new)  # journal
+            where = rescue or "none could be written"
+            if journal is not None and rescue == journal.fallback_rescue_path:
+                # Each process finds the state dir from its own environment: say so, and how
+                # to put the file where every process looks.
+                where += (
+                    " (in the state dir of this process's $XDG_STATE_HOME or $HOME: processes "
+                    "run with another user, $HOME or $XDG_STATE_HOME do not look there; moving "
+                    f"it to {journal.rescue_path} makes every process find it)"
+                )
             log.error(
                 "refreshed tokens could not be saved to %s (%s: %s); this process keeps them "
                 "in memory and retries saving, but other processes cannot see them until then. "
@@ -556,7 +590,7 @@ class MLAuth(requests.auth.AuthBase):
                 self.store.location,
                 type(exc).__name__,
                 exc,
-                rescue or "none could be written",
+                where,
             )
             return new
         if journal is not None:  # journal: the store has the answer; commit (empty) it

@@ -118,6 +118,22 @@ def _tokens_from_json(data: dict[str, Any]) -> TokenSet:
     )
 
 
+def _after_fragment(line: bytes) -> dict[str, Any] | None:
+    """A whole record glued after a torn fragment on one line, or None.
+
+    Journals written before appends ended a fragment with a newline can hold such a line;
+    only the fragment is dropped, not the record after it (an intent, say).
+    """
+    start = line.rfind(b'{"kind":')
+    if start <= 0:
+        return None
+    try:
+        record = json.loads(line[start:])
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) else None
+
+
 def _state_dir() -> str:
     base = os.environ.get("XDG_STATE_HOME") or os.path.join(
         os.path.expanduser("~"), ".local", "state"
@@ -130,8 +146,8 @@ class Recovery:
     """What recovery found: tokens it wrote to the store, or a token possibly spent."""
 
     replayed: TokenSet | None = None
-    possibly_spent: str | None = None  # fingerprint of the stored token a dead refresher sent
-    died: str | None = None  # who died with it in flight, for the message
+    possibly_spent: str | None = None  # fingerprint of the stored token sent without an answer
+    died: str | None = None  # who sent it and what became of the request, for the message
 
 
 class Journal:
@@ -156,14 +172,35 @@ class Journal:
     # -- records ---------------------------------------------------------------------------
 
     def _append(self, record: dict[str, Any]) -> None:
+        """Append one record durably, or leave the file exactly as it was and raise OSError.
+
+        A write cut short (a full disk mid-record) is cut back off; a fragment left by a
+        writer killed mid-record is ended with a newline first, so our record starts a line
+        of its own instead of being glued to the fragment and dropped with it.
+        """
         data = (json.dumps(record, separators=(",", ":")) + "\n").encode("utf-8")
         created = not os.path.exists(self.path)
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
+            info = os.fstat(fd)
+            if info.st_mode & 0o777 != 0o600:
+                # The answer records hold live tokens: a journal created loose (by hand, an
+                # older version, a restored backup) is made private before one is written.
+                os.fchmod(fd, 0o600)
+            size = info.st_size
+            if size and os.pread(fd, 1, size - 1) != b"\n":
+                data = b"\n" + data
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+                os.fsync(fd)
+            except OSError:
+                # Undo the partial record: the next append would otherwise follow a fragment.
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, size)
+                    os.fsync(fd)
+                raise
         finally:
             os.close(fd)
         if created:
@@ -185,8 +222,10 @@ class Journal:
             try:
                 record = json.loads(line)
             except ValueError:
+                record = _after_fragment(line)
                 log.warning("ignoring a torn record in the refresh journal %s", self.path)
-                continue
+                if record is None:
+                    continue
             if isinstance(record, dict):
                 out.append(record)
         return out
@@ -194,8 +233,9 @@ class Journal:
     def intent(self, spent: Secret) -> str | None:
         """Record that ``spent`` is about to be sent. Raises StoreError if it cannot be.
 
-        Returns who sent it before and died without an answer (the token is then *possibly
-        spent*), or None.
+        Returns how it was sent before without a usable answer (the token is then *possibly
+        spent*): "pid N@host sent it and died ..." or "... got no usable answer (why)"; or
+        None.
         """
         orphan = _open_intents(self.records()).get(spent.fingerprint)
         try:
@@ -215,10 +255,22 @@ class Journal:
             ) from exc
         return orphan
 
-    def abort(self, spent: Secret) -> None:
-        """The POST for ``spent`` got an answer (an error): it is no longer in flight."""
+    def abort(self, spent: Secret, *, unanswered: str | None = None) -> None:
+        """The refresh with ``spent`` failed: record whether the token may have been spent.
+
+        ``unanswered`` None: the server's answer proves it was not (a definite refusal), so
+        the intent is closed and the next refresh gets a full retry series. Otherwise it
+        says why no usable answer came (a timeout, a reset, a 5xx, a broken 200): the
+        request may have reached the server and rotated the token, so the intent stays open
+        and the next refresh tries the token exactly once.
+        """
+        record: dict[str, Any] = {"kind": "abort", "spent": spent.fingerprint}
+        if unanswered is not None:
+            record.update(
+                kind="unanswered", by=f"pid {os.getpid()}@{socket.gethostname()}", why=unanswered
+            )
         try:
-            self._append({"kind": "abort", "spent": spent.fingerprint})
+            self._append(record)
         except OSError as exc:
             log.warning("could not write to the refresh journal %s: %s", self.path, exc)
 
@@ -264,16 +316,14 @@ class Journal:
         holds another one.
         """
         self.abort(spent)
-        reason = "invalid_grant" + (
-            f" after {orphan} died with it in flight" if orphan is not None else ""
-        )
+        reason = "invalid_grant" + (f"; possibly spent before: {orphan}" if orphan else "")
         self.mark_reauthorization_required(spent, reason)
         if orphan is None:
             return error
         refused = InvalidGrantError(
             f"the refresh token {spent.fingerprint} was refused (invalid_grant). It was "
-            f"possibly spent already: {orphan} sent it and died before the answer could be "
-            f"saved (the one window no client can close). {LOGIN_HINT}",
+            f"possibly spent already: {orphan}, so its successor never reached the store (the "
+            f"one window no client can close). {LOGIN_HINT}",
             status_code=error.status_code,
             error=error.error,
             description=error.description,
@@ -287,13 +337,20 @@ class Journal:
         data = json.dumps(
             {"store": self.store_path, "base": base.fingerprint, "tokens": _tokens_to_json(tokens)}
         ).encode("utf-8")
-        for path in (self.rescue_path, self.fallback_rescue_path):
+        paths = (self.rescue_path, self.fallback_rescue_path)
+        for path in paths:
             try:
                 os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
                 _write_new(path, data)
             except OSError as exc:
                 log.debug("could not write a rescue file at %s: %s", path, exc)
                 continue
+            # One rescue file at a time: an older one left in the other place holds tokens
+            # these replace, and could otherwise be taken for the newest.
+            for other in paths:
+                if other != path:
+                    with contextlib.suppress(OSError):
+                        os.unlink(other)
             return path
         return None
 
@@ -403,12 +460,17 @@ def _chain(start: str, answers: dict[str, TokenSet]) -> list[TokenSet]:
 
 
 def _open_intents(records: list[dict[str, Any]]) -> dict[str, str]:
-    """Fingerprint -> who sent it, for intents that no answer or abort followed."""
+    """Fingerprint -> how it was sent, for intents no answer or definite refusal closed."""
     intents: dict[str, str] = {}
     for record in records:
         spent = str(record.get("spent"))
-        if record.get("kind") == "intent":
-            intents[spent] = str(record.get("by"))
+        kind = record.get("kind")
+        if kind == "intent":
+            intents[spent] = f"{record.get('by')} sent it and died before the answer was saved"
+        elif kind == "unanswered":  # the request may have reached the server: still open
+            intents[spent] = f"{record.get('by')} sent it and got no usable answer " + (
+                f"({record.get('why')})"
+            )
         else:
             intents.pop(spent, None)
     return intents
@@ -456,12 +518,17 @@ def recover(
     chain = _chain(stored, answers)
     newest = chain[-1] if chain else None
     known = {t.refresh_token for t in chain}
-    for path, base, rescued in rescues:
-        # A rescue file holds its writer's latest tokens over the token the store held; it is
-        # newer than the journal when the journal's own append failed too.
-        if base == stored and rescued.refresh_token not in known:
-            log.info("found rescued tokens in %s", path)
-            newest = rescued
+    # A rescue file holds its writer's latest tokens over the token the store held; it is
+    # newer than the journal when the journal's own append failed too. Of two (beside the
+    # store and in the state dir, say one left by an older version), the latest refresh wins.
+    usable = [
+        (path, rescued)
+        for path, base, rescued in rescues
+        if base == stored and rescued.refresh_token not in known
+    ]
+    if usable:
+        path, newest = max(usable, key=lambda found: found[1].refreshed_at or float("-inf"))
+        log.info("found rescued tokens in %s", path)
     if newest is not None:
         try:
             stamp = store.save(newest)

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from urllib.parse import parse_qs
 
@@ -246,6 +247,114 @@ def test_401_never_resends_with_a_peers_token_that_has_expired(
     assert parse_qs(refresh.text)["refresh_token"] == [REFRESH_2]
     sent = [r.headers["Authorization"] for r in requests_mock.request_history if r.url == ME]
     assert sent == [bearer(ACCESS_1), bearer(access_3)]
+
+
+def _near_expiry_peer(left: float = 60.0) -> str:
+    """A .env a peer wrote: a 6-hour token with ``left`` seconds to go (inside the margin)."""
+    now = time.time()
+    return env_text(
+        ML_ACCESS_TOKEN=ACCESS_2,
+        ML_REFRESH_TOKEN=REFRESH_2,
+        ML_TOKEN_EXPIRES_AT=str(now + left),
+        ML_TOKEN_REFRESHED_AT=str(now + left - 6 * 3600),
+    )
+
+
+def test_401_never_resends_with_a_peers_token_inside_the_refresh_margin(
+    env_file: Path, make_auth: MakeAuth, requests_mock: requests_mock.Mocker
+) -> None:
+    # Not expired yet, but within the 300 s margin every request refreshes ahead of: a token
+    # that close to its end is what a second 401 is made of. Refresh with its refresh token.
+    access_3 = ACCESS_2.replace("0002", "0003")
+
+    def api(request: requests_mock.request._RequestObjectProxy, context: object) -> str:
+        token = request.headers["Authorization"]
+        if token == bearer(ACCESS_1):
+            env_file.write_text(_near_expiry_peer())
+        context.status_code = 200 if token == bearer(access_3) else 401  # type: ignore[attr-defined]
+        return "{}"
+
+    requests_mock.get(ME, text=api)
+    requests_mock.post(TOKEN_URL, json=token_answer(access=access_3, refresh="TG-fake-3"))
+    auth = make_auth()
+
+    response = requests.get(ME, auth=auth)
+
+    assert response.status_code == 200
+    (refresh,) = only_token_calls(requests_mock)
+    assert parse_qs(refresh.text)["refresh_token"] == [REFRESH_2]
+    sent = [r.headers["Authorization"] for r in requests_mock.request_history if r.url == ME]
+    assert sent == [bearer(ACCESS_1), bearer(access_3)]
+
+
+def test_401_after_waiting_for_the_lock_refreshes_a_peers_token_inside_the_margin(
+    env_file: Path, make_auth: MakeAuth, requests_mock: requests_mock.Mocker
+) -> None:
+    # The peer's write lands while this thread waits for the lock (after its first look at
+    # the store), so it is the re-read under the lock that must judge the token's time left.
+    access_3 = ACCESS_2.replace("0002", "0003")
+    requests_mock.get(
+        ME,
+        [{"status_code": 401, "text": "{}"}, {"status_code": 200, "text": "{}"}],
+    )
+    requests_mock.post(TOKEN_URL, json=token_answer(access=access_3, refresh="TG-fake-3"))
+    auth = make_auth()
+    real_lock = auth.store.lock
+    writes = []
+
+    @contextlib.contextmanager
+    def lock_after_a_peer(timeout: float) -> Iterator[None]:
+        if not writes:  # the peer got the lock first and rotated to a short-lived token
+            env_file.write_text(_near_expiry_peer())
+            writes.append(1)
+        with real_lock(timeout):
+            yield
+
+    auth.store.lock = lock_after_a_peer  # type: ignore[method-assign]
+
+    response = requests.get(ME, auth=auth)
+
+    assert response.status_code == 200
+    (refresh,) = only_token_calls(requests_mock)
+    assert parse_qs(refresh.text)["refresh_token"] == [REFRESH_2]
+    sent = [r.headers["Authorization"] for r in requests_mock.request_history if r.url == ME]
+    assert sent == [bearer(ACCESS_1), bearer(access_3)]
+
+
+def test_401_adopts_a_token_a_peer_refreshed_moments_ago_without_a_post(
+    env_file: Path, make_auth: MakeAuth, requests_mock: requests_mock.Mocker
+) -> None:
+    # The other side of the margin rule: a peer's fresh 6-hour token is far from expiry, so
+    # the 401 is answered by re-sending with it and no refresh token is spent.
+    now = time.time()
+    fresh_peer = env_text(
+        ML_ACCESS_TOKEN=ACCESS_2,
+        ML_REFRESH_TOKEN=REFRESH_2,
+        ML_TOKEN_EXPIRES_AT=str(now + 6 * 3600 - 1),
+        ML_TOKEN_REFRESHED_AT=str(now - 1),
+    )
+    requests_mock.get(
+        ME,
+        [{"status_code": 401, "text": "{}"}, {"status_code": 200, "text": "{}"}],
+    )
+    requests_mock.post(TOKEN_URL, status_code=500)
+    auth = make_auth()
+    real_lock = auth.store.lock
+
+    @contextlib.contextmanager
+    def lock_after_a_peer(timeout: float) -> Iterator[None]:
+        env_file.write_text(fresh_peer)
+        with real_lock(timeout):
+            yield
+
+    auth.store.lock = lock_after_a_peer  # type: ignore[method-assign]
+
+    response = requests.get(ME, auth=auth)
+
+    assert response.status_code == 200
+    assert only_token_calls(requests_mock) == []
+    sent = [r.headers["Authorization"] for r in requests_mock.request_history if r.url == ME]
+    assert sent == [bearer(ACCESS_1), bearer(ACCESS_2)]
 
 
 def test_proactive_refresh_happens_before_the_request(

@@ -130,3 +130,47 @@ def test_invalid_client_names_the_keys_to_fix_and_spends_nothing(
     assert mlauth.reauthorization_required(mlauth.EnvFileStore(expired_env)) is None
     update_env_file(expired_env, {"ML_CLIENT_SECRET": fake_ml.client_secret})
     assert_chain_lives(fake_ml, expired_env, mlauth.MLAuth.from_env(expired_env))
+
+
+def test_after_a_5xx_the_possibly_spent_token_gets_exactly_one_try_in_the_next_process(
+    fake_ml: FakeMercadoLibre, expired_env: Path
+) -> None:
+    # A 503 may come after the server rotated the token: the intent stays open, so the next
+    # process does not run a retry series on a token that may be spent.
+    fake_ml.fail_next_token_requests(1, status=503)
+    with pytest.raises(mlauth.RefreshError):
+        call(fake_ml, mlauth.MLAuth.from_env(expired_env, max_attempts=1))
+    fake_ml.fail_next_token_requests(1, status=503)
+    with pytest.raises(mlauth.RefreshError):
+        call(fake_ml, mlauth.MLAuth.from_env(expired_env, max_attempts=3, backoff=0.001))
+    assert fake_ml.stats()["token_requests"] == 2  # one try, not a series
+    # The try that succeeds closes it: the chain lives.
+    assert_chain_lives(fake_ml, expired_env, mlauth.MLAuth.from_env(expired_env))
+    assert fake_ml.stats()["refreshes"] == 1
+
+
+def test_a_5xx_after_the_server_rotated_ends_in_the_possibly_spent_message(
+    fake_ml: FakeMercadoLibre, expired_env: Path
+) -> None:
+    fake_ml.fail_next_token_requests(1, status=502, consume=True)  # spent, answer lost
+    with pytest.raises(mlauth.RefreshError):
+        call(fake_ml, mlauth.MLAuth.from_env(expired_env, max_attempts=1))
+    with pytest.raises(mlauth.InvalidGrantError) as caught:
+        call(fake_ml, mlauth.MLAuth.from_env(expired_env))
+    message = str(caught.value)
+    assert "possibly spent already" in message and "no usable answer" in message
+    assert "HTTP 502" in message and "mlauth login" in message
+    assert fake_ml.stats()["token_requests"] == 2
+
+
+def test_a_definite_refusal_closes_the_intent_so_the_next_refresh_retries_normally(
+    fake_ml: FakeMercadoLibre, expired_env: Path
+) -> None:
+    update_env_file(expired_env, {"ML_CLIENT_SECRET": "fake-renewed-secret-not-copied"})
+    with pytest.raises(mlauth.RefreshError, match="invalid_client"):
+        call(fake_ml, mlauth.MLAuth.from_env(expired_env))
+    update_env_file(expired_env, {"ML_CLIENT_SECRET": fake_ml.client_secret})
+    fake_ml.fail_next_token_requests(1, status=503)
+    auth = mlauth.MLAuth.from_env(expired_env, max_attempts=3, backoff=0.001)
+    assert call(fake_ml, auth).status_code == 200  # a full retry series: 503, then 200
+    assert fake_ml.stats()["token_requests"] == 3 and fake_ml.stats()["refreshes"] == 1

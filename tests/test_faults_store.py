@@ -23,6 +23,7 @@ import requests
 import mlauth
 import mlauth.auth
 from mlauth.envfile import read_env_file
+from mlauth.journal import Journal
 from mlauth.lock import ProcessLock
 from mlauth.testing import FakeMercadoLibre
 
@@ -199,6 +200,23 @@ def fill(folder: Path) -> None:
         assert full.value.errno == errno.ENOSPC
     finally:
         os.close(fd)
+
+
+def test_a_journal_append_cut_short_by_a_full_disk_is_undone(tmp_path: Path) -> None:
+    with tmpfs(tmp_path / "full", "256k") as folder:
+        journal = Journal(str(folder / ".env"))
+        # One whole record, padded so the file ends 5 bytes before a page boundary: on a
+        # full tmpfs the next append writes those 5 bytes and then fails (a short write).
+        record = b'{"kind":"commit","spent":"sha256:0"}\n'
+        before = record + b" " * (4096 - 5 - len(record) - 1) + b"\n"
+        Path(journal.path).write_bytes(before)
+        fill(folder)
+        with pytest.raises(mlauth.StoreError, match="free disk space"):
+            journal.intent(mlauth.Secret("TG-fake-token-1"))
+        assert Path(journal.path).read_bytes() == before
+        (folder / "filler").unlink()
+        assert journal.intent(mlauth.Secret("TG-fake-token-1")) is None
+        assert [r["kind"] for r in journal.records()] == ["commit", "intent"]
 
 
 def test_full_disk_refuses_before_spending_then_recovers_when_space_returns(

@@ -21,6 +21,7 @@ import requests_mock
 
 import mlauth
 import mlauth.auth
+import mlauth.cli
 import mlauth.envfile
 from mlauth.envfile import read_env_file, update_env_file
 from mlauth.journal import Journal
@@ -59,13 +60,33 @@ def test_every_file_mlauth_creates_is_private(
     assert requests.get(f"{fake_ml.base_url}/users/me", auth=auth).status_code == 200
     rescue = Path(f"{env}.rescue")
     assert mode(rescue) == 0o600  # written by the failed save
-    Journal(str(env)).write_rescue(mlauth.Secret("TG-x"), auth.tokens)  # and the fallback
+    # And the fallback in the state dir: the folder beside the .env refuses this time.
+    rescue.unlink()
+    rescue.mkdir()  # writing a file at that path now fails (EISDIR)
+    fallback = Journal(str(env)).write_rescue(mlauth.Secret("TG-x"), auth.tokens)
+    assert fallback is not None and fallback.startswith(str(tmp_path / "state" / "mlauth"))
+    assert mode(Path(fallback)) == 0o600
+    assert mode(Path(fallback).parent) == 0o700
+    rescue.rmdir()
     fake_ml.revoke_refresh_tokens()
     mlauth.EnvFileStore(env).save(dataclasses.replace(auth.tokens, expires_at=time.time() - 1))
     with pytest.raises(mlauth.InvalidGrantError):
         requests.get(f"{fake_ml.base_url}/users/me", auth=mlauth.MLAuth.from_env(env))
     for name in (".env", ".env.lock", ".env.journal", ".env.reauth"):
         assert mode(tmp_path / name) == 0o600, name
+
+
+def test_a_loose_journal_is_made_private_before_tokens_are_written_to_it(
+    fake_ml: FakeMercadoLibre, tmp_path: Path
+) -> None:
+    env = tmp_path / ".env"
+    fake_ml.write_env(env, expires_at=time.time() - 10)
+    journal = tmp_path / ".env.journal"
+    journal.touch()
+    journal.chmod(0o644)  # left world-readable by hand, a backup restore, an older version
+    assert requests.get(f"{fake_ml.base_url}/users/me", auth=mlauth.MLAuth.from_env(env)).ok
+    assert fake_ml.stats()["refreshes"] == 1
+    assert mode(journal) == 0o600
 
 
 def test_an_existing_env_keeps_its_mode_through_a_refresh(
@@ -191,3 +212,37 @@ def test_debug_run_through_journal_rescue_recovery_and_reauth_leaks_nothing(
     assert "Rescue copy:" in text and "recovered a refresh" in text
     for secret in secrets:
         assert secret not in text, "a whole token or the secret reached the logs"
+
+
+def test_debug_cli_run_prints_no_secret_but_the_token_it_was_asked_for(
+    fake_ml: FakeMercadoLibre,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    env = tmp_path / ".env"
+    fake_ml.write_env(env, expires_at=time.time() - 1)  # `token` must refresh first
+    caplog.set_level(logging.DEBUG)  # every logger: mlauth, urllib3, requests
+    secrets = {fake_ml.client_secret}
+    outputs: list[tuple[str, str, str]] = []
+    for command in ("status", "token", "refresh", "status", "token"):
+        before = read_env_file(env)
+        code = mlauth.cli.main([command, "--env", str(env)])
+        after = read_env_file(env)
+        out, err = capsys.readouterr()
+        assert code == 0, err
+        for stored in (before, after):
+            secrets |= {str(stored["ML_ACCESS_TOKEN"]), str(stored["ML_REFRESH_TOKEN"])}
+        if command == "token":  # the one place a whole token belongs: stdout, for the shell
+            assert out == f"{after['ML_ACCESS_TOKEN']}\n"
+            out = ""
+        outputs.append((command, out, err))
+    assert fake_ml.stats()["refreshes"] == 2  # the expired token, then `mlauth refresh`
+    assert len(secrets) == 1 + 2 * 3
+    logs = "\n".join(r.getMessage() for r in caplog.records)
+    assert "refreshed MercadoLibre token" in logs  # the DEBUG/INFO run really ran
+    for command, out, err in outputs:
+        for secret in secrets:
+            assert secret not in out and secret not in err, f"mlauth {command} printed a secret"
+    for secret in secrets:
+        assert secret not in logs, "a whole token or the secret reached the logs"

@@ -22,6 +22,7 @@ from collections.abc import Hashable, Iterator, Mapping
 from dotenv import dotenv_values
 from dotenv.parser import parse_stream
 
+from .durable import fsync_dir
 from .errors import ConfigError, StoreError, StoreMovedError
 from .journal import Journal
 from .lock import ProcessLock
@@ -126,14 +127,6 @@ def read_env_file(path: str | os.PathLike[str]) -> dict[str, str | None]:
         raise ConfigError(f"{path} is not UTF-8 text ({exc.reason}); save it as UTF-8.") from exc
 
 
-def _fsync_dir(folder: str) -> None:
-    fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 @contextlib.contextmanager
 def _temp_beside(real: str) -> Iterator[tuple[int, str]]:
     folder, name = os.path.split(real)
@@ -185,7 +178,7 @@ def update_env_file(path: str | os.PathLike[str], updates: Mapping[str, str | No
             "user and the disk must have space; the file was left as it was."
         ) from exc
     try:
-        _fsync_dir(os.path.dirname(real))
+        fsync_dir(os.path.dirname(real))
     except OSError as exc:
         # The new file is in place and readable by every process: reporting the save as
         # failed now would make the caller treat saved tokens as unsaved.

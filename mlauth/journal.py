@@ -45,6 +45,7 @@ from collections.abc import Hashable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from .durable import fsync_dir
 from .errors import InvalidGrantError, StoreError
 from .secret import Secret, fingerprint
 from .token import TokenSet
@@ -58,14 +59,6 @@ LOGIN_HINT = (
     "new ML_REFRESH_TOKEN in the .env); other processes stop trying until the stored refresh "
     "token changes."
 )
-
-
-def _fsync_dir(folder: str) -> None:
-    fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _write_new(path: str, data: bytes) -> None:
@@ -86,7 +79,7 @@ def _write_new(path: str, data: bytes) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    _fsync_dir(os.path.dirname(path))
+    fsync_dir(os.path.dirname(path))
 
 
 def _tokens_to_json(tokens: TokenSet) -> dict[str, Any]:
@@ -204,7 +197,7 @@ class Journal:
         finally:
             os.close(fd)
         if created:
-            _fsync_dir(os.path.dirname(self.path))
+            fsync_dir(os.path.dirname(self.path))
 
     def records(self) -> list[dict[str, Any]]:
         """The records in order; a torn last line (a crash mid-append) is ignored."""

@@ -155,7 +155,7 @@ def test_folder_fsync_failure_after_the_rename_counts_as_saved(
     def fsync_fails(folder: str) -> None:
         raise OSError(5, "Input/output error")
 
-    monkeypatch.setattr(mlauth.envfile, "_fsync_dir", fsync_fails)
+    monkeypatch.setattr(mlauth.envfile, "fsync_dir", fsync_fails)
     update_env_file(path, {"ML_REFRESH_TOKEN": "TG-new"})
     assert read_env_file(path)["ML_REFRESH_TOKEN"] == "TG-new"
     assert "could not fsync its folder" in caplog.text

@@ -152,6 +152,27 @@ def test_uninstall_stops_injecting(fake_ml: FakeMercadoLibre, expired_env: Path)
     assert requests.get(f"{fake_ml.base_url}/users/me", headers=stale).status_code == 401
 
 
+def test_a_bound_request_saved_while_installed_still_works_after_uninstall(
+    fake_ml: FakeMercadoLibre, expired_env: Path
+) -> None:
+    mlauth.install(expired_env)
+    session = requests.Session()
+    bound = session.request  # our wrapper, bound: legacy code keeps such things in globals
+    url = f"{fake_ml.base_url}/users/me"
+    assert bound("GET", url).status_code == 200
+    mlauth.uninstall()
+    seen: list[str | None] = []
+
+    def record(r: requests.Response, **kwargs: object) -> None:
+        seen.append(r.request.headers.get("Authorization"))
+
+    stale = {"Authorization": "Bearer APP_USR-stale"}
+    response = bound("GET", url, headers=stale, hooks={"response": record})
+    assert response.status_code == 401  # passed through, with the caller's header only
+    assert seen == ["Bearer APP_USR-stale"]
+    session.close()
+
+
 def test_a_patch_on_top_of_ours_survives_uninstall(
     fake_ml: FakeMercadoLibre, expired_env: Path
 ) -> None:

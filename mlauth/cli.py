@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import math
 import os
 import shlex
 import sys
@@ -81,6 +82,9 @@ def _login_hint(env: str) -> str:
 
 
 def _duration(seconds: float) -> str:
+    # Stores other than the .env may hand over any float: no traceback for a status line.
+    if not math.isfinite(seconds):
+        return "an unknown time"
     seconds = abs(int(seconds))
     hours, rest = divmod(seconds, 3600)
     minutes, secs = divmod(rest, 60)
@@ -90,7 +94,10 @@ def _duration(seconds: float) -> str:
 
 
 def _when(stamp: float) -> str:
-    utc = datetime.datetime.fromtimestamp(stamp, tz=datetime.timezone.utc)
+    try:
+        utc = datetime.datetime.fromtimestamp(stamp, tz=datetime.timezone.utc)
+    except (OverflowError, OSError, ValueError):
+        return f"{stamp!r}: not a valid time"
     return utc.strftime("%Y-%m-%d %H:%M:%S UTC")
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import math
 import os
 import re
 import stat
@@ -27,7 +28,7 @@ from .journal import Journal
 from .lock import ProcessLock
 from .secret import Secret
 from .store import TokenStore
-from .token import TokenSet
+from .token import LATEST_TIME, TokenSet
 
 __all__ = ["EnvFileStore", "read_env_file", "update_env_file"]
 
@@ -197,12 +198,17 @@ def _number(values: Mapping[str, str | None], key: str, path: str) -> float | No
     if not raw:
         return None
     try:
-        return float(raw)
+        value = float(raw)
     except ValueError:
+        value = math.nan
+    # float() accepts "inf", "nan" and "1e400": an infinite expiry would switch proactive
+    # refresh off without a word, and a time past LATEST_TIME breaks `mlauth status`.
+    if not 0 <= value <= LATEST_TIME:  # also false for nan
         raise ConfigError(
             f"{path}: {key}={raw!r} is not a number of unix seconds; delete the line and "
             "mlauth will write it again at the next refresh."
-        ) from None
+        )
+    return value
 
 
 def tokens_from_values(values: Mapping[str, str | None], path: str) -> TokenSet:

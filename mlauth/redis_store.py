@@ -35,7 +35,7 @@ except ImportError:  # pragma: no cover (exercised in a test by hiding the packa
 
 from .errors import ConfigError, LockLostError, LockTimeoutError, StaleCommitError, StoreError
 from .secret import Secret
-from .token import TokenSet
+from .token import LATEST_TIME, TokenSet
 
 __all__ = ["RedisStore", "redact_url"]
 
@@ -109,9 +109,11 @@ def _float(raw: str | None) -> float | None:
     if not raw:
         return None
     try:
-        return float(raw)
+        value = float(raw)
     except ValueError:
         return None
+    # inf, nan or a time past the year 9999 (written by hand): unknown, like a malformed one.
+    return value if 0 <= value <= LATEST_TIME else None
 
 
 class RedisStore:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import email.utils
 import logging
+import math
 import random
 import time
 from collections.abc import Callable, Mapping
@@ -55,6 +56,9 @@ class TokenAnswer:
     user_id: str | None = None
 
 
+_MAX_EXPIRES_IN = 366 * 24 * 3600.0  # ML's tokens live 6 h; a year is already absurd
+
+
 def _parse_expires_in(value: object) -> float | None:
     # ML documents a number; older code and proxies have sent it as a numeric string.
     if value is None:
@@ -69,6 +73,11 @@ def _parse_expires_in(value: object) -> float | None:
         raise ValueError(f"expires_in has type {type(value).__name__}")
     if not seconds > 0:
         raise ValueError("expires_in is not positive")
+    if not math.isfinite(seconds) or seconds > _MAX_EXPIRES_IN:
+        # Refusing the answer would lose the new tokens (the refresh token is spent by now):
+        # keep them, with the expiry unknown, so the first 401 refreshes them.
+        log.warning("ignoring an implausible expires_in (%r); expiry unknown", value)
+        return None
     return seconds
 
 

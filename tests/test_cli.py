@@ -120,6 +120,33 @@ def test_a_missing_env_is_one_line_naming_the_path(tmp_path: Path) -> None:
     assert not missing.exists()
 
 
+@pytest.mark.parametrize(
+    ("key", "raw"),
+    [
+        ("ML_TOKEN_EXPIRES_AT", "1e400"),
+        ("ML_TOKEN_EXPIRES_AT", "nan"),
+        ("ML_TOKEN_REFRESHED_AT", "99999999999999"),
+    ],
+)
+def test_status_with_an_impossible_time_is_one_line_naming_the_key(
+    fake_ml: FakeMercadoLibre, tmp_path: Path, key: str, raw: str
+) -> None:
+    env = tmp_path / ".env"
+    fake_ml.write_env(env, extra={key: raw})
+    done = mlauth_cli("status", "--env", str(env))
+    assert_clean_failure(done, 1)
+    assert f"{key}={raw!r}" in done.stderr and "delete the line" in done.stderr
+
+
+def test_status_lines_survive_times_no_calendar_has() -> None:
+    from mlauth.cli import _duration, _when
+
+    assert "not a valid time" in _when(1e300)
+    assert "not a valid time" in _when(float("nan"))
+    assert _duration(float("inf")) == _duration(float("nan")) == "an unknown time"
+    assert _duration(-3661.5) == "1h01m"
+
+
 def test_usage_errors_exit_2() -> None:
     assert mlauth_cli().returncode == 2
     assert mlauth_cli("no-such-command").returncode == 2

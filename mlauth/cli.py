@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable, Sequence
 
 from .auth import MLAuth
-from .config import store_from_env
+from .config import env_settings, store_from_env
 from .envfile import STORE_KEY, read_env_file
 from .errors import ConfigError, InvalidGrantError, MLAuthError
 from .login import AUTH_HOSTS, LoginRequest, authorization_base, complete_login, parse_pasted
@@ -176,12 +176,10 @@ def _cmd_refresh(args: argparse.Namespace) -> int:
 def _cmd_login(args: argparse.Namespace) -> int:
     store = store_from_env(args.env)
     values = read_env_file(args.env)
-    client_id = (values.get("ML_CLIENT_ID") or "").strip()
-    if not client_id:
-        raise ConfigError(
-            f"{args.env}: ML_CLIENT_ID is missing; copy it (and ML_CLIENT_SECRET) from your app "
-            "in the MercadoLibre developer panel"
-        )
+    # Everything the exchange will need is checked before the seller is sent to authorize:
+    # a code pasted into a login that then fails on configuration is wasted effort.
+    settings = env_settings(args.env)  # credentials, ML_TOKEN_URL, ML_API_HOSTS
+    client_id = str(settings["client_id"])
     redirect_uri = args.redirect_uri or (values.get("ML_REDIRECT_URI") or "").strip()
     if not redirect_uri:
         raise ConfigError(
@@ -189,6 +187,7 @@ def _cmd_login(args: argparse.Namespace) -> int:
             f"set ML_REDIRECT_URI in {args.env}"
         )
     base = authorization_base(args.site, args.auth_url or values.get("ML_AUTH_URL"))
+    store.check_writable()  # the .env's folder is writable; a Redis store is reachable
     if args.code is not None:
         code, state = parse_pasted(args.code)
         if args.state is not None and state is not None and state != args.state:

@@ -305,7 +305,8 @@ class RedisStore:
                 lock_path=f"{self.location} {self.lock_key}",
             ) from None
         except RedisError as exc:
-            raise self._unreachable(exc, "renew the refresh lock at") from None
+            doing = "reach" if held is None else "renew the refresh lock at"
+            raise self._unreachable(exc, doing) from None
 
     def save(self, tokens: TokenSet) -> Hashable:
         """Commit over the version this thread last read; :class:`StaleCommitError` if stale.

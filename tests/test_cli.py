@@ -358,6 +358,46 @@ def test_login_code_argument_for_scripts_replaces_a_dead_chain(
     assert mlauth_cli("refresh", "--env", str(fake_ml_env)).returncode == 0
 
 
+@pytest.mark.parametrize(
+    ("line", "replacement", "named"),
+    [
+        ("ML_CLIENT_SECRET=", "", "ML_CLIENT_SECRET"),
+        ("ML_TOKEN_URL=", "ML_TOKEN_URL=http://auth.example.test/oauth/token", "plain http"),
+        ("ML_API_HOSTS=", "ML_API_HOSTS=not a host!", "ML_API_HOSTS"),
+        ("AMAZON_REGION=", "ML_TOKEN_STORE=redis://127.0.0.1:1/0", "cannot reach Redis"),
+    ],
+)
+def test_login_checks_the_configuration_before_printing_the_url(
+    fake_ml: FakeMercadoLibre, first_env: Path, line: str, replacement: str, named: str
+) -> None:
+    lines = first_env.read_text().splitlines(keepends=True)
+    first_env.write_text(
+        "".join(replacement + "\n" if text.startswith(line) else text for text in lines)
+    )
+    done = mlauth_cli("login", "--env", str(first_env), "--redirect-uri", REDIRECT, input="")
+    assert_clean_failure(done, 1)
+    assert named in done.stderr
+    assert done.stdout == ""  # no URL: the seller was not sent to authorize
+    assert "redirected URL or code" not in done.stderr
+
+
+def test_login_into_a_read_only_folder_fails_before_printing_the_url(
+    fake_ml: FakeMercadoLibre, tmp_path: Path
+) -> None:
+    from tests.test_faults_store import remount_read_only, tmpfs
+
+    with tmpfs(tmp_path / "ro", "1m") as folder:
+        env = folder / ".env"
+        env.write_text(
+            f"ML_CLIENT_ID={fake_ml.client_id}\nML_CLIENT_SECRET={fake_ml.client_secret}\n"
+            f"ML_TOKEN_URL={fake_ml.token_url}\nML_AUTH_URL={fake_ml.base_url}\n"
+        )
+        remount_read_only(folder)
+        done = mlauth_cli("login", "--env", str(env), "--redirect-uri", REDIRECT, input="")
+        assert_clean_failure(done, 1)
+        assert "cannot write to" in done.stderr and done.stdout == ""
+
+
 def test_login_without_a_redirect_uri_says_how_to_give_one(first_env: Path) -> None:
     done = mlauth_cli("login", "--env", str(first_env), input="")
     assert_clean_failure(done, 1)

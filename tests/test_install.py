@@ -96,6 +96,44 @@ def test_explicit_auth_and_session_auth_win(fake_ml: FakeMercadoLibre, expired_e
     assert fake_ml.stats()["token_requests"] == 0
 
 
+def test_auth_passed_positionally_is_seen_as_the_callers(
+    fake_ml: FakeMercadoLibre, expired_env: Path
+) -> None:
+    mlauth.install(expired_env)
+    url = f"{fake_ml.base_url}/users/me"
+    stale = {"Authorization": "Bearer stale"}
+    with requests.Session() as session:
+        # request(method, url, params, data, headers, cookies, files, auth): auth is 8th.
+        explicit = session.request("GET", url, None, None, stale, None, None, ("user", "pass"))
+        assert explicit.status_code == 401  # the caller's choice, not replaced
+        assert fake_ml.stats()["token_requests"] == 0
+        none_given = session.request("GET", url, None, None, stale, None, None, None)
+        assert none_given.status_code == 200  # an explicit None: mlauth's auth goes there
+        assert none_given.request.body is None  # and nothing landed in files= or data=
+
+
+def test_a_session_subclass_overriding_request_is_covered(
+    fake_ml: FakeMercadoLibre, expired_env: Path
+) -> None:
+    seen: list[str] = []
+
+    class Logged(requests.Session):
+        def request(  # type: ignore[override]
+            self, method: str, url: str, *args: object, **kwargs: object
+        ) -> requests.Response:
+            seen.append(url)
+            return super().request(method, url, *args, **kwargs)  # type: ignore[arg-type]
+
+    mlauth.install(expired_env)
+    url = f"{fake_ml.base_url}/users/me"
+    with Logged() as session:
+        assert session.get(url, headers={"Authorization": "Bearer stale"}).status_code == 200
+    assert seen == [url]
+    mlauth.uninstall()
+    with Logged() as session:
+        assert session.get(url, headers={"Authorization": "Bearer stale"}).status_code == 401
+
+
 def test_the_token_endpoint_gets_no_bearer_token(
     fake_ml: FakeMercadoLibre, expired_env: Path
 ) -> None:

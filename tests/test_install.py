@@ -149,6 +149,33 @@ def test_the_token_endpoint_gets_no_bearer_token(
     assert auth.tokens.access_token is not None
 
 
+def test_the_refresh_post_does_not_go_through_patched_session_request(
+    fake_ml: FakeMercadoLibre, tmp_path: Path
+) -> None:
+    # Whatever sits on Session.request (our listeners, other libraries' patches) must not
+    # run inside the locked refresh.
+    env = tmp_path / ".env"
+    fake_ml.write_env(env, expires_at=time.time() - 60)
+    mlauth.install(env)
+    ours = requests.Session.request
+    seen: list[str] = []
+
+    def theirs(
+        self: requests.Session, method: str, url: str, *args: object, **kw: object
+    ) -> object:
+        seen.append(url)
+        return ours(self, method, url, *args, **kw)  # type: ignore[arg-type]
+
+    requests.Session.request = theirs  # type: ignore[method-assign,assignment]
+    try:
+        url = f"{fake_ml.base_url}/users/me"
+        assert requests.get(url).status_code == 200
+    finally:
+        requests.Session.request = ours  # type: ignore[method-assign]
+    assert fake_ml.stats()["refreshes"] == 1
+    assert seen == [url]
+
+
 def test_install_is_idempotent_and_refuses_a_second_env(
     fake_ml: FakeMercadoLibre, expired_env: Path, tmp_path: Path
 ) -> None:

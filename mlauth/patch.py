@@ -18,6 +18,7 @@ import os
 import threading
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import urlsplit
 
 import requests
 
@@ -69,11 +70,26 @@ def _request(
     return original(self, method, url, *args, **kwargs)
 
 
+def _endpoint(url: str) -> tuple[str, str, int | None, str] | None:
+    """(scheme, host, port, path) with the default port filled in; None if unparsable."""
+    try:
+        parts = urlsplit(url.strip())
+        port = parts.port
+    except ValueError:
+        return None
+    scheme = parts.scheme.lower()
+    port = port or {"https": 443, "http": 80}.get(scheme)
+    return scheme, (parts.hostname or "").lower(), port, parts.path.rstrip("/")
+
+
 def _gets_token(auth: MLAuth, url: str) -> bool:
     # The token endpoint is on an allowed host, but a legacy refresh POST sent there needs
-    # no bearer token, and a 401 from it (invalid_client) must not start a refresh.
-    bare = url.split("?", 1)[0].split("#", 1)[0].rstrip("/")
-    return auth.handles(url) and bare != auth.token_url.rstrip("/")
+    # no bearer token, and a 401 from it (invalid_client) must not start a refresh. Compared
+    # parsed: https://api.mercadolibre.com:443/oauth/token is the same endpoint.
+    if not auth.handles(url):
+        return False
+    target = _endpoint(url)
+    return target is None or target != _endpoint(auth.token_url)
 
 
 def install(path: str | os.PathLike[str] = ".env", **kwargs: Any) -> MLAuth:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import requests
+from requests_mock import ANY, Mocker
 
 import mlauth
 from mlauth.testing import FakeMercadoLibre
@@ -174,6 +175,27 @@ def test_the_refresh_post_does_not_go_through_patched_session_request(
         requests.Session.request = ours  # type: ignore[method-assign]
     assert fake_ml.stats()["refreshes"] == 1
     assert seen == [url]
+
+
+@pytest.mark.parametrize(
+    ("url", "gets_token"),
+    [
+        ("https://api.mercadolibre.com/oauth/token", False),
+        ("https://api.mercadolibre.com:443/oauth/token", False),
+        ("HTTPS://API.MercadoLibre.com/oauth/token/", False),
+        ("https://api.mercadolibre.com/oauth/token?x=1#f", False),
+        ("https://api.mercadolibre.com:443/items", True),
+        ("https://api.mercadolibre.com/oauth/token/extra", True),
+    ],
+)
+def test_the_token_endpoint_is_recognised_however_its_url_is_spelled(
+    env_file: Path, requests_mock: Mocker, url: str, gets_token: bool
+) -> None:
+    mlauth.install(env_file)  # token URL https://api.mercadolibre.com/oauth/token
+    requests_mock.post(ANY, text="{}")
+    requests.post(url, data={"grant_type": "refresh_token"})
+    sent = requests_mock.last_request.headers.get("Authorization")
+    assert (sent is not None) is gets_token, sent
 
 
 def test_install_is_idempotent_and_refuses_a_second_env(

@@ -30,6 +30,7 @@ from .auth import MLAuth
 from .config import env_settings, store_from_env
 from .envfile import STORE_KEY, read_env_file
 from .errors import ConfigError, InvalidGrantError, MLAuthError
+from .journal import reauthorization_required
 from .login import AUTH_HOSTS, LoginRequest, authorization_base, complete_login, parse_pasted
 from .secret import Secret
 from .store import TokenStore
@@ -126,9 +127,20 @@ def _load(store: TokenStore) -> TokenSet:
     return tokens
 
 
+def _check_reauthorization(store: TokenStore) -> None:
+    """Exit 3 if an ``invalid_grant`` already marked the stored refresh token dead."""
+    message = reauthorization_required(store)
+    if message is not None:
+        raise ReauthorizationRequired(message)
+
+
 def _auth(args: argparse.Namespace) -> MLAuth:
+    # Credentials first: a .env without them has no refresh token either, and logging in
+    # (the fix for a missing token) would fail on the credentials anyway.
+    env_settings(args.env)
     store = store_from_env(args.env)
     _load(store)  # exit 3 rather than a ConfigError when there is no refresh token
+    _check_reauthorization(store)  # a token known dead: no request just to learn it again
     return MLAuth.from_env(args.env, store=store)
 
 
@@ -157,6 +169,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
         print(f"{label + ':':<18}{value}")
     if tokens.refresh_token is None:
         raise ReauthorizationRequired(f"{store.location} holds no refresh token")
+    _check_reauthorization(store)
     return EXIT_OK
 
 

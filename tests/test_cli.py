@@ -111,6 +111,40 @@ def test_status_without_a_refresh_token_asks_for_login(
     assert "refresh token:    <none>" in done.stdout
 
 
+def test_after_invalid_grant_status_token_and_refresh_say_re_authorization_required(
+    fake_ml: FakeMercadoLibre, fake_ml_env: Path
+) -> None:
+    fake_ml.revoke_refresh_tokens()
+    first = mlauth_cli("refresh", "--env", str(fake_ml_env))
+    assert_clean_failure(first, 3)  # a real invalid_grant, which leaves the marker
+    assert Path(f"{os.path.realpath(fake_ml_env)}.reauth").is_file()
+    asked = fake_ml.stats()["token_requests"]
+    for command in ("status", "token", "refresh"):
+        done = mlauth_cli(command, "--env", str(fake_ml_env))
+        assert_clean_failure(done, 3)
+        assert "re-authorization required" in done.stderr
+        assert "was refused by MercadoLibre" in done.stderr
+        assert f"mlauth login --env {fake_ml_env}" in done.stderr
+    assert "refresh token:" in mlauth_cli("status", "--env", str(fake_ml_env)).stdout
+    assert fake_ml.stats()["token_requests"] == asked  # nobody asked again
+    # A new authorization makes the marker stale: status is fine again.
+    code = fake_ml.issue_authorization_code(REDIRECT)
+    login = mlauth_cli(
+        "login", "--env", str(fake_ml_env), "--redirect-uri", REDIRECT, "--code", code
+    )
+    assert login.returncode == 0, login.stderr
+    assert mlauth_cli("status", "--env", str(fake_ml_env)).returncode == 0
+
+
+def test_no_credentials_and_no_refresh_token_names_the_credentials(tmp_path: Path) -> None:
+    env = tmp_path / ".env"
+    env.write_text("OTHER=1\n")
+    for command in ("token", "refresh"):
+        done = mlauth_cli(command, "--env", str(env))
+        assert_clean_failure(done, 1)
+        assert "ML_CLIENT_ID" in done.stderr
+
+
 def test_a_missing_env_is_one_line_naming_the_path(tmp_path: Path) -> None:
     missing = tmp_path / "nowhere" / ".env"
     for command in ("status", "token", "refresh", "login"):

@@ -205,6 +205,12 @@ def _cmd_login(args: argparse.Namespace) -> int:
         code, state = parse_pasted(args.code)
         if args.state is not None and state is not None and state != args.state:
             raise ConfigError(_state_mismatch())
+        if args.state is None and state is not None:
+            print(
+                "(the URL's state was not checked: pass --state with the login's state to "
+                "check it)",
+                file=sys.stderr,
+            )
         verifier = Secret(args.code_verifier) if args.code_verifier else None
     else:
         request = LoginRequest.new(base, client_id, redirect_uri, pkce=args.pkce)

@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, urlencode, urlsplit
 
 import pytest
 import requests
@@ -348,6 +348,39 @@ def test_login_pasting_the_redirected_url_writes_tokens_and_keeps_the_rest(
     # The new chain works: the CLI refreshes it.
     assert mlauth_cli("refresh", "--env", str(first_env)).returncode == 0
     assert fake_ml.stats()["invalid_grant"] == 0
+
+
+@pytest.mark.parametrize("pkce", [False, True])
+def test_login_through_the_fakes_authorization_page(
+    fake_ml: FakeMercadoLibre, first_env: Path, pkce: bool
+) -> None:
+    proc, query = start_login(first_env, *(["--pkce"] if pkce else []))
+    page = f"{fake_ml.base_url}/authorization?" + urlencode(query)
+    answer = requests.get(page, allow_redirects=False, timeout=10)
+    assert answer.status_code == 302
+    redirected = answer.headers["Location"]
+    assert redirected.startswith(REDIRECT + "?")
+    out, err = proc.communicate(redirected + "\n", timeout=60)
+    assert proc.returncode == 0, err
+    assert "authorized: tokens saved" in out
+    assert fake_ml.stats()["code_exchanges"] == 1
+
+
+def test_login_code_url_without_state_says_the_state_was_not_checked(
+    fake_ml: FakeMercadoLibre, first_env: Path
+) -> None:
+    code = fake_ml.issue_authorization_code(REDIRECT)
+    done = mlauth_cli(
+        "login",
+        "--env",
+        str(first_env),
+        "--redirect-uri",
+        REDIRECT,
+        "--code",
+        f"{REDIRECT}?code={code}&state=unchecked",
+    )
+    assert done.returncode == 0, done.stderr
+    assert "state was not checked" in done.stderr and "--state" in done.stderr
 
 
 def test_login_refuses_a_url_from_another_login(fake_ml: FakeMercadoLibre, first_env: Path) -> None:

@@ -9,8 +9,10 @@ Exit codes: 0 success; 1 an expected failure (missing or bad configuration, the 
 endpoint refused or kept failing, an unwritable or unreachable store, a lock held too long, a
 bad or mismatched authorization code, ``migrate`` finding another chain without ``--force``
 or the ``redis`` extra missing); 2 a usage error; 3 re-authorization required (the refresh
-token is missing or dead: run ``mlauth login``). ``mlauth run`` exits with the command's own
-code (127 if it was not found, 126 if it could not be executed). Expected failures print one
+token is missing or dead, or an earlier ``invalid_grant`` marked it dead: run ``mlauth
+login``); 130 interrupted. ``mlauth run`` exits like the others until the command starts,
+then with the command's own code (127 if it was not found, 126 if it could not be executed,
+1 if it is a Python that cannot import mlauth). Expected failures print one
 line naming the problem and the fix on stderr, never a traceback; no command prints a token
 except ``mlauth token``, whose output is the access token alone.
 """
@@ -220,9 +222,14 @@ def _cmd_login(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         print(request.url, flush=True)
-        print("redirected URL or code: ", end="", file=sys.stderr, flush=True)
-        line = sys.stdin.readline()
+        try:  # the prompt inside: Ctrl-C may land while it is still being written
+            print("redirected URL or code: ", end="", file=sys.stderr, flush=True)
+            line = sys.stdin.readline()
+        except KeyboardInterrupt:
+            print(file=sys.stderr)  # the message below the prompt, not glued to it
+            raise
         if not line:
+            print(file=sys.stderr)
             raise ConfigError("no answer on standard input; paste the redirected URL or code")
         code, state = parse_pasted(line)
         if state is None:

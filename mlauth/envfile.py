@@ -114,6 +114,11 @@ def render_update(text: str, updates: Mapping[str, str | None]) -> str:
 def read_env_file(path: str | os.PathLike[str]) -> dict[str, str | None]:
     """The file's keys and values as python-dotenv reads them; ConfigError if it is missing."""
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise ConfigError(
+            f"{path} is a directory, not a .env file; pass the file's path "
+            f"(e.g. --env {os.path.join(path, '.env')})"
+        )
     if not os.path.isfile(path):
         raise ConfigError(
             f"{path}: no such .env file. Create it with ML_CLIENT_ID, ML_CLIENT_SECRET and "

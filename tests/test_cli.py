@@ -6,6 +6,7 @@ import base64
 import hashlib
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -179,6 +180,13 @@ def test_status_lines_survive_times_no_calendar_has() -> None:
     assert "not a valid time" in _when(float("nan"))
     assert _duration(float("inf")) == _duration(float("nan")) == "an unknown time"
     assert _duration(-3661.5) == "1h01m"
+
+
+def test_an_env_that_is_a_directory_is_called_one(tmp_path: Path) -> None:
+    for command in ("status", "token", "login"):
+        done = mlauth_cli(command, "--env", str(tmp_path), input="")
+        assert_clean_failure(done, 1)
+        assert "is a directory" in done.stderr and "no such" not in done.stderr
 
 
 def test_usage_errors_exit_2() -> None:
@@ -381,6 +389,34 @@ def test_login_code_url_without_state_says_the_state_was_not_checked(
     )
     assert done.returncode == 0, done.stderr
     assert "state was not checked" in done.stderr and "--state" in done.stderr
+
+
+def test_no_answer_at_the_prompt_is_reported_on_its_own_line(first_env: Path) -> None:
+    proc, _ = start_login(first_env)
+    _, err = proc.communicate("", timeout=60)
+    assert proc.returncode == 1
+    assert "redirected URL or code: \nmlauth: no answer on standard input" in err
+
+
+def test_ctrl_c_at_the_prompt_is_reported_on_its_own_line(first_env: Path) -> None:
+    proc, _ = start_login(first_env)
+    assert proc.stderr is not None
+    seen = ""
+    while not seen.endswith("redirected URL or code: "):
+        char = proc.stderr.read(1)
+        assert char, seen  # the prompt comes before EOF
+        seen += char
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert err.startswith("\nmlauth: interrupted"), err
+
+
+def test_a_malformed_auth_url_names_an_authorization_page(first_env: Path) -> None:
+    with pytest.raises(mlauth.ConfigError) as caught:
+        authorization_base("MLA", "not a url")
+    assert "auth.mercadolibre.com.ar" in str(caught.value)
+    assert "oauth/token" not in str(caught.value)
 
 
 def test_login_refuses_a_url_from_another_login(fake_ml: FakeMercadoLibre, first_env: Path) -> None:

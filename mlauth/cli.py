@@ -9,8 +9,10 @@ Exit codes: 0 success; 1 an expected failure (missing or bad configuration, the 
 endpoint refused or kept failing, an unwritable or unreachable store, a lock held too long, a
 bad or mismatched authorization code, ``migrate`` finding another chain without ``--force``
 or the ``redis`` extra missing); 2 a usage error; 3 re-authorization required (the refresh
-token is missing or dead: run ``mlauth login``). ``mlauth run`` exits with the command's own
-code (127 if it was not found, 126 if it could not be executed). Expected failures print one
+token is missing or dead, or an earlier ``invalid_grant`` marked it dead: run ``mlauth
+login``); 130 interrupted. ``mlauth run`` exits like the others until the command starts,
+then with the command's own code (127 if it was not found, 126 if it could not be executed,
+1 if it is a Python that cannot import mlauth). Expected failures print one
 line naming the problem and the fix on stderr, never a traceback; no command prints a token
 except ``mlauth token``, whose output is the access token alone.
 """
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import math
 import os
 import shlex
 import sys
@@ -26,9 +29,10 @@ import time
 from collections.abc import Callable, Sequence
 
 from .auth import MLAuth
-from .config import store_from_env
+from .config import env_settings, store_from_env
 from .envfile import STORE_KEY, read_env_file
 from .errors import ConfigError, InvalidGrantError, MLAuthError
+from .journal import reauthorization_required
 from .login import AUTH_HOSTS, LoginRequest, authorization_base, complete_login, parse_pasted
 from .secret import Secret
 from .store import TokenStore
@@ -81,6 +85,9 @@ def _login_hint(env: str) -> str:
 
 
 def _duration(seconds: float) -> str:
+    # Stores other than the .env may hand over any float: no traceback for a status line.
+    if not math.isfinite(seconds):
+        return "an unknown time"
     seconds = abs(int(seconds))
     hours, rest = divmod(seconds, 3600)
     minutes, secs = divmod(rest, 60)
@@ -90,7 +97,10 @@ def _duration(seconds: float) -> str:
 
 
 def _when(stamp: float) -> str:
-    utc = datetime.datetime.fromtimestamp(stamp, tz=datetime.timezone.utc)
+    try:
+        utc = datetime.datetime.fromtimestamp(stamp, tz=datetime.timezone.utc)
+    except (OverflowError, OSError, ValueError):
+        return f"{stamp!r}: not a valid time"
     return utc.strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
@@ -119,9 +129,20 @@ def _load(store: TokenStore) -> TokenSet:
     return tokens
 
 
+def _check_reauthorization(store: TokenStore) -> None:
+    """Exit 3 if an ``invalid_grant`` already marked the stored refresh token dead."""
+    message = reauthorization_required(store)
+    if message is not None:
+        raise ReauthorizationRequired(message)
+
+
 def _auth(args: argparse.Namespace) -> MLAuth:
+    # Credentials first: a .env without them has no refresh token either, and logging in
+    # (the fix for a missing token) would fail on the credentials anyway.
+    env_settings(args.env)
     store = store_from_env(args.env)
     _load(store)  # exit 3 rather than a ConfigError when there is no refresh token
+    _check_reauthorization(store)  # a token known dead: no request just to learn it again
     return MLAuth.from_env(args.env, store=store)
 
 
@@ -150,6 +171,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
         print(f"{label + ':':<18}{value}")
     if tokens.refresh_token is None:
         raise ReauthorizationRequired(f"{store.location} holds no refresh token")
+    _check_reauthorization(store)
     return EXIT_OK
 
 
@@ -169,12 +191,10 @@ def _cmd_refresh(args: argparse.Namespace) -> int:
 def _cmd_login(args: argparse.Namespace) -> int:
     store = store_from_env(args.env)
     values = read_env_file(args.env)
-    client_id = (values.get("ML_CLIENT_ID") or "").strip()
-    if not client_id:
-        raise ConfigError(
-            f"{args.env}: ML_CLIENT_ID is missing; copy it (and ML_CLIENT_SECRET) from your app "
-            "in the MercadoLibre developer panel"
-        )
+    # Everything the exchange will need is checked before the seller is sent to authorize:
+    # a code pasted into a login that then fails on configuration is wasted effort.
+    settings = env_settings(args.env)  # credentials, ML_TOKEN_URL, ML_API_HOSTS
+    client_id = str(settings["client_id"])
     redirect_uri = args.redirect_uri or (values.get("ML_REDIRECT_URI") or "").strip()
     if not redirect_uri:
         raise ConfigError(
@@ -182,10 +202,17 @@ def _cmd_login(args: argparse.Namespace) -> int:
             f"set ML_REDIRECT_URI in {args.env}"
         )
     base = authorization_base(args.site, args.auth_url or values.get("ML_AUTH_URL"))
+    store.check_writable()  # the .env's folder is writable; a Redis store is reachable
     if args.code is not None:
         code, state = parse_pasted(args.code)
         if args.state is not None and state is not None and state != args.state:
             raise ConfigError(_state_mismatch())
+        if args.state is None and state is not None:
+            print(
+                "(the URL's state was not checked: pass --state with the login's state to "
+                "check it)",
+                file=sys.stderr,
+            )
         verifier = Secret(args.code_verifier) if args.code_verifier else None
     else:
         request = LoginRequest.new(base, client_id, redirect_uri, pkce=args.pkce)
@@ -195,9 +222,14 @@ def _cmd_login(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         print(request.url, flush=True)
-        print("redirected URL or code: ", end="", file=sys.stderr, flush=True)
-        line = sys.stdin.readline()
+        try:  # the prompt inside: Ctrl-C may land while it is still being written
+            print("redirected URL or code: ", end="", file=sys.stderr, flush=True)
+            line = sys.stdin.readline()
+        except KeyboardInterrupt:
+            print(file=sys.stderr)  # the message below the prompt, not glued to it
+            raise
         if not line:
+            print(file=sys.stderr)
             raise ConfigError("no answer on standard input; paste the redirected URL or code")
         code, state = parse_pasted(line)
         if state is None:

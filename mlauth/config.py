@@ -24,8 +24,12 @@ DEFAULT_TOKEN_URL = "https://api.mercadolibre.com/oauth/token"  # noqa: S105 (a 
 DEFAULT_HOSTS = ("api.mercadolibre.com",)
 
 
-def check_token_url(url: str, where: str) -> str:
-    """The token URL, or ConfigError: credentials go over https only (plain http on loopback)."""
+def check_token_url(url: str, where: str, example: str = DEFAULT_TOKEN_URL) -> str:
+    """The token URL, or ConfigError: credentials go over https only (plain http on loopback).
+
+    ``example`` is the well-formed URL the error shows (the authorization page checks its
+    origin with the same rule).
+    """
     try:
         parts = urlsplit(url.strip())
         host = parts.hostname
@@ -33,14 +37,14 @@ def check_token_url(url: str, where: str) -> str:
         host = None
         parts = None
     if parts is None or host is None or parts.scheme not in ("https", "http"):
-        raise ConfigError(f"{where}: {url!r} is not a URL; the default is {DEFAULT_TOKEN_URL}")
+        raise ConfigError(f"{where}: {url!r} is not a URL; for example {example}")
     if parts.scheme == "http" and not is_loopback(host):
         raise ConfigError(
             f"{where}: {url!r} would send the client secret over plain http; use https "
             "(plain http is allowed only for loopback test servers)"
         )
     if parts.query:
-        raise ConfigError(f"{where}: {url!r} has a query string; give the bare token URL")
+        raise ConfigError(f"{where}: {url!r} has a query string; give the bare URL, e.g. {example}")
     return url.strip()
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import math
 import os
 import re
 import stat
@@ -28,7 +29,7 @@ from .journal import Journal
 from .lock import ProcessLock
 from .secret import Secret
 from .store import TokenStore
-from .token import TokenSet
+from .token import LATEST_TIME, TokenSet
 
 __all__ = ["EnvFileStore", "read_env_file", "update_env_file"]
 
@@ -114,6 +115,11 @@ def render_update(text: str, updates: Mapping[str, str | None]) -> str:
 def read_env_file(path: str | os.PathLike[str]) -> dict[str, str | None]:
     """The file's keys and values as python-dotenv reads them; ConfigError if it is missing."""
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise ConfigError(
+            f"{path} is a directory, not a .env file; pass the file's path "
+            f"(e.g. --env {os.path.join(path, '.env')})"
+        )
     if not os.path.isfile(path):
         raise ConfigError(
             f"{path}: no such .env file. Create it with ML_CLIENT_ID, ML_CLIENT_SECRET and "
@@ -190,12 +196,17 @@ def _number(values: Mapping[str, str | None], key: str, path: str) -> float | No
     if not raw:
         return None
     try:
-        return float(raw)
+        value = float(raw)
     except ValueError:
+        value = math.nan
+    # float() accepts "inf", "nan" and "1e400": an infinite expiry would switch proactive
+    # refresh off without a word, and a time past LATEST_TIME breaks `mlauth status`.
+    if not 0 <= value <= LATEST_TIME:  # also false for nan
         raise ConfigError(
             f"{path}: {key}={raw!r} is not a number of unix seconds; delete the line and "
             "mlauth will write it again at the next refresh."
-        ) from None
+        )
+    return value
 
 
 def tokens_from_values(values: Mapping[str, str | None], path: str) -> TokenSet:

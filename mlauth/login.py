@@ -48,7 +48,7 @@ def authorization_base(site: str, override: str | None) -> str:
     """The authorization page's origin: ``override`` if given, else the site's."""
     if override:
         # Same rule as the token URL: https, or plain http on loopback (a test server).
-        return check_token_url(override, "auth URL").rstrip("/")
+        return check_token_url(override, "auth URL", AUTH_HOSTS["MLA"]).rstrip("/")
     try:
         return AUTH_HOSTS[site.upper()]
     except KeyError:

@@ -5,6 +5,10 @@ a throwaway Session and go through it, and so do sessions created before the pat
 one patch covers legacy code whichever way it calls requests and whenever it was imported.
 What it does not cover: a bound ``session.request`` saved before install(), and code that
 calls ``Session.send`` with a request it prepared itself.
+
+The saved original is never forgotten: a bound ``session.request`` taken while installed, or
+a thread already inside a request, still calls our wrapper after :func:`uninstall`, and the
+wrapper must then find the original to pass the call through to.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import os
 import threading
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import urlsplit
 
 import requests
 
@@ -29,7 +34,11 @@ _lock = threading.Lock()
 # (the .env's real path, the auth) while installed; read without the lock by every request,
 # so it is only ever replaced whole.
 _state: tuple[str, MLAuth] | None = None
+# What our wrapper calls; set at the first install() and only ever replaced by another
+# callable, never cleared (see the module docstring).
 _original: Callable[..., requests.Response] | None = None
+# Whether our wrapper is somewhere in Session.request's chain (itself, or under another patch).
+_patched = False
 # Called after every patched request (mlauth.legacy keeps a module's globals current).
 _after_request: list[Callable[[MLAuth], None]] = []
 
@@ -42,7 +51,7 @@ def _request(
     self: requests.Session, method: str | bytes, url: str | bytes, *args: Any, **kwargs: Any
 ) -> requests.Response:
     state, original = _state, _original
-    assert original is not None  # the patch is only in place while _original is set
+    assert original is not None  # set before the wrapper is first put in place, never cleared
     if state is not None:
         auth = state[1]
         explicit = args[_AUTH_POSITION] if len(args) > _AUTH_POSITION else kwargs.get("auth")
@@ -61,11 +70,26 @@ def _request(
     return original(self, method, url, *args, **kwargs)
 
 
+def _endpoint(url: str) -> tuple[str, str, int | None, str] | None:
+    """(scheme, host, port, path) with the default port filled in; None if unparsable."""
+    try:
+        parts = urlsplit(url.strip())
+        port = parts.port
+    except ValueError:
+        return None
+    scheme = parts.scheme.lower()
+    port = port or {"https": 443, "http": 80}.get(scheme)
+    return scheme, (parts.hostname or "").lower(), port, parts.path.rstrip("/")
+
+
 def _gets_token(auth: MLAuth, url: str) -> bool:
     # The token endpoint is on an allowed host, but a legacy refresh POST sent there needs
-    # no bearer token, and a 401 from it (invalid_client) must not start a refresh.
-    bare = url.split("?", 1)[0].split("#", 1)[0].rstrip("/")
-    return auth.handles(url) and bare != auth.token_url.rstrip("/")
+    # no bearer token, and a 401 from it (invalid_client) must not start a refresh. Compared
+    # parsed: https://api.mercadolibre.com:443/oauth/token is the same endpoint.
+    if not auth.handles(url):
+        return False
+    target = _endpoint(url)
+    return target is None or target != _endpoint(auth.token_url)
 
 
 def install(path: str | os.PathLike[str] = ".env", **kwargs: Any) -> MLAuth:
@@ -80,7 +104,7 @@ def install(path: str | os.PathLike[str] = ".env", **kwargs: Any) -> MLAuth:
     process cannot sensibly send two token chains to the same hosts: call :func:`uninstall`
     first to switch.
     """
-    global _state, _original
+    global _state, _original, _patched
     real = os.path.realpath(os.fspath(path))
     with _lock:
         if _state is not None:
@@ -92,9 +116,10 @@ def install(path: str | os.PathLike[str] = ".env", **kwargs: Any) -> MLAuth:
             )
         kwargs.setdefault("store", store_from_env(path))
         auth = MLAuth.from_env(path, **kwargs)
-        if _original is None:
+        if not _patched:
             _original = requests.Session.request
             requests.Session.request = _request  # type: ignore[method-assign]
+            _patched = True
         _state = (real, auth)
         log.debug("installed mlauth into requests for %s", real)
         return auth
@@ -106,15 +131,15 @@ def uninstall() -> None:
     If something else patched ``Session.request`` on top of ours, that patch is kept and ours
     becomes a pass-through. Calling it when nothing is installed does nothing.
     """
-    global _state, _original
+    global _state, _patched
     with _lock:
         _state = None
         _after_request.clear()
-        if _original is None:
+        if not _patched or _original is None:
             return
         if requests.Session.request is _request:
             requests.Session.request = _original  # type: ignore[method-assign]
-            _original = None
+            _patched = False  # _original stays: stale bound wrappers still pass through to it
         else:
             log.warning(
                 "requests.Session.request was patched again after mlauth.install(); leaving "

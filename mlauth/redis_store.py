@@ -36,7 +36,7 @@ except ImportError:  # pragma: no cover (exercised in a test by hiding the packa
 from .errors import ConfigError, LockLostError, LockTimeoutError, StaleCommitError, StoreError
 from .lock import POLL_INTERVAL
 from .secret import Secret
-from .token import TokenSet
+from .token import LATEST_TIME, TokenSet
 
 __all__ = ["RedisStore", "redact_url"]
 
@@ -110,9 +110,11 @@ def _float(raw: str | None) -> float | None:
     if not raw:
         return None
     try:
-        return float(raw)
+        value = float(raw)
     except ValueError:
         return None
+    # inf, nan or a time past the year 9999 (written by hand): unknown, like a malformed one.
+    return value if 0 <= value <= LATEST_TIME else None
 
 
 class RedisStore:
@@ -304,7 +306,8 @@ class RedisStore:
                 lock_path=f"{self.location} {self.lock_key}",
             ) from None
         except RedisError as exc:
-            raise self._unreachable(exc, "renew the refresh lock at") from None
+            doing = "reach" if held is None else "renew the refresh lock at"
+            raise self._unreachable(exc, doing) from None
 
     def save(self, tokens: TokenSet) -> Hashable:
         """Commit over the version this thread last read; :class:`StaleCommitError` if stale.

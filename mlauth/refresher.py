@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import email.utils
 import logging
+import math
 import random
 import time
 from collections.abc import Callable, Mapping
@@ -55,6 +56,9 @@ class TokenAnswer:
     user_id: str | None = None
 
 
+_MAX_EXPIRES_IN = 366 * 24 * 3600.0  # ML's tokens live 6 h; a year is already absurd
+
+
 def _parse_expires_in(value: object) -> float | None:
     # ML documents a number; older code and proxies have sent it as a numeric string.
     if value is None:
@@ -69,6 +73,11 @@ def _parse_expires_in(value: object) -> float | None:
         raise ValueError(f"expires_in has type {type(value).__name__}")
     if not seconds > 0:
         raise ValueError("expires_in is not positive")
+    if not math.isfinite(seconds) or seconds > _MAX_EXPIRES_IN:
+        # Refusing the answer would lose the new tokens (the refresh token is spent by now):
+        # keep them, with the expiry unknown, so the first 401 refreshes them.
+        log.warning("ignoring an implausible expires_in (%r); expiry unknown", value)
+        return None
     return seconds
 
 
@@ -264,15 +273,7 @@ class TokenEndpoint:
             if before_attempt is not None:
                 before_attempt()  # outside the try: its errors are not the endpoint's
             try:
-                response = self._session.post(
-                    self.token_url,
-                    data=data,  # the body, never the query string: urllib3 logs URLs
-                    headers={"Accept": "application/json"},
-                    # Never cut short: a read abandoned after the server rotated the token
-                    # loses the chain. The budget decides whether an attempt starts at all.
-                    timeout=self.timeout,
-                    allow_redirects=False,
-                )
+                response = self._post(data)
             except (requests.ConnectionError, requests.Timeout) as exc:
                 if _never_sent(exc):
                     last = f"could not connect to {self.token_url} ({type(exc).__name__})"
@@ -327,6 +328,26 @@ class TokenEndpoint:
         )
         error.retry_after = wait_hint
         raise error
+
+    def _post(self, data: Mapping[str, str]) -> requests.Response:
+        # Session.request is what mlauth.install() and other libraries patch, and what runs
+        # on-request listeners (keep_globals_current): none of that belongs inside the locked
+        # refresh, so the POST is prepared and sent here as Session.request would do it.
+        session = self._session
+        prepared = session.prepare_request(
+            requests.Request(
+                "POST",
+                self.token_url,
+                data=data,  # the body, never the query string: urllib3 logs URLs
+                headers={"Accept": "application/json"},
+            )
+        )
+        settings = session.merge_environment_settings(
+            prepared.url or self.token_url, {}, None, None, None
+        )
+        # Never cut short: a read abandoned after the server rotated the token loses the
+        # chain. The budget decides whether an attempt starts at all.
+        return session.send(prepared, timeout=self.timeout, allow_redirects=False, **settings)
 
     def _judge(
         self, response: requests.Response, ambiguous: str | None

@@ -3,18 +3,37 @@
 The command replaces this process (``exec``), so its exit code, signals, stdin, stdout and
 process id are the command's own by construction. mlauth reaches it through a
 ``sitecustomize`` module on ``PYTHONPATH`` (see ``_run_site/sitecustomize.py``).
+
+Since the pid stays, the child is told it (``MLAUTH_RUN_PID``): the command itself must run
+with mlauth, and fails at start-up if its Python cannot import it, while Pythons it starts
+(perhaps unrelated tools) only get a warning.
 """
 
 from __future__ import annotations
 
 import os
+import signal
+import sys
 from collections.abc import Mapping, Sequence
 from typing import NoReturn
 
-__all__ = ["ENV_VARIABLE", "SITE_DIR", "child_environment", "exec_command", "isolation_warning"]
+__all__ = [
+    "ENV_VARIABLE",
+    "PID_VARIABLE",
+    "PYTHON_VARIABLE",
+    "SITE_DIR",
+    "child_environment",
+    "exec_command",
+    "isolation_warning",
+]
 
 SITE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_run_site")
 ENV_VARIABLE = "MLAUTH_RUN_ENV"
+PID_VARIABLE = "MLAUTH_RUN_PID"  # the command's pid (ours: exec keeps it)
+PYTHON_VARIABLE = "MLAUTH_RUN_PYTHON"  # a Python that has mlauth, for the error message
+# Python ignores these at start-up and exec keeps ignored signals ignored: `mlauth run -- yes
+# | head -1` would then end in "Broken pipe" errors instead of dying quietly of SIGPIPE.
+_RESTORED_SIGNALS = ("SIGPIPE", "SIGXFSZ", "SIGXFZ")
 
 
 def child_environment(env_path: str, environ: Mapping[str, str]) -> dict[str, str]:
@@ -23,6 +42,8 @@ def child_environment(env_path: str, environ: Mapping[str, str]) -> dict[str, st
     paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != SITE_DIR]
     env["PYTHONPATH"] = os.pathsep.join([SITE_DIR, *paths])
     env[ENV_VARIABLE] = os.path.abspath(env_path)
+    env[PID_VARIABLE] = str(os.getpid())
+    env[PYTHON_VARIABLE] = sys.executable
     return env
 
 
@@ -49,5 +70,10 @@ def isolation_warning(command: Sequence[str]) -> str | None:
 
 def exec_command(command: Sequence[str], env_path: str) -> NoReturn:
     """Replace this process with ``command``; raises OSError if it cannot be started."""
+    env = child_environment(env_path, os.environ)
+    for name in _RESTORED_SIGNALS:
+        number = getattr(signal, name, None)
+        if number is not None:
+            signal.signal(number, signal.SIG_DFL)
     # No shell: the user's argv is run as given, exactly as `exec "$@"` would.
-    os.execvpe(command[0], list(command), child_environment(env_path, os.environ))  # noqa: S606
+    os.execvpe(command[0], list(command), env)  # noqa: S606

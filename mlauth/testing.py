@@ -116,6 +116,10 @@ def _error(status: int, error: str, message: str) -> tuple[int, dict[str, object
 class FakeMercadoLibre:
     """MercadoLibre's OAuth token endpoint and API, served on loopback from a daemon thread.
 
+    ``GET /authorization`` plays the authorization page of a seller who says yes: it
+    redirects to the ``redirect_uri`` with a ``code`` (and the ``state``), so ``mlauth login``
+    can be tried against it.
+
     Use as a context manager, or :meth:`start` / :meth:`stop`. ``token_lifetime``,
     ``kill_old_access_on_refresh``, ``token_delay``, ``token_answer_delay`` and ``api_delay``
     are read on every request, so a test may change them while the server runs. Every token
@@ -510,12 +514,49 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.server.track(self.connection, add=False)
 
     def do_POST(self) -> None:
-        if urllib.parse.urlsplit(self.path).path == "/oauth/token":
+        path = urllib.parse.urlsplit(self.path).path
+        if path == "/oauth/token":
             self._token()
+        elif path == "/authorization" and self.command == "GET":
+            self._authorization()
         else:
             self._api()
 
     do_GET = do_PUT = do_PATCH = do_DELETE = do_HEAD = do_OPTIONS = do_POST
+
+    # -- authorization page ----------------------------------------------------------------
+
+    def _authorization(self) -> None:
+        """ML's authorization page, with the seller already logged in and saying yes.
+
+        ``mlauth login`` against the fake (``ML_AUTH_URL``) prints a URL to this page; it
+        answers with the redirect a browser would follow, carrying ``code`` and ``state``.
+        """
+        self._read_body()
+        query = {
+            k: v[0]
+            for k, v in urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query).items()
+        }
+        fake = self.server.fake
+        redirect_uri = query.get("redirect_uri", "")
+        if query.get("client_id") != fake.client_id or not redirect_uri:
+            # Like ML: an unknown app or no redirect URI is an error page, never a redirect.
+            self._send(*_error(400, "invalid_request", "unknown client_id or no redirect_uri"))
+            return
+        answer: dict[str, str] = {}
+        challenge = query.get("code_challenge")
+        if query.get("response_type") != "code":
+            answer["error"] = "unsupported_response_type"
+        elif challenge is not None and query.get("code_challenge_method") != "S256":
+            answer["error"] = "invalid_request"
+            answer["error_description"] = "code_challenge_method must be S256"
+        else:
+            answer["code"] = fake.issue_authorization_code(redirect_uri, challenge)
+        if "state" in query:
+            answer["state"] = query["state"]
+        joiner = "&" if urllib.parse.urlsplit(redirect_uri).query else "?"
+        location = f"{redirect_uri}{joiner}{urllib.parse.urlencode(answer)}"
+        self._send(302, b"", [("Location", location)], None)
 
     # -- token endpoint --------------------------------------------------------------------
 

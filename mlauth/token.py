@@ -13,6 +13,9 @@ __all__ = ["TokenSet"]
 # this share of the token's lifetime: with the 2-second tokens of a test server a 300-second
 # margin would refresh on every call.
 MAX_MARGIN_SHARE = 0.25
+# The last second of the year 9999: a stored time outside 0..LATEST_TIME (or not finite) is
+# no unix time in seconds (milliseconds, a common slip, land far past it); stores refuse it.
+LATEST_TIME = 253402300799.0
 
 
 @dataclasses.dataclass(frozen=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import threading
 import time
@@ -15,7 +16,7 @@ import requests
 import requests_mock
 
 import mlauth
-from mlauth.envfile import read_env_file
+from mlauth.envfile import EnvFileStore, read_env_file
 from mlauth.lock import ProcessLock
 from tests.conftest import (
     ACCESS_1,
@@ -587,6 +588,22 @@ def test_expires_in_as_string_and_bearer_capitalised_are_accepted(
     requests.get(ME, auth=make_auth())
     expires_at = float(read_env_file(env_file)["ML_TOKEN_EXPIRES_AT"] or 0)
     assert before + 10800 <= expires_at <= time.time() + 10800
+
+
+@pytest.mark.parametrize("expires_in", ["1e400", "Infinity", "1e12"])
+def test_an_absurd_expires_in_keeps_the_tokens_with_expiry_unknown(
+    make_auth: MakeAuth, env_file: Path, requests_mock: requests_mock.Mocker, expires_in: str
+) -> None:
+    # The refresh token is spent by now: refusing the answer would lose the new one.
+    body = json.dumps(token_answer(expires_in=0))
+    body = body.replace('"expires_in": 0', f'"expires_in": {expires_in}')
+    requests_mock.post(TOKEN_URL, text=body)
+    requests_mock.get(ME, [{"status_code": 401}, {"status_code": 200}])
+    assert requests.get(ME, auth=make_auth()).status_code == 200
+    values = read_env_file(env_file)
+    assert values["ML_REFRESH_TOKEN"] == REFRESH_2
+    assert not values.get("ML_TOKEN_EXPIRES_AT")
+    EnvFileStore(env_file).load()  # and the file stays readable
 
 
 def test_missing_refresh_token_in_the_answer_keeps_the_old_one(

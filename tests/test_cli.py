@@ -6,11 +6,12 @@ import base64
 import hashlib
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, urlencode, urlsplit
 
 import pytest
 import requests
@@ -111,6 +112,40 @@ def test_status_without_a_refresh_token_asks_for_login(
     assert "refresh token:    <none>" in done.stdout
 
 
+def test_after_invalid_grant_status_token_and_refresh_say_re_authorization_required(
+    fake_ml: FakeMercadoLibre, fake_ml_env: Path
+) -> None:
+    fake_ml.revoke_refresh_tokens()
+    first = mlauth_cli("refresh", "--env", str(fake_ml_env))
+    assert_clean_failure(first, 3)  # a real invalid_grant, which leaves the marker
+    assert Path(f"{os.path.realpath(fake_ml_env)}.reauth").is_file()
+    asked = fake_ml.stats()["token_requests"]
+    for command in ("status", "token", "refresh"):
+        done = mlauth_cli(command, "--env", str(fake_ml_env))
+        assert_clean_failure(done, 3)
+        assert "re-authorization required" in done.stderr
+        assert "was refused by MercadoLibre" in done.stderr
+        assert f"mlauth login --env {fake_ml_env}" in done.stderr
+    assert "refresh token:" in mlauth_cli("status", "--env", str(fake_ml_env)).stdout
+    assert fake_ml.stats()["token_requests"] == asked  # nobody asked again
+    # A new authorization makes the marker stale: status is fine again.
+    code = fake_ml.issue_authorization_code(REDIRECT)
+    login = mlauth_cli(
+        "login", "--env", str(fake_ml_env), "--redirect-uri", REDIRECT, "--code", code
+    )
+    assert login.returncode == 0, login.stderr
+    assert mlauth_cli("status", "--env", str(fake_ml_env)).returncode == 0
+
+
+def test_no_credentials_and_no_refresh_token_names_the_credentials(tmp_path: Path) -> None:
+    env = tmp_path / ".env"
+    env.write_text("OTHER=1\n")
+    for command in ("token", "refresh"):
+        done = mlauth_cli(command, "--env", str(env))
+        assert_clean_failure(done, 1)
+        assert "ML_CLIENT_ID" in done.stderr
+
+
 def test_a_missing_env_is_one_line_naming_the_path(tmp_path: Path) -> None:
     missing = tmp_path / "nowhere" / ".env"
     for command in ("status", "token", "refresh", "login"):
@@ -118,6 +153,40 @@ def test_a_missing_env_is_one_line_naming_the_path(tmp_path: Path) -> None:
         assert_clean_failure(done, 1)
         assert str(missing) in done.stderr and "no such .env file" in done.stderr
     assert not missing.exists()
+
+
+@pytest.mark.parametrize(
+    ("key", "raw"),
+    [
+        ("ML_TOKEN_EXPIRES_AT", "1e400"),
+        ("ML_TOKEN_EXPIRES_AT", "nan"),
+        ("ML_TOKEN_REFRESHED_AT", "99999999999999"),
+    ],
+)
+def test_status_with_an_impossible_time_is_one_line_naming_the_key(
+    fake_ml: FakeMercadoLibre, tmp_path: Path, key: str, raw: str
+) -> None:
+    env = tmp_path / ".env"
+    fake_ml.write_env(env, extra={key: raw})
+    done = mlauth_cli("status", "--env", str(env))
+    assert_clean_failure(done, 1)
+    assert f"{key}={raw!r}" in done.stderr and "delete the line" in done.stderr
+
+
+def test_status_lines_survive_times_no_calendar_has() -> None:
+    from mlauth.cli import _duration, _when
+
+    assert "not a valid time" in _when(1e300)
+    assert "not a valid time" in _when(float("nan"))
+    assert _duration(float("inf")) == _duration(float("nan")) == "an unknown time"
+    assert _duration(-3661.5) == "1h01m"
+
+
+def test_an_env_that_is_a_directory_is_called_one(tmp_path: Path) -> None:
+    for command in ("status", "token", "login"):
+        done = mlauth_cli(command, "--env", str(tmp_path), input="")
+        assert_clean_failure(done, 1)
+        assert "is a directory" in done.stderr and "no such" not in done.stderr
 
 
 def test_usage_errors_exit_2() -> None:
@@ -289,6 +358,67 @@ def test_login_pasting_the_redirected_url_writes_tokens_and_keeps_the_rest(
     assert fake_ml.stats()["invalid_grant"] == 0
 
 
+@pytest.mark.parametrize("pkce", [False, True])
+def test_login_through_the_fakes_authorization_page(
+    fake_ml: FakeMercadoLibre, first_env: Path, pkce: bool
+) -> None:
+    proc, query = start_login(first_env, *(["--pkce"] if pkce else []))
+    page = f"{fake_ml.base_url}/authorization?" + urlencode(query)
+    answer = requests.get(page, allow_redirects=False, timeout=10)
+    assert answer.status_code == 302
+    redirected = answer.headers["Location"]
+    assert redirected.startswith(REDIRECT + "?")
+    out, err = proc.communicate(redirected + "\n", timeout=60)
+    assert proc.returncode == 0, err
+    assert "authorized: tokens saved" in out
+    assert fake_ml.stats()["code_exchanges"] == 1
+
+
+def test_login_code_url_without_state_says_the_state_was_not_checked(
+    fake_ml: FakeMercadoLibre, first_env: Path
+) -> None:
+    code = fake_ml.issue_authorization_code(REDIRECT)
+    done = mlauth_cli(
+        "login",
+        "--env",
+        str(first_env),
+        "--redirect-uri",
+        REDIRECT,
+        "--code",
+        f"{REDIRECT}?code={code}&state=unchecked",
+    )
+    assert done.returncode == 0, done.stderr
+    assert "state was not checked" in done.stderr and "--state" in done.stderr
+
+
+def test_no_answer_at_the_prompt_is_reported_on_its_own_line(first_env: Path) -> None:
+    proc, _ = start_login(first_env)
+    _, err = proc.communicate("", timeout=60)
+    assert proc.returncode == 1
+    assert "redirected URL or code: \nmlauth: no answer on standard input" in err
+
+
+def test_ctrl_c_at_the_prompt_is_reported_on_its_own_line(first_env: Path) -> None:
+    proc, _ = start_login(first_env)
+    assert proc.stderr is not None
+    seen = ""
+    while not seen.endswith("redirected URL or code: "):
+        char = proc.stderr.read(1)
+        assert char, seen  # the prompt comes before EOF
+        seen += char
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert err.startswith("\nmlauth: interrupted"), err
+
+
+def test_a_malformed_auth_url_names_an_authorization_page(first_env: Path) -> None:
+    with pytest.raises(mlauth.ConfigError) as caught:
+        authorization_base("MLA", "not a url")
+    assert "auth.mercadolibre.com.ar" in str(caught.value)
+    assert "oauth/token" not in str(caught.value)
+
+
 def test_login_refuses_a_url_from_another_login(fake_ml: FakeMercadoLibre, first_env: Path) -> None:
     proc, _ = start_login(first_env)
     code = fake_ml.issue_authorization_code(REDIRECT)
@@ -329,6 +459,46 @@ def test_login_code_argument_for_scripts_replaces_a_dead_chain(
     )
     assert done.returncode == 0, done.stderr
     assert mlauth_cli("refresh", "--env", str(fake_ml_env)).returncode == 0
+
+
+@pytest.mark.parametrize(
+    ("line", "replacement", "named"),
+    [
+        ("ML_CLIENT_SECRET=", "", "ML_CLIENT_SECRET"),
+        ("ML_TOKEN_URL=", "ML_TOKEN_URL=http://auth.example.test/oauth/token", "plain http"),
+        ("ML_API_HOSTS=", "ML_API_HOSTS=not a host!", "ML_API_HOSTS"),
+        ("AMAZON_REGION=", "ML_TOKEN_STORE=redis://127.0.0.1:1/0", "cannot reach Redis"),
+    ],
+)
+def test_login_checks_the_configuration_before_printing_the_url(
+    fake_ml: FakeMercadoLibre, first_env: Path, line: str, replacement: str, named: str
+) -> None:
+    lines = first_env.read_text().splitlines(keepends=True)
+    first_env.write_text(
+        "".join(replacement + "\n" if text.startswith(line) else text for text in lines)
+    )
+    done = mlauth_cli("login", "--env", str(first_env), "--redirect-uri", REDIRECT, input="")
+    assert_clean_failure(done, 1)
+    assert named in done.stderr
+    assert done.stdout == ""  # no URL: the seller was not sent to authorize
+    assert "redirected URL or code" not in done.stderr
+
+
+def test_login_into_a_read_only_folder_fails_before_printing_the_url(
+    fake_ml: FakeMercadoLibre, tmp_path: Path
+) -> None:
+    from tests.test_faults_store import remount_read_only, tmpfs
+
+    with tmpfs(tmp_path / "ro", "1m") as folder:
+        env = folder / ".env"
+        env.write_text(
+            f"ML_CLIENT_ID={fake_ml.client_id}\nML_CLIENT_SECRET={fake_ml.client_secret}\n"
+            f"ML_TOKEN_URL={fake_ml.token_url}\nML_AUTH_URL={fake_ml.base_url}\n"
+        )
+        remount_read_only(folder)
+        done = mlauth_cli("login", "--env", str(env), "--redirect-uri", REDIRECT, input="")
+        assert_clean_failure(done, 1)
+        assert "cannot write to" in done.stderr and done.stdout == ""
 
 
 def test_login_without_a_redirect_uri_says_how_to_give_one(first_env: Path) -> None:

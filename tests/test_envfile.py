@@ -154,6 +154,20 @@ def test_malformed_expiry_names_the_key(tmp_path: Path) -> None:
         EnvFileStore(path).load()
 
 
+@pytest.mark.parametrize("key", ["ML_TOKEN_EXPIRES_AT", "ML_TOKEN_REFRESHED_AT"])
+@pytest.mark.parametrize("raw", ["1e400", "nan", "inf", "-inf", "-1", "99999999999999"])
+def test_infinite_or_implausible_times_are_refused_naming_the_key(
+    tmp_path: Path, key: str, raw: str
+) -> None:
+    path = tmp_path / ".env"
+    path.write_text(f"ML_REFRESH_TOKEN=TG-x\n{key}={raw}\n")
+    with pytest.raises(mlauth.ConfigError) as caught:
+        EnvFileStore(path).load()
+    message = str(caught.value)
+    assert str(path) in message and f"{key}={raw!r}" in message
+    assert "delete the line" in message
+
+
 @pytest.mark.parametrize(
     "value",
     ["plain", "with space", "quote'single", 'quote"double', "hash # here", "a=b", "back\\slash"],

@@ -15,6 +15,7 @@ import stat
 import struct
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -532,3 +533,51 @@ def test_stop_is_idempotent_and_closes_the_port() -> None:
             session.get(url + "/users/me", timeout=10)
     with pytest.raises(RuntimeError):
         fake.start()
+
+
+def test_the_authorization_page_redirects_with_a_code_and_the_state(
+    fake_ml: FakeMercadoLibre,
+) -> None:
+    page = f"{fake_ml.base_url}/authorization"
+    redirect = "https://example.test/callback?keep=1"
+    query = {
+        "response_type": "code",
+        "client_id": fake_ml.client_id,
+        "redirect_uri": redirect,
+        "state": "s-1",
+    }
+    answer = requests.get(page, params=query, allow_redirects=False, timeout=10)
+    assert answer.status_code == 302
+    location = urllib.parse.urlsplit(answer.headers["Location"])
+    got = urllib.parse.parse_qs(location.query)
+    assert location.netloc == "example.test" and got["keep"] == ["1"]
+    assert got["state"] == ["s-1"]
+    (code,) = got["code"]
+    exchange = {
+        "grant_type": "authorization_code",
+        "client_id": fake_ml.client_id,
+        "client_secret": fake_ml.client_secret,
+        "code": code,
+        "redirect_uri": redirect,
+    }
+    assert requests.post(fake_ml.token_url, data=exchange, timeout=10).status_code == 200
+    # Single use, like a real code.
+    assert requests.post(fake_ml.token_url, data=exchange, timeout=10).status_code == 400
+
+
+def test_the_authorization_page_refuses_an_unknown_app_and_a_bad_request(
+    fake_ml: FakeMercadoLibre,
+) -> None:
+    page = f"{fake_ml.base_url}/authorization"
+    base = {"response_type": "code", "redirect_uri": "https://example.test/cb", "state": "s"}
+    unknown = requests.get(page, params={**base, "client_id": "999"}, allow_redirects=False)
+    assert unknown.status_code == 400 and "Location" not in unknown.headers
+    token = requests.get(
+        page,
+        params={**base, "client_id": fake_ml.client_id, "response_type": "token"},
+        allow_redirects=False,
+    )
+    assert token.status_code == 302
+    got = urllib.parse.parse_qs(urllib.parse.urlsplit(token.headers["Location"]).query)
+    assert got["error"] == ["unsupported_response_type"] and "code" not in got
+    assert fake_ml.stats()["code_exchanges"] == 0

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import requests
+from requests_mock import ANY, Mocker
 
 import mlauth
 from mlauth.testing import FakeMercadoLibre
@@ -96,6 +97,44 @@ def test_explicit_auth_and_session_auth_win(fake_ml: FakeMercadoLibre, expired_e
     assert fake_ml.stats()["token_requests"] == 0
 
 
+def test_auth_passed_positionally_is_seen_as_the_callers(
+    fake_ml: FakeMercadoLibre, expired_env: Path
+) -> None:
+    mlauth.install(expired_env)
+    url = f"{fake_ml.base_url}/users/me"
+    stale = {"Authorization": "Bearer stale"}
+    with requests.Session() as session:
+        # request(method, url, params, data, headers, cookies, files, auth): auth is 8th.
+        explicit = session.request("GET", url, None, None, stale, None, None, ("user", "pass"))
+        assert explicit.status_code == 401  # the caller's choice, not replaced
+        assert fake_ml.stats()["token_requests"] == 0
+        none_given = session.request("GET", url, None, None, stale, None, None, None)
+        assert none_given.status_code == 200  # an explicit None: mlauth's auth goes there
+        assert none_given.request.body is None  # and nothing landed in files= or data=
+
+
+def test_a_session_subclass_overriding_request_is_covered(
+    fake_ml: FakeMercadoLibre, expired_env: Path
+) -> None:
+    seen: list[str] = []
+
+    class Logged(requests.Session):
+        def request(  # type: ignore[override]
+            self, method: str, url: str, *args: object, **kwargs: object
+        ) -> requests.Response:
+            seen.append(url)
+            return super().request(method, url, *args, **kwargs)  # type: ignore[arg-type]
+
+    mlauth.install(expired_env)
+    url = f"{fake_ml.base_url}/users/me"
+    with Logged() as session:
+        assert session.get(url, headers={"Authorization": "Bearer stale"}).status_code == 200
+    assert seen == [url]
+    mlauth.uninstall()
+    with Logged() as session:
+        assert session.get(url, headers={"Authorization": "Bearer stale"}).status_code == 401
+
+
 def test_the_token_endpoint_gets_no_bearer_token(
     fake_ml: FakeMercadoLibre, expired_env: Path
 ) -> None:
@@ -109,6 +148,54 @@ def test_the_token_endpoint_gets_no_bearer_token(
     requests.post(fake_ml.token_url, data=data, hooks={"response": record})
     assert seen == [None]
     assert auth.tokens.access_token is not None
+
+
+def test_the_refresh_post_does_not_go_through_patched_session_request(
+    fake_ml: FakeMercadoLibre, tmp_path: Path
+) -> None:
+    # Whatever sits on Session.request (our listeners, other libraries' patches) must not
+    # run inside the locked refresh.
+    env = tmp_path / ".env"
+    fake_ml.write_env(env, expires_at=time.time() - 60)
+    mlauth.install(env)
+    ours = requests.Session.request
+    seen: list[str] = []
+
+    def theirs(
+        self: requests.Session, method: str, url: str, *args: object, **kw: object
+    ) -> object:
+        seen.append(url)
+        return ours(self, method, url, *args, **kw)  # type: ignore[arg-type]
+
+    requests.Session.request = theirs  # type: ignore[method-assign,assignment]
+    try:
+        url = f"{fake_ml.base_url}/users/me"
+        assert requests.get(url).status_code == 200
+    finally:
+        requests.Session.request = ours  # type: ignore[method-assign]
+    assert fake_ml.stats()["refreshes"] == 1
+    assert seen == [url]
+
+
+@pytest.mark.parametrize(
+    ("url", "gets_token"),
+    [
+        ("https://api.mercadolibre.com/oauth/token", False),
+        ("https://api.mercadolibre.com:443/oauth/token", False),
+        ("HTTPS://API.MercadoLibre.com/oauth/token/", False),
+        ("https://api.mercadolibre.com/oauth/token?x=1#f", False),
+        ("https://api.mercadolibre.com:443/items", True),
+        ("https://api.mercadolibre.com/oauth/token/extra", True),
+    ],
+)
+def test_the_token_endpoint_is_recognised_however_its_url_is_spelled(
+    env_file: Path, requests_mock: Mocker, url: str, gets_token: bool
+) -> None:
+    mlauth.install(env_file)  # token URL https://api.mercadolibre.com/oauth/token
+    requests_mock.post(ANY, text="{}")
+    requests.post(url, data={"grant_type": "refresh_token"})
+    sent = requests_mock.last_request.headers.get("Authorization")
+    assert (sent is not None) is gets_token, sent
 
 
 def test_install_is_idempotent_and_refuses_a_second_env(
@@ -150,6 +237,27 @@ def test_uninstall_stops_injecting(fake_ml: FakeMercadoLibre, expired_env: Path)
     mlauth.uninstall()
     stale = {"Authorization": "Bearer stale"}
     assert requests.get(f"{fake_ml.base_url}/users/me", headers=stale).status_code == 401
+
+
+def test_a_bound_request_saved_while_installed_still_works_after_uninstall(
+    fake_ml: FakeMercadoLibre, expired_env: Path
+) -> None:
+    mlauth.install(expired_env)
+    session = requests.Session()
+    bound = session.request  # our wrapper, bound: legacy code keeps such things in globals
+    url = f"{fake_ml.base_url}/users/me"
+    assert bound("GET", url).status_code == 200
+    mlauth.uninstall()
+    seen: list[str | None] = []
+
+    def record(r: requests.Response, **kwargs: object) -> None:
+        seen.append(r.request.headers.get("Authorization"))
+
+    stale = {"Authorization": "Bearer APP_USR-stale"}
+    response = bound("GET", url, headers=stale, hooks={"response": record})
+    assert response.status_code == 401  # passed through, with the caller's header only
+    assert seen == ["Bearer APP_USR-stale"]
+    session.close()
 
 
 def test_a_patch_on_top_of_ours_survives_uninstall(

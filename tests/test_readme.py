@@ -93,4 +93,6 @@ def test_the_command_line_walkthrough_runs(tmp_path: Path) -> None:
     assert "refreshed: access sha256:" in out
     assert out.count('"path": "/users/me"') == 1  # curl's answer (JSON)
     assert "'path': '/users/me'" in out  # mlauth run's (a printed dict)
+    assert "authorized: tokens saved in" in out  # the login through the fake's page
+    assert not (tmp_path / ".env.demo").exists()  # removed by the server as it stopped
     assert "APP_USR-" not in out + err  # no token printed along the way

@@ -136,6 +136,7 @@ def test_child_environment_prepends_our_site_once() -> None:
     env = child_environment(".env", {"PYTHONPATH": f"/a{os.pathsep}{SITE_DIR}{os.pathsep}/b"})
     assert env["PYTHONPATH"].split(os.pathsep) == [SITE_DIR, "/a", "/b"]
     assert os.path.isabs(env["MLAUTH_RUN_ENV"])
+    assert (env["MLAUTH_RUN_PID"], env["MLAUTH_RUN_PYTHON"]) == (str(os.getpid()), sys.executable)
     assert child_environment(".env", {})["PYTHONPATH"] == SITE_DIR
 
 
@@ -150,3 +151,65 @@ def test_bad_configuration_fails_before_the_command_starts(tmp_path: Path) -> No
     code, _, err = finish(run(tmp_path / "missing.env", *command))
     assert code == 1 and "no such .env file" in err and "Traceback" not in err
     assert not marker.exists()
+
+
+def test_a_command_killed_by_a_closed_pipe_dies_of_sigpipe(fake_ml_env: Path) -> None:
+    # `mlauth run -- yes | head -1`: Python ignores SIGPIPE, and exec would pass that on.
+    proc = run(fake_ml_env, "yes")
+    assert proc.stdout is not None
+    assert proc.stdout.readline() == "y\n"
+    proc.stdout.close()  # the reader leaves, as head does
+    assert proc.stderr is not None
+    with proc.stderr:
+        err = proc.stderr.read()
+    assert proc.wait(timeout=60) == -signal.SIGPIPE, err
+    assert "Broken pipe" not in err
+
+
+def test_the_command_starts_with_default_sigpipe_and_sigxfsz(fake_ml_env: Path) -> None:
+    code, out, err = finish(run(fake_ml_env, "cat", "/proc/self/status"))
+    assert code == 0, err
+    ignored = int(
+        next(line for line in out.splitlines() if line.startswith("SigIgn:")).split()[1], 16
+    )
+    for sig in (signal.SIGPIPE, signal.SIGXFSZ):
+        assert not ignored & (1 << (sig - 1)), sig
+
+
+def shadowing_mlauth(tmp_path: Path) -> Path:
+    """A folder whose ``mlauth`` cannot be imported: a Python with it first on its path."""
+    shadow = tmp_path / "shadow"
+    (shadow / "mlauth").mkdir(parents=True)
+    (shadow / "mlauth" / "__init__.py").write_text("raise ImportError('no mlauth here')\n")
+    return shadow
+
+
+def test_the_command_fails_when_its_python_cannot_import_mlauth(
+    fake_ml_env: Path, tmp_path: Path
+) -> None:
+    marker = tmp_path / "ran"
+    shadow = shadowing_mlauth(tmp_path)
+    # sh exec's the Python: same pid, so it is the command mlauth run was asked to protect.
+    script = (
+        f'PYTHONPATH="$PYTHONPATH{os.pathsep}{shadow}" exec "$0" -c "open({str(marker)!r}, \'w\')"'
+    )
+    code, _, err = finish(run(fake_ml_env, "sh", "-c", script, sys.executable))
+    assert code == 1, err
+    assert not marker.exists()
+    assert "cannot import mlauth" in err and "nothing was run" in err
+    assert f"Run it with {sys.executable}" in err
+
+
+def test_a_python_started_by_the_command_without_mlauth_is_only_warned_about(
+    fake_ml_env: Path, tmp_path: Path
+) -> None:
+    shadow = shadowing_mlauth(tmp_path)
+    inner = (
+        "import os, subprocess, sys\n"
+        f"path = os.environ['PYTHONPATH'] + os.pathsep + {str(shadow)!r}\n"
+        "env = dict(os.environ, PYTHONPATH=path)\n"
+        "sys.exit(subprocess.call([sys.executable, '-c', 'print(42)'], env=env))"
+    )
+    code, out, err = finish(run(fake_ml_env, sys.executable, "-c", inner))
+    assert (code, out) == (0, "42\n"), err
+    assert "cannot import mlauth" in err and "runs without it" in err

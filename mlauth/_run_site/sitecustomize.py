@@ -5,6 +5,9 @@ one first runs the ``sitecustomize`` it shadows (a distribution's or a virtualen
 may be what makes mlauth importable), then calls ``mlauth.install()`` for the ``.env`` named
 in ``MLAUTH_RUN_ENV``. Grandchildren inherit the variables, so Python processes started by
 the command get mlauth too. ``python -I``, ``-E`` and ``-S`` skip this file.
+
+The command itself (the process whose pid is ``MLAUTH_RUN_PID``: ``mlauth run`` exec'ed it)
+must not run unprotected: if it cannot import mlauth it exits 1 before its code runs.
 """
 
 from __future__ import annotations
@@ -33,11 +36,23 @@ def _install() -> None:
     try:
         import mlauth
     except ImportError as exc:
+        python = os.environ.get("MLAUTH_RUN_PYTHON") or "the Python that has mlauth"
+        if os.environ.get("MLAUTH_RUN_PID") == str(os.getpid()):
+            # The command mlauth run was asked to protect: running it without the token
+            # refresh would only fail later, mid-pipeline.
+            sys.stderr.write(
+                f"mlauth run: {sys.executable} cannot import mlauth ({exc}), so the command "
+                f"would run without it; nothing was run. Run it with {python}, which has "
+                f"mlauth (e.g. mlauth run -- {python} script.py), or install mlauth into "
+                f"{sys.executable}.\n"
+            )
+            sys.stderr.flush()
+            os._exit(1)
         # Perhaps an unrelated tool on another interpreter, started by the command: let it
         # run, but say that its requests calls carry no token.
         sys.stderr.write(
             f"mlauth run: {sys.executable} cannot import mlauth ({exc}); this process runs "
-            "without it. Run the command with the Python that has mlauth installed.\n"
+            f"without it. Run it with {python}, which has mlauth, if it calls MercadoLibre.\n"
         )
         return
     try:

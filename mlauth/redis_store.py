@@ -60,13 +60,14 @@ redis.call('HSET', KEYS[1], 'chain', ARGV[1], 'generation', new, unpack(ARGV, 3)
 return new
 """
 
-# Put back what Redis lost: write only where the key is gone, or holds an older generation of
-# the same chain (a peer re-seeded an older link than ours). Another chain is never touched.
-# Returns 1 when it wrote.
+# Put back what Redis lost: write only where the key is gone or holds an older generation
+# (a peer re-seeded an older link than ours from its memory). Generations go on across chains
+# (a migration with --force seeds the next one), so an older generation of a replaced chain
+# is overwritten too, while a newer generation of any chain is never touched. Returns 1 when
+# it wrote.
 _RESEED = """
-local chain = redis.call('HGET', KEYS[1], 'chain')
-local gen = tonumber(redis.call('HGET', KEYS[1], 'generation') or '-1')
-if chain and (chain ~= ARGV[1] or gen >= tonumber(ARGV[2])) then
+local gen = redis.call('HGET', KEYS[1], 'generation')
+if gen and tonumber(gen) >= tonumber(ARGV[2]) then
   return 0
 end
 redis.call('DEL', KEYS[1])
@@ -226,7 +227,7 @@ class RedisStore:
         key = self._key()
         try:
             values = self._read(key)
-            if not values.get("chain"):
+            if not values.get("chain") or self._behind(values):
                 values = self._put_back(key)
         except RedisError as exc:
             raise self._unreachable(exc, "read the tokens from") from None
@@ -244,8 +245,19 @@ class RedisStore:
     def _read(self, key: str) -> dict[str, str]:
         return cast("dict[str, str]", self._client.hgetall(key))  # decode_responses=True
 
+    def _behind(self, values: dict[str, str]) -> bool:
+        """Whether Redis holds an older generation than this process has seen.
+
+        That happens only after Redis lost its data and a peer that knew an older link put it
+        back: adopting it would roll this process back to a refresh token already spent, and
+        lose the live one, which may exist only in this process's memory.
+        """
+        known = self._known
+        return known is not None and int(values.get("generation") or 0) < known[2]
+
     def _put_back(self, key: str) -> dict[str, str]:
-        """Re-seed a lost key from the newest tokens this process has seen, and re-read."""
+        """Re-seed a lost (or rolled back) key from the newest tokens this process has seen,
+        and re-read."""
         known = self._known
         if known is None:
             raise ConfigError(
@@ -257,9 +269,11 @@ class RedisStore:
         tokens, chain, gen = known
         if self._reseed(keys=[key], args=[chain, gen, *self._pairs(tokens)]):
             log.warning(
-                "Redis at %s had lost the tokens (restarted without persistence?); put back "
-                "the newest ones this process had: %s",
+                "Redis at %s had lost the tokens or held an older generation of them "
+                "(restarted without persistence?); put back generation %d, the newest this "
+                "process had: %s",
                 self.location,
+                gen,
                 tokens.describe(),
             )
         values = self._read(key)

@@ -258,6 +258,50 @@ def test_redis_that_lost_its_data_is_reseeded_from_memory(
     assert fake_ml.stats()["invalid_grant"] == 0
 
 
+def test_a_stale_reseed_after_data_loss_does_not_roll_the_chain_back(
+    fake_ml: FakeMercadoLibre, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    env = redis_env(fake_ml, tmp_path, redis_server.url, expires_at=time.time() + 3600)
+    idle, busy = mlauth.MLAuth.from_env(env), mlauth.MLAuth.from_env(env)  # two machines
+    assert isinstance(idle.store, RedisStore) and isinstance(busy.store, RedisStore)
+    old = idle.tokens.refresh_token
+    busy.refresh()
+    busy.refresh()  # the idle machine still knows the refresh token spent two links ago
+    live = busy.tokens.refresh_token
+    assert live is not None and live != old
+    redis_server.restart()  # no persistence: the live token is only in the busy one's memory
+
+    idle.store.load()  # the stale machine reads first and puts back what it knows
+    tokens, _ = busy.store.load()  # the busy one must not adopt that older link...
+    assert tokens.refresh_token == live
+    assert stored(redis_server, env)["refresh_token"] == live.reveal()
+    assert idle.store.load()[0].refresh_token == live  # ...and the stale one follows it
+    idle.refresh()
+    assert fake_ml.stats()["invalid_grant"] == 0
+
+
+def test_a_machine_knowing_a_replaced_chain_never_reseeds_it_over_the_new_one(
+    redis_server: RedisServer,
+) -> None:
+    def tokens(name: str) -> mlauth.TokenSet:
+        return mlauth.TokenSet(
+            mlauth.Secret(f"fake-access-{name}"),
+            mlauth.Secret(f"fake-refresh-{name}"),
+            expires_at=time.time() + 3600,
+        )
+
+    stale, fresh = RedisStore(redis_server.url, key="k"), RedisStore(redis_server.url, key="k")
+    stale.seed(tokens("old"))
+    stale.load()
+    fresh.seed(tokens("new"), replace=True)  # `migrate --force`: a new chain, next generation
+    fresh.save(tokens("newer"))
+    redis_server.restart()
+
+    stale.load()  # puts back the replaced chain, the only one it knows
+    assert fresh.load()[0].refresh_token == mlauth.Secret("fake-refresh-newer")
+    assert stale.load()[0].refresh_token == mlauth.Secret("fake-refresh-newer")
+
+
 def test_unreachable_redis_keeps_a_valid_token_and_never_refreshes_without_the_lock(
     fake_ml: FakeMercadoLibre, redis_server: RedisServer, tmp_path: Path
 ) -> None:

@@ -20,7 +20,7 @@ import time
 from collections.abc import Hashable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from typing import cast
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 try:
     import redis
@@ -90,11 +90,25 @@ return new
 """
 
 
+_SECRET_QUERY = frozenset({"password", "username"})  # redis-py takes credentials there too
+
+
 def redact_url(url: str) -> str:
-    """``url`` with any password replaced by ``***``, fit for messages and logs."""
+    """``url`` with any password replaced by ``***``, fit for messages and logs.
+
+    Masks the password in the authority part and the ``password``/``username`` values of
+    the query string, which redis-py also accepts (``redis://h:6379/0?password=...``).
+    """
     parts = urlsplit(url)
+    if parts.query:
+        pairs = parse_qsl(parts.query, keep_blank_values=True)
+        if any(name.lower() in _SECRET_QUERY for name, _ in pairs):
+            masked = [
+                (name, "***" if name.lower() in _SECRET_QUERY else value) for name, value in pairs
+            ]
+            parts = parts._replace(query=urlencode(masked, safe="*"))
     if parts.password is None:
-        return url
+        return urlunsplit(parts)
     user = parts.username or ""
     host = parts.hostname or ""
     if ":" in host:
@@ -142,8 +156,9 @@ class RedisStore:
         client: redis.Redis | None = None,
     ) -> None:
         if not isinstance(url, str) or urlsplit(url).scheme not in ("redis", "rediss", "unix"):
+            shown = redact_url(url) if isinstance(url, str) else type(url).__name__
             raise ConfigError(
-                f"{url!r} is not a Redis URL; write redis://HOST:PORT/DB (or rediss:// for TLS)"
+                f"{shown!r} is not a Redis URL; write redis://HOST:PORT/DB (or rediss:// for TLS)"
             )
         if lock_timeout <= 0 or check_interval < 0:
             raise ConfigError("RedisStore: lock_timeout must be > 0 and check_interval >= 0")

@@ -341,6 +341,42 @@ def test_url_passwords_never_reach_messages() -> None:
     assert "hunter2" not in str(caught.value) and "127.0.0.1:1" in str(caught.value)
 
 
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://127.0.0.1:1/0?password=hunter2",
+        "redis://127.0.0.1:1/0?username=hunter2&password=hunter2&socket_timeout=1",
+        "unix:///tmp/mlauth-test.sock?db=0&password=hunter2",
+    ],
+)
+def test_query_string_passwords_never_reach_messages(
+    url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    assert "hunter2" not in redact_url(url) and "***" in redact_url(url)
+    store = RedisStore(url, client_id="1")
+    assert "hunter2" not in repr(store) and "hunter2" not in store.location
+    with caplog.at_level("DEBUG", logger="mlauth"):
+        with pytest.raises(mlauth.StoreError) as caught:
+            store.load()
+        store._checked_at = -float("inf")
+        store.stamp()  # logs a warning naming the store
+    assert "hunter2" not in str(caught.value)
+    assert caplog.records and "hunter2" not in caplog.text
+
+
+@pytest.mark.parametrize(
+    "url", ["http://127.0.0.1:1/0?password=hunter2", "memcached://u:hunter2@h?password=hunter2"]
+)
+def test_a_wrong_scheme_message_shows_no_password(url: str, env_file: Path) -> None:
+    with pytest.raises(mlauth.ConfigError) as caught:
+        RedisStore(url)
+    assert "hunter2" not in str(caught.value)
+    update_env_file(env_file, {STORE_KEY: url})
+    with pytest.raises(mlauth.ConfigError) as caught:
+        mlauth.MLAuth.from_env(env_file)
+    assert "hunter2" not in str(caught.value)
+
+
 def test_without_the_redis_package_the_error_names_the_extra(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, env_file: Path
 ) -> None:

@@ -24,7 +24,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 try:
     import redis
-    from redis.backoff import ExponentialBackoff
+    from redis.backoff import ExponentialBackoff, NoBackoff
     from redis.exceptions import LockError, LockNotOwnedError, RedisError
     from redis.lock import Lock
     from redis.retry import Retry
@@ -41,6 +41,14 @@ from .token import LATEST_TIME, TokenSet
 __all__ = ["RedisStore", "redact_url"]
 
 log = logging.getLogger("mlauth")
+
+# After a freshness check found Redis unreachable (or hanging), API calls go on with the
+# cached token for this long before the next check, so a Redis that accepts connections but
+# never answers costs one short timeout per PROBE_BACKOFF, not one per check_interval.
+PROBE_BACKOFF = 30.0
+# The freshness check's own timeout: it only looks for a peer's commit, which a 401 would
+# find anyway, so it must never hold an API call for long.
+PROBE_TIMEOUT = 1.0
 
 _FIELDS = ("access_token", "refresh_token", "expires_at", "refreshed_at", "refreshed_by")
 
@@ -176,9 +184,21 @@ class RedisStore:
                     # A restart of Redis leaves dead sockets in the pool: retry on a new one.
                     retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 3),
                 )
+                # The freshness check: a short timeout and no retry after one (see
+                # PROBE_TIMEOUT); only a pooled socket a restart closed is retried, at once.
+                probe = redis.Redis.from_url(
+                    url,
+                    decode_responses=True,
+                    socket_timeout=min(socket_timeout, PROBE_TIMEOUT),
+                    socket_connect_timeout=min(socket_timeout, PROBE_TIMEOUT),
+                    retry=Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)),
+                )
             except ValueError as exc:
                 raise ConfigError(f"{self.location} is not a usable Redis URL: {exc}") from None
+        else:
+            probe = client
         self._client = client
+        self._probe = probe
         self._commit = client.register_script(_COMMIT)
         self._reseed = client.register_script(_RESEED)
         self._seed = client.register_script(_SEED)
@@ -192,7 +212,7 @@ class RedisStore:
         self._known: tuple[TokenSet, str, int] | None = None
         self._seen: Hashable = None  # the stamp of the version last read or written
         self._checked_at = -float("inf")  # monotonic time of the last look at Redis
-        self._unreachable_logged = 0.0
+        self._quiet_until = -float("inf")  # after a failed look: no other before this time
 
     def bind_client(self, client_id: str) -> None:
         """Derive the default key from the app's client id (MLAuth calls this)."""
@@ -226,15 +246,20 @@ class RedisStore:
         # One round trip per check_interval at most, whatever the call rate; in between the
         # version last seen is reported, so no change shows. A 401 re-reads under the lock.
         now = time.monotonic()
-        if now - self._checked_at < self.check_interval:
+        if now - self._checked_at < self.check_interval or now < self._quiet_until:
             return self._seen
         self._checked_at = now
         try:
-            chain, gen = self._client.hmget(self._key(), ["chain", "generation"])
+            chain, gen = self._probe.hmget(self._key(), ["chain", "generation"])
         except RedisError as exc:
-            if now - self._unreachable_logged > 30:
-                self._unreachable_logged = now
-                log.warning("%s; using the cached token meanwhile", self._unreachable(exc, "read"))
+            # Back off: a Redis that hangs would otherwise cost every check its timeout. A
+            # successful load() (a 401 or an expiry re-reads under the lock) ends this early.
+            self._quiet_until = now + PROBE_BACKOFF
+            log.warning(
+                "%s; using the cached token, next look in %gs",
+                self._unreachable(exc, "read"),
+                PROBE_BACKOFF,
+            )
             return self._seen
         return None if chain is None else (chain, int(gen or 0))
 
@@ -300,6 +325,7 @@ class RedisStore:
         self._local.read = (chain, gen)
         self._seen = (chain, gen)
         self._checked_at = time.monotonic()
+        self._quiet_until = -float("inf")  # Redis answered
         self._known = (tokens, chain, gen)
 
     # -- writing ---------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import sys
 import threading
 import time
@@ -325,6 +326,34 @@ def test_unreachable_redis_keeps_a_valid_token_and_never_refreshes_without_the_l
     assert fake_ml.stats()["token_requests"] == 0
 
 
+def test_a_hanging_redis_costs_one_short_try_per_backoff_not_per_check() -> None:
+    hole = socket.socket()  # accepts connections (the kernel does) and never answers
+    hole.bind(("127.0.0.1", 0))
+    hole.listen(64)
+    try:
+        store = RedisStore(
+            f"redis://127.0.0.1:{hole.getsockname()[1]}/0",
+            key="k",
+            check_interval=0.0,  # would look at every call
+            socket_timeout=0.2,
+        )
+        for _ in range(3):  # three API calls in a row, all while Redis hangs
+            assert store.stamp() is None  # nothing changed as far as the caller can tell
+        hole.setblocking(False)
+        attempts = 0
+        while True:  # every connection the store opened waits in the backlog
+            try:
+                conn, _ = hole.accept()
+            except BlockingIOError:
+                break
+            conn.close()
+            attempts += 1
+    finally:
+        hole.close()
+    # One try, no retries, then no look at all until the back-off has passed.
+    assert attempts == 1
+
+
 def test_missing_tokens_in_redis_name_the_key_and_the_migration(
     redis_server: RedisServer,
 ) -> None:
@@ -358,7 +387,7 @@ def test_query_string_passwords_never_reach_messages(
     with caplog.at_level("DEBUG", logger="mlauth"):
         with pytest.raises(mlauth.StoreError) as caught:
             store.load()
-        store._checked_at = -float("inf")
+        store._quiet_until = -float("inf")
         store.stamp()  # logs a warning naming the store
     assert "hunter2" not in str(caught.value)
     assert caplog.records and "hunter2" not in caplog.text

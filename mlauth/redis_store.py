@@ -56,15 +56,21 @@ _FIELDS = ("access_token", "refresh_token", "expires_at", "refreshed_at", "refre
 # generation of ours. A missing key or an older generation (Redis lost its data and a peer put
 # back an older link) is not a conflict: our tokens are then the newest copy of the chain, so
 # they are written as the next generation. Returns it, or -1 when somebody committed first.
+# ARGV[3] is a nonce kept in the hash: when redis-py re-sends the script after a lost reply,
+# the commit that already landed is recognized and reported, not mistaken for a peer's.
 _COMMIT = """
 local chain = redis.call('HGET', KEYS[1], 'chain')
 local gen = tonumber(redis.call('HGET', KEYS[1], 'generation') or '-1')
+if chain == ARGV[1] and redis.call('HGET', KEYS[1], 'commit') == ARGV[3] then
+  return gen
+end
 if chain and (chain ~= ARGV[1] or gen > tonumber(ARGV[2])) then
   return -1
 end
 redis.call('DEL', KEYS[1])
 local new = tonumber(ARGV[2]) + 1
-redis.call('HSET', KEYS[1], 'chain', ARGV[1], 'generation', new, unpack(ARGV, 3))
+redis.call('HSET', KEYS[1], 'chain', ARGV[1], 'generation', new, 'commit', ARGV[3],
+  unpack(ARGV, 4))
 return new
 """
 
@@ -85,8 +91,12 @@ return 1
 
 # Start a chain (a migration): into an empty key, or over anything when ARGV[2] is '1'. The
 # generation goes on from the old one, so no process takes the new chain for an older link.
-# Returns the new generation, or -1 when a chain is there and replacing was not asked.
+# Returns the new generation, or -1 when a chain is there and replacing was not asked. The
+# chain id is new with each call, so finding it means a re-sent script: the seed landed.
 _SEED = """
+if redis.call('HGET', KEYS[1], 'chain') == ARGV[1] then
+  return tonumber(redis.call('HGET', KEYS[1], 'generation'))
+end
 local old = redis.call('HGET', KEYS[1], 'generation')
 if old and ARGV[2] ~= '1' then
   return -1
@@ -375,7 +385,9 @@ class RedisStore:
             return self.seed(tokens)
         chain, gen = read
         try:
-            new = int(self._commit(keys=[self._key()], args=[chain, gen, *self._pairs(tokens)]))
+            nonce = secrets.token_hex(8)
+            args: list[str | int] = [chain, gen, nonce, *self._pairs(tokens)]
+            new = int(self._commit(keys=[self._key()], args=args))
         except RedisError as exc:
             raise self._unreachable(exc, "save the tokens to") from None
         if new < 0:

@@ -6,6 +6,7 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -352,6 +353,30 @@ def test_a_hanging_redis_costs_one_short_try_per_backoff_not_per_check() -> None
         hole.close()
     # One try, no retries, then no look at all until the back-off has passed.
     assert attempts == 1
+
+
+def test_a_commit_script_resent_after_a_lost_reply_is_not_taken_for_a_peers(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = RedisStore(redis_server.url, key="k")
+
+    def resent(script: Callable[..., object]) -> Callable[..., object]:
+        def run(**kwargs: object) -> object:
+            script(**kwargs)  # it ran, but the reply was lost on the way back...
+            return script(**kwargs)  # ...so redis-py's Retry sends the same EVALSHA again
+
+        return run
+
+    monkeypatch.setattr(store, "_seed", resent(store._seed))
+    monkeypatch.setattr(store, "_commit", resent(store._commit))
+    first = mlauth.TokenSet(mlauth.Secret("fake-access-1"), mlauth.Secret("fake-refresh-1"))
+    assert store.seed(first)[1] == 1  # type: ignore[index]
+    store.load()
+    second = mlauth.TokenSet(mlauth.Secret("fake-access-2"), mlauth.Secret("fake-refresh-2"))
+    assert store.save(second)[1] == 2  # type: ignore[index]
+    with redis_server.client() as client:
+        assert client.hget("k", "refresh_token") == "fake-refresh-2"
+        assert client.hget("k", "generation") == "2"
 
 
 def test_missing_tokens_in_redis_name_the_key_and_the_migration(

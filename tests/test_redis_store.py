@@ -379,6 +379,29 @@ def test_a_commit_script_resent_after_a_lost_reply_is_not_taken_for_a_peers(
         assert client.hget("k", "generation") == "2"
 
 
+@pytest.mark.parametrize(("lock_timeout", "warned"), [(10.0, True), (20.0, True), (25.0, False)])
+def test_a_lock_timeout_not_above_one_token_call_is_warned_about(
+    fake_ml: FakeMercadoLibre,
+    redis_server: RedisServer,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    lock_timeout: float,
+    warned: bool,
+) -> None:
+    env = redis_env(
+        fake_ml,
+        tmp_path,
+        redis_server.url,
+        extra={"ML_TOKEN_LOCK_TIMEOUT": f"{lock_timeout:g}"},
+    )
+    with caplog.at_level("WARNING", logger="mlauth"):
+        mlauth.MLAuth.from_env(env, timeout=(5.0, 15.0))  # one call: up to 20 s
+    hits = [r for r in caplog.records if "ML_TOKEN_LOCK_TIMEOUT" in r.getMessage()]
+    assert bool(hits) is warned
+    if warned:
+        assert f"after {lock_timeout:g}s" in hits[0].getMessage()
+
+
 def test_missing_tokens_in_redis_name_the_key_and_the_migration(
     redis_server: RedisServer,
 ) -> None:

@@ -126,7 +126,7 @@ def redact_url(url: str) -> str:
             ]
             parts = parts._replace(query=urlencode(masked, safe="*"))
     if parts.password is None:
-        return urlunsplit(parts)
+        return urlunsplit(parts) if parts.query != urlsplit(url).query else url
     user = parts.username or ""
     host = parts.hostname or ""
     if ":" in host:

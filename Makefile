@@ -21,12 +21,20 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(PY) -m mypy --strict
 
-# The Redis store's tests run a real redis-server (Debian's package); CI runs as root.
+# The Redis store's tests run a real redis-server (Debian's package); CI runs as root. The
+# package may start a system daemon on port 6379; the tests start their own on a free port,
+# so it is stopped again (if the machine has no service manager, nothing was started).
 redis-server:
 	@command -v redis-server >/dev/null || { \
+		if [ "$$(id -u)" != 0 ]; then \
+			echo "redis-server is missing and installing it needs root: run make test as root," \
+				"or install it first (sudo apt-get install redis-server)" >&2; \
+			exit 1; \
+		fi; \
 		echo "installing redis-server (Debian package) for the Redis store tests"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-			--no-install-recommends redis-server >/dev/null; }
+			--no-install-recommends redis-server >/dev/null || exit 1; \
+		service redis-server stop >/dev/null 2>&1 || true; }
 
 test: lint typecheck redis-server
 	$(PY) -m pytest

@@ -190,6 +190,19 @@ class MLAuth(requests.auth.AuthBase):
             # Retries must end well before peers waiting on the lock give up.
             budget=self.lock_timeout / 2,
         )
+        expiry = getattr(store, "lock_timeout", None)  # a lock that expires (Redis)
+        if isinstance(expiry, float) and expiry <= self._endpoint.attempt_time:
+            # Allowed (the commit stays fenced), but a slow answer then lets the lock lapse
+            # mid-call and the refresh fails with LockLostError; say so once, at set-up.
+            log.warning(
+                "%s: the refresh lock expires after %gs (lock_timeout, ML_TOKEN_LOCK_TIMEOUT), "
+                "not longer than one token call (%gs connect + read timeout); a slow token "
+                "endpoint will make refreshes fail with LockLostError. Raise it above %gs.",
+                store.location,
+                expiry,
+                self._endpoint.attempt_time,
+                self._endpoint.attempt_time,
+            )
         # A thread waiting for the mutex waits out the holder's whole turn: its wait for the
         # file lock and its retry series (two, when it adopts a token rotated outside the lock).
         self._mutex_timeout = self.lock_timeout + 2 * self._endpoint.budget

@@ -100,7 +100,9 @@ def shared_store(values: Mapping[str, str | None], where: str) -> TokenStore | N
     scheme = urlsplit(url).scheme
     if scheme not in ("redis", "rediss", "unix"):
         raise ConfigError(
-            f"{where}: {STORE_KEY}={url.split('@')[-1]!r} is not a store mlauth knows; write "
+            # Host part only: credentials may sit before '@' or in the query string.
+            f"{where}: {STORE_KEY}={url.split('@')[-1].split('?')[0]!r} is not a store mlauth "
+            "knows; write "
             "redis://HOST:PORT/DB (or rediss:// for TLS), or delete the line to keep the "
             "tokens in this file"
         )

@@ -22,6 +22,7 @@ from .envfile import (
     update_env_file,
 )
 from .errors import ConfigError, MLAuthError
+from .journal import recover
 from .lock import ProcessLock
 from .redis_store import RedisStore, redact_url
 from .refresher import REAUTHORIZE_HINT
@@ -72,16 +73,17 @@ def migrate_to_redis(
         )
     target = shared_store({**values, STORE_KEY: url}, path)
     assert isinstance(target, RedisStore)
+    source = EnvFileStore(path)
     # The file lock is taken directly, not through EnvFileStore.lock(): once the file names
     # the Redis store, that one would follow it and take the Redis lock a second time.
     with (
-        ProcessLock(EnvFileStore(path).lock_path).hold(lock_timeout),
+        ProcessLock(source.lock_path).hold(lock_timeout),
         target.lock(lock_timeout),
     ):
         values = read_env_file(path)  # under the locks: what no process can change any more
         if (values.get(STORE_KEY) or "").strip():
             raise ConfigError(f"{path} was migrated by another process meanwhile")
-        tokens = tokens_from_values(values, path)
+        tokens = _settled_tokens(source, values, path)
         if tokens.refresh_token is None:
             raise ConfigError(
                 f"{path}: ML_REFRESH_TOKEN is missing; nothing to move. " + REAUTHORIZE_HINT
@@ -100,3 +102,28 @@ def migrate_to_redis(
             target.seed(tokens, replace=force)
         update_env_file(path, {**dict.fromkeys(TOKEN_KEYS), STORE_KEY: url})
     return MigrationResult(path, target.location, target.key, tokens, already_there=same)
+
+
+def _settled_tokens(source: EnvFileStore, values: dict[str, str | None], path: str) -> TokenSet:
+    """The ``.env``'s tokens after replaying what its refresh journal and rescue files hold.
+
+    A refresh whose answer never reached the file (its writer died, or the disk refused)
+    left the successor only there; the file's refresh token is then already spent, and
+    moving it would seed Redis with a dead chain. Called under the file lock, as every
+    recovery is. Refuses when something is left that cannot be settled.
+    """
+    journal = source.journal()
+    stamp = source.stamp()
+    tokens, _, found = recover(journal, source, tokens_from_values(values, path), stamp)
+    leftover = bool(journal.records()) or any(True for _ in journal.rescues())
+    if found.possibly_spent is not None or leftover:
+        what = (
+            f"its refresh token was sent by a refresh that never got an answer ({found.died})"
+            if found.possibly_spent is not None
+            else f"{journal.path} or a rescue file holds tokens that could not be written back"
+        )
+        raise ConfigError(
+            f"{path}: not migrated, {what}. Run any API call or `mlauth refresh` with this "
+            "`.env` first so the refresh is settled, then migrate again; nothing was changed."
+        )
+    return tokens

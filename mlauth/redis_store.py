@@ -20,11 +20,11 @@ import time
 from collections.abc import Hashable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from typing import cast
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 try:
     import redis
-    from redis.backoff import ExponentialBackoff
+    from redis.backoff import ExponentialBackoff, NoBackoff
     from redis.exceptions import LockError, LockNotOwnedError, RedisError
     from redis.lock import Lock
     from redis.retry import Retry
@@ -42,31 +42,46 @@ __all__ = ["RedisStore", "redact_url"]
 
 log = logging.getLogger("mlauth")
 
+# After a freshness check found Redis unreachable (or hanging), API calls go on with the
+# cached token for this long before the next check, so a Redis that accepts connections but
+# never answers costs one short timeout per PROBE_BACKOFF, not one per check_interval.
+PROBE_BACKOFF = 30.0
+# The freshness check's own timeout: it only looks for a peer's commit, which a 401 would
+# find anyway, so it must never hold an API call for long.
+PROBE_TIMEOUT = 1.0
+
 _FIELDS = ("access_token", "refresh_token", "expires_at", "refreshed_at", "refreshed_by")
 
 # Commit over the version the caller read: refused if another chain is there or a newer
 # generation of ours. A missing key or an older generation (Redis lost its data and a peer put
 # back an older link) is not a conflict: our tokens are then the newest copy of the chain, so
 # they are written as the next generation. Returns it, or -1 when somebody committed first.
+# ARGV[3] is a nonce kept in the hash: when redis-py re-sends the script after a lost reply,
+# the commit that already landed is recognized and reported, not mistaken for a peer's.
 _COMMIT = """
 local chain = redis.call('HGET', KEYS[1], 'chain')
 local gen = tonumber(redis.call('HGET', KEYS[1], 'generation') or '-1')
+if chain == ARGV[1] and redis.call('HGET', KEYS[1], 'commit') == ARGV[3] then
+  return gen
+end
 if chain and (chain ~= ARGV[1] or gen > tonumber(ARGV[2])) then
   return -1
 end
 redis.call('DEL', KEYS[1])
 local new = tonumber(ARGV[2]) + 1
-redis.call('HSET', KEYS[1], 'chain', ARGV[1], 'generation', new, unpack(ARGV, 3))
+redis.call('HSET', KEYS[1], 'chain', ARGV[1], 'generation', new, 'commit', ARGV[3],
+  unpack(ARGV, 4))
 return new
 """
 
-# Put back what Redis lost: write only where the key is gone, or holds an older generation of
-# the same chain (a peer re-seeded an older link than ours). Another chain is never touched.
-# Returns 1 when it wrote.
+# Put back what Redis lost: write only where the key is gone or holds an older generation
+# (a peer re-seeded an older link than ours from its memory). Generations go on across chains
+# (a migration with --force seeds the next one), so an older generation of a replaced chain
+# is overwritten too, while a newer generation of any chain is never touched. Returns 1 when
+# it wrote.
 _RESEED = """
-local chain = redis.call('HGET', KEYS[1], 'chain')
-local gen = tonumber(redis.call('HGET', KEYS[1], 'generation') or '-1')
-if chain and (chain ~= ARGV[1] or gen >= tonumber(ARGV[2])) then
+local gen = redis.call('HGET', KEYS[1], 'generation')
+if gen and tonumber(gen) >= tonumber(ARGV[2]) then
   return 0
 end
 redis.call('DEL', KEYS[1])
@@ -76,8 +91,12 @@ return 1
 
 # Start a chain (a migration): into an empty key, or over anything when ARGV[2] is '1'. The
 # generation goes on from the old one, so no process takes the new chain for an older link.
-# Returns the new generation, or -1 when a chain is there and replacing was not asked.
+# Returns the new generation, or -1 when a chain is there and replacing was not asked. The
+# chain id is new with each call, so finding it means a re-sent script: the seed landed.
 _SEED = """
+if redis.call('HGET', KEYS[1], 'chain') == ARGV[1] then
+  return tonumber(redis.call('HGET', KEYS[1], 'generation'))
+end
 local old = redis.call('HGET', KEYS[1], 'generation')
 if old and ARGV[2] ~= '1' then
   return -1
@@ -89,11 +108,25 @@ return new
 """
 
 
+_SECRET_QUERY = frozenset({"password", "username"})  # redis-py takes credentials there too
+
+
 def redact_url(url: str) -> str:
-    """``url`` with any password replaced by ``***``, fit for messages and logs."""
+    """``url`` with any password replaced by ``***``, fit for messages and logs.
+
+    Masks the password in the authority part and the ``password``/``username`` values of
+    the query string, which redis-py also accepts (``redis://h:6379/0?password=...``).
+    """
     parts = urlsplit(url)
+    if parts.query:
+        pairs = parse_qsl(parts.query, keep_blank_values=True)
+        if any(name.lower() in _SECRET_QUERY for name, _ in pairs):
+            masked = [
+                (name, "***" if name.lower() in _SECRET_QUERY else value) for name, value in pairs
+            ]
+            parts = parts._replace(query=urlencode(masked, safe="*"))
     if parts.password is None:
-        return url
+        return urlunsplit(parts) if parts.query != urlsplit(url).query else url
     user = parts.username or ""
     host = parts.hostname or ""
     if ":" in host:
@@ -141,8 +174,9 @@ class RedisStore:
         client: redis.Redis | None = None,
     ) -> None:
         if not isinstance(url, str) or urlsplit(url).scheme not in ("redis", "rediss", "unix"):
+            shown = redact_url(url) if isinstance(url, str) else type(url).__name__
             raise ConfigError(
-                f"{url!r} is not a Redis URL; write redis://HOST:PORT/DB (or rediss:// for TLS)"
+                f"{shown!r} is not a Redis URL; write redis://HOST:PORT/DB (or rediss:// for TLS)"
             )
         if lock_timeout <= 0 or check_interval < 0:
             raise ConfigError("RedisStore: lock_timeout must be > 0 and check_interval >= 0")
@@ -160,9 +194,21 @@ class RedisStore:
                     # A restart of Redis leaves dead sockets in the pool: retry on a new one.
                     retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 3),
                 )
+                # The freshness check: a short timeout and no retry after one (see
+                # PROBE_TIMEOUT); only a pooled socket a restart closed is retried, at once.
+                probe = redis.Redis.from_url(
+                    url,
+                    decode_responses=True,
+                    socket_timeout=min(socket_timeout, PROBE_TIMEOUT),
+                    socket_connect_timeout=min(socket_timeout, PROBE_TIMEOUT),
+                    retry=Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)),
+                )
             except ValueError as exc:
                 raise ConfigError(f"{self.location} is not a usable Redis URL: {exc}") from None
+        else:
+            probe = client
         self._client = client
+        self._probe = probe
         self._commit = client.register_script(_COMMIT)
         self._reseed = client.register_script(_RESEED)
         self._seed = client.register_script(_SEED)
@@ -176,7 +222,7 @@ class RedisStore:
         self._known: tuple[TokenSet, str, int] | None = None
         self._seen: Hashable = None  # the stamp of the version last read or written
         self._checked_at = -float("inf")  # monotonic time of the last look at Redis
-        self._unreachable_logged = 0.0
+        self._quiet_until = -float("inf")  # after a failed look: no other before this time
 
     def bind_client(self, client_id: str) -> None:
         """Derive the default key from the app's client id (MLAuth calls this)."""
@@ -210,15 +256,20 @@ class RedisStore:
         # One round trip per check_interval at most, whatever the call rate; in between the
         # version last seen is reported, so no change shows. A 401 re-reads under the lock.
         now = time.monotonic()
-        if now - self._checked_at < self.check_interval:
+        if now - self._checked_at < self.check_interval or now < self._quiet_until:
             return self._seen
         self._checked_at = now
         try:
-            chain, gen = self._client.hmget(self._key(), ["chain", "generation"])
+            chain, gen = self._probe.hmget(self._key(), ["chain", "generation"])
         except RedisError as exc:
-            if now - self._unreachable_logged > 30:
-                self._unreachable_logged = now
-                log.warning("%s; using the cached token meanwhile", self._unreachable(exc, "read"))
+            # Back off: a Redis that hangs would otherwise cost every check its timeout. A
+            # successful load() (a 401 or an expiry re-reads under the lock) ends this early.
+            self._quiet_until = now + PROBE_BACKOFF
+            log.warning(
+                "%s; using the cached token, next look in %gs",
+                self._unreachable(exc, "read"),
+                PROBE_BACKOFF,
+            )
             return self._seen
         return None if chain is None else (chain, int(gen or 0))
 
@@ -226,7 +277,7 @@ class RedisStore:
         key = self._key()
         try:
             values = self._read(key)
-            if not values.get("chain"):
+            if not values.get("chain") or self._behind(values):
                 values = self._put_back(key)
         except RedisError as exc:
             raise self._unreachable(exc, "read the tokens from") from None
@@ -244,8 +295,19 @@ class RedisStore:
     def _read(self, key: str) -> dict[str, str]:
         return cast("dict[str, str]", self._client.hgetall(key))  # decode_responses=True
 
+    def _behind(self, values: dict[str, str]) -> bool:
+        """Whether Redis holds an older generation than this process has seen.
+
+        That happens only after Redis lost its data and a peer that knew an older link put it
+        back: adopting it would roll this process back to a refresh token already spent, and
+        lose the live one, which may exist only in this process's memory.
+        """
+        known = self._known
+        return known is not None and int(values.get("generation") or 0) < known[2]
+
     def _put_back(self, key: str) -> dict[str, str]:
-        """Re-seed a lost key from the newest tokens this process has seen, and re-read."""
+        """Re-seed a lost (or rolled back) key from the newest tokens this process has seen,
+        and re-read."""
         known = self._known
         if known is None:
             raise ConfigError(
@@ -257,9 +319,11 @@ class RedisStore:
         tokens, chain, gen = known
         if self._reseed(keys=[key], args=[chain, gen, *self._pairs(tokens)]):
             log.warning(
-                "Redis at %s had lost the tokens (restarted without persistence?); put back "
-                "the newest ones this process had: %s",
+                "Redis at %s had lost the tokens or held an older generation of them "
+                "(restarted without persistence?); put back generation %d, the newest this "
+                "process had: %s",
                 self.location,
+                gen,
                 tokens.describe(),
             )
         values = self._read(key)
@@ -271,6 +335,7 @@ class RedisStore:
         self._local.read = (chain, gen)
         self._seen = (chain, gen)
         self._checked_at = time.monotonic()
+        self._quiet_until = -float("inf")  # Redis answered
         self._known = (tokens, chain, gen)
 
     # -- writing ---------------------------------------------------------------------------
@@ -320,7 +385,9 @@ class RedisStore:
             return self.seed(tokens)
         chain, gen = read
         try:
-            new = int(self._commit(keys=[self._key()], args=[chain, gen, *self._pairs(tokens)]))
+            nonce = secrets.token_hex(8)
+            args: list[str | int] = [chain, gen, nonce, *self._pairs(tokens)]
+            new = int(self._commit(keys=[self._key()], args=args))
         except RedisError as exc:
             raise self._unreachable(exc, "save the tokens to") from None
         if new < 0:

@@ -10,7 +10,7 @@ import requests
 
 import mlauth
 from benchmarks.redis_server import RedisServer
-from mlauth.envfile import STORE_KEY, TOKEN_KEYS, read_env_file, update_env_file
+from mlauth.envfile import STORE_KEY, TOKEN_KEYS, EnvFileStore, read_env_file, update_env_file
 from mlauth.migrate import ChainConflictError, migrate_to_redis
 from mlauth.redis_store import RedisStore
 from mlauth.testing import FakeMercadoLibre
@@ -136,3 +136,51 @@ def test_redis_store_lock_is_what_a_following_process_takes(
         auth.store.lock(0.0),
     ):
         pass
+
+
+def test_migration_replays_a_refresh_only_the_journal_holds(
+    fake_ml: FakeMercadoLibre,
+    redis_server: RedisServer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    env = tmp_path / ".env"
+    fake_ml.write_env(env, expires_at=time.time() + 3600)
+    spent = read_env_file(env)["ML_REFRESH_TOKEN"]
+    dying = mlauth.MLAuth.from_env(env)
+
+    def full_disk(self: EnvFileStore, tokens: mlauth.TokenSet) -> object:
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(EnvFileStore, "save", full_disk)
+        dying.refresh()  # spent; the answer is only in the journal and a rescue file
+    assert read_env_file(env)["ML_REFRESH_TOKEN"] == spent
+    del dying  # the process dies before it could save again
+
+    result = migrate_to_redis(env, redis_server.url)
+
+    assert result.tokens.refresh_token != mlauth.Secret(spent)
+    with redis_server.client() as client:
+        assert client.hget(key_of(env), "refresh_token") != spent
+    elsewhere = mlauth.MLAuth.from_env(env)  # a second machine, on Redis
+    elsewhere.refresh()
+    assert fake_ml.stats()["invalid_grant"] == 0
+
+
+def test_migration_refuses_a_token_a_dead_refresher_possibly_spent(
+    fake_ml: FakeMercadoLibre, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    env = tmp_path / ".env"
+    fake_ml.write_env(env, expires_at=time.time() + 3600)
+    before = env.read_text()
+    store = EnvFileStore(env)
+    with store.lock(5):  # a refresher that wrote its intent and was killed during the POST
+        store.journal().intent(mlauth.Secret(read_env_file(env)["ML_REFRESH_TOKEN"]))
+
+    with pytest.raises(mlauth.ConfigError, match=r"never got an answer.*migrate again"):
+        migrate_to_redis(env, redis_server.url)
+
+    assert env.read_text() == before
+    with redis_server.client() as client:
+        assert not client.exists(key_of(env))

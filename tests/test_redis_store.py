@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import socket
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -258,6 +260,50 @@ def test_redis_that_lost_its_data_is_reseeded_from_memory(
     assert fake_ml.stats()["invalid_grant"] == 0
 
 
+def test_a_stale_reseed_after_data_loss_does_not_roll_the_chain_back(
+    fake_ml: FakeMercadoLibre, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    env = redis_env(fake_ml, tmp_path, redis_server.url, expires_at=time.time() + 3600)
+    idle, busy = mlauth.MLAuth.from_env(env), mlauth.MLAuth.from_env(env)  # two machines
+    assert isinstance(idle.store, RedisStore) and isinstance(busy.store, RedisStore)
+    old = idle.tokens.refresh_token
+    busy.refresh()
+    busy.refresh()  # the idle machine still knows the refresh token spent two links ago
+    live = busy.tokens.refresh_token
+    assert live is not None and live != old
+    redis_server.restart()  # no persistence: the live token is only in the busy one's memory
+
+    idle.store.load()  # the stale machine reads first and puts back what it knows
+    tokens, _ = busy.store.load()  # the busy one must not adopt that older link...
+    assert tokens.refresh_token == live
+    assert stored(redis_server, env)["refresh_token"] == live.reveal()
+    assert idle.store.load()[0].refresh_token == live  # ...and the stale one follows it
+    idle.refresh()
+    assert fake_ml.stats()["invalid_grant"] == 0
+
+
+def test_a_machine_knowing_a_replaced_chain_never_reseeds_it_over_the_new_one(
+    redis_server: RedisServer,
+) -> None:
+    def tokens(name: str) -> mlauth.TokenSet:
+        return mlauth.TokenSet(
+            mlauth.Secret(f"fake-access-{name}"),
+            mlauth.Secret(f"fake-refresh-{name}"),
+            expires_at=time.time() + 3600,
+        )
+
+    stale, fresh = RedisStore(redis_server.url, key="k"), RedisStore(redis_server.url, key="k")
+    stale.seed(tokens("old"))
+    stale.load()
+    fresh.seed(tokens("new"), replace=True)  # `migrate --force`: a new chain, next generation
+    fresh.save(tokens("newer"))
+    redis_server.restart()
+
+    stale.load()  # puts back the replaced chain, the only one it knows
+    assert fresh.load()[0].refresh_token == mlauth.Secret("fake-refresh-newer")
+    assert stale.load()[0].refresh_token == mlauth.Secret("fake-refresh-newer")
+
+
 def test_unreachable_redis_keeps_a_valid_token_and_never_refreshes_without_the_lock(
     fake_ml: FakeMercadoLibre, redis_server: RedisServer, tmp_path: Path
 ) -> None:
@@ -281,6 +327,81 @@ def test_unreachable_redis_keeps_a_valid_token_and_never_refreshes_without_the_l
     assert fake_ml.stats()["token_requests"] == 0
 
 
+def test_a_hanging_redis_costs_one_short_try_per_backoff_not_per_check() -> None:
+    hole = socket.socket()  # accepts connections (the kernel does) and never answers
+    hole.bind(("127.0.0.1", 0))
+    hole.listen(64)
+    try:
+        store = RedisStore(
+            f"redis://127.0.0.1:{hole.getsockname()[1]}/0",
+            key="k",
+            check_interval=0.0,  # would look at every call
+            socket_timeout=0.2,
+        )
+        for _ in range(3):  # three API calls in a row, all while Redis hangs
+            assert store.stamp() is None  # nothing changed as far as the caller can tell
+        hole.setblocking(False)
+        attempts = 0
+        while True:  # every connection the store opened waits in the backlog
+            try:
+                conn, _ = hole.accept()
+            except BlockingIOError:
+                break
+            conn.close()
+            attempts += 1
+    finally:
+        hole.close()
+    # One try, no retries, then no look at all until the back-off has passed.
+    assert attempts == 1
+
+
+def test_a_commit_script_resent_after_a_lost_reply_is_not_taken_for_a_peers(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = RedisStore(redis_server.url, key="k")
+
+    def resent(script: Callable[..., object]) -> Callable[..., object]:
+        def run(**kwargs: object) -> object:
+            script(**kwargs)  # it ran, but the reply was lost on the way back...
+            return script(**kwargs)  # ...so redis-py's Retry sends the same EVALSHA again
+
+        return run
+
+    monkeypatch.setattr(store, "_seed", resent(store._seed))
+    monkeypatch.setattr(store, "_commit", resent(store._commit))
+    first = mlauth.TokenSet(mlauth.Secret("fake-access-1"), mlauth.Secret("fake-refresh-1"))
+    assert store.seed(first)[1] == 1  # type: ignore[index]
+    store.load()
+    second = mlauth.TokenSet(mlauth.Secret("fake-access-2"), mlauth.Secret("fake-refresh-2"))
+    assert store.save(second)[1] == 2  # type: ignore[index]
+    with redis_server.client() as client:
+        assert client.hget("k", "refresh_token") == "fake-refresh-2"
+        assert client.hget("k", "generation") == "2"
+
+
+@pytest.mark.parametrize(("lock_timeout", "warned"), [(10.0, True), (20.0, True), (25.0, False)])
+def test_a_lock_timeout_not_above_one_token_call_is_warned_about(
+    fake_ml: FakeMercadoLibre,
+    redis_server: RedisServer,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    lock_timeout: float,
+    warned: bool,
+) -> None:
+    env = redis_env(
+        fake_ml,
+        tmp_path,
+        redis_server.url,
+        extra={"ML_TOKEN_LOCK_TIMEOUT": f"{lock_timeout:g}"},
+    )
+    with caplog.at_level("WARNING", logger="mlauth"):
+        mlauth.MLAuth.from_env(env, timeout=(5.0, 15.0))  # one call: up to 20 s
+    hits = [r for r in caplog.records if "ML_TOKEN_LOCK_TIMEOUT" in r.getMessage()]
+    assert bool(hits) is warned
+    if warned:
+        assert f"after {lock_timeout:g}s" in hits[0].getMessage()
+
+
 def test_missing_tokens_in_redis_name_the_key_and_the_migration(
     redis_server: RedisServer,
 ) -> None:
@@ -295,6 +416,42 @@ def test_url_passwords_never_reach_messages() -> None:
     with pytest.raises(mlauth.StoreError) as caught:
         store.load()
     assert "hunter2" not in str(caught.value) and "127.0.0.1:1" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://127.0.0.1:1/0?password=hunter2",
+        "redis://127.0.0.1:1/0?username=hunter2&password=hunter2&socket_timeout=1",
+        "unix:///tmp/mlauth-test.sock?db=0&password=hunter2",
+    ],
+)
+def test_query_string_passwords_never_reach_messages(
+    url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    assert "hunter2" not in redact_url(url) and "***" in redact_url(url)
+    store = RedisStore(url, client_id="1")
+    assert "hunter2" not in repr(store) and "hunter2" not in store.location
+    with caplog.at_level("DEBUG", logger="mlauth"):
+        with pytest.raises(mlauth.StoreError) as caught:
+            store.load()
+        store._quiet_until = -float("inf")
+        store.stamp()  # logs a warning naming the store
+    assert "hunter2" not in str(caught.value)
+    assert caplog.records and "hunter2" not in caplog.text
+
+
+@pytest.mark.parametrize(
+    "url", ["http://127.0.0.1:1/0?password=hunter2", "memcached://u:hunter2@h?password=hunter2"]
+)
+def test_a_wrong_scheme_message_shows_no_password(url: str, env_file: Path) -> None:
+    with pytest.raises(mlauth.ConfigError) as caught:
+        RedisStore(url)
+    assert "hunter2" not in str(caught.value)
+    update_env_file(env_file, {STORE_KEY: url})
+    with pytest.raises(mlauth.ConfigError) as caught:
+        mlauth.MLAuth.from_env(env_file)
+    assert "hunter2" not in str(caught.value)
 
 
 def test_without_the_redis_package_the_error_names_the_extra(

@@ -55,10 +55,12 @@ def test_eight_processes_share_one_token_chain_without_a_failed_call(tmp_path: P
     with FakeMercadoLibre(token_lifetime=LIFETIME, kill_old_access_on_refresh=True) as fake:
         env = tmp_path / ".env"
         fake.write_env(env, expires_at=time.time() + LIFETIME)
+        started = time.time()
         procs = [
             worker(env, fake.base_url, threads=threads, seconds=seconds) for _ in range(processes)
         ]
         results = [result_of(proc) for proc in procs]
+        span = time.time() - started  # longer than `seconds` when starting processes is slow
         stats = fake.stats()
         refresh_times = fake.refresh_times()
 
@@ -74,12 +76,17 @@ def test_eight_processes_share_one_token_chain_without_a_failed_call(tmp_path: P
     assert failed == 0, [r["errors"] for r in results]
     assert stats["invalid_grant"] == 0
     # The token expires every LIFETIME seconds and is refreshed a quarter-lifetime early: at
-    # most one refresh per token. Two refreshes closer than half a lifetime would mean two
-    # processes refreshed the same token.
+    # most one refresh per token (spending one refresh token twice shows as invalid_grant).
+    # mlauth never refreshes a token younger than a quarter lifetime, so a shorter gap means a
+    # 401 or an expiry check refreshed a token a peer had just rotated. The bound is that
+    # quarter, not the three quarters between proactive refreshes: the times are the
+    # server's, and a POST it handled late under load shortens the next gap.
     gaps = [b - a for a, b in itertools.pairwise(refresh_times)]
     assert stats["refreshes"] >= seconds / LIFETIME - 1
-    assert stats["refreshes"] <= seconds / (LIFETIME * 0.75) + 2
-    assert min(gaps) >= LIFETIME / 2, gaps
+    # Bounded by the measured span, not the nominal seconds: under load the processes start
+    # (and keep calling) over a longer stretch, and the token rightly rotates all along it.
+    assert stats["refreshes"] <= span / (LIFETIME * 0.75) + 2
+    assert min(gaps) >= LIFETIME / 4, gaps
     # Every 401 the server sent was absorbed by a re-send; none reached a caller.
     assert absorbed == stats["api_401"]
 

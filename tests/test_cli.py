@@ -20,6 +20,7 @@ import mlauth
 from mlauth.envfile import read_env_file
 from mlauth.login import AUTH_HOSTS, LoginRequest, authorization_base, parse_pasted
 from mlauth.testing import FakeMercadoLibre
+from tests.test_public_refresh import lock_held_by_another_process
 
 REDIRECT = "https://example.test/callback"
 
@@ -78,25 +79,8 @@ def test_status_shows_fingerprints_expiry_and_the_last_refresh(
 
 
 def test_status_says_when_a_refresh_is_running(fake_ml_env: Path) -> None:
-    holder = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "import sys, mlauth\n"
-            f"with mlauth.EnvFileStore({str(fake_ml_env)!r}).lock(5):\n"
-            "    print('held', flush=True)\n"
-            "    sys.stdin.readline()\n",
-        ],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert holder.stdout is not None
-    try:
-        assert holder.stdout.readline().strip() == "held"
+    with lock_held_by_another_process(fake_ml_env):
         done = mlauth_cli("status", "--env", str(fake_ml_env))
-    finally:
-        holder.communicate("done\n", timeout=30)
     assert done.returncode == 0
     assert re.search(r"refresh running:\s+yes \(lock held\)", done.stdout)
 

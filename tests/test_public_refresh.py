@@ -3,9 +3,11 @@ store's "refresh in progress" probe, against the loopback fake."""
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -93,16 +95,15 @@ def test_exchange_code_gets_a_token_pair(fake_ml: FakeMercadoLibre, pkce: bool) 
         endpoint.exchange_code(Secret(code), "https://example.test/cb")
 
 
-def test_refresh_in_progress_sees_another_process_holding_the_lock(fake_ml_env: Path) -> None:
-    store = mlauth.EnvFileStore(fake_ml_env)
-    assert store.refresh_in_progress() is False
-    assert not Path(store.lock_path).exists()  # looking did not create the lock file
+@contextlib.contextmanager
+def lock_held_by_another_process(env: Path) -> Iterator[None]:
+    """A real process holds ``env``'s refresh lock for the duration of the block."""
     holder = subprocess.Popen(
         [
             sys.executable,
             "-c",
             "import sys, mlauth\n"
-            f"with mlauth.EnvFileStore({str(fake_ml_env)!r}).lock(5):\n"
+            f"with mlauth.EnvFileStore({str(env)!r}).lock(5):\n"
             "    print('held', flush=True)\n"
             "    sys.stdin.readline()\n",
         ],
@@ -110,11 +111,19 @@ def test_refresh_in_progress_sees_another_process_holding_the_lock(fake_ml_env: 
         stdout=subprocess.PIPE,
         text=True,
     )
-    assert holder.stdout is not None and holder.stdin is not None
+    assert holder.stdout is not None
     try:
         assert holder.stdout.readline().strip() == "held"
-        assert store.refresh_in_progress() is True
+        yield
     finally:
         holder.communicate("done\n", timeout=30)
     assert holder.returncode == 0
+
+
+def test_refresh_in_progress_sees_another_process_holding_the_lock(fake_ml_env: Path) -> None:
+    store = mlauth.EnvFileStore(fake_ml_env)
+    assert store.refresh_in_progress() is False
+    assert not Path(store.lock_path).exists()  # looking did not create the lock file
+    with lock_held_by_another_process(fake_ml_env):
+        assert store.refresh_in_progress() is True
     assert store.refresh_in_progress() is False

@@ -216,42 +216,8 @@ def test_401_when_another_thread_already_moved_on_resends_without_refresh(
     assert only_token_calls(requests_mock) == []
 
 
-def test_401_never_resends_with_a_peers_token_that_has_expired(
-    env_file: Path, make_auth: MakeAuth, requests_mock: requests_mock.Mocker
-) -> None:
-    # The store moved on while this request was out (or while we waited a long time for the
-    # lock), but the token it holds now has expired too: refresh with its refresh token
-    # rather than re-send with a token that can only get a second 401.
-    access_3 = ACCESS_2.replace("0002", "0003")
-    expired_peer = env_text(
-        ML_ACCESS_TOKEN=ACCESS_2,
-        ML_REFRESH_TOKEN=REFRESH_2,
-        ML_TOKEN_EXPIRES_AT=str(int(time.time()) - 60),
-    )
-
-    def api(request: requests_mock.request._RequestObjectProxy, context: object) -> str:
-        token = request.headers["Authorization"]
-        if token == bearer(ACCESS_1):
-            env_file.write_text(expired_peer)  # a peer rotated, long ago
-        ok = token == bearer(access_3)
-        context.status_code = 200 if ok else 401  # type: ignore[attr-defined]
-        return "{}"
-
-    requests_mock.get(ME, text=api)
-    requests_mock.post(TOKEN_URL, json=token_answer(access=access_3, refresh="TG-fake-3"))
-    auth = make_auth()
-
-    response = requests.get(ME, auth=auth)
-
-    assert response.status_code == 200
-    (refresh,) = only_token_calls(requests_mock)
-    assert parse_qs(refresh.text)["refresh_token"] == [REFRESH_2]
-    sent = [r.headers["Authorization"] for r in requests_mock.request_history if r.url == ME]
-    assert sent == [bearer(ACCESS_1), bearer(access_3)]
-
-
 def _near_expiry_peer(left: float = 60.0) -> str:
-    """A .env a peer wrote: a 6-hour token with ``left`` seconds to go (inside the margin)."""
+    """A .env a peer wrote: a 6-hour token with ``left`` seconds to go (negative: expired)."""
     now = time.time()
     return env_text(
         ML_ACCESS_TOKEN=ACCESS_2,
@@ -261,17 +227,28 @@ def _near_expiry_peer(left: float = 60.0) -> str:
     )
 
 
-def test_401_never_resends_with_a_peers_token_inside_the_refresh_margin(
-    env_file: Path, make_auth: MakeAuth, requests_mock: requests_mock.Mocker
+@pytest.mark.parametrize(
+    "peer_left",
+    [
+        # The store moved on while this request was out (or while we waited a long time for
+        # the lock), but the token it holds now has expired too.
+        pytest.param(-60.0, id="expired"),
+        # Not expired yet, but within the 300 s margin every request refreshes ahead of: a
+        # token that close to its end is what a second 401 is made of.
+        pytest.param(60.0, id="inside-the-margin"),
+    ],
+)
+def test_401_never_resends_with_a_peers_token_that_is_about_to_fail(
+    env_file: Path, make_auth: MakeAuth, requests_mock: requests_mock.Mocker, peer_left: float
 ) -> None:
-    # Not expired yet, but within the 300 s margin every request refreshes ahead of: a token
-    # that close to its end is what a second 401 is made of. Refresh with its refresh token.
+    # Refresh with the peer's refresh token rather than re-send with a token that can only
+    # get (or is about to get) a second 401.
     access_3 = ACCESS_2.replace("0002", "0003")
 
     def api(request: requests_mock.request._RequestObjectProxy, context: object) -> str:
         token = request.headers["Authorization"]
         if token == bearer(ACCESS_1):
-            env_file.write_text(_near_expiry_peer())
+            env_file.write_text(_near_expiry_peer(peer_left))  # a peer rotated meanwhile
         context.status_code = 200 if token == bearer(access_3) else 401  # type: ignore[attr-defined]
         return "{}"
 

@@ -10,6 +10,7 @@ its own prefix, quoting style and inline comment; only the value changes. python
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import logging
 import math
@@ -27,6 +28,17 @@ from .durable import fsync_dir
 from .errors import ConfigError, StoreError, StoreMovedError
 from .journal import Journal
 from .lock import ProcessLock
+from .mounted import (
+    SAVE_FIX,
+    InodeJournal,
+    InodeLock,
+    is_mount_point,
+    ofd_supported,
+    probe_in_place,
+    read_locked,
+    why_unsaved,
+    write_in_place,
+)
 from .secret import Secret
 from .store import TokenStore
 from .token import LATEST_TIME, TokenSet
@@ -43,6 +55,9 @@ REFRESHED_BY_KEY = "ML_TOKEN_REFRESHED_BY"
 TOKEN_KEYS = (ACCESS_KEY, REFRESH_KEY, EXPIRES_KEY, REFRESHED_AT_KEY, REFRESHED_BY_KEY)
 # Set when the tokens moved out of the file (``mlauth migrate``): it names the shared store.
 STORE_KEY = "ML_TOKEN_STORE"
+# How the file is written: "auto" (in place when it is a mount point, else replaced) or
+# "in-place" (for a host process sharing a file that containers mount alone).
+WRITE_KEY = "ML_ENV_WRITE"
 
 # One assignment line: leading blank lines/space, optional export, key, '=', the value (single
 # or double quoted, or bare), then an optional inline comment and the line end. A line that
@@ -126,11 +141,40 @@ def read_env_file(path: str | os.PathLike[str]) -> dict[str, str | None]:
             "ML_REFRESH_TOKEN, or pass the right path (mlauth never creates it silently)."
         )
     try:
-        return dict(dotenv_values(path, interpolate=False))
+        # Under a shared lock on the content: a write in place (a mounted .env) is never seen
+        # half done. A replaced file needs none, and its lock costs one fcntl.
+        raw = read_locked(path)
     except OSError as exc:
         raise StoreError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    try:
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path} is not UTF-8 text ({exc.reason}); save it as UTF-8.") from exc
+    return dict(dotenv_values(stream=io.StringIO(text), interpolate=False))
+
+
+def in_place_mode(path: str, values: Mapping[str, str | None] | None = None) -> bool:
+    """Whether ``path`` is written in place and locked on itself (see :mod:`mlauth.mounted`).
+
+    Yes when it is a mount point (a file bind-mounted alone) or its ``ML_ENV_WRITE`` says
+    ``in-place``; ConfigError for another value, or where the platform cannot do it.
+    """
+    real = os.path.realpath(path)
+    if values is None:
+        values = read_env_file(real)
+    mode = (values.get(WRITE_KEY) or "auto").strip().lower()
+    if mode not in ("auto", "in-place"):
+        raise ConfigError(
+            f"{path}: {WRITE_KEY}={mode!r} is not a write mode; write in-place (a file that "
+            "containers mount alone and host processes share) or delete the line"
+        )
+    wanted = mode == "in-place" or is_mount_point(real)
+    if wanted and not ofd_supported():
+        raise ConfigError(
+            f"{path} is mounted as a single file (or {WRITE_KEY}=in-place), which needs Linux "
+            "open-file-description locks; mount the folder instead"
+        )
+    return wanted
 
 
 @contextlib.contextmanager
@@ -146,19 +190,30 @@ def _temp_beside(real: str) -> Iterator[tuple[int, str]]:
             os.unlink(tmp)
 
 
-def update_env_file(path: str | os.PathLike[str], updates: Mapping[str, str | None]) -> None:
+def update_env_file(
+    path: str | os.PathLike[str],
+    updates: Mapping[str, str | None],
+    *,
+    in_place: bool | None = None,
+) -> None:
     """Set (or, for None, remove) keys in an existing ``.env``, atomically and durably.
 
     The new content goes to a temporary file in the same folder, is fsynced, takes the old
     file's mode and owner, replaces the file with ``os.replace`` (readers see the old or the
     new file, never half of one) and the folder is fsynced so the rename survives a crash. A
     symlinked ``.env`` is followed: its target is replaced and the link stays.
+
+    A file mounted alone (or with ``ML_ENV_WRITE=in-place``; ``in_place`` None decides by
+    :func:`in_place_mode`) cannot be replaced: it is written in place, fenced from readers by
+    its content lock (:func:`mlauth.mounted.write_in_place`).
     """
     real = os.path.realpath(os.fspath(path))
+    if in_place is None:
+        in_place = os.path.isfile(real) and in_place_mode(real)
     try:
         with open(real, "rb") as handle:
             before = os.fstat(handle.fileno())
-            raw = handle.read()
+            raw = read_locked(real) if in_place else handle.read()
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such .env file; mlauth never creates it silently.") from None
     except OSError as exc:
@@ -168,6 +223,14 @@ def update_env_file(path: str | os.PathLike[str], updates: Mapping[str, str | No
     except UnicodeDecodeError as exc:
         raise StoreError(f"{real} is not UTF-8 text ({exc.reason}); save it as UTF-8.") from None
     data = render_update(text, updates).encode("utf-8")
+    if in_place:
+        try:
+            write_in_place(real, data)
+        except OSError as exc:
+            raise StoreError(
+                f"cannot write {real} in place: {exc.strerror or exc}. {SAVE_FIX}"
+            ) from exc
+        return
     try:
         with _temp_beside(real) as (fd, tmp):
             os.fchmod(fd, stat.S_IMODE(before.st_mode))
@@ -247,6 +310,31 @@ def _fmt_time(value: float | None) -> str | None:
     return None if value is None else f"{value:.3f}".rstrip("0").rstrip(".")
 
 
+def _probe_replace(real: str) -> None:
+    """Do what a save does (temp file, fsync, ``os.replace``), keeping the file's own bytes.
+
+    A temp file alone proves only that the folder takes new files: an immutable ``.env``
+    (``chattr +i``), a file bind-mounted alone (``EBUSY``) or a sticky folder refuse the
+    rename itself, and would be found out only after the refresh token was spent.
+    """
+    with open(real, "rb") as handle:
+        before = os.fstat(handle.fileno())
+        data = handle.read()
+    with _temp_beside(real) as (fd, tmp):
+        os.fchmod(fd, stat.S_IMODE(before.st_mode))
+        with contextlib.suppress(PermissionError):
+            os.fchown(fd, before.st_uid, before.st_gid)
+        # Room for longer values too, so a nearly full disk is found out now.
+        view = memoryview(data + b"\0" * 1024)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+        os.ftruncate(fd, len(data))
+        os.fsync(fd)
+        os.replace(tmp, real)
+    fsync_dir(os.path.dirname(real))
+
+
 class EnvFileStore:
     """Tokens in a ``.env`` file, refreshes serialized by a sibling ``<file>.lock``.
 
@@ -262,8 +350,17 @@ class EnvFileStore:
 
     def __init__(self, path: str | os.PathLike[str] = ".env") -> None:
         self.path = os.path.abspath(os.fspath(path))
-        self.lock_path = os.path.realpath(self.path) + ".lock"
-        self._lock = ProcessLock(self.lock_path)
+        real = os.path.realpath(self.path)
+        # A file mounted alone shares only its inode with the other containers: lock that,
+        # and write in place (mlauth.mounted). A missing file gets its error at the first read.
+        self.in_place = os.path.isfile(real) and in_place_mode(real)
+        self._lock: ProcessLock | InodeLock
+        if self.in_place:
+            self.lock_path = real
+            self._lock = InodeLock(real)
+        else:
+            self.lock_path = real + ".lock"
+            self._lock = ProcessLock(self.lock_path)
         self._moved: TokenStore | StoreMovedError | None = None
         # Threads that notice the move together must all follow one store object: its lock
         # and the version a thread read are kept on it.
@@ -272,7 +369,8 @@ class EnvFileStore:
 
     def journal(self) -> Journal:
         """The write-ahead refresh journal beside the file (see :mod:`mlauth.journal`)."""
-        return Journal(os.path.realpath(self.path))
+        real = os.path.realpath(self.path)
+        return InodeJournal(real) if self.in_place else Journal(real)
 
     @property
     def location(self) -> str:
@@ -318,11 +416,12 @@ class EnvFileStore:
             return moved.stamp()
         # Rotated tokens have the same length, so the size alone would not tell; os.replace
         # gives a new inode on every save, and mtime_ns catches an in-place edit.
+        # A write in place keeps the inode; its mtime and ctime move.
         try:
             st = os.stat(self.path)
         except OSError:
             return None
-        return (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
+        return (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size)
 
     def load(self) -> tuple[TokenSet, Hashable]:
         stamp = self.stamp()  # before the read: a write in between then shows as a change
@@ -341,19 +440,16 @@ class EnvFileStore:
             moved.check_writable()
             return
         real = os.path.realpath(self.path)
-        folder = os.path.dirname(real)
         try:
-            size = os.path.getsize(real)
-            with _temp_beside(real) as (fd, _tmp):
-                # As many bytes as the new file will need, plus room for longer values, so a
-                # nearly full disk is found out now rather than after the token is spent.
-                os.write(fd, b"\0" * (size + 1024))
-                os.fsync(fd)
+            if self.in_place:
+                probe_in_place(real)
+            else:
+                _probe_replace(real)
         except OSError as exc:
+            fix = "free disk space, then try again." if exc.errno == errno.ENOSPC else SAVE_FIX
+            why = why_unsaved(exc, in_place=self.in_place)
             raise StoreError(
-                f"cannot write to {folder} ({exc.strerror or exc}), so a refreshed token could "
-                f"not be saved in {real}. Refusing to spend the refresh token: fix the "
-                "permissions or free disk space, then try again."
+                f"cannot save tokens to {real}: {why}. Refusing to spend the refresh token: {fix}"
             ) from exc
 
     def save(self, tokens: TokenSet) -> Hashable:
@@ -369,11 +465,15 @@ class EnvFileStore:
             REFRESHED_AT_KEY: _fmt_time(tokens.refreshed_at),
             REFRESHED_BY_KEY: tokens.refreshed_by,
         }
-        update_env_file(self.path, updates)
+        update_env_file(self.path, updates, in_place=self.in_place)
         return self.stamp()
 
     def lock(self, timeout: float) -> contextlib.AbstractContextManager[None]:
         return self._hold(timeout)
+
+    def file_lock(self, timeout: float) -> contextlib.AbstractContextManager[None]:
+        """This file's own refresh lock, even after the tokens moved (for ``migrate``)."""
+        return self._lock.hold(timeout)
 
     @contextlib.contextmanager
     def _hold(self, timeout: float) -> Iterator[None]:

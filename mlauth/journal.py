@@ -158,6 +158,8 @@ class Journal:
         digest = hashlib.sha256(real_path.encode("utf-8")).hexdigest()[:12]
         name = os.path.basename(real_path).lstrip(".") or "env"
         self.fallback_rescue_path = os.path.join(_state_dir(), f"rescue-{name}-{digest}.json")
+        # What to do when the journal cannot be written, for the error that refuses a refresh.
+        self.write_fix = "fix the folder's permissions or free disk space, then try again."
 
     def __repr__(self) -> str:
         return f"Journal({self.path!r})"
@@ -199,13 +201,18 @@ class Journal:
         if created:
             fsync_dir(os.path.dirname(self.path))
 
+    def _read_log(self) -> bytes:
+        """The journal's bytes (empty if there is none); raises OSError."""
+        try:
+            with open(self.path, "rb") as handle:
+                return handle.read()
+        except FileNotFoundError:
+            return b""
+
     def records(self) -> list[dict[str, Any]]:
         """The records in order; a torn last line (a crash mid-append) is ignored."""
         try:
-            with open(self.path, "rb") as handle:
-                raw = handle.read()
-        except FileNotFoundError:
-            return []
+            raw = self._read_log()
         except OSError as exc:
             raise StoreError(f"cannot read the refresh journal {self.path}: {exc}") from exc
         out: list[dict[str, Any]] = []
@@ -243,8 +250,7 @@ class Journal:
         except OSError as exc:
             raise StoreError(
                 f"cannot write the refresh journal {self.path} ({exc.strerror or exc}). "
-                "Refusing to spend the refresh token: fix the folder's permissions or free "
-                "disk space, then try again."
+                f"Refusing to spend the refresh token: {self.write_fix}"
             ) from exc
         return orphan
 
@@ -366,6 +372,16 @@ class Journal:
 
     # -- re-authorization marker -----------------------------------------------------------
 
+    def _write_marker(self, data: bytes) -> None:
+        _write_new(self.reauth_path, data)
+
+    def _read_marker(self) -> bytes | None:
+        try:
+            with open(self.reauth_path, "rb") as handle:
+                return handle.read()
+        except FileNotFoundError:
+            return None
+
     def mark_reauthorization_required(self, spent: Secret, reason: str) -> None:
         record = {
             "refresh_token": spent.fingerprint,
@@ -374,17 +390,17 @@ class Journal:
             "reason": reason,
         }
         try:
-            _write_new(self.reauth_path, json.dumps(record).encode("utf-8"))
+            self._write_marker(json.dumps(record).encode("utf-8"))
         except OSError as exc:
             log.warning("could not write the re-authorization marker %s: %s", self.reauth_path, exc)
 
     def reauthorization(self, stored: Secret | None) -> str | None:
         """The re-authorization message if the marker names the stored refresh token."""
         try:
-            with open(self.reauth_path, encoding="utf-8") as handle:
-                data = json.load(handle)
-        except FileNotFoundError:
-            return None
+            raw = self._read_marker()
+            if raw is None:
+                return None
+            data = json.loads(raw)
         except (OSError, ValueError) as exc:
             log.warning("ignoring unreadable marker %s: %s", self.reauth_path, exc)
             return None

@@ -23,7 +23,6 @@ from .envfile import (
 )
 from .errors import ConfigError, MLAuthError
 from .journal import recover
-from .lock import ProcessLock
 from .redis_store import RedisStore, redact_url
 from .refresher import REAUTHORIZE_HINT
 from .token import TokenSet
@@ -77,7 +76,7 @@ def migrate_to_redis(
     # The file lock is taken directly, not through EnvFileStore.lock(): once the file names
     # the Redis store, that one would follow it and take the Redis lock a second time.
     with (
-        ProcessLock(source.lock_path).hold(lock_timeout),
+        source.file_lock(lock_timeout),
         target.lock(lock_timeout),
     ):
         values = read_env_file(path)  # under the locks: what no process can change any more

@@ -299,6 +299,11 @@ class FakeMercadoLibre:
             self._stats = dict.fromkeys(_STAT_NAMES, 0)
             self._refresh_times.clear()
 
+    def is_live(self, refresh_token: str | None) -> bool:
+        """Whether ``refresh_token`` is the live end of a chain (the next refresh would work)."""
+        with self._lock:
+            return refresh_token is not None and refresh_token in self._refresh_chains
+
     def refresh_times(self) -> list[float]:
         """``time.time()`` of each successful refresh, in order."""
         with self._lock:

@@ -27,6 +27,7 @@ import requests
 import mlauth
 import mlauth.envfile
 import mlauth.journal
+import mlauth.mounted
 import mlauth.refresher
 
 
@@ -61,11 +62,31 @@ def install_pause(phase: str, env: str) -> None:
         replace: Callable[..., None] = os.replace
 
         def paused_replace(src: Any, dst: Any, **kwargs: Any) -> None:
-            if os.fspath(dst) == real_env:
+            # Only the save of the answer: the writability probe before the POST replaces the
+            # file with its own bytes, and the journal has no answer then.
+            answered = any(
+                r.get("kind") == "answer" for r in mlauth.journal.Journal(real_env).records()
+            )
+            if os.fspath(dst) == real_env and answered:
                 pause(phase)
             replace(src, dst, **kwargs)
 
         mlauth.envfile.os.replace = paused_replace  # type: ignore[assignment]
+
+        # A .env mounted alone is written in place: pause once the new bytes are written over
+        # the old, before they are fsynced and the padding is cut off.
+        pwrite: Callable[..., int] = os.pwrite
+
+        def paused_pwrite(fd: int, data: Any, offset: int) -> int:
+            written = pwrite(fd, data, offset)
+            answered = any(
+                r.get("kind") == "answer" for r in mlauth.mounted.InodeJournal(real_env).records()
+            )
+            if os.path.samestat(os.fstat(fd), os.stat(real_env)) and answered:
+                pause(phase)
+            return written
+
+        mlauth.mounted.os.pwrite = paused_pwrite  # type: ignore[assignment]
     elif phase == "after-write":
         commit = mlauth.journal.Journal.commit
 
@@ -74,6 +95,13 @@ def install_pause(phase: str, env: str) -> None:
             commit(self)
 
         mlauth.journal.Journal.commit = paused_commit  # type: ignore[method-assign]
+        inode_commit = mlauth.mounted.InodeJournal.commit
+
+        def paused_inode_commit(self: mlauth.mounted.InodeJournal) -> None:
+            pause(phase)
+            inode_commit(self)
+
+        mlauth.mounted.InodeJournal.commit = paused_inode_commit  # type: ignore[method-assign]
     else:
         raise SystemExit(f"unknown phase {phase!r}")
 

@@ -482,7 +482,8 @@ def test_login_into_a_read_only_folder_fails_before_printing_the_url(
         remount_read_only(folder)
         done = mlauth_cli("login", "--env", str(env), "--redirect-uri", REDIRECT, input="")
         assert_clean_failure(done, 1)
-        assert "cannot write to" in done.stderr and done.stdout == ""
+        assert "cannot save tokens to" in done.stderr and done.stdout == ""
+        assert "read-only" in done.stderr
 
 
 def test_login_without_a_redirect_uri_says_how_to_give_one(first_env: Path) -> None:

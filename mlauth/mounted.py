@@ -1,0 +1,398 @@
+"""A ``.env`` bind-mounted as a single file: locked on its own inode and written in place.
+
+``docker run -v ./.env:/app/.env``, a compose ``volumes: - ./.env:/app/.env`` and a
+Kubernetes ``subPath`` mount put one host file into a container. Three things the folder
+layout relies on do not hold there:
+
+- ``rename()`` onto a mount point fails with ``EBUSY``, so the temp-file-plus-``os.replace``
+  save cannot work; and a host process that *did* replace the file would leave every
+  container reading the old inode for ever. The file is written in place instead
+  (:func:`write_in_place`), which keeps the inode every mount pins.
+- A sibling ``.env.lock`` is in each container's own folder, so it excludes nobody in the
+  other containers. The only thing they share is the mounted file's inode, so the locks are
+  taken on it (:class:`InodeLock`): open-file-description (OFD) byte-range locks, which
+  work across containers on one kernel, are released by the kernel when the holder dies
+  (even on ``kill -9``), and, unlike POSIX ``lockf`` locks, are not dropped when the same
+  process closes another descriptor of the file (python-dotenv opens and closes it).
+- Readers no longer see an atomic swap, so a write in place is fenced from them: the
+  *content* range of the lock is held shared by every read and exclusively by every write.
+  The refresh lock is a single byte far past the end of any ``.env``, so a refresh in
+  progress never blocks a read.
+
+A write in place is one ``pwrite`` of the whole new content, padded with newlines to at
+least the old length so that a process killed between the write and the final
+``ftruncate`` leaves trailing blank lines, never a fragment of the old file. A file of up to
+one page (4 KiB; a ``.env`` is far smaller) is copied by the kernel in one piece, so a
+``kill -9`` leaves the old or the new content, not a mix.
+
+Linux only (OFD locks, ``/proc/self/mountinfo``); elsewhere nothing is detected as a mount and
+asking for the in-place mode is a configuration error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import logging
+import os
+import struct
+import threading
+import time
+import weakref
+from collections.abc import Iterator
+from typing import Any
+
+from .errors import LockTimeoutError, StoreError
+from .journal import Journal
+
+__all__ = [
+    "REFRESH_BYTE",
+    "SAVE_FIX",
+    "InodeJournal",
+    "InodeLock",
+    "is_mount_point",
+    "ofd_supported",
+    "probe_in_place",
+    "read_locked",
+    "why_unsaved",
+    "write_in_place",
+]
+
+log = logging.getLogger("mlauth")
+
+_SETLK: int | None = getattr(fcntl, "F_OFD_SETLK", None)
+_SETLKW: int | None = getattr(fcntl, "F_OFD_SETLKW", None)
+# One byte far past the end of any .env: the refresh lock. Bytes below it are the content.
+REFRESH_BYTE = 1 << 62
+POLL_INTERVAL = 0.005  # as for the sibling lock file (mlauth.lock)
+
+# The fix for a .env that cannot take a save, in every error that says so.
+SAVE_FIX = (
+    "Give this user a writable .env: a read-write mount of its folder or of the file (not "
+    ":ro, not a Kubernetes Secret volume), no `chattr +i`; or keep the tokens in Redis "
+    "(`mlauth migrate --to redis://...`)."
+)
+
+
+def why_unsaved(exc: OSError, *, in_place: bool) -> str:
+    """Why a save (or its probe) failed, for a message that goes on to name the fix."""
+    return f"{_reason(exc, in_place)} ({exc.strerror or exc})"
+
+
+def _reason(exc: OSError, in_place: bool) -> str:
+    code = exc.errno
+    if code == errno.EBUSY and not in_place:
+        return (
+            "it is a mount point (a file bind-mounted alone?) that cannot be replaced; set "
+            "ML_ENV_WRITE=in-place in it, or mount its folder"
+        )
+    if code == errno.EROFS:
+        return "it is on a read-only filesystem or mount"
+    if code == errno.EPERM:
+        return "the file or its folder refuses changes (immutable or append-only, `chattr`)"
+    if code in (errno.EACCES,):
+        return "this user may not write the file or its folder"
+    if code == errno.ENOSPC:
+        return "the disk is full"
+    return "the save failed"
+
+
+def ofd_supported() -> bool:
+    return _SETLK is not None and _SETLKW is not None
+
+
+def _flock(kind: int, start: int, length: int) -> bytes:
+    # struct flock on 64-bit Linux: short l_type, short l_whence, (pad) off_t l_start,
+    # off_t l_len, pid_t l_pid (must be 0 for OFD locks), (pad): 32 bytes.
+    return struct.pack("hhqqi4x", kind, os.SEEK_SET, start, length, 0)
+
+
+def _lock(fd: int, kind: int, start: int, length: int, *, wait: bool) -> bool:
+    """Take (or with F_UNLCK drop) an OFD lock; False if ``wait`` is off and it is held."""
+    command = _SETLKW if wait else _SETLK
+    assert command is not None
+    try:
+        fcntl.fcntl(fd, command, _flock(kind, start, length))
+    except OSError as exc:
+        if exc.errno in (errno.EAGAIN, errno.EACCES) and not wait:
+            return False
+        raise
+    return True
+
+
+def _unescape(field: str) -> str:
+    # mountinfo escapes space, tab, newline and backslash as \ooo octal.
+    out, i = [], 0
+    while i < len(field):
+        if field[i] == "\\" and field[i + 1 : i + 4].isdigit() and i + 4 <= len(field):
+            out.append(chr(int(field[i + 1 : i + 4], 8)))
+            i += 4
+        else:
+            out.append(field[i])
+            i += 1
+    return "".join(out)
+
+
+def is_mount_point(path: str) -> bool:
+    """Whether ``path`` (a file) is itself a mount point, as a file bind-mounted alone is.
+
+    Read from ``/proc/self/mountinfo``, the only place that tells: a bind mount from the same
+    filesystem has the same ``st_dev`` as its folder. False where there is no such file.
+    """
+    real = os.path.realpath(path)
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as handle:
+            for line in handle:
+                fields = line.split(" ", 5)
+                if len(fields) > 4 and _unescape(fields[4]) == real:
+                    return True
+    except OSError:
+        return False
+    return False
+
+
+@contextlib.contextmanager
+def _content(fd: int, kind: int) -> Iterator[None]:
+    # A write holds this for one pwrite and an fsync: block, no timeout needed. The kernel
+    # drops it if the holder dies.
+    _lock(fd, kind, 0, REFRESH_BYTE, wait=True)
+    try:
+        yield
+    finally:
+        _lock(fd, fcntl.F_UNLCK, 0, REFRESH_BYTE, wait=True)
+
+
+def read_locked(path: str) -> bytes:
+    """The file's bytes, read while no write in place is under way."""
+    with open(path, "rb") as handle:
+        if not ofd_supported():
+            return handle.read()
+        try:
+            _lock(handle.fileno(), fcntl.F_RDLCK, 0, REFRESH_BYTE, wait=True)
+        except OSError:
+            # A filesystem without these locks (some FUSE and network ones) can hold no file
+            # written in place either (its InodeLock fails first): a plain read is safe there.
+            return handle.read()
+        try:
+            return handle.read()
+        finally:
+            _lock(handle.fileno(), fcntl.F_UNLCK, 0, REFRESH_BYTE, wait=True)
+
+
+def write_in_place(path: str, data: bytes) -> None:
+    """Overwrite ``path`` with ``data`` in place, durably, never showing a reader half of it.
+
+    The inode stays: every bind mount of the file sees the new content. Raises OSError.
+    """
+    fd = os.open(path, os.O_RDWR)
+    try:
+        with _content(fd, fcntl.F_WRLCK):
+            old_size = os.fstat(fd).st_size
+            padded = data + b"\n" * max(0, old_size - len(data))
+            view, offset = memoryview(padded), 0
+            while offset < len(padded):
+                offset += os.pwrite(fd, view[offset:], offset)
+            os.fsync(fd)
+            if len(padded) != len(data):
+                os.ftruncate(fd, len(data))
+                os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def probe_in_place(path: str) -> None:
+    """Do what :func:`write_in_place` does, with the file's own bytes; raise OSError if refused.
+
+    Opening for writing is what an immutable file (``chattr +i``) or a read-only mount
+    (``:ro``, a Kubernetes Secret) refuses; writing the same bytes back changes nothing a
+    reader could see.
+    """
+    fd = os.open(path, os.O_RDWR)
+    try:
+        with _content(fd, fcntl.F_WRLCK):
+            size = os.fstat(fd).st_size
+            data = os.pread(fd, size, 0)
+            if data:
+                os.pwrite(fd, data, 0)
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# Descriptors holding the refresh lock, for the fork handler: a child must not keep them.
+_held: weakref.WeakSet[InodeLock] = weakref.WeakSet()
+
+
+class InodeLock:
+    """The refresh lock of a mounted ``.env``: one byte of its own inode, locked OFD-style.
+
+    Every process that reaches the inode takes the same lock, through any mount, in any
+    container on this kernel. Each ``hold`` opens its own descriptor, so two threads of one
+    process exclude each other too.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = os.path.realpath(path)
+        self._fds: set[int] = set()
+        self._fds_lock = threading.Lock()
+
+    def _open(self) -> int:
+        # A write lock needs a descriptor open for writing.
+        try:
+            fd = os.open(self.path, os.O_RDWR)
+        except OSError as exc:
+            # A .env mounted alone is locked on itself: what refuses the lock refuses the save.
+            raise StoreError(
+                f"cannot lock {self.path} for a refresh: {why_unsaved(exc, in_place=True)}. "
+                f"Refusing to spend the refresh token: {SAVE_FIX}"
+            ) from exc
+        with self._fds_lock:
+            self._fds.add(fd)
+        _held.add(self)
+        return fd
+
+    def _close(self, fd: int) -> None:
+        with self._fds_lock:
+            self._fds.discard(fd)
+        os.close(fd)  # releases the lock: it belongs to this open file description
+
+    def busy(self) -> bool:
+        """Whether another process (or thread) holds the refresh lock now; never waits."""
+        fd = self._open()
+        try:
+            return not _lock(fd, fcntl.F_WRLCK, REFRESH_BYTE, 1, wait=False)
+        finally:
+            self._close(fd)
+
+    @contextlib.contextmanager
+    def hold(self, timeout: float) -> Iterator[None]:
+        fd = self._open()
+        try:
+            deadline = time.monotonic() + timeout
+            while not _lock(fd, fcntl.F_WRLCK, REFRESH_BYTE, 1, wait=False):
+                if time.monotonic() >= deadline:
+                    raise LockTimeoutError(
+                        f"could not take the refresh lock on {self.path} within {timeout:g}s: "
+                        "another process (perhaps in another container) is refreshing and has "
+                        "not finished. No refresh was attempted; raise lock_timeout if "
+                        "refreshes are genuinely slow.",
+                        lock_path=self.path,
+                    )
+                time.sleep(POLL_INTERVAL)
+            log.debug("took the refresh lock on the inode of %s (pid %d)", self.path, os.getpid())
+            yield
+        finally:
+            self._close(fd)
+
+    def _forget_in_child(self) -> None:
+        # The descriptors belong to threads of the parent that do not exist here. Closing our
+        # copies (never unlocking: the lock is the parent's, on a shared description) makes
+        # sure a parent killed while holding it does not leave the lock held by this child.
+        # A new mutex first: a parent thread may have held the old one at the fork.
+        self._fds_lock = threading.Lock()
+        fds, self._fds = self._fds, set()
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+def _after_fork_in_child() -> None:
+    for lock in list(_held):
+        lock._forget_in_child()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+JOURNAL_ATTR = "user.mlauth.journal"
+REAUTH_ATTR = "user.mlauth.reauth"
+# getxattr on a file that has no such attribute, or a filesystem that keeps none.
+_ABSENT = (errno.ENODATA, errno.ENOTSUP, getattr(errno, "ENOATTR", errno.ENODATA))
+
+
+def _fsync_path(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _compact(records: list[dict[str, object]]) -> list[dict[str, object]]:
+    """Drop the records a later one about the same token makes moot; keep every answer.
+
+    An attribute holds a few KiB at most, and a long outage appends an intent and an
+    "unanswered" per attempt with the same token: only the last of those says anything.
+    """
+    kept: list[dict[str, object]] = []
+    seen: set[str] = set()
+    for record in reversed(records):
+        spent = str(record.get("spent"))
+        if record.get("kind") != "answer":
+            if spent in seen:
+                continue
+            seen.add(spent)
+        kept.append(record)
+    kept.reverse()
+    return kept
+
+
+class InodeJournal(Journal):
+    """The refresh journal of a mounted ``.env``, in extended attributes of its own inode.
+
+    A journal file beside the mount point would be in one container's folder, invisible to a
+    refresher in another container that must replay it; the inode is what they share. An
+    attribute is replaced whole and atomically by the kernel, and the file's fsync makes it
+    durable. The re-authorization marker lives there too; rescue files stay where they were
+    (beside the mount point or in the state dir): they serve when the inode refuses writes.
+    """
+
+    def __init__(self, real_path: str) -> None:
+        super().__init__(real_path)
+        self.path = f"{real_path} (extended attribute {JOURNAL_ATTR})"
+        self.reauth_path = f"{real_path} (extended attribute {REAUTH_ATTR})"
+        self.write_fix = (
+            "a .env mounted as a single file keeps its journal in the file's extended "
+            "attributes, so its filesystem must support user xattrs (ext4, xfs and btrfs do) "
+            "and the mount must be writable; or mount the folder instead, or use the Redis "
+            "store."
+        )
+
+    def _get(self, name: str) -> bytes | None:
+        try:
+            return os.getxattr(self.store_path, name)
+        except OSError as exc:
+            if exc.errno in _ABSENT:
+                return None
+            raise
+
+    def _set(self, name: str, data: bytes) -> None:
+        os.setxattr(self.store_path, name, data)
+        _fsync_path(self.store_path)
+
+    def _read_log(self) -> bytes:
+        return self._get(JOURNAL_ATTR) or b""
+
+    def _append(self, record: dict[str, Any]) -> None:
+        records = [*_compact(self.records()), record]
+        data = b"".join(
+            (json.dumps(r, separators=(",", ":")) + "\n").encode("utf-8") for r in records
+        )
+        self._set(JOURNAL_ATTR, data)
+
+    def commit(self) -> None:
+        try:
+            os.removexattr(self.store_path, JOURNAL_ATTR)
+            _fsync_path(self.store_path)
+        except OSError as exc:
+            if exc.errno not in _ABSENT:
+                # Harmless: recovery finds the store already holds the answer and empties it.
+                log.warning("could not empty the refresh journal %s: %s", self.path, exc)
+
+    def _write_marker(self, data: bytes) -> None:
+        self._set(REAUTH_ATTR, data)
+
+    def _read_marker(self) -> bytes | None:
+        return self._get(REAUTH_ATTR)

@@ -1,0 +1,302 @@
+"""A host `.env` bind-mounted as a single file into two "containers", as Docker does it.
+
+``docker run -v "$PWD/.env:/app/.env"`` is a bind mount of one file onto a file in the
+container's own folder. Here each "container" is a folder of its own whose `.env` is a real
+``mount --bind`` of the host file (CI runs as root), and every process is a real subprocess
+against the loopback FakeMercadoLibre. What a container adds beyond that (its own mount
+namespace, its own hostname) changes nothing mlauth relies on: the inode is shared, the
+folders are not.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import mlauth
+from mlauth.envfile import read_env_file
+from mlauth.mounted import JOURNAL_ATTR, is_mount_point
+from mlauth.testing import FakeMercadoLibre
+from tests.test_faults_kill import assert_chain_lives, kill_at, peer
+from tests.test_processes import LIFETIME, check_storm, result_of, worker
+
+pytestmark = pytest.mark.processes
+
+MOUNT, UMOUNT, CHATTR = shutil.which("mount"), shutil.which("umount"), shutil.which("chattr")
+
+
+@contextlib.contextmanager
+def bind_file(source: Path, target: Path, *, read_only: bool = False) -> Iterator[Path]:
+    """``target`` (created empty) becomes a bind mount of the file ``source``."""
+    if MOUNT is None or UMOUNT is None:
+        pytest.skip("environment limit: no mount/umount command on PATH")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.touch()
+    done = subprocess.run(
+        [MOUNT, "--bind", str(source), str(target)], capture_output=True, text=True, check=False
+    )
+    if done.returncode != 0:
+        pytest.skip(f"environment limit: cannot bind-mount here (needs root): {done.stderr}")
+    try:
+        if read_only:
+            subprocess.run([MOUNT, "-o", "remount,bind,ro", str(target)], check=True)
+        yield target
+    finally:
+        subprocess.run([UMOUNT, str(target)], check=True)
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeMercadoLibre]:
+    with FakeMercadoLibre(token_lifetime=3600.0) as server:
+        yield server
+
+
+@pytest.fixture
+def host_env(fake: FakeMercadoLibre, tmp_path: Path) -> Path:
+    path = tmp_path / "host" / ".env"
+    path.parent.mkdir()
+    # Expired: the first request of each process must refresh.
+    fake.write_env(path, expires_at=time.time() - 10, extra={"PIPELINE_SETTING": "keep me"})
+    return path
+
+
+@pytest.fixture
+def containers(host_env: Path, tmp_path: Path) -> Iterator[tuple[Path, Path]]:
+    with (
+        bind_file(host_env, tmp_path / "c1" / ".env") as one,
+        bind_file(host_env, tmp_path / "c2" / ".env") as two,
+    ):
+        yield one, two
+
+
+def test_a_refresh_through_a_single_file_mount_reaches_the_host_file(
+    fake: FakeMercadoLibre, host_env: Path, containers: tuple[Path, Path]
+) -> None:
+    one, two = containers
+    inode = host_env.stat().st_ino
+    store = mlauth.EnvFileStore(one)
+    assert store.in_place and not mlauth.EnvFileStore(host_env).in_place
+    result = peer(one, fake, one.parent)
+    assert result["status"] == 200
+    assert fake.stats()["refreshes"] == 1
+    # The host file holds the live chain, in the same inode, and the mounts stay in place.
+    host = read_env_file(host_env)
+    assert fake.is_live(host["ML_REFRESH_TOKEN"])
+    assert host["PIPELINE_SETTING"] == "keep me"
+    assert host_env.stat().st_ino == inode
+    assert is_mount_point(str(one)) and is_mount_point(str(two))
+    assert read_env_file(two) == host
+    # No sibling lock file or journal in any folder: the inode carries both.
+    for folder in (host_env.parent, one.parent, two.parent):
+        assert not list(folder.glob(".env.lock")) and not list(folder.glob(".env.journal"))
+    assert JOURNAL_ATTR not in os.listxattr(host_env)
+
+
+def test_two_containers_spend_each_refresh_token_once_through_expiries(tmp_path: Path) -> None:
+    per_container, threads, seconds = 3, 2, 8.0
+    with FakeMercadoLibre(token_lifetime=LIFETIME, kill_old_access_on_refresh=True) as fake:
+        host_env = tmp_path / "host" / ".env"
+        host_env.parent.mkdir()
+        fake.write_env(host_env, expires_at=time.time() + LIFETIME)
+        with (
+            bind_file(host_env, tmp_path / "c1" / ".env") as one,
+            bind_file(host_env, tmp_path / "c2" / ".env") as two,
+        ):
+            started = time.time()
+            procs = [
+                worker(env, fake.base_url, threads=threads, seconds=seconds)
+                for env in (one, two)
+                for _ in range(per_container)
+            ]
+            results = [result_of(proc) for proc in procs]
+            span = time.time() - started
+        stats = fake.stats()
+        refresh_times = fake.refresh_times()
+        assert fake.is_live(read_env_file(host_env)["ML_REFRESH_TOKEN"])
+
+    check_storm(
+        f"2 containers x {per_container} processes x {threads} threads, one mounted .env",
+        results,
+        stats,
+        refresh_times,
+        seconds=seconds,
+        span=span,
+        threads=2 * per_container * threads,
+    )
+
+
+WRITER = textwrap.dedent(
+    """
+    import sys, time
+    import mlauth
+    from mlauth.secret import Secret
+    store = mlauth.EnvFileStore(sys.argv[1])
+    assert store.in_place
+    for i in range(int(sys.argv[2])):
+        # Lengths that grow and shrink: a torn write would leave a fragment of the old file.
+        token = "TG-" + "x" * (10 + (i * 37) % 200) + "-" + str(i)
+        with store.lock(10):
+            store.save(mlauth.TokenSet(
+                access_token=Secret("APP_USR-fake-" + str(i)), refresh_token=Secret(token),
+                expires_at=time.time() + 3600, refreshed_at=time.time(), refreshed_by="writer"))
+    print("done", flush=True)
+    """
+)
+
+READER = textwrap.dedent(
+    """
+    import os, sys
+    from mlauth.envfile import read_env_file
+    reads = torn = 0
+    stop = sys.argv[2]
+    while not os.path.exists(stop) or reads == 0:
+        values = read_env_file(sys.argv[1])
+        reads += 1
+        token = values.get("ML_REFRESH_TOKEN") or ""
+        access = values.get("ML_ACCESS_TOKEN") or ""
+        whole = (
+            values.get("PIPELINE_SETTING") == "keep me"
+            and values.get("ML_CLIENT_ID")
+            and token.startswith("TG-")
+            and (token.rsplit("-", 1)[-1] == access.rsplit("-", 1)[-1] or token.count("-") != 2)
+            and all(k.startswith(("ML_", "PIPELINE_")) for k in values)
+        )
+        torn += not whole
+    print(reads, torn, flush=True)
+    """
+)
+
+
+def test_a_reader_in_another_container_never_sees_a_half_written_file(
+    host_env: Path, containers: tuple[Path, Path], tmp_path: Path
+) -> None:
+    one, two = containers
+    stop = tmp_path / "stop"
+    reader = subprocess.Popen(
+        [sys.executable, "-c", READER, str(two), str(stop)], stdout=subprocess.PIPE, text=True
+    )
+    writer = subprocess.run(
+        [sys.executable, "-c", WRITER, str(one), "400"],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
+    stop.touch()
+    out, _ = reader.communicate(timeout=60)
+    assert writer.returncode == 0, writer.stderr
+    reads, torn = (int(n) for n in out.split())
+    print(f"\n[figures] 400 in-place writes, {reads} reads from the other mount, {torn} torn")
+    assert reads > 0
+    assert torn == 0
+    assert read_env_file(host_env)["ML_REFRESH_TOKEN"].endswith("-399")  # type: ignore[union-attr]
+
+
+PHASES = ["before-post", "after-answer", "during-write", "after-write"]
+
+
+@pytest.mark.parametrize("phase", PHASES)
+def test_a_refresher_killed_at_any_phase_in_one_container_loses_nothing(
+    phase: str,
+    fake: FakeMercadoLibre,
+    host_env: Path,
+    containers: tuple[Path, Path],
+    tmp_path: Path,
+) -> None:
+    one, two = containers
+    spent = read_env_file(host_env)["ML_REFRESH_TOKEN"]
+    kill_at(phase, one, fake, tmp_path)
+    sent = fake.stats()["token_requests"]
+    assert sent == (0 if phase == "before-post" else 1)
+    # A process in the *other* container carries the chain on: it replays the answer the
+    # victim journaled on the shared inode, or finds the saved one, or tries the token once.
+    result = peer(two, fake, tmp_path)
+    assert result["status"] == 200
+    assert fake.stats()["refreshes"] == 1  # one rotation in all: nothing spent twice
+    host = read_env_file(host_env)
+    assert host["ML_REFRESH_TOKEN"] != spent and fake.is_live(host["ML_REFRESH_TOKEN"])
+    if phase in ("during-write", "after-write"):
+        # The answer was in the file before the kill: the peer simply used it.
+        assert fake.stats()["token_requests"] == 1
+    # The next refresh, from either container, settles what the victim journaled.
+    mlauth.MLAuth.from_env(one).refresh()
+    assert JOURNAL_ATTR not in os.listxattr(host_env)
+    assert_chain_lives(one, fake, tmp_path)
+
+
+def test_a_read_only_single_file_mount_refuses_before_spending(
+    fake: FakeMercadoLibre, host_env: Path, tmp_path: Path
+) -> None:
+    before = host_env.read_bytes()
+    with bind_file(host_env, tmp_path / "ro" / ".env", read_only=True) as env:
+        with pytest.raises(OSError, match="Read-only"):
+            env.write_text("x")  # the mount really refuses root
+        auth = mlauth.MLAuth.from_env(env)
+        with pytest.raises(mlauth.StoreError) as caught:
+            auth.valid_tokens()
+    message = str(caught.value)
+    assert "read-only" in message and "Refusing to spend" in message
+    assert "mount" in message and "Redis" in message  # names the fixes
+    assert fake.stats()["token_requests"] == 0
+    assert host_env.read_bytes() == before
+
+
+@pytest.mark.parametrize("mounted", [False, True], ids=["plain", "mounted-alone"])
+def test_an_immutable_env_refuses_before_spending(
+    mounted: bool, fake: FakeMercadoLibre, host_env: Path, tmp_path: Path
+) -> None:
+    if CHATTR is None:
+        pytest.skip("environment limit: no chattr command on PATH")
+    done = subprocess.run([CHATTR, "+i", str(host_env)], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"environment limit: chattr +i refused here: {done.stderr}")
+    before = host_env.read_bytes()
+    try:
+        with contextlib.ExitStack() as stack:
+            env = host_env
+            if mounted:
+                env = stack.enter_context(bind_file(host_env, tmp_path / "c" / ".env"))
+            auth = mlauth.MLAuth.from_env(env)
+            with pytest.raises(mlauth.StoreError) as caught:
+                auth.valid_tokens()
+    finally:
+        subprocess.run([CHATTR, "-i", str(host_env)], check=True)
+    message = str(caught.value)
+    assert "chattr" in message and "Refusing to spend" in message
+    assert fake.stats()["token_requests"] == 0
+    assert host_env.read_bytes() == before
+
+
+def test_a_host_process_and_a_container_share_the_chain_with_the_in_place_key(
+    fake: FakeMercadoLibre, host_env: Path, tmp_path: Path
+) -> None:
+    # The host process sees a plain file; the key makes it lock and write the way the
+    # containers do, so it never replaces the inode they pin.
+    with host_env.open("a") as handle:
+        handle.write("ML_ENV_WRITE=in-place\n")
+    with bind_file(host_env, tmp_path / "c1" / ".env") as inside:
+        inode = host_env.stat().st_ino
+        for env in (host_env, inside, host_env, inside):
+            assert mlauth.EnvFileStore(env).in_place
+            auth = mlauth.MLAuth.from_env(env)
+            auth.refresh()  # forced: each one spends the token the other left
+            assert read_env_file(inside) == read_env_file(host_env)
+        assert host_env.stat().st_ino == inode
+    assert fake.stats()["refreshes"] == 4 and fake.stats()["invalid_grant"] == 0
+    assert fake.is_live(read_env_file(host_env)["ML_REFRESH_TOKEN"])
+
+
+def test_an_unknown_write_mode_is_a_clear_error(host_env: Path) -> None:
+    with host_env.open("a") as handle:
+        handle.write("ML_ENV_WRITE=inplace\n")
+    with pytest.raises(mlauth.ConfigError, match=r"ML_ENV_WRITE='inplace'.*in-place"):
+        mlauth.MLAuth.from_env(host_env)

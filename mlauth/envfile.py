@@ -311,28 +311,37 @@ def _fmt_time(value: float | None) -> str | None:
 
 
 def _probe_replace(real: str) -> None:
-    """Do what a save does (temp file, fsync, ``os.replace``), keeping the file's own bytes.
+    """Do what a save does (temp file, fsync, rename over the file) without touching the file.
 
-    A temp file alone proves only that the folder takes new files: an immutable ``.env``
-    (``chattr +i``), a file bind-mounted alone (``EBUSY``) or a sticky folder refuse the
-    rename itself, and would be found out only after the refresh token was spent.
+    A temp file alone proves only that the folder takes new files; an immutable or
+    append-only ``.env`` (``chattr``) or a sticky folder refuse the rename itself, and would be
+    found out only after the refresh token was spent. So the temp file is renamed over a
+    second name of the same inode (a hard link): the kernel checks exactly what it checks for
+    the real rename (the target inode's flags and owner, the folder's), while the ``.env``
+    itself is never rewritten, so no peer's save can be undone by this check. Linking an
+    immutable or append-only file is refused too (EPERM), which says the same thing.
     """
     with open(real, "rb") as handle:
         before = os.fstat(handle.fileno())
-        data = handle.read()
     with _temp_beside(real) as (fd, tmp):
         os.fchmod(fd, stat.S_IMODE(before.st_mode))
-        with contextlib.suppress(PermissionError):
-            os.fchown(fd, before.st_uid, before.st_gid)
-        # Room for longer values too, so a nearly full disk is found out now.
-        view = memoryview(data + b"\0" * 1024)
-        while view:
-            view = view[os.write(fd, view) :]
+        # As many bytes as the new file will need, plus room for longer values, so a nearly
+        # full disk is found out now rather than after the token is spent.
+        os.write(fd, b"\0" * (before.st_size + 1024))
         os.fsync(fd)
-        os.ftruncate(fd, len(data))
-        os.fsync(fd)
-        os.replace(tmp, real)
-    fsync_dir(os.path.dirname(real))
+        # Named like a temp file, so recovery removes one left by a process killed here.
+        alias = tmp.removesuffix(".mlauth-tmp") + ".link.mlauth-tmp"
+        try:
+            os.link(real, alias)
+        except OSError as exc:
+            if exc.errno == errno.EPERM:
+                raise
+            return  # no hard links on this filesystem: the temp file is all we can prove
+        try:
+            os.replace(tmp, alias)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(alias)
 
 
 class EnvFileStore:

@@ -45,6 +45,7 @@ from .errors import (
     StaleCommitError,
 )
 from .journal import journal_of, recover
+from .preflight import refresh_problem
 from .refresher import REAUTHORIZE_HINT, TokenEndpoint
 from .secret import Secret
 from .store import TokenStore
@@ -232,11 +233,19 @@ class MLAuth(requests.auth.AuthBase):
 
         Keyword arguments override the file and are passed on to :class:`MLAuth`; ``store=``
         keeps the credentials in the file and the tokens elsewhere, as ``ML_TOKEN_STORE`` does.
+        If a refresh could not be saved or locked (:func:`~mlauth.preflight.refresh_problem`),
+        an ERROR says so now.
         """
         settings = env_settings(path)
         settings.update(kwargs)
         store = settings.pop("store", None) or store_from_env(path)
-        return cls(store=store, **settings)  # type: ignore[arg-type]
+        auth = cls(store=store, **settings)  # type: ignore[arg-type]
+        # Said at start, not at the first refresh hours later; not raised: a pipeline whose
+        # token is still valid may finish its work before a refresh is due.
+        problem = refresh_problem(auth.store)
+        if problem is not None:
+            log.error("the next token refresh will fail: %s", problem)
+        return auth
 
     def __repr__(self) -> str:
         tokens = self._cache[0]

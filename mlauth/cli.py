@@ -21,19 +21,24 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import logging
 import math
 import os
 import shlex
 import sys
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
+from urllib.parse import urlsplit
 
 from .auth import MLAuth
 from .config import env_settings, store_from_env
 from .envfile import STORE_KEY, read_env_file
-from .errors import ConfigError, InvalidGrantError, MLAuthError
-from .journal import reauthorization_required
+from .errors import ConfigError, InvalidGrantError, MLAuthError, StoreError
+from .journal import journal_of, reauthorization_required
 from .login import AUTH_HOSTS, LoginRequest, authorization_base, complete_login, parse_pasted
+from .logs import LEVEL_VARIABLE, OFF, level_from_environment, show_on_stderr
+from .preflight import refresh_problem
 from .secret import Secret
 from .store import TokenStore
 from .token import TokenSet
@@ -143,10 +148,31 @@ def _auth(args: argparse.Namespace) -> MLAuth:
     store = store_from_env(args.env)
     _load(store)  # exit 3 rather than a ConfigError when there is no refresh token
     _check_reauthorization(store)  # a token known dead: no request just to learn it again
-    return MLAuth.from_env(args.env, store=store)
+    # Not from_env: its start-up check would log an ERROR that `run` reports itself, and that
+    # `token` and `refresh` get from the operation itself, in one line.
+    return MLAuth(store=store, **env_settings(args.env))  # type: ignore[arg-type]
 
 
 # -- the commands ------------------------------------------------------------------------
+
+
+def _pending(store: TokenStore, tokens: TokenSet) -> list[tuple[str, str]]:
+    """``status`` rows for a refresh answer or rescue file not yet in the store."""
+    journal = journal_of(store)
+    if journal is None:
+        return []
+    stored = tokens.refresh_token.fingerprint if tokens.refresh_token else None
+    rows = [
+        ("journal", f"an unsaved answer for token {record['spent']}, replayed at the next refresh")
+        for record in journal.records()
+        # An answer for another token was saved already (only its commit is left).
+        if record.get("kind") == "answer" and record.get("spent") == stored
+    ]
+    rows += [
+        ("rescue file", f"{path} (tokens that replace {base}), saved at the next refresh")
+        for path, base, _ in journal.rescues()
+    ]
+    return rows
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
@@ -167,8 +193,11 @@ def _cmd_status(args: argparse.Namespace) -> int:
     else:
         rows.append(("last refresh", "unknown"))
     rows.append(("refresh running", {True: "yes (lock held)", False: "no", None: "unknown"}[busy]))
+    rows += _pending(store, tokens)
     for label, value in rows:
         print(f"{label + ':':<18}{value}")
+    sys.stdout.flush()  # the rows first, then the problem on stderr, in a terminal too
+    env_settings(args.env)  # a missing secret or bad ML_API_HOSTS fails every refresh: exit 1
     if tokens.refresh_token is None:
         raise ReauthorizationRequired(f"{store.location} holds no refresh token")
     _check_reauthorization(store)
@@ -287,20 +316,34 @@ def _cmd_run(args: argparse.Namespace) -> int:
         command = command[1:]
     if not command:
         raise _Usage("run: give the command after --, e.g. mlauth run -- python main.py")
-    _auth(args)  # fail here, once, rather than in every Python the command starts
+    auth = _auth(args)  # fail here, once, rather than in every Python the command starts
+    problem = refresh_problem(auth.store)
+    if problem is not None:
+        # A command started now would work until its token's first refresh, hours later,
+        # and fail then; nothing of it has run yet.
+        raise StoreError(f"run: the command was not started: {problem}")
     warning = runner.isolation_warning(command)
     if warning:
         print(f"mlauth run: warning: {warning}", file=sys.stderr)
     sys.stdout.flush()
     sys.stderr.flush()
     try:
-        runner.exec_command(command, args.env)
+        runner.exec_command(command, args.env, log_level=_child_log_level(args))
     except FileNotFoundError:
         print(f"mlauth run: {command[0]}: command not found", file=sys.stderr)
         return 127
     except OSError as exc:
         print(f"mlauth run: {command[0]}: {exc.strerror or exc}", file=sys.stderr)
         return 126
+
+
+def _child_log_level(args: argparse.Namespace) -> str | None:
+    """``MLAUTH_LOG_LEVEL`` for the command's Pythons when -v or -q was given, else None."""
+    if args.quiet:
+        return OFF
+    if args.verbose:
+        return "debug" if args.verbose > 1 else "info"
+    return None
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -322,6 +365,63 @@ class _Usage(Exception):
 Handler = Callable[[argparse.Namespace], int]
 
 
+MIGRATE_SCHEMES = ("redis", "rediss", "unix")
+
+
+def _redis_url(text: str) -> str:
+    """``--to``: a Redis URL, refused before anything is imported or connected to."""
+    scheme = urlsplit(text.strip()).scheme.lower()
+    if scheme not in MIGRATE_SCHEMES:
+        # Host part only: credentials may sit before '@' or in the query string.
+        rest = text.strip().split("@")[-1].split("?")[0]
+        shown = f"{scheme}://{rest}" if scheme and "://" not in rest else rest
+        raise argparse.ArgumentTypeError(
+            f"{shown!r}: the scheme {scheme + '://' if scheme else '(none)'} is not a Redis "
+            f"URL; use {', '.join(s + '://' for s in MIGRATE_SCHEMES)} "
+            "(e.g. redis://HOST:PORT/DB)"
+        )
+    return text
+
+
+def _number(
+    kind: type[int] | type[float], low: float, high: float | None = None
+) -> Callable[[str], Any]:
+    """An argparse type: a number of ``kind`` in [low, high], else a usage error (exit 2)."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            what = "a whole number" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+        if not (low <= value and (high is None or value <= high)) or not math.isfinite(value):
+            bounds = f"from {low:g} to {high:g}" if high is not None else f"{low:g} or more"
+            raise argparse.ArgumentTypeError(f"{text!r} is out of range; give {bounds}")
+        return value
+
+    return parse
+
+
+def _add_common(sub: argparse.ArgumentParser, env_default: str) -> None:
+    # Added to each sub-command, never through a shared parent parser: parents share their
+    # option objects, and one command's default (demo's .env.demo) became every command's.
+    sub.add_argument(
+        "--env",
+        default=env_default,
+        metavar="PATH",
+        help=f"the .env file (default: ./{env_default})",
+    )
+    sub.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=0,
+        help=f"show mlauth's INFO log lines (-vv: DEBUG) on stderr; default WARNING and up, "
+        f"or ${LEVEL_VARIABLE}",
+    )
+    sub.add_argument("-q", "--quiet", action="store_true", help="show none of mlauth's log lines")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mlauth",
@@ -330,13 +430,12 @@ def build_parser() -> argparse.ArgumentParser:
         "3 re-authorization required (run `mlauth login`); `run` exits with the command's code",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument(
-        "--env", default=".env", metavar="PATH", help="the .env file (default: ./.env)"
-    )
 
-    def command(name: str, handler: Handler, help: str) -> argparse.ArgumentParser:
-        sub = commands.add_parser(name, parents=[common], help=help, description=help)
+    def command(
+        name: str, handler: Handler, help: str, env_default: str = ".env"
+    ) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help, description=help)
+        _add_common(sub, env_default)
         sub.set_defaults(handler=handler)
         return sub
 
@@ -393,7 +492,11 @@ def build_parser() -> argparse.ArgumentParser:
         "both locks; the .env keeps every other line and gains ML_TOKEN_STORE",
     )
     migrate.add_argument(
-        "--to", required=True, metavar="redis://HOST:PORT/DB", help="the Redis to move them to"
+        "--to",
+        required=True,
+        type=_redis_url,
+        metavar="redis://HOST:PORT/DB",
+        help="the Redis to move them to (redis://, rediss:// or unix://)",
     )
     migrate.add_argument(
         "--force",
@@ -414,16 +517,24 @@ def build_parser() -> argparse.ArgumentParser:
         "the `make demo` storm (processes x threads against a fake MercadoLibre on loopback, "
         "with its own temporary .env); with --serve, just the fake server and a .env for it "
         "at --env, to try the other commands by hand",
+        env_default=".env.demo",  # never the project's own .env
     )
-    demo.add_argument("--processes", type=int, default=6)
-    demo.add_argument("--threads", type=int, default=4)
-    demo.add_argument("--seconds", type=float, default=15.0)
+    demo.add_argument("--processes", type=_number(int, 1), default=6)
+    demo.add_argument("--threads", type=_number(int, 1), default=4)
+    demo.add_argument("--seconds", type=_number(float, 0.1), default=15.0)
     demo.add_argument(
-        "--token-lifetime", type=float, default=None, help="seconds (default 3, 600 with --serve)"
+        "--token-lifetime",
+        type=_number(float, 0.5),
+        default=None,
+        help="seconds (default 3, 600 with --serve)",
     )
     demo.add_argument("--serve", action="store_true", help="serve until Ctrl-C")
-    demo.add_argument("--port", type=int, default=0, help="with --serve (default: any free port)")
-    demo.set_defaults(env=".env.demo")  # never the project's own .env
+    demo.add_argument(
+        "--port",
+        type=_number(int, 0, 65535),
+        default=0,
+        help="with --serve (default: any free port)",
+    )
     return parser
 
 
@@ -432,6 +543,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     handler: Handler = args.handler
     env = getattr(args, "env", ".env")
+    level = (
+        None
+        if args.quiet
+        else (logging.DEBUG if args.verbose > 1 else logging.INFO)
+        if args.verbose
+        else level_from_environment()
+    )
+    if level is not None and args.command == "run":
+        # The command's own install() says every warning of this check again; here only
+        # errors, which end in a refusal anyway.
+        level = max(level, logging.ERROR)
+    show_on_stderr(level)
     try:
         return handler(args)
     except _Usage as exc:

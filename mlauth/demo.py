@@ -235,7 +235,17 @@ def serve(env: str, port: int, lifetime: float) -> int:
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
-    with FakeMercadoLibre(port=port, token_lifetime=lifetime) as fake:
+    try:
+        fake = FakeMercadoLibre(port=port, token_lifetime=lifetime).start()
+    except OSError as exc:
+        # At once and non-zero: a script waiting for the .env to appear must not wait for ever.
+        print(
+            f"mlauth demo --serve: cannot listen on 127.0.0.1:{port} ({exc.strerror or exc}); "
+            "stop what uses the port or give another --port (--port 0 picks a free one)",
+            file=sys.stderr,
+        )
+        return 1
+    with fake:
         issued = time.time()
         temp = f"{env}.{os.getpid()}.tmp"
         fake.write_env(

@@ -25,6 +25,7 @@ import requests
 from .auth import MLAuth
 from .config import store_from_env
 from .errors import ConfigError
+from .logs import level_from_environment, show_on_stderr
 
 __all__ = ["install", "installed", "uninstall"]
 
@@ -99,6 +100,11 @@ def install(path: str | os.PathLike[str] = ".env", **kwargs: Any) -> MLAuth:
     get the token (a stale ``Authorization`` header is replaced); everything else is left as
     it is. Keyword arguments go to :meth:`MLAuth.from_env`.
 
+    mlauth's warnings and errors are shown on stderr from then on when the app has no logging
+    handler of its own (``MLAUTH_LOG_LEVEL`` sets the level, ``off`` silences them; see
+    :mod:`mlauth.logs`): an app that configures logging, before or after, sees them once,
+    through its own handlers.
+
     Calling it again with the same ``.env`` returns the installed MLAuth (later keyword
     arguments are ignored); with another ``.env`` it raises :class:`ConfigError`, since one
     process cannot sensibly send two token chains to the same hosts: call :func:`uninstall`
@@ -114,6 +120,9 @@ def install(path: str | os.PathLike[str] = ".env", **kwargs: Any) -> MLAuth:
                 f"mlauth is already installed for {_state[0]}; call mlauth.uninstall() before "
                 f"installing it for {real}"
             )
+        # Before anything can log: a legacy script never set up logging, and mlauth's
+        # NullHandler would hide even the ERROR that says its tokens could not be saved.
+        show_on_stderr(level_from_environment())
         kwargs.setdefault("store", store_from_env(path))
         auth = MLAuth.from_env(path, **kwargs)
         if not _patched:

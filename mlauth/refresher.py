@@ -27,6 +27,7 @@ REAUTHORIZE_HINT = (
 )
 
 # Errors that no retry can fix; each gets the fix in its message.
+_CODE_EXCHANGE = "the authorization code exchange"  # mlauth login's grant, in messages
 _FATAL_HINTS = {
     "invalid_client": "check ML_CLIENT_ID and ML_CLIENT_SECRET (a renewed secret must be "
     "copied into the .env)",
@@ -241,7 +242,7 @@ class TokenEndpoint:
         }
         if code_verifier is not None:
             data["code_verifier"] = code_verifier.reveal()
-        return self._call(data, self.max_attempts, before_attempt)
+        return self._call(data, self.max_attempts, before_attempt, what=_CODE_EXCHANGE)
 
     def _delay(self, attempt: int, retry_after: float | None) -> float:
         if retry_after is not None:
@@ -259,6 +260,8 @@ class TokenEndpoint:
         data: Mapping[str, str],
         attempts: int,
         before_attempt: Callable[[], None] | None = None,
+        *,
+        what: str = "token refresh",
     ) -> TokenAnswer:
         ambiguous: str | None = None  # why an earlier attempt may have reached the server
         last = "no attempt made"
@@ -283,7 +286,7 @@ class TokenEndpoint:
             except requests.RequestException as exc:
                 unusable = type(exc).__name__
             else:
-                outcome = self._judge(response, ambiguous)
+                outcome = self._judge(response, ambiguous, what)
                 if isinstance(outcome, TokenAnswer):
                     return outcome
                 last, retry_after = outcome
@@ -322,9 +325,14 @@ class TokenEndpoint:
             else ""
         )
         tries = "1 attempt" if attempt == 1 else f"{attempt} attempts"
+        fix = (
+            " Run `mlauth login` again once the token endpoint answers: the code may be spent."
+            if what == _CODE_EXCHANGE
+            else ""
+        )
         error = RefreshError(
-            f"token refresh gave up after {tries}{stop}: {last}.{note} The stored tokens were "
-            "left as they were."
+            f"{what} gave up after {tries}{stop}: {last}.{note} The stored tokens were "
+            f"left as they were.{fix}"
         )
         error.retry_after = wait_hint
         raise error
@@ -350,7 +358,7 @@ class TokenEndpoint:
         return session.send(prepared, timeout=self.timeout, allow_redirects=False, **settings)
 
     def _judge(
-        self, response: requests.Response, ambiguous: str | None
+        self, response: requests.Response, ambiguous: str | None, what: str
     ) -> TokenAnswer | tuple[str, float | None]:
         """A TokenAnswer, or (reason, retry_after) for a retryable failure; raises otherwise."""
         status = response.status_code
@@ -385,7 +393,7 @@ class TokenEndpoint:
             return f"HTTP {status} {error or ''}".rstrip(), _retry_after(response)
         hint = _FATAL_HINTS.get(error or "", "check ML_TOKEN_URL and the app's credentials")
         raise RefreshError(
-            f"the token endpoint refused the refresh (HTTP {status} {error or 'no error code'}: "
+            f"the token endpoint refused the {what} (HTTP {status} {error or 'no error code'}: "
             f"{description or 'no detail'}); {hint}. Not retried.",
             status_code=status,
             error=error,

@@ -17,6 +17,8 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import NoReturn
 
+from .logs import LEVEL_VARIABLE
+
 __all__ = [
     "ENV_VARIABLE",
     "PID_VARIABLE",
@@ -36,9 +38,17 @@ PYTHON_VARIABLE = "MLAUTH_RUN_PYTHON"  # a Python that has mlauth, for the error
 _RESTORED_SIGNALS = ("SIGPIPE", "SIGXFSZ", "SIGXFZ")
 
 
-def child_environment(env_path: str, environ: Mapping[str, str]) -> dict[str, str]:
-    """``environ`` plus what the child needs: our site folder first on PYTHONPATH, the .env."""
+def child_environment(
+    env_path: str, environ: Mapping[str, str], *, log_level: str | None = None
+) -> dict[str, str]:
+    """``environ`` plus what the child needs: our site folder first on PYTHONPATH, the .env.
+
+    ``log_level`` (``mlauth run -v``/``-q``) becomes ``MLAUTH_LOG_LEVEL``, which
+    :func:`mlauth.install` reads in every Python the command starts.
+    """
     env = dict(environ)
+    if log_level is not None:
+        env[LEVEL_VARIABLE] = log_level
     paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != SITE_DIR]
     env["PYTHONPATH"] = os.pathsep.join([SITE_DIR, *paths])
     env[ENV_VARIABLE] = os.path.abspath(env_path)
@@ -68,9 +78,11 @@ def isolation_warning(command: Sequence[str]) -> str | None:
     return None
 
 
-def exec_command(command: Sequence[str], env_path: str) -> NoReturn:
+def exec_command(
+    command: Sequence[str], env_path: str, *, log_level: str | None = None
+) -> NoReturn:
     """Replace this process with ``command``; raises OSError if it cannot be started."""
-    env = child_environment(env_path, os.environ)
+    env = child_environment(env_path, os.environ, log_level=log_level)
     for name in _RESTORED_SIGNALS:
         number = getattr(signal, name, None)
         if number is not None:

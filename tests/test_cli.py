@@ -90,6 +90,7 @@ def test_status_without_a_refresh_token_asks_for_login(
 ) -> None:
     env = tmp_path / ".env"
     env.write_text(f"ML_CLIENT_ID={fake_ml.client_id}\nML_CLIENT_SECRET=x\n")
+    env.chmod(0o600)
     done = mlauth_cli("status", "--env", str(env))
     assert_clean_failure(done, 3)
     assert "mlauth login" in done.stderr
@@ -292,6 +293,7 @@ def first_env(fake_ml: FakeMercadoLibre, tmp_path: Path) -> Path:
         f"ML_API_HOSTS={fake_ml.host}\n"
         "AMAZON_REGION=us-east-1  # kept\n"
     )
+    env.chmod(0o600)  # as a seller should: a looser file gets a warning line on stderr
     return env
 
 

@@ -8,6 +8,11 @@ the command get mlauth too. ``python -I``, ``-E`` and ``-S`` skip this file.
 
 The command itself (the process whose pid is ``MLAUTH_RUN_PID``: ``mlauth run`` exec'ed it)
 must not run unprotected: if it cannot import mlauth it exits 1 before its code runs.
+
+``install()`` also shows mlauth's warnings and errors on stderr while the script has no
+logging handlers of its own (``MLAUTH_LOG_LEVEL``, which ``mlauth run -v``/``-q`` set, picks
+the level); a script that calls ``logging.basicConfig()`` later gets them through its own
+handler only (see ``mlauth/logs.py``).
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ import mlauth
 from mlauth.envfile import read_env_file
 from mlauth.mounted import JOURNAL_ATTR, is_mount_point
 from mlauth.testing import FakeMercadoLibre
-from tests.test_faults_kill import assert_chain_lives, kill_at, peer
+from tests.test_faults_kill import assert_chain_lives, kill, kill_at, peer, start, wait_until
 from tests.test_processes import LIFETIME, check_storm, result_of, worker
 
 pytestmark = pytest.mark.processes
@@ -99,6 +99,11 @@ def test_a_refresh_through_a_single_file_mount_reaches_the_host_file(
     for folder in (host_env.parent, one.parent, two.parent):
         assert not list(folder.glob(".env.lock")) and not list(folder.glob(".env.journal"))
     assert JOURNAL_ATTR not in os.listxattr(host_env)
+    status = subprocess.run(
+        [sys.executable, "-m", "mlauth", "status"], cwd=two.parent, capture_output=True, text=True
+    )
+    assert status.returncode == 0, status.stderr
+    assert "in place (mounted alone)" in status.stdout and "refresh running:  no" in status.stdout
 
 
 def test_two_containers_spend_each_refresh_token_once_through_expiries(tmp_path: Path) -> None:
@@ -300,3 +305,31 @@ def test_an_unknown_write_mode_is_a_clear_error(host_env: Path) -> None:
         handle.write("ML_ENV_WRITE=inplace\n")
     with pytest.raises(mlauth.ConfigError, match=r"ML_ENV_WRITE='inplace'.*in-place"):
         mlauth.MLAuth.from_env(host_env)
+
+
+def test_the_lost_answer_window_stops_every_container_with_the_fix(
+    fake: FakeMercadoLibre, host_env: Path, containers: tuple[Path, Path], tmp_path: Path
+) -> None:
+    # The one window no client closes: the server rotated the token and the answer died with
+    # the process. The marker that says so lives on the shared inode, so the other container
+    # learns it too, and stops without sending the dead token again.
+    one, two = containers
+    before = host_env.read_bytes()
+    fake.token_answer_delay = 30.0
+    log = tmp_path / "victim.log"
+    victim = start(one, fake, log)
+    wait_until(lambda: fake.stats()["refreshes"] == 1, "the server's rotation", log)
+    kill(victim)
+    fake.token_answer_delay = 0.0
+
+    result = peer(two, fake, tmp_path)
+    assert result["error"] == "InvalidGrantError"
+    assert "possibly spent already" in str(result["message"])
+    assert "mlauth login" in str(result["message"])
+    assert fake.stats()["token_requests"] == 2  # the victim's, and exactly one try
+    for env in (one, two):
+        later = peer(env, fake, tmp_path, "later")
+        assert later["error"] == "InvalidGrantError" and "not sent" in str(later["message"])
+        assert mlauth.reauthorization_required(mlauth.EnvFileStore(env)) is not None
+    assert fake.stats()["token_requests"] == 2
+    assert host_env.read_bytes() == before

@@ -91,7 +91,7 @@ def test_run_refuses_before_starting_when_the_folder_is_read_only(
     assert not marker.exists()
     (line,) = done.stderr.splitlines()
     assert "the command was not started" in line
-    assert "Read-only file system" in line and "fix the permissions" in line
+    assert "Read-only file system" in line and "read-write mount" in line
 
 
 def test_run_refuses_before_starting_when_the_refresh_lock_cannot_be_taken(

@@ -245,6 +245,17 @@ class MLAuth(requests.auth.AuthBase):
             f"hosts={self._hosts!r}, {tokens.describe()})"
         )
 
+    def __reduce__(self) -> str | tuple[Any, ...]:
+        # A pickle would carry the client secret and live tokens into whatever transports it
+        # (a pool's pipe, a task queue's broker), and the copy would share none of this
+        # process's state anyway. Each process builds its own; fork children inherit it.
+        raise TypeError(
+            "an MLAuth cannot be pickled (nor a Session holding one): with a spawn or "
+            "forkserver pool, or a task queue, build one in each worker, e.g. "
+            "MLAuth.from_env(path) in the pool's initializer; forked workers inherit a "
+            "module-level one and may use it as is"
+        )
+
     @property
     def tokens(self) -> TokenSet:
         """The tokens this process uses now (values wrapped in :class:`Secret`)."""

@@ -22,10 +22,12 @@ from pathlib import Path
 
 import pytest
 import requests
-from test_processes import LIFETIME, check_storm, wait_for_line
 
+from benchmarks.redis_server import RedisServer
 from mlauth import MLAuth
+from mlauth.migrate import migrate_to_redis
 from mlauth.testing import FakeMercadoLibre
+from tests.test_processes import LIFETIME, check_storm, wait_for_line
 
 pytestmark = pytest.mark.processes
 
@@ -80,7 +82,7 @@ def fake_env(tmp_path: Path) -> Iterator[tuple[FakeMercadoLibre, Path]]:
         yield fake, env
 
 
-def _run(kind: str, fake: FakeMercadoLibre, env: Path) -> None:
+def _run(kind: str, fake: FakeMercadoLibre, env: Path, label: str = "") -> None:
     global _AUTH, _SESSION
     # Built, and used, in the parent before any worker exists: what a pipeline's module-level
     # setup does before a Pool, a ProcessPoolExecutor or a prefork server starts.
@@ -128,9 +130,10 @@ def _run(kind: str, fake: FakeMercadoLibre, env: Path) -> None:
     stats, refresh_times = fake.stats(), fake.refresh_times()
 
     assert len({r["pid"] for r in results}) > 1, "the tasks did not spread over the workers"
-    print(f"\n[figures] {kind} pool: {span / LIFETIME:.1f} token lifetimes crossed")
+    label = f"{kind} pool{label}, {WORKERS} workers + parent"
+    print(f"\n[figures] {label}: {span / LIFETIME:.1f} token lifetimes crossed")
     check_storm(
-        f"{kind} pool, {WORKERS} workers + parent",
+        label,
         results + parent,
         stats,
         refresh_times,
@@ -145,6 +148,15 @@ def test_pool_workers_share_the_chain_through_expiries(
     kind: str, fake_env: tuple[FakeMercadoLibre, Path]
 ) -> None:
     _run(kind, *fake_env)
+
+
+def test_fork_pool_workers_share_a_redis_chain_through_expiries(
+    fake_env: tuple[FakeMercadoLibre, Path], redis_server: RedisServer
+) -> None:
+    # redis-py's pools notice the new pid and reconnect; the store keeps no other socket.
+    fake, env = fake_env
+    migrate_to_redis(env, redis_server.url)
+    _run("fork", fake, env, " (Redis store)")
 
 
 def test_pickling_an_auth_or_its_session_says_to_build_one_per_worker(

@@ -43,10 +43,11 @@ from .errors import (
     MLAuthError,
     RefreshError,
     StaleCommitError,
+    UnexpectedError,
 )
 from .journal import journal_of, recover
 from .refresher import REAUTHORIZE_HINT, TokenEndpoint
-from .secret import Secret
+from .secret import Secret, mask
 from .store import TokenStore
 from .token import MAX_MARGIN_SHARE, TokenSet
 
@@ -306,7 +307,12 @@ class MLAuth(requests.auth.AuthBase):
     def __call__(self, r: requests.PreparedRequest) -> requests.PreparedRequest:
         if not self._hosts.allows(r.url):
             return r  # other hosts get nothing from us, not even a removed header
-        tokens = self._current()
+        try:
+            tokens = self._current()
+        except MLAuthError:
+            raise
+        except Exception as exc:
+            raise self._unexpected(exc, "getting a token for the request") from exc
         assert tokens.access_token is not None  # _current refreshes when there is none
         # Replaces whatever the caller set: legacy code passes stale headers.
         r.headers["Authorization"] = f"Bearer {tokens.access_token.reveal()}"
@@ -350,10 +356,14 @@ class MLAuth(requests.auth.AuthBase):
         except LockTimeoutError:
             log.debug("another process is refreshing; sending the current token meanwhile")
             return tokens
-        except MLAuthError as exc:
+        except Exception as caught:  # noqa: BLE001 (the current token works: use it, say why)
+            exc = caught
+            if not isinstance(exc, MLAuthError):
+                exc = self._unexpected(exc, "refreshing ahead of expiry")
             left = tokens.expires_in() or 0.0
             self._advisory_retry_at = time.monotonic() + min(ADVISORY_RETRY_DELAY, left / 4)
-            level = logging.ERROR if isinstance(exc, InvalidGrantError) else logging.WARNING
+            bad = isinstance(exc, (InvalidGrantError, UnexpectedError))
+            level = logging.ERROR if bad else logging.WARNING
             log.log(level, "refresh ahead of expiry failed; using the current token: %s", exc)
             return tokens
         return refreshed or tokens  # None: another thread of ours is refreshing
@@ -373,9 +383,11 @@ class MLAuth(requests.auth.AuthBase):
             return r
         try:
             new = self._recover(Secret(failed))
-        except BaseException:
+        except BaseException as exc:
             r.close()  # the caller never sees this response: give its connection back
-            raise
+            if isinstance(exc, MLAuthError) or not isinstance(exc, Exception):
+                raise
+            raise self._unexpected(exc, "recovering from a 401") from exc
         if new is None:
             return r
         if not _replayable(request):
@@ -688,6 +700,22 @@ class MLAuth(requests.auth.AuthBase):
         now = time.monotonic()
         remembered = _fresh(error, str(error))
         self._last_failure = (now, now + min(wait, MAX_FAILURE_MEMORY), spent, remembered)
+
+    def _unexpected(self, exc: Exception, doing: str) -> UnexpectedError:
+        """``exc``, which is no MLAuthError, as one: callers catch RequestException.
+
+        Its message is someone else's and may quote a value it was handed: the tokens this
+        process knows, the client secret and anything token-shaped are fingerprinted.
+        """
+        known: list[Secret | None] = [self._endpoint._client_secret]
+        for tokens in (self._cache[0], self._unsaved[0] if self._unsaved else None):
+            if tokens is not None:
+                known += [tokens.access_token, tokens.refresh_token]
+        return UnexpectedError(
+            f"mlauth failed unexpectedly while {doing}: "
+            + mask(f"{type(exc).__name__}: {exc}", known)
+            + " (the original exception is this one's __cause__)"
+        )
 
     def _notify(self, tokens: TokenSet) -> None:
         if self.on_refresh is None:

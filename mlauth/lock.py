@@ -9,6 +9,7 @@ import time
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Protocol
 
 import filelock
 
@@ -24,9 +25,14 @@ log = logging.getLogger("mlauth")
 # rare and short, so polling more often costs next to nothing.
 POLL_INTERVAL = 0.005
 
+
+class _ForkBound(Protocol):
+    def _after_fork_in_child(self) -> None: ...
+
+
 # Every lock object of this process that must be rebuilt in a forked child. A lock kind is
 # registered by adding its instances here and giving it an ``_after_fork_in_child()`` method.
-_fork_bound: weakref.WeakSet[ProcessLock] = weakref.WeakSet()
+_fork_bound: weakref.WeakSet[_ForkBound] = weakref.WeakSet()
 
 
 def _after_fork_in_child() -> None:

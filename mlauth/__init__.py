@@ -17,6 +17,7 @@ from .errors import (
     StaleCommitError,
     StoreError,
     StoreMovedError,
+    UnexpectedError,
 )
 from .journal import reauthorization_required
 from .legacy import keep_globals_current, redirect_refresh
@@ -46,6 +47,7 @@ __all__ = [
     "StoreMovedError",
     "TokenSet",
     "TokenStore",
+    "UnexpectedError",
     "fingerprint",
     "install",
     "installed",

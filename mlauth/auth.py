@@ -43,11 +43,12 @@ from .errors import (
     MLAuthError,
     RefreshError,
     StaleCommitError,
+    UnexpectedError,
 )
 from .journal import journal_of, recover
 from .preflight import refresh_problem
 from .refresher import REAUTHORIZE_HINT, TokenEndpoint
-from .secret import Secret
+from .secret import Secret, mask
 from .store import TokenStore
 from .token import MAX_MARGIN_SHARE, TokenSet
 
@@ -254,6 +255,17 @@ class MLAuth(requests.auth.AuthBase):
             f"hosts={self._hosts!r}, {tokens.describe()})"
         )
 
+    def __reduce__(self) -> str | tuple[Any, ...]:
+        # A pickle would carry the client secret and live tokens into whatever transports it
+        # (a pool's pipe, a task queue's broker), and the copy would share none of this
+        # process's state anyway. Each process builds its own; fork children inherit it.
+        raise TypeError(
+            "an MLAuth cannot be pickled (nor a Session holding one): with a spawn or "
+            "forkserver pool, or a task queue, build one in each worker, e.g. "
+            "MLAuth.from_env(path) in the pool's initializer; forked workers inherit a "
+            "module-level one and may use it as is"
+        )
+
     @property
     def tokens(self) -> TokenSet:
         """The tokens this process uses now (values wrapped in :class:`Secret`)."""
@@ -304,7 +316,12 @@ class MLAuth(requests.auth.AuthBase):
     def __call__(self, r: requests.PreparedRequest) -> requests.PreparedRequest:
         if not self._hosts.allows(r.url):
             return r  # other hosts get nothing from us, not even a removed header
-        tokens = self._current()
+        try:
+            tokens = self._current()
+        except MLAuthError:
+            raise
+        except Exception as exc:
+            raise self._unexpected(exc, "getting a token for the request") from exc
         assert tokens.access_token is not None  # _current refreshes when there is none
         # Replaces whatever the caller set: legacy code passes stale headers.
         r.headers["Authorization"] = f"Bearer {tokens.access_token.reveal()}"
@@ -348,10 +365,14 @@ class MLAuth(requests.auth.AuthBase):
         except LockTimeoutError:
             log.debug("another process is refreshing; sending the current token meanwhile")
             return tokens
-        except MLAuthError as exc:
+        except Exception as caught:  # noqa: BLE001 (the current token works: use it, say why)
+            exc = caught
+            if not isinstance(exc, MLAuthError):
+                exc = self._unexpected(exc, "refreshing ahead of expiry")
             left = tokens.expires_in() or 0.0
             self._advisory_retry_at = time.monotonic() + min(ADVISORY_RETRY_DELAY, left / 4)
-            level = logging.ERROR if isinstance(exc, InvalidGrantError) else logging.WARNING
+            bad = isinstance(exc, (InvalidGrantError, UnexpectedError))
+            level = logging.ERROR if bad else logging.WARNING
             log.log(level, "refresh ahead of expiry failed; using the current token: %s", exc)
             return tokens
         return refreshed or tokens  # None: another thread of ours is refreshing
@@ -371,9 +392,11 @@ class MLAuth(requests.auth.AuthBase):
             return r
         try:
             new = self._recover(Secret(failed))
-        except BaseException:
+        except BaseException as exc:
             r.close()  # the caller never sees this response: give its connection back
-            raise
+            if isinstance(exc, MLAuthError) or not isinstance(exc, Exception):
+                raise
+            raise self._unexpected(exc, "recovering from a 401") from exc
         if new is None:
             return r
         if not _replayable(request):
@@ -686,6 +709,22 @@ class MLAuth(requests.auth.AuthBase):
         now = time.monotonic()
         remembered = _fresh(error, str(error))
         self._last_failure = (now, now + min(wait, MAX_FAILURE_MEMORY), spent, remembered)
+
+    def _unexpected(self, exc: Exception, doing: str) -> UnexpectedError:
+        """``exc``, which is no MLAuthError, as one: callers catch RequestException.
+
+        Its message is someone else's and may quote a value it was handed: the tokens this
+        process knows, the client secret and anything token-shaped are fingerprinted.
+        """
+        known: list[Secret | None] = [self._endpoint._client_secret]
+        for tokens in (self._cache[0], self._unsaved[0] if self._unsaved else None):
+            if tokens is not None:
+                known += [tokens.access_token, tokens.refresh_token]
+        return UnexpectedError(
+            f"mlauth failed unexpectedly while {doing}: "
+            + mask(f"{type(exc).__name__}: {exc}", known)
+            + " (the original exception is this one's __cause__)"
+        )
 
     def _notify(self, tokens: TokenSet) -> None:
         if self.on_refresh is None:

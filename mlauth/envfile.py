@@ -70,6 +70,7 @@ _LINE = re.compile(
     re.VERBOSE,
 )
 _BARE_SAFE = re.compile(r"[A-Za-z0-9_.:/@+\-]*\Z")
+BOM = "\ufeff"
 
 
 def _quote(value: str, style: str) -> str:
@@ -89,6 +90,10 @@ def _newline_of(text: str) -> str:
 
 def render_update(text: str, updates: Mapping[str, str | None]) -> str:
     """``text`` with the keys of ``updates`` set (or removed, for None); all else unchanged."""
+    if text.startswith(BOM):
+        # Parsed with it, the BOM would glue itself to the first key's name (so a token key
+        # on line 1 would be added again at the end); the file keeps it as it was.
+        return BOM + render_update(text[len(BOM) :], updates)
     out: list[str] = []
     done: set[str] = set()
     for binding in parse_stream(io.StringIO(text)):
@@ -128,7 +133,10 @@ def render_update(text: str, updates: Mapping[str, str | None]) -> str:
 
 
 def read_env_file(path: str | os.PathLike[str]) -> dict[str, str | None]:
-    """The file's keys and values as python-dotenv reads them; ConfigError if it is missing."""
+    """The file's keys and values as python-dotenv reads them; ConfigError if it is missing.
+
+    A UTF-8 BOM is dropped, and an ``ML_`` key set twice is refused (see _refuse_duplicates).
+    """
     path = os.fspath(path)
     if os.path.isdir(path):
         raise ConfigError(
@@ -136,6 +144,12 @@ def read_env_file(path: str | os.PathLike[str]) -> dict[str, str | None]:
             f"(e.g. --env {os.path.join(path, '.env')})"
         )
     if not os.path.isfile(path):
+        if os.path.islink(path):
+            raise ConfigError(
+                f"{path} is a symlink to {os.path.realpath(path)}, which does not exist; "
+                "restore that file (a moved or unmounted folder?) or point the link at the "
+                ".env that holds ML_CLIENT_ID, ML_CLIENT_SECRET and ML_REFRESH_TOKEN."
+            )
         raise ConfigError(
             f"{path}: no such .env file. Create it with ML_CLIENT_ID, ML_CLIENT_SECRET and "
             "ML_REFRESH_TOKEN, or pass the right path (mlauth never creates it silently)."
@@ -147,10 +161,37 @@ def read_env_file(path: str | os.PathLike[str]) -> dict[str, str | None]:
     except OSError as exc:
         raise StoreError(f"cannot read {path}: {exc.strerror or exc}") from exc
     try:
-        text = raw.decode("utf-8")
+        # utf-8-sig drops the BOM some Windows editors write: python-dotenv 1.0.0 would read
+        # it as part of the first key's name, and that key would look missing.
+        text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path} is not UTF-8 text ({exc.reason}); save it as UTF-8.") from exc
+    _refuse_duplicates(text, path)
     return dict(dotenv_values(stream=io.StringIO(text), interpolate=False))
+
+
+def _refuse_duplicates(text: str, path: str) -> None:
+    """ConfigError for an ``ML_`` key set on two lines.
+
+    python-dotenv lets the last one win, silently: a stale refresh token below a live one
+    would be spent (invalid_grant) and the seller asked to authorize again for nothing.
+    """
+    first_line: dict[str, int] = {}
+    for binding in parse_stream(io.StringIO(text)):
+        key = binding.key
+        if binding.error or key is None or not key.startswith("ML_"):
+            continue
+        original = binding.original.string
+        # Some python-dotenv versions attach the blank lines before a binding to it.
+        line = binding.original.line + original[: len(original) - len(original.lstrip())].count(
+            "\n"
+        )
+        if key in first_line:
+            raise ConfigError(
+                f"{path}: {key} is set twice, on lines {first_line[key]} and {line}; delete "
+                "the stale one (mlauth reads one value and will not guess which)."
+            )
+        first_line[key] = line
 
 
 def in_place_mode(path: str, values: Mapping[str, str | None] | None = None) -> bool:

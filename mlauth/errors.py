@@ -21,6 +21,7 @@ __all__ = [
     "StaleCommitError",
     "StoreError",
     "StoreMovedError",
+    "UnexpectedError",
 ]
 
 
@@ -81,6 +82,16 @@ class RefreshError(MLAuthError):
         self.error = error
         self.description = description
         self.retry_after: float | None = None
+
+
+class UnexpectedError(MLAuthError):
+    """Something the auth relies on failed in a way mlauth does not handle (a bug, here or in
+    a dependency or a custom store).
+
+    Raised in place of that exception, which is kept as ``__cause__``, so that a request
+    fails with a :class:`requests.RequestException` the caller's ``except`` clauses expect.
+    The message names the original; token values in it are replaced by fingerprints.
+    """
 
 
 class InvalidGrantError(RefreshError):

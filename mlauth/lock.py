@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Protocol
 
 import filelock
 
@@ -23,6 +26,27 @@ log = logging.getLogger("mlauth")
 POLL_INTERVAL = 0.005
 
 
+class _ForkBound(Protocol):
+    def _after_fork_in_child(self) -> None: ...
+
+
+# Every lock object of this process that must be rebuilt in a forked child. A lock kind is
+# registered by adding its instances here and giving it an ``_after_fork_in_child()`` method.
+_fork_bound: weakref.WeakSet[_ForkBound] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    # filelock >= 4 refuses a lock object inherited across fork (RuntimeError on acquire), so
+    # a pool worker, a gunicorn/Celery prefork child or a ProcessPoolExecutor worker would
+    # fail on its first refresh. The parent's object is replaced by a new one in the child.
+    for lock in list(_fork_bound):
+        lock._after_fork_in_child()
+
+
+# filelock registered its own hook when it was imported above, so it runs before ours.
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 class ProcessLock:
     """An ``flock`` on a sibling lock file, shared by every process on this machine.
 
@@ -35,12 +59,47 @@ class ProcessLock:
 
     def __init__(self, path: str) -> None:
         self.path = path
+        # The descriptor each thread holds the flock through (thread id -> fd, device, inode),
+        # so that a child forked while one is held can close its copy; see _after_fork_in_child.
+        self._held: dict[int, tuple[int, int, int]] = {}
+        self._lock = self._new_lock()
+        _fork_bound.add(self)
+
+    def _new_lock(self) -> filelock.FileLock:
         # preserve_lock_file keeps the path on release and turns off filelock's fallback to a
         # marker-file lock, which a killed holder would leave behind. thread_local stays True:
         # with False every thread of a process would hold the lock at once.
-        self._lock = filelock.FileLock(
-            path, mode=0o600, preserve_lock_file=True, fallback_to_soft=False
+        return filelock.FileLock(
+            self.path,
+            mode=0o600,
+            preserve_lock_file=True,
+            fallback_to_soft=False,
+            on_acquired=self._note_held,
         )
+
+    def _note_held(self, fd: int) -> None:
+        info = os.fstat(fd)
+        self._held[threading.get_ident()] = (fd, info.st_dev, info.st_ino)
+
+    def _after_fork_in_child(self) -> None:
+        """Give the child a lock object of its own; called in every forked child.
+
+        A thread of the parent may hold the flock at fork time. The lock belongs to the open
+        file description, which the child shares through its copy of the descriptor: the
+        child must close that copy, never unlock it (``LOCK_UN`` on the shared description
+        would release the parent's lock), or the lock would outlive a parent killed later and
+        the child would wait for itself. filelock 4.3 closes it too; this check keeps that
+        true whatever filelock does, and the inode test keeps a reused number untouched.
+        """
+        held, self._held = self._held, {}
+        for fd, device, inode in held.values():
+            try:
+                info = os.fstat(fd)
+            except OSError:
+                continue  # already closed (by filelock's own fork hook)
+            if (info.st_dev, info.st_ino) == (device, inode):
+                os.close(fd)
+        self._lock = self._new_lock()
 
     def busy(self) -> bool:
         """Whether another process (or thread) holds the lock now; never waits.
@@ -55,6 +114,7 @@ class ProcessLock:
             return True
         except OSError as exc:
             raise StoreError(f"cannot open the refresh lock {self.path}: {exc}") from exc
+        self._held.pop(threading.get_ident(), None)
         self._lock.release()
         return False
 
@@ -86,4 +146,5 @@ class ProcessLock:
         try:
             yield
         finally:
+            self._held.pop(threading.get_ident(), None)
             self._lock.release()

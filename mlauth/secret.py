@@ -9,9 +9,14 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
+from collections.abc import Iterable
 from typing import Any
 
-__all__ = ["Secret", "fingerprint"]
+__all__ = ["Secret", "fingerprint", "mask"]
+
+# What MercadoLibre's access (APP_USR-...) and refresh (TG-...) tokens look like.
+_TOKEN_SHAPE = re.compile(r"\b(?:APP_USR|TG)-[A-Za-z0-9_-]+")
 
 
 def fingerprint(value: str | None) -> str:
@@ -24,6 +29,17 @@ def fingerprint(value: str | None) -> str:
     if not value:
         return "<none>"
     return "sha256:" + hashlib.sha256(value.encode("utf-8")).hexdigest()[:8]
+
+
+def mask(text: str, secrets: Iterable[Secret | None] = ()) -> str:
+    """``text`` with each of ``secrets``, and anything shaped like an ML token, fingerprinted.
+
+    For messages made from someone else's exception, which may quote a value it was given.
+    """
+    for secret in secrets:
+        if secret is not None and secret.reveal():
+            text = text.replace(secret.reveal(), secret.fingerprint)
+    return _TOKEN_SHAPE.sub(lambda match: fingerprint(match.group()), text)
 
 
 class Secret:

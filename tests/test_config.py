@@ -71,3 +71,18 @@ def test_legacy_env_without_expiry_is_accepted(tmp_path: Path) -> None:
 def test_store_must_be_a_token_store(tmp_path: Path) -> None:
     with pytest.raises(mlauth.ConfigError, match="TokenStore"):
         mlauth.MLAuth("1", "s", store="not a store")  # type: ignore[arg-type]
+
+
+def test_from_env_reads_a_file_saved_with_a_bom(tmp_path: Path) -> None:
+    path = tmp_path / ".env"
+    path.write_bytes(b"\xef\xbb\xbf" + env_text().split("\n", 2)[2].encode())  # ML_CLIENT_ID first
+    auth = mlauth.MLAuth.from_env(path)
+    assert auth.client_id == "1234567890123456"
+
+
+def test_from_env_refuses_a_token_key_set_twice(tmp_path: Path) -> None:
+    path = write(tmp_path, env_text() + "ML_REFRESH_TOKEN=TG-stale-from-an-old-paste\n")
+    with pytest.raises(
+        mlauth.ConfigError, match=r"ML_REFRESH_TOKEN is set twice, on lines 6 and 8"
+    ):
+        mlauth.MLAuth.from_env(path)

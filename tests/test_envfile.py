@@ -78,10 +78,56 @@ def test_crlf_file_keeps_its_line_endings(tmp_path: Path) -> None:
     assert text.startswith("A=1\r\nML_ACCESS_TOKEN=APP_USR-new-access-fake\r\n")
 
 
-def test_duplicate_keys_are_all_updated(tmp_path: Path) -> None:
-    original = "ML_REFRESH_TOKEN=a\nX=1\nML_REFRESH_TOKEN=b\n"
-    text = saved_text(tmp_path, original)
-    assert text.startswith("ML_REFRESH_TOKEN=TG-new-refresh-fake\nX=1\nML_REFRESH_TOKEN=TG-new")
+def test_duplicate_keys_are_all_updated() -> None:
+    # A store refuses such a file before saving (below); the renderer still never leaves a
+    # stale copy behind.
+    text = render_update("ML_REFRESH_TOKEN=a\nX=1\nML_REFRESH_TOKEN=b\n", {"ML_REFRESH_TOKEN": "n"})
+    assert text == "ML_REFRESH_TOKEN=n\nX=1\nML_REFRESH_TOKEN=n\n"
+
+
+def test_duplicate_ml_key_is_refused_naming_both_lines(tmp_path: Path) -> None:
+    path = tmp_path / ".env"
+    live = ORIGINAL.replace("LAST=1", "LAST=1\n\n  ML_REFRESH_TOKEN=TG-stale\n")
+    path.write_text(live)
+    with pytest.raises(mlauth.ConfigError) as caught:
+        read_env_file(path)
+    assert str(caught.value) == (
+        f"{path}: ML_REFRESH_TOKEN is set twice, on lines 8 and 12; delete the stale one "
+        "(mlauth reads one value and will not guess which)."
+    )
+    with pytest.raises(mlauth.ConfigError, match="set twice"):
+        EnvFileStore(path).save(NEW)
+    assert path.read_text() == live  # nothing spent, nothing written
+    # Other keys set twice are the user's business: the last one wins, as python-dotenv says.
+    path.write_text("X=1\nX=2\n")
+    assert read_env_file(path) == {"X": "2"}
+
+
+def test_utf8_bom_is_dropped_on_read_and_kept_on_save(tmp_path: Path) -> None:
+    path = tmp_path / ".env"
+    # A token key on line 1: read with the BOM glued to its name, the save would add it again.
+    original = "\ufeff" + ORIGINAL.replace("export ML_ACCESS_TOKEN", "X").replace(
+        "# MercadoLibre pipeline", "ML_ACCESS_TOKEN=APP_USR-old-access-fake"
+    )
+    path.write_bytes(original.encode("utf-8"))
+    assert read_env_file(path)["ML_ACCESS_TOKEN"] == "APP_USR-old-access-fake"
+    EnvFileStore(path).save(NEW)
+    text = path.read_bytes().decode("utf-8")
+    assert text.startswith("\ufeffML_ACCESS_TOKEN=APP_USR-new-access-fake\n")
+    assert text.count("ML_ACCESS_TOKEN=") == 1
+    assert read_env_file(path)["ML_ACCESS_TOKEN"] == "APP_USR-new-access-fake"
+
+
+def test_dangling_symlink_names_the_missing_target(tmp_path: Path) -> None:
+    link = tmp_path / ".env"
+    link.symlink_to(tmp_path / "secrets" / "ml.env")
+    with pytest.raises(mlauth.ConfigError) as caught:
+        read_env_file(link)
+    message = str(caught.value)
+    assert f"{link} is a symlink to {tmp_path / 'secrets' / 'ml.env'}, which does not exist" in (
+        message
+    )
+    assert "no such .env file" not in message
 
 
 def test_mode_is_kept(tmp_path: Path) -> None:

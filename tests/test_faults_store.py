@@ -63,17 +63,18 @@ def test_malformed_lines_are_kept_as_they_are(fake_ml: FakeMercadoLibre, tmp_pat
     assert fake_ml.stats()["refreshes"] == 1
 
 
-def test_duplicate_token_keys_are_all_updated(fake_ml: FakeMercadoLibre, tmp_path: Path) -> None:
+def test_duplicate_token_keys_are_refused_before_anything_is_spent(
+    fake_ml: FakeMercadoLibre, tmp_path: Path
+) -> None:
     env = tmp_path / ".env"
-    tokens = write_expired(fake_ml, env)
-    env.write_text(f"ML_REFRESH_TOKEN=TG-an-old-line-fake\n{env.read_text()}")
-    auth = mlauth.MLAuth.from_env(env)  # python-dotenv: the last one wins
-    assert auth.tokens.refresh_token == mlauth.Secret(str(tokens["refresh_token"]))
-    assert call(fake_ml, auth).status_code == 200
-    lines = [line for line in env.read_text().splitlines() if line.startswith("ML_REFRESH")]
-    live = auth.tokens.refresh_token
-    assert live is not None
-    assert lines == [f"ML_REFRESH_TOKEN={live.reveal()}"] * 2  # no stale copy left behind
+    write_expired(fake_ml, env)
+    # python-dotenv lets the last line win: a stale token there would be spent for nothing.
+    env.write_text(f"{env.read_text()}ML_REFRESH_TOKEN=TG-an-old-line-fake\n")
+    before = env.read_text()
+    with pytest.raises(mlauth.ConfigError, match="ML_REFRESH_TOKEN is set twice, on lines 4 and"):
+        mlauth.MLAuth.from_env(env)
+    assert env.read_text() == before
+    assert fake_ml.stats()["token_requests"] == 0
 
 
 def test_crlf_line_endings_survive_a_refresh(fake_ml: FakeMercadoLibre, tmp_path: Path) -> None:

@@ -1,0 +1,244 @@
+"""Process pools and forks of a process that already built its MLAuth (issue 10, item 1).
+
+Workers inherit (fork) or build (spawn, forkserver) the auth; every run crosses several token
+expiries against the loopback fake, which kills the old access token at each rotation.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import json
+import multiprocessing
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+
+from benchmarks.redis_server import RedisServer
+from mlauth import MLAuth
+from mlauth.migrate import migrate_to_redis
+from mlauth.testing import FakeMercadoLibre
+from tests.test_processes import LIFETIME, check_storm, wait_for_line
+
+pytestmark = pytest.mark.processes
+
+SECONDS = 6.0  # three token lifetimes
+WORKERS = 3
+
+# What a worker calls through. Set in the parent before a fork pool starts (the workers
+# inherit them), or by _build_in_worker in each spawn/forkserver worker.
+_AUTH: MLAuth | None = None
+_SESSION: requests.Session | None = None
+
+
+def _build_in_worker(env: str) -> None:
+    global _AUTH, _SESSION
+    _AUTH = MLAuth.from_env(env)
+    _SESSION = requests.Session()
+    _SESSION.auth = _AUTH
+
+
+def _calls(url: str, seconds: float, session: requests.Session | None = None) -> dict[str, object]:
+    """Call the API until the deadline, half through the session, half with ``auth=``."""
+    session = session or _SESSION
+    assert _AUTH is not None and session is not None
+    totals: dict[str, object] = {"calls": 0, "failed": 0, "absorbed_401": 0, "errors": []}
+    calls = failed = absorbed = 0
+    errors: list[str] = []
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        calls += 1
+        try:
+            if calls % 2:
+                response = session.get(f"{url}/users/me", timeout=30)
+            else:
+                response = requests.get(f"{url}/users/me", auth=_AUTH, timeout=30)
+            absorbed += sum(1 for r in response.history if r.status_code == 401)
+            if response.status_code != 200:
+                failed += 1
+                errors.append(f"HTTP {response.status_code}")
+        except Exception as exc:  # noqa: BLE001 - every kind counts: a RuntimeError was the bug
+            failed += 1
+            errors.append(f"{type(exc).__name__}: {exc}"[:300])
+    totals.update(calls=calls, failed=failed, absorbed_401=absorbed, errors=errors[:5])
+    totals["pid"] = os.getpid()
+    return totals
+
+
+@pytest.fixture
+def fake_env(tmp_path: Path) -> Iterator[tuple[FakeMercadoLibre, Path]]:
+    with FakeMercadoLibre(token_lifetime=LIFETIME, kill_old_access_on_refresh=True) as fake:
+        env = tmp_path / ".env"
+        fake.write_env(env, expires_at=time.time() + LIFETIME)
+        yield fake, env
+
+
+def _run(kind: str, fake: FakeMercadoLibre, env: Path, label: str = "") -> None:
+    global _AUTH, _SESSION
+    # Built, and used, in the parent before any worker exists: what a pipeline's module-level
+    # setup does before a Pool, a ProcessPoolExecutor or a prefork server starts.
+    _AUTH = MLAuth.from_env(env)
+    _SESSION = requests.Session()
+    _SESSION.auth = _AUTH
+    # The auth is used before the fork, the session is not: a Session that has sent a request
+    # keeps a pooled socket that forked children would share with it and with each other
+    # (answers cross between processes). That is requests' state, not the auth's; the README
+    # says to create or close sessions in the worker.
+    assert requests.get(f"{fake.base_url}/users/me", auth=_AUTH, timeout=30).status_code == 200
+    fake.reset_stats()  # count from here: the call above may have refreshed nothing or one
+
+    if kind == "executor-fork":
+        context = multiprocessing.get_context("fork")
+        pool: object = concurrent.futures.ProcessPoolExecutor(WORKERS, mp_context=context)
+    elif kind == "fork":
+        pool = multiprocessing.get_context("fork").Pool(WORKERS)
+    else:  # spawn, forkserver: nothing is inherited, each worker builds its own from the .env
+        context = multiprocessing.get_context(kind)
+        pool = context.Pool(WORKERS, initializer=_build_in_worker, initargs=(str(env),))
+
+    started = time.time()
+    parent: list[dict[str, object]] = []
+    # The parent keeps calling meanwhile through the same auth (its own session), as a
+    # server's master or a pipeline's driver does.
+    own = requests.Session()
+    own.auth = _AUTH
+    caller = threading.Thread(target=lambda: parent.append(_calls(fake.base_url, SECONDS, own)))
+    args = [(fake.base_url, SECONDS)] * WORKERS
+    if isinstance(pool, concurrent.futures.ProcessPoolExecutor):
+        with pool:
+            futures = [pool.submit(_calls, *a) for a in args]
+            caller.start()
+            results = [f.result(timeout=120) for f in futures]
+    else:
+        assert isinstance(pool, multiprocessing.pool.Pool)
+        with pool:
+            pending = pool.starmap_async(_calls, args, chunksize=1)
+            caller.start()
+            results = pending.get(timeout=120)
+    caller.join()
+    own.close()
+    span = time.time() - started
+    stats, refresh_times = fake.stats(), fake.refresh_times()
+
+    assert len({r["pid"] for r in results}) > 1, "the tasks did not spread over the workers"
+    label = f"{kind} pool{label}, {WORKERS} workers + parent"
+    print(f"\n[figures] {label}: {span / LIFETIME:.1f} token lifetimes crossed")
+    check_storm(
+        label,
+        results + parent,
+        stats,
+        refresh_times,
+        seconds=SECONDS,
+        span=span,
+        threads=WORKERS + 1,
+    )
+
+
+@pytest.mark.parametrize("kind", ["fork", "executor-fork", "forkserver", "spawn"])
+def test_pool_workers_share_the_chain_through_expiries(
+    kind: str, fake_env: tuple[FakeMercadoLibre, Path]
+) -> None:
+    _run(kind, *fake_env)
+
+
+def test_fork_pool_workers_share_a_redis_chain_through_expiries(
+    fake_env: tuple[FakeMercadoLibre, Path], redis_server: RedisServer
+) -> None:
+    # redis-py's pools notice the new pid and reconnect; the store keeps no other socket.
+    fake, env = fake_env
+    migrate_to_redis(env, redis_server.url)
+    _run("fork", fake, env, " (Redis store)")
+
+
+def test_pickling_an_auth_or_its_session_says_to_build_one_per_worker(
+    fake_env: tuple[FakeMercadoLibre, Path],
+) -> None:
+    auth = MLAuth.from_env(fake_env[1])
+    session = requests.Session()
+    session.auth = auth
+    for thing in (auth, session):
+        with pytest.raises(TypeError, match=r"MLAuth.from_env\(path\) in the pool's initializer"):
+            pickle.dumps(thing)
+    # What a user sees who passes it to a pool task: the same message, not a lock's.
+    with (
+        multiprocessing.get_context("fork").Pool(1) as pool,
+        pytest.raises(TypeError, match="cannot be pickled"),
+    ):
+        pool.apply(len, (session,))
+
+
+def _start_holder(
+    env: Path, fake: FakeMercadoLibre, tmp_path: Path
+) -> tuple[subprocess.Popen[str], int, Path, Path]:
+    log, result = tmp_path / "child.log", tmp_path / "child.json"
+    log.touch()  # wait_for_line reads it before the child opens it
+    script = str(Path(__file__).with_name("fork_lock_holder.py"))
+    holder = subprocess.Popen(
+        [sys.executable, script, str(env), fake.base_url, str(log), str(result)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert holder.stdout is not None
+    line = holder.stdout.readline()
+    assert line.startswith("forked "), line
+    return holder, int(line.split()[1]), log, result
+
+
+def _wait_for_result(result: Path, timeout: float) -> dict[str, object]:
+    deadline = time.monotonic() + timeout
+    while not result.exists():
+        assert time.monotonic() < deadline, f"the forked child gave no result in {timeout:g}s"
+        time.sleep(0.01)
+    answer: dict[str, object] = json.loads(result.read_text())
+    return answer
+
+
+@pytest.mark.parametrize("parent_fate", ["releases", "is_killed"])
+def test_child_forked_while_a_parent_thread_holds_the_lock_waits_then_refreshes(
+    parent_fate: str, tmp_path: Path
+) -> None:
+    with FakeMercadoLibre(token_lifetime=3600.0) as fake:
+        env = tmp_path / ".env"
+        fake.write_env(env, expires_at=time.time() - 10)  # the child's request must refresh
+        holder, child, log, result = _start_holder(env, fake, tmp_path)
+        try:
+            wait_for_line(log, "waiting for refresh lock", 30)
+            # Still held by the parent's thread: the child waits and has spent nothing.
+            assert not result.exists()
+            assert fake.stats()["token_requests"] == 0
+            if parent_fate == "releases":
+                assert holder.stdin is not None
+                holder.stdin.write("go\n")
+                holder.stdin.flush()
+            else:
+                # The kernel frees the flock when the last descriptor of the parent's open
+                # file description closes. Had the child kept its inherited copy, that
+                # would never happen and it would wait for itself for its whole 60 s
+                # lock_timeout; the 20 s deadline below would fail first.
+                os.kill(holder.pid, signal.SIGKILL)
+            answer = _wait_for_result(result, 20)
+            holder.wait(timeout=30)
+        finally:
+            for pid in (holder.pid, child):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            holder.wait(timeout=30)
+            if holder.stdin is not None:
+                holder.stdin.close()
+            if holder.stdout is not None:
+                holder.stdout.close()
+        stats = fake.stats()
+    assert answer == {"status": 200, "error": None}
+    assert holder.returncode == (0 if parent_fate == "releases" else -signal.SIGKILL)
+    assert stats["refreshes"] == 1 and stats["invalid_grant"] == 0
+    assert "took refresh lock" in log.read_text()

@@ -15,7 +15,7 @@ import filelock
 
 from .errors import LockTimeoutError, StoreError
 
-__all__ = ["ProcessLock"]
+__all__ = ["ProcessLock", "fork_bound"]
 
 log = logging.getLogger("mlauth")
 
@@ -32,14 +32,14 @@ class _ForkBound(Protocol):
 
 # Every lock object of this process that must be rebuilt in a forked child. A lock kind is
 # registered by adding its instances here and giving it an ``_after_fork_in_child()`` method.
-_fork_bound: weakref.WeakSet[_ForkBound] = weakref.WeakSet()
+fork_bound: weakref.WeakSet[_ForkBound] = weakref.WeakSet()
 
 
 def _after_fork_in_child() -> None:
     # filelock >= 4 refuses a lock object inherited across fork (RuntimeError on acquire), so
     # a pool worker, a gunicorn/Celery prefork child or a ProcessPoolExecutor worker would
     # fail on its first refresh. The parent's object is replaced by a new one in the child.
-    for lock in list(_fork_bound):
+    for lock in list(fork_bound):
         lock._after_fork_in_child()
 
 
@@ -63,7 +63,7 @@ class ProcessLock:
         # so that a child forked while one is held can close its copy; see _after_fork_in_child.
         self._held: dict[int, tuple[int, int, int]] = {}
         self._lock = self._new_lock()
-        _fork_bound.add(self)
+        fork_bound.add(self)
 
     def _new_lock(self) -> filelock.FileLock:
         # preserve_lock_file keeps the path on release and turns off filelock's fallback to a

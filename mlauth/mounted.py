@@ -40,12 +40,12 @@ import os
 import struct
 import threading
 import time
-import weakref
 from collections.abc import Iterator
 from typing import Any
 
 from .errors import LockTimeoutError, StoreError
 from .journal import Journal
+from .lock import fork_bound
 
 __all__ = [
     "REFRESH_BYTE",
@@ -221,10 +221,6 @@ def probe_in_place(path: str) -> None:
         os.close(fd)
 
 
-# Descriptors holding the refresh lock, for the fork handler: a child must not keep them.
-_held: weakref.WeakSet[InodeLock] = weakref.WeakSet()
-
-
 class InodeLock:
     """The refresh lock of a mounted ``.env``: one byte of its own inode, locked OFD-style.
 
@@ -235,8 +231,10 @@ class InodeLock:
 
     def __init__(self, path: str) -> None:
         self.path = os.path.realpath(path)
+        # The descriptors holding the lock now, for the fork handler: a child must not keep them.
         self._fds: set[int] = set()
         self._fds_lock = threading.Lock()
+        fork_bound.add(self)
 
     def _open(self) -> int:
         # A write lock needs a descriptor open for writing.
@@ -250,7 +248,6 @@ class InodeLock:
             ) from exc
         with self._fds_lock:
             self._fds.add(fd)
-        _held.add(self)
         return fd
 
     def _close(self, fd: int) -> None:
@@ -286,7 +283,7 @@ class InodeLock:
         finally:
             self._close(fd)
 
-    def _forget_in_child(self) -> None:
+    def _after_fork_in_child(self) -> None:
         # The descriptors belong to threads of the parent that do not exist here. Closing our
         # copies (never unlocking: the lock is the parent's, on a shared description) makes
         # sure a parent killed while holding it does not leave the lock held by this child.
@@ -296,14 +293,6 @@ class InodeLock:
         for fd in fds:
             with contextlib.suppress(OSError):
                 os.close(fd)
-
-
-def _after_fork_in_child() -> None:
-    for lock in list(_held):
-        lock._forget_in_child()
-
-
-os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 JOURNAL_ATTR = "user.mlauth.journal"

@@ -333,3 +333,17 @@ def test_the_lost_answer_window_stops_every_container_with_the_fix(
         assert mlauth.reauthorization_required(mlauth.EnvFileStore(env)) is not None
     assert fake.stats()["token_requests"] == 2
     assert host_env.read_bytes() == before
+
+
+def test_a_fork_pool_on_a_mounted_env_shares_the_chain(tmp_path: Path) -> None:
+    from tests.test_deploy_pools import _run
+
+    with FakeMercadoLibre(token_lifetime=LIFETIME, kill_old_access_on_refresh=True) as fake:
+        host_env = tmp_path / "host" / ".env"
+        host_env.parent.mkdir()
+        fake.write_env(host_env, expires_at=time.time() + LIFETIME)
+        with bind_file(host_env, tmp_path / "c1" / ".env") as env:
+            assert mlauth.EnvFileStore(env).in_place
+            # The inode lock's descriptors are process-bound too: rebuilt in every child.
+            _run("fork", fake, env, " (a .env mounted alone)")
+        assert fake.is_live(read_env_file(host_env)["ML_REFRESH_TOKEN"])

@@ -48,6 +48,7 @@ from .errors import (
 from .journal import journal_of, recover
 from .preflight import refresh_problem
 from .refresher import REAUTHORIZE_HINT, TokenEndpoint
+from .runner import ENV_VARIABLE as RUN_ENV_VARIABLE
 from .secret import Secret, mask
 from .store import TokenStore
 from .token import MAX_MARGIN_SHARE, TokenSet
@@ -243,9 +244,13 @@ class MLAuth(requests.auth.AuthBase):
         auth = cls(store=store, **settings)  # type: ignore[arg-type]
         # Said at start, not at the first refresh hours later; not raised: a pipeline whose
         # token is still valid may finish its work before a refresh is due.
-        problem = refresh_problem(auth.store)
-        if problem is not None:
-            log.error("the next token refresh will fail: %s", problem)
+        # Under `mlauth run` the command's .env was checked before the command started; every
+        # Python it starts would otherwise check it again.
+        checked = os.environ.get(RUN_ENV_VARIABLE)
+        if not checked or os.path.realpath(checked) != os.path.realpath(path):
+            problem = refresh_problem(auth.store)
+            if problem is not None:
+                log.error("the next token refresh will fail: %s", problem)
         return auth
 
     def __repr__(self) -> str:

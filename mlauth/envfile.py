@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import io
 import logging
 import math
@@ -32,7 +33,10 @@ from .mounted import (
     SAVE_FIX,
     InodeJournal,
     InodeLock,
+    fix_for,
     is_mount_point,
+    mark_in_place,
+    marked_in_place,
     ofd_supported,
     probe_in_place,
     read_locked,
@@ -209,7 +213,9 @@ def in_place_mode(path: str, values: Mapping[str, str | None] | None = None) -> 
             f"{path}: {WRITE_KEY}={mode!r} is not a write mode; write in-place (a file that "
             "containers mount alone and host processes share) or delete the line"
         )
-    wanted = mode == "in-place" or is_mount_point(real)
+    # The mark: a process that found the file mounted alone wrote it in place, so this one
+    # (a host process, say) must do the same or leave the containers on a dead inode.
+    wanted = mode == "in-place" or is_mount_point(real) or marked_in_place(real)
     if wanted and not ofd_supported():
         raise ConfigError(
             f"{path} is mounted as a single file (or {WRITE_KEY}=in-place), which needs Linux "
@@ -351,6 +357,32 @@ def _fmt_time(value: float | None) -> str | None:
     return None if value is None else f"{value:.3f}".rstrip("0").rstrip(".")
 
 
+def _may_link(real: str) -> bool:
+    """Whether ``fs.protected_hardlinks`` lets this user link ``real``."""
+    info = os.stat(real)
+    if os.geteuid() in (0, info.st_uid):
+        return True
+    # The kernel decides by the effective ids (fsuid), as a setuid or seteuid process has them.
+    effective = os.access in os.supports_effective_ids
+    return os.access(real, os.R_OK | os.W_OK, effective_ids=effective) and not info.st_mode & (
+        stat.S_ISUID | stat.S_ISGID
+    )
+
+
+def _drop_stale_aliases(real: str) -> None:
+    """Remove hard links a probe killed between its link and unlink left beside the file.
+
+    Each is a second name of an earlier ``.env`` (tokens and secret). One still naming the
+    current file may belong to a probe running now, so it waits for the next save.
+    """
+    folder, name = os.path.split(real)
+    pattern = os.path.join(glob.escape(folder), f".{glob.escape(name)}.*.link.mlauth-tmp")
+    for alias in glob.glob(pattern):
+        with contextlib.suppress(OSError):
+            if not os.path.samefile(alias, real):
+                os.unlink(alias)
+
+
 def _probe_replace(real: str) -> None:
     """Do what a save does (temp file, fsync, rename over the file) without touching the file.
 
@@ -375,9 +407,12 @@ def _probe_replace(real: str) -> None:
         try:
             os.link(real, alias)
         except OSError as exc:
-            if exc.errno == errno.EPERM:
-                raise
-            return  # no hard links on this filesystem: the temp file is all we can prove
+            if exc.errno == errno.EPERM and _may_link(real):
+                raise  # immutable or append-only
+            # No hard links on this filesystem, or fs.protected_hardlinks refuses a link to
+            # a file this user neither owns nor may write, though a rename over it in a
+            # writable folder works: the temp file is all that can be proved.
+            return
         try:
             os.replace(tmp, alias)
         finally:
@@ -408,6 +443,8 @@ class EnvFileStore:
         if self.in_place:
             self.lock_path = real
             self._lock = InodeLock(real)
+            with contextlib.suppress(OSError):  # the save probe reports why, before spending
+                mark_in_place(real)
         else:
             self.lock_path = real + ".lock"
             self._lock = ProcessLock(self.lock_path)
@@ -494,12 +531,13 @@ class EnvFileStore:
             if self.in_place:
                 probe_in_place(real)
             else:
+                _drop_stale_aliases(real)
                 _probe_replace(real)
         except OSError as exc:
-            fix = "free disk space, then try again." if exc.errno == errno.ENOSPC else SAVE_FIX
             why = why_unsaved(exc, in_place=self.in_place)
             raise StoreError(
-                f"cannot save tokens to {real}: {why}. Refusing to spend the refresh token: {fix}"
+                f"cannot save tokens to {real}: {why}. Refusing to spend the refresh token: "
+                f"{fix_for(exc)}"
             ) from exc
 
     def save(self, tokens: TokenSet) -> Hashable:
@@ -521,6 +559,37 @@ class EnvFileStore:
     def lock(self, timeout: float) -> contextlib.AbstractContextManager[None]:
         return self._hold(timeout)
 
+    def _check_mode(self) -> None:
+        """StoreError if this process and its peers no longer agree on how the file is saved.
+
+        Called under the lock, before anything is decided or spent. Two ways they part:
+        a container started after this (host) process and now writes the file in place,
+        locking its inode, which this process's sibling lock file does not exclude; or, seen
+        from inside a container, the host replaced the file (an editor, a process without
+        the in-place mode), and the mount still shows the old inode, now unlinked, whose
+        refresh token the host has spent.
+        """
+        real = os.path.realpath(self.path)
+        if not self.in_place and marked_in_place(real):
+            raise StoreError(
+                f"{real} is now also written in place by a process that mounts it as a single "
+                "file (a container), and this process, started before that, saves it another "
+                "way: refusing to refresh so the two cannot split the token chain. Restart "
+                "this process (it will follow), or mount the folder in the containers."
+            )
+        if self.in_place:
+            try:
+                replaced = os.stat(real).st_nlink == 0
+            except OSError:
+                replaced = False  # a missing file gets its own error at the read
+            if replaced:
+                raise StoreError(
+                    f"{real} was replaced on the host (by an editor, or a process that does "
+                    "not write it in place), and this mount still shows the old file: "
+                    "refusing to refresh from it. Restart the container; on the host, edit "
+                    f"the file in place and put {WRITE_KEY}=in-place in it."
+                )
+
     def file_lock(self, timeout: float) -> contextlib.AbstractContextManager[None]:
         """This file's own refresh lock, even after the tokens moved (for ``migrate``)."""
         return self._lock.hold(timeout)
@@ -530,6 +599,7 @@ class EnvFileStore:
         moved = self._follow() if self._moved is not None else None
         if moved is None:
             with self._lock.hold(timeout):
+                self._check_mode()
                 # A migration holds this lock while it moves the tokens: whoever gets it next
                 # must look before deciding anything from the file.
                 moved = self._follow()

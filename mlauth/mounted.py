@@ -48,11 +48,16 @@ from .journal import Journal
 from .lock import fork_bound
 
 __all__ = [
+    "MODE_ATTR",
     "REFRESH_BYTE",
     "SAVE_FIX",
     "InodeJournal",
     "InodeLock",
+    "check_size",
+    "fix_for",
     "is_mount_point",
+    "mark_in_place",
+    "marked_in_place",
     "ofd_supported",
     "probe_in_place",
     "read_locked",
@@ -67,6 +72,11 @@ _SETLKW: int | None = getattr(fcntl, "F_OFD_SETLKW", None)
 # One byte far past the end of any .env: the refresh lock. Bytes below it are the content.
 REFRESH_BYTE = 1 << 62
 POLL_INTERVAL = 0.005  # as for the sibling lock file (mlauth.lock)
+PAGE_SIZE = os.sysconf("SC_PAGESIZE") if hasattr(os, "sysconf") else 4096
+SIZE_HEADROOM = 512
+# The inode's mark that it is written in place (see mark_in_place).
+MODE_ATTR = "user.mlauth.write"
+IN_PLACE = b"in-place"
 
 # The fix for a .env that cannot take a save, in every error that says so.
 SAVE_FIX = (
@@ -96,7 +106,23 @@ def _reason(exc: OSError, in_place: bool) -> str:
         return "this user may not write the file or its folder"
     if code == errno.ENOSPC:
         return "the disk is full"
+    if code == errno.EFBIG:
+        return "it is too large to be written in place"
+    if code in (errno.ENOTSUP, errno.EOPNOTSUPP):
+        return (
+            "its filesystem keeps no user extended attributes, where a .env mounted alone "
+            "keeps its refresh journal (ext4, xfs and btrfs do)"
+        )
     return "the save failed"
+
+
+def fix_for(exc: OSError) -> str:
+    """The fix to name after :func:`why_unsaved`."""
+    if exc.errno == errno.ENOSPC:
+        return "free disk space, then try again."
+    if exc.errno in (errno.EFBIG, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return "mount the .env's folder instead of the file alone, or use the Redis store."
+    return SAVE_FIX
 
 
 def ofd_supported() -> bool:
@@ -153,72 +179,145 @@ def is_mount_point(path: str) -> bool:
     return False
 
 
+class _ContentHolders:
+    """Descriptors holding a content lock now, so a forked child can drop its copies.
+
+    A child forked while a thread of the parent writes in place inherits the descriptor, and
+    with it the lock (it belongs to the open file description): had the parent then died,
+    the child would keep every reader in every container waiting until it exited.
+    """
+
+    def __init__(self) -> None:
+        self.fds: set[int] = set()
+        self.mutex = threading.Lock()
+        fork_bound.add(self)
+
+    def _after_fork_in_child(self) -> None:
+        self.mutex = threading.Lock()  # first: a parent thread may have held the old one
+        fds, self.fds = self.fds, set()
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)  # never unlock: the lock is the parent's
+
+
+_holders = _ContentHolders()
+
+
 @contextlib.contextmanager
-def _content(fd: int, kind: int) -> Iterator[None]:
-    # A write holds this for one pwrite and an fsync: block, no timeout needed. The kernel
-    # drops it if the holder dies.
-    _lock(fd, kind, 0, REFRESH_BYTE, wait=True)
+def _content(path: str, kind: int) -> Iterator[int]:
+    """A descriptor of ``path`` holding the content lock (shared to read, exclusive to write).
+
+    Blocks without a timeout: a writer holds it for one pwrite and an fsync, and the kernel
+    drops it if the holder dies.
+    """
+    fd = os.open(path, os.O_RDWR if kind == fcntl.F_WRLCK else os.O_RDONLY)
     try:
-        yield
+        with _holders.mutex:
+            _holders.fds.add(fd)
+        _lock(fd, kind, 0, REFRESH_BYTE, wait=True)
+        try:
+            yield fd
+        finally:
+            _lock(fd, fcntl.F_UNLCK, 0, REFRESH_BYTE, wait=True)
     finally:
-        _lock(fd, fcntl.F_UNLCK, 0, REFRESH_BYTE, wait=True)
+        with _holders.mutex:
+            _holders.fds.discard(fd)
+        os.close(fd)
+
+
+def _read_all(fd: int) -> bytes:
+    chunks = []
+    while chunk := os.read(fd, 65536):
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def read_locked(path: str) -> bytes:
     """The file's bytes, read while no write in place is under way."""
-    with open(path, "rb") as handle:
-        if not ofd_supported():
-            return handle.read()
+    if ofd_supported():
         try:
-            _lock(handle.fileno(), fcntl.F_RDLCK, 0, REFRESH_BYTE, wait=True)
-        except OSError:
+            with _content(path, fcntl.F_RDLCK) as fd:
+                return _read_all(fd)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOLCK, errno.EINVAL, errno.EOPNOTSUPP):
+                raise
             # A filesystem without these locks (some FUSE and network ones) can hold no file
             # written in place either (its InodeLock fails first): a plain read is safe there.
-            return handle.read()
-        try:
-            return handle.read()
-        finally:
-            _lock(handle.fileno(), fcntl.F_UNLCK, 0, REFRESH_BYTE, wait=True)
+    with open(path, "rb") as handle:
+        return handle.read()
+
+
+def check_size(size: int) -> None:
+    """OSError(EFBIG) unless a file of ``size`` bytes can be written in place in one piece.
+
+    The kernel copies a write into the page cache a page at a time and lets a fatal signal
+    in between pages: a ``.env`` over one page, written in place, could be cut between its
+    pages by a ``kill -9`` (and its token lines garbled). The headroom covers the keys a
+    first refresh adds and tokens that grow.
+    """
+    if size + SIZE_HEADROOM > PAGE_SIZE:
+        raise OSError(
+            errno.EFBIG,
+            f"it has {size} bytes, and a .env mounted alone is written in place, which is "
+            f"atomic only up to {PAGE_SIZE - SIZE_HEADROOM} bytes (one page, less room for "
+            "the token keys): move other settings to another file",
+        )
 
 
 def write_in_place(path: str, data: bytes) -> None:
     """Overwrite ``path`` with ``data`` in place, durably, never showing a reader half of it.
 
-    The inode stays: every bind mount of the file sees the new content. Raises OSError.
+    The inode stays: every bind mount of the file sees the new content. One ``pwrite`` at
+    offset 0 of at most one page: a ``kill -9`` leaves the old or the new bytes, not a mix.
+    Raises OSError.
     """
-    fd = os.open(path, os.O_RDWR)
-    try:
-        with _content(fd, fcntl.F_WRLCK):
-            old_size = os.fstat(fd).st_size
-            padded = data + b"\n" * max(0, old_size - len(data))
-            view, offset = memoryview(padded), 0
-            while offset < len(padded):
-                offset += os.pwrite(fd, view[offset:], offset)
+    with _content(path, fcntl.F_WRLCK) as fd:
+        old_size = os.fstat(fd).st_size
+        padded = data + b"\n" * max(0, old_size - len(data))
+        if len(padded) > PAGE_SIZE:
+            check_size(len(padded))
+        view, offset = memoryview(padded), 0
+        while offset < len(padded):
+            offset += os.pwrite(fd, view[offset:], offset)
+        os.fsync(fd)
+        if len(padded) != len(data):
+            os.ftruncate(fd, len(data))
             os.fsync(fd)
-            if len(padded) != len(data):
-                os.ftruncate(fd, len(data))
-                os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def probe_in_place(path: str) -> None:
-    """Do what :func:`write_in_place` does, with the file's own bytes; raise OSError if refused.
+    """Raise OSError unless :func:`write_in_place` and the journal could do their work.
 
     Opening for writing is what an immutable file (``chattr +i``) or a read-only mount
-    (``:ro``, a Kubernetes Secret) refuses; writing the same bytes back changes nothing a
-    reader could see.
+    (``:ro``, a Kubernetes Secret) refuses; the size is checked against one page; and the
+    mode mark (an extended attribute, see :func:`mark_in_place`) proves the filesystem keeps
+    the attributes the journal lives in. Nothing a reader could see changes.
     """
     fd = os.open(path, os.O_RDWR)
     try:
-        with _content(fd, fcntl.F_WRLCK):
-            size = os.fstat(fd).st_size
-            data = os.pread(fd, size, 0)
-            if data:
-                os.pwrite(fd, data, 0)
-            os.fsync(fd)
+        check_size(os.fstat(fd).st_size)
     finally:
         os.close(fd)
+    mark_in_place(path)
+
+
+def marked_in_place(path: str) -> bool:
+    """Whether some process wrote this file in place (its inode carries the mark)."""
+    try:
+        return os.getxattr(path, MODE_ATTR) == IN_PLACE
+    except OSError:
+        return False
+
+
+def mark_in_place(path: str) -> None:
+    """Mark the inode as written in place, so every process that opens it does the same.
+
+    A host process that replaced the file (its usual way) would leave every container on the
+    old inode, whose refresh token it just spent. The mark is what tells a host process that
+    starts later; one already running finds it under the lock and stops before spending.
+    """
+    if not marked_in_place(path):
+        os.setxattr(path, MODE_ATTR, IN_PLACE)
 
 
 class InodeLock:
@@ -244,7 +343,7 @@ class InodeLock:
             # A .env mounted alone is locked on itself: what refuses the lock refuses the save.
             raise StoreError(
                 f"cannot lock {self.path} for a refresh: {why_unsaved(exc, in_place=True)}. "
-                f"Refusing to spend the refresh token: {SAVE_FIX}"
+                f"Refusing to spend the refresh token: {fix_for(exc)}"
             ) from exc
         with self._fds_lock:
             self._fds.add(fd)

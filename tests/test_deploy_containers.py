@@ -15,6 +15,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from collections.abc import Iterator
@@ -83,8 +84,10 @@ def test_a_refresh_through_a_single_file_mount_reaches_the_host_file(
 ) -> None:
     one, two = containers
     inode = host_env.stat().st_ino
+    assert not mlauth.EnvFileStore(host_env).in_place  # a plain file, before any container
     store = mlauth.EnvFileStore(one)
-    assert store.in_place and not mlauth.EnvFileStore(host_env).in_place
+    assert store.in_place  # mounted alone; it marks the inode, so the host follows from now on
+    assert mlauth.EnvFileStore(host_env).in_place
     result = peer(one, fake, one.parent)
     assert result["status"] == 200
     assert fake.stats()["refreshes"] == 1
@@ -347,3 +350,100 @@ def test_a_fork_pool_on_a_mounted_env_shares_the_chain(tmp_path: Path) -> None:
             # The inode lock's descriptors are process-bound too: rebuilt in every child.
             _run("fork", fake, env, " (a .env mounted alone)")
         assert fake.is_live(read_env_file(host_env)["ML_REFRESH_TOKEN"])
+
+
+def test_a_mounted_env_over_one_page_is_refused_before_spending(
+    fake: FakeMercadoLibre, host_env: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Written in place, a file over one page could be cut between its pages by a kill -9,
+    # garbling the token lines while the journal still held the answer.
+    with host_env.open("a") as handle:
+        handle.write("# a long comment\n" * 300)
+    before = host_env.read_bytes()
+    with bind_file(host_env, tmp_path / "c1" / ".env") as env:
+        with caplog.at_level("ERROR", logger="mlauth"):
+            auth = mlauth.MLAuth.from_env(env)
+        assert "too large to be written in place" in caplog.text  # said at start
+        with pytest.raises(mlauth.StoreError) as caught:
+            auth.valid_tokens()
+    message = str(caught.value)
+    assert f"it has {len(before)} bytes" in message and "mount the .env's folder" in message
+    assert fake.stats()["token_requests"] == 0
+    assert host_env.read_bytes() == before
+
+
+def test_a_host_process_started_before_the_containers_stops_before_splitting_the_chain(
+    fake: FakeMercadoLibre, host_env: Path, tmp_path: Path
+) -> None:
+    host_auth = mlauth.MLAuth.from_env(host_env)  # a plain file: sibling lock, os.replace
+    with bind_file(host_env, tmp_path / "c1" / ".env") as env:
+        mlauth.MLAuth.from_env(env)  # a container starts: it marks the inode
+        with pytest.raises(mlauth.StoreError, match="Restart this process"):
+            host_auth.refresh()
+        assert fake.stats()["token_requests"] == 0
+        # Restarted, the host process follows the containers: in place, on the same inode.
+        inode = host_env.stat().st_ino
+        assert mlauth.EnvFileStore(host_env).in_place
+        mlauth.MLAuth.from_env(host_env).refresh()
+        assert host_env.stat().st_ino == inode and read_env_file(env) == read_env_file(host_env)
+    assert fake.stats()["refreshes"] == 1 and fake.stats()["invalid_grant"] == 0
+
+
+def test_a_container_whose_file_was_replaced_on_the_host_refuses_to_refresh(
+    fake: FakeMercadoLibre, host_env: Path, tmp_path: Path
+) -> None:
+    with bind_file(host_env, tmp_path / "c1" / ".env") as env:
+        auth = mlauth.MLAuth.from_env(env)
+        # An editor on the host saves by replacing the file: the mount keeps the old inode.
+        fresh = host_env.with_name(".env.edited")
+        fresh.write_bytes(host_env.read_bytes() + b"# edited\n")
+        os.replace(fresh, host_env)
+        with pytest.raises(mlauth.StoreError, match=r"replaced on the host.*Restart the container"):
+            auth.refresh()
+    assert fake.stats()["token_requests"] == 0
+
+
+def test_the_save_probe_leaves_no_second_name_of_the_env(
+    fake: FakeMercadoLibre, host_env: Path
+) -> None:
+    store = mlauth.EnvFileStore(host_env)
+    # Left by a probe killed between its link and its unlink: a second name of an older
+    # .env (tokens and secret). One naming the current file may be a probe running now.
+    older = host_env.parent / ".older"
+    older.write_bytes(host_env.read_bytes())
+    stale = host_env.parent / "..env.dead.link.mlauth-tmp"
+    os.link(older, stale)
+    live = host_env.parent / "..env.live.link.mlauth-tmp"
+    os.link(host_env, live)
+    store.check_writable()
+    assert not stale.exists() and live.exists()
+    assert sorted(p.name for p in host_env.parent.glob("..env.*")) == [live.name]
+    assert host_env.stat().st_nlink == 2  # the probe's own link came and went
+
+
+def test_protected_hardlinks_do_not_refuse_a_save_that_works(fake: FakeMercadoLibre) -> None:
+    # A .env owned by root (0644) in a folder the pipeline's user may write: that user may not
+    # hard-link it under fs.protected_hardlinks, yet replacing it works.
+    setting = Path("/proc/sys/fs/protected_hardlinks")
+    if os.geteuid() != 0 or not setting.exists() or setting.read_text().strip() != "1":
+        pytest.skip("environment limit: needs root and fs.protected_hardlinks=1")
+    nobody = 65534
+    folder = Path(tempfile.mkdtemp(prefix="mlauth-owner-"))
+    try:
+        folder.chmod(0o777)
+        env = folder / ".env"
+        fake.write_env(env, expires_at=time.time() - 10)
+        env.chmod(0o644)
+        store = mlauth.EnvFileStore(env)
+        tokens, _ = store.load()
+        os.seteuid(nobody)  # this process becomes the pipeline's user, as far as files go
+        try:
+            with pytest.raises(PermissionError):
+                os.link(env, folder / "alias")  # the kernel's rule really applies
+            store.check_writable()  # no refusal
+            store.save(tokens)  # and the save it vouched for works
+        finally:
+            os.seteuid(0)
+        assert env.stat().st_uid == nobody  # replaced by the pipeline's user
+    finally:
+        shutil.rmtree(folder)

@@ -6,20 +6,46 @@ has to wait for the lock. Prints ``forked <child pid>`` once the child exists; t
 releases the lock when a line arrives on stdin (never, if the test kills this process).
 
 The child logs mlauth at DEBUG to CHILD_LOG, makes one request and writes
-``{"status": ..., "error": ...}`` to RESULT (atomically), then exits.
+``{"status": ..., "error": ...}`` to RESULT (atomically), then exits. Either lock kind logs
+``waiting for refresh lock`` in the child once it waits: the sibling lock file by itself, the
+inode lock of a ``.env`` mounted alone through :func:`log_inode_lock_refusals`.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import logging
 import os
 import sys
 import threading
+from typing import Any
 
 import requests
 
-from mlauth import MLAuth
+from mlauth import EnvFileStore, MLAuth
+
+
+def log_inode_lock_refusals() -> None:
+    """Log the first time this process is refused an OFD lock: the inode lock is held.
+
+    InodeLock polls a non-blocking OFD lock and logs nothing while it waits, so the test
+    could not tell a child that waits from one that has not got there yet.
+    """
+    logger, real_fcntl, noted = logging.getLogger("mlauth"), fcntl.fcntl, []
+
+    def fcntl_noting_refusals(fd: Any, cmd: int, arg: Any = 0) -> Any:
+        try:
+            return real_fcntl(fd, cmd, arg)
+        except OSError as exc:
+            refused = exc.errno in (errno.EAGAIN, errno.EACCES)
+            if cmd == getattr(fcntl, "F_OFD_SETLK", None) and refused and not noted:
+                noted.append(True)
+                logger.debug("waiting for refresh lock: the inode is locked (pid %d)", os.getpid())
+            raise
+
+    fcntl.fcntl = fcntl_noting_refusals
 
 
 def child(auth: MLAuth, url: str, log_path: str, result_path: str) -> None:
@@ -27,6 +53,8 @@ def child(auth: MLAuth, url: str, log_path: str, result_path: str) -> None:
     logger = logging.getLogger("mlauth")
     logger.addHandler(handler)
     logger.setLevel(logging.DEBUG)
+    if isinstance(auth.store, EnvFileStore) and auth.store.in_place:
+        log_inode_lock_refusals()
     result: dict[str, object]
     try:
         response = requests.get(f"{url}/users/me", auth=auth, timeout=30)

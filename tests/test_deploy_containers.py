@@ -142,11 +142,33 @@ def test_two_containers_spend_each_refresh_token_once_through_expiries(tmp_path:
     )
 
 
+# The writer's fault hook: each pwrite of write_in_place copies half the bytes, pauses, then
+# copies the rest, still under the exclusive content lock. A single pwrite of < 4 KiB is
+# copied too fast for a reader to land in the middle of it, so without the pause a reader
+# that took no lock would pass as well; with it, such a reader sees torn files every run.
+SPLIT_PAUSE = 0.003
+WRITES = 150
+
 WRITER = textwrap.dedent(
     """
-    import sys, time
+    import os, sys, time
     import mlauth
+    import mlauth.mounted
     from mlauth.secret import Secret
+
+    real_pwrite, splits = os.pwrite, 0
+
+    def pwrite_in_two_halves(fd, data, offset):
+        global splits
+        half = len(data) // 2
+        done = real_pwrite(fd, data[:half], offset)
+        if done < half:
+            return done
+        splits += 1
+        time.sleep(float(sys.argv[3]))  # widens the window a lock-free reader would hit
+        return done + real_pwrite(fd, data[half:], offset + half)
+
+    mlauth.mounted.os.pwrite = pwrite_in_two_halves
     store = mlauth.EnvFileStore(sys.argv[1])
     assert store.in_place
     for i in range(int(sys.argv[2])):
@@ -156,7 +178,7 @@ WRITER = textwrap.dedent(
             store.save(mlauth.TokenSet(
                 access_token=Secret("APP_USR-fake-" + str(i)), refresh_token=Secret(token),
                 expires_at=time.time() + 3600, refreshed_at=time.time(), refreshed_by="writer"))
-    print("done", flush=True)
+    print("splits", splits, flush=True)
     """
 )
 
@@ -164,13 +186,23 @@ READER = textwrap.dedent(
     """
     import os, sys
     from mlauth.envfile import read_env_file
+    from mlauth.errors import ConfigError
     reads = torn = 0
-    stop = sys.argv[2]
+    seen, first_torn = set(), None
+    ready, stop = sys.argv[2], sys.argv[3]
     while not os.path.exists(stop) or reads == 0:
-        values = read_env_file(sys.argv[1])
+        if reads == 0:
+            open(ready, "w").close()  # imported and about to read
         reads += 1
+        try:
+            values = read_env_file(sys.argv[1])
+        except ConfigError as exc:  # a torn file can hold a key twice, or cut UTF-8
+            torn += 1
+            first_torn = first_torn or str(exc)
+            continue
         token = values.get("ML_REFRESH_TOKEN") or ""
         access = values.get("ML_ACCESS_TOKEN") or ""
+        seen.add(token)
         whole = (
             values.get("PIPELINE_SETTING") == "keep me"
             and values.get("ML_CLIENT_ID")
@@ -178,35 +210,58 @@ READER = textwrap.dedent(
             and (token.rsplit("-", 1)[-1] == access.rsplit("-", 1)[-1] or token.count("-") != 2)
             and all(k.startswith(("ML_", "PIPELINE_")) for k in values)
         )
-        torn += not whole
-    print(reads, torn, flush=True)
+        if not whole:
+            torn += 1
+            first_torn = first_torn or repr(values)
+    print(reads, torn, len(seen), flush=True)
+    print(first_torn or "", flush=True)
     """
 )
+
+
+def _wait_for_file(path: Path, proc: subprocess.Popen[str], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert proc.poll() is None, f"the process exited ({proc.returncode}) before {path.name}"
+        assert time.monotonic() < deadline, f"{path.name} not created within {timeout:g}s"
+        time.sleep(0.01)
 
 
 def test_a_reader_in_another_container_never_sees_a_half_written_file(
     host_env: Path, containers: tuple[Path, Path], tmp_path: Path
 ) -> None:
     one, two = containers
-    stop = tmp_path / "stop"
+    ready, stop = tmp_path / "ready", tmp_path / "stop"
     reader = subprocess.Popen(
-        [sys.executable, "-c", READER, str(two), str(stop)], stdout=subprocess.PIPE, text=True
-    )
-    writer = subprocess.run(
-        [sys.executable, "-c", WRITER, str(one), "400"],
-        capture_output=True,
+        [sys.executable, "-c", READER, str(two), str(ready), str(stop)],
+        stdout=subprocess.PIPE,
         text=True,
-        check=False,
-        timeout=120,
     )
-    stop.touch()
-    out, _ = reader.communicate(timeout=60)
+    try:
+        _wait_for_file(ready, reader, 60)  # reading before the first write starts
+        writer = subprocess.run(
+            [sys.executable, "-c", WRITER, str(one), str(WRITES), str(SPLIT_PAUSE)],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=120,
+        )
+    finally:
+        stop.touch()
+        out, _ = reader.communicate(timeout=60)
     assert writer.returncode == 0, writer.stderr
-    reads, torn = (int(n) for n in out.split())
-    print(f"\n[figures] 400 in-place writes, {reads} reads from the other mount, {torn} torn")
-    assert reads > 0
-    assert torn == 0
-    assert read_env_file(host_env)["ML_REFRESH_TOKEN"].endswith("-399")  # type: ignore[union-attr]
+    # Every write went through the hook: each one had a window to be caught in.
+    assert writer.stdout.split() == ["splits", str(WRITES)], writer.stdout
+    counts, first_torn = out.split("\n", 1)
+    reads, torn, seen = (int(n) for n in counts.split())
+    print(
+        f"\n[figures] {WRITES} in-place writes, each paused {SPLIT_PAUSE * 1000:g} ms halfway; "
+        f"{reads} reads from the other mount saw {seen} versions, {torn} torn"
+    )
+    assert seen > 2  # the reads overlapped the writes, not just before or after them
+    assert torn == 0, f"first torn read: {first_torn.strip()}"
+    final = read_env_file(host_env)["ML_REFRESH_TOKEN"]
+    assert final is not None and final.endswith(f"-{WRITES - 1}")
 
 
 PHASES = ["before-post", "after-answer", "during-write", "after-write"]

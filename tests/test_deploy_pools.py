@@ -24,9 +24,10 @@ import pytest
 import requests
 
 from benchmarks.redis_server import RedisServer
-from mlauth import MLAuth
+from mlauth import EnvFileStore, MLAuth
 from mlauth.migrate import migrate_to_redis
 from mlauth.testing import FakeMercadoLibre
+from tests.test_deploy_containers import bind_file
 from tests.test_processes import LIFETIME, check_storm, wait_for_line
 
 pytestmark = pytest.mark.processes
@@ -203,13 +204,37 @@ def _wait_for_result(result: Path, timeout: float) -> dict[str, object]:
     return answer
 
 
+def _wait_gone(pid: int, timeout: float) -> None:
+    """Poll until ``pid`` has exited: gone, or a zombie, which holds no file open."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except FileNotFoundError:
+            return
+        if state in ("Z", "X"):
+            return
+        assert time.monotonic() < deadline, f"pid {pid} still running {timeout:g}s after SIGKILL"
+        time.sleep(0.01)
+
+
+# The sibling lock file (flock on .env.lock) and the inode lock of a .env mounted alone (an
+# OFD lock on the .env itself): both belong to an open file description the child inherits.
+LAYOUTS = {"sibling-lock-file": "took refresh lock", "mounted-alone": "took the refresh lock"}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("parent_fate", ["releases", "is_killed"])
 def test_child_forked_while_a_parent_thread_holds_the_lock_waits_then_refreshes(
-    parent_fate: str, tmp_path: Path
+    parent_fate: str, layout: str, tmp_path: Path
 ) -> None:
-    with FakeMercadoLibre(token_lifetime=3600.0) as fake:
-        env = tmp_path / ".env"
+    with FakeMercadoLibre(token_lifetime=3600.0) as fake, contextlib.ExitStack() as stack:
+        env = tmp_path / "host" / ".env"
+        env.parent.mkdir()
         fake.write_env(env, expires_at=time.time() - 10)  # the child's request must refresh
+        if layout == "mounted-alone":
+            env = stack.enter_context(bind_file(env, tmp_path / "container" / ".env"))
+        assert EnvFileStore(env).in_place == (layout == "mounted-alone")
         holder, child, log, result = _start_holder(env, fake, tmp_path)
         try:
             wait_for_line(log, "waiting for refresh lock", 30)
@@ -221,7 +246,7 @@ def test_child_forked_while_a_parent_thread_holds_the_lock_waits_then_refreshes(
                 holder.stdin.write("go\n")
                 holder.stdin.flush()
             else:
-                # The kernel frees the flock when the last descriptor of the parent's open
+                # The kernel frees the lock when the last descriptor of the parent's open
                 # file description closes. Had the child kept its inherited copy, that
                 # would never happen and it would wait for itself for its whole 60 s
                 # lock_timeout; the 20 s deadline below would fail first.
@@ -233,6 +258,9 @@ def test_child_forked_while_a_parent_thread_holds_the_lock_waits_then_refreshes(
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
             holder.wait(timeout=30)
+            # An orphaned child is reaped by init, not here: it must be dead before the
+            # mounted .env it holds open can be unmounted.
+            _wait_gone(child, 30)
             if holder.stdin is not None:
                 holder.stdin.close()
             if holder.stdout is not None:
@@ -241,4 +269,4 @@ def test_child_forked_while_a_parent_thread_holds_the_lock_waits_then_refreshes(
     assert answer == {"status": 200, "error": None}
     assert holder.returncode == (0 if parent_fate == "releases" else -signal.SIGKILL)
     assert stats["refreshes"] == 1 and stats["invalid_grant"] == 0
-    assert "took refresh lock" in log.read_text()
+    assert LAYOUTS[layout] in log.read_text()

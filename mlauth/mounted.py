@@ -366,6 +366,9 @@ class InodeLock:
     def hold(self, timeout: float) -> Iterator[None]:
         fd = self._open()
         try:
+            log.debug(
+                "waiting for refresh lock on the inode of %s (pid %d)", self.path, os.getpid()
+            )
             deadline = time.monotonic() + timeout
             while not _lock(fd, fcntl.F_WRLCK, REFRESH_BYTE, 1, wait=False):
                 if time.monotonic() >= deadline:

@@ -27,7 +27,7 @@ import mlauth
 from mlauth.envfile import read_env_file
 from mlauth.mounted import JOURNAL_ATTR, is_mount_point
 from mlauth.testing import FakeMercadoLibre
-from tests.test_faults_kill import assert_chain_lives, kill, kill_at, peer, start, wait_until
+from tests.test_faults_kill import assert_chain_lives, kill_after_the_rotation, kill_at, peer
 from tests.test_processes import LIFETIME, check_storm, result_of, worker
 
 pytestmark = pytest.mark.processes
@@ -37,11 +37,14 @@ MOUNT, UMOUNT, CHATTR = shutil.which("mount"), shutil.which("umount"), shutil.wh
 
 @contextlib.contextmanager
 def bind_file(source: Path, target: Path, *, read_only: bool = False) -> Iterator[Path]:
-    """``target`` (created empty) becomes a bind mount of the file ``source``."""
+    """``target`` (created empty) becomes a bind mount of ``source``, a file or a folder."""
     if MOUNT is None or UMOUNT is None:
         pytest.skip("environment limit: no mount/umount command on PATH")
     target.parent.mkdir(parents=True, exist_ok=True)
-    target.touch()
+    if source.is_dir():
+        target.mkdir(exist_ok=True)
+    else:
+        target.touch()
     done = subprocess.run(
         [MOUNT, "--bind", str(source), str(target)], capture_output=True, text=True, check=False
     )
@@ -53,6 +56,25 @@ def bind_file(source: Path, target: Path, *, read_only: bool = False) -> Iterato
         yield target
     finally:
         subprocess.run([UMOUNT, str(target)], check=True)
+
+
+def assert_run_refuses(env: Path, tmp_path: Path, *needles: str) -> None:
+    """`mlauth run` stops before the command starts: exit 1, one line naming the fix."""
+    marker = tmp_path / "the-command-ran"
+    command = [sys.executable, "-c", f"open({str(marker)!r}, 'w')"]
+    done = subprocess.run(
+        [sys.executable, "-m", "mlauth", "run", "--env", str(env), "--", *command],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 1, done.stderr
+    assert not marker.exists()
+    (line,) = done.stderr.splitlines()
+    assert "the command was not started" in line and "Refusing to spend" in line
+    for needle in needles:
+        assert needle in line, line
 
 
 @pytest.fixture
@@ -306,6 +328,7 @@ def test_a_read_only_single_file_mount_refuses_before_spending(
         auth = mlauth.MLAuth.from_env(env)
         with pytest.raises(mlauth.StoreError) as caught:
             auth.valid_tokens()
+        assert_run_refuses(env, tmp_path, "read-only", ":ro")
     message = str(caught.value)
     assert "read-only" in message and "Refusing to spend" in message
     assert "mount" in message and "Redis" in message  # names the fixes
@@ -331,6 +354,7 @@ def test_an_immutable_env_refuses_before_spending(
             auth = mlauth.MLAuth.from_env(env)
             with pytest.raises(mlauth.StoreError) as caught:
                 auth.valid_tokens()
+            assert_run_refuses(env, tmp_path, "chattr")
     finally:
         subprocess.run([CHATTR, "-i", str(host_env)], check=True)
     message = str(caught.value)
@@ -373,12 +397,7 @@ def test_the_lost_answer_window_stops_every_container_with_the_fix(
     # learns it too, and stops without sending the dead token again.
     one, two = containers
     before = host_env.read_bytes()
-    fake.token_answer_delay = 30.0
-    log = tmp_path / "victim.log"
-    victim = start(one, fake, log)
-    wait_until(lambda: fake.stats()["refreshes"] == 1, "the server's rotation", log)
-    kill(victim)
-    fake.token_answer_delay = 0.0
+    kill_after_the_rotation(one, fake, tmp_path)
 
     result = peer(two, fake, tmp_path)
     assert result["error"] == "InvalidGrantError"

@@ -15,7 +15,6 @@ import contextlib
 import os
 import re
 import shlex
-import shutil
 import subprocess
 import sys
 import time
@@ -26,13 +25,13 @@ import pytest
 
 from mlauth.envfile import read_env_file
 from mlauth.testing import FakeMercadoLibre
+from tests.test_deploy_containers import bind_file
 
 pytestmark = pytest.mark.processes
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 BLOCK = re.compile(r"```(\w*)\n(.*?)```(?:\s*\n\s*It prints `([^`]*)`)?", re.DOTALL)
 BIN = Path(sys.executable).parent
-MOUNT, UMOUNT = shutil.which("mount"), shutil.which("umount")
 
 # What each block's language means here, so a new kind of block cannot go untested.
 HANDLED = {"python", "sh", "ini"}
@@ -75,26 +74,6 @@ def test_python_block_runs_as_written(
     assert done.returncode == 0, f"{page}: {done.stderr[-2000:]}"
     if prints is not None:
         assert done.stdout.strip().splitlines()[-1] == prints, f"{page}: {done.stdout}"
-
-
-@contextlib.contextmanager
-def bind(source: Path, target: Path) -> Iterator[None]:
-    if MOUNT is None or UMOUNT is None:
-        pytest.skip("environment limit: no mount/umount command on PATH")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    if source.is_dir():
-        target.mkdir(exist_ok=True)
-    else:
-        target.touch()
-    done = subprocess.run(
-        [MOUNT, "--bind", str(source), str(target)], capture_output=True, text=True, check=False
-    )
-    if done.returncode != 0:
-        pytest.skip(f"environment limit: cannot bind-mount here (needs root): {done.stderr}")
-    try:
-        yield
-    finally:
-        subprocess.run([UMOUNT, str(target)], check=True)
 
 
 def local(command: list[str], mapping: dict[str, Path]) -> list[str]:
@@ -165,7 +144,7 @@ def test_docker_block_refreshes_through_its_mount(
             else:
                 env = source_path
             fake.write_env(env, expires_at=time.time() - 10)  # the first call must refresh
-            stack.enter_context(bind(source_path, Path(local([target], mapping)[0])))
+            stack.enter_context(bind_file(source_path, Path(local([target], mapping)[0])))
         out = cron_like(local(command, mapping), Path(local([workdir], mapping)[0]), fake)
     assert out.strip() == "200"
     assert fake.stats()["refreshes"] == 1 and fake.stats()["invalid_grant"] == 0

@@ -91,6 +91,16 @@ def kill_at(phase: str, env: Path, fake: FakeMercadoLibre, tmp_path: Path) -> No
     kill(victim)
 
 
+def kill_after_the_rotation(env: Path, fake: FakeMercadoLibre, tmp_path: Path) -> None:
+    """SIGKILL a refresher after the server rotated its token, before the answer arrived."""
+    fake.token_answer_delay = 30.0
+    log = tmp_path / "victim.log"
+    victim = start(env, fake, log)
+    wait_until(lambda: fake.stats()["refreshes"] == 1, "the server's rotation", log)
+    kill(victim)
+    fake.token_answer_delay = 0.0
+
+
 def peer(
     env: Path, fake: FakeMercadoLibre, tmp_path: Path, name: str = "peer"
 ) -> dict[str, object]:
@@ -155,12 +165,7 @@ def test_kill_after_the_server_rotated_but_before_the_answer_arrived(
 ) -> None:
     # The one window that cannot be saved: the token is spent, its successor died in transit.
     before = env.read_bytes()
-    fake.token_answer_delay = 30.0
-    log = tmp_path / "victim.log"
-    victim = start(env, fake, log)
-    wait_until(lambda: fake.stats()["refreshes"] == 1, "the server's rotation", log)
-    kill(victim)
-    fake.token_answer_delay = 0.0
+    kill_after_the_rotation(env, fake, tmp_path)
 
     result = peer(env, fake, tmp_path)
     assert result["error"] == "InvalidGrantError"

@@ -21,9 +21,14 @@ layout relies on do not hold there:
 
 A write in place is one ``pwrite`` of the whole new content, padded with newlines to at
 least the old length so that a process killed between the write and the final
-``ftruncate`` leaves trailing blank lines, never a fragment of the old file. A file of up to
-one page (4 KiB; a ``.env`` is far smaller) is copied by the kernel in one piece, so a
-``kill -9`` leaves the old or the new content, not a mix.
+``ftruncate`` leaves trailing blank lines, never a fragment of the old file. The kernel
+copies a write of up to one page in one piece, so a ``kill -9`` leaves the old or the new
+content, not a mix; a larger file could be cut between pages, so it is refused before any
+refresh token is spent (:func:`check_size`).
+
+The journal and the re-authorization marker live in extended attributes of the inode
+(:class:`InodeJournal`), and so does a mark that the file is written in place
+(:func:`mark_in_place`), which makes every process that opens it later do the same.
 
 Linux only (OFD locks, ``/proc/self/mountinfo``); elsewhere nothing is detected as a mount and
 asking for the in-place mode is a configuration error.

@@ -28,7 +28,7 @@ from dotenv.parser import parse_stream
 from .durable import fsync_dir
 from .errors import ConfigError, StoreError, StoreMovedError
 from .journal import Journal
-from .lock import ProcessLock
+from .lock import ProcessLock, fork_bound
 from .mounted import (
     SAVE_FIX,
     InodeJournal,
@@ -452,7 +452,13 @@ class EnvFileStore:
         # Threads that notice the move together must all follow one store object: its lock
         # and the version a thread read are kept on it.
         self._follow_lock = threading.Lock()
+        fork_bound.add(self)
         warn_if_readable_by_others(self.path)
+
+    def _after_fork_in_child(self) -> None:
+        # A thread of the parent may have been following a migration at the fork. The lock
+        # objects rebuild themselves (they are in fork_bound too).
+        self._follow_lock = threading.Lock()
 
     def journal(self) -> Journal:
         """The write-ahead refresh journal beside the file (see :mod:`mlauth.journal`)."""

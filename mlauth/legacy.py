@@ -19,6 +19,7 @@ from typing import Any
 from . import patch
 from .auth import MLAuth
 from .errors import ConfigError, MLAuthError
+from .lock import fork_bound
 from .secret import Secret
 from .token import TokenSet
 
@@ -52,6 +53,11 @@ class _GlobalsWriter:
         self.token_name = token_name
         self.headers_name = headers_name
         self._written: Secret | None = None
+        self._lock = threading.Lock()
+        fork_bound.add(self)
+
+    def _after_fork_in_child(self) -> None:
+        # A thread of the parent may have been writing the globals at the fork.
         self._lock = threading.Lock()
 
     def __call__(self, auth: MLAuth) -> None:

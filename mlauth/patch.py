@@ -32,6 +32,15 @@ __all__ = ["install", "installed", "uninstall"]
 log = logging.getLogger("mlauth")
 
 _lock = threading.Lock()
+
+
+def _after_fork_in_child() -> None:
+    # A thread of the parent may have been inside install() or uninstall() at the fork.
+    global _lock
+    _lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 # (the .env's real path, the auth) while installed; read without the lock by every request,
 # so it is only ever replaced whole.
 _state: tuple[str, MLAuth] | None = None

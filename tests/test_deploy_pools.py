@@ -270,3 +270,49 @@ def test_child_forked_while_a_parent_thread_holds_the_lock_waits_then_refreshes(
     assert holder.returncode == (0 if parent_fate == "releases" else -signal.SIGKILL)
     assert stats["refreshes"] == 1 and stats["invalid_grant"] == 0
     assert LAYOUTS[layout] in log.read_text()
+
+
+INSIDE_INSTALL_AT_FORK = """
+import os, signal, sys, threading, time
+import mlauth, mlauth.patch
+held, release = threading.Event(), threading.Event()
+
+def inside_install():
+    with mlauth.patch._lock:  # a thread of the parent is inside install() at the fork
+        held.set()
+        release.wait()
+
+threading.Thread(target=inside_install, daemon=True).start()
+held.wait()
+pid = os.fork()
+if pid == 0:
+    mlauth.install(sys.argv[1])
+    os._exit(0)
+deadline = time.monotonic() + 20
+while time.monotonic() < deadline:
+    done, status = os.waitpid(pid, os.WNOHANG)
+    if done:
+        print("child exit", os.waitstatus_to_exitcode(status), flush=True)
+        break
+    time.sleep(0.01)
+else:
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    print("child hung", flush=True)
+release.set()
+"""
+
+
+def test_a_child_forked_while_a_thread_is_inside_install_can_install(
+    fake_env: tuple[FakeMercadoLibre, Path],
+) -> None:
+    # The thread that held install()'s lock does not exist in the child: its lock is new.
+    done = subprocess.run(
+        [sys.executable, "-c", INSIDE_INSTALL_AT_FORK, str(fake_env[1])],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "child exit 0", done.stdout + done.stderr

@@ -618,7 +618,7 @@ class EnvFileStore:
     def status_details(self) -> list[tuple[str, str]]:
         """Extra ``mlauth status`` rows: how the file is written, when it is not the usual way."""
         if self._moved is None and self.in_place:
-            return [("written", "in place (mounted alone); lock and journal on its inode")]
+            return [("written", "in place, for single-file mounts; lock and journal on its inode")]
         return []
 
     def refresh_in_progress(self) -> bool | None:

@@ -128,7 +128,8 @@ def test_a_refresh_through_a_single_file_mount_reaches_the_host_file(
         [sys.executable, "-m", "mlauth", "status"], cwd=two.parent, capture_output=True, text=True
     )
     assert status.returncode == 0, status.stderr
-    assert "in place (mounted alone)" in status.stdout and "refresh running:  no" in status.stdout
+    assert "in place, for single-file mounts" in status.stdout
+    assert "refresh running:  no" in status.stdout
 
 
 def test_two_containers_spend_each_refresh_token_once_through_expiries(tmp_path: Path) -> None:

@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml setup.cfg
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m mlauth.demo
+	$(PY) -m mlauth.cli.demo
 
 lint: $(STAMP)
 	$(PY) -m ruff check mlauth tests benchmarks

@@ -26,7 +26,7 @@ from typing import Any
 from benchmarks.common import RESULTS, machine, percentile, save, table
 from benchmarks.contenders import STATIC
 from benchmarks.storm import Run, run_library, token_round_trip_ms
-from mlauth.envfile import EnvFileStore
+from mlauth.stores.envfile import EnvFileStore
 from mlauth.testing import FakeMercadoLibre
 
 PLOTS = {

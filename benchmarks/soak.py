@@ -26,7 +26,7 @@ from collections.abc import Sequence
 
 import requests
 
-from mlauth.auth import MLAuth
+from mlauth.integrations.requests_auth import MLAuth
 from mlauth.testing import FakeMercadoLibre
 
 

@@ -55,7 +55,7 @@ from benchmarks.contenders import (
 from benchmarks.redis_server import RedisServer, unavailable
 from benchmarks.worker import SECRET_ENV
 from mlauth.testing import FakeMercadoLibre
-from mlauth.token import MAX_MARGIN_SHARE
+from mlauth.tokens import MAX_MARGIN_SHARE
 
 # The storm's default line-up: mlauth on each of its stores, then the peers.
 STORM_LIBRARIES = (LIBRARIES[0], MLAUTH_REDIS, *LIBRARIES[1:])
@@ -234,7 +234,7 @@ def run_library(
             )
             if library == MLAUTH_REDIS and redis_url is not None:
                 # Imported here: without the redis package the other rows still run.
-                from mlauth.migrate import migrate_to_redis
+                from mlauth.cli.migrate import migrate_to_redis
 
                 # What a user does: migrate the .env once, copy it to every machine. force:
                 # the key (from the fake's client id) may hold an earlier run's chain.

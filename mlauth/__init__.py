@@ -5,8 +5,6 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
-from .auth import MLAuth
-from .envfile import EnvFileStore
 from .errors import (
     ConfigError,
     InvalidGrantError,
@@ -19,15 +17,17 @@ from .errors import (
     StoreMovedError,
     UnexpectedError,
 )
-from .journal import reauthorization_required
-from .legacy import keep_globals_current, redirect_refresh
-from .patch import install, installed, uninstall
+from .integrations.legacy import keep_globals_current, redirect_refresh
+from .integrations.patch import install, installed, uninstall
+from .integrations.requests_auth import MLAuth
 from .secret import Secret, fingerprint
-from .store import TokenStore
-from .token import TokenSet
+from .stores.base import TokenStore
+from .stores.envfile import EnvFileStore
+from .stores.journal import reauthorization_required
+from .tokens import TokenSet
 
 if TYPE_CHECKING:
-    from .redis_store import RedisStore
+    from .stores.redis import RedisStore
 
 __version__ = "0.1.0"
 
@@ -65,7 +65,7 @@ def __getattr__(name: str) -> object:
     # The Redis store is imported on first use: redis is an optional extra, and a missing
     # package must fail only for whoever asks for the store (ImportError naming the extra).
     if name == "RedisStore":
-        from .redis_store import RedisStore
+        from .stores.redis import RedisStore
 
         return RedisStore
     raise AttributeError(f"module 'mlauth' has no attribute {name!r}")

@@ -6,10 +6,10 @@ import os
 from collections.abc import Mapping
 from urllib.parse import urlsplit
 
-from .envfile import STORE_KEY, EnvFileStore, read_env_file
 from .errors import ConfigError
 from .hosts import HostRules, is_loopback
-from .store import TokenStore
+from .stores.base import TokenStore
+from .stores.envfile import STORE_KEY, EnvFileStore, read_env_file
 
 __all__ = [
     "DEFAULT_HOSTS",
@@ -107,7 +107,7 @@ def shared_store(values: Mapping[str, str | None], where: str) -> TokenStore | N
             "tokens in this file"
         )
     try:
-        from .redis_store import RedisStore
+        from .stores.redis import RedisStore
     except ImportError as exc:
         raise ConfigError(f"{where}: {STORE_KEY} names Redis, but {exc}") from None
     raw_timeout = (values.get("ML_TOKEN_LOCK_TIMEOUT") or "").strip()

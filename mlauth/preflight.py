@@ -8,9 +8,9 @@ is asked at start: ``mlauth run`` refuses to start the command, :meth:`MLAuth.fr
 
 from __future__ import annotations
 
-from .envfile import EnvFileStore
 from .errors import LockTimeoutError, MLAuthError
-from .store import TokenStore
+from .stores.base import TokenStore
+from .stores.envfile import EnvFileStore
 
 __all__ = ["refresh_problem"]
 

@@ -25,10 +25,10 @@ from typing import Any
 import requests
 
 import mlauth
-import mlauth.envfile
-import mlauth.journal
-import mlauth.mounted
-import mlauth.refresher
+import mlauth.endpoint
+import mlauth.stores.envfile
+import mlauth.stores.journal
+import mlauth.stores.mounted
 
 
 def pause(phase: str) -> None:
@@ -43,13 +43,13 @@ def pause(phase: str) -> None:
 def install_pause(phase: str, env: str) -> None:
     real_env = os.path.realpath(env)
     if phase == "before-post":
-        refresh = mlauth.refresher.TokenEndpoint.refresh
+        refresh = mlauth.endpoint.TokenEndpoint.refresh
 
         def paused_refresh(self: Any, *args: Any, **kwargs: Any) -> Any:
             pause(phase)
             return refresh(self, *args, **kwargs)
 
-        mlauth.refresher.TokenEndpoint.refresh = paused_refresh  # type: ignore[method-assign]
+        mlauth.endpoint.TokenEndpoint.refresh = paused_refresh  # type: ignore[method-assign]
     elif phase == "after-answer":
         save = mlauth.EnvFileStore.save
 
@@ -65,13 +65,13 @@ def install_pause(phase: str, env: str) -> None:
             # Only the save of the answer: the writability probe before the POST replaces the
             # file with its own bytes, and the journal has no answer then.
             answered = any(
-                r.get("kind") == "answer" for r in mlauth.journal.Journal(real_env).records()
+                r.get("kind") == "answer" for r in mlauth.stores.journal.Journal(real_env).records()
             )
             if os.fspath(dst) == real_env and answered:
                 pause(phase)
             replace(src, dst, **kwargs)
 
-        mlauth.envfile.os.replace = paused_replace  # type: ignore[assignment]
+        mlauth.stores.envfile.os.replace = paused_replace  # type: ignore[assignment]
 
         # A .env mounted alone is written in place: pause once the new bytes are written over
         # the old, before they are fsynced and the padding is cut off.
@@ -80,28 +80,29 @@ def install_pause(phase: str, env: str) -> None:
         def paused_pwrite(fd: int, data: Any, offset: int) -> int:
             written = pwrite(fd, data, offset)
             answered = any(
-                r.get("kind") == "answer" for r in mlauth.mounted.InodeJournal(real_env).records()
+                r.get("kind") == "answer"
+                for r in mlauth.stores.mounted.InodeJournal(real_env).records()
             )
             if os.path.samestat(os.fstat(fd), os.stat(real_env)) and answered:
                 pause(phase)
             return written
 
-        mlauth.mounted.os.pwrite = paused_pwrite  # type: ignore[assignment]
+        mlauth.stores.mounted.os.pwrite = paused_pwrite  # type: ignore[assignment]
     elif phase == "after-write":
-        commit = mlauth.journal.Journal.commit
+        commit = mlauth.stores.journal.Journal.commit
 
-        def paused_commit(self: mlauth.journal.Journal) -> None:
+        def paused_commit(self: mlauth.stores.journal.Journal) -> None:
             pause(phase)
             commit(self)
 
-        mlauth.journal.Journal.commit = paused_commit  # type: ignore[method-assign]
-        inode_commit = mlauth.mounted.InodeJournal.commit
+        mlauth.stores.journal.Journal.commit = paused_commit  # type: ignore[method-assign]
+        inode_commit = mlauth.stores.mounted.InodeJournal.commit
 
-        def paused_inode_commit(self: mlauth.mounted.InodeJournal) -> None:
+        def paused_inode_commit(self: mlauth.stores.mounted.InodeJournal) -> None:
             pause(phase)
             inode_commit(self)
 
-        mlauth.mounted.InodeJournal.commit = paused_inode_commit  # type: ignore[method-assign]
+        mlauth.stores.mounted.InodeJournal.commit = paused_inode_commit  # type: ignore[method-assign]
     else:
         raise SystemExit(f"unknown phase {phase!r}")
 

@@ -16,8 +16,8 @@ import requests
 import requests_mock
 
 import mlauth
-from mlauth.envfile import EnvFileStore, read_env_file
-from mlauth.lock import ProcessLock
+from mlauth.stores.envfile import EnvFileStore, read_env_file
+from mlauth.stores.lock import ProcessLock
 from tests.conftest import (
     ACCESS_1,
     ACCESS_2,
@@ -503,7 +503,7 @@ def test_expiry_counts_from_the_first_post_not_from_the_store_check(
 
 
 def test_retry_after_is_honoured(requests_mock: requests_mock.Mocker) -> None:
-    from mlauth.refresher import TokenEndpoint
+    from mlauth.endpoint import TokenEndpoint
 
     slept: list[float] = []
     endpoint = TokenEndpoint(
@@ -637,7 +637,7 @@ def test_unwritable_store_refuses_before_spending_the_token(
 ) -> None:
     import errno
 
-    import mlauth.envfile
+    import mlauth.stores.envfile
 
     auth = make_auth()
 
@@ -645,7 +645,7 @@ def test_unwritable_store_refuses_before_spending_the_token(
         raise OSError(errno.EROFS, "Read-only file system")
 
     # Root ignores permission bits, so a read-only folder is simulated at the syscall edge.
-    monkeypatch.setattr(mlauth.envfile.tempfile, "mkstemp", read_only)
+    monkeypatch.setattr(mlauth.stores.envfile.tempfile, "mkstemp", read_only)
     requests_mock.post(TOKEN_URL, json=token_answer())
     requests_mock.get(ME, status_code=401)
     with pytest.raises(mlauth.StoreError, match="Refusing to spend the refresh token"):

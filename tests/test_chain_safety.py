@@ -11,10 +11,10 @@ import pytest
 import requests
 
 import mlauth
-import mlauth.auth
-import mlauth.envfile
-from mlauth.envfile import read_env_file, update_env_file
-from mlauth.lock import ProcessLock
+import mlauth.integrations.requests_auth
+import mlauth.stores.envfile
+from mlauth.stores.envfile import read_env_file, update_env_file
+from mlauth.stores.lock import ProcessLock
 from mlauth.testing import FakeMercadoLibre
 from tests.conftest import run_threads
 
@@ -45,7 +45,7 @@ def stale_env(fake_ml: FakeMercadoLibre, fake_ml_env: Path) -> Path:
 
 @pytest.fixture
 def no_persist_delay(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(mlauth.auth, "PERSIST_RETRY_DELAY", 0.0)
+    monkeypatch.setattr(mlauth.integrations.requests_auth, "PERSIST_RETRY_DELAY", 0.0)
 
 
 def refresh_with_a_failed_save(
@@ -155,7 +155,7 @@ def test_folder_fsync_failure_after_the_rename_counts_as_saved(
     def fsync_fails(folder: str) -> None:
         raise OSError(5, "Input/output error")
 
-    monkeypatch.setattr(mlauth.envfile, "fsync_dir", fsync_fails)
+    monkeypatch.setattr(mlauth.stores.envfile, "fsync_dir", fsync_fails)
     update_env_file(path, {"ML_REFRESH_TOKEN": "TG-new"})
     assert read_env_file(path)["ML_REFRESH_TOKEN"] == "TG-new"
     assert "could not fsync its folder" in caplog.text
@@ -225,7 +225,7 @@ def test_lost_answer_gives_a_clear_invalid_grant_and_keeps_the_env(
 
 
 def test_retries_stop_within_the_budget(fake_ml: FakeMercadoLibre) -> None:
-    from mlauth.refresher import TokenEndpoint
+    from mlauth.endpoint import TokenEndpoint
 
     slept: list[float] = []
     endpoint = TokenEndpoint(
@@ -338,7 +338,7 @@ def test_a_failed_advisory_attempt_does_not_stop_the_refresh_at_expiry(
 def test_a_long_retry_after_is_remembered_only_up_to_the_cap(
     fake_ml: FakeMercadoLibre, stale_env: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(mlauth.auth, "MAX_FAILURE_MEMORY", 0.0)
+    monkeypatch.setattr(mlauth.integrations.requests_auth, "MAX_FAILURE_MEMORY", 0.0)
     fake_ml.fail_next_token_requests(1, status=429, error="local_rate_limited", retry_after=3600)
     auth = mlauth.MLAuth.from_env(stale_env)
     with pytest.raises(mlauth.RefreshError, match="asked to wait 3600s") as caught:
@@ -352,7 +352,7 @@ def test_a_long_retry_after_is_remembered_only_up_to_the_cap(
 def test_retries_get_the_full_read_timeout(fake_ml: FakeMercadoLibre) -> None:
     from requests.adapters import HTTPAdapter
 
-    from mlauth.refresher import TokenEndpoint
+    from mlauth.endpoint import TokenEndpoint
 
     timeouts: list[object] = []
 

@@ -17,8 +17,8 @@ import pytest
 import requests
 
 import mlauth
-from mlauth.envfile import read_env_file
-from mlauth.login import AUTH_HOSTS, LoginRequest, authorization_base, parse_pasted
+from mlauth.cli.login import AUTH_HOSTS, LoginRequest, authorization_base, parse_pasted
+from mlauth.stores.envfile import read_env_file
 from mlauth.testing import FakeMercadoLibre
 from tests.test_public_refresh import lock_held_by_another_process
 
@@ -159,7 +159,7 @@ def test_status_with_an_impossible_time_is_one_line_naming_the_key(
 
 
 def test_status_lines_survive_times_no_calendar_has() -> None:
-    from mlauth.cli import _duration, _when
+    from mlauth.cli.commands import _duration, _when
 
     assert "not a valid time" in _when(1e300)
     assert "not a valid time" in _when(float("nan"))

@@ -15,9 +15,9 @@ import requests
 
 import mlauth
 from benchmarks.redis_server import RedisServer, free_port
-from mlauth.envfile import STORE_KEY, TOKEN_KEYS, read_env_file
-from mlauth.migrate import migrate_to_redis
-from mlauth.redis_store import RedisStore
+from mlauth.cli.migrate import migrate_to_redis
+from mlauth.stores.envfile import STORE_KEY, TOKEN_KEYS, read_env_file
+from mlauth.stores.redis import RedisStore
 from mlauth.testing import FakeMercadoLibre
 from tests.test_cli import REDIRECT, assert_clean_failure, mlauth_cli
 
@@ -302,7 +302,7 @@ def test_migrate_without_the_redis_extra_names_it(fake_ml_env: Path) -> None:
     hidden = (
         "import sys\n"
         "sys.modules['redis'] = None  # as if the extra were not installed\n"
-        "from mlauth.cli import main\n"
+        "from mlauth.cli.commands import main\n"
         "sys.exit(main(sys.argv[1:]))\n"
     )
     args = ["migrate", "--env", str(fake_ml_env), "--to", "redis://127.0.0.1:6379/0"]

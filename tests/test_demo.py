@@ -10,7 +10,7 @@ import sys
 def test_demo_runs_and_reports_no_failures() -> None:
     done = subprocess.run(
         [
-            *(sys.executable, "-m", "mlauth.demo", "--processes", "2", "--threads", "2"),
+            *(sys.executable, "-m", "mlauth.cli.demo", "--processes", "2", "--threads", "2"),
             *("--seconds", "3", "--token-lifetime", "1"),
         ],
         capture_output=True,

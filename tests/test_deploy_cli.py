@@ -19,8 +19,8 @@ import requests
 
 import mlauth
 from benchmarks.redis_server import RedisServer
-from mlauth.envfile import read_env_file
-from mlauth.journal import Journal
+from mlauth.stores.envfile import read_env_file
+from mlauth.stores.journal import Journal
 from mlauth.testing import FakeMercadoLibre
 from tests.test_cli import REDIRECT, assert_clean_failure, assert_no_secret, mlauth_cli
 

@@ -24,8 +24,8 @@ from pathlib import Path
 import pytest
 
 import mlauth
-from mlauth.envfile import read_env_file
-from mlauth.mounted import JOURNAL_ATTR, is_mount_point
+from mlauth.stores.envfile import read_env_file
+from mlauth.stores.mounted import JOURNAL_ATTR, is_mount_point
 from mlauth.testing import FakeMercadoLibre
 from tests.test_faults_kill import assert_chain_lives, kill_after_the_rotation, kill_at, peer
 from tests.test_processes import LIFETIME, check_storm, result_of, worker
@@ -176,7 +176,7 @@ WRITER = textwrap.dedent(
     """
     import os, sys, time
     import mlauth
-    import mlauth.mounted
+    import mlauth.stores.mounted
     from mlauth.secret import Secret
 
     real_pwrite, splits = os.pwrite, 0
@@ -191,7 +191,7 @@ WRITER = textwrap.dedent(
         time.sleep(float(sys.argv[3]))  # widens the window a lock-free reader would hit
         return done + real_pwrite(fd, data[half:], offset + half)
 
-    mlauth.mounted.os.pwrite = pwrite_in_two_halves
+    mlauth.stores.mounted.os.pwrite = pwrite_in_two_halves
     store = mlauth.EnvFileStore(sys.argv[1])
     assert store.in_place
     for i in range(int(sys.argv[2])):
@@ -208,7 +208,7 @@ WRITER = textwrap.dedent(
 READER = textwrap.dedent(
     """
     import os, sys
-    from mlauth.envfile import read_env_file
+    from mlauth.stores.envfile import read_env_file
     from mlauth.errors import ConfigError
     reads = torn = 0
     seen, first_torn = set(), None

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from mlauth.envfile import read_env_file
-from mlauth.journal import Journal
+from mlauth.stores.envfile import read_env_file
+from mlauth.stores.journal import Journal
 from mlauth.testing import FakeMercadoLibre
 from tests.test_cli import assert_clean_failure, mlauth_cli
 

@@ -25,7 +25,7 @@ import requests
 
 from benchmarks.redis_server import RedisServer
 from mlauth import EnvFileStore, MLAuth
-from mlauth.migrate import migrate_to_redis
+from mlauth.cli.migrate import migrate_to_redis
 from mlauth.testing import FakeMercadoLibre
 from tests.test_deploy_containers import bind_file
 from tests.test_processes import LIFETIME, check_storm, wait_for_line
@@ -274,11 +274,11 @@ def test_child_forked_while_a_parent_thread_holds_the_lock_waits_then_refreshes(
 
 INSIDE_INSTALL_AT_FORK = """
 import os, signal, sys, threading, time
-import mlauth, mlauth.patch
+import mlauth, mlauth.integrations.patch
 held, release = threading.Event(), threading.Event()
 
 def inside_install():
-    with mlauth.patch._lock:  # a thread of the parent is inside install() at the fork
+    with mlauth.integrations.patch._lock:  # a thread of the parent is inside install() at the fork
         held.set()
         release.wait()
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from mlauth.envfile import read_env_file
+from mlauth.stores.envfile import read_env_file
 from mlauth.testing import FakeMercadoLibre
 from tests.test_deploy_containers import bind_file
 

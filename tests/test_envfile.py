@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 import mlauth
-from mlauth.envfile import EnvFileStore, read_env_file, render_update, update_env_file
 from mlauth.secret import Secret
-from mlauth.token import TokenSet
+from mlauth.stores.envfile import EnvFileStore, read_env_file, render_update, update_env_file
+from mlauth.tokens import TokenSet
 
 NEW = TokenSet(
     access_token=Secret("APP_USR-new-access-fake"),

@@ -17,7 +17,7 @@ import requests
 
 import mlauth
 from mlauth import MLAuth, MLAuthError, UnexpectedError
-from mlauth.journal import Journal
+from mlauth.stores.journal import Journal
 from mlauth.testing import FakeMercadoLibre
 
 KINDS: list[type[Exception]] = [RuntimeError, OSError, ValueError, KeyError]

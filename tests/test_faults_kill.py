@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 
 import mlauth
-from mlauth.envfile import read_env_file
-from mlauth.lock import ProcessLock
+from mlauth.stores.envfile import read_env_file
+from mlauth.stores.lock import ProcessLock
 from mlauth.testing import FakeMercadoLibre
 
 pytestmark = pytest.mark.processes

@@ -21,10 +21,10 @@ import pytest
 import requests
 
 import mlauth
-import mlauth.auth
-from mlauth.envfile import read_env_file
-from mlauth.journal import Journal
-from mlauth.lock import ProcessLock
+import mlauth.integrations.requests_auth
+from mlauth.stores.envfile import read_env_file
+from mlauth.stores.journal import Journal
+from mlauth.stores.lock import ProcessLock
 from mlauth.testing import FakeMercadoLibre
 
 
@@ -247,11 +247,11 @@ def test_disk_full_after_the_check_keeps_tokens_in_memory_and_a_rescue_file_else
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    from mlauth.refresher import TokenEndpoint
+    from mlauth.endpoint import TokenEndpoint
 
     state = tmp_path / "state"
     monkeypatch.setenv("XDG_STATE_HOME", str(state))
-    monkeypatch.setattr(mlauth.auth, "PERSIST_RETRY_DELAY", 0.0)
+    monkeypatch.setattr(mlauth.integrations.requests_auth, "PERSIST_RETRY_DELAY", 0.0)
     with tmpfs(tmp_path / "full", "256k") as folder:
         env = folder / ".env"
         write_expired(fake_ml, env)

@@ -14,10 +14,10 @@ import pytest
 import requests
 
 import mlauth
-from mlauth.envfile import read_env_file, update_env_file
-from mlauth.journal import Journal, recover
+from mlauth.stores.envfile import read_env_file, update_env_file
+from mlauth.stores.journal import Journal, recover
 from mlauth.testing import FakeMercadoLibre
-from mlauth.token import TokenSet
+from mlauth.tokens import TokenSet
 
 DEAD_ACCESS = "APP_USR-1234-010101-deadbeef-8035443"
 

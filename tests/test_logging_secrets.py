@@ -12,7 +12,7 @@ import pytest
 import requests
 
 import mlauth
-from mlauth.envfile import read_env_file
+from mlauth.stores.envfile import read_env_file
 from mlauth.testing import FakeMercadoLibre
 
 

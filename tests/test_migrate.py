@@ -10,9 +10,15 @@ import requests
 
 import mlauth
 from benchmarks.redis_server import RedisServer
-from mlauth.envfile import STORE_KEY, TOKEN_KEYS, EnvFileStore, read_env_file, update_env_file
-from mlauth.migrate import ChainConflictError, migrate_to_redis
-from mlauth.redis_store import RedisStore
+from mlauth.cli.migrate import ChainConflictError, migrate_to_redis
+from mlauth.stores.envfile import (
+    STORE_KEY,
+    TOKEN_KEYS,
+    EnvFileStore,
+    read_env_file,
+    update_env_file,
+)
+from mlauth.stores.redis import RedisStore
 from mlauth.testing import FakeMercadoLibre
 
 

@@ -15,8 +15,8 @@ from typing import IO
 
 import pytest
 
-from mlauth.demo import total
-from mlauth.envfile import TOKEN_KEYS, read_env_file
+from mlauth.cli.demo import total
+from mlauth.stores.envfile import TOKEN_KEYS, read_env_file
 from mlauth.testing import FakeMercadoLibre
 
 pytestmark = pytest.mark.processes
@@ -34,7 +34,7 @@ def worker(
     debug: bool = False,
     stderr: IO[str] | int = subprocess.PIPE,
 ) -> subprocess.Popen[str]:
-    command = [sys.executable, "-m", "mlauth.demo", "--worker", "--env", str(env), "--url", url]
+    command = [sys.executable, "-m", "mlauth.cli.demo", "--worker", "--env", str(env), "--url", url]
     command += ["--threads", str(threads), "--seconds", str(seconds)]
     if requests is not None:
         command += ["--requests", str(requests)]

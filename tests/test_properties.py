@@ -25,7 +25,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import mlauth
-from mlauth.envfile import TOKEN_KEYS, render_update
+from mlauth.stores.envfile import TOKEN_KEYS, render_update
 
 # -- the .env writer ----------------------------------------------------------------------------
 

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 import mlauth
-from mlauth.envfile import read_env_file
-from mlauth.refresher import TokenEndpoint
+from mlauth.endpoint import TokenEndpoint
 from mlauth.secret import Secret
+from mlauth.stores.envfile import read_env_file
 from mlauth.testing import FakeMercadoLibre
 
 

@@ -11,9 +11,9 @@ from typing import IO
 import pytest
 
 from benchmarks.redis_server import RedisServer
-from mlauth.demo import total
-from mlauth.envfile import read_env_file
-from mlauth.migrate import migrate_to_redis
+from mlauth.cli.demo import total
+from mlauth.cli.migrate import migrate_to_redis
+from mlauth.stores.envfile import read_env_file
 from mlauth.testing import FakeMercadoLibre
 from tests.test_processes import LIFETIME, check_storm, kill_holder_mid_post, result_of
 
@@ -56,7 +56,7 @@ def worker(
     debug: bool = False,
     stderr: IO[str] | int = subprocess.PIPE,
 ) -> subprocess.Popen[str]:
-    command = [sys.executable, "-m", "mlauth.demo", "--worker", "--env", ".env", "--url", url]
+    command = [sys.executable, "-m", "mlauth.cli.demo", "--worker", "--env", ".env", "--url", url]
     command += ["--threads", str(threads), "--seconds", str(seconds)]
     if requests is not None:
         command += ["--requests", str(requests)]

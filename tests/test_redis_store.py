@@ -14,10 +14,10 @@ import requests
 
 import mlauth
 from benchmarks.redis_server import RedisServer
+from mlauth.cli.migrate import migrate_to_redis
 from mlauth.config import store_from_env
-from mlauth.envfile import STORE_KEY, TOKEN_KEYS, read_env_file, update_env_file
-from mlauth.migrate import migrate_to_redis
-from mlauth.redis_store import RedisStore, redact_url
+from mlauth.stores.envfile import STORE_KEY, TOKEN_KEYS, read_env_file, update_env_file
+from mlauth.stores.redis import RedisStore, redact_url
 from mlauth.testing import FakeMercadoLibre
 
 
@@ -458,7 +458,7 @@ def test_without_the_redis_package_the_error_names_the_extra(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, env_file: Path
 ) -> None:
     monkeypatch.setitem(sys.modules, "redis", None)  # as if not installed
-    monkeypatch.delitem(sys.modules, "mlauth.redis_store")
+    monkeypatch.delitem(sys.modules, "mlauth.stores.redis")
     with pytest.raises(ImportError, match=r"pip install 'mlauth\[redis\]'"):
         mlauth.RedisStore  # noqa: B018
     update_env_file(env_file, {STORE_KEY: "redis://127.0.0.1:6379/0"})

@@ -15,7 +15,7 @@ import requests
 from requests.adapters import HTTPAdapter
 
 import mlauth
-from mlauth.envfile import read_env_file, update_env_file
+from mlauth.stores.envfile import read_env_file, update_env_file
 from mlauth.testing import FakeMercadoLibre
 
 
@@ -287,7 +287,7 @@ class LockProbingAdapter(HTTPAdapter):
         self.free: list[tuple[bool, bool]] = []
 
     def send(self, request: requests.PreparedRequest, **kwargs: Any) -> requests.Response:  # type: ignore[override]
-        from mlauth.lock import ProcessLock
+        from mlauth.stores.lock import ProcessLock
 
         try:
             with ProcessLock(self.lock_path).hold(timeout=0):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from mlauth.runner import SITE_DIR, child_environment, isolation_warning
+from mlauth.integrations.runner import SITE_DIR, child_environment, isolation_warning
 
 pytestmark = pytest.mark.processes
 
@@ -90,7 +90,7 @@ def test_mlauth_is_installed_in_a_script_a_module_and_with_pythonpath_set(
         assert code == 0, err
         assert '"installed": true' in out, (command, out, err)
         assert f'"store": "{fake_ml_env}"' in out
-        assert '"patched": "mlauth.patch"' in out
+        assert '"patched": "mlauth.integrations.patch"' in out
     assert "from the user PYTHONPATH" in out
 
 

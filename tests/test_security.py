@@ -20,11 +20,11 @@ import requests
 import requests_mock
 
 import mlauth
-import mlauth.auth
-import mlauth.cli
-import mlauth.envfile
-from mlauth.envfile import read_env_file, update_env_file
-from mlauth.journal import Journal
+import mlauth.cli.commands
+import mlauth.integrations.requests_auth
+import mlauth.stores.envfile
+from mlauth.stores.envfile import read_env_file, update_env_file
+from mlauth.stores.journal import Journal
 from mlauth.testing import FakeMercadoLibre
 
 
@@ -106,7 +106,7 @@ def test_a_readable_env_gets_one_warning_per_process_with_the_fix(
     caplog: pytest.LogCaptureFixture,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(mlauth.envfile, "_warned_modes", set())
+    monkeypatch.setattr(mlauth.stores.envfile, "_warned_modes", set())
     env = tmp_path / ".env"
     fake_ml.write_env(env)
     private = tmp_path / "private.env"
@@ -165,7 +165,7 @@ def test_debug_run_through_journal_rescue_recovery_and_reauth_leaks_nothing(
     caplog: pytest.LogCaptureFixture,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(mlauth.auth, "PERSIST_RETRY_DELAY", 0.0)
+    monkeypatch.setattr(mlauth.integrations.requests_auth, "PERSIST_RETRY_DELAY", 0.0)
     env = tmp_path / ".env"
     first = fake_ml.write_env(env, expires_at=time.time() - 1)
     secrets = {str(first["access_token"]), str(first["refresh_token"]), fake_ml.client_secret}
@@ -227,7 +227,7 @@ def test_debug_cli_run_prints_no_secret_but_the_token_it_was_asked_for(
     outputs: list[tuple[str, str, str]] = []
     for command in ("status", "token", "refresh", "status", "token"):
         before = read_env_file(env)
-        code = mlauth.cli.main([command, "--env", str(env)])
+        code = mlauth.cli.commands.main([command, "--env", str(env)])
         after = read_env_file(env)
         out, err = capsys.readouterr()
         assert code == 0, err

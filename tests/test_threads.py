@@ -9,7 +9,7 @@ from pathlib import Path
 import requests
 
 import mlauth
-from mlauth.envfile import update_env_file
+from mlauth.stores.envfile import update_env_file
 from mlauth.testing import FakeMercadoLibre
 from tests.conftest import run_threads
 

@@ -33,10 +33,11 @@ except ImportError:  # pragma: no cover (exercised in a test by hiding the packa
         "mlauth's Redis store needs the redis package: pip install 'mlauth[redis]'"
     ) from None
 
-from .errors import ConfigError, LockLostError, LockTimeoutError, StaleCommitError, StoreError
+from mlauth.errors import ConfigError, LockLostError, LockTimeoutError, StaleCommitError, StoreError
+from mlauth.secret import Secret
+from mlauth.tokens import LATEST_TIME, TokenSet
+
 from .lock import POLL_INTERVAL
-from .secret import Secret
-from .token import LATEST_TIME, TokenSet
 
 __all__ = ["RedisStore", "redact_url"]
 
@@ -312,7 +313,7 @@ class RedisStore:
         if known is None:
             raise ConfigError(
                 f"Redis at {self.location} holds no tokens under {key!r}. Move them there "
-                "with `mlauth migrate --to URL` (mlauth.migrate.migrate_to_redis), authorize "
+                "with `mlauth migrate --to URL` (mlauth.cli.migrate.migrate_to_redis), authorize "
                 "into it with `mlauth login`, or check ML_TOKEN_STORE (host, port and "
                 "database number) and ML_TOKEN_KEY."
             )

@@ -1,6 +1,6 @@
 """The demo: several processes x threads share one ``.env`` against a fake MercadoLibre.
 
-``python -m mlauth.demo`` starts :class:`~mlauth.testing.FakeMercadoLibre` on loopback with
+``python -m mlauth.cli.demo`` starts :class:`~mlauth.testing.FakeMercadoLibre` on loopback with
 short-lived tokens that die at each rotation, writes a ``.env`` for it in a temporary folder,
 and starts worker processes (this same module with ``--worker``) that hammer the API through
 ``MLAuth.from_env``. It prints a live line a second and a summary, and exits non-zero if any
@@ -24,9 +24,9 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import requests
 
-from .auth import MLAuth
-from .testing import FakeMercadoLibre
-from .token import MAX_MARGIN_SHARE
+from mlauth.integrations.requests_auth import MLAuth
+from mlauth.testing import FakeMercadoLibre
+from mlauth.tokens import MAX_MARGIN_SHARE
 
 __all__ = ["main", "run_worker"]
 
@@ -126,7 +126,7 @@ class _Worker:
     def __init__(self, env: str, url: str, threads: int, seconds: float) -> None:
         self.proc = subprocess.Popen(  # noqa: S603 (our own module, run by this interpreter)
             [
-                *(sys.executable, "-m", "mlauth.demo", "--worker", "--env", env, "--url", url),
+                *(sys.executable, "-m", "mlauth.cli.demo", "--worker", "--env", env, "--url", url),
                 *("--threads", str(threads), "--seconds", str(seconds)),
             ],
             stdout=subprocess.PIPE,
@@ -280,7 +280,7 @@ def serve(env: str, port: int, lifetime: float) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mlauth.demo", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m mlauth.cli.demo", description=__doc__)
     parser.add_argument("--processes", type=int, default=6)
     parser.add_argument("--threads", type=int, default=4)
     parser.add_argument("--seconds", type=float, default=15.0)

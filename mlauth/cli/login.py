@@ -17,12 +17,12 @@ import socket
 import time
 from urllib.parse import parse_qs, urlencode, urlsplit
 
-from .config import DEFAULT_TOKEN_URL, check_token_url, env_settings
-from .errors import ConfigError, InvalidGrantError, RefreshError
-from .refresher import TokenEndpoint
-from .secret import Secret
-from .store import TokenStore
-from .token import TokenSet
+from mlauth.config import DEFAULT_TOKEN_URL, check_token_url, env_settings
+from mlauth.endpoint import TokenEndpoint
+from mlauth.errors import ConfigError, InvalidGrantError, RefreshError
+from mlauth.secret import Secret
+from mlauth.stores.base import TokenStore
+from mlauth.tokens import TokenSet
 
 __all__ = [
     "AUTH_HOSTS",

@@ -22,10 +22,11 @@ from urllib.parse import urlsplit
 
 import requests
 
-from .auth import MLAuth
-from .config import store_from_env
-from .errors import ConfigError
-from .logs import level_from_environment, show_on_stderr
+from mlauth.config import store_from_env
+from mlauth.errors import ConfigError
+from mlauth.logs import level_from_environment, show_on_stderr
+
+from .requests_auth import MLAuth
 
 __all__ = ["install", "installed", "uninstall"]
 
@@ -49,7 +50,7 @@ _state: tuple[str, MLAuth] | None = None
 _original: Callable[..., requests.Response] | None = None
 # Whether our wrapper is somewhere in Session.request's chain (itself, or under another patch).
 _patched = False
-# Called after every patched request (mlauth.legacy keeps a module's globals current).
+# Called after every patched request (mlauth.integrations.legacy keeps a module's globals current).
 _after_request: list[Callable[[MLAuth], None]] = []
 
 # Session.request(self, method, url, params, data, headers, cookies, files, auth, ...):

@@ -17,7 +17,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import NoReturn
 
-from .logs import LEVEL_VARIABLE
+from mlauth.logs import LEVEL_VARIABLE
 
 __all__ = [
     "ENV_VARIABLE",

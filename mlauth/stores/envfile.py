@@ -25,8 +25,12 @@ from collections.abc import Hashable, Iterator, Mapping
 from dotenv import dotenv_values
 from dotenv.parser import parse_stream
 
+from mlauth.errors import ConfigError, StoreError, StoreMovedError
+from mlauth.secret import Secret
+from mlauth.tokens import LATEST_TIME, TokenSet
+
+from .base import TokenStore
 from .durable import fsync_dir
-from .errors import ConfigError, StoreError, StoreMovedError
 from .journal import Journal
 from .lock import ProcessLock, fork_bound
 from .mounted import (
@@ -43,9 +47,6 @@ from .mounted import (
     why_unsaved,
     write_in_place,
 )
-from .secret import Secret
-from .store import TokenStore
-from .token import LATEST_TIME, TokenSet
 
 __all__ = ["EnvFileStore", "read_env_file", "update_env_file"]
 
@@ -199,7 +200,7 @@ def _refuse_duplicates(text: str, path: str) -> None:
 
 
 def in_place_mode(path: str, values: Mapping[str, str | None] | None = None) -> bool:
-    """Whether ``path`` is written in place and locked on itself (see :mod:`mlauth.mounted`).
+    """Whether ``path`` is written in place and locked on itself (see :mod:`mlauth.stores.mounted`).
 
     Yes when it is a mount point (a file bind-mounted alone) or its ``ML_ENV_WRITE`` says
     ``in-place``; ConfigError for another value, or where the platform cannot do it.
@@ -252,7 +253,7 @@ def update_env_file(
 
     A file mounted alone (or with ``ML_ENV_WRITE=in-place``; ``in_place`` None decides by
     :func:`in_place_mode`) cannot be replaced: it is written in place, fenced from readers by
-    its content lock (:func:`mlauth.mounted.write_in_place`).
+    its content lock (:func:`mlauth.stores.mounted.write_in_place`).
     """
     real = os.path.realpath(os.fspath(path))
     if in_place is None:
@@ -437,7 +438,8 @@ class EnvFileStore:
         self.path = os.path.abspath(os.fspath(path))
         real = os.path.realpath(self.path)
         # A file mounted alone shares only its inode with the other containers: lock that,
-        # and write in place (mlauth.mounted). A missing file gets its error at the first read.
+        # and write in place (mlauth.stores.mounted). A missing file gets its error at the
+        # first read.
         self.in_place = os.path.isfile(real) and in_place_mode(real)
         self._lock: ProcessLock | InodeLock
         if self.in_place:
@@ -461,7 +463,7 @@ class EnvFileStore:
         self._follow_lock = threading.Lock()
 
     def journal(self) -> Journal:
-        """The write-ahead refresh journal beside the file (see :mod:`mlauth.journal`)."""
+        """The write-ahead refresh journal beside the file (see :mod:`mlauth.stores.journal`)."""
         real = os.path.realpath(self.path)
         return InodeJournal(real) if self.in_place else Journal(real)
 
@@ -479,7 +481,7 @@ class EnvFileStore:
                 values = read_env_file(self.path)
             if not (values.get(STORE_KEY) or "").strip():
                 return None
-            from .config import shared_store  # config imports this module
+            from mlauth.config import shared_store  # config imports this module
 
             with self._follow_lock:
                 if self._moved is None:

@@ -1,7 +1,7 @@
 """The token store interface.
 
 A store holds one token chain and the lock that serializes refreshes of it. The ``.env``
-store (:mod:`mlauth.envfile`) is the first, the Redis store (:mod:`mlauth.redis_store`) the
+store (:mod:`mlauth.stores.envfile`) is the first, the Redis store (:mod:`mlauth.stores.redis`) the
 second; the lock belongs to the store and not to the auth, because whoever can see the tokens
 must be able to exclude the others from spending them.
 
@@ -20,7 +20,7 @@ from collections.abc import Hashable
 from contextlib import AbstractContextManager
 from typing import Protocol, runtime_checkable
 
-from .token import TokenSet
+from mlauth.tokens import TokenSet
 
 __all__ = ["TokenStore"]
 

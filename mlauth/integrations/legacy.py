@@ -16,12 +16,13 @@ import weakref
 from collections.abc import Callable, MutableMapping
 from typing import Any
 
+from mlauth.errors import ConfigError, MLAuthError
+from mlauth.secret import Secret
+from mlauth.stores.lock import fork_bound
+from mlauth.tokens import TokenSet
+
 from . import patch
-from .auth import MLAuth
-from .errors import ConfigError, MLAuthError
-from .lock import fork_bound
-from .secret import Secret
-from .token import TokenSet
+from .requests_auth import MLAuth
 
 __all__ = ["keep_globals_current", "redirect_refresh"]
 

@@ -31,17 +31,18 @@ from collections.abc import Callable, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
-from .auth import MLAuth
-from .config import env_settings, store_from_env
-from .envfile import STORE_KEY, read_env_file
-from .errors import ConfigError, InvalidGrantError, MLAuthError, StoreError
-from .journal import journal_of, reauthorization_required
+from mlauth.config import env_settings, store_from_env
+from mlauth.errors import ConfigError, InvalidGrantError, MLAuthError, StoreError
+from mlauth.integrations.requests_auth import MLAuth
+from mlauth.logs import LEVEL_VARIABLE, OFF, level_from_environment, show_on_stderr
+from mlauth.preflight import refresh_problem
+from mlauth.secret import Secret
+from mlauth.stores.base import TokenStore
+from mlauth.stores.envfile import STORE_KEY, read_env_file
+from mlauth.stores.journal import journal_of, reauthorization_required
+from mlauth.tokens import TokenSet
+
 from .login import AUTH_HOSTS, LoginRequest, authorization_base, complete_login, parse_pasted
-from .logs import LEVEL_VARIABLE, OFF, level_from_environment, show_on_stderr
-from .preflight import refresh_problem
-from .secret import Secret
-from .store import TokenStore
-from .token import TokenSet
 
 __all__ = [
     "EXIT_ERROR",
@@ -275,8 +276,9 @@ def _cmd_login(args: argparse.Namespace) -> int:
 
 def _cmd_migrate(args: argparse.Namespace) -> int:
     try:
+        from mlauth.stores.redis import RedisStore, redact_url
+
         from .migrate import migrate_to_redis
-        from .redis_store import RedisStore, redact_url
     except ImportError as exc:  # the message names the extra: pip install 'mlauth[redis]'
         raise ConfigError(f"migrate: {exc}") from None
 
@@ -309,7 +311,7 @@ def _state_mismatch() -> str:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from . import runner
+    from mlauth.integrations import runner
 
     command = list(args.cmd)
     if command[:1] == ["--"]:

@@ -48,7 +48,8 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from .errors import LockTimeoutError, StoreError
+from mlauth.errors import LockTimeoutError, StoreError
+
 from .journal import Journal
 from .lock import fork_bound
 
@@ -76,7 +77,7 @@ _SETLK: int | None = getattr(fcntl, "F_OFD_SETLK", None)
 _SETLKW: int | None = getattr(fcntl, "F_OFD_SETLKW", None)
 # One byte far past the end of any .env: the refresh lock. Bytes below it are the content.
 REFRESH_BYTE = 1 << 62
-POLL_INTERVAL = 0.005  # as for the sibling lock file (mlauth.lock)
+POLL_INTERVAL = 0.005  # as for the sibling lock file (mlauth.stores.lock)
 PAGE_SIZE = os.sysconf("SC_PAGESIZE") if hasattr(os, "sysconf") else 4096
 SIZE_HEADROOM = 512
 # The inode's mark that it is written in place (see mark_in_place).
@@ -402,7 +403,7 @@ class InodeLock:
                 os.close(fd)
 
 
-JOURNAL_ATTR = "user.mlauth.journal"
+JOURNAL_ATTR = "user.mlauth.stores.journal"
 REAUTH_ATTR = "user.mlauth.reauth"
 # getxattr on a file that has no such attribute, or a filesystem that keeps none.
 _ABSENT = (errno.ENODATA, errno.ENOTSUP, getattr(errno, "ENOATTR", errno.ENODATA))

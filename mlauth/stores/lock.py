@@ -13,7 +13,7 @@ from typing import Protocol
 
 import filelock
 
-from .errors import LockTimeoutError, StoreError
+from mlauth.errors import LockTimeoutError, StoreError
 
 __all__ = ["ProcessLock", "fork_bound"]
 

@@ -28,7 +28,7 @@ import requests
 from requests.cookies import extract_cookies_to_jar
 from requests.utils import rewind_body
 
-from .config import (
+from mlauth.config import (
     DEFAULT_HOSTS,
     DEFAULT_TOKEN_URL,
     check_hosts,
@@ -36,7 +36,8 @@ from .config import (
     env_settings,
     store_from_env,
 )
-from .errors import (
+from mlauth.endpoint import REAUTHORIZE_HINT, TokenEndpoint
+from mlauth.errors import (
     ConfigError,
     InvalidGrantError,
     LockTimeoutError,
@@ -45,13 +46,13 @@ from .errors import (
     StaleCommitError,
     UnexpectedError,
 )
-from .journal import journal_of, recover
-from .preflight import refresh_problem
-from .refresher import REAUTHORIZE_HINT, TokenEndpoint
+from mlauth.preflight import refresh_problem
+from mlauth.secret import Secret, mask
+from mlauth.stores.base import TokenStore
+from mlauth.stores.journal import journal_of, recover
+from mlauth.tokens import MAX_MARGIN_SHARE, TokenSet
+
 from .runner import ENV_VARIABLE as RUN_ENV_VARIABLE
-from .secret import Secret, mask
-from .store import TokenStore
-from .token import MAX_MARGIN_SHARE, TokenSet
 
 __all__ = ["MLAuth"]
 
@@ -225,7 +226,7 @@ class MLAuth(requests.auth.AuthBase):
         self._last_failure: tuple[float, float, Secret, RefreshError] | None = None
         self._advisory_retry_at = 0.0
         self._persist_retry_at = 0.0
-        # journal: the store's write-ahead refresh journal, None if it has none (mlauth.journal).
+        # journal: the store's write-ahead refresh journal, None if it has none.
         self._journal = journal_of(store)
         _instances.add(self)
 

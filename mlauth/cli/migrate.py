@@ -12,8 +12,10 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from .config import shared_store
-from .envfile import (
+from mlauth.config import shared_store
+from mlauth.endpoint import REAUTHORIZE_HINT
+from mlauth.errors import ConfigError, MLAuthError
+from mlauth.stores.envfile import (
     STORE_KEY,
     TOKEN_KEYS,
     EnvFileStore,
@@ -21,11 +23,9 @@ from .envfile import (
     tokens_from_values,
     update_env_file,
 )
-from .errors import ConfigError, MLAuthError
-from .journal import recover
-from .redis_store import RedisStore, redact_url
-from .refresher import REAUTHORIZE_HINT
-from .token import TokenSet
+from mlauth.stores.journal import recover
+from mlauth.stores.redis import RedisStore, redact_url
+from mlauth.tokens import TokenSet
 
 __all__ = ["ChainConflictError", "MigrationResult", "migrate_to_redis"]
 

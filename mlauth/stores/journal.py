@@ -45,10 +45,11 @@ from collections.abc import Hashable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from mlauth.errors import InvalidGrantError, StoreError
+from mlauth.secret import Secret, fingerprint
+from mlauth.tokens import TokenSet
+
 from .durable import fsync_dir
-from .errors import InvalidGrantError, StoreError
-from .secret import Secret, fingerprint
-from .token import TokenSet
 
 __all__ = ["Journal", "Recovery", "journal_of", "reauthorization_required", "recover"]
 

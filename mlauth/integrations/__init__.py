@@ -1,0 +1,1 @@
+"""The HTTP-client side: the requests auth, and mounting it on code that never asked for it."""

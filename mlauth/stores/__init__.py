@@ -1,0 +1,1 @@
+"""Where the tokens live between processes: the store contract and its two stores."""

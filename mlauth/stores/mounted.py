@@ -403,7 +403,7 @@ class InodeLock:
                 os.close(fd)
 
 
-JOURNAL_ATTR = "user.mlauth.stores.journal"
+JOURNAL_ATTR = "user.mlauth.journal"
 REAUTH_ATTR = "user.mlauth.reauth"
 # getxattr on a file that has no such attribute, or a filesystem that keeps none.
 _ABSENT = (errno.ENODATA, errno.ENOTSUP, getattr(errno, "ENOATTR", errno.ENODATA))

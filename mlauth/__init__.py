@@ -23,7 +23,6 @@ from .integrations.requests_auth import MLAuth
 from .secret import Secret, fingerprint
 from .stores.base import TokenStore
 from .stores.envfile import EnvFileStore
-from .stores.journal import reauthorization_required
 from .tokens import TokenSet
 
 if TYPE_CHECKING:
@@ -56,6 +55,16 @@ __all__ = [
     "redirect_refresh",
     "uninstall",
 ]
+
+
+def reauthorization_required(store: TokenStore) -> str | None:
+    """Why the seller must authorize again (with the command to run), or None.
+
+    True after an ``invalid_grant`` until the store holds another refresh token; takes no
+    lock and changes nothing (:meth:`TokenStore.reauthorization_required`).
+    """
+    return store.reauthorization_required()
+
 
 # A library must not configure logging; the NullHandler keeps "no handler" warnings away.
 logging.getLogger("mlauth").addHandler(logging.NullHandler())

@@ -8,16 +8,13 @@ from urllib.parse import urlsplit
 
 from .errors import ConfigError
 from .hosts import HostRules, is_loopback
-from .stores.base import TokenStore
-from .stores.envfile import STORE_KEY, EnvFileStore, read_env_file
+from .stores.envfile import read_env_file
 
 __all__ = [
     "DEFAULT_HOSTS",
     "DEFAULT_TOKEN_URL",
     "check_token_url",
     "env_settings",
-    "shared_store",
-    "store_from_env",
 ]
 
 DEFAULT_TOKEN_URL = "https://api.mercadolibre.com/oauth/token"  # noqa: S105 (a URL)
@@ -90,46 +87,3 @@ def env_settings(path: str | os.PathLike[str]) -> dict[str, object]:
             h.strip() for h in (values["ML_API_HOSTS"] or "").split(",") if h.strip()
         )
     return settings
-
-
-def shared_store(values: Mapping[str, str | None], where: str) -> TokenStore | None:
-    """The store ``ML_TOKEN_STORE`` names in these ``.env`` values, or None if it names none."""
-    url = (values.get(STORE_KEY) or "").strip()
-    if not url:
-        return None
-    scheme = urlsplit(url).scheme
-    if scheme not in ("redis", "rediss", "unix"):
-        raise ConfigError(
-            # Host part only: credentials may sit before '@' or in the query string.
-            f"{where}: {STORE_KEY}={url.split('@')[-1].split('?')[0]!r} is not a store mlauth "
-            "knows; write "
-            "redis://HOST:PORT/DB (or rediss:// for TLS), or delete the line to keep the "
-            "tokens in this file"
-        )
-    try:
-        from .stores.redis import RedisStore
-    except ImportError as exc:
-        raise ConfigError(f"{where}: {STORE_KEY} names Redis, but {exc}") from None
-    raw_timeout = (values.get("ML_TOKEN_LOCK_TIMEOUT") or "").strip()
-    try:
-        lock_timeout = float(raw_timeout) if raw_timeout else 30.0
-    except ValueError:
-        raise ConfigError(
-            f"{where}: ML_TOKEN_LOCK_TIMEOUT={raw_timeout!r} is not a number of seconds"
-        ) from None
-    return RedisStore(
-        url,
-        key=(values.get("ML_TOKEN_KEY") or "").strip() or None,
-        client_id=_required(values, "ML_CLIENT_ID", where, "copy it from your app"),
-        lock_timeout=lock_timeout,
-    )
-
-
-def store_from_env(path: str | os.PathLike[str]) -> TokenStore:
-    """The token store a ``.env`` selects: the one ``ML_TOKEN_STORE`` names, else the file.
-
-    The one place the store is chosen: :meth:`MLAuth.from_env`, :func:`mlauth.install`
-    (so ``mlauth run``) and every CLI command go through it.
-    """
-    where = os.fspath(path)
-    return shared_store(read_env_file(where), where) or EnvFileStore(where)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import email.utils
 import logging
 import math
@@ -14,17 +13,14 @@ from typing import Any
 import requests
 import urllib3.exceptions
 
-from .errors import InvalidGrantError, RefreshError
+from .errors import REAUTHORIZE, InvalidGrantError, RefreshError
 from .secret import Secret
+from .tokens import TokenAnswer
 
-__all__ = ["TokenAnswer", "TokenEndpoint"]
+__all__ = ["TokenEndpoint"]
 
 log = logging.getLogger("mlauth")
 
-REAUTHORIZE_HINT = (
-    "The seller must authorize the app again to get a new refresh token "
-    "(open the authorization URL, exchange the code, put ML_REFRESH_TOKEN in the .env)."
-)
 
 # Errors that no retry can fix; each gets the fix in its message.
 _CODE_EXCHANGE = "the authorization code exchange"  # mlauth login's grant, in messages
@@ -45,16 +41,6 @@ class _NoAuth(requests.auth.AuthBase):
 
     def __call__(self, r: requests.PreparedRequest) -> requests.PreparedRequest:
         return r
-
-
-@dataclasses.dataclass(frozen=True)
-class TokenAnswer:
-    """A successful answer from the token endpoint."""
-
-    access_token: Secret
-    refresh_token: Secret | None
-    expires_in: float | None
-    user_id: str | None = None
 
 
 _MAX_EXPIRES_IN = 366 * 24 * 3600.0  # ML's tokens live 6 h; a year is already absurd
@@ -95,12 +81,10 @@ def parse_success(body: object) -> TokenAnswer:
     refresh = body.get("refresh_token")
     if refresh is not None and (not isinstance(refresh, str) or not refresh):
         raise ValueError("refresh_token is not a string")
-    user_id = body.get("user_id")
     return TokenAnswer(
         access_token=Secret(access),
         refresh_token=Secret(refresh) if refresh else None,
         expires_in=_parse_expires_in(body.get("expires_in")),
-        user_id=None if user_id is None else str(user_id),
     )
 
 
@@ -125,6 +109,15 @@ def _never_sent(exc: requests.RequestException) -> bool:
     reason = exc.args[0] if exc.args else None
     inner = getattr(reason, "reason", reason)
     return isinstance(inner, urllib3.exceptions.NewConnectionError)
+
+
+# Raised before anything is sent: the URL or a header cannot even be put on the wire.
+_NEVER_SENT = (
+    requests.exceptions.InvalidURL,
+    requests.exceptions.MissingSchema,
+    requests.exceptions.InvalidSchema,
+    requests.exceptions.InvalidHeader,
+)
 
 
 def _error_fields(response: requests.Response) -> tuple[str | None, str | None]:
@@ -283,8 +276,11 @@ class TokenEndpoint:
                 else:
                     last = f"no answer from {self.token_url} ({type(exc).__name__})"
                     ambiguous = ambiguous or last
+            except _NEVER_SENT as exc:
+                unusable = type(exc).__name__
             except requests.RequestException as exc:
                 unusable = type(exc).__name__
+                ambiguous = ambiguous or f"{unusable} after sending"
             else:
                 outcome = self._judge(response, ambiguous, what)
                 if isinstance(outcome, TokenAnswer):
@@ -295,10 +291,12 @@ class TokenEndpoint:
             if unusable is not None:
                 # Raised outside the except block so the error has no __context__: requests'
                 # exception carries the request, whose body holds the secret and the token.
-                raise RefreshError(
+                error = RefreshError(
                     f"cannot call the token endpoint {self.token_url}: {unusable}. "
                     "Check ML_TOKEN_URL."
                 )
+                error.possibly_spent = ambiguous
+                raise error
             wait_hint = retry_after
             delay = self._delay(attempt, retry_after)
             if attempt >= attempts:
@@ -335,6 +333,7 @@ class TokenEndpoint:
             f"left as they were.{fix}"
         )
         error.retry_after = wait_hint
+        error.possibly_spent = ambiguous
         raise error
 
     def _post(self, data: Mapping[str, str]) -> requests.Response:
@@ -368,12 +367,14 @@ class TokenEndpoint:
             try:
                 return parse_success(response.json())
             except ValueError as exc:
-                raise RefreshError(
+                unusable = RefreshError(
                     f"the token endpoint answered 200 with an unusable body ({exc}). The "
-                    "refresh token may have been spent; if the next refresh says invalid_grant, "
-                    + REAUTHORIZE_HINT,
+                    "refresh token may have been spent; if the next refresh says invalid_grant: "
+                    + REAUTHORIZE,
                     status_code=status,
-                ) from None
+                )
+                unusable.possibly_spent = "HTTP 200 with an unusable body"
+                raise unusable from None
         if error == "invalid_grant":
             note = (
                 f" An earlier attempt may have spent it without its answer arriving ({ambiguous})."
@@ -382,7 +383,7 @@ class TokenEndpoint:
             )
             raise InvalidGrantError(
                 f"the refresh token was rejected (invalid_grant: {description or 'no detail'})."
-                f"{note} {REAUTHORIZE_HINT}",
+                f"{note} {REAUTHORIZE}",
                 status_code=status,
                 error=error,
                 description=description,
@@ -392,10 +393,14 @@ class TokenEndpoint:
         if status >= 500:
             return f"HTTP {status} {error or ''}".rstrip(), _retry_after(response)
         hint = _FATAL_HINTS.get(error or "", "check ML_TOKEN_URL and the app's credentials")
-        raise RefreshError(
+        refused = RefreshError(
             f"the token endpoint refused the {what} (HTTP {status} {error or 'no error code'}: "
             f"{description or 'no detail'}); {hint}. Not retried.",
             status_code=status,
             error=error,
             description=description,
         )
+        # A refusal is given instead of processing the grant; only an earlier attempt of the
+        # series may have spent the token.
+        refused.possibly_spent = ambiguous
+        raise refused

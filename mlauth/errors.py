@@ -12,6 +12,7 @@ from __future__ import annotations
 import requests
 
 __all__ = [
+    "REAUTHORIZE",
     "ConfigError",
     "InvalidGrantError",
     "LockLostError",
@@ -23,6 +24,13 @@ __all__ = [
     "StoreMovedError",
     "UnexpectedError",
 ]
+
+
+# The one fix for a dead refresh token, in every message that reports one.
+REAUTHORIZE = (
+    "Re-authorization required: run `mlauth login` (or authorize the app again and put the "
+    "new ML_REFRESH_TOKEN in the .env)."
+)
 
 
 class MLAuthError(requests.RequestException):
@@ -67,6 +75,12 @@ class RefreshError(MLAuthError):
     ``status_code`` is the HTTP status (None when no answer arrived), ``error`` the provider's
     error code (``invalid_client``, ``local_rate_limited``, ...) and ``description`` its text.
     ``retry_after`` is how many seconds the server asked us to wait, when it said so.
+    ``possibly_spent`` says why the refresh token may have been spent all the same (a request
+    that may have reached the server without its answer arriving: a timeout after sending, a
+    reset, a 5xx, an unusable 200), or is None when the server cannot have rotated it (nothing
+    was sent, or it refused the grant outright). The token endpoint code sets it: it is the
+    only code that knows how far each attempt got. A possibly spent token is tried once more,
+    never in a retry series.
     """
 
     def __init__(
@@ -82,6 +96,7 @@ class RefreshError(MLAuthError):
         self.error = error
         self.description = description
         self.retry_after: float | None = None
+        self.possibly_spent: str | None = None
 
 
 class UnexpectedError(MLAuthError):

@@ -1,13 +1,22 @@
-"""The token set a store holds, and when it counts as fresh, stale or expired."""
+"""The token set a store holds, and how fresh it is: fresh, stale or invalid.
+
+The vocabulary is google-auth's, used everywhere in mlauth: a FRESH token is sent as it is; a
+STALE one (within the refresh margin of its expiry) still works, so it is refreshed ahead if
+nobody else is doing it, never waited for; an INVALID one (none, or expired) must be replaced
+before anything is sent, so the refresh is waited for and its failure raised.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import enum
+import os
+import socket
 import time
 
 from .secret import Secret
 
-__all__ = ["TokenSet"]
+__all__ = ["Freshness", "TokenAnswer", "TokenSet", "this_process"]
 
 # A refresh is started ahead of expiry by ``refresh_margin`` seconds, but never by more than
 # this share of the token's lifetime: with the 2-second tokens of a test server a 300-second
@@ -16,6 +25,26 @@ MAX_MARGIN_SHARE = 0.25
 # The last second of the year 9999: a stored time outside 0..LATEST_TIME (or not finite) is
 # no unix time in seconds (milliseconds, a common slip, land far past it); stores refuse it.
 LATEST_TIME = 253402300799.0
+
+
+def this_process() -> str:
+    """``pid N@host``: who refreshed, in the store and in journal records."""
+    return f"pid {os.getpid()}@{socket.gethostname()}"
+
+
+class Freshness(enum.Enum):
+    FRESH = "fresh"
+    STALE = "stale"  # still valid, within the refresh margin of its expiry
+    INVALID = "invalid"  # no access token, or past its known expiry
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenAnswer:
+    """A successful answer from the token endpoint."""
+
+    access_token: Secret
+    refresh_token: Secret | None
+    expires_in: float | None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,6 +60,22 @@ class TokenSet:
     expires_at: float | None = None
     refreshed_at: float | None = None
     refreshed_by: str | None = None
+
+    @classmethod
+    def from_answer(
+        cls, answer: TokenAnswer, spent: Secret, started: float, *, refreshed_by: str
+    ) -> TokenSet:
+        """The link that follows ``spent``: the answer's tokens, expiring from ``started``.
+
+        An answer without a refresh token (an app without offline_access) keeps ``spent``.
+        """
+        return cls(
+            access_token=answer.access_token,
+            refresh_token=answer.refresh_token or spent,
+            expires_at=None if answer.expires_in is None else started + answer.expires_in,
+            refreshed_at=started,
+            refreshed_by=refreshed_by,
+        )
 
     @property
     def lifetime(self) -> float | None:
@@ -50,19 +95,14 @@ class TokenSet:
             return None
         return self.expires_at - (time.time() if now is None else now)
 
-    def is_expired(self, now: float | None = None) -> bool:
-        """No access token, or one past its known expiry. Unknown expiry counts as valid."""
+    def freshness(self, refresh_margin: float, now: float | None = None) -> Freshness:
+        """FRESH, STALE (within the effective margin of expiry) or INVALID (see the module)."""
         if self.access_token is None:
-            return True
+            return Freshness.INVALID
         left = self.expires_in(now)
-        return left is not None and left <= 0
-
-    def needs_refresh(self, refresh_margin: float, now: float | None = None) -> bool:
-        """Expired, or within the margin of its known expiry."""
-        if self.access_token is None:
-            return True
-        left = self.expires_in(now)
-        return left is not None and left <= self.margin(refresh_margin)
+        if left is None or left > self.margin(refresh_margin):
+            return Freshness.FRESH  # an unknown expiry counts as valid until its 401
+        return Freshness.STALE if left > 0 else Freshness.INVALID
 
     def age(self, now: float | None = None) -> float | None:
         if self.refreshed_at is None:

@@ -99,3 +99,15 @@ def persistent_redis(tmp_path: Path) -> Iterator[RedisServer]:
         yield server
     finally:
         server.stop()
+
+
+def refresh_turn_is_free(auth: mlauth.MLAuth, within: float = 20.0) -> bool:
+    """Whether another thread can take the auth's refresh turn now (its in-process lock and
+    the store's lock), seen from outside: a ``refresh(force=False)`` of a token refreshed
+    moments ago takes both and spends nothing. False if it did not finish ``within`` seconds.
+    """
+    done: list[mlauth.TokenSet] = []
+    thread = threading.Thread(target=lambda: done.append(auth.refresh(force=False)), daemon=True)
+    thread.start()
+    thread.join(within)
+    return bool(done)

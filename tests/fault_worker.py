@@ -53,9 +53,11 @@ def install_pause(phase: str, env: str) -> None:
     elif phase == "after-answer":
         save = mlauth.EnvFileStore.save
 
-        def paused_save(self: mlauth.EnvFileStore, tokens: mlauth.TokenSet) -> Hashable:
+        def paused_save(
+            self: mlauth.EnvFileStore, tokens: mlauth.TokenSet, **kwargs: Any
+        ) -> Hashable:
             pause(phase)
-            return save(self, tokens)
+            return save(self, tokens, **kwargs)
 
         mlauth.EnvFileStore.save = paused_save  # type: ignore[method-assign]
     elif phase == "during-write":

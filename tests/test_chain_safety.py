@@ -11,12 +11,14 @@ import pytest
 import requests
 
 import mlauth
+import mlauth.engine
 import mlauth.integrations.requests_auth
 import mlauth.stores.envfile
 from mlauth.stores.envfile import read_env_file, update_env_file
 from mlauth.stores.lock import ProcessLock
 from mlauth.testing import FakeMercadoLibre
-from tests.conftest import run_threads
+from mlauth.tokens import Freshness
+from tests.conftest import refresh_turn_is_free, run_threads
 
 DEAD_ACCESS = "APP_USR-1234-010101-deadbeef-8035443"
 
@@ -29,12 +31,12 @@ class FlakyStore(mlauth.EnvFileStore):
         self.failures: list[BaseException] = []
         self.broken = False  # every save fails while set (the disk filled after the check)
 
-    def save(self, tokens: mlauth.TokenSet) -> Hashable:
+    def save(self, tokens: mlauth.TokenSet, *, replaces: Hashable | None = None) -> Hashable:
         if self.failures:
             raise self.failures.pop(0)
         if self.broken:
             raise mlauth.StoreError("No space left on device")
-        return super().save(tokens)
+        return super().save(tokens, replaces=replaces)
 
 
 @pytest.fixture
@@ -45,7 +47,7 @@ def stale_env(fake_ml: FakeMercadoLibre, fake_ml_env: Path) -> Path:
 
 @pytest.fixture
 def no_persist_delay(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(mlauth.integrations.requests_auth, "PERSIST_RETRY_DELAY", 0.0)
+    monkeypatch.setattr(mlauth.engine, "PERSIST_RETRY_DELAY", 0.0)
 
 
 def refresh_with_a_failed_save(
@@ -165,19 +167,18 @@ def test_on_refresh_runs_outside_both_locks(fake_ml: FakeMercadoLibre, stale_env
     seen: list[tuple[bool, bool]] = []
 
     def callback(tokens: mlauth.TokenSet) -> None:
-        mutex_free = auth._mutex.acquire(blocking=False)
-        if mutex_free:
-            auth._mutex.release()
         try:
             with ProcessLock(f"{stale_env}.lock").hold(timeout=0):
                 file_lock_free = True
         except mlauth.LockTimeoutError:
             file_lock_free = False
-        seen.append((mutex_free, file_lock_free))
+        seen.append((file_lock_free, refresh_turn_is_free(auth)))
 
-    auth = mlauth.MLAuth.from_env(stale_env, on_refresh=callback)
+    # A short lock timeout: a callback run inside the locks fails the probe in seconds.
+    auth = mlauth.MLAuth.from_env(stale_env, on_refresh=callback, lock_timeout=2.0)
     assert requests.get(f"{fake_ml.base_url}/users/me", auth=auth).status_code == 200
     assert seen == [(True, True)]
+    assert fake_ml.stats()["refreshes"] == 1  # the probe spent nothing
 
 
 def test_refresh_ahead_of_expiry_never_waits_for_another_process(
@@ -241,29 +242,34 @@ def test_retries_stop_within_the_budget(fake_ml: FakeMercadoLibre) -> None:
     assert slept == []  # a 7 s Retry-After does not fit a 2 s budget: no sleep, no retry
 
 
-def test_forked_child_gets_its_own_mutex_and_token_connection(
+def test_a_child_forked_while_a_thread_refreshes_can_refresh_itself(
     fake_ml: FakeMercadoLibre, fake_ml_env: Path
 ) -> None:
-    auth = mlauth.MLAuth.from_env(fake_ml_env)
-    parent_session = auth._endpoint._session
+    # A short lock timeout: a child that inherited the busy in-process lock gives up in
+    # seconds (LockTimeoutError) instead of waiting for a thread it does not have.
+    auth = mlauth.MLAuth.from_env(fake_ml_env, lock_timeout=3.0)
+    before = auth.tokens.access_token
+    fake_ml.token_delay = 1.0
+    refreshing = threading.Thread(target=auth.refresh)
+    refreshing.start()
+    assert fake_ml.token_requests_in_flight.wait(10)  # the thread holds both locks now
     read_end, write_end = os.pipe()
-    auth._mutex.acquire()  # as if another thread were refreshing at fork time
-    try:
-        pid = os.fork()
-        if pid == 0:  # the child: report and leave without running pytest's teardown
-            ok = (
-                auth._mutex.acquire(blocking=False)
-                and auth._endpoint._session is not parent_session
-            )
-            os.write(write_end, b"1" if ok else b"0")
-            os._exit(0)
-    finally:
-        auth._mutex.release()
+    pid = os.fork()
+    if pid == 0:  # the child: report and leave without running pytest's teardown
+        try:
+            # Waits for the parent's file lock, then adopts what the parent saved.
+            ok = auth.refresh(force=False).access_token not in (None, before)
+        except BaseException:  # noqa: BLE001 (reported through the pipe)
+            ok = False
+        os.write(write_end, b"1" if ok else b"0")
+        os._exit(0)
     os.close(write_end)
+    refreshing.join()
     _, status = os.waitpid(pid, 0)
     assert os.read(read_end, 1) == b"1"
     os.close(read_end)
     assert status == 0
+    assert fake_ml.stats()["refreshes"] == 1  # the child adopted the parent's refresh
 
 
 def test_two_refreshes_while_saves_fail_keep_the_chain(
@@ -280,7 +286,10 @@ def test_two_refreshes_while_saves_fail_keep_the_chain(
     session.auth = auth
     assert session.get(f"{fake_ml.base_url}/users/me").status_code == 200  # refresh 1, unsaved
     deadline = time.monotonic() + 10
-    while not auth.tokens.needs_refresh(auth.refresh_margin) and time.monotonic() < deadline:
+    while (
+        auth.tokens.freshness(auth.refresh_margin) is Freshness.FRESH
+        and time.monotonic() < deadline
+    ):
         time.sleep(0.01)
     assert session.get(f"{fake_ml.base_url}/users/me").status_code == 200  # refresh 2, unsaved
     assert fake_ml.stats()["refreshes"] == 2
@@ -338,7 +347,7 @@ def test_a_failed_advisory_attempt_does_not_stop_the_refresh_at_expiry(
 def test_a_long_retry_after_is_remembered_only_up_to_the_cap(
     fake_ml: FakeMercadoLibre, stale_env: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(mlauth.integrations.requests_auth, "MAX_FAILURE_MEMORY", 0.0)
+    monkeypatch.setattr(mlauth.engine, "MAX_FAILURE_MEMORY", 0.0)
     fake_ml.fail_next_token_requests(1, status=429, error="local_rate_limited", retry_after=3600)
     auth = mlauth.MLAuth.from_env(stale_env)
     with pytest.raises(mlauth.RefreshError, match="asked to wait 3600s") as caught:
@@ -395,6 +404,27 @@ def test_unsaved_tokens_are_used_even_if_the_lock_cannot_be_opened(
     assert response.status_code == 200 and response.history == []
 
 
+def kept_exceptions(root: object) -> list[BaseException]:
+    """The exceptions reachable from ``root`` through instance attributes and containers."""
+    found: list[BaseException] = []
+    seen: set[int] = set()
+    todo = [root]
+    while todo:
+        value = todo.pop()
+        if id(value) in seen or isinstance(value, (str, bytes, int, float, type)):
+            continue
+        seen.add(id(value))
+        if isinstance(value, BaseException):
+            found.append(value)
+        elif isinstance(value, (tuple, list, set, frozenset)):
+            todo.extend(value)
+        elif isinstance(value, dict):
+            todo.extend(value.values())
+        elif hasattr(value, "__dict__") and type(value).__module__.startswith("mlauth"):
+            todo.extend(vars(value).values())
+    return found
+
+
 def test_a_remembered_failure_keeps_no_traceback_with_the_secret(
     fake_ml: FakeMercadoLibre, stale_env: Path
 ) -> None:
@@ -405,9 +435,9 @@ def test_a_remembered_failure_keeps_no_traceback_with_the_secret(
     with pytest.raises(mlauth.InvalidGrantError) as caught:
         requests.get(f"{fake_ml.base_url}/users/me", auth=auth)
     del caught
-    # What the auth keeps of the failure must not lead back to the token POST's frame.
-    kept = [v for value in vars(auth).values() if isinstance(value, tuple) for v in value]
-    errors = [v for v in kept if isinstance(v, BaseException)]
+    # What the auth keeps of the failure, wherever it keeps it, must not lead back to the
+    # token POST's frame.
+    errors = kept_exceptions(auth)
     assert errors, "the failure is remembered"
     for error in errors:
         assert error.__traceback__ is None and error.__context__ is None

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 import mlauth
+from mlauth.tokens import Freshness
 from tests.conftest import env_text
 
 
@@ -65,7 +66,7 @@ def test_legacy_env_without_expiry_is_accepted(tmp_path: Path) -> None:
     path = write(tmp_path, env_text(ML_TOKEN_EXPIRES_AT=None))
     auth = mlauth.MLAuth.from_env(path)
     assert auth.tokens.expires_at is None
-    assert not auth.tokens.needs_refresh(300)
+    assert auth.tokens.freshness(300) is Freshness.FRESH
 
 
 def test_store_must_be_a_token_store(tmp_path: Path) -> None:

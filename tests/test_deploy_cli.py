@@ -205,7 +205,7 @@ def test_status_with_a_broken_configuration_exits_1_naming_it(
     assert "refresh token:" in done.stdout  # what it could read is still shown
 
 
-def test_status_shows_a_pending_journal_answer_and_a_rescue_file(fake_ml_env: Path) -> None:
+def test_status_shows_a_pending_journal_answer(fake_ml_env: Path) -> None:
     stored = mlauth.EnvFileStore(fake_ml_env).load()[0].refresh_token
     assert stored is not None
     new = mlauth.TokenSet(
@@ -216,7 +216,6 @@ def test_status_shows_a_pending_journal_answer_and_a_rescue_file(fake_ml_env: Pa
     journal = Journal(os.path.realpath(fake_ml_env))
     journal.intent(stored)
     journal.answer(stored, new)
-    rescue = journal.write_rescue(stored, new)
     done = mlauth_cli("status", "--env", str(fake_ml_env))
     assert done.returncode == 0, done.stderr
     assert re.search(
@@ -224,7 +223,6 @@ def test_status_shows_a_pending_journal_answer_and_a_rescue_file(fake_ml_env: Pa
         "refresh",
         done.stdout,
     )
-    assert re.search(rf"rescue file:\s+{re.escape(str(rescue))} ", done.stdout)
     for secret in ("APP_USR-unsaved-access-for-status-test", "TG-unsaved-refresh-for-status"):
         assert secret not in done.stdout + done.stderr
     assert_no_secret(done.stdout + done.stderr, fake_ml_env)
@@ -245,7 +243,6 @@ def test_the_readme_gitignore_keeps_every_file_mlauth_writes_out_of_git(tmp_path
         env + ".lock",
         journal.path,
         journal.reauth_path,
-        journal.rescue_path,
         str(tmp_path / ".env.abc123.mlauth-tmp"),  # a save's temporary file, left by a crash
     ]
     for path in written:

@@ -61,12 +61,13 @@ def run_python(
 
 
 def secrets_of(env: Path) -> list[str]:
-    """Every token and the secret the .env, its journal and rescue files hold."""
+    """Every token and the secret the .env and its journal hold."""
     values = read_env_file(env)
     found = [v for k, v in values.items() if v and k in ("ML_ACCESS_TOKEN", "ML_REFRESH_TOKEN")]
     found.append(values["ML_CLIENT_SECRET"] or "<none>")
-    for _, _, tokens in Journal(str(env)).rescues():
-        found += [s.reveal() for s in (tokens.access_token, tokens.refresh_token) if s]
+    for record in Journal(str(env)).records():
+        answer = record.get("tokens") or {}
+        found += [answer[k] for k in ("access_token", "refresh_token") if answer.get(k)]
     return found
 
 
@@ -159,7 +160,7 @@ def api_call(fake: FakeMercadoLibre) -> str:
 def assert_warning_and_error_once(stderr: str, env: Path) -> None:
     assert stderr.count(f"chmod 600 {env}") == 1, stderr
     assert stderr.count("refreshed tokens could not be saved") == 1, stderr
-    assert "Rescue copy:" in stderr
+    assert "keeps them in memory and retries saving" in stderr
     for secret in secrets_of(env):
         assert secret not in stderr
 

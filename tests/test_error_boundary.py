@@ -12,11 +12,14 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import filelock
 import pytest
 import requests
 
 import mlauth
 from mlauth import MLAuth, MLAuthError, UnexpectedError
+from mlauth.endpoint import TokenEndpoint
+from mlauth.stores.envfile import read_env_file
 from mlauth.stores.journal import Journal
 from mlauth.testing import FakeMercadoLibre
 
@@ -29,12 +32,8 @@ TARGETS: dict[str, Callable[[pytest.MonkeyPatch, MLAuth, Callable[..., None]], N
     "store.save": lambda mp, auth, boom: mp.setattr(auth.store, "save", boom),
     "store.lock": lambda mp, auth, boom: mp.setattr(auth.store, "lock", boom),
     "store.check_writable": lambda mp, auth, boom: mp.setattr(auth.store, "check_writable", boom),
-    "token POST": lambda mp, auth, boom: mp.setattr(auth._endpoint._session, "send", boom),
-    "filelock acquire": lambda mp, auth, boom: mp.setattr(
-        type(auth.store._lock._lock),  # type: ignore[attr-defined]
-        "acquire",
-        boom,
-    ),
+    "token POST": lambda mp, auth, boom: mp.setattr(TokenEndpoint, "_post", boom),
+    "filelock acquire": lambda mp, auth, boom: mp.setattr(filelock.FileLock, "acquire", boom),
     "journal append": lambda mp, auth, boom: mp.setattr(Journal, "_append", boom),
     "os.replace": lambda mp, auth, boom: mp.setattr(os, "replace", boom),
     "os.fsync": lambda mp, auth, boom: mp.setattr(os, "fsync", boom),
@@ -63,7 +62,7 @@ def auth_for(fake: FakeMercadoLibre, env: Path, path: str) -> MLAuth:
 
 def absorbed(target: str, kind: type[Exception]) -> bool:
     """Failures to save the new tokens are absorbed by design: they are kept in memory, the
-    request goes on with them, and saving is retried (see MLAuth._sync). A failing
+    request goes on with them, and saving is retried (see RefreshEngine._sync). A failing
     ``os.replace`` is not among them: the save probe renames too, so it is found out before
     the refresh token is spent (a StoreError)."""
     return target == "store.save"
@@ -91,7 +90,10 @@ def test_only_mlauth_errors_reach_the_caller(
         session.auth = auth
         if absorbed(target, kind):
             assert session.get(f"{fake.base_url}/users/me", timeout=30).status_code == 200
-            assert auth._unsaved is not None  # the refreshed tokens wait in memory
+            # The refreshed tokens wait in memory: the file still holds the spent token.
+            new = auth.tokens.refresh_token
+            assert new is not None
+            assert read_env_file(tmp_path / ".env")["ML_REFRESH_TOKEN"] != new.reveal()
             return
         with pytest.raises(MLAuthError) as caught:
             session.get(f"{fake.base_url}/users/me", timeout=30)

@@ -14,6 +14,7 @@ import pytest
 import requests
 
 import mlauth
+import mlauth.engine
 import mlauth.integrations.requests_auth
 from mlauth.stores.envfile import read_env_file, update_env_file
 from mlauth.testing import FakeMercadoLibre
@@ -25,7 +26,7 @@ def expired_env(
 ) -> Path:
     # The next call must refresh; a failure is not remembered, so "the next call" really asks.
     update_env_file(fake_ml_env, {"ML_TOKEN_EXPIRES_AT": str(time.time() - 10)})
-    monkeypatch.setattr(mlauth.integrations.requests_auth, "FAILURE_COOLDOWN", 0.0)
+    monkeypatch.setattr(mlauth.engine, "FAILURE_COOLDOWN", 0.0)
     return fake_ml_env
 
 

@@ -99,9 +99,7 @@ def test_a_process_running_on_the_env_follows_the_tokens_to_redis(
     migrate_to_redis(env, redis_server.url)
     assert requests.get(url, auth=auth).ok  # picks up the move at its next call
     # Its next refresh takes the Redis lock and commits to Redis, never to the file.
-    with auth.store.lock(5):
-        tokens, _ = auth.store.load()
-        auth._refresh(tokens, "test")
+    auth.refresh()
 
     with redis_server.client() as client:
         stored = client.hgetall(key_of(env))
@@ -155,12 +153,12 @@ def test_migration_replays_a_refresh_only_the_journal_holds(
     spent = read_env_file(env)["ML_REFRESH_TOKEN"]
     dying = mlauth.MLAuth.from_env(env)
 
-    def full_disk(self: EnvFileStore, tokens: mlauth.TokenSet) -> object:
+    def full_disk(self: EnvFileStore, tokens: mlauth.TokenSet, **kwargs: object) -> object:
         raise OSError(28, "No space left on device")
 
     with monkeypatch.context() as patch:
         patch.setattr(EnvFileStore, "save", full_disk)
-        dying.refresh()  # spent; the answer is only in the journal and a rescue file
+        dying.refresh()  # spent; the answer is only in the journal (and in memory)
     assert read_env_file(env)["ML_REFRESH_TOKEN"] == spent
     del dying  # the process dies before it could save again
 

@@ -15,6 +15,7 @@ import threading
 import time
 import urllib.parse
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import requests
@@ -25,6 +26,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import mlauth
+from mlauth.endpoint import TokenEndpoint
 from mlauth.stores.envfile import TOKEN_KEYS, render_update
 
 # -- the .env writer ----------------------------------------------------------------------------
@@ -238,10 +240,13 @@ def run_401_example(
     # requests-mock tries the latest registration first: the token endpoint goes last.
     adapter.register_uri(requests_mock.ANY, requests_mock.ANY, text=server.api)
     adapter.register_uri("POST", TOKEN_URL, json=server.token)
-    auth = mlauth.MLAuth.from_env(
-        env, min_token_age=min_token_age, backoff=0.0, max_attempts=max_attempts
-    )
-    auth._endpoint._session.mount("https://", adapter)
+    token_session = requests.Session()
+    token_session.mount("https://", adapter)
+    # The token endpoint's private session, built in the constructor, is this one.
+    with mock.patch.object(TokenEndpoint, "_new_session", return_value=token_session):
+        auth = mlauth.MLAuth.from_env(
+            env, min_token_age=min_token_age, backoff=0.0, max_attempts=max_attempts
+        )
     barrier = threading.Barrier(len(scripts))
 
     def caller(index: int) -> None:

@@ -6,16 +6,17 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
+import redis
 import requests
 
 import mlauth
 from benchmarks.redis_server import RedisServer
 from mlauth.cli.migrate import migrate_to_redis
-from mlauth.config import store_from_env
+from mlauth.stores import store_from_env
 from mlauth.stores.envfile import STORE_KEY, TOKEN_KEYS, read_env_file, update_env_file
 from mlauth.stores.redis import RedisStore, redact_url
 from mlauth.testing import FakeMercadoLibre
@@ -97,9 +98,7 @@ def test_a_401_rereads_redis_at_once_and_adopts_a_peers_token(
     peer = mlauth.MLAuth.from_env(env)
     peer_store = peer.store
     assert isinstance(peer_store, RedisStore)
-    with peer_store.lock(5):  # a peer refreshes; the old access token dies at once
-        tokens, _ = peer_store.load()
-        peer._refresh(tokens, "test")
+    peer.refresh()  # a peer refreshes; the old access token dies at once
 
     response = requests.get(f"{fake_ml.base_url}/users/me", auth=auth)
 
@@ -114,13 +113,14 @@ def test_a_commit_over_a_version_a_peer_replaced_is_refused(
 ) -> None:
     env = redis_env(fake_ml, tmp_path, redis_server.url)
     first, second = store_from_env(env), store_from_env(env)
-    first.load()
-    second.load()
+    _, read_first = first.load()
+    _, read_second = second.load()
     newer = mlauth.TokenSet(mlauth.Secret("APP_USR-new"), mlauth.Secret("TG-new"))
-    first.save(newer)
+    first.save(newer, replaces=read_first)
 
+    stale = mlauth.TokenSet(mlauth.Secret("APP_USR-stale"), mlauth.Secret("TG-stale"))
     with pytest.raises(mlauth.StaleCommitError, match="peer committed newer tokens"):
-        second.save(mlauth.TokenSet(mlauth.Secret("APP_USR-stale"), mlauth.Secret("TG-stale")))
+        second.save(stale, replaces=read_second)
 
     assert stored(redis_server, env)["refresh_token"] == "TG-new"
     assert second.load()[0].refresh_token == mlauth.Secret("TG-new")
@@ -152,14 +152,15 @@ def test_stale_holder_whose_lock_expired_adopts_the_newer_token(
     # issued afresh, as a second `mlauth login` would), while the holder's POST is pending.
     peer = store_from_env(env)
     with peer.lock(10):
-        peer.load()
+        _, version = peer.load()
         newer = fake_ml.issue_tokens()
         peer.save(
             mlauth.TokenSet(
                 mlauth.Secret(str(newer["access_token"])),
                 mlauth.Secret(str(newer["refresh_token"])),
                 expires_at=time.time() + 3600,
-            )
+            ),
+            replaces=version,
         )
     thread.join(30)
 
@@ -253,9 +254,7 @@ def test_redis_that_lost_its_data_is_reseeded_from_memory(
 
     assert stored(redis_server, env)["refresh_token"] == refresh.reveal()  # type: ignore[union-attr]
     # And the chain goes on from there: the next refresh commits over the re-seeded copy.
-    with store.lock(5):
-        tokens, _ = store.load()
-        auth._refresh(tokens, "test")
+    auth.refresh()
     assert stored(redis_server, env)["refresh_token"] != refresh.reveal()  # type: ignore[union-attr]
     assert fake_ml.stats()["invalid_grant"] == 0
 
@@ -295,8 +294,8 @@ def test_a_machine_knowing_a_replaced_chain_never_reseeds_it_over_the_new_one(
     stale, fresh = RedisStore(redis_server.url, key="k"), RedisStore(redis_server.url, key="k")
     stale.seed(tokens("old"))
     stale.load()
-    fresh.seed(tokens("new"), replace=True)  # `migrate --force`: a new chain, next generation
-    fresh.save(tokens("newer"))
+    version = fresh.seed(tokens("new"), replace=True)  # `migrate --force`: next generation
+    fresh.save(tokens("newer"), replaces=version)
     redis_server.restart()
 
     stale.load()  # puts back the replaced chain, the only one it knows
@@ -358,22 +357,21 @@ def test_a_hanging_redis_costs_one_short_try_per_backoff_not_per_check() -> None
 def test_a_commit_script_resent_after_a_lost_reply_is_not_taken_for_a_peers(
     redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    store = RedisStore(redis_server.url, key="k")
+    class LostReplies(redis.Redis):
+        """Every script runs, its reply is lost on the way back, and redis-py's Retry sends
+        the same EVALSHA again."""
 
-    def resent(script: Callable[..., object]) -> Callable[..., object]:
-        def run(**kwargs: object) -> object:
-            script(**kwargs)  # it ran, but the reply was lost on the way back...
-            return script(**kwargs)  # ...so redis-py's Retry sends the same EVALSHA again
+        def evalsha(self, *args: Any, **kwargs: Any) -> Any:
+            super().evalsha(*args, **kwargs)
+            return super().evalsha(*args, **kwargs)
 
-        return run
-
-    monkeypatch.setattr(store, "_seed", resent(store._seed))
-    monkeypatch.setattr(store, "_commit", resent(store._commit))
+    client = LostReplies.from_url(redis_server.url, decode_responses=True)
+    store = RedisStore(redis_server.url, key="k", client=client)
     first = mlauth.TokenSet(mlauth.Secret("fake-access-1"), mlauth.Secret("fake-refresh-1"))
     assert store.seed(first)[1] == 1  # type: ignore[index]
-    store.load()
+    _, version = store.load()
     second = mlauth.TokenSet(mlauth.Secret("fake-access-2"), mlauth.Secret("fake-refresh-2"))
-    assert store.save(second)[1] == 2  # type: ignore[index]
+    assert store.save(second, replaces=version)[1] == 2  # type: ignore[index]
     with redis_server.client() as client:
         assert client.hget("k", "refresh_token") == "fake-refresh-2"
         assert client.hget("k", "generation") == "2"

@@ -17,6 +17,7 @@ from requests.adapters import HTTPAdapter
 import mlauth
 from mlauth.stores.envfile import read_env_file, update_env_file
 from mlauth.testing import FakeMercadoLibre
+from tests.conftest import refresh_turn_is_free
 
 
 @pytest.fixture
@@ -279,12 +280,12 @@ def test_peer_token_is_picked_up_before_a_401_and_the_file_is_not_reread_needles
 
 
 class LockProbingAdapter(HTTPAdapter):
-    """Records, at each send, whether the refresh lock and the auth's mutex are free."""
+    """Records, at each send, whether the refresh lock and the auth's refresh turn are free."""
 
     def __init__(self, lock_path: str, auth: mlauth.MLAuth) -> None:
         super().__init__()
         self.lock_path, self.auth = lock_path, auth
-        self.free: list[tuple[bool, bool]] = []
+        self.free: list[tuple[bool, bool | None]] = []
 
     def send(self, request: requests.PreparedRequest, **kwargs: Any) -> requests.Response:  # type: ignore[override]
         from mlauth.stores.lock import ProcessLock
@@ -294,21 +295,21 @@ class LockProbingAdapter(HTTPAdapter):
                 file_lock_free = True
         except mlauth.LockTimeoutError:
             file_lock_free = False
-        mutex_free = self.auth._mutex.acquire(blocking=False)
-        if mutex_free:
-            self.auth._mutex.release()
-        self.free.append((file_lock_free, mutex_free))
+        # The first send carries the dead token, before any refresh: a probe there would spend
+        # one. The re-send follows the refresh, whose token is young: probing spends nothing.
+        turn_free = refresh_turn_is_free(self.auth) if self.free else None
+        self.free.append((file_lock_free, turn_free))
         return super().send(request, **kwargs)
 
 
 def test_no_lock_is_held_while_the_request_is_resent(
     fake_ml: FakeMercadoLibre, stale_env: Path
 ) -> None:
-    auth = mlauth.MLAuth.from_env(stale_env)
+    auth = mlauth.MLAuth.from_env(stale_env, lock_timeout=2.0)
     adapter = LockProbingAdapter(f"{stale_env}.lock", auth)
     session = requests.Session()
     session.mount("http://", adapter)
     session.auth = auth
     response = session.get(f"{fake_ml.base_url}/users/me")
     assert_resent_once(response, fake_ml)
-    assert adapter.free == [(True, True), (True, True)]
+    assert adapter.free == [(True, None), (True, True)]

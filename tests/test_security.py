@@ -21,6 +21,7 @@ import requests_mock
 
 import mlauth
 import mlauth.cli.commands
+import mlauth.engine
 import mlauth.integrations.requests_auth
 import mlauth.stores.envfile
 from mlauth.stores.envfile import read_env_file, update_env_file
@@ -33,11 +34,11 @@ class OnceBrokenStore(mlauth.EnvFileStore):
 
     failed = False
 
-    def save(self, tokens: mlauth.TokenSet) -> Hashable:
+    def save(self, tokens: mlauth.TokenSet, *, replaces: Hashable | None = None) -> Hashable:
         if not self.failed:
             self.failed = True
             raise mlauth.StoreError("No space left on device")
-        return super().save(tokens)
+        return super().save(tokens, replaces=replaces)
 
 
 def mode(path: Path) -> int:
@@ -50,7 +51,6 @@ def test_every_file_mlauth_creates_is_private(
     monkeypatch: pytest.MonkeyPatch,
     request: pytest.FixtureRequest,
 ) -> None:
-    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
     env = tmp_path / ".env"
     fake_ml.write_env(env, expires_at=time.time() - 10)
     # A typical umask, under which a careless writer's new files would be world-readable.
@@ -58,16 +58,7 @@ def test_every_file_mlauth_creates_is_private(
     request.addfinalizer(lambda: os.umask(previous) and None)
     auth = mlauth.MLAuth.from_env(env, store=OnceBrokenStore(env))
     assert requests.get(f"{fake_ml.base_url}/users/me", auth=auth).status_code == 200
-    rescue = Path(f"{env}.rescue")
-    assert mode(rescue) == 0o600  # written by the failed save
-    # And the fallback in the state dir: the folder beside the .env refuses this time.
-    rescue.unlink()
-    rescue.mkdir()  # writing a file at that path now fails (EISDIR)
-    fallback = Journal(str(env)).write_rescue(mlauth.Secret("TG-x"), auth.tokens)
-    assert fallback is not None and fallback.startswith(str(tmp_path / "state" / "mlauth"))
-    assert mode(Path(fallback)) == 0o600
-    assert mode(Path(fallback).parent) == 0o700
-    rescue.rmdir()
+    assert mode(Path(f"{env}.journal")) == 0o600  # holds the answer the save could not write
     fake_ml.revoke_refresh_tokens()
     mlauth.EnvFileStore(env).save(dataclasses.replace(auth.tokens, expires_at=time.time() - 1))
     with pytest.raises(mlauth.InvalidGrantError):
@@ -159,20 +150,20 @@ def test_tokens_never_appear_in_a_url(fake_ml: FakeMercadoLibre, fake_ml_env: Pa
             assert str(token) not in url
 
 
-def test_debug_run_through_journal_rescue_recovery_and_reauth_leaks_nothing(
+def test_debug_run_through_journal_recovery_and_reauth_leaks_nothing(
     fake_ml: FakeMercadoLibre,
     tmp_path: Path,
     caplog: pytest.LogCaptureFixture,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(mlauth.integrations.requests_auth, "PERSIST_RETRY_DELAY", 0.0)
+    monkeypatch.setattr(mlauth.engine, "PERSIST_RETRY_DELAY", 0.0)
     env = tmp_path / ".env"
     first = fake_ml.write_env(env, expires_at=time.time() - 1)
     secrets = {str(first["access_token"]), str(first["refresh_token"]), fake_ml.client_secret}
     caplog.set_level(logging.DEBUG)  # every logger: mlauth, urllib3, requests
     errors: list[BaseException] = []
 
-    # 1. A refresh whose save fails: tokens kept in memory, journaled, rescued.
+    # 1. A refresh whose save fails: tokens kept in memory and in the journal.
     auth = mlauth.MLAuth.from_env(env, store=OnceBrokenStore(env))
     assert requests.get(f"{fake_ml.base_url}/users/me", auth=auth).status_code == 200
     live = auth.tokens
@@ -209,7 +200,7 @@ def test_debug_run_through_journal_rescue_recovery_and_reauth_leaks_nothing(
         + [repr(auth), str(vars(auth)), repr(peer), repr(Journal(str(env)))]
         + [str(mlauth.reauthorization_required(mlauth.EnvFileStore(env)))]
     )
-    assert "Rescue copy:" in text and "recovered a refresh" in text
+    assert ".env.journal holds them" in text and "recovered a refresh" in text
     for secret in secrets:
         assert secret not in text, "a whole token or the secret reached the logs"
 

@@ -2,7 +2,7 @@
 
 Each command is a ``_cmd_*`` function registered in :func:`build_parser`; adding one is a
 function plus one ``_command(...)`` line. Commands reach the tokens only through the
-:class:`~mlauth.TokenStore` that :func:`~mlauth.config.store_from_env` picks and through
+:class:`~mlauth.TokenStore` that :func:`~mlauth.stores.store_from_env` picks and through
 :class:`~mlauth.MLAuth`'s public methods, so any store works with every command.
 
 Exit codes: 0 success; 1 an expected failure (missing or bad configuration, the token
@@ -31,15 +31,16 @@ from collections.abc import Callable, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
-from mlauth.config import env_settings, store_from_env
+from mlauth.config import env_settings
 from mlauth.errors import ConfigError, InvalidGrantError, MLAuthError, StoreError
 from mlauth.integrations.requests_auth import MLAuth
 from mlauth.logs import LEVEL_VARIABLE, OFF, level_from_environment, show_on_stderr
 from mlauth.preflight import refresh_problem
 from mlauth.secret import Secret
+from mlauth.stores import store_from_env
 from mlauth.stores.base import TokenStore
-from mlauth.stores.envfile import STORE_KEY, read_env_file
-from mlauth.stores.journal import journal_of, reauthorization_required
+from mlauth.stores.envfile import read_env_file
+from mlauth.stores.select import STORE_KEY
 from mlauth.tokens import TokenSet
 
 from .login import AUTH_HOSTS, LoginRequest, authorization_base, complete_login, parse_pasted
@@ -51,8 +52,6 @@ __all__ = [
     "EXIT_USAGE",
     "build_parser",
     "main",
-    "refresh_in_progress",
-    "store_details",
 ]
 
 EXIT_OK = 0
@@ -63,27 +62,6 @@ EXIT_REAUTHORIZE = 3
 
 class ReauthorizationRequired(MLAuthError):
     """The store has no live refresh token: only a new authorization helps (exit 3)."""
-
-
-def refresh_in_progress(store: TokenStore) -> bool | None:
-    """Whether another process holds the store's refresh lock; None if the store can't tell.
-
-    Stores may offer an optional ``refresh_in_progress() -> bool | None`` method; it is not
-    part of :class:`~mlauth.TokenStore`, so stores without it keep working.
-    """
-    probe = getattr(store, "refresh_in_progress", None)
-    if not callable(probe):
-        return None
-    answer = probe()
-    return answer if isinstance(answer, bool) else None
-
-
-def store_details(store: TokenStore) -> list[tuple[str, str]]:
-    """Extra ``status`` rows from a store's optional ``status_details()`` (Redis)."""
-    details = getattr(store, "status_details", None)
-    if not callable(details):
-        return []
-    return [(str(label), str(value)) for label, value in details()]
 
 
 def _login_hint(env: str) -> str:
@@ -137,7 +115,7 @@ def _load(store: TokenStore) -> TokenSet:
 
 def _check_reauthorization(store: TokenStore) -> None:
     """Exit 3 if an ``invalid_grant`` already marked the stored refresh token dead."""
-    message = reauthorization_required(store)
+    message = store.reauthorization_required()
     if message is not None:
         raise ReauthorizationRequired(message)
 
@@ -157,32 +135,12 @@ def _auth(args: argparse.Namespace) -> MLAuth:
 # -- the commands ------------------------------------------------------------------------
 
 
-def _pending(store: TokenStore, tokens: TokenSet) -> list[tuple[str, str]]:
-    """``status`` rows for a refresh answer or rescue file not yet in the store."""
-    journal = journal_of(store)
-    if journal is None:
-        return []
-    stored = tokens.refresh_token.fingerprint if tokens.refresh_token else None
-    rows = [
-        ("journal", f"an unsaved answer for token {record['spent']}, replayed at the next refresh")
-        for record in journal.records()
-        # An answer for another token was saved already (only its commit is left).
-        if record.get("kind") == "answer" and record.get("spent") == stored
-    ]
-    rows += [
-        ("rescue file", f"{path} (tokens that replace {base}), saved at the next refresh")
-        for path, base, _ in journal.rescues()
-    ]
-    return rows
-
-
 def _cmd_status(args: argparse.Namespace) -> int:
     store = store_from_env(args.env)
     tokens, _ = store.load()
-    busy = refresh_in_progress(store)
+    busy = store.refresh_in_progress()
     rows = [
         ("store", store.location),  # a Redis URL's password is masked there
-        *store_details(store),
         ("access token", tokens.access_token.fingerprint if tokens.access_token else "<none>"),
         ("refresh token", tokens.refresh_token.fingerprint if tokens.refresh_token else "<none>"),
         ("expires", _expiry(tokens)),
@@ -194,7 +152,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
     else:
         rows.append(("last refresh", "unknown"))
     rows.append(("refresh running", {True: "yes (lock held)", False: "no", None: "unknown"}[busy]))
-    rows += _pending(store, tokens)
+    rows += store.status_details()
     for label, value in rows:
         print(f"{label + ':':<18}{value}")
     sys.stdout.flush()  # the rows first, then the problem on stderr, in a terminal too

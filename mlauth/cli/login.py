@@ -11,9 +11,7 @@ import base64
 import contextlib
 import dataclasses
 import hashlib
-import os
 import secrets
-import socket
 import time
 from urllib.parse import parse_qs, urlencode, urlsplit
 
@@ -22,7 +20,7 @@ from mlauth.endpoint import TokenEndpoint
 from mlauth.errors import ConfigError, InvalidGrantError, RefreshError
 from mlauth.secret import Secret
 from mlauth.stores.base import TokenStore
-from mlauth.tokens import TokenSet
+from mlauth.tokens import TokenSet, this_process
 
 __all__ = [
     "AUTH_HOSTS",
@@ -144,8 +142,9 @@ def complete_login(
         # Read under the lock: a fenced store (Redis) commits the new tokens over the version
         # read here, so running processes see them as the chain's next link. No usable tokens
         # there (an empty Redis key, a mangled line) is fine: they are being replaced.
+        replaces = None
         with contextlib.suppress(ConfigError):
-            store.load()
+            _, replaces = store.load()
         started = time.time()
         checked = False
 
@@ -181,7 +180,7 @@ def complete_login(
             refresh_token=answer.refresh_token,
             expires_at=None if answer.expires_in is None else started + answer.expires_in,
             refreshed_at=started,
-            refreshed_by=f"mlauth login, pid {os.getpid()}@{socket.gethostname()}",
+            refreshed_by=f"mlauth login, {this_process()}",
         )
-        store.save(tokens)
+        store.save(tokens, replaces=replaces)
     return tokens

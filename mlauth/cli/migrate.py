@@ -12,11 +12,8 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from mlauth.config import shared_store
-from mlauth.endpoint import REAUTHORIZE_HINT
-from mlauth.errors import ConfigError, MLAuthError
+from mlauth.errors import REAUTHORIZE, ConfigError, MLAuthError
 from mlauth.stores.envfile import (
-    STORE_KEY,
     TOKEN_KEYS,
     EnvFileStore,
     read_env_file,
@@ -25,6 +22,7 @@ from mlauth.stores.envfile import (
 )
 from mlauth.stores.journal import recover
 from mlauth.stores.redis import RedisStore, redact_url
+from mlauth.stores.select import STORE_KEY, shared_store
 from mlauth.tokens import TokenSet
 
 __all__ = ["ChainConflictError", "MigrationResult", "migrate_to_redis"]
@@ -40,7 +38,6 @@ class MigrationResult:
     location: str
     key: str
     tokens: TokenSet
-    already_there: bool  # Redis held this very chain already (an interrupted earlier run)
 
     def __str__(self) -> str:
         fingerprint = self.tokens.refresh_token.fingerprint if self.tokens.refresh_token else "-"
@@ -85,7 +82,7 @@ def migrate_to_redis(
         tokens = _settled_tokens(source, values, path)
         if tokens.refresh_token is None:
             raise ConfigError(
-                f"{path}: ML_REFRESH_TOKEN is missing; nothing to move. " + REAUTHORIZE_HINT
+                f"{path}: ML_REFRESH_TOKEN is missing; nothing to move. {REAUTHORIZE}"
             )
         existing = target.peek()
         same = existing is not None and existing.refresh_token == tokens.refresh_token
@@ -100,11 +97,11 @@ def migrate_to_redis(
         if not same:
             target.seed(tokens, replace=force)
         update_env_file(path, {**dict.fromkeys(TOKEN_KEYS), STORE_KEY: url})
-    return MigrationResult(path, target.location, target.key, tokens, already_there=same)
+    return MigrationResult(path, target.location, target.key, tokens)
 
 
 def _settled_tokens(source: EnvFileStore, values: dict[str, str | None], path: str) -> TokenSet:
-    """The ``.env``'s tokens after replaying what its refresh journal and rescue files hold.
+    """The ``.env``'s tokens after replaying what its refresh journal holds.
 
     A refresh whose answer never reached the file (its writer died, or the disk refused)
     left the successor only there; the file's refresh token is then already spent, and
@@ -114,12 +111,12 @@ def _settled_tokens(source: EnvFileStore, values: dict[str, str | None], path: s
     journal = source.journal()
     stamp = source.stamp()
     tokens, _, found = recover(journal, source, tokens_from_values(values, path), stamp)
-    leftover = bool(journal.records()) or any(True for _ in journal.rescues())
+    leftover = bool(journal.records())
     if found.possibly_spent is not None or leftover:
         what = (
             f"its refresh token was sent by a refresh that never got an answer ({found.died})"
             if found.possibly_spent is not None
-            else f"{journal.path} or a rescue file holds tokens that could not be written back"
+            else f"{journal.path} holds tokens that could not be written back"
         )
         raise ConfigError(
             f"{path}: not migrated, {what}. Run any API call or `mlauth refresh` with this "

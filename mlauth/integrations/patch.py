@@ -22,9 +22,9 @@ from urllib.parse import urlsplit
 
 import requests
 
-from mlauth.config import store_from_env
 from mlauth.errors import ConfigError
 from mlauth.logs import level_from_environment, show_on_stderr
+from mlauth.stores import store_from_env
 
 from .requests_auth import MLAuth
 

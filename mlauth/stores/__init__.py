@@ -1,1 +1,27 @@
-"""Where the tokens live between processes: the store contract and its two stores."""
+"""Where the tokens live between processes: the store contract and its two stores.
+
+:mod:`.base` holds the contract, :mod:`.envfile` the ``.env`` store (with its lock in
+:mod:`.lock`, its journal in :mod:`.journal`, and single-file mounts in :mod:`.mounted`),
+:mod:`.redis` the Redis store, and :mod:`.select` the one place a store is chosen.
+"""
+
+from __future__ import annotations
+
+import os
+
+from .base import RefreshTransaction, TokenStore
+from .envfile import EnvFileStore, read_env_file
+from .select import shared_store
+
+__all__ = ["EnvFileStore", "RefreshTransaction", "TokenStore", "store_from_env"]
+
+
+def store_from_env(path: str | os.PathLike[str]) -> TokenStore:
+    """The token store a ``.env`` selects: the one ``ML_TOKEN_STORE`` names, else the file.
+
+    :meth:`MLAuth.from_env`, :func:`mlauth.install` (so ``mlauth run``) and every CLI command
+    go through it; a running ``.env`` store follows a migration through the same
+    :func:`~mlauth.stores.select.shared_store`.
+    """
+    where = os.fspath(path)
+    return shared_store(read_env_file(where), where) or EnvFileStore(where)

@@ -1,71 +1,172 @@
-"""The token store interface.
+"""The token store contract: what the refresh engine asks of a store, and the defaults.
 
-A store holds one token chain and the lock that serializes refreshes of it. The ``.env``
-store (:mod:`mlauth.stores.envfile`) is the first, the Redis store (:mod:`mlauth.stores.redis`) the
-second; the lock belongs to the store and not to the auth, because whoever can see the tokens
-must be able to exclude the others from spending them.
+A store holds one token chain and the lock that serializes refreshes of it. The lock belongs
+to the store and not to the engine: whoever can see the tokens must be able to exclude the
+others from spending them. Two stores ship: the ``.env`` file
+(:class:`~mlauth.stores.envfile.EnvFileStore`) and Redis (:class:`~mlauth.stores.redis.RedisStore`).
 
-Two optional parts of the contract serve stores whose lock can expire (Redis): ``save`` may
-raise :class:`~mlauth.StaleCommitError` when the chain changed since the calling thread last
-loaded it (MLAuth then loads and adopts the newer tokens), and a store may have a
-``bind_client(client_id)`` method, which MLAuth calls once so the store can name its key.
-For ``mlauth status`` a store may also offer ``refresh_in_progress() -> bool | None`` (is
-the refresh lock held now?) and ``status_details() -> list[tuple[str, str]]`` (extra rows,
-such as the Redis key and generation).
+A refresh is a transaction the store provides (:meth:`TokenStore.refresh`): under the lock it
+hands the engine what it holds, then hears the intent, the answer, and the commit or abort.
+The ``.env`` store journals inside it (:class:`~mlauth.stores.journal.JournaledRefresh`), the
+Redis store fences its commit on the version read; the engine sees neither.
+
+A custom store subclasses :class:`TokenStore` and implements the abstract methods; every
+other method has a default that is right for a store without the feature.
 """
 
 from __future__ import annotations
 
-from collections.abc import Hashable
-from contextlib import AbstractContextManager
-from typing import Protocol, runtime_checkable
+import abc
+from collections.abc import Hashable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 
+from mlauth.errors import InvalidGrantError, RefreshError
+from mlauth.secret import Secret
 from mlauth.tokens import TokenSet
 
-__all__ = ["TokenStore"]
+__all__ = ["RefreshTransaction", "TokenStore"]
 
 
-@runtime_checkable
-class TokenStore(Protocol):
+class TokenStore(abc.ABC):
     """Where the tokens live between processes."""
 
-    @property
-    def location(self) -> str:
-        """Where the store is, for messages: a path or a URL without credentials."""
-        ...
+    #: Where the store is, for messages: a path, or a URL without credentials.
+    location: str
 
+    # -- what every store implements ------------------------------------------------------
+
+    @abc.abstractmethod
     def stamp(self) -> Hashable:
         """A cheap identity of the stored version, without reading the tokens.
 
-        Called before every request, so it must cost next to nothing; when it differs from
-        the stamp :meth:`load` returned, somebody else wrote new tokens.
+        Called before every request, so it must cost next to nothing (the ``.env`` store: one
+        ``stat``); when it differs from the version :meth:`load` returned, a peer wrote.
         """
-        ...
 
+    @abc.abstractmethod
     def load(self) -> tuple[TokenSet, Hashable]:
-        """The stored tokens and the stamp of the version read (taken before the read)."""
-        ...
+        """The stored tokens and the version read (its stamp, taken before the read)."""
 
+    @abc.abstractmethod
+    def save(self, tokens: TokenSet, *, replaces: Hashable | None = None) -> Hashable:
+        """Persist ``tokens`` atomically and durably; return the new version.
+
+        ``replaces`` is the version, as :meth:`load` returned it, that these tokens follow. A
+        store whose lock can expire commits only over it and raises
+        :class:`~mlauth.StaleCommitError` when a peer committed since (the newer tokens win).
+        None starts a chain (``mlauth login``). A store with a lock that cannot lapse may
+        ignore it.
+        """
+
+    @abc.abstractmethod
     def check_writable(self) -> None:
-        """Raise :class:`~mlauth.StoreError` unless :meth:`save` would succeed.
+        """Raise :class:`~mlauth.StoreError` unless :meth:`save` would succeed now.
 
-        Called before every attempt to spend a refresh token: a token spent whose successor
-        cannot be saved is lost for good. A store whose lock expires renews it here and raises
-        :class:`~mlauth.LockLostError` if it was lost.
+        Asked before every attempt to spend a refresh token: a token spent whose successor
+        cannot be saved is lost for good. A store whose lock expires renews it here and
+        raises :class:`~mlauth.LockLostError` if it was lost.
         """
-        ...
 
-    def save(self, tokens: TokenSet) -> Hashable:
-        """Persist the tokens atomically and durably; return the new stamp.
-
-        A fenced store commits only over the version this thread last loaded and raises
-        :class:`~mlauth.StaleCommitError` otherwise.
-        """
-        ...
-
+    @abc.abstractmethod
     def lock(self, timeout: float) -> AbstractContextManager[None]:
-        """The lock that every process refreshing this chain takes first.
+        """The lock every process refreshing this chain takes first.
 
-        Raises :class:`~mlauth.LockTimeoutError` when it cannot be had in ``timeout`` seconds.
+        Raises :class:`~mlauth.LockTimeoutError` when it cannot be had in ``timeout``
+        seconds (0: only if it is free now).
         """
-        ...
+
+    # -- with defaults ---------------------------------------------------------------------
+
+    @contextmanager
+    def refresh(self, timeout: float) -> Iterator[RefreshTransaction]:
+        """Take the lock and open a refresh transaction on what the store holds under it."""
+        with self.lock(timeout):
+            yield RefreshTransaction(self)
+
+    def wait_unlocked(self, timeout: float) -> bool:
+        """Return once no process holds the refresh lock (True), or after ``timeout`` (False).
+
+        For a waiter that only needs the holder's outcome: it re-reads the store afterwards
+        instead of queueing for the lock. The default takes the lock and lets it go.
+        """
+        try:
+            with self.lock(timeout):
+                return True
+        except TimeoutError:
+            return False
+
+    def bind_client(self, client_id: str) -> None:  # noqa: B027 (optional, no-op default)
+        """Called once with the app's client id (a shared store may name its key after it)."""
+
+    @property
+    def lock_expiry(self) -> float | None:
+        """Seconds after which a held lock lapses by itself (Redis), or None if it never does."""
+        return None
+
+    def reauthorization_required(self) -> str | None:
+        """Why the seller must authorize again (after ``invalid_grant``), or None."""
+        return None
+
+    def refresh_in_progress(self) -> bool | None:
+        """Whether a process holds the refresh lock now; None when the store cannot tell."""
+        return None
+
+    def status_details(self) -> list[tuple[str, str]]:
+        """Extra ``mlauth status`` rows (label, value)."""
+        return []
+
+
+class RefreshTransaction:
+    """One refresh under the store's lock: what the store holds, then intent, answer, commit.
+
+    The engine calls, in order: :meth:`begin` before the first POST, :meth:`before_attempt`
+    before every POST, then :meth:`commit` with the answer or :meth:`abort` with the error.
+    This base class is a store without a journal: it checks the store is writable and commits
+    over the version it read. Subclasses add a write-ahead journal
+    (:class:`~mlauth.stores.journal.JournaledRefresh`).
+    """
+
+    def __init__(self, store: TokenStore) -> None:
+        self.store = store
+        #: What the store holds, read under the lock, and its version.
+        self.tokens, self.version = store.load()
+        #: How the stored refresh token was sent before without a usable answer, if it was:
+        #: it may be spent already, so it is tried once and not in a series.
+        self.possibly_spent: str | None = None
+        #: Where the answer is kept besides the store once :meth:`commit` began (a journal),
+        #: for the message when the save itself fails; None if nowhere.
+        self.answer_kept: str | None = None
+        self._attempts = 0
+
+    def reload(self) -> TokenSet:
+        """Read the store again (after a writer that takes no lock may have rotated it)."""
+        self.tokens, self.version = self.store.load()
+        return self.tokens
+
+    def begin(self, spent: Secret) -> None:
+        """About to spend ``spent``: raise unless its successor could be saved."""
+        self.store.check_writable()
+
+    def before_attempt(self) -> None:
+        """Before each POST; the first was checked by :meth:`begin` (a lock is renewed here)."""
+        self._attempts += 1
+        if self._attempts > 1:
+            self.store.check_writable()
+
+    def commit(self, tokens: TokenSet) -> Hashable:
+        """Save the refresh's answer over the version read; return the new version."""
+        self.version = self.store.save(tokens, replaces=self.version)
+        self.tokens = tokens
+        return self.version
+
+    def abort(self, spent: Secret, error: RefreshError) -> RefreshError:
+        """The refresh with ``spent`` failed with ``error``: record it; return what to raise."""
+        return error
+
+    def settle(self, tokens: TokenSet) -> Hashable:
+        """Save tokens a failed save left in memory, over what the store holds now."""
+        return self.commit(tokens)
+
+    def refused(self, spent: Secret) -> InvalidGrantError | None:
+        """An error at once if ``spent`` is already known dead (nothing is sent), else None."""
+        return None

@@ -29,9 +29,9 @@ from mlauth.errors import ConfigError, StoreError, StoreMovedError
 from mlauth.secret import Secret
 from mlauth.tokens import LATEST_TIME, TokenSet
 
-from .base import TokenStore
+from .base import RefreshTransaction, TokenStore
 from .durable import fsync_dir
-from .journal import Journal
+from .journal import Journal, JournaledRefresh
 from .lock import ProcessLock, fork_bound
 from .mounted import (
     SAVE_FIX,
@@ -47,6 +47,7 @@ from .mounted import (
     why_unsaved,
     write_in_place,
 )
+from .select import STORE_KEY, shared_store
 
 __all__ = ["EnvFileStore", "read_env_file", "update_env_file"]
 
@@ -58,8 +59,6 @@ EXPIRES_KEY = "ML_TOKEN_EXPIRES_AT"
 REFRESHED_AT_KEY = "ML_TOKEN_REFRESHED_AT"
 REFRESHED_BY_KEY = "ML_TOKEN_REFRESHED_BY"
 TOKEN_KEYS = (ACCESS_KEY, REFRESH_KEY, EXPIRES_KEY, REFRESHED_AT_KEY, REFRESHED_BY_KEY)
-# Set when the tokens moved out of the file (``mlauth migrate``): it names the shared store.
-STORE_KEY = "ML_TOKEN_STORE"
 # How the file is written: "auto" (in place when it is a mount point, else replaced) or
 # "in-place" (for a host process sharing a file that containers mount alone).
 WRITE_KEY = "ML_ENV_WRITE"
@@ -421,7 +420,7 @@ def _probe_replace(real: str) -> None:
                 os.unlink(alias)
 
 
-class EnvFileStore:
+class EnvFileStore(TokenStore):
     """Tokens in a ``.env`` file, refreshes serialized by a sibling ``<file>.lock``.
 
     The lock sits next to the *target* of a symlinked ``.env``, so every process that reaches
@@ -436,6 +435,7 @@ class EnvFileStore:
 
     def __init__(self, path: str | os.PathLike[str] = ".env") -> None:
         self.path = os.path.abspath(os.fspath(path))
+        self.location = self.path
         real = os.path.realpath(self.path)
         # A file mounted alone shares only its inode with the other containers: lock that,
         # and write in place (mlauth.stores.mounted). A missing file gets its error at the
@@ -467,9 +467,26 @@ class EnvFileStore:
         real = os.path.realpath(self.path)
         return InodeJournal(real) if self.in_place else Journal(real)
 
-    @property
-    def location(self) -> str:
-        return self.path
+    @contextlib.contextmanager
+    def refresh(self, timeout: float) -> Iterator[RefreshTransaction]:
+        """The lock, then a journaled transaction (or the one of the store the tokens moved to)."""
+        with self.lock(timeout):
+            moved = self._follow() if self._moved is not None else None
+            if moved is not None:
+                yield RefreshTransaction(moved)
+            else:
+                yield JournaledRefresh(self, self.journal())
+
+    def reauthorization_required(self) -> str | None:
+        """Why the seller must authorize again, from the journal's marker; takes no lock."""
+        moved = self._follow() if self._moved is not None else None
+        if moved is not None:
+            return moved.reauthorization_required()
+        tokens, _ = self.load()
+        moved = self._follow() if self._moved is not None else None
+        if moved is not None:
+            return moved.reauthorization_required()
+        return self.journal().reauthorization(tokens.refresh_token)
 
     def __repr__(self) -> str:
         return f"EnvFileStore({self.path!r})"
@@ -481,8 +498,6 @@ class EnvFileStore:
                 values = read_env_file(self.path)
             if not (values.get(STORE_KEY) or "").strip():
                 return None
-            from mlauth.config import shared_store  # config imports this module
-
             with self._follow_lock:
                 if self._moved is None:
                     try:
@@ -548,12 +563,13 @@ class EnvFileStore:
                 f"{fix_for(exc)}"
             ) from exc
 
-    def save(self, tokens: TokenSet) -> Hashable:
+    def save(self, tokens: TokenSet, *, replaces: Hashable | None = None) -> Hashable:
+        """Write the token keys; ``replaces`` is not checked: the file lock is the fence."""
         # Under the lock the file was re-read, so a move is known by now; look once more
         # anyway: tokens written into a file that no longer holds the chain would fork it.
         moved = self._follow()
         if moved is not None:
-            return moved.save(tokens)
+            return moved.save(tokens, replaces=replaces)
         updates: dict[str, str | None] = {
             ACCESS_KEY: tokens.access_token.reveal() if tokens.access_token else None,
             REFRESH_KEY: tokens.refresh_token.reveal() if tokens.refresh_token else None,
@@ -618,19 +634,29 @@ class EnvFileStore:
             yield
 
     def status_details(self) -> list[tuple[str, str]]:
-        """Extra ``mlauth status`` rows: how the file is written, when it is not the usual way."""
-        if self._moved is None and self.in_place:
-            return [("written", "in place, for single-file mounts; lock and journal on its inode")]
-        return []
-
-    def refresh_in_progress(self) -> bool | None:
-        """Whether some process holds the refresh lock now (optional store method).
-
-        After the tokens moved, the answer is the new store's (None if it cannot tell).
-        """
+        """``mlauth status`` rows: how the file is written when it is not the usual way, and
+        refresh answers the journal holds that the file does not have yet."""
         moved = self._follow() if self._moved is not None else None
         if moved is not None:
-            probe = getattr(moved, "refresh_in_progress", None)
-            answer = probe() if callable(probe) else None
-            return answer if isinstance(answer, bool) else None
+            return moved.status_details()
+        rows = []
+        if self.in_place:
+            rows.append(
+                ("written", "in place, for single-file mounts; lock and journal on its inode")
+            )
+        rows += [
+            (
+                "journal",
+                f"an unsaved answer for token {record['spent']}, replayed at the next refresh",
+            )
+            for record in self.journal().records()
+            if record.get("kind") == "answer"
+        ]
+        return rows
+
+    def refresh_in_progress(self) -> bool | None:
+        """Whether some process holds the refresh lock now (the new store's answer after a move)."""
+        moved = self._follow() if self._moved is not None else None
+        if moved is not None:
+            return moved.refresh_in_progress()
         return self._lock.busy()

@@ -16,50 +16,41 @@ with no answer means the token was *possibly spent* by a process that died while
 was in flight, and it is tried exactly once, with no retry series. The answer record holds
 live tokens, so the journal is as secret as the ``.env``: created 0600, never logged.
 
-Beside it live two more files, both 0600:
+Beside it lives ``<real .env path>.reauth`` (0600), written after ``invalid_grant``. While
+the store still holds the refresh token it names, every process refuses at once with the fix
+instead of each spending a request to learn the same thing; a new token in the store
+(``mlauth login``) makes it stale.
 
-- ``<real .env path>.reauth``: written after ``invalid_grant``. While the store still holds
-  the refresh token it names, every process refuses at once with the fix instead of each
-  spending a request to learn the same thing; a new token in the store (``mlauth login``)
-  makes it stale. :func:`reauthorization_required` says whether it applies.
-- a rescue file, written when the store cannot be written after a token was spent: beside
-  the ``.env`` (``<real .env path>.rescue``) or, when that folder refuses too, in
-  ``$XDG_STATE_HOME/mlauth/`` (default ``~/.local/state/mlauth/``). Recovery reads both
-  places and writes their tokens to the store once it can.
+The answer record is also the one fallback for tokens whose save failed: the process keeps
+them in memory and retries, and any process that takes the lock replays them from here. The
+journal lives in the folder that was found writable just before the token was spent.
 
-A store offers a journal by having a ``journal()`` method (see :func:`journal_of`); a store
-with its own crash safety (Redis, with a generation-fenced save) simply has none.
+:class:`JournaledRefresh` is the refresh transaction of a store with a journal (the ``.env``
+store); a store with its own crash safety (Redis, with a fenced commit) has none.
 """
 
 from __future__ import annotations
 
 import contextlib
 import glob
-import hashlib
 import json
 import logging
 import os
-import socket
 import time
-from collections.abc import Hashable, Iterator
+from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import Any
 
-from mlauth.errors import InvalidGrantError, StoreError
+from mlauth.errors import REAUTHORIZE, InvalidGrantError, RefreshError, StoreError
 from mlauth.secret import Secret, fingerprint
-from mlauth.tokens import TokenSet
+from mlauth.stores.base import RefreshTransaction, TokenStore
+from mlauth.tokens import TokenSet, this_process
 
 from .durable import fsync_dir
 
-__all__ = ["Journal", "Recovery", "journal_of", "reauthorization_required", "recover"]
+__all__ = ["Journal", "JournaledRefresh", "Recovery", "recover"]
 
 log = logging.getLogger("mlauth")
-
-LOGIN_HINT = (
-    "Re-authorization required: run `mlauth login` (or authorize the app again and put the "
-    "new ML_REFRESH_TOKEN in the .env); other processes stop trying until the stored refresh "
-    "token changes."
-)
 
 
 def _write_new(path: str, data: bytes) -> None:
@@ -112,29 +103,6 @@ def _tokens_from_json(data: dict[str, Any]) -> TokenSet:
     )
 
 
-def _after_fragment(line: bytes) -> dict[str, Any] | None:
-    """A whole record glued after a torn fragment on one line, or None.
-
-    Journals written before appends ended a fragment with a newline can hold such a line;
-    only the fragment is dropped, not the record after it (an intent, say).
-    """
-    start = line.rfind(b'{"kind":')
-    if start <= 0:
-        return None
-    try:
-        record = json.loads(line[start:])
-    except ValueError:
-        return None
-    return record if isinstance(record, dict) else None
-
-
-def _state_dir() -> str:
-    base = os.environ.get("XDG_STATE_HOME") or os.path.join(
-        os.path.expanduser("~"), ".local", "state"
-    )
-    return os.path.join(base, "mlauth")
-
-
 @dataclass(frozen=True)
 class Recovery:
     """What recovery found: tokens it wrote to the store, or a token possibly spent."""
@@ -145,7 +113,7 @@ class Recovery:
 
 
 class Journal:
-    """The write-ahead journal of one token store, and its re-authorization and rescue files.
+    """The write-ahead journal of one token store, and its re-authorization marker.
 
     Every method that writes is called with the store lock held; the journal is never read or
     written without it, so records from two refreshes never interleave.
@@ -155,10 +123,6 @@ class Journal:
         self.store_path = real_path
         self.path = real_path + ".journal"
         self.reauth_path = real_path + ".reauth"
-        self.rescue_path = real_path + ".rescue"
-        digest = hashlib.sha256(real_path.encode("utf-8")).hexdigest()[:12]
-        name = os.path.basename(real_path).lstrip(".") or "env"
-        self.fallback_rescue_path = os.path.join(_state_dir(), f"rescue-{name}-{digest}.json")
         # What to do when the journal cannot be written, for the error that refuses a refresh.
         self.write_fix = "fix the folder's permissions or free disk space, then try again."
 
@@ -222,11 +186,9 @@ class Journal:
                 continue
             try:
                 record = json.loads(line)
-            except ValueError:
-                record = _after_fragment(line)
+            except ValueError:  # a writer killed mid-append; _append ends it with a newline
                 log.warning("ignoring a torn record in the refresh journal %s", self.path)
-                if record is None:
-                    continue
+                continue
             if isinstance(record, dict):
                 out.append(record)
         return out
@@ -245,7 +207,7 @@ class Journal:
                     "kind": "intent",
                     "spent": spent.fingerprint,
                     "at": time.time(),
-                    "by": f"pid {os.getpid()}@{socket.gethostname()}",
+                    "by": this_process(),
                 }
             )
         except OSError as exc:
@@ -266,9 +228,7 @@ class Journal:
         """
         record: dict[str, Any] = {"kind": "abort", "spent": spent.fingerprint}
         if unanswered is not None:
-            record.update(
-                kind="unanswered", by=f"pid {os.getpid()}@{socket.gethostname()}", why=unanswered
-            )
+            record.update(kind="unanswered", by=this_process(), why=unanswered)
         try:
             self._append(record)
         except OSError as exc:
@@ -302,11 +262,6 @@ class Journal:
         finally:
             os.close(fd)
 
-    def settled(self) -> None:
-        """Unsaved tokens reached the store after all: nothing is left to replay or rescue."""
-        self.commit()
-        self.drop_rescues()
-
     def refused(
         self, spent: Secret, error: InvalidGrantError, orphan: str | None
     ) -> InvalidGrantError:
@@ -323,53 +278,12 @@ class Journal:
         refused = InvalidGrantError(
             f"the refresh token {spent.fingerprint} was refused (invalid_grant). It was "
             f"possibly spent already: {orphan}, so its successor never reached the store (the "
-            f"one window no client can close). {LOGIN_HINT}",
+            f"one window no client can close). {REAUTHORIZE}",
             status_code=error.status_code,
             error=error.error,
             description=error.description,
         )
         return refused
-
-    # -- rescue files ----------------------------------------------------------------------
-
-    def write_rescue(self, base: Secret, tokens: TokenSet) -> str | None:
-        """Save tokens the store refused, beside it or in the state dir; return where."""
-        data = json.dumps(
-            {"store": self.store_path, "base": base.fingerprint, "tokens": _tokens_to_json(tokens)}
-        ).encode("utf-8")
-        paths = (self.rescue_path, self.fallback_rescue_path)
-        for path in paths:
-            try:
-                os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-                _write_new(path, data)
-            except OSError as exc:
-                log.debug("could not write a rescue file at %s: %s", path, exc)
-                continue
-            # One rescue file at a time: an older one left in the other place holds tokens
-            # these replace, and could otherwise be taken for the newest.
-            for other in paths:
-                if other != path:
-                    with contextlib.suppress(OSError):
-                        os.unlink(other)
-            return path
-        return None
-
-    def rescues(self) -> Iterator[tuple[str, str, TokenSet]]:
-        """(path, fingerprint of the token they replaced, tokens) of each rescue file found."""
-        for path in (self.rescue_path, self.fallback_rescue_path):
-            try:
-                with open(path, encoding="utf-8") as handle:
-                    data = json.load(handle)
-                yield path, str(data["base"]), _tokens_from_json(data["tokens"])
-            except FileNotFoundError:
-                continue
-            except (OSError, ValueError, KeyError, TypeError) as exc:
-                log.warning("ignoring unreadable rescue file %s: %s", path, exc)
-
-    def drop_rescues(self) -> None:
-        for path in (self.rescue_path, self.fallback_rescue_path):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
 
     # -- re-authorization marker -----------------------------------------------------------
 
@@ -387,7 +301,7 @@ class Journal:
         record = {
             "refresh_token": spent.fingerprint,
             "at": time.time(),
-            "by": f"pid {os.getpid()}@{socket.gethostname()}",
+            "by": this_process(),
             "reason": reason,
         }
         try:
@@ -418,40 +332,8 @@ class Journal:
         return (
             f"the refresh token {stored.fingerprint} in {self.store_path} was refused by "
             f"MercadoLibre ({data.get('reason') or 'invalid_grant'}; seen by {data.get('by')} at "
-            f"{when}). {LOGIN_HINT}"
+            f"{when}). {REAUTHORIZE}"
         )
-
-    def check_reauthorization(self, spent: Secret) -> None:
-        """Raise InvalidGrantError at once if ``spent`` is already known to be dead."""
-        message = self.reauthorization(spent)
-        if message is not None:
-            raise InvalidGrantError(f"not sent: {message}", status_code=400, error="invalid_grant")
-
-
-def journal_of(store: object) -> Journal | None:
-    """The store's journal, if it offers one (a ``journal()`` method returning a Journal)."""
-    factory = getattr(store, "journal", None)
-    if not callable(factory):
-        return None
-    journal = factory()
-    return journal if isinstance(journal, Journal) else None
-
-
-def reauthorization_required(store: object) -> str | None:
-    """Why the seller must authorize again (with the command to run), or None.
-
-    For ``mlauth status`` and the like: true after an ``invalid_grant`` until the store holds
-    another refresh token. Takes no lock and changes nothing.
-    """
-    journal = journal_of(store)
-    if journal is None:
-        return None
-    load = getattr(store, "load", None)
-    if not callable(load):
-        return None
-    tokens, _ = load()
-    assert isinstance(tokens, TokenSet)
-    return journal.reauthorization(tokens.refresh_token)
 
 
 def _chain(start: str, answers: dict[str, TokenSet]) -> list[TokenSet]:
@@ -506,7 +388,7 @@ def _drop_stale_temps(store_path: str) -> None:
 
 
 def recover(
-    journal: Journal, store: Any, tokens: TokenSet, stamp: Hashable
+    journal: Journal, store: TokenStore, tokens: TokenSet, stamp: Hashable
 ) -> tuple[TokenSet, Hashable, Recovery]:
     """Finish what a dead or failed refresher left behind. Called under the store lock.
 
@@ -514,34 +396,19 @@ def recover(
     what was found. A store that still cannot be written keeps the journal as it was.
     """
     records = journal.records()
-    if records:
-        _drop_stale_temps(journal.store_path)
-    rescues = list(journal.rescues())
-    if not records and not rescues:
+    if not records:
         return tokens, stamp, Recovery()
+    _drop_stale_temps(journal.store_path)
     stored = fingerprint(tokens.refresh_token.reveal() if tokens.refresh_token else None)
     answers: dict[str, TokenSet] = {}
-    intents = _open_intents(records)
     for record in records:
         if record.get("kind") == "answer" and isinstance(record.get("tokens"), dict):
             answers[str(record.get("spent"))] = _tokens_from_json(record["tokens"])
     chain = _chain(stored, answers)
-    newest = chain[-1] if chain else None
-    known = {t.refresh_token for t in chain}
-    # A rescue file holds its writer's latest tokens over the token the store held; it is
-    # newer than the journal when the journal's own append failed too. Of two (beside the
-    # store and in the state dir, say one left by an older version), the latest refresh wins.
-    usable = [
-        (path, rescued)
-        for path, base, rescued in rescues
-        if base == stored and rescued.refresh_token not in known
-    ]
-    if usable:
-        path, newest = max(usable, key=lambda found: found[1].refreshed_at or float("-inf"))
-        log.info("found rescued tokens in %s", path)
-    if newest is not None:
+    if chain:
+        newest = chain[-1]
         try:
-            stamp = store.save(newest)
+            stamp = store.save(newest, replaces=stamp)
         except Exception as exc:  # noqa: BLE001 (the journal keeps them; nothing is lost)
             log.error(
                 "could not replay the journaled tokens into %s yet (%s); kept in %s",
@@ -557,14 +424,57 @@ def recover(
             journal.store_path,
         )
         journal.commit()
-        journal.drop_rescues()
         return newest, stamp, Recovery(replayed=newest)
+    intents = _open_intents(records)
     if stored in intents:
         # The last refresher sent (or was about to send) the stored token and died before its
         # answer reached the journal. Keep the intent: the next refresh tries the token once.
         return tokens, stamp, Recovery(possibly_spent=stored, died=intents[stored])
     # Everything in the journal is older than the stored tokens: they were saved.
     journal.commit()
-    if rescues:
-        journal.drop_rescues()
     return tokens, stamp, Recovery()
+
+
+class JournaledRefresh(RefreshTransaction):
+    """The refresh transaction of a store with a journal: each step is on disk before the next.
+
+    Opening it recovers what a dead refresher left (:func:`recover`); :meth:`begin` writes the
+    intent, :meth:`commit` the answer before the save and the commit after it, :meth:`abort`
+    whether the token may have been spent, or, for ``invalid_grant``, the marker that stops
+    every process from sending it again.
+    """
+
+    def __init__(self, store: TokenStore, journal: Journal) -> None:
+        super().__init__(store)
+        self.journal = journal
+        self.tokens, self.version, found = recover(journal, store, self.tokens, self.version)
+        self.possibly_spent = found.died
+        self._spent: Secret | None = None
+
+    def begin(self, spent: Secret) -> None:
+        message = self.journal.reauthorization(spent)
+        if message is not None:  # known dead: not sent again
+            raise InvalidGrantError(f"not sent: {message}", status_code=400, error="invalid_grant")
+        super().begin(spent)
+        self.possibly_spent = self.journal.intent(spent)
+        self._spent = spent
+
+    def commit(self, tokens: TokenSet) -> Hashable:
+        assert self._spent is not None, "begin() first"
+        # First: a crash from here loses nothing.
+        if self.journal.answer(self._spent, tokens):
+            self.answer_kept = f"the refresh journal {self.journal.path}"
+        version = super().commit(tokens)
+        self.journal.commit()
+        return version
+
+    def abort(self, spent: Secret, error: RefreshError) -> RefreshError:
+        if isinstance(error, InvalidGrantError):
+            return self.journal.refused(spent, error, self.possibly_spent)
+        self.journal.abort(spent, unanswered=error.possibly_spent)
+        return error
+
+    def settle(self, tokens: TokenSet) -> Hashable:
+        version = super().commit(tokens)
+        self.journal.commit()  # nothing is left to replay
+        return version

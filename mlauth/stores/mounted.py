@@ -442,8 +442,7 @@ class InodeJournal(Journal):
     A journal file beside the mount point would be in one container's folder, invisible to a
     refresher in another container that must replay it; the inode is what they share. An
     attribute is replaced whole and atomically by the kernel, and the file's fsync makes it
-    durable. The re-authorization marker lives there too; rescue files stay where they were
-    (beside the mount point or in the state dir): they serve when the inode refuses writes.
+    durable. The re-authorization marker lives there too.
     """
 
     def __init__(self, real_path: str) -> None:

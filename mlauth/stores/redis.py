@@ -37,6 +37,7 @@ from mlauth.errors import ConfigError, LockLostError, LockTimeoutError, StaleCom
 from mlauth.secret import Secret
 from mlauth.tokens import LATEST_TIME, TokenSet
 
+from .base import TokenStore
 from .lock import POLL_INTERVAL
 
 __all__ = ["RedisStore", "redact_url"]
@@ -151,7 +152,7 @@ def _float(raw: str | None) -> float | None:
     return value if 0 <= value <= LATEST_TIME else None
 
 
-class RedisStore:
+class RedisStore(TokenStore):
     """Tokens in a Redis hash, refreshes serialized by a Redis lock, commits fenced.
 
     ``url`` is a redis-py URL (``redis://host:6379/0``, ``rediss://...``, ``unix:///path``).
@@ -218,7 +219,7 @@ class RedisStore:
             self.key = key
         elif client_id is not None:
             self.bind_client(client_id)
-        self._local = threading.local()  # per thread: the version last read, the lock held
+        self._local = threading.local()  # per thread: the lock it holds, for check_writable
         # The newest tokens this process has seen, to put back if Redis loses them.
         self._known: tuple[TokenSet, str, int] | None = None
         self._seen: Hashable = None  # the stamp of the version last read or written
@@ -333,7 +334,6 @@ class RedisStore:
         return values
 
     def _remember(self, tokens: TokenSet, chain: str, gen: int) -> None:
-        self._local.read = (chain, gen)
         self._seen = (chain, gen)
         self._checked_at = time.monotonic()
         self._quiet_until = -float("inf")  # Redis answered
@@ -375,16 +375,18 @@ class RedisStore:
             doing = "reach" if held is None else "renew the refresh lock at"
             raise self._unreachable(exc, doing) from None
 
-    def save(self, tokens: TokenSet) -> Hashable:
-        """Commit over the version this thread last read; :class:`StaleCommitError` if stale.
+    def save(self, tokens: TokenSet, *, replaces: Hashable | None = None) -> Hashable:
+        """Commit over the version ``replaces`` (as :meth:`load` returned it); raise
+        :class:`StaleCommitError` if a peer committed since.
 
-        A thread that has read nothing (``mlauth login`` into an empty key, whose load found
-        no tokens) starts a new chain, and only into an empty key.
+        ``replaces`` None (``mlauth login`` into an empty key, whose load found no tokens)
+        starts a new chain, and only into an empty key.
         """
-        read: tuple[str, int] | None = getattr(self._local, "read", None)
-        if read is None:
+        if replaces is None:
             return self.seed(tokens)
-        chain, gen = read
+        if not (isinstance(replaces, tuple) and len(replaces) == 2):
+            raise TypeError(f"replaces must be a version load() returned, not {replaces!r}")
+        chain, gen = replaces
         try:
             nonce = secrets.token_hex(8)
             args: list[str | int] = [chain, gen, nonce, *self._pairs(tokens)]
@@ -428,8 +430,12 @@ class RedisStore:
 
     # -- for `mlauth status` ---------------------------------------------------------------
 
+    @property
+    def lock_expiry(self) -> float:
+        return self.lock_timeout
+
     def refresh_in_progress(self) -> bool:
-        """Whether some process holds the refresh lock now (optional store method).
+        """Whether some process holds the refresh lock now.
 
         A holder that died still counts until its lock expires (``lock_timeout``).
         """
@@ -439,12 +445,11 @@ class RedisStore:
             raise self._unreachable(exc, "read the refresh lock at") from None
 
     def status_details(self) -> list[tuple[str, str]]:
-        """Rows for ``mlauth status`` (optional store method): the key, and the chain's
-        generation as this thread last read it."""
+        """Rows for ``mlauth status``: the key, and the chain's generation last read."""
         rows = [("key", self._key())]
-        read: tuple[str, int] | None = getattr(self._local, "read", None)
-        if read is not None:
-            rows.append(("generation", f"{read[1]} (chain {read[0]})"))
+        seen = self._seen
+        if isinstance(seen, tuple):
+            rows.append(("generation", f"{seen[1]} (chain {seen[0]})"))
         return rows
 
     # -- the lock --------------------------------------------------------------------------

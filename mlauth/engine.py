@@ -1,0 +1,522 @@
+"""The refresh engine: one token chain's state machine, for any HTTP client.
+
+It owns the tokens this process uses and their freshness (FRESH, STALE, INVALID: see
+:class:`~mlauth.tokens.Freshness`), the single flight across threads (a mutex) and processes
+(the store's lock), adopting a token a peer refreshed, the genuine-401 rule, and the memory of
+failed refreshes. An HTTP adapter (:class:`mlauth.MLAuth` for requests) asks it three things:
+
+- :meth:`RefreshEngine.token_for_request`: the access token to send now;
+- :meth:`RefreshEngine.after_401`: a request carrying token T got a 401; what to re-send with;
+- :meth:`RefreshEngine.refresh`: refresh now.
+
+It never imports an HTTP client: the token endpoint is handed in (:class:`TokenClient`), and
+the store does the storing, journaling and fencing inside its refresh transaction
+(:meth:`mlauth.stores.base.TokenStore.refresh`).
+
+Nothing per request is kept on the instance: one engine serves every thread of a process. Its
+shared state is the cached ``(tokens, version)`` pair, swapped whole, plus the rarely used
+``_unsaved`` pair for tokens whose save failed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+import time
+import weakref
+from collections.abc import Callable, Hashable, Iterator
+from typing import Protocol
+
+from .errors import (
+    REAUTHORIZE,
+    ConfigError,
+    InvalidGrantError,
+    LockTimeoutError,
+    MLAuthError,
+    RefreshError,
+    StaleCommitError,
+    UnexpectedError,
+)
+from .secret import Secret, mask
+from .stores.base import RefreshTransaction, TokenStore
+from .tokens import MAX_MARGIN_SHARE, Freshness, TokenAnswer, TokenSet, this_process
+
+__all__ = ["RefreshEngine", "TokenClient"]
+
+log = logging.getLogger("mlauth")
+
+# After a failed refresh ahead of expiry, the still-valid token is used and the refresh is
+# not tried again for this long (or a quarter of the time left, if shorter).
+ADVISORY_RETRY_DELAY = 30.0
+# While refreshed tokens could not be saved, saving is retried at most this often.
+PERSIST_RETRY_DELAY = 5.0
+# After a refresh failed, the same refresh token is not tried again for this long (or for as
+# long as the server's Retry-After asked, up to MAX_FAILURE_MEMORY): the threads queued behind
+# a failed refresh get its error at once instead of each running a retry series of its own.
+FAILURE_COOLDOWN = 5.0
+MAX_FAILURE_MEMORY = 60.0
+
+
+class TokenClient(Protocol):
+    """What the engine needs of the token endpoint (:class:`mlauth.endpoint.TokenEndpoint`)."""
+
+    budget: float  # the longest a retry series may take
+
+    def refresh(
+        self,
+        refresh_token: Secret,
+        *,
+        attempts: int | None = None,
+        before_attempt: Callable[[], None] | None = None,
+    ) -> TokenAnswer: ...
+
+    def reset_session(self) -> None: ...
+
+
+_engines: weakref.WeakSet[RefreshEngine] = weakref.WeakSet()
+
+
+def _reset_after_fork() -> None:
+    # A thread of the parent may have held the mutex at fork time; in the child that thread
+    # does not exist and the mutex would stay locked for ever. Nor may the child share the
+    # parent's pooled connection to the token endpoint: two processes reading one socket
+    # could each take the other's token answer.
+    for engine in list(_engines):
+        engine._mutex = threading.Lock()
+        engine._endpoint.reset_session()
+
+
+os.register_at_fork(after_in_child=_reset_after_fork)
+
+
+def _fresh(error: RefreshError, message: str) -> RefreshError:
+    """A new error with ``error``'s fields and no traceback or context.
+
+    Failures are remembered and reported again as new objects: one exception shared by
+    threads would mix their tracebacks, and a traceback keeps the token POST's frame, whose
+    locals hold the client secret and the refresh token, alive for as long as it is kept.
+    """
+    copy = type(error)(
+        message, status_code=error.status_code, error=error.error, description=error.description
+    )
+    copy.retry_after = error.retry_after
+    copy.possibly_spent = error.possibly_spent
+    return copy
+
+
+class _FailureMemory:
+    """The last failed refresh, so the threads queued behind it do not each try again."""
+
+    def __init__(self) -> None:
+        # (when, retry not before (monotonic), the token, the error)
+        self._last: tuple[float, float, Secret, RefreshError] | None = None
+
+    def check(self, spent: Secret) -> None:
+        """Raise the remembered error if ``spent`` just failed (or is dead)."""
+        last = self._last
+        if last is None or last[2] != spent:
+            return
+        failed_at, not_before, _, error = last
+        if isinstance(error, InvalidGrantError) or time.monotonic() < not_before:
+            ago = time.monotonic() - failed_at
+            raise _fresh(error, f"not retried: this refresh token failed {ago:.1f}s ago: {error}")
+
+    def remember(self, spent: Secret, error: RefreshError) -> None:
+        wait = error.retry_after if error.retry_after is not None else FAILURE_COOLDOWN
+        now = time.monotonic()
+        self._last = (now, now + min(wait, MAX_FAILURE_MEMORY), spent, _fresh(error, str(error)))
+
+
+class RefreshEngine:
+    """The token state machine of one chain (see the module docstring).
+
+    ``refresh_margin``: refresh this long before expiry (capped at a quarter of the token's
+    lifetime); ``lock_timeout``: how long to wait for the cross-process lock;
+    ``min_token_age``: a 401 on a token refreshed more recently than this (capped likewise)
+    is not an expiry; ``on_refresh``: called with the new tokens after each refresh this
+    process made, outside the locks.
+    """
+
+    def __init__(
+        self,
+        store: TokenStore,
+        endpoint: TokenClient,
+        *,
+        refresh_margin: float,
+        lock_timeout: float,
+        min_token_age: float,
+        on_refresh: Callable[[TokenSet], None] | None = None,
+        secrets: tuple[Secret, ...] = (),
+    ) -> None:
+        self.store = store
+        self._endpoint = endpoint
+        self.refresh_margin = refresh_margin
+        self.lock_timeout = lock_timeout
+        self.min_token_age = min_token_age
+        self.on_refresh = on_refresh
+        self._secrets = secrets  # masked in the messages of unexpected errors
+        # A thread waiting for the mutex waits out the holder's whole turn: its wait for the
+        # store lock and up to two retry series (when a lock-free writer rotated the token).
+        self._mutex_timeout = lock_timeout + 2 * endpoint.budget
+        self._mutex = threading.Lock()
+        tokens, version = store.load()
+        if tokens.refresh_token is None:
+            raise ConfigError(
+                f"{store.location}: ML_REFRESH_TOKEN is missing or empty. {REAUTHORIZE}"
+            )
+        self._cache: tuple[TokenSet, Hashable] = (tokens, version)
+        # Tokens whose save failed (the only live copy besides the journal's answer), and the
+        # refresh token the store still holds.
+        self._unsaved: tuple[TokenSet, Secret] | None = None
+        self._failures = _FailureMemory()
+        self._advisory_retry_at = 0.0
+        self._persist_retry_at = 0.0
+        _engines.add(self)
+
+    # -- what an adapter asks ----------------------------------------------------------------
+
+    @property
+    def tokens(self) -> TokenSet:
+        """The tokens this process uses now."""
+        unsaved = self._unsaved
+        return unsaved[0] if unsaved is not None else self._cache[0]
+
+    def token_for_request(self) -> Secret:
+        """The access token to send now: a peer's newer one, refreshed if due."""
+        with self._guard("getting a token for the request"):
+            token = self._current().access_token
+        assert token is not None  # INVALID tokens are refreshed before they are returned
+        return token
+
+    def valid_tokens(self) -> TokenSet:
+        """The tokens with the access token the next request would send."""
+        with self._guard("getting a token"):
+            return self._current()
+
+    def after_401(self, failed: Secret) -> Secret | None:
+        """The token to re-send with after ``failed`` got a 401, or None to return the 401."""
+        with self._guard("recovering from a 401"):
+            current = self._sync()  # another thread may have moved on already
+            if self._answers(current, failed):
+                return current.access_token
+            tokens = self._single_flight(failed, "401", mandatory=True)
+            return None if tokens is None else tokens.access_token
+
+    def refresh(self, *, force: bool = True) -> TokenSet:
+        """Refresh now under both locks and return the tokens to use.
+
+        ``force=True`` always spends the refresh token found under the lock. ``force=False``
+        treats the token this process holds as failed, as a 401 would: a peer's newer token,
+        or one refreshed less than ``min_token_age`` ago, is returned and nothing is spent.
+        """
+        with self._guard("refreshing"):
+            failed = None if force else self._sync().access_token
+            reason = "forced" if force else "requested"
+            tokens = self._single_flight(failed, reason, mandatory=True, force=force)
+            return self.tokens if tokens is None else tokens
+
+    # -- before a request ------------------------------------------------------------------
+
+    def _current(self) -> TokenSet:
+        tokens = self._sync()
+        state = tokens.freshness(self.refresh_margin)
+        if state is Freshness.FRESH:
+            return tokens
+        if state is Freshness.STALE:
+            return self._refresh_ahead(tokens)
+        refreshed = self._single_flight(None, "expired", mandatory=True)
+        assert refreshed is not None  # only a 401 can end without tokens
+        return refreshed
+
+    def _sync(self) -> TokenSet:
+        """The tokens to use now; the store is re-read only when its stamp changed.
+
+        Unsaved tokens come first: they are the newest link of the chain, and saving them is
+        retried now and then.
+        """
+        unsaved = self._unsaved
+        if unsaved is not None and not self._retry_persist():
+            return unsaved[0]
+        tokens, version = self._cache
+        if self.store.stamp() != version:
+            tokens, version = self.store.load()
+            log.debug("store changed; picked up %s", tokens.describe())
+            self._cache = (tokens, version)
+        return tokens
+
+    def _refresh_ahead(self, tokens: TokenSet) -> TokenSet:
+        """STALE: the current token still works, so never wait and never fail."""
+        if time.monotonic() < self._advisory_retry_at:
+            return tokens  # a recent attempt failed; don't hammer the endpoint
+        try:
+            refreshed = self._single_flight(None, "ahead of expiry", mandatory=False)
+        except LockTimeoutError:
+            log.debug("another process is refreshing; sending the current token meanwhile")
+            return tokens
+        except Exception as caught:  # noqa: BLE001 (the current token works: use it, say why)
+            exc = (
+                caught
+                if isinstance(caught, MLAuthError)
+                else self._unexpected(caught, "refreshing ahead of expiry")
+            )
+            left = tokens.expires_in() or 0.0
+            self._advisory_retry_at = time.monotonic() + min(ADVISORY_RETRY_DELAY, left / 4)
+            bad = isinstance(exc, (InvalidGrantError, UnexpectedError))
+            level = logging.ERROR if bad else logging.WARNING
+            log.log(level, "refresh ahead of expiry failed; using the current token: %s", exc)
+            return tokens
+        return refreshed or tokens  # None: another thread of ours is refreshing
+
+    # -- the single flight -----------------------------------------------------------------
+
+    def _answers(self, tokens: TokenSet, failed: Secret | None) -> bool:
+        """Whether ``tokens`` already meet the need, so no refresh token is spent.
+
+        After a 401 the failed token never does; another only while FRESH: after a long wait
+        for the lock, a peer's token may be near expiry, and the re-sent request would meet a
+        second 401. A token a peer refreshed moments ago is far from it.
+        """
+        if tokens.access_token is None or tokens.access_token == failed:
+            return False
+        return tokens.freshness(self.refresh_margin) is Freshness.FRESH
+
+    def _young(self, tokens: TokenSet) -> bool:
+        """Refreshed so recently that a 401 on it cannot be expiry (the genuine-401 rule)."""
+        age = tokens.age()
+        if age is None:
+            return False
+        lifetime = tokens.lifetime
+        window = self.min_token_age
+        if lifetime is not None:
+            window = min(window, lifetime * MAX_MARGIN_SHARE)
+        return 0 <= age < window
+
+    def _single_flight(
+        self, failed: Secret | None, reason: str, *, mandatory: bool, force: bool = False
+    ) -> TokenSet | None:
+        """Refresh at most once for all threads and processes; return the tokens to use.
+
+        Not ``mandatory`` (STALE): neither lock is waited for; None means another thread holds
+        the mutex, LockTimeoutError that another process holds the lock. Mandatory: None
+        means ``failed`` got a genuine 401.
+        """
+        if not self._mutex.acquire(mandatory, self._mutex_timeout if mandatory else -1):
+            if not mandatory:
+                return None
+            raise LockTimeoutError(
+                f"another thread of this process has been refreshing for over "
+                f"{self._mutex_timeout:g}s; no refresh was attempted",
+                lock_path="<in-process>",
+            )
+        try:
+            tokens, spent = self._turn(failed, reason, mandatory=mandatory, force=force)
+        finally:
+            self._mutex.release()
+        if spent:
+            self._notify(tokens)  # outside both locks: a slow callback stalls nobody
+        return tokens
+
+    def _turn(
+        self, failed: Secret | None, reason: str, *, mandatory: bool, force: bool
+    ) -> tuple[TokenSet | None, bool]:
+        """One thread's turn under the mutex: (tokens to use, whether it spent a token)."""
+        current = self._sync()
+        if not force and self._answers(current, failed):
+            return current, False  # a thread of ours refreshed while we waited
+        with self.store.refresh(self.lock_timeout if mandatory else 0.0) as txn:
+            for _ in range(2):  # a second round only after a lock-free writer rotated it
+                tokens = self._settle(txn)
+                if not force and self._answers(tokens, failed):
+                    log.debug(
+                        "adopted a token refreshed by %s (%s)",
+                        tokens.refreshed_by,
+                        tokens.describe(),
+                    )
+                    return tokens, False
+                if not force and failed is not None and self._young(tokens):
+                    log.debug("401 on a token refreshed %.1fs ago: not an expiry", tokens.age())
+                    return None, False
+                new = self._spend(txn, tokens, reason, mandatory=mandatory)
+                if new is not None:
+                    return new, True
+                force = False  # what a peer rotated is as good as what we would have
+            return self._cache[0], False
+
+    def _spend(
+        self, txn: RefreshTransaction, tokens: TokenSet, reason: str, *, mandatory: bool
+    ) -> TokenSet | None:
+        """Spend the refresh token and commit its successor; None if the store moved on."""
+        spent = tokens.refresh_token
+        if spent is None:
+            raise ConfigError(
+                f"{self.store.location}: ML_REFRESH_TOKEN is missing or empty. {REAUTHORIZE}"
+            )
+        if mandatory:
+            self._failures.check(spent)
+        txn.begin(spent)  # writable? known dead? the intent on disk before the POST
+        # Expiry counts from just before the first POST, not from the answer, nor from before
+        # the store's check (an fsync, or a Redis round trip, that can take a good part of a
+        # second under load).
+        started = time.time()
+        # A token possibly spent by a dead or failed refresher is tried exactly once, and so
+        # is the STALE path's, which must not hold up its own request.
+        once = not mandatory or txn.possibly_spent is not None
+        try:
+            answer = self._endpoint.refresh(
+                spent, attempts=1 if once else None, before_attempt=txn.before_attempt
+            )
+        except RefreshError as exc:
+            if isinstance(exc, InvalidGrantError) and self._rotated_outside(txn, spent):
+                return None
+            error = txn.abort(spent, exc)
+            if mandatory or isinstance(error, InvalidGrantError):  # one STALE try says little
+                self._failures.remember(spent, error)
+            if error is exc:
+                raise
+            raise error from None
+        if answer.refresh_token is None:
+            log.warning(
+                "the token answer had no refresh_token (does the app have offline_access?); "
+                "keeping the current one"
+            )
+        new = TokenSet.from_answer(answer, spent, started, refreshed_by=this_process())
+        return self._commit(txn, new, base=self._base(spent), reason=reason)
+
+    def _rotated_outside(self, txn: RefreshTransaction, spent: Secret) -> bool:
+        """After invalid_grant: whether a writer that takes no lock (a legacy script) rotated
+        the token meanwhile; its tokens are then adopted."""
+        stored = txn.reload()
+        if stored.refresh_token is None or stored.refresh_token in (spent, self._base(spent)):
+            return False
+        log.info("refresh token was rotated outside the lock; adopting the new one")
+        self._cache = (stored, txn.version)
+        self._unsaved = None
+        return True
+
+    def _base(self, spent: Secret) -> Secret:
+        """What the store holds: the spent token, or (while ours are unsaved) an older one."""
+        unsaved = self._unsaved
+        return unsaved[1] if unsaved is not None else spent
+
+    def _commit(
+        self, txn: RefreshTransaction, new: TokenSet, *, base: Secret, reason: str
+    ) -> TokenSet:
+        """Persist ``new`` before anything uses it: the old refresh token is dead."""
+        try:
+            version = txn.commit(new)
+        except StaleCommitError as exc:  # our lock lapsed and a peer committed since
+            tokens = txn.reload()
+            self._cache = (tokens, txn.version)
+            self._unsaved = None
+            log.warning("%s; using %s", exc, tokens.describe())
+            return tokens
+        except Exception as exc:  # noqa: BLE001 (whatever failed, `new` is the live link)
+            self._unsaved = (new, base)
+            self._persist_retry_at = time.monotonic() + PERSIST_RETRY_DELAY
+            kept = (
+                f"{txn.answer_kept} holds them for any process that takes the lock"
+                if txn.answer_kept
+                else "nothing else holds them"
+            )
+            log.error(
+                "refreshed tokens could not be saved to %s (%s: %s); this process keeps them "
+                "in memory and retries saving; %s, and other processes cannot use them until "
+                "they are saved",
+                self.store.location,
+                type(exc).__name__,
+                exc,
+                kept,
+            )
+            return new
+        self._cache = (new, version)
+        self._unsaved = None
+        log.info(
+            "refreshed MercadoLibre token (%s) in pid %d: %s", reason, os.getpid(), new.describe()
+        )
+        return new
+
+    # -- tokens whose save failed ------------------------------------------------------------
+
+    def _settle(self, txn: RefreshTransaction) -> TokenSet:
+        """The tokens to decide on, under the lock: the store's, after saving unsaved ones.
+
+        Unsaved tokens are written only over the refresh token they replaced (compare and
+        set). If the store holds anything else, either our save landed after all (or the
+        journal's replay wrote them) or a peer moved the chain on: the store's tokens win.
+        """
+        unsaved = self._unsaved
+        if unsaved is None:
+            self._cache = (txn.tokens, txn.version)
+            return txn.tokens
+        tokens, base = unsaved
+        try:
+            if txn.tokens.refresh_token == base:
+                txn.settle(tokens)
+                log.info("saved the refreshed tokens to %s at last", self.store.location)
+            elif txn.tokens.refresh_token != tokens.refresh_token:
+                log.warning(
+                    "%s moved on while our tokens were unsaved; using its tokens",
+                    self.store.location,
+                )
+        except Exception as exc:  # noqa: BLE001 (keep the live link in memory, whatever failed)
+            log.error("still cannot save refreshed tokens to %s: %s", self.store.location, exc)
+            return tokens
+        self._cache = (txn.tokens, txn.version)
+        self._unsaved = None
+        return txn.tokens
+
+    def _retry_persist(self) -> bool:
+        """Now and then, try again to save unsaved tokens, without waiting for any lock.
+
+        Returns whether they are settled; False keeps using them from memory.
+        """
+        if time.monotonic() < self._persist_retry_at or not self._mutex.acquire(blocking=False):
+            return self._unsaved is None
+        try:
+            self._persist_retry_at = time.monotonic() + PERSIST_RETRY_DELAY
+            if self._unsaved is not None:
+                with self.store.refresh(0.0) as txn:
+                    self._settle(txn)
+        except MLAuthError as exc:  # the lock is busy or cannot be opened: try again later
+            log.debug("could not retry saving the refreshed tokens yet: %s", exc)
+        finally:
+            self._mutex.release()
+        return self._unsaved is None
+
+    # -- the edges ---------------------------------------------------------------------------
+
+    def _notify(self, tokens: TokenSet | None) -> None:
+        if self.on_refresh is None or tokens is None:
+            return
+        try:
+            self.on_refresh(tokens)
+        except Exception:  # a user's callback must not break the request that refreshed
+            log.exception("on_refresh callback failed")
+
+    @contextlib.contextmanager
+    def _guard(self, doing: str) -> Iterator[None]:
+        """Only MLAuthError leaves the engine: callers catch RequestException."""
+        try:
+            yield
+        except MLAuthError:
+            raise
+        except Exception as exc:
+            raise self._unexpected(exc, doing) from exc
+
+    def _unexpected(self, exc: Exception, doing: str) -> UnexpectedError:
+        """``exc``, which is no MLAuthError, as one.
+
+        Its message is someone else's and may quote a value it was handed: the tokens this
+        process knows, the client secret and anything token-shaped are fingerprinted.
+        """
+        known: list[Secret | None] = list(self._secrets)
+        for tokens in (self._cache[0], self._unsaved[0] if self._unsaved else None):
+            if tokens is not None:
+                known += [tokens.access_token, tokens.refresh_token]
+        return UnexpectedError(
+            f"mlauth failed unexpectedly while {doing}: "
+            + mask(f"{type(exc).__name__}: {exc}", known)
+            + " (the original exception is this one's __cause__)"
+        )

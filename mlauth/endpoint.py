@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import email.utils
 import logging
 import math
@@ -136,6 +137,42 @@ def _error_fields(response: requests.Response) -> tuple[str | None, str | None]:
     )
 
 
+@dataclasses.dataclass
+class _Failure:
+    """What the failed attempts of one series said, for the next attempt and the error."""
+
+    last: str = "no attempt made"
+    retry_after: float | None = None  # what the server asked of the last attempt
+    ambiguous: str | None = None  # why an attempt may have reached the server
+    stop: str = ""  # why the series stopped before its last attempt
+
+    def sent(self, why: str) -> None:
+        """The attempt may have reached the server, and failed as ``why`` says."""
+        self.last = why
+        self.ambiguous = self.ambiguous or why
+
+    def error(self, what: str, attempts: int) -> RefreshError:
+        note = (
+            f" An attempt may have reached the server without its answer arriving: "
+            f"{self.ambiguous}."
+            if self.ambiguous
+            else ""
+        )
+        tries = "1 attempt" if attempts == 1 else f"{attempts} attempts"
+        fix = (
+            " Run `mlauth login` again once the token endpoint answers: the code may be spent."
+            if what == _CODE_EXCHANGE
+            else ""
+        )
+        error = RefreshError(
+            f"{what} gave up after {tries}{self.stop}: {self.last}.{note} The stored tokens "
+            f"were left as they were.{fix}"
+        )
+        error.retry_after = self.retry_after
+        error.possibly_spent = self.ambiguous
+        return error
+
+
 class TokenEndpoint:
     """Calls the token endpoint through a private session.
 
@@ -256,56 +293,24 @@ class TokenEndpoint:
         *,
         what: str = "token refresh",
     ) -> TokenAnswer:
-        ambiguous: str | None = None  # why an earlier attempt may have reached the server
-        last = "no attempt made"
-        stop = ""
-        wait_hint: float | None = None  # how long the server asked us to stay away
+        failure = _Failure()
         give_up_at = time.monotonic() + self.budget
         attempt = 0
         while True:
             attempt += 1
-            retry_after: float | None = None
-            unusable: str | None = None
             if before_attempt is not None:
                 before_attempt()  # outside the try: its errors are not the endpoint's
-            try:
-                response = self._post(data)
-            except (requests.ConnectionError, requests.Timeout) as exc:
-                if _never_sent(exc):
-                    last = f"could not connect to {self.token_url} ({type(exc).__name__})"
-                else:
-                    last = f"no answer from {self.token_url} ({type(exc).__name__})"
-                    ambiguous = ambiguous or last
-            except _NEVER_SENT as exc:
-                unusable = type(exc).__name__
-            except requests.RequestException as exc:
-                unusable = type(exc).__name__
-                ambiguous = ambiguous or f"{unusable} after sending"
-            else:
-                outcome = self._judge(response, ambiguous, what)
-                if isinstance(outcome, TokenAnswer):
-                    return outcome
-                last, retry_after = outcome
-                if response.status_code >= 500:
-                    ambiguous = ambiguous or last
-            if unusable is not None:
-                # Raised outside the except block so the error has no __context__: requests'
-                # exception carries the request, whose body holds the secret and the token.
-                error = RefreshError(
-                    f"cannot call the token endpoint {self.token_url}: {unusable}. "
-                    "Check ML_TOKEN_URL."
-                )
-                error.possibly_spent = ambiguous
-                raise error
-            wait_hint = retry_after
-            delay = self._delay(attempt, retry_after)
+            answer = self._attempt(data, failure, what)
+            if answer is not None:
+                return answer
+            delay = self._delay(attempt, failure.retry_after)
             if attempt >= attempts:
                 break
             if time.monotonic() + delay + self.attempt_time > give_up_at:
-                stop = (
-                    f" (the server asked to wait {retry_after:g}s; another attempt after that "
-                    f"would not end within the {self.budget:g}s retry budget)"
-                    if retry_after is not None
+                failure.stop = (
+                    f" (the server asked to wait {failure.retry_after:g}s; another attempt "
+                    f"after that would not end within the {self.budget:g}s retry budget)"
+                    if failure.retry_after is not None
                     else f" (another attempt would not end within the {self.budget:g}s budget)"
                 )
                 break
@@ -313,28 +318,44 @@ class TokenEndpoint:
                 "token endpoint attempt %d/%d failed (%s); retrying in %.2fs",
                 attempt,
                 attempts,
-                last,
+                failure.last,
                 delay,
             )
             self._sleep(delay)
-        note = (
-            f" An attempt may have reached the server without its answer arriving: {ambiguous}."
-            if ambiguous
-            else ""
-        )
-        tries = "1 attempt" if attempt == 1 else f"{attempt} attempts"
-        fix = (
-            " Run `mlauth login` again once the token endpoint answers: the code may be spent."
-            if what == _CODE_EXCHANGE
-            else ""
-        )
-        error = RefreshError(
-            f"{what} gave up after {tries}{stop}: {last}.{note} The stored tokens were "
-            f"left as they were.{fix}"
-        )
-        error.retry_after = wait_hint
-        error.possibly_spent = ambiguous
-        raise error
+        raise failure.error(what, attempt)
+
+    def _attempt(self, data: Mapping[str, str], failure: _Failure, what: str) -> TokenAnswer | None:
+        """One POST: the answer, or None with ``failure`` updated; raises what no retry fixes."""
+        failure.retry_after = None
+        unusable: str | None = None
+        try:
+            response = self._post(data)
+        except (requests.ConnectionError, requests.Timeout) as exc:
+            if _never_sent(exc):
+                failure.last = f"could not connect to {self.token_url} ({type(exc).__name__})"
+            else:
+                failure.sent(f"no answer from {self.token_url} ({type(exc).__name__})")
+        except _NEVER_SENT as exc:
+            unusable = type(exc).__name__
+        except requests.RequestException as exc:
+            unusable = type(exc).__name__
+            failure.ambiguous = failure.ambiguous or f"{unusable} after sending"
+        else:
+            outcome = self._judge(response, failure.ambiguous, what)
+            if isinstance(outcome, TokenAnswer):
+                return outcome
+            failure.last, failure.retry_after = outcome
+            if response.status_code >= 500:
+                failure.sent(failure.last)
+        if unusable is not None:
+            # Raised outside the except block so the error has no __context__: requests'
+            # exception carries the request, whose body holds the secret and the token.
+            error = RefreshError(
+                f"cannot call the token endpoint {self.token_url}: {unusable}. Check ML_TOKEN_URL."
+            )
+            error.possibly_spent = failure.ambiguous
+            raise error
+        return None
 
     def _post(self, data: Mapping[str, str]) -> requests.Response:
         # Session.request is what mlauth.install() and other libraries patch, and what runs

@@ -7,6 +7,7 @@ with no invalid_grant.
 
 from __future__ import annotations
 
+import socket
 import time
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import requests
 import mlauth
 import mlauth.engine
 import mlauth.integrations.requests_auth
+from mlauth.endpoint import TokenEndpoint
 from mlauth.stores.envfile import read_env_file, update_env_file
 from mlauth.testing import FakeMercadoLibre
 
@@ -175,3 +177,56 @@ def test_a_definite_refusal_closes_the_intent_so_the_next_refresh_retries_normal
     auth = mlauth.MLAuth.from_env(expired_env, max_attempts=3, backoff=0.001)
     assert call(fake_ml, auth).status_code == 200  # a full retry series: 503, then 200
     assert fake_ml.stats()["token_requests"] == 3 and fake_ml.stats()["refreshes"] == 1
+
+
+def endpoint_error(fake: FakeMercadoLibre, url: str | None = None) -> mlauth.RefreshError:
+    """The error of one refresh series (two attempts) against ``url`` (default: the fake)."""
+    endpoint = TokenEndpoint(
+        url or fake.token_url,
+        fake.client_id,
+        mlauth.Secret(fake.client_secret),
+        timeout=(2.0, 2.0),
+        max_attempts=2,
+        backoff=0.001,
+    )
+    live = mlauth.Secret(str(fake.issue_tokens()["refresh_token"]))
+    with pytest.raises(mlauth.RefreshError) as caught:
+        endpoint.refresh(live)
+    return caught.value
+
+
+@pytest.mark.parametrize(
+    ("fault", "spent"),
+    [
+        ("refused connection", False),
+        ("invalid_client on the only attempt", False),
+        ("rate limited twice", False),
+        ("503 twice", True),
+        ("503, then invalid_client", True),
+        ("connection reset", True),
+        ("200 with a broken body", True),
+    ],
+)
+def test_the_endpoint_says_whether_a_failed_refresh_may_have_spent_the_token(
+    fake_ml: FakeMercadoLibre, fault: str, spent: bool
+) -> None:
+    url = None
+    if fault == "refused connection":
+        with socket.socket() as sock:  # a port nobody listens on once it is closed
+            sock.bind(("127.0.0.1", 0))
+            url = f"http://127.0.0.1:{sock.getsockname()[1]}/oauth/token"
+    elif fault == "invalid_client on the only attempt":
+        fake_ml.fail_next_token_requests(1, status=401, error="invalid_client")
+    elif fault == "rate limited twice":
+        fake_ml.fail_next_token_requests(2, status=429, error="local_rate_limited")
+    elif fault == "503 twice":
+        fake_ml.fail_next_token_requests(2, status=503)
+    elif fault == "503, then invalid_client":
+        fake_ml.fail_next_token_requests(1, status=503)
+        fake_ml.fail_next_token_requests(1, status=401, error="invalid_client")
+    elif fault == "connection reset":
+        fake_ml.reset_next_token_requests(2)
+    else:
+        fake_ml.fail_next_token_requests(2, status=200, body="<html>proxy</html>")
+    error = endpoint_error(fake_ml, url)
+    assert (error.possibly_spent is not None) is spent, error.possibly_spent

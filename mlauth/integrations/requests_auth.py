@@ -57,6 +57,27 @@ def _replayable(request: requests.PreparedRequest) -> bool:
     return isinstance(getattr(request, "_body_position", None), int)
 
 
+def _checked(
+    client_id: object,
+    client_secret: str | Secret,
+    store: object,
+    refresh_margin: float,
+    lock_timeout: float,
+    min_token_age: float,
+) -> Secret:
+    """The client secret as a Secret, once the constructor's arguments are checked."""
+    if not isinstance(client_id, str) or not client_id.strip():
+        raise ConfigError("client_id is empty; pass the app's client id (ML_CLIENT_ID)")
+    secret = client_secret if isinstance(client_secret, Secret) else Secret(client_secret)
+    if not secret.reveal().strip():
+        raise ConfigError("client_secret is empty; pass the app's secret (ML_CLIENT_SECRET)")
+    if not isinstance(store, TokenStore):
+        raise ConfigError(f"store must be a TokenStore such as EnvFileStore, got {store!r}")
+    if refresh_margin < 0 or lock_timeout <= 0 or min_token_age < 0:
+        raise ConfigError("refresh_margin and min_token_age must be >= 0, lock_timeout > 0")
+    return secret
+
+
 class MLAuth(requests.auth.AuthBase):
     """A :class:`requests.auth.AuthBase` that keeps a MercadoLibre token chain alive.
 
@@ -80,15 +101,9 @@ class MLAuth(requests.auth.AuthBase):
         backoff: float = 0.5,
         on_refresh: Callable[[TokenSet], None] | None = None,
     ) -> None:
-        if not isinstance(client_id, str) or not client_id.strip():
-            raise ConfigError("client_id is empty; pass the app's client id (ML_CLIENT_ID)")
-        secret = client_secret if isinstance(client_secret, Secret) else Secret(client_secret)
-        if not secret.reveal().strip():
-            raise ConfigError("client_secret is empty; pass the app's secret (ML_CLIENT_SECRET)")
-        if not isinstance(store, TokenStore):
-            raise ConfigError(f"store must be a TokenStore such as EnvFileStore, got {store!r}")
-        if refresh_margin < 0 or lock_timeout <= 0 or min_token_age < 0:
-            raise ConfigError("refresh_margin and min_token_age must be >= 0, lock_timeout > 0")
+        secret = _checked(
+            client_id, client_secret, store, refresh_margin, lock_timeout, min_token_age
+        )
         self.client_id = client_id.strip()
         self.store = store
         store.bind_client(self.client_id)  # a shared store (Redis) names its key after it

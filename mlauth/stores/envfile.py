@@ -278,6 +278,11 @@ def update_env_file(
                 f"cannot write {real} in place: {exc.strerror or exc}. {SAVE_FIX}"
             ) from exc
         return
+    _replace(real, data, before)
+
+
+def _replace(real: str, data: bytes, before: os.stat_result) -> None:
+    """Replace ``real`` with ``data`` atomically and durably, keeping its mode and owner."""
     try:
         with _temp_beside(real) as (fd, tmp):
             os.fchmod(fd, stat.S_IMODE(before.st_mode))

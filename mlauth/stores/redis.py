@@ -187,26 +187,7 @@ class RedisStore(TokenStore):
         self.lock_timeout = float(lock_timeout)
         self.check_interval = float(check_interval)
         if client is None:
-            try:
-                client = redis.Redis.from_url(
-                    url,
-                    decode_responses=True,
-                    socket_timeout=socket_timeout,
-                    socket_connect_timeout=socket_timeout,
-                    # A restart of Redis leaves dead sockets in the pool: retry on a new one.
-                    retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 3),
-                )
-                # The freshness check: a short timeout and no retry after one (see
-                # PROBE_TIMEOUT); only a pooled socket a restart closed is retried, at once.
-                probe = redis.Redis.from_url(
-                    url,
-                    decode_responses=True,
-                    socket_timeout=min(socket_timeout, PROBE_TIMEOUT),
-                    socket_connect_timeout=min(socket_timeout, PROBE_TIMEOUT),
-                    retry=Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)),
-                )
-            except ValueError as exc:
-                raise ConfigError(f"{self.location} is not a usable Redis URL: {exc}") from None
+            client, probe = self._connect(url, socket_timeout)
         else:
             probe = client
         self._client = client
@@ -225,6 +206,30 @@ class RedisStore(TokenStore):
         self._seen: Hashable = None  # the stamp of the version last read or written
         self._checked_at = -float("inf")  # monotonic time of the last look at Redis
         self._quiet_until = -float("inf")  # after a failed look: no other before this time
+
+    def _connect(self, url: str, socket_timeout: float) -> tuple[redis.Redis, redis.Redis]:
+        """The client for reads, writes and the lock, and the one the freshness check uses."""
+        try:
+            client = redis.Redis.from_url(
+                url,
+                decode_responses=True,
+                socket_timeout=socket_timeout,
+                socket_connect_timeout=socket_timeout,
+                # A restart of Redis leaves dead sockets in the pool: retry on a new one.
+                retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 3),
+            )
+            # The freshness check: a short timeout and no retry after one (see
+            # PROBE_TIMEOUT); only a pooled socket a restart closed is retried, at once.
+            probe = redis.Redis.from_url(
+                url,
+                decode_responses=True,
+                socket_timeout=min(socket_timeout, PROBE_TIMEOUT),
+                socket_connect_timeout=min(socket_timeout, PROBE_TIMEOUT),
+                retry=Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)),
+            )
+        except ValueError as exc:
+            raise ConfigError(f"{self.location} is not a usable Redis URL: {exc}") from None
+        return client, probe
 
     def bind_client(self, client_id: str) -> None:
         """Derive the default key from the app's client id (MLAuth calls this)."""

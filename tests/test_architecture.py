@@ -1,0 +1,123 @@
+"""The shape the package keeps: no import cycles, an engine that knows no HTTP client, short
+functions on the refresh path, and stores used through their contract, never probed."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parent.parent / "mlauth"
+# The modules a refresh runs through, from the adapter down to the disk or Redis.
+REFRESH_PATH = [
+    "engine.py",
+    "endpoint.py",
+    "tokens.py",
+    "integrations/requests_auth.py",
+    *(f"stores/{path.name}" for path in sorted((PACKAGE / "stores").glob("*.py"))),
+]
+MAX_FUNCTION_LINES = 60
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imports_of(path: Path) -> set[str]:
+    """The mlauth modules ``path`` imports, at module level or inside functions."""
+    name = module_name(path)
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                target = ".".join([*base, *([node.module] if node.module else [])])
+            else:
+                target = node.module or ""
+            found.add(target)
+            # `from . import x` and `from .stores import select` name modules too.
+            found |= {f"{target}.{alias.name}" for alias in node.names}
+    return {module for module in found if module.startswith("mlauth")}
+
+
+def ancestors(name: str) -> set[str]:
+    parts = name.split(".")
+    return {".".join(parts[:i]) for i in range(1, len(parts))}
+
+
+def graph() -> dict[str, set[str]]:
+    """Module -> the package modules it imports. A module's own parent packages are left out:
+    Python has imported them before the module runs, so importing from them closes no loop."""
+    modules = {module_name(path): path for path in PACKAGE.rglob("*.py")}
+    return {
+        name: imports_of(path) & set(modules) - {name} - ancestors(name)
+        for name, path in modules.items()
+    }
+
+
+def test_the_package_has_no_import_cycle() -> None:
+    edges = graph()
+    state: dict[str, int] = {}
+    cycles: list[list[str]] = []
+
+    def visit(node: str, trail: list[str]) -> None:
+        state[node] = 1
+        for target in sorted(edges[node]):
+            if state.get(target) == 1:
+                cycles.append([*trail[trail.index(target) :], target])
+            elif target not in state:
+                visit(target, [*trail, target])
+        state[node] = 2
+
+    for node in sorted(edges):
+        if node not in state:
+            visit(node, [node])
+    assert cycles == []
+
+
+def test_the_engine_imports_no_http_client() -> None:
+    tree = ast.parse((PACKAGE / "engine.py").read_text())
+    imported = {
+        alias.name.split(".")[0]
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Import)
+        for alias in node.names
+    } | {
+        (node.module or "").split(".")[0]
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom) and not node.level
+    }
+    assert not imported & {"requests", "httpx", "urllib3", "aiohttp"}
+
+
+@pytest.mark.parametrize("module", REFRESH_PATH)
+def test_no_function_on_the_refresh_path_is_over_60_lines(module: str) -> None:
+    tree = ast.parse((PACKAGE / module).read_text())
+    long = {
+        node.name: node.end_lineno - node.lineno + 1
+        for node in ast.walk(tree)
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+        and node.end_lineno is not None
+        and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES
+    }
+    assert long == {}
+
+
+def test_no_store_is_probed_with_getattr() -> None:
+    probes = []
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Name)
+                and node.func.id in ("getattr", "hasattr")
+                and node.args
+                and any(word in ast.unparse(node.args[0]) for word in ("store", "moved"))
+            ):
+                probes.append(f"{path.relative_to(PACKAGE)}:{node.lineno}")
+    assert probes == []

@@ -245,7 +245,6 @@ def test_the_readme_gitignore_keeps_every_file_mlauth_writes_out_of_git(tmp_path
         env + ".lock",
         journal.path,
         journal.reauth_path,
-        journal.rescue_path,
         str(tmp_path / ".env.abc123.mlauth-tmp"),  # a save's temporary file, left by a crash
     ]
     for path in written:

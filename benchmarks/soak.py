@@ -9,7 +9,7 @@ rotation, writes a .env for it, and runs ``--processes`` worker processes (this 
 open file descriptors. At the end it prints a summary (and ``--json`` writes it): calls,
 failed calls, refreshes, invalid_grant, and per process the first and last RSS and fd counts
 with the largest values seen. It exits non-zero if any call failed or any invalid_grant was
-served. Memory and fd figures are reported, not judged: see RELIABILITY.md.
+served. Memory and fd figures are reported, not judged: see docs/reliability.md.
 """
 
 from __future__ import annotations

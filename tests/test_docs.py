@@ -1,20 +1,33 @@
 """Every code block in docs/ runs here, in the shape it documents.
 
-Python blocks run as written. The deployment blocks name tools this machine does not have
-(Docker, systemd, cron), so each is carried out by what it stands for: a ``docker run -v``
-becomes a real bind mount of the host path into a folder that plays the container's root,
-and a unit's ``ExecStart`` or a crontab command runs with what those give a process (no
-``HOME``, no terminal, another working directory). Paths under the documented roots are
-mapped into a temporary folder; the commands themselves are not edited.
+Python blocks and shell sessions (lines of ``mlauth ...``) run as written in a *project
+folder*: what the pages assume a reader has, namely a ``.env`` (whose token has expired, so
+the first call refreshes), a legacy module ``main2.py`` that sends a stale ``Authorization``
+header, ``api.mercadolibre.com`` answered by a fake MercadoLibre (a ``sitecustomize`` routes
+``requests``' https calls there; the token endpoint is the fake's), and, where a block names
+``redis://10.0.0.5:6379/0``, a real ``redis-server`` in its place. After each block the fake
+must have served no ``invalid_grant`` and ``mlauth status`` must still find a live chain.
+``tests/test_readme.py`` runs the README's blocks in the same folder.
+
+The demo walkthrough runs against ``mlauth demo --serve`` on a free port. The deployment
+blocks name tools this machine does not have (Docker, systemd, cron), so each is carried out
+by what it stands for: a ``docker run -v`` becomes a real bind mount of the host path into a
+folder that plays the container's root, and a unit's ``ExecStart`` or a crontab command runs
+with what those give a process (no ``HOME``, no terminal, another working directory). Paths
+under the documented roots are mapped into a temporary folder; the commands themselves are
+not edited.
 """
 
 from __future__ import annotations
 
 import configparser
 import contextlib
+import dataclasses
 import os
 import re
 import shlex
+import signal
+import socket
 import subprocess
 import sys
 import time
@@ -23,13 +36,16 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.redis_server import RedisServer
+from mlauth.cli.migrate import migrate_to_redis
 from mlauth.stores.envfile import read_env_file
 from mlauth.testing import FakeMercadoLibre
 from tests.test_deploy_containers import bind_file
 
 pytestmark = pytest.mark.processes
 
-DOCS = Path(__file__).resolve().parent.parent / "docs"
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = ROOT / "docs"
 BLOCK = re.compile(r"```(\w*)\n(.*?)```(?:\s*\n\s*It prints `([^`]*)`)?", re.DOTALL)
 BIN = Path(sys.executable).parent
 
@@ -42,38 +58,272 @@ answer = requests.get(sys.argv[1] + "/users/me", timeout=30)
 print(answer.status_code)
 """
 
+# The legacy pipeline the pages call main2: a token read once, headers built at import.
+LEGACY = """\
+import requests
+
+ML_ACCESS_TOKEN = "APP_USR-read-once-at-import"
+HEADERS = {"Authorization": f"Bearer {ML_ACCESS_TOKEN}"}
+
+
+def refresh_ml_token():
+    raise SystemExit("main2.refresh_ml_token ran: it spends the refresh token without a lock")
+
+
+def run():
+    answer = requests.get("https://api.mercadolibre.com/users/me", headers=HEADERS, timeout=30)
+    print(answer.status_code)
+    answer.raise_for_status()
+
+
+if __name__ == "__main__":
+    run()
+"""
+
+# First on PYTHONPATH: requests' calls to the real API reach the fake instead, after the auth
+# has seen the real URL (and its response hook sees the real URL again on the answer).
+ROUTE = """\
+import os
+
+import requests.adapters
+
+API = "https://api.mercadolibre.com"
+FAKE = os.environ.get("MLAUTH_DOCS_FAKE_API")
+_send = requests.adapters.HTTPAdapter.send
+
+
+def send(self, request, *args, **kwargs):
+    if FAKE is None or not (request.url or "").startswith(API + "/"):
+        return _send(self, request, *args, **kwargs)
+    routed = request.copy()
+    routed.url = FAKE + request.url[len(API) :]
+    response = _send(self, routed, *args, **kwargs)
+    response.url, response.request = request.url, request
+    return response
+
+
+requests.adapters.HTTPAdapter.send = send
+"""
+
+DOCUMENTED_REDIS = "redis://10.0.0.5:6379/0"
+
+
+def page_blocks(page: Path) -> list[tuple[str, str, str | None]]:
+    """(language, body, what the line after it says it prints) of each block of a page."""
+    return [(lang, body, prints or None) for lang, body, prints in BLOCK.findall(page.read_text())]
+
 
 def blocks(language: str) -> list[tuple[str, str, str | None]]:
     found = []
     for page in sorted(DOCS.glob("*.md")):
-        for lang, body, prints in BLOCK.findall(page.read_text()):
+        for lang, body, prints in page_blocks(page):
             if lang == language:
-                found.append((page.name, body, prints or None))
+                found.append((page.name, body, prints))
     return found
 
 
+def is_docker(block: str) -> bool:
+    return block.startswith("docker run")
+
+
+def is_cron(block: str) -> bool:
+    return re.match(r"[*\d/,-]+ ", block) is not None
+
+
+def is_walkthrough(block: str) -> bool:
+    return "mlauth demo --serve" in block
+
+
+def is_session(block: str) -> bool:
+    """Commands typed in the project folder: every line an ``mlauth`` command."""
+    lines = [line for line in block.splitlines() if line.strip()]
+    return bool(lines) and all(line.startswith("mlauth ") for line in lines)
+
+
+SH_KINDS = (is_docker, is_cron, is_walkthrough, is_session)
+
+
 def test_every_block_in_the_docs_is_of_a_kind_that_runs_here() -> None:
-    kinds = {lang for page in DOCS.glob("*.md") for lang, _, _ in BLOCK.findall(page.read_text())}
+    kinds = {lang for page in DOCS.glob("*.md") for lang, _, _ in page_blocks(page)}
     assert kinds <= HANDLED, f"no test runs these blocks: {kinds - HANDLED}"
-    docker = [b for _, b, _ in blocks("sh") if b.startswith("docker run")]
-    cron = [b for _, b, _ in blocks("sh") if re.match(r"[*\d/,-]+ ", b)]
-    assert len(docker) + len(cron) == len(blocks("sh")), "an sh block no test recognises"
+    for page, body, _ in blocks("sh"):
+        recognised = [kind.__name__ for kind in SH_KINDS if kind(body)]
+        assert len(recognised) == 1, f"{page}: an sh block run by {recognised or 'no test'}"
 
 
-@pytest.mark.parametrize(
-    ("page", "body", "prints"), blocks("python"), ids=lambda v: v[:40] if isinstance(v, str) else v
-)
+# -- the project folder ----------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Project:
+    folder: Path
+    fake: FakeMercadoLibre
+    environ: dict[str, str]
+
+
+@contextlib.contextmanager
+def project(tmp_path: Path, block: str) -> Iterator[tuple[Project, str]]:
+    """The folder the pages assume, and the block with the documented Redis swapped in."""
+    folder, route = tmp_path / "project", tmp_path / "route"
+    folder.mkdir()
+    route.mkdir()
+    (folder / "main2.py").write_text(LEGACY)
+    (route / "sitecustomize.py").write_text(ROUTE)
+    with contextlib.ExitStack() as stack:
+        fake = stack.enter_context(FakeMercadoLibre(token_lifetime=3600.0))
+        env = folder / ".env"
+        fake.write_env(env, expires_at=time.time() - 10)  # the first call must refresh
+        # The default allowed host, api.mercadolibre.com, instead of the fake's own address.
+        lines = env.read_text().splitlines(keepends=True)
+        env.write_text("".join(line for line in lines if not line.startswith("ML_API_HOSTS=")))
+        if DOCUMENTED_REDIS in block:
+            (tmp_path / "redis").mkdir()
+            server = RedisServer(tmp_path / "redis").start()
+            stack.callback(server.stop)
+            block = block.replace(DOCUMENTED_REDIS, server.url)
+            if "mlauth migrate" not in block:  # the page assumes the migration was done
+                migrate_to_redis(env, server.url)
+        environ = dict(
+            os.environ,
+            PATH=str(BIN) + os.pathsep + os.environ.get("PATH", ""),
+            PYTHONPATH=os.pathsep.join(filter(None, [str(route), os.environ.get("PYTHONPATH")])),
+            MLAUTH_DOCS_FAKE_API=fake.base_url,
+        )
+        yield Project(folder, fake, environ), block
+
+
+def uses_the_api(block: str) -> bool:
+    return "api.mercadolibre.com" in block or bool(
+        re.search(r"main2\.run\(|main2\.py|-m main2", block)
+    )
+
+
+def check_project(where: str, proj: Project, block: str) -> None:
+    """What every block must leave: no refresh token spent twice, a chain that still works."""
+    stats = proj.fake.stats()
+    assert stats["invalid_grant"] == 0, f"{where}: {stats}"
+    if uses_the_api(block):
+        assert stats["api_ok"] >= 1 and stats["refreshes"] >= 1, f"{where}: {stats}"
+    if "mlauth migrate" in block:
+        values = read_env_file(proj.folder / ".env")
+        assert values.get("ML_TOKEN_STORE") and "ML_REFRESH_TOKEN" not in values, values
+    status = subprocess.run(
+        [str(BIN / "mlauth"), "status", "--env", ".env"],
+        cwd=proj.folder,
+        env=proj.environ,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert status.returncode == 0, f"{where}: {status.stdout}{status.stderr}"
+
+
+def run_in_project(where: str, kind: str, body: str, tmp_path: Path) -> str:
+    """Run a python block or a shell session in the project folder; its stdout."""
+    with project(tmp_path, body) as (proj, body):
+        script = "example.py" if kind == "python" else "session.sh"
+        (proj.folder / script).write_text(body if kind == "python" else "set -e\n" + body)
+        done = subprocess.run(
+            [sys.executable if kind == "python" else "/bin/bash", script],
+            cwd=proj.folder,
+            env=proj.environ,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode == 0, f"{where}: {done.stdout[-2000:]}{done.stderr[-2000:]}"
+        check_project(where, proj, body)
+        return done.stdout
+
+
+def check_prints(where: str, stdout: str, prints: str | None) -> None:
+    if prints is not None:
+        lines = stdout.strip().splitlines()
+        assert lines and lines[-1] == prints, f"{where}: {stdout}"
+
+
+def block_id(value: object) -> str:
+    return value[:40] if isinstance(value, str) else str(value)
+
+
+@pytest.mark.parametrize(("page", "body", "prints"), blocks("python"), ids=block_id)
 def test_python_block_runs_as_written(
     page: str, body: str, prints: str | None, tmp_path: Path
 ) -> None:
-    script = tmp_path / "example.py"
-    script.write_text(body)
-    done = subprocess.run(
-        [sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    check_prints(page, run_in_project(page, "python", body, tmp_path), prints)
+
+
+@pytest.mark.parametrize(
+    ("page", "body"), [(p, b) for p, b, _ in blocks("sh") if is_session(b)], ids=block_id
+)
+def test_shell_session_runs_in_the_project_folder(page: str, body: str, tmp_path: Path) -> None:
+    run_in_project(page, "sh", body, tmp_path)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def test_the_command_line_walkthrough_runs(tmp_path: Path) -> None:
+    (block,) = [b for _, b, _ in blocks("sh") if is_walkthrough(b)]
+    # The page's fixed port, swapped for a free one so parallel runs cannot collide.
+    (tmp_path / "walkthrough.sh").write_text("set -e\n" + block.replace("8765", str(free_port())))
+    env = dict(os.environ, PATH=str(BIN) + os.pathsep + os.environ.get("PATH", ""))
+    proc = subprocess.Popen(
+        ["/bin/bash", "walkthrough.sh"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own process group, so the background server goes too
     )
-    assert done.returncode == 0, f"{page}: {done.stderr[-2000:]}"
-    if prints is not None:
-        assert done.stdout.strip().splitlines()[-1] == prints, f"{page}: {done.stdout}"
+    try:
+        out, err = proc.communicate(timeout=120)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == 0, out + err
+    assert "refresh running:  no" in out
+    assert "refreshed: access sha256:" in out
+    assert out.count('"path": "/users/me"') == 1  # curl's answer (JSON)
+    assert "'path': '/users/me'" in out  # mlauth run's (a printed dict)
+    assert "authorized: tokens saved in" in out  # the login through the fake's page
+    assert not (tmp_path / ".env.demo").exists()  # removed by the server as it stopped
+    assert "APP_USR-" not in out + err  # no token printed along the way
+
+
+# -- links -----------------------------------------------------------------------------------
+
+LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
+CODE = re.compile(r"```.*?```", re.DOTALL)
+
+
+def anchors(page: Path) -> set[str]:
+    """GitHub's heading anchors: lower case, punctuation dropped, spaces as hyphens."""
+    headings = re.findall(r"^#+ (.+)$", CODE.sub("", page.read_text()), flags=re.MULTILINE)
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in headings}
+
+
+@pytest.mark.parametrize(
+    "page", [ROOT / "README.md", *sorted(DOCS.glob("*.md"))], ids=lambda p: p.name
+)
+def test_every_relative_link_and_anchor_resolves(page: Path) -> None:
+    for target in LINK.findall(CODE.sub("", page.read_text())):
+        if re.match(r"[a-z]+:", target):
+            continue  # https:, mailto:
+        path, _, anchor = target.partition("#")
+        linked = (page.parent / path).resolve() if path else page
+        assert linked.is_file(), f"{page.name}: {target} names no file"
+        if anchor:
+            assert anchor in anchors(linked), f"{page.name}: {target} names no heading"
+
+
+# -- the deployment blocks -------------------------------------------------------------------
 
 
 def local(command: list[str], mapping: dict[str, Path]) -> list[str]:
@@ -112,7 +362,7 @@ def fake() -> Iterator[FakeMercadoLibre]:
 
 
 @pytest.mark.parametrize(
-    "block", [b for _, b, _ in blocks("sh") if b.startswith("docker run")], ids=["folder", "file"]
+    "block", [b for _, b, _ in blocks("sh") if is_docker(b)], ids=["folder", "file"]
 )
 def test_docker_block_refreshes_through_its_mount(
     block: str, fake: FakeMercadoLibre, tmp_path: Path
@@ -168,7 +418,7 @@ def test_systemd_unit_runs_without_home_or_terminal(fake: FakeMercadoLibre, tmp_
 
 
 def test_crontab_line_runs_from_another_folder(fake: FakeMercadoLibre, tmp_path: Path) -> None:
-    (line,) = [b for _, b, _ in blocks("sh") if re.match(r"[*\d/,-]+ ", b)]
+    (line,) = [b for _, b, _ in blocks("sh") if is_cron(b)]
     command = shlex.split(line)[5:]  # after minute, hour, day, month, weekday
     mapping = {"/srv/pipeline": tmp_path / "srv"}
     (tmp_path / "srv").mkdir()

@@ -1,42 +1,89 @@
-"""The README's offline examples run as written (those that talk to the fake server)."""
+"""Every code block of the README runs here, as written.
+
+Python blocks and shell sessions run in the project folder of ``tests/test_docs.py`` (a
+``.env`` with an expired token, the legacy ``main2.py``, ``api.mercadolibre.com`` answered by
+a fake MercadoLibre, a real ``redis-server`` for the documented Redis URL). The set-up block's
+``make`` targets are checked with ``make -n``; the pytest example runs under pytest; the
+``.gitignore`` block is checked by ``tests/test_deploy_cli.py``.
+"""
 
 from __future__ import annotations
 
-import contextlib
-import os
-import re
-import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+import pytest
+
+from tests.test_docs import (
+    ROOT,
+    block_id,
+    check_prints,
+    is_session,
+    page_blocks,
+    run_in_project,
+)
+
+pytestmark = pytest.mark.processes
+
+README = ROOT / "README.md"
+BUDGET = 15_000  # bytes: the README says what mlauth is for; docs/ holds the rest
 
 
-def python_blocks() -> list[str]:
-    return re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.DOTALL)
+def readme_blocks(language: str) -> list[tuple[str, str | None]]:
+    return [(body, prints) for lang, body, prints in page_blocks(README) if lang == language]
 
 
-def sh_blocks() -> list[str]:
-    return re.findall(r"```sh\n(.*?)```", README.read_text(), flags=re.DOTALL)
+def is_setup(block: str) -> bool:
+    return block.startswith("make ")
 
 
-def test_the_fake_server_example_runs(tmp_path: Path) -> None:
-    (block,) = [
-        b for b in python_blocks() if 'session.auth = mlauth.MLAuth.from_env(".env.demo")' in b
-    ]
-    script = tmp_path / "example.py"
-    script.write_text(block)
-    done = subprocess.run(
-        [sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=60
-    )
-    assert done.returncode == 0, done.stderr
-    assert "'path': '/users/me'" in done.stdout
+def test_the_readme_is_within_its_budget() -> None:
+    size = len(README.read_bytes())
+    assert size <= BUDGET, f"README.md is {size} bytes; move detail into docs/"
+
+
+def test_every_readme_block_is_of_a_kind_that_runs_here() -> None:
+    kinds = [lang for lang, _, _ in page_blocks(README)]
+    assert set(kinds) <= {"python", "sh", "gitignore"}, kinds
+    assert kinds.count("gitignore") == 1  # tests/test_deploy_cli.py runs it through git
+    for body, _ in readme_blocks("sh"):
+        assert is_setup(body) != is_session(body), f"an sh block no test recognises: {body}"
+    assert len([b for b, _ in readme_blocks("python") if "def test_" in b]) == 1
+
+
+def test_the_setup_commands_are_the_makefile_targets() -> None:
+    (block,) = [body for body, _ in readme_blocks("sh") if is_setup(body)]
+    commands = [line.split("#")[0].strip() for line in block.splitlines()]
+    assert commands == ["make demo", "make test"]
+    planned = {}
+    for command in commands:
+        done = subprocess.run(
+            [*command.split(), "-n"], cwd=ROOT, capture_output=True, text=True, timeout=60
+        )
+        assert done.returncode == 0, done.stderr
+        planned[command] = done.stdout
+    assert "-m mlauth.cli.demo" in planned["make demo"]
+    for step in ("ruff check", "ruff format --check", "mypy --strict", "-m pytest"):
+        assert step in planned["make test"], planned["make test"]
+
+
+@pytest.mark.parametrize(
+    ("body", "prints"),
+    [(b, p) for b, p in readme_blocks("python") if "def test_" not in b],
+    ids=block_id,
+)
+def test_python_block_runs_as_written(body: str, prints: str | None, tmp_path: Path) -> None:
+    check_prints("README.md", run_in_project("README.md", "python", body, tmp_path), prints)
+
+
+@pytest.mark.parametrize("body", [b for b, _ in readme_blocks("sh") if is_session(b)], ids=block_id)
+def test_shell_session_runs_in_the_project_folder(body: str, tmp_path: Path) -> None:
+    run_in_project("README.md", "sh", body, tmp_path)
 
 
 def test_the_pytest_fixture_example_passes(tmp_path: Path) -> None:
-    (block,) = [b for b in python_blocks() if "def test_" in b]
+    (block,) = [b for b, _ in readme_blocks("python") if "def test_" in b]
     (tmp_path / "test_example.py").write_text(block)
     done = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_example.py"],
@@ -47,52 +94,3 @@ def test_the_pytest_fixture_example_passes(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "1 passed" in done.stdout
-
-
-def test_the_install_example_runs(tmp_path: Path) -> None:
-    (block,) = [b for b in python_blocks() if "with FakeMercadoLibre(" in b and "install(" in b]
-    script = tmp_path / "example.py"
-    script.write_text(block)
-    done = subprocess.run(
-        [sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=60
-    )
-    assert done.returncode == 0, done.stderr
-    assert done.stdout == "200\n401\n"
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
-def test_the_command_line_walkthrough_runs(tmp_path: Path) -> None:
-    (block,) = [b for b in sh_blocks() if "mlauth demo --serve" in b]
-    # The README's fixed port, swapped for a free one so parallel runs cannot collide.
-    (tmp_path / "walkthrough.sh").write_text("set -e\n" + block.replace("8765", str(free_port())))
-    bin_dir = str(Path(sys.executable).parent)  # this venv's mlauth and python come first
-    env = dict(os.environ, PATH=bin_dir + os.pathsep + os.environ.get("PATH", ""))
-    proc = subprocess.Popen(
-        ["/bin/bash", "walkthrough.sh"],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,  # its own process group, so the background server goes too
-    )
-    try:
-        out, err = proc.communicate(timeout=120)
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    assert proc.returncode == 0, out + err
-    assert "refresh running:  no" in out
-    assert "refreshed: access sha256:" in out
-    assert out.count('"path": "/users/me"') == 1  # curl's answer (JSON)
-    assert "'path': '/users/me'" in out  # mlauth run's (a printed dict)
-    assert "authorized: tokens saved in" in out  # the login through the fake's page
-    assert not (tmp_path / ".env.demo").exists()  # removed by the server as it stopped
-    assert "APP_USR-" not in out + err  # no token printed along the way

@@ -1,6 +1,6 @@
 """A seconds-long run of benchmarks/soak.py, so the soak script itself cannot rot.
 
-The full soak (minutes, figures in RELIABILITY.md) is not run in CI.
+The full soak (minutes, figures in docs/reliability.md) is not run in CI.
 """
 
 from __future__ import annotations

@@ -325,6 +325,13 @@ class RefreshEngine:
         current = self._sync()
         if not force and self._answers(current, failed):
             return current, False  # a thread of ours refreshed while we waited
+        if mandatory and not force and self.store.wait_unlocked(self.lock_timeout):
+            # A peer holding the lock is most likely refreshing this very token: wait for it
+            # to let go, without queueing for the lock (every waiter of every process wakes
+            # at once), and adopt what it saved. The lock is taken only if that is not enough.
+            current = self._sync()
+            if self._answers(current, failed):
+                return current, False
         with self.store.refresh(self.lock_timeout if mandatory else 0.0) as txn:
             for _ in range(2):  # a second round only after a lock-free writer rotated it
                 tokens = self._settle(txn)

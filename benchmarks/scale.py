@@ -4,9 +4,10 @@ For each N in ``--processes`` (default 1, 2, 4, 8, 16, 32, 64): N single-threade
 workers share one ``.env`` against the fake MercadoLibre with short tokens, and then, as the
 floor, N workers with a constant header and a token that outlives the run. Per N: throughput
 (mlauth and floor), refreshes per token (floor: 1, and no token refreshed twice), time spent
-waiting for the refresh lock (from mlauth's own debug record), and the p99 latency added to
-the calls an expiry touched (the refreshing call, calls that waited for the lock, calls whose
-401 was absorbed) over the run's median call; its floor is one token round trip.
+waiting for the refresh lock or for its holder to let go of it (from mlauth's own debug
+records, see :mod:`benchmarks.worker`), and the p99 latency added to the calls an expiry
+touched (the refreshing call, calls that waited, calls whose 401 was absorbed) over the
+run's median call; its floor is one token round trip.
 
 Writes one PNG per curve next to the table.
 

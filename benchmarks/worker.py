@@ -7,8 +7,10 @@ written), calls ``GET /users/me`` until the deadline and prints one JSON line of
 For mlauth it also records, from mlauth's public hooks only, which calls an expiry touched:
 the call that refreshed (``on_refresh`` runs in its thread), calls that waited for the refresh
 lock (mlauth's "took refresh lock ... after Xs" debug record, logged in the waiting thread; on
-the Redis store, the time between its "waiting for" and "took" records) and calls whose 401
-was absorbed by a re-send (``response.history``).
+the Redis store, the time between its "waiting for" and "took" records), calls that waited
+for a peer to release it without taking it (the lock's "waited Xs for refresh lock ... to be
+released" record, or its "gave up waiting" one) and calls whose 401 was absorbed by a re-send
+(``response.history``).
 """
 
 from __future__ import annotations
@@ -29,6 +31,11 @@ from benchmarks.contenders import LIBRARIES, MLAUTH_KINDS, MLAUTH_REDIS, STATIC,
 
 # mlauth logs this after taking the cross-process lock; its args are (path, seconds, pid).
 TOOK_LOCK = "took refresh lock %s after %.3fs (pid %d)"
+# A wait for the holder to let go, without taking the lock (ReleaseWatch.wait_released); the
+# first is logged when it was released, the second when the waiter gave up. Args (seconds,
+# lock, pid) and (lock, seconds, pid).
+WAITED_RELEASE = "waited %.3fs for refresh lock %s to be released (pid %d)"
+GAVE_UP_RELEASE = "gave up waiting for refresh lock %s to be released after %.3fs (pid %d)"
 # The Redis store logs these two instead, both in the waiting thread; the wait is timed here.
 REDIS_WAITING = "waiting for refresh lock %s at %s"
 REDIS_TOOK_LOCK = "took refresh lock %s"
@@ -47,8 +54,10 @@ class _LockWaits(logging.Handler):
         self.warnings: list[str] = []
 
     def emit(self, record: logging.LogRecord) -> None:
-        if record.msg == TOOK_LOCK and isinstance(record.args, tuple):
+        if record.msg in (TOOK_LOCK, GAVE_UP_RELEASE) and isinstance(record.args, tuple):
             self.waited(float(record.args[1]))  # type: ignore[arg-type]
+        elif record.msg == WAITED_RELEASE and isinstance(record.args, tuple):
+            self.waited(float(record.args[0]))  # type: ignore[arg-type]
         elif record.msg == REDIS_WAITING:
             self.local.waiting_since = time.monotonic()
         elif record.msg == REDIS_TOOK_LOCK:

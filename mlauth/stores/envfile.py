@@ -638,6 +638,24 @@ class EnvFileStore(TokenStore):
         with moved.lock(timeout):
             yield
 
+    def wait_unlocked(self, timeout: float) -> bool:
+        """Wait until no process holds the refresh lock, without taking it (optional method).
+
+        True once the lock was seen free (at once if it is free), False after ``timeout``
+        seconds. Every waiter of every process wakes together when the holder lets go, and
+        none of them polls or queues (:meth:`~mlauth.stores.lock.ReleaseWatch.wait_released`).
+        It decides nothing: the store is then re-read, and a refresh still needs the lock.
+
+        After the tokens moved to another store, that store's ``wait_unlocked`` is used if it
+        has one; otherwise True at once, so the caller goes on to take that store's lock,
+        which waits as that store's lock does (the Redis one polls).
+        """
+        moved = self._follow() if self._moved is not None else None
+        if moved is not None:
+            wait = getattr(moved, "wait_unlocked", None)
+            return bool(wait(timeout)) if callable(wait) else True
+        return self._lock.wait_released(timeout)
+
     def status_details(self) -> list[tuple[str, str]]:
         """``mlauth status`` rows: how the file is written when it is not the usual way, and
         refresh answers the journal holds that the file does not have yet."""

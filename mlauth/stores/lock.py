@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 import os
 import threading
@@ -15,7 +17,7 @@ import filelock
 
 from mlauth.errors import LockTimeoutError, StoreError
 
-__all__ = ["ProcessLock", "fork_bound"]
+__all__ = ["ProcessLock", "ReleaseWatch", "fork_bound"]
 
 log = logging.getLogger("mlauth")
 
@@ -47,7 +49,175 @@ def _after_fork_in_child() -> None:
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-class ProcessLock:
+class _Watch:
+    """One blocking wait for a shared lock, run by a daemon thread for every caller in a process."""
+
+    def __init__(self, fd: int, identity: tuple[int, int]) -> None:
+        self.fd = fd
+        self.identity = identity  # (device, inode), for the fork handler
+        self.seen = False  # the shared lock was granted: the holder had let go
+        self.error: OSError | None = None
+        self.done = threading.Event()
+
+
+class ReleaseWatch:
+    """Waits until a lock's holder lets go, without taking the lock and without polling.
+
+    A lock is released when no one holds it exclusively: a waiter asks the kernel for a
+    *shared* lock on the same object and blocks (``flock(LOCK_SH)`` on the sibling lock file,
+    an OFD read lock on the inode's refresh byte). The kernel wakes every such waiter of every
+    process together the moment the holder's exclusive lock goes and grants them all at once;
+    each drops it at once. Nobody polls, and nobody queues behind anybody else.
+
+    A blocking lock call cannot time out, so it runs in a daemon thread that the caller waits
+    for with a timeout (a :class:`threading.Event`). One such thread per lock object at a time
+    serves every thread of the process; a caller that gives up leaves it blocked, and it drops
+    the shared lock the instant it gets it, so nothing is ever left held. Lock kinds subclass
+    this and say how to open a descriptor and take or drop the shared lock.
+    """
+
+    def __init__(self) -> None:
+        self._watch: _Watch | None = None  # the watch a new caller joins, if still waiting
+        self._watching: set[_Watch] = set()  # every watch whose thread has a descriptor open
+        self._watch_mutex = threading.Lock()
+
+    # -- what a lock kind provides ----------------------------------------------------------
+
+    def _open_to_watch(self) -> int | None:
+        """A new descriptor to take the shared lock through; None when no one can hold it."""
+        raise NotImplementedError
+
+    def _take_shared(self, fd: int, *, wait: bool) -> bool:
+        """Take the shared lock (blocking if ``wait``); False if it is held exclusively."""
+        raise NotImplementedError
+
+    def _drop_shared(self, fd: int) -> None:
+        raise NotImplementedError
+
+    def _describe(self) -> str:
+        raise NotImplementedError
+
+    # -- the wait -----------------------------------------------------------------------------
+
+    def wait_released(self, timeout: float) -> bool:
+        """Wait until nobody holds the lock exclusively, for at most ``timeout`` seconds.
+
+        True once the lock was seen free (at once if it is free now), False on timeout. The
+        lock is never taken exclusively and is never left held. True says only that the
+        holder this caller found has let go: a peer may take the lock again at once, so a
+        caller must still take the lock before it decides anything that needs it. A thread
+        that holds the lock itself waits for itself (False after ``timeout``). Raises
+        :class:`~mlauth.StoreError` if the lock cannot be opened or waited for.
+        """
+        fd = self._open_to_watch()
+        if fd is None:
+            return True
+        try:
+            free = self._take_shared(fd, wait=False)  # the common case: one syscall
+            if free:
+                self._drop_shared(fd)
+            else:
+                info = os.fstat(fd)
+        except BaseException as exc:
+            os.close(fd)
+            if isinstance(exc, OSError):
+                raise self._error(exc) from exc
+            raise
+        if free:
+            os.close(fd)
+            return True
+        log.debug(
+            "waiting for refresh lock %s to be released (pid %d)", self._describe(), os.getpid()
+        )
+        started = time.monotonic()
+        watch = self._join_or_start(fd, (info.st_dev, info.st_ino))
+        # Event.wait refuses a timeout past TIMEOUT_MAX (OverflowError): wait without one.
+        limit = None if timeout >= threading.TIMEOUT_MAX else max(timeout, 0.0)
+        released = watch.done.wait(limit)
+        waited = time.monotonic() - started
+        if not released:
+            log.debug(
+                "gave up waiting for refresh lock %s to be released after %.3fs (pid %d)",
+                self._describe(),
+                waited,
+                os.getpid(),
+            )
+            return False
+        if watch.error is not None:
+            raise self._error(watch.error)
+        log.debug(
+            "waited %.3fs for refresh lock %s to be released (pid %d)",
+            waited,
+            self._describe(),
+            os.getpid(),
+        )
+        return True
+
+    def _join_or_start(self, fd: int, identity: tuple[int, int]) -> _Watch:
+        """The watch under way, or a new one on ``fd``; ``fd`` is closed or handed over."""
+        with self._watch_mutex:
+            watch = self._watch
+            # A watch that has already seen the lock free does not answer a caller who found
+            # it held since: ``seen`` is set while the shared lock is still held, so the
+            # holder that refused this caller came after it.
+            if watch is not None and not watch.seen:
+                os.close(fd)
+                return watch
+            watch = self._watch = _Watch(fd, identity)
+            self._watching.add(watch)
+            try:
+                threading.Thread(
+                    target=self._run_watch, args=(watch,), name="mlauth-wait-released", daemon=True
+                ).start()
+            except BaseException:
+                self._watch = None
+                self._watching.discard(watch)
+                os.close(fd)
+                raise
+            return watch
+
+    def _run_watch(self, watch: _Watch) -> None:
+        try:
+            self._take_shared(watch.fd, wait=True)
+        except OSError as exc:
+            watch.error = exc
+        else:
+            try:
+                with self._watch_mutex:
+                    watch.seen = True
+            finally:
+                # Unlocked, never just closed: a child forked meanwhile shares this open file
+                # description through its copy of the descriptor, which would keep it held.
+                self._drop_shared(watch.fd)
+        finally:
+            with self._watch_mutex:
+                if self._watch is watch:
+                    self._watch = None
+                self._watching.discard(watch)
+            os.close(watch.fd)
+            watch.done.set()
+
+    def _error(self, exc: OSError) -> StoreError:
+        return StoreError(
+            f"cannot wait for the refresh lock {self._describe()}: {exc.strerror or exc}"
+        )
+
+    def _forget_watches_in_child(self) -> None:
+        """In a forked child: the watch threads are the parent's; close our copies of their fds.
+
+        Never unlocked here (the description and any lock on it are the parent's), and closed
+        only if the number still names the same file.
+        """
+        watching, self._watching, self._watch = self._watching, set(), None
+        self._watch_mutex = threading.Lock()  # a parent thread may have held the old one
+        for watch in watching:
+            with contextlib.suppress(OSError):
+                info = os.fstat(watch.fd)
+                if (info.st_dev, info.st_ino) == watch.identity:
+                    os.close(watch.fd)
+
+
+class ProcessLock(ReleaseWatch):
     """An ``flock`` on a sibling lock file, shared by every process on this machine.
 
     The lock file is never deleted and is never the ``.env`` itself: the ``.env`` is replaced
@@ -58,6 +228,7 @@ class ProcessLock:
     """
 
     def __init__(self, path: str) -> None:
+        super().__init__()
         self.path = path
         # The descriptor each thread holds the flock through (thread id -> fd, device, inode),
         # so that a child forked while one is held can close its copy; see _after_fork_in_child.
@@ -100,6 +271,29 @@ class ProcessLock:
             if (info.st_dev, info.st_ino) == (device, inode):
                 os.close(fd)
         self._lock = self._new_lock()
+        self._forget_watches_in_child()
+
+    def _open_to_watch(self) -> int | None:
+        try:
+            # Read-only is enough for flock; no O_CREAT: a missing file was never locked.
+            return os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise self._error(exc) from exc
+
+    def _take_shared(self, fd: int, *, wait: bool) -> bool:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH if wait else fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        return True
+
+    def _drop_shared(self, fd: int) -> None:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+
+    def _describe(self) -> str:
+        return self.path
 
     def busy(self) -> bool:
         """Whether another process (or thread) holds the lock now; never waits.

@@ -51,7 +51,7 @@ from typing import Any
 from mlauth.errors import LockTimeoutError, StoreError
 
 from .journal import Journal
-from .lock import fork_bound
+from .lock import ReleaseWatch, fork_bound
 
 __all__ = [
     "MODE_ATTR",
@@ -326,15 +326,17 @@ def mark_in_place(path: str) -> None:
         os.setxattr(path, MODE_ATTR, IN_PLACE)
 
 
-class InodeLock:
+class InodeLock(ReleaseWatch):
     """The refresh lock of a mounted ``.env``: one byte of its own inode, locked OFD-style.
 
     Every process that reaches the inode takes the same lock, through any mount, in any
     container on this kernel. Each ``hold`` opens its own descriptor, so two threads of one
-    process exclude each other too.
+    process exclude each other too. :meth:`wait_released` waits for a holder with a blocking
+    OFD *read* lock on the same byte (see :class:`~mlauth.stores.lock.ReleaseWatch`).
     """
 
     def __init__(self, path: str) -> None:
+        super().__init__()
         self.path = os.path.realpath(path)
         # The descriptors holding the lock now, for the fork handler: a child must not keep them.
         self._fds: set[int] = set()
@@ -401,6 +403,26 @@ class InodeLock:
         for fd in fds:
             with contextlib.suppress(OSError):
                 os.close(fd)
+        self._forget_watches_in_child()
+
+    def _open_to_watch(self) -> int | None:
+        # A read lock needs only a descriptor open for reading. The file is the store itself:
+        # a missing one gets its own error at the read.
+        try:
+            return os.open(self.path, os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise self._error(exc) from exc
+
+    def _take_shared(self, fd: int, *, wait: bool) -> bool:
+        return _lock(fd, fcntl.F_RDLCK, REFRESH_BYTE, 1, wait=wait)
+
+    def _drop_shared(self, fd: int) -> None:
+        _lock(fd, fcntl.F_UNLCK, REFRESH_BYTE, 1, wait=True)
+
+    def _describe(self) -> str:
+        return f"on the inode of {self.path}"
 
 
 JOURNAL_ATTR = "user.mlauth.journal"

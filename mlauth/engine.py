@@ -50,6 +50,8 @@ log = logging.getLogger("mlauth")
 # After a failed refresh ahead of expiry, the still-valid token is used and the refresh is
 # not tried again for this long (or a quarter of the time left, if shorter).
 ADVISORY_RETRY_DELAY = 30.0
+# A STALE token waits at most this long (or half its time left) for a peer's refresh.
+STALE_PEER_WAIT = 1.0
 # While refreshed tokens could not be saved, saving is retried at most this often.
 PERSIST_RETRY_DELAY = 5.0
 # After a refresh failed, the same refresh token is not tried again for this long (or for as
@@ -185,8 +187,13 @@ class RefreshEngine:
 
     def token_for_request(self) -> Secret:
         """The access token to send now: a peer's newer one, refreshed if due."""
-        with self._guard("getting a token for the request"):
+        # Before every request: a plain try costs nothing, a context manager a microsecond.
+        try:
             token = self._current().access_token
+        except MLAuthError:
+            raise
+        except Exception as exc:
+            raise self._unexpected(exc, "getting a token for the request") from exc
         assert token is not None  # INVALID tokens are refreshed before they are returned
         return token
 
@@ -247,10 +254,19 @@ class RefreshEngine:
         return tokens
 
     def _refresh_ahead(self, tokens: TokenSet) -> TokenSet:
-        """STALE: the current token still works, so never wait and never fail."""
+        """STALE: the current token still works, so never fail, and wait only briefly for a
+        peer that is refreshing now."""
         if time.monotonic() < self._advisory_retry_at:
             return tokens  # a recent attempt failed; don't hammer the endpoint
         try:
+            # A peer refreshing now will kill this token (ML does not say the old one lives
+            # on): wait briefly for its token rather than send this one into a 401.
+            left = tokens.expires_in() or 0.0
+            if not self.store.wait_unlocked(min(STALE_PEER_WAIT, left / 2)):
+                return tokens  # still refreshing: the current token meanwhile
+            current = self._sync()
+            if current.freshness(self.refresh_margin) is Freshness.FRESH:
+                return current
             refreshed = self._single_flight(None, "ahead of expiry", mandatory=False)
         except LockTimeoutError:
             log.debug("another process is refreshing; sending the current token meanwhile")
@@ -302,6 +318,10 @@ class RefreshEngine:
         the mutex, LockTimeoutError that another process holds the lock. Mandatory: None
         means ``failed`` got a genuine 401.
         """
+        if mandatory and not force:
+            adopted = self._await_peer(failed)
+            if adopted is not None:
+                return adopted
         if not self._mutex.acquire(mandatory, self._mutex_timeout if mandatory else -1):
             if not mandatory:
                 return None
@@ -318,6 +338,31 @@ class RefreshEngine:
             self._notify(tokens)  # outside both locks: a slow callback stalls nobody
         return tokens
 
+    def _await_peer(self, failed: Secret | None) -> TokenSet | None:
+        """Wait for a process holding the lock to let go, and adopt the token it saved.
+
+        A holder is most likely refreshing this very token. Waiting for it without queueing
+        for the lock (every waiter of every process wakes at once, none polls) and re-reading
+        the store is all most waiters need; the lock is taken only if that is not enough.
+        Before the mutex: the threads of a process share one wait. Returns at once if the
+        lock is free.
+        """
+        if not self.store.wait_unlocked(self.lock_timeout):
+            try:  # the store's own error names its lock and the fix
+                with self.store.lock(0.0):
+                    return None  # let go just now: the turn takes it again
+            except LockTimeoutError as exc:
+                raise type(exc)(
+                    f"waited {self.lock_timeout:g}s (lock_timeout) for the process holding "
+                    f"the refresh lock to let go; {exc}",
+                    lock_path=exc.lock_path,
+                ) from None
+        tokens = self._sync()
+        if not self._answers(tokens, failed):
+            return None
+        log.debug("adopted a token refreshed by %s without the lock", tokens.refreshed_by)
+        return tokens
+
     def _turn(
         self, failed: Secret | None, reason: str, *, mandatory: bool, force: bool
     ) -> tuple[TokenSet | None, bool]:
@@ -325,13 +370,6 @@ class RefreshEngine:
         current = self._sync()
         if not force and self._answers(current, failed):
             return current, False  # a thread of ours refreshed while we waited
-        if mandatory and not force and self.store.wait_unlocked(self.lock_timeout):
-            # A peer holding the lock is most likely refreshing this very token: wait for it
-            # to let go, without queueing for the lock (every waiter of every process wakes
-            # at once), and adopt what it saved. The lock is taken only if that is not enough.
-            current = self._sync()
-            if self._answers(current, failed):
-                return current, False
         with self.store.refresh(self.lock_timeout if mandatory else 0.0) as txn:
             for _ in range(2):  # a second round only after a lock-free writer rotated it
                 tokens = self._settle(txn)

@@ -25,9 +25,11 @@ from pathlib import Path
 
 import pytest
 
-from mlauth.stores.envfile import EnvFileStore
+import mlauth
+from mlauth.stores.envfile import EnvFileStore, update_env_file
 from mlauth.stores.lock import ProcessLock
 from mlauth.stores.mounted import InodeLock, ofd_supported
+from mlauth.testing import FakeMercadoLibre
 
 pytestmark = [
     pytest.mark.processes,
@@ -338,3 +340,44 @@ def test_the_scale_benchmark_counts_each_wait_for_a_release(tmp_path: Path) -> N
     assert len(counter.waits) == 3
     assert counter.waits[1] >= 0.01
     assert counter.warnings == []
+
+
+@pytest.mark.parametrize("path", ["expired", "stale"])
+def test_a_token_in_need_adopts_a_peers_refresh_without_taking_the_lock(
+    agents: Callable[[str, Path], Agent],
+    fake_ml: FakeMercadoLibre,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    path: str,
+) -> None:
+    """The engine's side: a process whose token expired (or is within its refresh margin)
+    while a peer holds the lock waits for the peer to let go, then uses what it saved."""
+    env = tmp_path / ".env"
+    left = {"expired": -10.0, "stale": 30.0}[path]  # a 300 s margin: 30 s left is stale
+    fake_ml.write_env(env, expires_at=time.time() + left)
+    auth = mlauth.MLAuth.from_env(env)
+    lock = Path(f"{env}.lock")
+    peer = agents("file", lock)
+    assert peer.ask("take 10") == {"took": True}
+    got: list[mlauth.TokenSet] = []
+    caplog.set_level(logging.DEBUG, logger="mlauth")
+    thread = threading.Thread(target=lambda: got.append(auth.valid_tokens()))
+    thread.start()
+    poll_until("the auth sleeps on a shared lock", lambda: blocked_readers(lock) == 1)
+    # The peer refreshes: the next link of the chain goes into the .env, then it lets go.
+    new = fake_ml.issue_tokens()
+    now = time.time()
+    update_env_file(
+        env,
+        {
+            "ML_ACCESS_TOKEN": str(new["access_token"]),
+            "ML_REFRESH_TOKEN": str(new["refresh_token"]),
+            "ML_TOKEN_EXPIRES_AT": str(now + 3600),
+            "ML_TOKEN_REFRESHED_AT": str(now),
+        },
+    )
+    assert peer.ask("release") == {"released": True}
+    thread.join(DEADLINE)
+    assert got and got[0].access_token == mlauth.Secret(str(new["access_token"]))
+    assert fake_ml.stats()["token_requests"] == 0  # nothing spent by this process
+    assert "took refresh lock" not in caplog.text  # nor did it queue for the lock

@@ -536,6 +536,10 @@ class EnvFileStore(TokenStore):
             st = os.stat(self.path)
         except OSError:
             return None
+        if not self.in_place:
+            # Not ctime: the save probe's hard link changes it before every refresh, and every
+            # process would re-read the file then for nothing.
+            return (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
         return (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size)
 
     def load(self) -> tuple[TokenSet, Hashable]:
@@ -646,14 +650,11 @@ class EnvFileStore(TokenStore):
         none of them polls or queues (:meth:`~mlauth.stores.lock.ReleaseWatch.wait_released`).
         It decides nothing: the store is then re-read, and a refresh still needs the lock.
 
-        After the tokens moved to another store, that store's ``wait_unlocked`` is used if it
-        has one; otherwise True at once, so the caller goes on to take that store's lock,
-        which waits as that store's lock does (the Redis one polls).
+        After the tokens moved to another store, that store's ``wait_unlocked`` answers.
         """
         moved = self._follow() if self._moved is not None else None
         if moved is not None:
-            wait = getattr(moved, "wait_unlocked", None)
-            return bool(wait(timeout)) if callable(wait) else True
+            return moved.wait_unlocked(timeout)
         return self._lock.wait_released(timeout)
 
     def status_details(self) -> list[tuple[str, str]]:

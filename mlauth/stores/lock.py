@@ -49,6 +49,11 @@ def _after_fork_in_child() -> None:
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+def describe_wait(timeout: float) -> str:
+    """How long a lock was waited for, for its timeout message."""
+    return f"within {timeout:g}s" if timeout > 0 else "at once"
+
+
 class _Watch:
     """One blocking wait for a shared lock, run by a daemon thread for every caller in a process."""
 
@@ -320,7 +325,7 @@ class ProcessLock(ReleaseWatch):
             self._lock.acquire(timeout=timeout, poll_interval=POLL_INTERVAL)
         except filelock.Timeout:
             raise LockTimeoutError(
-                f"could not take the refresh lock {self.path} within {timeout:g}s: another "
+                f"could not take the refresh lock {self.path} {describe_wait(timeout)}: another "
                 "process is refreshing and has not finished. No refresh was attempted. If no "
                 "mlauth process is running, check what holds it with `fuser -v "
                 f"{self.path}`; raise lock_timeout if refreshes are genuinely slow.",

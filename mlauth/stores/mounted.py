@@ -51,7 +51,7 @@ from typing import Any
 from mlauth.errors import LockTimeoutError, StoreError
 
 from .journal import Journal
-from .lock import ReleaseWatch, fork_bound
+from .lock import ReleaseWatch, describe_wait, fork_bound
 
 __all__ = [
     "MODE_ATTR",
@@ -381,7 +381,7 @@ class InodeLock(ReleaseWatch):
             while not _lock(fd, fcntl.F_WRLCK, REFRESH_BYTE, 1, wait=False):
                 if time.monotonic() >= deadline:
                     raise LockTimeoutError(
-                        f"could not take the refresh lock on {self.path} within {timeout:g}s: "
+                        f"could not take the refresh lock on {self.path} {describe_wait(timeout)}: "
                         "another process (perhaps in another container) is refreshing and has "
                         "not finished. No refresh was attempted; raise lock_timeout if "
                         "refreshes are genuinely slow.",

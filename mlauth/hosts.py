@@ -95,7 +95,12 @@ class HostRules:
         return self.allows_uncached(url)
 
     def allows_uncached(self, url: str | None) -> bool:
-        """The full check, uncached: ``urlsplit``, then the scheme, host and port rules."""
+        """The full check, uncached: ``urlsplit``, then the scheme, host and port rules.
+
+        A backslash in the netloc gets no token: ``urlsplit`` reads
+        ``https://evil.com\\@api.mercadolibre.com/`` as userinfo and the allowed host, while
+        requests, urllib3 and browsers take the backslash for a ``/`` and connect to evil.com.
+        """
         if not url:
             return False
         try:
@@ -104,7 +109,7 @@ class HostRules:
             port = parts.port
         except ValueError:
             return False
-        if name is None or parts.scheme not in _DEFAULT_PORTS:
+        if name is None or parts.scheme not in _DEFAULT_PORTS or "\\" in parts.netloc:
             return False
         if parts.scheme != "https" and not is_loopback(name):
             return False

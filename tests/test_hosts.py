@@ -41,7 +41,10 @@ TRICKY = [
     ("https://api.mercadolibre.com@evil.com/x", False),
     ("https://api.mercadolibre.com:443@evil.com/x", False),
     ("https://api.mercadolibre.com%2F@evil.com/x", False),
-    # backslashes
+    # backslashes: requests and urllib3 read a backslash in the netloc as "/", so the first
+    # would go to evil.com; urlsplit alone would have said api.mercadolibre.com
+    ("https://evil.com\\@api.mercadolibre.com/x", False),
+    ("https://evil.com\\.api.mercadolibre.com/x", False),
     ("https://api.mercadolibre.com\\@evil.com/x", False),
     ("https://api.mercadolibre.com\\.evil.com/x", False),
     ("https://api.mercadolibre.com/a\\b", True),  # in the path only

@@ -2,9 +2,16 @@
 
 Every session gets the same stub transport adapter, which answers a canned 200 at once, so a
 call measures requests plus the auth layer and nothing else (no socket, no server). The floor
-is a session with a static ``Authorization`` header. The contenders run in the same process,
-in rounds, the order rotated and reversed from round to round so that noise from other work
-on the machine hits them all alike; each round times ``--calls`` calls per contender.
+is a session with a static ``Authorization`` header.
+
+Every session, the floor's included, has ``trust_env`` off. With it on, requests reads the
+proxy variables (and, for a session without an auth object, ``~/.netrc``) on every call: a
+cost of the environment, not of the auth layer, and one that some peers pay and others do
+not, depending only on whether they set ``session.auth``.
+
+The contenders run in the same process, in rounds, the order rotated and reversed from round
+to round so that noise from other work on the machine hits them all alike; each round times
+``--calls`` calls per contender.
 
 "mlauth pickup" is the path right after another process refreshed: before each of its calls
 (outside the timed part) a new ``.env`` is put in place with ``os.replace`` (a new inode, the
@@ -38,6 +45,8 @@ from benchmarks.contenders import (
     make_session,
     save_json_token,
 )
+from mlauth.config import DEFAULT_HOSTS
+from mlauth.hosts import HostRules
 
 URL = "https://api.mercadolibre.com/users/me"
 TOKEN_URL = "https://api.mercadolibre.com/oauth/token"
@@ -118,6 +127,8 @@ class Contender:
     ) -> None:
         self.name = name
         self.session = session
+        # No proxy variables, no ~/.netrc: the environment is not what is measured.
+        session.trust_env = False
         self.stub = StubAdapter()
         session.mount("https://", self.stub)
         self.before = before
@@ -148,9 +159,9 @@ def build(tmp: Path) -> list[Contender]:
     token = json_token({"access_token": ACCESS, "refresh_token": REFRESH, "expires_in": 21600}, far)
     floor = requests.Session()
     floor.auth = StaticBearer(ACCESS)
-    # The header set on the session, as legacy code does: requests then looks for a ~/.netrc
-    # entry on every call (it does so only for sessions without an auth), which costs more
-    # than any auth layer here; shown for reference, not used as the floor.
+    # The header set on the session, as legacy code does: no auth object at all, so it may
+    # come out under the floor; shown for reference. (With trust_env on, requests would look
+    # for a ~/.netrc entry on every call of a session without an auth.)
     plain = requests.Session()
     plain.headers["Authorization"] = f"Bearer {ACCESS}"
     contenders = [Contender(FLOOR, floor), Contender(HEADER, plain)]
@@ -199,6 +210,8 @@ def build(tmp: Path) -> list[Contender]:
 def check(contenders: Sequence[Contender]) -> None:
     """Every contender really sends the token (and the pickup the peer's new one)."""
     for contender in contenders:
+        if contender.session.trust_env:
+            raise SystemExit(f"{contender.name} reads the environment (trust_env is on)")
         seen = set()
         for _ in range(4):
             contender.run(1)
@@ -223,13 +236,23 @@ def measure(contenders: Sequence[Contender], rounds: int, calls: int) -> None:
 
 
 def micro(tmp: Path, contenders: Sequence[Contender], n: int = 20000) -> dict[str, float]:
-    """µs per call of the auth objects alone, and of the stat mlauth makes on every request."""
+    """µs per call of the auth objects alone, of the stat mlauth makes on every request, and
+    of its host check (from the per-origin cache, and the full parse it replaces)."""
     env = str(tmp / ".env")
     clock = CLOCK
     started = clock()
     for _ in range(n):
         os.stat(env)
     found = {"os.stat(.env)": (clock() - started) / n / 1000}
+    rules = HostRules(DEFAULT_HOSTS)
+    for label, check_host in (
+        ("host check, cached (HostRules.allows)", rules.allows),
+        ("host check, full urlsplit (HostRules.allows_uncached)", rules.allows_uncached),
+    ):
+        started = clock()
+        for _ in range(n):
+            check_host(URL)
+        found[label] = (clock() - started) / n / 1000
     for contender in contenders:
         auth = contender.session.auth
         if contender.name in (FLOOR, "mlauth") and callable(auth):
@@ -276,7 +299,8 @@ def report(
     text += (
         "\n\nµs/call is the CPU time (user + system, this thread) of one session.get() through "
         "the stub adapter, requests' own cost included, less the clock's own cost "
-        f"({CLOCK_COST_US:.2f} µs)."
+        f"({CLOCK_COST_US:.2f} µs). Every session has trust_env = False (no proxy variables, "
+        "no ~/.netrc lookups), the floor's included."
         f"\n{rounds} rounds x {calls} calls per contender, interleaved; "
         f"floor = `{FLOOR}`: a requests.AuthBase that sets one constant header, the least any "
         "auth layer can do on requests' own path.\n"

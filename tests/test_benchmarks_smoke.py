@@ -53,6 +53,7 @@ def test_overhead_reports_every_contender_against_the_floor(tmp_path: Path) -> N
     for name in ("static AuthBase", *PEERS, "mlauth pickup"):
         assert name in table, out
     assert table["static AuthBase"][3] == "1.000"  # the floor against itself
+    assert "Every session has trust_env = False" in out  # the environment is not measured
     data = json.loads((tmp_path / "overhead.json").read_text())
     assert len(data["contenders"]["mlauth"]["per_round_us"]) == 2
     assert (tmp_path / "overhead.md").read_text().strip() == out.strip()

@@ -11,6 +11,8 @@ __all__ = ["HostRules", "is_loopback"]
 _DEFAULT_PORTS = {"https": 443, "http": 80}
 # How many origins (scheme://host:port) HostRules.allows remembers; an app talks to a few.
 ORIGIN_CACHE_SIZE = 256
+# How many allowed origins get the startswith() fast path (case variants count apart).
+ALLOWED_PREFIXES_SIZE = 8
 _MAX_CACHED_ORIGIN = 300  # "https://" + a 253-character host name + ":65535", with room
 _NOT_IN_CACHED_ORIGIN = "?#@\t\r\n"
 
@@ -62,6 +64,9 @@ class HostRules:
         # origin -> answer of allows_uncached(); see allows(). Reads and writes are single
         # dict operations, safe across threads; the worst a race does is check an origin twice.
         self._seen: dict[str, bool] = {}
+        # The allowed origins found so far, each with the "/" that ends it: a URL that starts
+        # with one has that origin (see allows()), so one startswith() answers the usual case.
+        self._allowed_prefixes: tuple[str, ...] = ()
 
     def __repr__(self) -> str:
         shown = [name if port is None else f"{name}:{port}" for name, port in self.entries]
@@ -76,8 +81,14 @@ class HostRules:
         :meth:`allows_uncached`, and the answer is kept only for a prefix that is exactly the
         origin ``urlsplit`` would see (see :func:`_cacheable`), so a hit returns what the full
         parse would.
+
+        Before that, the usual case: a URL that starts with an allowed origin already seen,
+        followed by its ``/``. Its own origin is that one (the first ``://`` and the first
+        ``/`` after it are the prefix's), so the answer is the cached True.
         """
         if type(url) is str:  # a str subclass (or bytes) takes the long way below
+            if url.startswith(self._allowed_prefixes):
+                return True
             start = url.find("://")
             if start > 0:
                 end = url.find("/", start + 3)
@@ -91,6 +102,9 @@ class HostRules:
                     if len(seen) >= ORIGIN_CACHE_SIZE:
                         seen.clear()  # bounded; the few origins an app uses come back at once
                     seen[origin] = answer
+                    prefixes = self._allowed_prefixes
+                    if answer and len(prefixes) < ALLOWED_PREFIXES_SIZE:
+                        self._allowed_prefixes = (*prefixes, origin + "/")
                 return answer
         return self.allows_uncached(url)
 

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mlauth.hosts import ORIGIN_CACHE_SIZE, HostRules
+from mlauth.hosts import ALLOWED_PREFIXES_SIZE, ORIGIN_CACHE_SIZE, HostRules
 
 RULES = [
     "api.mercadolibre.com",
@@ -151,12 +151,29 @@ def test_the_cache_stays_bounded_and_keeps_answering() -> None:
     rules = HostRules(RULES)
     for n in range(3 * ORIGIN_CACHE_SIZE + 7):
         assert not rules.allows(f"https://host{n}.example/x")
+        assert rules.allows(f"http://127.0.0.1:{1000 + n}/x")  # loopback: any port
         assert len(rules._seen) <= ORIGIN_CACHE_SIZE
+        assert len(rules._allowed_prefixes) <= ALLOWED_PREFIXES_SIZE
         if n % 50 == 0:
             assert rules.allows("https://api.mercadolibre.com/users/me")
     assert rules.allows("https://api.mercadolibre.com/users/me")
     assert not rules.allows("http://api.mercadolibre.com/users/me")
+    assert not rules.allows("https://api.mercadolibre.com.evil.com/users/me")
     assert len(rules._seen) <= ORIGIN_CACHE_SIZE
+
+
+def test_allowed_origins_are_kept_with_the_slash_that_ends_them() -> None:
+    rules = HostRules(RULES)
+    assert rules.allows("https://api.mercadolibre.com/users/me")
+    assert rules.allows("https://api.mercadolibre.com")  # no path: the same origin
+    assert rules._allowed_prefixes == ("https://api.mercadolibre.com/",)
+    for url in (
+        "https://api.mercadolibre.com.evil.com/x",
+        "https://api.mercadolibre.com:443@evil.com/x",
+        "https://api.mercadolibre.com@evil.com/x",
+        "https://api.mercadolibre.com\\@evil.com/x",
+    ):
+        assert not rules.allows(url), url
 
 
 def test_non_str_urls_take_the_full_check() -> None:

@@ -2,15 +2,24 @@
 
 Every session gets the same stub transport adapter, which answers a canned 200 at once, so a
 call measures requests plus the auth layer and nothing else (no socket, no server). The floor
-is a session with a static ``Authorization`` header. The contenders run in the same process,
-in rounds, the order rotated and reversed from round to round so that noise from other work
-on the machine hits them all alike; each round times ``--calls`` calls per contender.
+is a session with a static ``Authorization`` header.
+
+Every session, the floor's included, has ``trust_env`` off. With it on, requests reads the
+proxy variables (and, for a session without an auth object, ``~/.netrc``) on every call: a
+cost of the environment, not of the auth layer, and one that some peers pay and others do
+not, depending only on whether they set ``session.auth``.
+
+The contenders run in the same process, in rounds; in each round every contender makes
+``--calls`` calls, in turns of ``--block`` calls, the order rotated from round to round and
+reversed from turn to turn, so that the machine's drifts in speed (other work, the host under
+the VM) hit them all alike. Each contender's figure for a round is compared with the floor's
+for the same round.
 
 "mlauth pickup" is the path right after another process refreshed: before each of its calls
 (outside the timed part) a new ``.env`` is put in place with ``os.replace`` (a new inode, the
 way mlauth and its peers save), so every timed call notices the change and re-reads the file.
 
-    python -m benchmarks.overhead --rounds 40 --calls 2000
+    python -m benchmarks.overhead --rounds 40 --calls 2000 --block 20
 """
 
 from __future__ import annotations
@@ -38,6 +47,8 @@ from benchmarks.contenders import (
     make_session,
     save_json_token,
 )
+from mlauth.config import DEFAULT_HOSTS
+from mlauth.hosts import HostRules
 
 URL = "https://api.mercadolibre.com/users/me"
 TOKEN_URL = "https://api.mercadolibre.com/oauth/token"
@@ -118,6 +129,8 @@ class Contender:
     ) -> None:
         self.name = name
         self.session = session
+        # No proxy variables, no ~/.netrc: the environment is not what is measured.
+        session.trust_env = False
         self.stub = StubAdapter()
         session.mount("https://", self.stub)
         self.before = before
@@ -129,6 +142,10 @@ class Contender:
     def run(self, calls: int) -> float:
         """Mean µs per call over ``calls`` calls, timing only the calls themselves."""
         gc.collect()
+        return self.spend(calls) / calls / 1000 - CLOCK_COST_US
+
+    def spend(self, calls: int) -> int:
+        """CPU ns spent in ``calls`` calls, timing only the calls themselves."""
         clock = CLOCK
         before, call = self.before, self.call
         spent = 0
@@ -138,7 +155,7 @@ class Contender:
             started = clock()
             call()
             spent += clock() - started
-        return spent / calls / 1000 - CLOCK_COST_US
+        return spent
 
 
 def build(tmp: Path) -> list[Contender]:
@@ -148,9 +165,10 @@ def build(tmp: Path) -> list[Contender]:
     token = json_token({"access_token": ACCESS, "refresh_token": REFRESH, "expires_in": 21600}, far)
     floor = requests.Session()
     floor.auth = StaticBearer(ACCESS)
-    # The header set on the session, as legacy code does: requests then looks for a ~/.netrc
-    # entry on every call (it does so only for sessions without an auth), which costs more
-    # than any auth layer here; shown for reference, not used as the floor.
+    # The header set on the session, as legacy code does; shown for reference. Without an
+    # auth object requests looks for credentials in the URL on every call (one more urlparse),
+    # so it costs a little more than the floor. (With trust_env on it would also look for a
+    # ~/.netrc entry.)
     plain = requests.Session()
     plain.headers["Authorization"] = f"Bearer {ACCESS}"
     contenders = [Contender(FLOOR, floor), Contender(HEADER, plain)]
@@ -199,6 +217,8 @@ def build(tmp: Path) -> list[Contender]:
 def check(contenders: Sequence[Contender]) -> None:
     """Every contender really sends the token (and the pickup the peer's new one)."""
     for contender in contenders:
+        if contender.session.trust_env:
+            raise SystemExit(f"{contender.name} reads the environment (trust_env is on)")
         seen = set()
         for _ in range(4):
             contender.run(1)
@@ -210,7 +230,14 @@ def check(contenders: Sequence[Contender]) -> None:
             raise SystemExit(f"{contender.name} sent {seen}, expected {expected}")
 
 
-def measure(contenders: Sequence[Contender], rounds: int, calls: int) -> None:
+def measure(contenders: Sequence[Contender], rounds: int, calls: int, block: int) -> None:
+    """Each round: ``calls`` calls per contender, taken in turns of ``block`` calls.
+
+    The machine's speed drifts over seconds (other work, the host under the VM), by more
+    than the differences measured here; with short turns every contender's calls of a round
+    are spread over the same stretch of time, so the per-round ratios to the floor compare
+    like with like.
+    """
     for contender in contenders:
         contender.run(max(calls // 4, 1))  # warm-up: imports, caches, first-call paths
     for index in range(rounds):
@@ -218,18 +245,37 @@ def measure(contenders: Sequence[Contender], rounds: int, calls: int) -> None:
         order = list(contenders[shift:]) + list(contenders[:shift])
         if index % 2:
             order.reverse()
+        gc.collect()
+        spent = dict.fromkeys(order, 0)
+        done = 0
+        while done < calls:
+            turn = min(block, calls - done)
+            for contender in order:
+                spent[contender] += contender.spend(turn)
+            order.reverse()  # nobody always goes first after the same neighbour
+            done += turn
         for contender in order:
-            contender.per_round.append(contender.run(calls))
+            contender.per_round.append(spent[contender] / calls / 1000 - CLOCK_COST_US)
 
 
 def micro(tmp: Path, contenders: Sequence[Contender], n: int = 20000) -> dict[str, float]:
-    """µs per call of the auth objects alone, and of the stat mlauth makes on every request."""
+    """µs per call of the auth objects alone, of the stat mlauth makes on every request, and
+    of its host check (from the per-origin cache, and the full parse it replaces)."""
     env = str(tmp / ".env")
     clock = CLOCK
     started = clock()
     for _ in range(n):
         os.stat(env)
     found = {"os.stat(.env)": (clock() - started) / n / 1000}
+    rules = HostRules(DEFAULT_HOSTS)
+    for label, check_host in (
+        ("host check, cached (HostRules.allows)", rules.allows),
+        ("host check, full urlsplit (HostRules.allows_uncached)", rules.allows_uncached),
+    ):
+        started = clock()
+        for _ in range(n):
+            check_host(URL)
+        found[label] = (clock() - started) / n / 1000
     for contender in contenders:
         auth = contender.session.auth
         if contender.name in (FLOOR, "mlauth") and callable(auth):
@@ -243,12 +289,16 @@ def micro(tmp: Path, contenders: Sequence[Contender], n: int = 20000) -> dict[st
 
 
 def report(
-    contenders: Sequence[Contender], micros: Mapping[str, float], rounds: int, calls: int
+    contenders: Sequence[Contender],
+    micros: Mapping[str, float],
+    rounds: int,
+    calls: int,
+    block: int,
 ) -> tuple[str, dict[str, object]]:
     floor = contenders[0]
     floor_us = median(floor.per_round)
     rows = []
-    data: dict[str, object] = {"rounds": rounds, "calls": calls, "contenders": {}}
+    data: dict[str, object] = {"rounds": rounds, "calls": calls, "block": block, "contenders": {}}
     for contender in contenders:
         us = median(contender.per_round)
         # Ratio within each round, then the median: both ran seconds apart, under the same load.
@@ -276,8 +326,9 @@ def report(
     text += (
         "\n\nµs/call is the CPU time (user + system, this thread) of one session.get() through "
         "the stub adapter, requests' own cost included, less the clock's own cost "
-        f"({CLOCK_COST_US:.2f} µs)."
-        f"\n{rounds} rounds x {calls} calls per contender, interleaved; "
+        f"({CLOCK_COST_US:.2f} µs). Every session has trust_env = False (no proxy variables, "
+        "no ~/.netrc lookups), the floor's included."
+        f"\n{rounds} rounds x {calls} calls per contender, taken in turns of {block} calls; "
         f"floor = `{FLOOR}`: a requests.AuthBase that sets one constant header, the least any "
         "auth layer can do on requests' own path.\n"
         + "\n".join(f"- {name}: {us:.2f} µs" for name, us in micros.items())
@@ -289,14 +340,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.overhead", description=__doc__)
     parser.add_argument("--rounds", type=int, default=40)
     parser.add_argument("--calls", type=int, default=2000, help="calls per contender per round")
+    parser.add_argument(
+        "--block",
+        type=int,
+        default=20,
+        help="calls a contender makes before the next one takes its turn, within a round",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS, help="where to write the results")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         contenders = build(Path(tmp))
         check(contenders)
-        measure(contenders, args.rounds, args.calls)
+        measure(contenders, args.rounds, args.calls, args.block)
         micros = micro(Path(tmp), contenders)
-    text, data = report(contenders, micros, args.rounds, args.calls)
+    text, data = report(contenders, micros, args.rounds, args.calls, args.block)
     data["machine"] = machine()
     print(text)
     save(args.out, "overhead", text, data)

@@ -9,6 +9,12 @@ from urllib.parse import urlsplit
 __all__ = ["HostRules", "is_loopback"]
 
 _DEFAULT_PORTS = {"https": 443, "http": 80}
+# How many origins (scheme://host:port) HostRules.allows remembers; an app talks to a few.
+ORIGIN_CACHE_SIZE = 256
+# How many allowed origins get the startswith() fast path (case variants count apart).
+ALLOWED_PREFIXES_SIZE = 8
+_MAX_CACHED_ORIGIN = 300  # "https://" + a 253-character host name + ":65535", with room
+_NOT_IN_CACHED_ORIGIN = "?#@\t\r\n"
 
 
 def is_loopback(host: str) -> bool:
@@ -55,12 +61,60 @@ class HostRules:
         self._any_port = frozenset(name for name, port in entries if port is None)
         self._with_port = frozenset((name, port) for name, port in entries if port is not None)
         self.entries = tuple(entries)
+        # origin -> answer of allows_uncached(); see allows(). Reads and writes are single
+        # dict operations, safe across threads; the worst a race does is check an origin twice.
+        self._seen: dict[str, bool] = {}
+        # The allowed origins found so far, each with the "/" that ends it: a URL that starts
+        # with one has that origin (see allows()), so one startswith() answers the usual case.
+        self._allowed_prefixes: tuple[str, ...] = ()
 
     def __repr__(self) -> str:
         shown = [name if port is None else f"{name}:{port}" for name, port in self.entries]
         return f"HostRules({shown!r})"
 
     def allows(self, url: str | None) -> bool:
+        """Whether ``url`` may carry the token. Runs before every request, so it is cached.
+
+        The answer depends only on the URL's origin: everything before the first ``/`` after
+        the first ``://`` (requests always gives a URL a path, so that ``/`` is there). That
+        prefix is looked up in a small dict; on a miss the whole URL goes through
+        :meth:`allows_uncached`, and the answer is kept only for a prefix that is exactly the
+        origin ``urlsplit`` would see (see :func:`_cacheable`), so a hit returns what the full
+        parse would.
+
+        Before that, the usual case: a URL that starts with an allowed origin already seen,
+        followed by its ``/``. Its own origin is that one (the first ``://`` and the first
+        ``/`` after it are the prefix's), so the answer is the cached True.
+        """
+        if type(url) is str:  # a str subclass (or bytes) takes the long way below
+            if url.startswith(self._allowed_prefixes):
+                return True
+            start = url.find("://")
+            if start > 0:
+                end = url.find("/", start + 3)
+                origin = url if end < 0 else url[:end]
+                known = self._seen.get(origin)
+                if known is not None:
+                    return known
+                answer = self.allows_uncached(url)
+                if _cacheable(origin):
+                    seen = self._seen
+                    if len(seen) >= ORIGIN_CACHE_SIZE:
+                        seen.clear()  # bounded; the few origins an app uses come back at once
+                    seen[origin] = answer
+                    prefixes = self._allowed_prefixes
+                    if answer and len(prefixes) < ALLOWED_PREFIXES_SIZE:
+                        self._allowed_prefixes = (*prefixes, origin + "/")
+                return answer
+        return self.allows_uncached(url)
+
+    def allows_uncached(self, url: str | None) -> bool:
+        """The full check, uncached: ``urlsplit``, then the scheme, host and port rules.
+
+        A backslash in the netloc gets no token: ``urlsplit`` reads
+        ``https://evil.com\\@api.mercadolibre.com/`` as userinfo and the allowed host, while
+        requests, urllib3 and browsers take the backslash for a ``/`` and connect to evil.com.
+        """
         if not url:
             return False
         try:
@@ -69,10 +123,30 @@ class HostRules:
             port = parts.port
         except ValueError:
             return False
-        if name is None or parts.scheme not in _DEFAULT_PORTS:
+        if name is None or parts.scheme not in _DEFAULT_PORTS or "\\" in parts.netloc:
             return False
         if parts.scheme != "https" and not is_loopback(name):
             return False
         if name in self._any_port:
             return True
         return (name, port or _DEFAULT_PORTS[parts.scheme]) in self._with_port
+
+
+def _cacheable(origin: str) -> bool:
+    """Whether ``origin`` (a URL up to its first ``/`` after ``://``) fixes the answer.
+
+    The answer depends only on the scheme and netloc ``urlsplit`` finds. It strips leading C0
+    controls and spaces, deletes tabs and line breaks anywhere, takes the scheme before the
+    first ``:`` and a netloc only right after ``//``, and ends the netloc at ``?`` or ``#``
+    as well as ``/``. With none of those characters in the prefix, both come from the prefix
+    alone: the first ``:`` is in it, and is either the one of ``://`` (the netloc is the rest
+    of the prefix) or an earlier one (then no netloc, or no scheme: no token either way).
+    So every URL with this prefix gets the same answer. Prefixes with userinfo (``@``: a
+    password may be in it) or longer than a host name can be are not kept, so the cache holds
+    no credentials and stays small.
+    """
+    return (
+        len(origin) <= _MAX_CACHED_ORIGIN
+        and origin[0] > " "
+        and not any(char in origin for char in _NOT_IN_CACHED_ORIGIN)
+    )

@@ -47,14 +47,16 @@ def rows(table: str) -> dict[str, list[str]]:
 
 
 def test_overhead_reports_every_contender_against_the_floor(tmp_path: Path) -> None:
-    out = run_script("overhead", "--rounds", "2", "--calls", "20", out=tmp_path)
+    out = run_script("overhead", "--rounds", "2", "--calls", "20", "--block", "7", out=tmp_path)
     table = rows(out)
     assert table["contender"][:4] == ["contender", "µs/call (median)", "best round", "x floor"]
     for name in ("static AuthBase", *PEERS, "mlauth pickup"):
         assert name in table, out
     assert table["static AuthBase"][3] == "1.000"  # the floor against itself
+    assert "Every session has trust_env = False" in out  # the environment is not measured
     data = json.loads((tmp_path / "overhead.json").read_text())
     assert len(data["contenders"]["mlauth"]["per_round_us"]) == 2
+    assert data["block"] == 7  # 20 calls in turns of 7, 7 and 6
     assert (tmp_path / "overhead.md").read_text().strip() == out.strip()
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import threading
 import time
@@ -168,7 +169,10 @@ class RefreshEngine:
             raise ConfigError(
                 f"{store.location}: ML_REFRESH_TOKEN is missing or empty. {REAUTHORIZE}"
             )
-        self._cache: tuple[TokenSet, Hashable] = (tokens, version)
+        # (tokens, their version, until when they are FRESH): the last saves the freshness
+        # arithmetic on every request.
+        self._cache: tuple[TokenSet, Hashable, float] = (tokens, version, -math.inf)
+        self._keep(tokens, version)
         # Tokens whose save failed (the only live copy besides the journal's answer), and the
         # refresh token the store still holds.
         self._unsaved: tuple[TokenSet, Secret] | None = None
@@ -228,6 +232,9 @@ class RefreshEngine:
 
     def _current(self) -> TokenSet:
         tokens = self._sync()
+        cached, _, fresh_until = self._cache
+        if tokens is cached and time.time() < fresh_until:
+            return tokens  # FRESH, the common case: one comparison
         state = tokens.freshness(self.refresh_margin)
         if state is Freshness.FRESH:
             return tokens
@@ -236,6 +243,16 @@ class RefreshEngine:
         refreshed = self._single_flight(None, "expired", mandatory=True)
         assert refreshed is not None  # only a 401 can end without tokens
         return refreshed
+
+    def _keep(self, tokens: TokenSet, version: Hashable) -> None:
+        """Cache the store's tokens and version, and until when the tokens are FRESH."""
+        if tokens.access_token is None:
+            fresh_until = -math.inf
+        elif tokens.expires_at is None:
+            fresh_until = math.inf  # an unknown expiry counts as valid until its 401
+        else:
+            fresh_until = tokens.expires_at - tokens.margin(self.refresh_margin)
+        self._cache = (tokens, version, fresh_until)
 
     def _sync(self) -> TokenSet:
         """The tokens to use now; the store is re-read only when its stamp changed.
@@ -246,11 +263,11 @@ class RefreshEngine:
         unsaved = self._unsaved
         if unsaved is not None and not self._retry_persist():
             return unsaved[0]
-        tokens, version = self._cache
+        tokens, version, _ = self._cache
         if self.store.stamp() != version:
             tokens, version = self.store.load()
             log.debug("store changed; picked up %s", tokens.describe())
-            self._cache = (tokens, version)
+            self._keep(tokens, version)
         return tokens
 
     def _refresh_ahead(self, tokens: TokenSet) -> TokenSet:
@@ -436,7 +453,7 @@ class RefreshEngine:
         if stored.refresh_token is None or stored.refresh_token in (spent, self._base(spent)):
             return False
         log.info("refresh token was rotated outside the lock; adopting the new one")
-        self._cache = (stored, txn.version)
+        self._keep(stored, txn.version)
         self._unsaved = None
         return True
 
@@ -453,7 +470,7 @@ class RefreshEngine:
             version = txn.commit(new)
         except StaleCommitError as exc:  # our lock lapsed and a peer committed since
             tokens = txn.reload()
-            self._cache = (tokens, txn.version)
+            self._keep(tokens, txn.version)
             self._unsaved = None
             log.warning("%s; using %s", exc, tokens.describe())
             return tokens
@@ -475,7 +492,7 @@ class RefreshEngine:
                 kept,
             )
             return new
-        self._cache = (new, version)
+        self._keep(new, version)
         self._unsaved = None
         log.info(
             "refreshed MercadoLibre token (%s) in pid %d: %s", reason, os.getpid(), new.describe()
@@ -493,7 +510,7 @@ class RefreshEngine:
         """
         unsaved = self._unsaved
         if unsaved is None:
-            self._cache = (txn.tokens, txn.version)
+            self._keep(txn.tokens, txn.version)
             return txn.tokens
         tokens, base = unsaved
         try:
@@ -508,7 +525,7 @@ class RefreshEngine:
         except Exception as exc:  # noqa: BLE001 (keep the live link in memory, whatever failed)
             log.error("still cannot save refreshed tokens to %s: %s", self.store.location, exc)
             return tokens
-        self._cache = (txn.tokens, txn.version)
+        self._keep(txn.tokens, txn.version)
         self._unsaved = None
         return txn.tokens
 

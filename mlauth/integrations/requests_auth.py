@@ -135,6 +135,7 @@ class MLAuth(requests.auth.AuthBase):
                 endpoint.attempt_time,
                 endpoint.attempt_time,
             )
+        self._on_response = self._handle_401  # one bound method, not one per request
         self._engine = RefreshEngine(
             store,
             endpoint,
@@ -231,7 +232,8 @@ class MLAuth(requests.auth.AuthBase):
         token = self._engine.token_for_request()
         # Replaces whatever the caller set: legacy code passes stale headers.
         r.headers["Authorization"] = f"Bearer {token.reveal()}"
-        r.register_hook("response", self._handle_401)
+        # register_hook() would check the hook against an ABC on every request.
+        r.hooks["response"].append(self._on_response)
         return r
 
     # -- after the response: ask the engine, re-send once --------------------------------------

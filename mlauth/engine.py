@@ -21,6 +21,7 @@ shared state is the cached ``(tokens, version)`` pair, swapped whole, plus the r
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import math
 import os
@@ -132,6 +133,20 @@ class _FailureMemory:
         self._last = (now, now + min(wait, MAX_FAILURE_MEMORY), spent, _fresh(error, str(error)))
 
 
+def _check_contract(store: TokenStore) -> None:
+    """ConfigError now, not after a refresh token was spent, for a store whose save() has
+    the signature of older versions (no ``replaces``): its first commit would fail."""
+    try:
+        inspect.signature(store.save).bind(TokenSet(None, None), replaces=None)
+    except TypeError:
+        raise ConfigError(
+            f"{type(store).__name__}.save() must accept the keyword argument replaces= (the "
+            "version it replaces, as load() returned it): see mlauth.stores.base.TokenStore"
+        ) from None
+    except ValueError:
+        pass  # no signature to read (a builtin): assume it follows the contract
+
+
 class RefreshEngine:
     """The token state machine of one chain (see the module docstring).
 
@@ -153,16 +168,14 @@ class RefreshEngine:
         on_refresh: Callable[[TokenSet], None] | None = None,
         secrets: tuple[Secret, ...] = (),
     ) -> None:
+        _check_contract(store)
         self.store = store
         self._endpoint = endpoint
-        self.refresh_margin = refresh_margin
+        self._refresh_margin = refresh_margin
         self.lock_timeout = lock_timeout
         self.min_token_age = min_token_age
         self.on_refresh = on_refresh
         self._secrets = secrets  # masked in the messages of unexpected errors
-        # A thread waiting for the mutex waits out the holder's whole turn: its wait for the
-        # store lock and up to two retry series (when a lock-free writer rotated the token).
-        self._mutex_timeout = lock_timeout + 2 * endpoint.budget
         self._mutex = threading.Lock()
         tokens, version = store.load()
         if tokens.refresh_token is None:
@@ -178,8 +191,24 @@ class RefreshEngine:
         self._unsaved: tuple[TokenSet, Secret] | None = None
         self._failures = _FailureMemory()
         self._advisory_retry_at = 0.0
+        self._peer_wait_after = 0.0  # a STALE token waits for a peer's refresh from then on
         self._persist_retry_at = 0.0
         _engines.add(self)
+
+    @property
+    def refresh_margin(self) -> float:
+        return self._refresh_margin
+
+    @refresh_margin.setter
+    def refresh_margin(self, seconds: float) -> None:
+        self._refresh_margin = seconds
+        self._keep(*self._cache[:2])  # FRESH until a new time
+
+    @property
+    def _mutex_timeout(self) -> float:
+        # A thread waiting for the mutex waits out the holder's whole turn: its wait for the
+        # store lock and up to two retry series (when a lock-free writer rotated the token).
+        return self.lock_timeout + 2 * self._endpoint.budget
 
     # -- what an adapter asks ----------------------------------------------------------------
 
@@ -279,8 +308,13 @@ class RefreshEngine:
             # A peer refreshing now will kill this token (ML does not say the old one lives
             # on): wait briefly for its token rather than send this one into a 401.
             left = tokens.expires_in() or 0.0
-            if not self.store.wait_unlocked(min(STALE_PEER_WAIT, left / 2)):
-                return tokens  # still refreshing: the current token meanwhile
+            if time.monotonic() >= self._peer_wait_after and not self.store.wait_unlocked(
+                min(STALE_PEER_WAIT, left / 2)
+            ):
+                # Still refreshing (a slow endpoint, a dead holder): use the current token,
+                # and do not wait again for a while; every request would pay the wait.
+                self._peer_wait_after = time.monotonic() + min(ADVISORY_RETRY_DELAY, left / 4)
+                return tokens
             current = self._sync()
             if current.freshness(self.refresh_margin) is Freshness.FRESH:
                 return current
@@ -364,17 +398,22 @@ class RefreshEngine:
         Before the mutex: the threads of a process share one wait. Returns at once if the
         lock is free.
         """
-        if not self.store.wait_unlocked(self.lock_timeout):
+        # As long as a thread of ours would wait for the mutex: the holder may be one.
+        if not self.store.wait_unlocked(self._mutex_timeout):
             try:  # the store's own error names its lock and the fix
                 with self.store.lock(0.0):
                     return None  # let go just now: the turn takes it again
             except LockTimeoutError as exc:
                 raise type(exc)(
-                    f"waited {self.lock_timeout:g}s (lock_timeout) for the process holding "
-                    f"the refresh lock to let go; {exc}",
+                    f"waited {self._mutex_timeout:g}s for the process holding the refresh "
+                    f"lock to let go; {exc}",
                     lock_path=exc.lock_path,
                 ) from None
         tokens = self._sync()
+        if not self._answers(tokens, failed) and self._unsaved is None:
+            # A store whose stamp is rate-limited (Redis) may not show the change yet.
+            tokens, version = self.store.load()
+            self._keep(tokens, version)
         if not self._answers(tokens, failed):
             return None
         log.debug("adopted a token refreshed by %s without the lock", tokens.refreshed_by)
@@ -404,7 +443,10 @@ class RefreshEngine:
                 if new is not None:
                     return new, True
                 force = False  # what a peer rotated is as good as what we would have
-            return self._cache[0], False
+        raise RefreshError(
+            "a process that takes no lock rotated the refresh token twice during this refresh; "
+            "nothing more was sent. Stop it, or make it use mlauth (docs/legacy.md)"
+        )
 
     def _spend(
         self, txn: RefreshTransaction, tokens: TokenSet, reason: str, *, mandatory: bool

@@ -6,9 +6,9 @@ import ipaddress
 from collections.abc import Iterable
 from urllib.parse import urlsplit
 
-__all__ = ["HostRules", "is_loopback"]
+__all__ = ["DEFAULT_PORTS", "HostRules", "is_loopback"]
 
-_DEFAULT_PORTS = {"https": 443, "http": 80}
+DEFAULT_PORTS = {"https": 443, "http": 80}
 # How many origins (scheme://host:port) HostRules.allows remembers; an app talks to a few.
 ORIGIN_CACHE_SIZE = 256
 # How many allowed origins get the startswith() fast path (case variants count apart).
@@ -123,13 +123,13 @@ class HostRules:
             port = parts.port
         except ValueError:
             return False
-        if name is None or parts.scheme not in _DEFAULT_PORTS or "\\" in parts.netloc:
+        if name is None or parts.scheme not in DEFAULT_PORTS or "\\" in parts.netloc:
             return False
         if parts.scheme != "https" and not is_loopback(name):
             return False
         if name in self._any_port:
             return True
-        return (name, port or _DEFAULT_PORTS[parts.scheme]) in self._with_port
+        return (name, port or DEFAULT_PORTS[parts.scheme]) in self._with_port
 
 
 def _cacheable(origin: str) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from collections.abc import Hashable
@@ -181,8 +182,8 @@ def test_on_refresh_runs_outside_both_locks(fake_ml: FakeMercadoLibre, stale_env
     assert fake_ml.stats()["refreshes"] == 1  # the probe spent nothing
 
 
-def test_refresh_ahead_of_expiry_never_waits_for_another_process(
-    fake_ml: FakeMercadoLibre, tmp_path: Path
+def test_refresh_ahead_of_expiry_waits_for_a_peer_only_briefly_and_then_not_again(
+    fake_ml: FakeMercadoLibre, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     import time
 
@@ -194,19 +195,37 @@ def test_refresh_ahead_of_expiry_never_waits_for_another_process(
     def hold() -> None:
         with ProcessLock(f"{env}.lock").hold(timeout=5):
             held.set()
-            done.wait(30)  # released when the request is done, or after 30 s at the latest
+            done.wait(60)  # released when the requests are done, or after 60 s at the latest
 
     holder = threading.Thread(target=hold)
     holder.start()
+    caplog.set_level(logging.DEBUG, logger="mlauth")
     try:
         assert held.wait(5)
-        response = requests.get(f"{fake_ml.base_url}/users/me", auth=auth)
+        first = requests.get(f"{fake_ml.base_url}/users/me", auth=auth)
+        assert "gave up waiting for refresh lock" in caplog.text  # at most a second
+        caplog.clear()
+        second = requests.get(f"{fake_ml.base_url}/users/me", auth=auth)
+        assert "to be released" not in caplog.text  # a peer this slow is not waited for again
     finally:
         done.set()
         holder.join()
     # Had it waited for the lock, it would have refreshed once the holder let go.
-    assert response.status_code == 200
-    assert response.request.headers["Authorization"] == f"Bearer {tokens['access_token']}"
+    for response in (first, second):
+        assert response.status_code == 200
+        assert response.request.headers["Authorization"] == f"Bearer {tokens['access_token']}"
+    assert fake_ml.stats()["token_requests"] == 0
+
+
+def test_a_store_whose_save_lacks_replaces_is_refused_before_anything_is_spent(
+    fake_ml: FakeMercadoLibre, fake_ml_env: Path
+) -> None:
+    class OldStore(mlauth.EnvFileStore):
+        def save(self, tokens: mlauth.TokenSet) -> Hashable:  # type: ignore[override]
+            return super().save(tokens)
+
+    with pytest.raises(mlauth.ConfigError, match="replaces="):
+        mlauth.MLAuth.from_env(fake_ml_env, store=OldStore(fake_ml_env))
     assert fake_ml.stats()["token_requests"] == 0
 
 

@@ -468,3 +468,26 @@ def test_an_unknown_store_url_is_a_config_error(env_file: Path) -> None:
     update_env_file(env_file, {STORE_KEY: "memcached://127.0.0.1:11211"})
     with pytest.raises(mlauth.ConfigError, match=r"ML_TOKEN_STORE=.* is not a store"):
         mlauth.MLAuth.from_env(env_file)
+
+
+def test_wait_unlocked_returns_when_the_holder_lets_go_without_taking_the_lock(
+    redis_server: RedisServer,
+) -> None:
+    holder, waiter = (RedisStore(redis_server.url, key="k") for _ in range(2))
+    assert waiter.wait_unlocked(0.0) is True  # free: at once
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with holder.lock(5):
+            held.set()
+            release.wait(30)
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    assert held.wait(10)
+    assert waiter.wait_unlocked(0.1) is False  # still held: gives up
+    release.set()
+    assert waiter.wait_unlocked(30) is True
+    thread.join()
+    with waiter.lock(0.0):  # it never took the lock: free for the next taker at once
+        pass

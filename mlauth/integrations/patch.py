@@ -23,6 +23,7 @@ from urllib.parse import urlsplit
 import requests
 
 from mlauth.errors import ConfigError
+from mlauth.hosts import DEFAULT_PORTS
 from mlauth.logs import level_from_environment, show_on_stderr
 from mlauth.stores import store_from_env
 
@@ -89,7 +90,7 @@ def _endpoint(url: str) -> tuple[str, str, int | None, str] | None:
     except ValueError:
         return None
     scheme = parts.scheme.lower()
-    port = port or {"https": 443, "http": 80}.get(scheme)
+    port = port or DEFAULT_PORTS.get(scheme)
     return scheme, (parts.hostname or "").lower(), port, parts.path.rstrip("/")
 
 

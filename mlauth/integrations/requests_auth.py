@@ -109,9 +109,6 @@ class MLAuth(requests.auth.AuthBase):
         store.bind_client(self.client_id)  # a shared store (Redis) names its key after it
         self.token_url = check_token_url(token_url, "token_url")
         self._hosts = check_hosts(hosts if isinstance(hosts, str) else list(hosts), "hosts")
-        self.refresh_margin = float(refresh_margin)
-        self.lock_timeout = float(lock_timeout)
-        self.min_token_age = float(min_token_age)
         endpoint = TokenEndpoint(
             self.token_url,
             self.client_id,
@@ -120,7 +117,7 @@ class MLAuth(requests.auth.AuthBase):
             max_attempts=max_attempts,
             backoff=backoff,
             # Retries must end well before peers waiting on the lock give up.
-            budget=self.lock_timeout / 2,
+            budget=float(lock_timeout) / 2,
         )
         expiry = store.lock_expiry
         if expiry is not None and expiry <= endpoint.attempt_time:
@@ -139,9 +136,9 @@ class MLAuth(requests.auth.AuthBase):
         self._engine = RefreshEngine(
             store,
             endpoint,
-            refresh_margin=self.refresh_margin,
-            lock_timeout=self.lock_timeout,
-            min_token_age=self.min_token_age,
+            refresh_margin=float(refresh_margin),
+            lock_timeout=float(lock_timeout),
+            min_token_age=float(min_token_age),
             on_refresh=on_refresh,
             secrets=(secret,),
         )
@@ -191,6 +188,31 @@ class MLAuth(requests.auth.AuthBase):
     def tokens(self) -> TokenSet:
         """The tokens this process uses now (values wrapped in :class:`Secret`)."""
         return self._engine.tokens
+
+    # The tuning options live in the engine; set here, they take effect there.
+    @property
+    def refresh_margin(self) -> float:
+        return self._engine.refresh_margin
+
+    @refresh_margin.setter
+    def refresh_margin(self, seconds: float) -> None:
+        self._engine.refresh_margin = float(seconds)
+
+    @property
+    def lock_timeout(self) -> float:
+        return self._engine.lock_timeout
+
+    @lock_timeout.setter
+    def lock_timeout(self, seconds: float) -> None:
+        self._engine.lock_timeout = float(seconds)
+
+    @property
+    def min_token_age(self) -> float:
+        return self._engine.min_token_age
+
+    @min_token_age.setter
+    def min_token_age(self, seconds: float) -> None:
+        self._engine.min_token_age = float(seconds)
 
     @property
     def on_refresh(self) -> Callable[[TokenSet], None] | None:

@@ -253,6 +253,13 @@ class ProcessLock(ReleaseWatch):
             on_acquired=self._note_held,
         )
 
+    def wait_released(self, timeout: float) -> bool:
+        # The thread that holds the lock (code that took store.lock() and calls the API
+        # inside) would wait for itself: nobody else holds it.
+        if threading.get_ident() in self._held:
+            return True
+        return super().wait_released(timeout)
+
     def _note_held(self, fd: int) -> None:
         info = os.fstat(fd)
         self._held[threading.get_ident()] = (fd, info.st_dev, info.st_ino)

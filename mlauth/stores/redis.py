@@ -457,6 +457,19 @@ class RedisStore(TokenStore):
             rows.append(("generation", f"{seen[1]} (chain {seen[0]})"))
         return rows
 
+    def wait_unlocked(self, timeout: float) -> bool:
+        """Poll (every 5 ms, like the lock) until nobody holds the refresh lock, without
+        taking it; False after ``timeout``. Redis has no blocking wait for a key to go."""
+        deadline = time.monotonic() + max(timeout, 0.0)
+        try:
+            while self._client.exists(self.lock_key):
+                if time.monotonic() >= deadline:
+                    return False
+                time.sleep(POLL_INTERVAL)
+        except RedisError as exc:
+            raise self._unreachable(exc, "read the refresh lock at") from None
+        return True
+
     # -- the lock --------------------------------------------------------------------------
 
     def lock(self, timeout: float) -> AbstractContextManager[None]:

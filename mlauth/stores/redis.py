@@ -462,6 +462,11 @@ class RedisStore(TokenStore):
         taking it; False after ``timeout``. Redis has no blocking wait for a key to go."""
         deadline = time.monotonic() + max(timeout, 0.0)
         try:
+            if not self._client.exists(self.lock_key):
+                return True
+            log.debug(
+                "waiting for refresh lock %s at %s to be released", self.lock_key, self.location
+            )
             while self._client.exists(self.lock_key):
                 if time.monotonic() >= deadline:
                     return False

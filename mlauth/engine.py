@@ -230,6 +230,28 @@ class RefreshEngine:
         assert token is not None  # INVALID tokens are refreshed before they are returned
         return token
 
+    def fresh_token(self) -> Secret | None:
+        """The access token to send now if that needs no wait and no network; else None.
+
+        For an event loop: it only compares the store's stamp (when that is local: a
+        ``stat``) and the cached expiry. None means :meth:`token_for_request` may block
+        (a peer's token to read, a refresh, unsaved tokens, a stamp that is a round trip), so
+        ask it from a worker thread.
+        """
+        if self._unsaved is not None:
+            return None
+        try:
+            if not self.store.stamp_is_local():
+                return None
+            tokens, version, fresh_until = self._cache
+            if self.store.stamp() != version or time.time() >= fresh_until:
+                return None
+        except MLAuthError:
+            raise
+        except Exception as exc:
+            raise self._unexpected(exc, "getting a token for the request") from exc
+        return tokens.access_token
+
     def valid_tokens(self) -> TokenSet:
         """The tokens with the access token the next request would send."""
         with self._guard("getting a token"):

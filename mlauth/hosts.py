@@ -108,6 +108,17 @@ class HostRules:
                 return answer
         return self.allows_uncached(url)
 
+    def allows_parts(self, scheme: str, host: str, port: int | None) -> bool:
+        """The rules for a URL its client has parsed already (httpx): lower-case scheme,
+        lower-case ASCII host (IDNA-encoded, IPv6 without brackets), port or None."""
+        if scheme not in DEFAULT_PORTS:
+            return False
+        if scheme != "https" and not is_loopback(host):
+            return False
+        if host in self._any_port:
+            return True
+        return (host, port or DEFAULT_PORTS[scheme]) in self._with_port
+
     def allows_uncached(self, url: str | None) -> bool:
         """The full check, uncached: ``urlsplit``, then the scheme, host and port rules.
 

@@ -14,7 +14,9 @@ REFRESH_PATH = [
     "engine.py",
     "endpoint.py",
     "tokens.py",
+    "integrations/adapter.py",
     "integrations/requests_auth.py",
+    "integrations/httpx_auth.py",
     *(f"stores/{path.name}" for path in sorted((PACKAGE / "stores").glob("*.py"))),
 ]
 MAX_FUNCTION_LINES = 60

@@ -43,6 +43,14 @@ class TokenStore(abc.ABC):
         ``stat``); when it differs from the version :meth:`load` returned, a peer wrote.
         """
 
+    def stamp_is_local(self) -> bool:
+        """Whether :meth:`stamp` would answer now without waiting on the network.
+
+        An event loop calls :meth:`stamp` itself only then, and otherwise asks from a worker
+        thread. The default says yes: a store whose stamp is a round trip must say no.
+        """
+        return True
+
     @abc.abstractmethod
     def load(self) -> tuple[TokenSet, Hashable]:
         """The stored tokens and the version read (its stamp, taken before the read)."""

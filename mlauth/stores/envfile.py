@@ -525,6 +525,11 @@ class EnvFileStore(TokenStore):
             raise StoreMovedError(str(self._moved))
         return self._moved
 
+    def stamp_is_local(self) -> bool:
+        # A stat, unless the tokens moved to a store whose stamp is a round trip.
+        moved = self._follow() if self._moved is not None else None
+        return moved is None or moved.stamp_is_local()
+
     def stamp(self) -> Hashable:
         moved = self._follow() if self._moved is not None else None
         if moved is not None:

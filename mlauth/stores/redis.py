@@ -259,6 +259,11 @@ class RedisStore(TokenStore):
 
     # -- reading ---------------------------------------------------------------------------
 
+    def stamp_is_local(self) -> bool:
+        # Between two looks at Redis, stamp() answers from memory.
+        now = time.monotonic()
+        return now - self._checked_at < self.check_interval or now < self._quiet_until
+
     def stamp(self) -> Hashable:
         # One round trip per check_interval at most, whatever the call rate; in between the
         # version last seen is reported, so no change shows. A 401 re-reads under the lock.

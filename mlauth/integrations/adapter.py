@@ -1,0 +1,238 @@
+"""What every HTTP adapter of the refresh engine shares: its options, its set-up, its face.
+
+:class:`mlauth.MLAuth` (requests) and :class:`mlauth.httpx.HttpxAuth` (httpx) take exactly
+the same options, read the same ``.env`` keys and use the same stores, because both are this
+class plus a few lines that speak their client's auth protocol. Two adapters built on one
+``.env`` share the single flight through the store's lock, as two processes do.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
+
+from mlauth.config import (
+    DEFAULT_HOSTS,
+    DEFAULT_TOKEN_URL,
+    check_hosts,
+    check_token_url,
+    env_settings,
+)
+from mlauth.endpoint import TokenEndpoint
+from mlauth.engine import RefreshEngine
+from mlauth.errors import ConfigError
+from mlauth.preflight import refresh_problem
+from mlauth.secret import Secret
+from mlauth.stores import TokenStore, store_from_env
+from mlauth.tokens import TokenSet
+
+from .runner import ENV_VARIABLE as RUN_ENV_VARIABLE
+
+__all__ = ["AuthAdapter", "bearer"]
+
+log = logging.getLogger("mlauth")
+
+_Adapter = TypeVar("_Adapter", bound="AuthAdapter")
+
+
+def bearer(header: str | bytes | None) -> str | None:
+    """The token of an ``Authorization: Bearer`` header, or None."""
+    if isinstance(header, bytes):
+        header = header.decode("latin-1")
+    if not header or header[:7].lower() != "bearer ":
+        return None
+    return header[7:].strip() or None
+
+
+def _checked(
+    client_id: object,
+    client_secret: str | Secret,
+    store: object,
+    refresh_margin: float,
+    lock_timeout: float,
+    min_token_age: float,
+) -> Secret:
+    """The client secret as a Secret, once the constructor's arguments are checked."""
+    if not isinstance(client_id, str) or not client_id.strip():
+        raise ConfigError("client_id is empty; pass the app's client id (ML_CLIENT_ID)")
+    secret = client_secret if isinstance(client_secret, Secret) else Secret(client_secret)
+    if not secret.reveal().strip():
+        raise ConfigError("client_secret is empty; pass the app's secret (ML_CLIENT_SECRET)")
+    if not isinstance(store, TokenStore):
+        raise ConfigError(f"store must be a TokenStore such as EnvFileStore, got {store!r}")
+    if refresh_margin < 0 or lock_timeout <= 0 or min_token_age < 0:
+        raise ConfigError("refresh_margin and min_token_age must be >= 0, lock_timeout > 0")
+    return secret
+
+
+class AuthAdapter:
+    """The options, set-up and public methods of an auth that keeps a token chain alive.
+
+    Subclasses add only the hooks of their HTTP client; every decision about tokens is the
+    engine's (:class:`mlauth.engine.RefreshEngine`).
+    """
+
+    def __init__(
+        self,
+        client_id: str,
+        client_secret: str | Secret,
+        store: TokenStore,
+        *,
+        token_url: str = DEFAULT_TOKEN_URL,
+        hosts: Iterable[str] = DEFAULT_HOSTS,
+        refresh_margin: float = 300.0,
+        lock_timeout: float = 120.0,
+        min_token_age: float = 10.0,
+        timeout: float | tuple[float, float] = (5.0, 15.0),
+        max_attempts: int = 3,
+        backoff: float = 0.5,
+        on_refresh: Callable[[TokenSet], None] | None = None,
+    ) -> None:
+        secret = _checked(
+            client_id, client_secret, store, refresh_margin, lock_timeout, min_token_age
+        )
+        self.client_id = client_id.strip()
+        self.store = store
+        store.bind_client(self.client_id)  # a shared store (Redis) names its key after it
+        self.token_url = check_token_url(token_url, "token_url")
+        self._hosts = check_hosts(hosts if isinstance(hosts, str) else list(hosts), "hosts")
+        endpoint = TokenEndpoint(
+            self.token_url,
+            self.client_id,
+            secret,
+            timeout=timeout,
+            max_attempts=max_attempts,
+            backoff=backoff,
+            # Retries must end well before peers waiting on the lock give up.
+            budget=float(lock_timeout) / 2,
+        )
+        expiry = store.lock_expiry
+        if expiry is not None and expiry <= endpoint.attempt_time:
+            # Allowed (the commit stays fenced), but a slow answer then lets the lock lapse
+            # mid-call and the refresh fails with LockLostError; say so once, at set-up.
+            log.warning(
+                "%s: the refresh lock expires after %gs (lock_timeout, ML_TOKEN_LOCK_TIMEOUT), "
+                "not longer than one token call (%gs connect + read timeout); a slow token "
+                "endpoint will make refreshes fail with LockLostError. Raise it above %gs.",
+                store.location,
+                expiry,
+                endpoint.attempt_time,
+                endpoint.attempt_time,
+            )
+        self._engine = RefreshEngine(
+            store,
+            endpoint,
+            refresh_margin=float(refresh_margin),
+            lock_timeout=float(lock_timeout),
+            min_token_age=float(min_token_age),
+            on_refresh=on_refresh,
+            secrets=(secret,),
+        )
+
+    @classmethod
+    def from_env(
+        cls: type[_Adapter], path: str | os.PathLike[str] = ".env", **kwargs: Any
+    ) -> _Adapter:
+        """Build from a ``.env``: credentials, token URL and hosts from the file, tokens in it.
+
+        Keyword arguments override the file and are passed on to the constructor; ``store=``
+        keeps the credentials in the file and the tokens elsewhere, as ``ML_TOKEN_STORE`` does.
+        If a refresh could not be saved or locked (:func:`~mlauth.preflight.refresh_problem`),
+        an ERROR says so now.
+        """
+        settings = env_settings(path)
+        settings.update(kwargs)
+        store = settings.pop("store", None) or store_from_env(path)
+        auth = cls(store=store, **settings)  # type: ignore[arg-type]
+        # Said at start, not at the first refresh hours later; not raised: a pipeline whose
+        # token is still valid may finish its work before a refresh is due.
+        # Under `mlauth run` the command's .env was checked before the command started; every
+        # Python it starts would otherwise check it again.
+        checked = os.environ.get(RUN_ENV_VARIABLE)
+        if not checked or os.path.realpath(checked) != os.path.realpath(path):
+            problem = refresh_problem(auth.store)
+            if problem is not None:
+                log.error("the next token refresh will fail: %s", problem)
+        return auth
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(client_id={self.client_id!r}, store={self.store!r}, "
+            f"hosts={self._hosts!r}, {self.tokens.describe()})"
+        )
+
+    def __reduce__(self) -> str | tuple[Any, ...]:
+        # A pickle would carry the client secret and live tokens into whatever transports it
+        # (a pool's pipe, a task queue's broker), and the copy would share none of this
+        # process's state anyway. Each process builds its own; fork children inherit it.
+        name = type(self).__name__
+        raise TypeError(
+            f"an {name} cannot be pickled (nor a client holding one): with a spawn or "
+            "forkserver pool, or a task queue, build one in each worker, e.g. "
+            f"{name}.from_env(path) in the pool's initializer; forked workers inherit a "
+            "module-level one and may use it as is"
+        )
+
+    @property
+    def tokens(self) -> TokenSet:
+        """The tokens this process uses now (values wrapped in :class:`Secret`)."""
+        return self._engine.tokens
+
+    # The tuning options live in the engine; set here, they take effect there.
+    @property
+    def refresh_margin(self) -> float:
+        return self._engine.refresh_margin
+
+    @refresh_margin.setter
+    def refresh_margin(self, seconds: float) -> None:
+        self._engine.refresh_margin = float(seconds)
+
+    @property
+    def lock_timeout(self) -> float:
+        return self._engine.lock_timeout
+
+    @lock_timeout.setter
+    def lock_timeout(self, seconds: float) -> None:
+        self._engine.lock_timeout = float(seconds)
+
+    @property
+    def min_token_age(self) -> float:
+        return self._engine.min_token_age
+
+    @min_token_age.setter
+    def min_token_age(self, seconds: float) -> None:
+        self._engine.min_token_age = float(seconds)
+
+    @property
+    def on_refresh(self) -> Callable[[TokenSet], None] | None:
+        """Called with the new tokens after each refresh this process made."""
+        return self._engine.on_refresh
+
+    @on_refresh.setter
+    def on_refresh(self, callback: Callable[[TokenSet], None] | None) -> None:
+        self._engine.on_refresh = callback
+
+    def handles(self, url: str) -> bool:
+        """Whether a request to ``url`` would carry the token (an allowed host, https)."""
+        return self._hosts.allows(url)
+
+    def valid_tokens(self) -> TokenSet:
+        """Tokens with a usable access token, as the next request would send them.
+
+        A peer's newer token is picked up; an expired token is refreshed (waiting for the
+        locks), and one within the refresh margin is refreshed if nobody else is doing it.
+        """
+        return self._engine.valid_tokens()
+
+    def refresh(self, *, force: bool = True) -> TokenSet:
+        """Refresh now under both locks and return the tokens to use.
+
+        ``force=True`` always spends the refresh token found under the lock (``mlauth
+        refresh``). ``force=False`` treats the token this process holds as failed, as a 401
+        would: if a peer has already replaced it, or it was refreshed less than
+        ``min_token_age`` ago, those tokens are returned and nothing is spent. That is the
+        right answer to a legacy "refresh now" call made by several processes at once.
+        """
+        return self._engine.refresh(force=force)

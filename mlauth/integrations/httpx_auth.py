@@ -58,7 +58,10 @@ def _rewinder(request: httpx.Request) -> Callable[[], None] | None:
     source = getattr(stream, "_stream", None)  # content=<file>: an IteratorByteStream
     if source is None or isinstance(source, Generator) or not _seekable(source):
         return None
-    position = source.tell()
+    try:
+        position = source.tell()
+    except (OSError, ValueError):  # a closed file, or one that only pretends to seek
+        return None
     return functools.partial(source.seek, position)
 
 
@@ -135,6 +138,11 @@ class HttpxAuth(AuthAdapter, httpx.Auth):
         self, request: httpx.Request, rewind: Callable[[], None] | None, new: Secret
     ) -> bool:
         """Set ``request`` up to go again with ``new``; False if its body cannot go again."""
+        if rewind is not None:
+            try:
+                rewind()
+            except (OSError, ValueError):  # the file was closed or cut meanwhile
+                rewind = None
         if rewind is None:
             log.warning(
                 "got a 401 on %s %s; the token is refreshed but the body cannot be sent again "
@@ -143,7 +151,6 @@ class HttpxAuth(AuthAdapter, httpx.Auth):
                 request.url.path,
             )
             return False
-        rewind()
         request.headers["Authorization"] = f"Bearer {new.reveal()}"
         return True
 

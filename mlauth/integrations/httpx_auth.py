@@ -96,7 +96,10 @@ def _as_http_error(exc: MLAuthError, request: httpx.Request) -> MLAuthError:
     :class:`~mlauth.UnexpectedError` keeps its original there.
     """
     cls = _http_error_class(type(exc))
-    converted = cls.__new__(cls, *exc.args)
+    # Not cls(...): each error class has its own constructor. OSError (the base of requests'
+    # errors) takes its args in __init__ when a subclass has one, so they are set here.
+    converted = cls.__new__(cls)
+    converted.args = exc.args
     converted.__dict__.update(exc.__dict__)
     # httpx.HTTPError.request: the API request that failed, never the token POST.
     cast(Any, converted).request = request

@@ -67,6 +67,7 @@ class HostRules:
         # The allowed origins found so far, each with the "/" that ends it: a URL that starts
         # with one has that origin (see allows()), so one startswith() answers the usual case.
         self._allowed_prefixes: tuple[str, ...] = ()
+        self._seen_parts: dict[tuple[str, str, int | None], bool] = {}  # see allows_parts()
 
     def __repr__(self) -> str:
         shown = [name if port is None else f"{name}:{port}" for name, port in self.entries]
@@ -110,14 +111,23 @@ class HostRules:
 
     def allows_parts(self, scheme: str, host: str, port: int | None) -> bool:
         """The rules for a URL its client has parsed already (httpx): lower-case scheme,
-        lower-case ASCII host (IDNA-encoded, IPv6 without brackets), port or None."""
-        if scheme not in DEFAULT_PORTS:
-            return False
-        if scheme != "https" and not is_loopback(host):
-            return False
-        if host in self._any_port:
-            return True
-        return (host, port or DEFAULT_PORTS[scheme]) in self._with_port
+        ASCII host (IDNA-encoded, IPv6 without brackets), port or None.
+
+        Cached like :meth:`allows`: the loopback check parses an IP address.
+        """
+        origin = (scheme, host, port)
+        known = self._seen_parts.get(origin)
+        if known is not None:
+            return known
+        host = host.lower()  # httpx lower-cases names, but not IPv6 literals
+        answer = scheme in DEFAULT_PORTS and (scheme == "https" or is_loopback(host))
+        if answer and host not in self._any_port:
+            answer = (host, port or DEFAULT_PORTS[scheme]) in self._with_port
+        seen = self._seen_parts
+        if len(seen) >= ORIGIN_CACHE_SIZE:
+            seen.clear()
+        seen[origin] = answer
+        return answer
 
     def allows_uncached(self, url: str | None) -> bool:
         """The full check, uncached: ``urlsplit``, then the scheme, host and port rules.

@@ -4,9 +4,10 @@ Python blocks and shell sessions (lines of ``mlauth ...``) run as written in a *
 folder*: what the pages assume a reader has, namely a ``.env`` (whose token has expired, so
 the first call refreshes), a legacy module ``main2.py`` that sends a stale ``Authorization``
 header, ``api.mercadolibre.com`` answered by a fake MercadoLibre (a ``sitecustomize`` routes
-``requests``' https calls there; the token endpoint is the fake's), and, where a block names
-``redis://10.0.0.5:6379/0``, a real ``redis-server`` in its place. After each block the fake
-must have served no ``invalid_grant`` and ``mlauth status`` must still find a live chain.
+the https calls of ``requests`` and ``httpx`` there; the token endpoint is the fake's), and,
+where a block names ``redis://10.0.0.5:6379/0``, a real ``redis-server`` in its place. After
+each block the fake must have served no ``invalid_grant`` and ``mlauth status`` must still
+find a live chain.
 ``tests/test_readme.py`` runs the README's blocks in the same folder.
 
 The demo walkthrough runs against ``mlauth demo --serve`` on a free port. The deployment
@@ -80,8 +81,8 @@ if __name__ == "__main__":
     run()
 """
 
-# First on PYTHONPATH: requests' calls to the real API reach the fake instead, after the auth
-# has seen the real URL (and its response hook sees the real URL again on the answer).
+# First on PYTHONPATH: requests' and httpx's calls to the real API reach the fake instead, after
+# the auth has seen the real URL (and sees the real URL again on the answer).
 ROUTE = """\
 import os
 
@@ -103,6 +104,44 @@ def send(self, request, *args, **kwargs):
 
 
 requests.adapters.HTTPAdapter.send = send
+
+try:  # httpx's calls too, after its auth flow has seen the real URL (docs/httpx.md)
+    import httpx
+except ImportError:
+    httpx = None
+
+
+def routed(request):
+    if FAKE is None or not str(request.url).startswith(API + "/"):
+        return None
+    real, request.url = request.url, httpx.URL(FAKE + str(request.url)[len(API) :])
+    return real
+
+
+if httpx is not None:
+    _handle, _handle_async = (
+        httpx.HTTPTransport.handle_request,
+        httpx.AsyncHTTPTransport.handle_async_request,
+    )
+
+    def handle(self, request):
+        real = routed(request)
+        try:
+            return _handle(self, request)
+        finally:
+            if real is not None:
+                request.url = real
+
+    async def handle_async(self, request):
+        real = routed(request)
+        try:
+            return await _handle_async(self, request)
+        finally:
+            if real is not None:
+                request.url = real
+
+    httpx.HTTPTransport.handle_request = handle
+    httpx.AsyncHTTPTransport.handle_async_request = handle_async
 """
 
 DOCUMENTED_REDIS = "redis://10.0.0.5:6379/0"
@@ -246,11 +285,41 @@ def block_id(value: object) -> str:
     return value[:40] if isinstance(value, str) else str(value)
 
 
-@pytest.mark.parametrize(("page", "body", "prints"), blocks("python"), ids=block_id)
+def is_pytest_example(block: str) -> bool:
+    return "def test_" in block
+
+
+@pytest.mark.parametrize(
+    ("page", "body", "prints"),
+    [block for block in blocks("python") if not is_pytest_example(block[1])],
+    ids=block_id,
+)
 def test_python_block_runs_as_written(
     page: str, body: str, prints: str | None, tmp_path: Path
 ) -> None:
     check_prints(page, run_in_project(page, "python", body, tmp_path), prints)
+
+
+@pytest.mark.parametrize(
+    ("page", "body"),
+    [(p, b) for p, b, _ in blocks("python") if is_pytest_example(b)],
+    ids=block_id,
+)
+def test_pytest_example_passes(page: str, body: str, tmp_path: Path) -> None:
+    """A block that is a test file runs under pytest (the mlauth plugin's fixtures); all pass."""
+    (tmp_path / "test_example.py").write_text(body)
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_example.py"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, f"{page}: {done.stdout[-2000:]}{done.stderr[-2000:]}"
+    # At least one run per test function: a plugin may run one several times (anyio's runs an
+    # async test once per installed event loop).
+    passed = re.search(r"(\d+) passed", done.stdout)
+    assert passed and int(passed[1]) >= body.count("def test_"), done.stdout
 
 
 @pytest.mark.parametrize(

@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import io
 import logging
+import threading
 from collections.abc import AsyncGenerator, Callable, Generator
 from typing import Any, TypeVar, cast
 
@@ -213,4 +214,32 @@ async def _off_loop(call: Callable[..., _T], *args: Any) -> _T:
     A cancelled caller stops waiting at once and the thread carries on: a refresh it runs
     ends with its save and lets the lock go, whoever is still waiting for it.
     """
-    return await anyio.to_thread.run_sync(call, *args, abandon_on_cancel=True)
+    return await anyio.to_thread.run_sync(_until_done, call, *args, abandon_on_cancel=True)
+
+
+def _until_done(call: Callable[..., _T], *args: Any) -> _T:
+    """``call(*args)``, in a thread that a normal exit of the process waits for.
+
+    anyio's asyncio workers are such threads; trio's are daemon threads, which the
+    interpreter stops at exit wherever they are: an abandoned refresh would be cut between
+    spending the refresh token and saving its successor, and the chain lost. There, the call
+    runs in a thread of its own, which the daemon worker waits for.
+    """
+    if not threading.current_thread().daemon:
+        return call(*args)
+    outcome: list[tuple[bool, Any]] = []
+
+    def run() -> None:
+        try:
+            outcome.append((True, call(*args)))
+        except BaseException as exc:  # noqa: BLE001 - handed back to the waiting worker
+            outcome.append((False, exc))
+
+    # daemon=False said outright: a new thread would inherit the daemon flag of this one.
+    thread = threading.Thread(target=run, name="mlauth refresh", daemon=False)
+    thread.start()
+    thread.join()
+    done, value = outcome[0]
+    if done:
+        return cast(_T, value)
+    raise value

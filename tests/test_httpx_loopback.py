@@ -170,6 +170,27 @@ def test_a_generator_body_is_never_resent_and_the_token_is_refreshed(
     assert fake_ml.stats()["refreshes"] == 1
 
 
+def test_an_async_file_body_is_never_resent_empty(
+    auth: HttpxAuth, fake_ml: FakeMercadoLibre, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # An async file (anyio's, aiofiles') seeks and tells with coroutines: the auth flow
+    # cannot rewind it, so it must not re-send it (it went out empty, answered 200).
+    path = tmp_path / "upload.bin"
+    path.write_bytes(PAYLOAD)
+
+    async def main() -> httpx.Response:
+        async with httpx.AsyncClient(auth=auth) as client, await anyio.open_file(path, "rb") as f:
+            return await client.put(f"{fake_ml.base_url}/items/1", content=f)
+
+    with caplog.at_level(logging.WARNING, logger="mlauth"):
+        response = anyio.run(main)
+    assert response.status_code == 401
+    assert response.history == []
+    assert fake_ml.stats()["api_calls"] == 1
+    assert fake_ml.stats()["refreshes"] == 1
+    assert "the body cannot be sent again" in caplog.text
+
+
 def test_the_refresh_is_persisted_for_the_next_process(
     mode: Mode, auth: HttpxAuth, stale_env: Path, fake_ml: FakeMercadoLibre
 ) -> None:

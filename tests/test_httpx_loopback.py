@@ -8,6 +8,7 @@ import http.server
 import io
 import logging
 import threading
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -332,3 +333,49 @@ def test_fifty_concurrent_tasks_on_a_killed_token_refresh_once(
     assert stats["invalid_grant"] == 0
     assert 1 <= stats["api_401"] <= 50  # each task sent the dead token at most once
     assert stats["api_ok"] == 50
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_a_cancelled_task_stops_waiting_and_the_refresh_is_still_saved(
+    auth: HttpxAuth,
+    fake_ml: FakeMercadoLibre,
+    stale_env: Path,
+    backend: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The token POST is held at a gate: the task is cancelled while its refresh is in there.
+    entered, gate = threading.Event(), threading.Event()
+    endpoint = auth._engine._endpoint
+    real_refresh = endpoint.refresh
+
+    def gated_refresh(*args: Any, **kwargs: Any) -> Any:
+        entered.set()
+        assert gate.wait(30)
+        return real_refresh(*args, **kwargs)
+
+    monkeypatch.setattr(endpoint, "refresh", gated_refresh)
+    before = read_env_file(stale_env)["ML_REFRESH_TOKEN"]
+
+    async def main() -> bool:
+        async with httpx.AsyncClient(auth=auth) as client:
+            with anyio.CancelScope() as scope:
+                async with anyio.create_task_group() as tasks:
+                    tasks.start_soon(client.get, f"{fake_ml.base_url}/users/me")
+                    assert await anyio.to_thread.run_sync(entered.wait, 10)
+                    scope.cancel()
+            return scope.cancelled_caught
+
+    try:
+        assert anyio.run(main, backend=backend)
+        # Back from the cancel while the refresh is still held at the gate: nobody waited.
+        assert fake_ml.stats()["token_requests"] == 0
+    finally:
+        gate.set()
+    deadline = time.monotonic() + 20
+    while read_env_file(stale_env)["ML_REFRESH_TOKEN"] == before:
+        assert time.monotonic() < deadline, "the abandoned refresh was never saved"
+        time.sleep(0.01)
+    assert fake_ml.stats()["refreshes"] == 1
+    again = request("sync", HttpxAuth.from_env(stale_env), "GET", f"{fake_ml.base_url}/users/me")
+    assert again.status_code == 200 and again.history == []
+    assert fake_ml.stats()["refreshes"] == 1

@@ -111,6 +111,8 @@ HOST_CASES = [
     ("https://api.mercadolibre.com:8443/a", True),
     ("https://api.mercadolibre.com/a", False),  # port 443 is not 8443
     ("http://127.0.0.1:5000/a", True),  # loopback: http allowed, any port
+    ("http://[::1]:5000/a", True),  # IPv6 loopback: httpx gives the host without brackets
+    ("http://localhost:5000/a", False),  # loopback, but not an allowed host
     ("https://API.MercadoPago.com/a", True),  # host names are case-insensitive
     ("https://api.mercadopago.com:443/a", True),  # the default port, written out
     ("http://api.mercadopago.com/a", False),  # plain http off loopback
@@ -122,7 +124,7 @@ HOST_CASES = [
 
 def test_host_rules_match_names_and_ports(mode: Mode, env_file: Path) -> None:
     auth = HttpxAuth.from_env(
-        env_file, hosts=["api.mercadolibre.com:8443", "127.0.0.1", "api.mercadopago.com"]
+        env_file, hosts=["api.mercadolibre.com:8443", "127.0.0.1", "[::1]", "api.mercadopago.com"]
     )
     api = ScriptedApi(200)
     for url, expected in HOST_CASES:

@@ -56,7 +56,12 @@ def _rewinder(request: httpx.Request) -> Callable[[], None] | None:
         # httpx seeks each file back to 0 itself when it renders the body again.
         files = [f.file for f in stream.fields if isinstance(f, FileField)]
         return _keep if all(_seekable(f) for f in files) else None
-    source = getattr(stream, "_stream", None)  # content=<file>: an IteratorByteStream
+    # content=<file>: an IteratorByteStream. Only a sync one: an async file's (anyio's,
+    # aiofiles') tell() and seek() are coroutines, so calling them rewinds nothing and the
+    # body would go out again empty.
+    if not isinstance(stream, httpx.SyncByteStream):
+        return None
+    source = getattr(stream, "_stream", None)
     if source is None or isinstance(source, Generator) or not _seekable(source):
         return None
     try:

@@ -444,12 +444,14 @@ def spy_engine(auth: HttpxAuth) -> list[tuple[str, int]]:
 
 @pytest.fixture
 def hops_to_threads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """The names of the functions sent to a worker thread through anyio."""
+    """The names of the functions sent to a worker thread through anyio (the innermost, when
+    the function sent is a wrapper that calls another it was given)."""
     sent: list[str] = []
     real = anyio.to_thread.run_sync
 
     async def run_sync(func: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        sent.append(getattr(func, "__name__", repr(func)))
+        innermost = [f for f in (func, *args) if callable(f)][-1]
+        sent.append(getattr(innermost, "__name__", repr(innermost)))
         return await real(func, *args, **kwargs)
 
     monkeypatch.setattr(anyio.to_thread, "run_sync", run_sync)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import io
 import logging
+import threading
 from collections.abc import AsyncGenerator, Callable, Generator
 from typing import Any, TypeVar, cast
 
@@ -203,4 +204,28 @@ async def _off_loop(call: Callable[..., _T], *args: Any) -> _T:
     A cancelled caller stops waiting at once and the thread carries on: a refresh it runs
     ends with its save and lets the lock go, whoever is still waiting for it.
     """
-    return await anyio.to_thread.run_sync(call, *args, abandon_on_cancel=True)
+    return await anyio.to_thread.run_sync(_to_the_end, call, *args, abandon_on_cancel=True)
+
+
+def _to_the_end(call: Callable[..., _T], *args: Any) -> _T:
+    """``call(*args)`` in a thread that the interpreter waits for at exit.
+
+    trio's worker threads are daemons: a program that cancels its tasks and returns from
+    ``trio.run`` would have one killed mid-refresh, after the server rotated the chain and
+    before its answer was saved, leaving a spent refresh token in the store for good.
+    """
+    outcome: list[tuple[bool, Any]] = []
+
+    def run() -> None:
+        try:
+            outcome.append((True, call(*args)))
+        except BaseException as exc:  # noqa: BLE001 (handed to the caller as it is)
+            outcome.append((False, exc))
+
+    thread = threading.Thread(target=run, name="mlauth-off-loop", daemon=False)
+    thread.start()
+    thread.join()
+    ok, value = outcome.pop()
+    if ok:
+        return cast(_T, value)
+    raise value

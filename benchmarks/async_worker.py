@@ -45,6 +45,10 @@ class Tally:
         self.latencies: list[float] = []
         self.first_failure: float | None = None
         self.last_ok: list[bool] = []  # per task: whether its last call succeeded
+        # The 401s returned to the caller: how long each call took, and how many of them
+        # were a re-send (after a first 401) that got a 401 again.
+        self.surfaced_401_ms: list[float] = []
+        self.surfaced_after_resend = 0
 
     def record(self, status: int | str, absorbed: int, elapsed: float, since_start: float) -> None:
         self.counts["calls"] += 1
@@ -54,7 +58,10 @@ class Tally:
             self.counts["ok"] += 1
             return
         self.counts["failed"] += 1
-        self.counts["surfaced_401"] += status == 401
+        if status == 401:
+            self.counts["surfaced_401"] += 1
+            self.surfaced_401_ms.append(round(elapsed * 1000, 3))
+            self.surfaced_after_resend += absorbed > 0
         if self.first_failure is None:
             self.first_failure = since_start
 
@@ -149,6 +156,8 @@ async def run(
         "errors": tally.errors,
         "error_samples": tally.samples,
         "latencies_ms": [round(x * 1000, 3) for x in tally.latencies],
+        "surfaced_401_ms": tally.surfaced_401_ms,
+        "surfaced_401_after_resend": tally.surfaced_after_resend,
     }
 
 

@@ -35,7 +35,7 @@ FULL: dict[str, list[str]] = {
         "--processes",
         "4",
         "--tasks",
-        "32",
+        "24",
         "--seconds",
         "20",
         "--token-lifetime",

@@ -29,6 +29,19 @@ FULL: dict[str, list[str]] = {
     "overhead": ["--rounds", "40", "--calls", "2000"],
     "storm": ["--processes", "4", "--threads", "4", "--seconds", "20", "--token-lifetime", "4"],
     "scale": ["--processes", "1,2,4,8,16,32,64", "--seconds", "8", "--token-lifetime", "3"],
+    # httpx (issue 12): the same questions for httpx.Client and httpx.AsyncClient.
+    "httpx_overhead": ["--rounds", "30", "--calls", "1000"],
+    "async_storm": [
+        "--processes",
+        "4",
+        "--tasks",
+        "24",
+        "--seconds",
+        "20",
+        "--token-lifetime",
+        "4",
+    ],
+    "loop_lag": ["--repeats", "5", "--token-delay", "1.0"],
 }
 
 
@@ -60,7 +73,7 @@ def machine_block(info: Mapping[str, object], load_before: str, runs: Mapping[st
         f"- Python {info['python']}; " + ", ".join(f"{k} {v}" for k, v in versions.items()),
         f"- load before the run: {load_before}; after: "
         + " ".join(str(x) for x in info["load_average"]),  # type: ignore[attr-defined]
-        "- commands (from the repository root, venv active; `make bench` runs all three):",
+        "- commands (from the repository root, venv active; `make bench` runs them all):",
         "",
         "```sh",
         *runs.values(),

@@ -119,6 +119,88 @@ def test_scale_prints_its_table_and_draws_every_curve(tmp_path: Path) -> None:
     assert out.count("](scale_") == 4  # every plot linked under the table
 
 
+def rows_by_pair(table: str) -> dict[tuple[str, str], list[str]]:
+    """The rows of a table whose first two cells name a row (client, auth)."""
+    found = {}
+    for line in table.splitlines():
+        if line.startswith("| ") and not line.startswith("| -"):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            found[cells[0], cells[1]] = cells
+    return found
+
+
+def test_httpx_overhead_compares_each_client_kind_with_its_own_floor(tmp_path: Path) -> None:
+    out = run_script(
+        "httpx_overhead", "--rounds", "2", "--calls", "20", "--block", "7", out=tmp_path
+    )
+    table = rows_by_pair(out)
+    assert table["client", "auth"][2:5] == ["µs/call (median)", "best round", "x floor"]
+    for client, authlib in (
+        ("httpx.Client", "Authlib OAuth2Client"),
+        ("httpx.AsyncClient", "Authlib AsyncOAuth2Client"),
+    ):
+        for auth in ("static httpx.Auth + os.stat", "mlauth HttpxAuth", authlib):
+            assert (client, auth) in table, out
+        assert table[client, "static httpx.Auth"][4] == "1.000"  # its floor against itself
+    assert "Every client has trust_env = False" in out
+    data = json.loads((tmp_path / "httpx_overhead.json").read_text())
+    assert len(data["contenders"]["httpx.AsyncClient: mlauth HttpxAuth"]["per_round_us"]) == 2
+    assert (tmp_path / "httpx_overhead.md").read_text().strip() == out.strip()
+
+
+def test_async_storm_reports_every_library_and_mlauth_spends_no_token_twice(
+    tmp_path: Path,
+) -> None:
+    out = run_script(
+        "async_storm",
+        *("--processes", "2", "--tasks", "4", "--seconds", "2", "--token-lifetime", "2"),
+        out=tmp_path,
+    )
+    table = rows(out)
+    assert table["library"][:8] == [
+        "library",
+        "calls",
+        "failed",
+        "refreshes / floor",
+        "double refreshes",
+        "invalid_grant",
+        "401s surfaced",
+        "401s absorbed",
+    ]
+    for name in ("floor: static httpx.Auth", "mlauth HttpxAuth", "Authlib AsyncOAuth2Client"):
+        assert int(table[name][1]) > 0, out  # every library made calls
+    runs = {
+        r["library"]: r for r in json.loads((tmp_path / "async_storm.json").read_text())["runs"]
+    }
+    assert runs["static"]["server"]["refreshes"] == 0  # the floor's token outlives the run
+    mlauth = runs["mlauth"]
+    assert mlauth["failed"] == 0, mlauth["errors"]
+    assert mlauth["server"]["invalid_grant"] == 0
+    assert mlauth["server"]["refreshes"] >= 1  # the storm did cross an expiry
+    assert mlauth["double_refreshes"] == 0
+    # Every refresh the server saw was made by one worker's client, once: the processes
+    # shared the chain rather than each refreshing its own copy.
+    assert sum(mlauth["refreshed_here"]) == mlauth["server"]["refreshes"]
+
+
+def test_loop_lag_sees_a_blocked_loop_and_one_refresh_per_window(tmp_path: Path) -> None:
+    out = run_script(
+        "loop_lag", "--repeats", "1", "--token-delay", "0.5", "--interval", "0.001", out=tmp_path
+    )
+    table = rows(out)
+    assert table["contender"][1:2] == ["refreshes"]
+    blocking = "blocking refresh on the loop (sync httpx.Auth)"
+    for name in ("mlauth HttpxAuth", "Authlib AsyncOAuth2Client", blocking):
+        assert table[name][1] == "1", out  # the window held exactly one refresh
+    assert table["control: no refresh"][1] == "0"
+    data = json.loads((tmp_path / "loop_lag.json").read_text())
+    # The probe's own check: the loop cannot run during a 0.5 s blocking POST, so the probe
+    # wakes up at least that late (less its 1 ms sleep). A lower bound, not a timing claim.
+    assert data[blocking]["max_lag_ms"] >= 450, data[blocking]
+    # mlauth refreshes in a worker thread: its probe, in the same run, is never held that long.
+    assert data["mlauth HttpxAuth"]["max_lag_ms"] < data[blocking]["max_lag_ms"]
+
+
 def test_run_all_replaces_only_the_marked_blocks() -> None:
     doc = "intro\n<!-- bench:storm -->\nold table\n<!-- /bench:storm -->\nprose stays\n"
     new = replace_block(doc, "storm", "| new | table |\n")

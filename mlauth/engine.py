@@ -3,11 +3,16 @@
 It owns the tokens this process uses and their freshness (FRESH, STALE, INVALID: see
 :class:`~mlauth.tokens.Freshness`), the single flight across threads (a mutex) and processes
 (the store's lock), adopting a token a peer refreshed, the genuine-401 rule, and the memory of
-failed refreshes. An HTTP adapter (:class:`mlauth.MLAuth` for requests) asks it three things:
+failed refreshes. An HTTP adapter (:class:`mlauth.MLAuth` for requests,
+:class:`mlauth.httpx.HttpxAuth` for httpx) asks it:
 
 - :meth:`RefreshEngine.token_for_request`: the access token to send now;
 - :meth:`RefreshEngine.after_401`: a request carrying token T got a 401; what to re-send with;
-- :meth:`RefreshEngine.refresh`: refresh now.
+- :meth:`RefreshEngine.refresh`: refresh now;
+- :meth:`RefreshEngine.fresh_token`: the token to send, if that needs no wait at all (what an
+  event loop may ask itself; everything else it asks from a worker thread);
+- :meth:`RefreshEngine.unexpected`: the error boundary's conversion, for the adapter's own
+  steps around these: only an :class:`~mlauth.errors.MLAuthError` leaves a request.
 
 It never imports an HTTP client: the token endpoint is handed in (:class:`TokenClient`), and
 the store does the storing, journaling and fencing inside its refresh transaction
@@ -42,7 +47,7 @@ from .errors import (
     UnexpectedError,
 )
 from .secret import Secret, mask
-from .stores.base import RefreshTransaction, TokenStore
+from .stores.base import NOT_LOCAL, RefreshTransaction, TokenStore
 from .tokens import MAX_MARGIN_SHARE, Freshness, TokenAnswer, TokenSet, this_process
 
 __all__ = ["RefreshEngine", "TokenClient"]
@@ -226,30 +231,30 @@ class RefreshEngine:
         except MLAuthError:
             raise
         except Exception as exc:
-            raise self._unexpected(exc, "getting a token for the request") from exc
+            raise self.unexpected(exc, "getting a token for the request") from exc
         assert token is not None  # INVALID tokens are refreshed before they are returned
         return token
 
     def fresh_token(self) -> Secret | None:
         """The access token to send now if that needs no wait and no network; else None.
 
-        For an event loop: it only compares the store's stamp (when that is local: a
-        ``stat``) and the cached expiry. None means :meth:`token_for_request` may block
-        (a peer's token to read, a refresh, unsaved tokens, a stamp that is a round trip), so
-        ask it from a worker thread.
+        For an event loop: it only compares the store's stamp, when the store has it at hand
+        (:meth:`~mlauth.stores.base.TokenStore.local_stamp`: a ``stat`` for the ``.env``), and
+        the cached expiry. None means :meth:`token_for_request` may block (a peer's token to
+        read, a refresh, unsaved tokens, a stamp that is a round trip): ask it from a worker
+        thread.
         """
         if self._unsaved is not None:
             return None
         try:
-            if not self.store.stamp_is_local():
-                return None
-            tokens, version, fresh_until = self._cache
-            if self.store.stamp() != version or time.time() >= fresh_until:
-                return None
+            stamp = self.store.local_stamp()
         except MLAuthError:
             raise
         except Exception as exc:
-            raise self._unexpected(exc, "getting a token for the request") from exc
+            raise self.unexpected(exc, "getting a token for the request") from exc
+        tokens, version, fresh_until = self._cache
+        if stamp is NOT_LOCAL or stamp != version or time.time() >= fresh_until:
+            return None
         return tokens.access_token
 
     def valid_tokens(self) -> TokenSet:
@@ -348,7 +353,7 @@ class RefreshEngine:
             exc = (
                 caught
                 if isinstance(caught, MLAuthError)
-                else self._unexpected(caught, "refreshing ahead of expiry")
+                else self.unexpected(caught, "refreshing ahead of expiry")
             )
             left = tokens.expires_in() or 0.0
             self._advisory_retry_at = time.monotonic() + min(ADVISORY_RETRY_DELAY, left / 4)
@@ -629,9 +634,9 @@ class RefreshEngine:
         except MLAuthError:
             raise
         except Exception as exc:
-            raise self._unexpected(exc, doing) from exc
+            raise self.unexpected(exc, doing) from exc
 
-    def _unexpected(self, exc: Exception, doing: str) -> UnexpectedError:
+    def unexpected(self, exc: Exception, doing: str) -> UnexpectedError:
         """``exc``, which is no MLAuthError, as one.
 
         Its message is someone else's and may quote a value it was handed: the tokens this

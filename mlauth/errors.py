@@ -9,6 +9,8 @@ safe to print: the HTTP status, the provider's error code and its description.
 
 from __future__ import annotations
 
+from typing import Any
+
 import requests
 
 __all__ = [
@@ -35,6 +37,21 @@ REAUTHORIZE = (
 
 class MLAuthError(requests.RequestException):
     """Base class of every mlauth error."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Pickled with its fields, rebuilt without __init__: the constructors differ by class
+        # (LockTimeoutError's lock_path is keyword-only, which the default pickling cannot
+        # pass), and a pool's worker or a task queue hands errors to another process this way.
+        return (rebuilt, (type(self), self.args, vars(self)))
+
+
+def rebuilt(cls: type[MLAuthError], args: tuple[Any, ...], state: dict[str, Any]) -> MLAuthError:
+    """An error of class ``cls`` with ``args`` and the attributes in ``state`` (unpickling)."""
+    error = cls.__new__(cls)
+    # OSError, under requests' errors, takes its args in __init__: they are set here.
+    error.args = args
+    error.__dict__.update(state)
+    return error
 
 
 class ConfigError(MLAuthError, ValueError):

@@ -30,7 +30,7 @@ from mlauth.tokens import TokenSet
 
 from .runner import ENV_VARIABLE as RUN_ENV_VARIABLE
 
-__all__ = ["AuthAdapter", "bearer"]
+__all__ = ["AuthAdapter", "bearer", "warn_not_resent"]
 
 log = logging.getLogger("mlauth")
 
@@ -44,6 +44,16 @@ def bearer(header: str | bytes | None) -> str | None:
     if not header or header[:7].lower() != "bearer ":
         return None
     return header[7:].strip() or None
+
+
+def warn_not_resent(method: str, path: str) -> None:
+    """The one line both adapters log when a 401's request cannot be sent again."""
+    log.warning(
+        "got a 401 on %s %s; the token is refreshed but the body cannot be sent again "
+        "(a generator or unrewindable stream), so the 401 is returned",
+        method,
+        path,
+    )
 
 
 def _checked(

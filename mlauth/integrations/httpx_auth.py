@@ -19,16 +19,20 @@ import functools
 import io
 import logging
 import threading
+import weakref
 from collections.abc import AsyncGenerator, Callable, Generator
-from typing import Any, TypeVar, cast
+from typing import Any, NoReturn, TypeVar, cast
 
+import anyio
 import anyio.to_thread
 import httpx
+from anyio.lowlevel import RunVar
 
-from mlauth.errors import MLAuthError
+from mlauth.engine import RefreshEngine
+from mlauth.errors import MLAuthError, rebuilt
 from mlauth.secret import Secret
 
-from .adapter import AuthAdapter, bearer
+from .adapter import AuthAdapter, bearer, warn_not_resent
 
 try:  # private, and only used to tell whether a multipart body can be sent again
     from httpx._multipart import FileField, MultipartStream
@@ -83,12 +87,28 @@ def _seekable(file: object) -> bool:
 _http_error_classes: dict[type[MLAuthError], type[MLAuthError]] = {}
 
 
+def _reduce_to_plain(error: MLAuthError) -> tuple[Any, ...]:
+    """Pickle an httpx-flavoured error as the plain mlauth error, without ``.request``.
+
+    Its class is made at run time, so pickle could not find it by name; and the request
+    carries the ``Authorization`` header, which must not travel to a pool's parent or a broker.
+    """
+    plain = type(error).__mro__[1]
+    state = {key: value for key, value in vars(error).items() if key != "_request"}
+    return (rebuilt, (plain, error.args, state))
+
+
 def _http_error_class(cls: type[MLAuthError]) -> type[MLAuthError]:
     """``cls`` that is also an :class:`httpx.HTTPError`, named and shown as ``cls``."""
     made = _http_error_classes.get(cls)
     if made is None:
-        namespace = {"__module__": cls.__module__, "__qualname__": cls.__qualname__}
-        made = type(cls.__name__, (cls, httpx.HTTPError), {**namespace, "__doc__": cls.__doc__})
+        namespace = {
+            "__module__": cls.__module__,
+            "__qualname__": cls.__qualname__,
+            "__doc__": cls.__doc__,
+            "__reduce__": _reduce_to_plain,
+        }
+        made = type(cls.__name__, (cls, httpx.HTTPError), namespace)
         _http_error_classes[cls] = made  # one class per error class; a race makes two, no harm
     return made
 
@@ -112,6 +132,37 @@ def _as_http_error(exc: MLAuthError, request: httpx.Request) -> MLAuthError:
     return converted.with_traceback(exc.__traceback__)
 
 
+class _Hops:
+    """One auth's trips to a worker thread on one event loop: one at a time.
+
+    Without it, every task that finds no FRESH token would take a thread of anyio's pool
+    (40, shared with the rest of the app) to wait in the engine for the same refresh, and a
+    task cancelled and retried would leave a thread behind each time. With it, one task per
+    loop waits in a thread; the others wait on the loop, then take its answer.
+    """
+
+    def __init__(self) -> None:
+        self.lock = anyio.Lock()
+        self.done = 0  # trips made for a token to send
+        self.token: Secret | None = None  # what the last of them brought back
+
+
+# Per event loop (asyncio or trio): each auth's _Hops, kept as long as the auth is.
+_HOPS: RunVar[weakref.WeakKeyDictionary[RefreshEngine, _Hops]] = RunVar("mlauth_hops")
+
+
+def _hops(engine: RefreshEngine) -> _Hops:
+    try:
+        table = _HOPS.get()
+    except LookupError:
+        table = weakref.WeakKeyDictionary()
+        _HOPS.set(table)
+    hops = table.get(engine)
+    if hops is None:
+        hops = table[engine] = _Hops()
+    return hops
+
+
 class HttpxAuth(AuthAdapter, httpx.Auth):
     """An :class:`httpx.Auth` that keeps a MercadoLibre token chain alive.
 
@@ -129,6 +180,17 @@ class HttpxAuth(AuthAdapter, httpx.Auth):
         # httpx has parsed the URL: check what it will connect to, not a string of it.
         return self._hosts.allows_parts(url.scheme, url.raw_host.decode("ascii"), url.port)
 
+    def _fail(self, exc: Exception, request: httpx.Request) -> NoReturn:
+        """Raise ``exc`` as an mlauth error that is also an :class:`httpx.HTTPError`.
+
+        Only MLAuthErrors leave a request, as with requests: the engine's own, and this
+        adapter's steps around it (a file's ``tell()``, a thread that cannot start) made one.
+        """
+        if isinstance(exc, MLAuthError):
+            raise _as_http_error(exc, request) from exc.__cause__
+        error = self._engine.unexpected(exc, "sending a request through httpx")
+        raise _as_http_error(error, request) from exc
+
     def _failed_token(self, response: httpx.Response) -> Secret | None:
         """The token a 401 answered, if it is ours to handle; else None.
 
@@ -144,21 +206,18 @@ class HttpxAuth(AuthAdapter, httpx.Auth):
         return None if failed is None else Secret(failed)
 
     def _resend(
-        self, request: httpx.Request, rewind: Callable[[], None] | None, new: Secret
+        self, request: httpx.Request, rewind: Callable[[], None] | None, new: Secret | None
     ) -> bool:
-        """Set ``request`` up to go again with ``new``; False if its body cannot go again."""
+        """Set ``request`` up to go again with ``new``; False to return the 401 instead."""
+        if new is None:
+            return False  # a genuine 401: the engine spent nothing, and nothing is re-sent
         if rewind is not None:
             try:
                 rewind()
             except (OSError, ValueError):  # the file was closed or cut meanwhile
                 rewind = None
         if rewind is None:
-            log.warning(
-                "got a 401 on %s %s; the token is refreshed but the body cannot be sent again "
-                "(a generator or unrewindable stream), so the 401 is returned",
-                request.method,
-                request.url.path,
-            )
+            warn_not_resent(request.method, request.url.path)
             return False
         request.headers["Authorization"] = f"Bearer {new.reveal()}"
         return True
@@ -169,20 +228,20 @@ class HttpxAuth(AuthAdapter, httpx.Auth):
             return
         try:
             token = self._engine.token_for_request()
-        except MLAuthError as exc:
-            raise _as_http_error(exc, request) from exc.__cause__
+            rewind = _rewinder(request)
+        except Exception as exc:  # noqa: BLE001 (_fail raises it as an MLAuthError)
+            self._fail(exc, request)
         # Replaces whatever the caller set: legacy code passes stale headers.
         request.headers["Authorization"] = f"Bearer {token.reveal()}"
-        rewind = _rewinder(request)
         response = yield request
         failed = self._failed_token(response)
         if failed is None:
             return
         try:
-            new = self._engine.after_401(failed)
-        except MLAuthError as exc:
-            raise _as_http_error(exc, request) from exc.__cause__
-        if new is not None and self._resend(request, rewind, new):
+            again = self._resend(request, rewind, self._engine.after_401(failed))
+        except Exception as exc:  # noqa: BLE001
+            self._fail(exc, request)
+        if again:
             # httpx reads and closes the 401, records it in history, and sends this; the
             # flow ends after it, so one 401 can never loop.
             yield request
@@ -196,21 +255,45 @@ class HttpxAuth(AuthAdapter, httpx.Auth):
         try:
             token = self._engine.fresh_token()  # on the loop: a stat and a comparison
             if token is None:
-                token = await _off_loop(self._engine.token_for_request)
-        except MLAuthError as exc:
-            raise _as_http_error(exc, request) from exc.__cause__
+                token = await self._token_off_loop()
+            rewind = _rewinder(request)
+        except Exception as exc:  # noqa: BLE001 (cancellation is a BaseException: not here)
+            self._fail(exc, request)
         request.headers["Authorization"] = f"Bearer {token.reveal()}"
-        rewind = _rewinder(request)
         response = yield request
         failed = self._failed_token(response)
         if failed is None:
             return
         try:
-            new = await _off_loop(self._engine.after_401, failed)
-        except MLAuthError as exc:
-            raise _as_http_error(exc, request) from exc.__cause__
-        if new is not None and self._resend(request, rewind, new):
+            again = self._resend(request, rewind, await self._after_401_off_loop(failed))
+        except Exception as exc:  # noqa: BLE001
+            self._fail(exc, request)
+        if again:
             yield request
+
+    async def _token_off_loop(self) -> Secret:
+        """:meth:`RefreshEngine.token_for_request` in a worker thread, one task per loop at a
+        time; a task that waited for another's trip takes what it brought back."""
+        hops = _hops(self._engine)
+        before = hops.done
+        async with hops.lock:
+            if hops.done != before and hops.token is not None:
+                return hops.token  # answered while this task waited: as fresh as can be
+            token = self._engine.fresh_token()
+            if token is None:
+                token = await _off_loop(self._engine.token_for_request)
+            hops.token, hops.done = token, hops.done + 1
+            return token
+
+    async def _after_401_off_loop(self, failed: Secret) -> Secret | None:
+        """:meth:`RefreshEngine.after_401` in a worker thread, one task per loop at a time."""
+        async with _hops(self._engine).lock:
+            # What after_401 answers first, without a trip: a FRESH token that is not the one
+            # that failed (another task's trip, or a peer, has moved on already).
+            token = self._engine.fresh_token()
+            if token is not None and token != failed:
+                return token
+            return await _off_loop(self._engine.after_401, failed)
 
 
 async def _off_loop(call: Callable[..., _T], *args: Any) -> _T:

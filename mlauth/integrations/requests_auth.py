@@ -19,7 +19,7 @@ from requests.utils import rewind_body
 
 from mlauth.secret import Secret
 
-from .adapter import AuthAdapter, bearer
+from .adapter import AuthAdapter, bearer, warn_not_resent
 
 __all__ = ["MLAuth"]
 
@@ -80,12 +80,7 @@ class MLAuth(AuthAdapter, requests.auth.AuthBase):
         if new is None:
             return r
         if not _replayable(request):
-            log.warning(
-                "got a 401 on %s %s; the token is refreshed but the body cannot be sent again "
-                "(a generator or unrewindable stream), so the 401 is returned",
-                request.method,
-                request.path_url,
-            )
+            warn_not_resent(str(request.method), request.path_url)
             return r
         # Read and release the first answer so the re-send can reuse its connection.
         r.content  # noqa: B018

@@ -17,6 +17,7 @@ other method has a default that is right for a store without the feature.
 from __future__ import annotations
 
 import abc
+import enum
 from collections.abc import Hashable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 
@@ -24,7 +25,15 @@ from mlauth.errors import InvalidGrantError, RefreshError
 from mlauth.secret import Secret
 from mlauth.tokens import TokenSet
 
-__all__ = ["RefreshTransaction", "TokenStore"]
+__all__ = ["NOT_LOCAL", "RefreshTransaction", "TokenStore"]
+
+
+class _NotLocal(enum.Enum):
+    NOT_LOCAL = "NOT_LOCAL"
+
+
+#: What :meth:`TokenStore.local_stamp` returns when only :meth:`TokenStore.stamp` can answer.
+NOT_LOCAL = _NotLocal.NOT_LOCAL
 
 
 class TokenStore(abc.ABC):
@@ -43,13 +52,16 @@ class TokenStore(abc.ABC):
         ``stat``); when it differs from the version :meth:`load` returned, a peer wrote.
         """
 
-    def stamp_is_local(self) -> bool:
-        """Whether :meth:`stamp` would answer now without waiting on the network.
+    def local_stamp(self) -> Hashable:
+        """What :meth:`stamp` would return, if it can answer without waiting on anything
+        (the network, a lock); else :data:`NOT_LOCAL`.
 
-        An event loop calls :meth:`stamp` itself only then, and otherwise asks from a worker
-        thread. The default says yes: a store whose stamp is a round trip must say no.
+        An event loop calls this before each request and asks :meth:`stamp` from a worker
+        thread only when it gets :data:`NOT_LOCAL`. One call, not a "may I?" and then
+        :meth:`stamp`: between two such calls the answer could change. The default is
+        :data:`NOT_LOCAL`: a custom store whose stamp is a round trip is never asked on a loop.
         """
-        return True
+        return NOT_LOCAL
 
     @abc.abstractmethod
     def load(self) -> tuple[TokenSet, Hashable]:

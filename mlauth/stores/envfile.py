@@ -525,15 +525,16 @@ class EnvFileStore(TokenStore):
             raise StoreMovedError(str(self._moved))
         return self._moved
 
-    def stamp_is_local(self) -> bool:
-        # A stat, unless the tokens moved to a store whose stamp is a round trip.
+    def local_stamp(self) -> Hashable:
+        # A stat, unless the tokens moved to a store whose stamp may be a round trip.
         moved = self._follow() if self._moved is not None else None
-        return moved is None or moved.stamp_is_local()
+        return self._file_stamp() if moved is None else moved.local_stamp()
 
     def stamp(self) -> Hashable:
         moved = self._follow() if self._moved is not None else None
-        if moved is not None:
-            return moved.stamp()
+        return self._file_stamp() if moved is None else moved.stamp()
+
+    def _file_stamp(self) -> Hashable:
         # Rotated tokens have the same length, so the size alone would not tell; os.replace
         # gives a new inode on every save, and mtime_ns catches an in-place edit.
         # A write in place keeps the inode; its mtime and ctime move.

@@ -37,7 +37,7 @@ from mlauth.errors import ConfigError, LockLostError, LockTimeoutError, StaleCom
 from mlauth.secret import Secret
 from mlauth.tokens import LATEST_TIME, TokenSet
 
-from .base import TokenStore
+from .base import NOT_LOCAL, TokenStore
 from .lock import POLL_INTERVAL
 
 __all__ = ["RedisStore", "redact_url"]
@@ -259,10 +259,12 @@ class RedisStore(TokenStore):
 
     # -- reading ---------------------------------------------------------------------------
 
-    def stamp_is_local(self) -> bool:
-        # Between two looks at Redis, stamp() answers from memory.
+    def local_stamp(self) -> Hashable:
+        # Between two looks at Redis, stamp() answers from memory. One clock reading decides.
         now = time.monotonic()
-        return now - self._checked_at < self.check_interval or now < self._quiet_until
+        if now - self._checked_at < self.check_interval or now < self._quiet_until:
+            return self._seen
+        return NOT_LOCAL
 
     def stamp(self) -> Hashable:
         # One round trip per check_interval at most, whatever the call rate; in between the

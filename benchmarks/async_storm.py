@@ -24,10 +24,7 @@ and from the fake (what the server saw).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import itertools
-import math
 import sys
 import tempfile
 import time
@@ -36,13 +33,16 @@ from pathlib import Path
 
 from benchmarks.common import (
     INSECURE_LOOPBACK_ENV,
-    RESULTS,
-    go,
-    machine,
+    STORM_COLUMNS,
+    StormRun,
+    caller_counts,
+    chosen_libraries,
+    first_errors,
+    joined,
     percentile,
-    results_of,
-    save,
-    start_workers,
+    publish,
+    run_workers,
+    storm_parser,
     table,
     total,
 )
@@ -61,56 +61,31 @@ LABELS = {
 
 
 @dataclasses.dataclass
-class AsyncRun:
-    """What one library did in one async storm: the callers' counts and the server's."""
+class AsyncRun(StormRun):
+    """What one library did in one async storm: the callers' counts and the server's, the
+    refreshes each process made, and how long the calls that returned a 401 took."""
 
-    library: str
-    processes: int
     tasks: int
-    seconds: float
-    lifetime: float
-    calls: int
-    ok: int
-    failed: int
-    surfaced_401: int
-    absorbed_401: int
-    errors: dict[str, int]
-    stranded: int
-    first_failure_s: float | None
-    error_samples: list[str]
     refreshed_here: list[int]  # per process: the refreshes its client made
-    server: dict[str, int]
-    refresh_times: list[float]
-    latencies_ms: list[float]
     surfaced_401_ms: list[float]  # how long the calls that returned a 401 took
     surfaced_401_after_resend: int  # of those, re-sends that got a 401 again
+
+    @property
+    def label(self) -> str:
+        return LABELS[self.library]
 
     @property
     def expected_refreshes(self) -> int:
         """The floor: one refresh per token, each replaced a quarter of its life early."""
         if self.library == STATIC:
             return 0  # its token outlives the run
-        return math.floor(self.seconds / (self.lifetime * (1 - MAX_MARGIN_SHARE)))
-
-    @property
-    def double_refreshes(self) -> int:
-        """Refreshes closer than half a token's life to the one before: the same token twice."""
-        times = self.refresh_times
-        return sum(1 for a, b in itertools.pairwise(times) if b - a < self.lifetime / 2)
-
-    def p(self, share: float) -> float:
-        return percentile(self.latencies_ms, share)
+        return super().expected_refreshes
 
     def summary(self) -> dict[str, object]:
-        data = dataclasses.asdict(self)
-        del data["latencies_ms"]
+        data = super().summary()
         data.update(
             surfaced_401_min_ms=min(self.surfaced_401_ms, default=None),
             surfaced_401_p50_ms=percentile(self.surfaced_401_ms, 0.5),
-            p50_ms=self.p(0.5),
-            p99_ms=self.p(0.99),
-            expected_refreshes=self.expected_refreshes,
-            double_refreshes=self.double_refreshes,
         )
         return data
 
@@ -158,85 +133,34 @@ def run_library(
     env = {SECRET_ENV: fake.client_secret}
     if library == "authlib":
         env.update(INSECURE_LOOPBACK_ENV)  # Authlib refuses an http token endpoint otherwise
-    procs = start_workers(_commands(fake, library, store, processes, tasks, seconds), env=env)
-    try:
+
+    def write_chain() -> None:
         _write_chain(fake, library, store, fake.token_lifetime)
         fake.reset_stats()
-        go(procs)
-        results = results_of(procs, timeout=seconds + 300)
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    errors: dict[str, int] = {}
-    for result in results:
-        for name, count in result["errors"].items():  # type: ignore[attr-defined]
-            errors[name] = errors.get(name, 0) + int(count)
+
+    results = run_workers(
+        _commands(fake, library, store, processes, tasks, seconds),
+        env=env,
+        before_go=write_chain,
+        timeout=seconds + 300,
+    )
     return AsyncRun(
         library=library,
         processes=processes,
         tasks=tasks,
         seconds=seconds,
         lifetime=fake.token_lifetime,
-        calls=total(results, "calls"),
-        ok=total(results, "ok"),
-        failed=total(results, "failed"),
-        surfaced_401=total(results, "surfaced_401"),
-        absorbed_401=total(results, "absorbed_401"),
-        errors=errors,
-        stranded=sum(1 for r in results if r["stranded"]),
-        first_failure_s=min(
-            (float(str(r["first_failure_s"])) for r in results if r["first_failure_s"] is not None),
-            default=None,
-        ),
-        error_samples=[s for r in results for s in r["error_samples"]][:3],  # type: ignore[attr-defined]
+        **caller_counts(results),
         refreshed_here=[int(str(r["refreshed_here"])) for r in results],
         server=fake.stats(),
         refresh_times=fake.refresh_times(),
-        latencies_ms=[float(x) for r in results for x in r["latencies_ms"]],  # type: ignore[attr-defined]
-        surfaced_401_ms=[float(x) for r in results for x in r["surfaced_401_ms"]],  # type: ignore[attr-defined]
+        surfaced_401_ms=joined(results, "surfaced_401_ms"),
         surfaced_401_after_resend=total(results, "surfaced_401_after_resend"),
     )
 
 
-def _row(run: AsyncRun) -> list[object]:
-    return [
-        LABELS[run.library],
-        run.calls,
-        run.failed,
-        f"{run.server['refreshes']} / {run.expected_refreshes}",
-        run.double_refreshes,
-        run.server["invalid_grant"],
-        run.surfaced_401,
-        run.absorbed_401,
-        f"{run.p(0.5):.2f}",
-        f"{run.p(0.99):.2f}",
-        "-" if run.first_failure_s is None else f"{run.first_failure_s:.1f} s",
-        f"{run.stranded} of {run.processes}",
-        ", ".join(f"{k} {v}" for k, v in sorted(run.errors.items())) or "-",
-    ]
-
-
 def report(runs: Sequence[AsyncRun], rtt_ms: float) -> str:
-    text = table(
-        [
-            "library",
-            "calls",
-            "failed",
-            "refreshes / floor",
-            "double refreshes",
-            "invalid_grant",
-            "401s surfaced",
-            "401s absorbed",
-            "p50 ms",
-            "p99 ms",
-            "first failure",
-            "processes left without a token",
-            "exceptions raised to the caller",
-        ],
-        [_row(run) for run in runs],
-    )
+    text = table(STORM_COLUMNS, [run.row() for run in runs])
     if not runs:
         return text
     # The figures of the floor line are those of a library that refreshes, not the static's.
@@ -244,18 +168,18 @@ def report(runs: Sequence[AsyncRun], rtt_ms: float) -> str:
     text += (
         f"\n\n{first.processes} processes x {first.tasks} asyncio tasks (one event loop and "
         f"one httpx.AsyncClient per process), {first.seconds:g} s per library, tokens live "
-        f"{first.lifetime:g} s (refreshed {first.lifetime * MAX_MARGIN_SHARE:g} s ahead). "
+        f"{first.lifetime:g} s (refreshed {first.margin:g} s ahead). "
         "Floor: 0 failed, 0 invalid_grant, 0 double refreshes, refreshes = one per token "
         f"({first.expected_refreshes} in {first.seconds:g} s); one refresh round trip to the "
         f"fake = {rtt_ms:.2f} ms.\n"
         + "\n".join(
-            f"- {LABELS[run.library]}: refreshes made per process "
+            f"- {run.label}: refreshes made per process "
             + ", ".join(str(n) for n in run.refreshed_here)
             for run in runs
         )
     )
     surfaced = [
-        f"- {LABELS[run.library]}: {run.surfaced_401} 401s returned, "
+        f"- {run.label}: {run.surfaced_401} 401s returned, "
         f"{run.surfaced_401_after_resend} of them to a re-send; those calls took "
         f"{min(run.surfaced_401_ms):.0f} ms at least, {percentile(run.surfaced_401_ms, 0.5):.0f} "
         f"ms at the median (a token lives {run.lifetime * 1000:.0f} ms)"
@@ -264,29 +188,20 @@ def report(runs: Sequence[AsyncRun], rtt_ms: float) -> str:
     ]
     if surfaced:
         text += "\n\n401s returned to the caller:\n" + "\n".join(surfaced)
-    samples = [f"- {LABELS[run.library]}: {s}" for run in runs for s in run.error_samples[:1]]
-    if samples:
-        text += "\n\nFirst error seen per library:\n" + "\n".join(samples)
-    return text
+    return text + first_errors(runs)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.async_storm", description=__doc__)
-    parser.add_argument("--processes", type=int, default=4)
-    parser.add_argument("--tasks", type=int, default=24, help="asyncio tasks per process")
-    parser.add_argument("--seconds", type=float, default=20.0)
-    parser.add_argument("--token-lifetime", type=float, default=4.0)
-    parser.add_argument(
-        "--libraries",
-        default=",".join(ASYNC_LIBRARIES),
-        help=f"comma-separated, from: {', '.join(ASYNC_LIBRARIES)} (default: all)",
+    parser = storm_parser(
+        "python -m benchmarks.async_storm",
+        __doc__,
+        libraries=ASYNC_LIBRARIES,
+        per_process="tasks",
+        per_process_default=24,
+        per_process_help="asyncio tasks per process",
     )
-    parser.add_argument("--out", type=Path, default=RESULTS, help="where to write the results")
     args = parser.parse_args(argv)
-    libraries = [name.strip() for name in args.libraries.split(",") if name.strip()]
-    unknown = sorted(set(libraries) - set(ASYNC_LIBRARIES))
-    if unknown:
-        parser.error(f"unknown libraries {unknown}; pick from: {', '.join(ASYNC_LIBRARIES)}")
+    libraries = chosen_libraries(parser, args.libraries, ASYNC_LIBRARIES)
     runs = []
     fake_server = FakeMercadoLibre(
         token_lifetime=args.token_lifetime, kill_old_access_on_refresh=True
@@ -306,13 +221,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     )
                 )
     text = report(runs, rtt)
-    print(text)
-    data = {
-        "token_round_trip_ms": rtt,
-        "runs": [run.summary() for run in runs],
-        "machine": machine(),
-    }
-    save(args.out, "async_storm", text, data)
+    data = {"token_round_trip_ms": rtt, "runs": [run.summary() for run in runs]}
+    publish(args.out, "async_storm", text, data)
     return 0
 
 

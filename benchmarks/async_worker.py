@@ -10,7 +10,6 @@ re-send, i.e. in ``response.history``) and the refreshes this process made (mlau
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import os
@@ -22,7 +21,7 @@ from typing import Any
 
 import httpx
 
-from benchmarks.common import wait_for_go
+from benchmarks.common import wait_for_go, worker_parser
 from benchmarks.httpx_contenders import (
     ASYNC_LIBRARIES,
     MLAUTH,
@@ -162,15 +161,12 @@ async def run(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.async_worker")
-    parser.add_argument("library", choices=ASYNC_LIBRARIES)
-    parser.add_argument("--store", type=Path, required=True)
-    parser.add_argument("--url", required=True)
-    parser.add_argument("--token-url", required=True)
-    parser.add_argument("--client-id", required=True)
-    parser.add_argument("--tasks", type=int, default=8)
-    parser.add_argument("--seconds", type=float, default=5.0)
-    parser.add_argument("--margin", type=float, default=1.0)
+    parser = worker_parser(
+        "python -m benchmarks.async_worker",
+        ASYNC_LIBRARIES,
+        per_process="tasks",
+        per_process_default=8,
+    )
     args = parser.parse_args(argv)
     wait_for_go()
     result: dict[str, Any] = asyncio.run(

@@ -1,18 +1,28 @@
-"""What the benchmark scripts share: tables, percentiles, the machine, the ready/go start."""
+"""What the benchmark scripts share: tables, percentiles, the machine, the ready/go start;
+what the two per-request overhead benchmarks (:mod:`benchmarks.overhead`,
+:mod:`benchmarks.httpx_overhead`) share: the rounds' schedule, the figures against a floor;
+and what the two expiry storms (:mod:`benchmarks.storm`, :mod:`benchmarks.async_storm`) share:
+their command line, their run record and its table row."""
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
+import itertools
 import json
+import math
 import os
 import platform
 import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
-from typing import IO
+from typing import IO, TypedDict, TypeVar
+
+from mlauth.tokens import MAX_MARGIN_SHARE
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -105,7 +115,109 @@ def save(out: Path, name: str, text: str, data: object) -> None:
     (out / f"{name}.json").write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
+def add_out_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", type=Path, default=RESULTS, help="where to write the results")
+
+
+def publish(out: Path, name: str, text: str, data: Mapping[str, object]) -> None:
+    """The end of every benchmark: print the table, save it and the figures with the machine.
+
+    The machine (its load above all) is read after the run, so it describes the run's end.
+    """
+    print(text)
+    save(out, name, text, {**data, "machine": machine()})
+
+
+# -- per-request overhead: contenders in interleaved turns, compared with a floor --------
+
+ContenderT = TypeVar("ContenderT")
+
+
+def add_round_arguments(parser: argparse.ArgumentParser, *, rounds: int, calls: int) -> None:
+    parser.add_argument("--rounds", type=int, default=rounds)
+    parser.add_argument("--calls", type=int, default=calls, help="calls per contender per round")
+    parser.add_argument(
+        "--block",
+        type=int,
+        default=20,
+        help="calls a contender makes before the next one takes its turn, within a round",
+    )
+
+
+def round_turns(
+    contenders: Sequence[ContenderT], index: int, calls: int, block: int
+) -> Iterator[tuple[ContenderT, int]]:
+    """Round ``index``'s turns in the order they are taken: (contender, calls in the turn).
+
+    The machine's speed drifts over seconds (other work, the host under the VM), by more
+    than the differences measured; with short turns every contender's calls of a round are
+    spread over the same stretch of time. The order is rotated from round to round and
+    reversed in odd rounds, so nobody always goes first.
+    """
+    shift = index % len(contenders)
+    order = list(contenders[shift:]) + list(contenders[:shift])
+    if index % 2:
+        order.reverse()
+    done = 0
+    while done < calls:
+        turn = min(block, calls - done)
+        for contender in order:
+            yield contender, turn
+        order.reverse()  # nobody always goes first after the same neighbour
+        done += turn
+
+
+@dataclasses.dataclass(frozen=True)
+class AgainstFloor:
+    """One contender's per-round µs per call, summed up against its floor's."""
+
+    median_us: float
+    min_us: float
+    ratio: float
+    added_us: float
+
+    @classmethod
+    def of(cls, per_round: Sequence[float], floor: Sequence[float]) -> AgainstFloor:
+        us = median(per_round)
+        # Ratio within each round, then the median: both ran side by side, under the same load.
+        ratio = median([c / f for c, f in zip(per_round, floor, strict=True)])
+        return cls(us, min(per_round), ratio, us - median(floor))
+
+    def cells(self) -> list[object]:
+        """µs/call (median), best round, x floor, vs floor, µs added."""
+        return [
+            f"{self.median_us:.1f}",
+            f"{self.min_us:.1f}",
+            f"{self.ratio:.3f}",
+            f"{(self.ratio - 1) * 100:+.1f}%",
+            f"{self.added_us:+.1f}",
+        ]
+
+    def figures(self) -> dict[str, object]:
+        return {"median_us": self.median_us, "min_us": self.min_us, "ratio_to_floor": self.ratio}
+
+
 # -- workers: start together, report one JSON line --------------------------------------
+
+
+def worker_parser(
+    prog: str, libraries: Sequence[str], *, per_process: str, per_process_default: int
+) -> argparse.ArgumentParser:
+    """A storm worker's options, as its parent passes them; ``per_process``: threads, tasks.
+
+    The client secret is not among them: it comes in the environment, since command lines
+    are visible to every user (ps).
+    """
+    parser = argparse.ArgumentParser(prog=prog)
+    parser.add_argument("library", choices=libraries)
+    parser.add_argument("--store", type=Path, required=True)
+    parser.add_argument("--url", required=True)
+    parser.add_argument("--token-url", required=True)
+    parser.add_argument("--client-id", required=True)
+    parser.add_argument(f"--{per_process}", type=int, default=per_process_default)
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--margin", type=float, default=1.0)
+    return parser
 
 
 def wait_for_go(stdin: IO[str] = sys.stdin) -> None:
@@ -167,3 +279,221 @@ def results_of(procs: Sequence[subprocess.Popen[str]], timeout: float) -> list[d
 
 def total(results: Sequence[Mapping[str, object]], key: str) -> int:
     return sum(int(str(r[key])) for r in results)
+
+
+def run_workers(
+    commands: Sequence[Sequence[str]],
+    *,
+    env: Mapping[str, str],
+    before_go: Callable[[], None],
+    timeout: float,
+) -> list[dict[str, object]]:
+    """Start the workers, run ``before_go`` once all are ready, let them go, collect results.
+
+    ``before_go`` writes the token the workers load after go: written earlier, it would age
+    (or expire) while 64 processes start. A worker still running when this fails is killed.
+    """
+    procs = start_workers(commands, env=env)
+    try:
+        before_go()
+        go(procs)
+        return results_of(procs, timeout=timeout)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+# -- expiry storms: the command line, one run's record, its table row ------------------
+
+
+def storm_parser(
+    prog: str,
+    description: str | None,
+    *,
+    libraries: Sequence[str],
+    per_process: str,
+    per_process_default: int,
+    per_process_help: str | None = None,
+) -> argparse.ArgumentParser:
+    """The storms' options; ``per_process`` names what runs the calls (threads, tasks)."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--processes", type=int, default=4)
+    parser.add_argument(
+        f"--{per_process}", type=int, default=per_process_default, help=per_process_help
+    )
+    parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--token-lifetime", type=float, default=4.0)
+    parser.add_argument(
+        "--libraries",
+        default=",".join(libraries),
+        help=f"comma-separated, from: {', '.join(libraries)} (default: all)",
+    )
+    add_out_argument(parser)
+    return parser
+
+
+def chosen_libraries(
+    parser: argparse.ArgumentParser,
+    spec: str,
+    offered: Sequence[str],
+    also: Collection[str] = (),
+) -> list[str]:
+    """The libraries named in ``--libraries``; a parser error for any not ``offered``.
+
+    ``also``: accepted without being offered (the storm's STATIC).
+    """
+    libraries = [name.strip() for name in spec.split(",") if name.strip()]
+    unknown = sorted(set(libraries) - {*offered, *also})
+    if unknown:
+        parser.error(f"unknown libraries {unknown}; pick from: {', '.join(offered)}")
+    return libraries
+
+
+STORM_COLUMNS = (
+    "library",
+    "calls",
+    "failed",
+    "refreshes / floor",
+    "double refreshes",
+    "invalid_grant",
+    "401s surfaced",
+    "401s absorbed",
+    "p50 ms",
+    "p99 ms",
+    "first failure",
+    "processes left without a token",
+    "exceptions raised to the caller",
+)
+
+
+class CallerCounts(TypedDict):
+    """What the workers of one storm saw, summed over them: :class:`StormRun`'s own fields."""
+
+    calls: int
+    ok: int
+    failed: int
+    surfaced_401: int
+    absorbed_401: int
+    errors: dict[str, int]
+    stranded: int
+    first_failure_s: float | None
+    error_samples: list[str]
+    latencies_ms: list[float]
+
+
+def joined(results: Sequence[Mapping[str, object]], key: str) -> list[float]:
+    """Every worker's list under ``key``, end to end."""
+    return [float(x) for r in results for x in r[key]]  # type: ignore[attr-defined]
+
+
+def caller_counts(results: Sequence[Mapping[str, object]]) -> CallerCounts:
+    """The workers' JSON lines (sync or async worker alike) summed into one storm's counts."""
+    errors: dict[str, int] = {}
+    for result in results:
+        for name, count in result["errors"].items():  # type: ignore[attr-defined]
+            errors[name] = errors.get(name, 0) + int(count)
+    return CallerCounts(
+        calls=total(results, "calls"),
+        ok=total(results, "ok"),
+        failed=total(results, "failed"),
+        surfaced_401=total(results, "surfaced_401"),
+        absorbed_401=total(results, "absorbed_401"),
+        errors=errors,
+        stranded=sum(1 for r in results if r["stranded"]),
+        first_failure_s=min(
+            (float(str(r["first_failure_s"])) for r in results if r["first_failure_s"] is not None),
+            default=None,
+        ),
+        error_samples=[s for r in results for s in r["error_samples"]][:3],  # type: ignore[attr-defined]
+        latencies_ms=joined(results, "latencies_ms"),
+    )
+
+
+@dataclasses.dataclass
+class StormRun:
+    """What one library did in one storm, sync or async: the callers' counts and the server's.
+
+    The fields both storms record; :class:`benchmarks.storm.Run` and
+    :class:`benchmarks.async_storm.AsyncRun` add how the calls ran and what only they count.
+    """
+
+    library: str
+    processes: int
+    seconds: float
+    lifetime: float
+    calls: int
+    ok: int
+    failed: int
+    surfaced_401: int
+    absorbed_401: int
+    errors: dict[str, int]
+    stranded: int
+    first_failure_s: float | None
+    error_samples: list[str]
+    server: dict[str, int]
+    refresh_times: list[float]
+    latencies_ms: list[float]
+
+    @property
+    def label(self) -> str:
+        """The library's name in the table."""
+        return self.library
+
+    @property
+    def margin(self) -> float:
+        """How long before expiry the library replaces a token: mlauth's share for short ones."""
+        return self.lifetime * MAX_MARGIN_SHARE
+
+    @property
+    def expected_refreshes(self) -> int:
+        """The floor: one refresh per token, each replaced ``margin`` before it expires."""
+        return math.floor(self.seconds / (self.lifetime - self.margin))
+
+    @property
+    def double_refreshes(self) -> int:
+        """Refreshes closer than half a token's life to the one before: the same token twice."""
+        times = self.refresh_times
+        return sum(1 for a, b in itertools.pairwise(times) if b - a < self.lifetime / 2)
+
+    def p(self, share: float) -> float:
+        return percentile(self.latencies_ms, share)
+
+    def summary(self) -> dict[str, object]:
+        """The JSON record: every field but the raw latencies, which give their percentiles."""
+        data = dataclasses.asdict(self)
+        del data["latencies_ms"]
+        data.update(
+            p50_ms=self.p(0.5),
+            p99_ms=self.p(0.99),
+            expected_refreshes=self.expected_refreshes,
+            double_refreshes=self.double_refreshes,
+        )
+        return data
+
+    def row(self) -> list[object]:
+        """The run's row under :data:`STORM_COLUMNS`."""
+        return [
+            self.label,
+            self.calls,
+            self.failed,
+            f"{self.server['refreshes']} / {self.expected_refreshes}",
+            self.double_refreshes,
+            self.server["invalid_grant"],
+            self.surfaced_401,
+            self.absorbed_401,
+            f"{self.p(0.5):.2f}",
+            f"{self.p(0.99):.2f}",
+            "-" if self.first_failure_s is None else f"{self.first_failure_s:.1f} s",
+            f"{self.stranded} of {self.processes}",
+            ", ".join(f"{k} {v}" for k, v in sorted(self.errors.items())) or "-",
+        ]
+
+
+def first_errors(runs: Sequence[StormRun]) -> str:
+    """The first error each library raised to its caller, as a paragraph ("" for none)."""
+    samples = [f"- {run.label}: {s}" for run in runs for s in run.error_samples[:1]]
+    if not samples:
+        return ""
+    return "\n\nFirst error seen per library:\n" + "\n".join(samples)

@@ -36,7 +36,14 @@ from pathlib import Path
 
 import httpx
 
-from benchmarks.common import RESULTS, machine, median, save, table
+from benchmarks.common import (
+    AgainstFloor,
+    add_out_argument,
+    add_round_arguments,
+    publish,
+    round_turns,
+    table,
+)
 from benchmarks.contenders import json_token, save_json_token
 from benchmarks.httpx_contenders import (
     StatHttpxBearer,
@@ -54,6 +61,7 @@ from benchmarks.overhead import (
     TOKEN_URL,
     URL,
     env_text,
+    per_call_us,
 )
 from mlauth.httpx import HttpxAuth
 
@@ -117,7 +125,7 @@ class Contender:
 
     async def run(self, calls: int) -> float:
         gc.collect()
-        return await self.spend(calls) / calls / 1000 - CLOCK_COST_US
+        return per_call_us(await self.spend(calls), calls)
 
 
 def _client(kind: str, auth: httpx.Auth, stub: StubTransport) -> httpx.Client | httpx.AsyncClient:
@@ -174,26 +182,17 @@ async def check(contenders: Sequence[Contender]) -> None:
 
 
 async def measure(contenders: Sequence[Contender], rounds: int, calls: int, block: int) -> None:
-    """Each round: ``calls`` calls per contender, in turns of ``block`` calls (see
-    :func:`benchmarks.overhead.measure`, whose scheme this is)."""
+    """Each round: ``calls`` calls per contender, in turns of ``block`` calls, as
+    :func:`benchmarks.overhead.measure` takes them (:func:`benchmarks.common.round_turns`)."""
     for contender in contenders:
         await contender.run(max(calls // 4, 1))  # warm-up: imports, caches, first-call paths
     for index in range(rounds):
-        shift = index % len(contenders)
-        order = list(contenders[shift:]) + list(contenders[:shift])
-        if index % 2:
-            order.reverse()
         gc.collect()
-        spent = dict.fromkeys(order, 0)
-        done = 0
-        while done < calls:
-            turn = min(block, calls - done)
-            for contender in order:
-                spent[contender] += await contender.spend(turn)
-            order.reverse()
-            done += turn
-        for contender in order:
-            contender.per_round.append(spent[contender] / calls / 1000 - CLOCK_COST_US)
+        spent = dict.fromkeys(contenders, 0)
+        for contender, turn in round_turns(contenders, index, calls, block):
+            spent[contender] += await contender.spend(turn)
+        for contender in contenders:
+            contender.per_round.append(per_call_us(spent[contender], calls))
 
 
 def _flow_us(auth: httpx.Auth, n: int) -> float:
@@ -227,30 +226,6 @@ def micro(contenders: Sequence[Contender], n: int = 20000) -> dict[str, float]:
     return found
 
 
-def _row(contender: Contender, floor: Contender) -> tuple[list[object], dict[str, object]]:
-    us = median(contender.per_round)
-    # Ratio within each round, then the median: both ran side by side, under the same load.
-    ratio = median([c / f for c, f in zip(contender.per_round, floor.per_round, strict=True)])
-    added = us - median(floor.per_round)
-    row: list[object] = [
-        contender.kind,
-        contender.name,
-        f"{us:.1f}",
-        f"{min(contender.per_round):.1f}",
-        f"{ratio:.3f}",
-        f"{(ratio - 1) * 100:+.1f}%",
-        f"{added:+.1f}",
-    ]
-    data: dict[str, object] = {
-        "median_us": us,
-        "min_us": min(contender.per_round),
-        "ratio_to_floor": ratio,
-        "us_added": added,
-        "per_round_us": contender.per_round,
-    }
-    return row, data
-
-
 def report(
     contenders: Sequence[Contender],
     micros: Mapping[str, float],
@@ -262,9 +237,13 @@ def report(
     rows = []
     found: dict[str, dict[str, object]] = {}
     for contender in contenders:
-        row, data = _row(contender, floors[contender.kind])
-        rows.append(row)
-        found[f"{contender.kind}: {contender.name}"] = data
+        figures = AgainstFloor.of(contender.per_round, floors[contender.kind].per_round)
+        rows.append([contender.kind, contender.name, *figures.cells()])
+        found[f"{contender.kind}: {contender.name}"] = {
+            **figures.figures(),
+            "us_added": figures.added_us,
+            "per_round_us": contender.per_round,
+        }
     text = table(
         ["client", "auth", "µs/call (median)", "best round", "x floor", "vs floor", "µs added"],
         rows,
@@ -308,21 +287,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.httpx_overhead", description=__doc__
     )
-    parser.add_argument("--rounds", type=int, default=30)
-    parser.add_argument("--calls", type=int, default=1000, help="calls per contender per round")
-    parser.add_argument(
-        "--block",
-        type=int,
-        default=20,
-        help="calls a contender makes before the next one takes its turn, within a round",
-    )
-    parser.add_argument("--out", type=Path, default=RESULTS, help="where to write the results")
+    add_round_arguments(parser, rounds=30, calls=1000)
+    add_out_argument(parser)
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         text, data = asyncio.run(bench(Path(tmp), args.rounds, args.calls, args.block))
-    data["machine"] = machine()
-    print(text)
-    save(args.out, "httpx_overhead", text, data)
+    publish(args.out, "httpx_overhead", text, data)
     return 0
 
 

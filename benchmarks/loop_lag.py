@@ -40,11 +40,10 @@ import httpx
 
 from benchmarks.common import (
     INSECURE_LOOPBACK_ENV,
-    RESULTS,
-    machine,
+    add_out_argument,
     median,
     percentile,
-    save,
+    publish,
     table,
 )
 from benchmarks.contenders import json_token, save_json_token
@@ -252,7 +251,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5, help="windows per contender")
     parser.add_argument("--token-delay", type=float, default=1.0, help="seconds per refresh")
     parser.add_argument("--interval", type=float, default=0.001, help="the probe's sleep, s")
-    parser.add_argument("--out", type=Path, default=RESULTS, help="where to write the results")
+    add_out_argument(parser)
     args = parser.parse_args(argv)
     # Authlib refuses the fake's http token endpoint otherwise; this process is a benchmark.
     os.environ.update(INSECURE_LOOPBACK_ENV)
@@ -260,9 +259,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         fake.token_delay = args.token_delay
         found = asyncio.run(measure(fake, Path(tmp), args.repeats, args.interval))
     text, data = report(found, args.repeats, args.token_delay, args.interval)
-    data["machine"] = machine()
-    print(text)
-    save(args.out, "loop_lag", text, data)
+    publish(args.out, "loop_lag", text, data)
     return 0
 
 

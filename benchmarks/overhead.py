@@ -43,7 +43,14 @@ import requests
 from requests.adapters import BaseAdapter
 from requests.structures import CaseInsensitiveDict
 
-from benchmarks.common import RESULTS, machine, median, save, table
+from benchmarks.common import (
+    AgainstFloor,
+    add_out_argument,
+    add_round_arguments,
+    publish,
+    round_turns,
+    table,
+)
 from benchmarks.contenders import (
     LIBRARIES,
     StaticBearer,
@@ -82,6 +89,11 @@ def _clock_cost_us(samples: int = 20000) -> float:
 
 
 CLOCK_COST_US = _clock_cost_us()
+
+
+def per_call_us(spent_ns: int, calls: int) -> float:
+    """Mean µs per call from the CPU ns ``calls`` timed calls took, the clock's cost taken off."""
+    return spent_ns / calls / 1000 - CLOCK_COST_US
 
 
 class StubAdapter(BaseAdapter):
@@ -160,7 +172,7 @@ class Contender:
     def run(self, calls: int) -> float:
         """Mean µs per call over ``calls`` calls, timing only the calls themselves."""
         gc.collect()
-        return self.spend(calls) / calls / 1000 - CLOCK_COST_US
+        return per_call_us(self.spend(calls), calls)
 
     def spend(self, calls: int) -> int:
         """CPU ns spent in ``calls`` calls, timing only the calls themselves."""
@@ -252,31 +264,18 @@ def check(contenders: Sequence[Contender]) -> None:
 
 
 def measure(contenders: Sequence[Contender], rounds: int, calls: int, block: int) -> None:
-    """Each round: ``calls`` calls per contender, taken in turns of ``block`` calls.
-
-    The machine's speed drifts over seconds (other work, the host under the VM), by more
-    than the differences measured here; with short turns every contender's calls of a round
-    are spread over the same stretch of time, so the per-round ratios to the floor compare
-    like with like.
-    """
+    """Each round: ``calls`` calls per contender, taken in turns of ``block`` calls
+    (:func:`benchmarks.common.round_turns`), so the per-round ratios to the floor compare
+    like with like."""
     for contender in contenders:
         contender.run(max(calls // 4, 1))  # warm-up: imports, caches, first-call paths
     for index in range(rounds):
-        shift = index % len(contenders)
-        order = list(contenders[shift:]) + list(contenders[:shift])
-        if index % 2:
-            order.reverse()
         gc.collect()
-        spent = dict.fromkeys(order, 0)
-        done = 0
-        while done < calls:
-            turn = min(block, calls - done)
-            for contender in order:
-                spent[contender] += contender.spend(turn)
-            order.reverse()  # nobody always goes first after the same neighbour
-            done += turn
-        for contender in order:
-            contender.per_round.append(spent[contender] / calls / 1000 - CLOCK_COST_US)
+        spent = dict.fromkeys(contenders, 0)
+        for contender, turn in round_turns(contenders, index, calls, block):
+            spent[contender] += contender.spend(turn)
+        for contender in contenders:
+            contender.per_round.append(per_call_us(spent[contender], calls))
 
 
 def micro(tmp: Path, contenders: Sequence[Contender], n: int = 20000) -> dict[str, float]:
@@ -317,27 +316,13 @@ def report(
     block: int,
 ) -> tuple[str, dict[str, object]]:
     floor = contenders[0]
-    floor_us = median(floor.per_round)
     rows = []
     data: dict[str, object] = {"rounds": rounds, "calls": calls, "block": block, "contenders": {}}
     for contender in contenders:
-        us = median(contender.per_round)
-        # Ratio within each round, then the median: both ran seconds apart, under the same load.
-        ratio = median([c / f for c, f in zip(contender.per_round, floor.per_round, strict=True)])
-        rows.append(
-            [
-                contender.name,
-                f"{us:.1f}",
-                f"{min(contender.per_round):.1f}",
-                f"{ratio:.3f}",
-                f"{(ratio - 1) * 100:+.1f}%",
-                f"{us - floor_us:+.1f}",
-            ]
-        )
+        figures = AgainstFloor.of(contender.per_round, floor.per_round)
+        rows.append([contender.name, *figures.cells()])
         data["contenders"][contender.name] = {  # type: ignore[index]
-            "median_us": us,
-            "min_us": min(contender.per_round),
-            "ratio_to_floor": ratio,
+            **figures.figures(),
             "per_round_us": contender.per_round,
         }
     data["micro_us"] = dict(micros)
@@ -359,15 +344,8 @@ def report(
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.overhead", description=__doc__)
-    parser.add_argument("--rounds", type=int, default=40)
-    parser.add_argument("--calls", type=int, default=2000, help="calls per contender per round")
-    parser.add_argument(
-        "--block",
-        type=int,
-        default=20,
-        help="calls a contender makes before the next one takes its turn, within a round",
-    )
-    parser.add_argument("--out", type=Path, default=RESULTS, help="where to write the results")
+    add_round_arguments(parser, rounds=40, calls=2000)
+    add_out_argument(parser)
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         contenders = build(Path(tmp))
@@ -375,9 +353,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         measure(contenders, args.rounds, args.calls, args.block)
         micros = micro(Path(tmp), contenders)
     text, data = report(contenders, micros, args.rounds, args.calls, args.block)
-    data["machine"] = machine()
-    print(text)
-    save(args.out, "overhead", text, data)
+    publish(args.out, "overhead", text, data)
     return 0
 
 

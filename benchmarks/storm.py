@@ -18,9 +18,7 @@ it): processes that share nothing but Redis, like machines. Without redis-server
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import itertools
 import math
 import shutil
 import sys
@@ -34,15 +32,17 @@ import requests
 
 from benchmarks.common import (
     INSECURE_LOOPBACK_ENV,
-    RESULTS,
-    go,
-    machine,
+    STORM_COLUMNS,
+    StormRun,
+    caller_counts,
+    chosen_libraries,
+    first_errors,
+    joined,
     percentile,
-    results_of,
-    save,
-    start_workers,
+    publish,
+    run_workers,
+    storm_parser,
     table,
-    total,
 )
 from benchmarks.contenders import (
     LIBRARIES,
@@ -62,26 +62,11 @@ STORM_LIBRARIES = (LIBRARIES[0], MLAUTH_REDIS, *LIBRARIES[1:])
 
 
 @dataclasses.dataclass
-class Run:
-    """What one library did in one storm: the callers' counts and the server's."""
+class Run(StormRun):
+    """What one library did in one storm: the callers' counts and the server's, and what
+    mlauth's hooks saw in the workers (calls an expiry touched, lock waits, the store)."""
 
-    library: str
-    processes: int
     threads: int
-    seconds: float
-    lifetime: float
-    calls: int
-    ok: int
-    failed: int
-    surfaced_401: int
-    absorbed_401: int
-    errors: dict[str, int]
-    stranded: int
-    first_failure_s: float | None
-    error_samples: list[str]
-    server: dict[str, int]
-    refresh_times: list[float]
-    latencies_ms: list[float]
     touched_ms: list[float]
     refreshing_ms: list[float]
     lock_waits_ms: list[float]
@@ -90,31 +75,13 @@ class Run:
     @property
     def margin(self) -> float:
         # requests-oauthlib has no margin: it refreshes once the token has expired.
-        return 0.0 if self.library == "requests-oauthlib" else self.lifetime * MAX_MARGIN_SHARE
-
-    @property
-    def expected_refreshes(self) -> int:
-        """The floor: one refresh per token, each replaced ``margin`` before it expires."""
-        return math.floor(self.seconds / (self.lifetime - self.margin))
-
-    @property
-    def double_refreshes(self) -> int:
-        """Refreshes closer than half a token's life to the one before: the same token twice."""
-        times = self.refresh_times
-        return sum(1 for a, b in itertools.pairwise(times) if b - a < self.lifetime / 2)
-
-    def p(self, share: float) -> float:
-        return percentile(self.latencies_ms, share)
+        return 0.0 if self.library == "requests-oauthlib" else super().margin
 
     def summary(self) -> dict[str, object]:
-        data = dataclasses.asdict(self)
-        for key in ("latencies_ms", "touched_ms", "refreshing_ms", "lock_waits_ms"):
+        data = super().summary()
+        for key in ("touched_ms", "refreshing_ms", "lock_waits_ms"):
             del data[key]
         data.update(
-            p50_ms=self.p(0.5),
-            p99_ms=self.p(0.99),
-            expected_refreshes=self.expected_refreshes,
-            double_refreshes=self.double_refreshes,
             touched_calls=len(self.touched_ms),
             touched_p99_ms=percentile(self.touched_ms, 0.99),
             lock_waits=len(self.lock_waits_ms),
@@ -224,9 +191,9 @@ def run_library(
     env = {SECRET_ENV: fake.client_secret}
     if library not in (*MLAUTH_KINDS, STATIC):
         env.update(INSECURE_LOOPBACK_ENV)
-    procs = start_workers(commands, env=env)
-    try:
-        # A fresh token, written the moment before the workers load it.
+
+    def write_chain() -> None:
+        """A fresh token, written the moment before the workers load it."""
         issued = time.time()
         if library in MLAUTH_KINDS:
             fake.write_env(
@@ -250,45 +217,20 @@ def run_library(
         else:
             save_json_token(store, json_token(fake.issue_tokens(), issued + lifetime))
         fake.reset_stats()
-        go(procs)
-        results = results_of(procs, timeout=seconds + 300)
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    errors: dict[str, int] = {}
-    for result in results:
-        for name, count in result["errors"].items():  # type: ignore[attr-defined]
-            errors[name] = errors.get(name, 0) + int(count)
 
-    def joined(key: str) -> list[float]:
-        return [float(x) for r in results for x in r[key]]  # type: ignore[attr-defined]
-
+    results = run_workers(commands, env=env, before_go=write_chain, timeout=seconds + 300)
     return Run(
         library=library,
         processes=processes,
         threads=threads,
         seconds=seconds,
         lifetime=lifetime,
-        calls=total(results, "calls"),
-        ok=total(results, "ok"),
-        failed=total(results, "failed"),
-        surfaced_401=total(results, "surfaced_401"),
-        absorbed_401=total(results, "absorbed_401"),
-        errors=errors,
-        stranded=sum(1 for r in results if r["stranded"]),
-        first_failure_s=min(
-            (float(str(r["first_failure_s"])) for r in results if r["first_failure_s"] is not None),
-            default=None,
-        ),
-        error_samples=[s for r in results for s in r["error_samples"]][:3],  # type: ignore[attr-defined]
+        **caller_counts(results),
         server=fake.stats(),
         refresh_times=fake.refresh_times(),
-        latencies_ms=joined("latencies_ms"),
-        touched_ms=joined("touched_ms"),
-        refreshing_ms=joined("refreshing_ms"),
-        lock_waits_ms=joined("lock_waits_ms"),
+        touched_ms=joined(results, "touched_ms"),
+        refreshing_ms=joined(results, "refreshing_ms"),
+        lock_waits_ms=joined(results, "lock_waits_ms"),
         stores=sorted({str(r["store"]) for r in results if r.get("store")}),
     )
 
@@ -298,43 +240,10 @@ def report(outcomes: Sequence[Run | NotRun], rtt_ms: float) -> str:
     runs = [run for run in outcomes if isinstance(run, Run)]
     for run in outcomes:
         if isinstance(run, NotRun):
-            rows.append([run.library, "not run", *["-"] * 11])
-            continue
-        rows.append(
-            [
-                run.library,
-                run.calls,
-                run.failed,
-                f"{run.server['refreshes']} / {run.expected_refreshes}",
-                run.double_refreshes,
-                run.server["invalid_grant"],
-                run.surfaced_401,
-                run.absorbed_401,
-                f"{run.p(0.5):.2f}",
-                f"{run.p(0.99):.2f}",
-                "-" if run.first_failure_s is None else f"{run.first_failure_s:.1f} s",
-                f"{run.stranded} of {run.processes}",
-                ", ".join(f"{k} {v}" for k, v in sorted(run.errors.items())) or "-",
-            ]
-        )
-    text = table(
-        [
-            "library",
-            "calls",
-            "failed",
-            "refreshes / floor",
-            "double refreshes",
-            "invalid_grant",
-            "401s surfaced",
-            "401s absorbed",
-            "p50 ms",
-            "p99 ms",
-            "first failure",
-            "processes left without a token",
-            "exceptions raised to the caller",
-        ],
-        rows,
-    )
+            rows.append([run.library, "not run", *["-"] * (len(STORM_COLUMNS) - 2)])
+        else:
+            rows.append(run.row())
+    text = table(STORM_COLUMNS, rows)
     for skipped in outcomes:
         if isinstance(skipped, NotRun):
             text += f"\n\n{skipped.library} not run: {skipped.reason}"
@@ -350,30 +259,20 @@ def report(outcomes: Sequence[Run | NotRun], rtt_ms: float) -> str:
         "only at expiry); "
         f"one refresh round trip to the fake = {rtt_ms:.2f} ms."
     )
-    samples = [f"- {run.library}: {s}" for run in runs for s in run.error_samples[:1]]
-    if samples:
-        text += "\n\nFirst error seen per library:\n" + "\n".join(samples)
-    return text
+    return text + first_errors(runs)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.storm", description=__doc__)
-    parser.add_argument("--processes", type=int, default=4)
-    parser.add_argument("--threads", type=int, default=4)
-    parser.add_argument("--seconds", type=float, default=20.0)
-    parser.add_argument("--token-lifetime", type=float, default=4.0)
-    parser.add_argument(
-        "--libraries",
-        default=",".join(STORM_LIBRARIES),
-        help=f"comma-separated, from: {', '.join(STORM_LIBRARIES)} (default: all)",
+    parser = storm_parser(
+        "python -m benchmarks.storm",
+        __doc__,
+        libraries=STORM_LIBRARIES,
+        per_process="threads",
+        per_process_default=4,
     )
-    parser.add_argument("--out", type=Path, default=RESULTS, help="where to write the results")
     args = parser.parse_args(argv)
-    libraries = [name.strip() for name in args.libraries.split(",") if name.strip()]
     # STATIC (a constant header, the floor scale.py uses) is accepted too, as it always was.
-    unknown = sorted(set(libraries) - {*STORM_LIBRARIES, STATIC})
-    if unknown:
-        parser.error(f"unknown libraries {unknown}; pick from: {', '.join(STORM_LIBRARIES)}")
+    libraries = chosen_libraries(parser, args.libraries, STORM_LIBRARIES, also=(STATIC,))
     runs: list[Run | NotRun] = []
     fake_server = FakeMercadoLibre(
         token_lifetime=args.token_lifetime, kill_old_access_on_refresh=True
@@ -400,13 +299,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     )
                 )
     text = report(runs, rtt)
-    print(text)
-    data = {
-        "token_round_trip_ms": rtt,
-        "runs": [run.summary() for run in runs],
-        "machine": machine(),
-    }
-    save(args.out, "storm", text, data)
+    data = {"token_round_trip_ms": rtt, "runs": [run.summary() for run in runs]}
+    publish(args.out, "storm", text, data)
     return 0
 
 

@@ -15,7 +15,6 @@ released" record, or its "gave up waiting" one) and calls whose 401 was absorbed
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -26,7 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import wait_for_go
+from benchmarks.common import wait_for_go, worker_parser
 from benchmarks.contenders import LIBRARIES, MLAUTH_KINDS, MLAUTH_REDIS, STATIC, make_session
 
 # mlauth logs this after taking the cross-process lock; its args are (path, seconds, pid).
@@ -185,15 +184,12 @@ def run(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.worker")
-    parser.add_argument("library", choices=(*LIBRARIES, MLAUTH_REDIS, STATIC))
-    parser.add_argument("--store", type=Path, required=True)
-    parser.add_argument("--url", required=True)
-    parser.add_argument("--token-url", required=True)
-    parser.add_argument("--client-id", required=True)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--seconds", type=float, default=5.0)
-    parser.add_argument("--margin", type=float, default=1.0)
+    parser = worker_parser(
+        "python -m benchmarks.worker",
+        (*LIBRARIES, MLAUTH_REDIS, STATIC),
+        per_process="threads",
+        per_process_default=1,
+    )
     args = parser.parse_args(argv)
     wait_for_go()
     result: dict[str, Any] = run(

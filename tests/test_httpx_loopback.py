@@ -242,17 +242,24 @@ def other_host() -> Iterator[tuple[str, list[str | None]]]:
         thread.join()
 
 
+@pytest.mark.parametrize("listed", [False, True], ids=["not-allowed", "allowed"])
 def test_redirect_to_another_host_that_answers_401_gets_no_token_and_no_refresh(
     mode: Mode,
     fake_ml: FakeMercadoLibre,
     fake_ml_env: Path,
     other_host: tuple[str, list[str | None]],
+    listed: bool,
 ) -> None:
+    """Allowed or not, another origin's hop carries no token: httpx strips it, and we never
+    put it back; so its 401 is not about our token, and nothing is refreshed."""
     other_url, seen = other_host
+    hosts = [fake_ml.host, other_url.removeprefix("http://")] if listed else [fake_ml.host]
+    auth = HttpxAuth.from_env(fake_ml_env, hosts=hosts)
+    assert auth.handles(f"{other_url}/steal") is listed  # a request sent there would carry it
     hops: list[Hop] = []
     response = request(
         mode,
-        HttpxAuth.from_env(fake_ml_env),
+        auth,
         "GET",
         f"{fake_ml.base_url}/redirect?to={other_url}/steal",
         hops=hops,

@@ -121,8 +121,8 @@ def test_a_slow_refresh_leaves_the_event_loop_free(
     assert statuses == [200] * 10
     assert stats["refreshes"] == 1
     # The requests waited for the slow refresh; the loop did not: its worst lag is the idle
-    # loop's plus a twentieth of the refresh (a blocked loop's is all of it, see the control).
-    assert lag < idle + took / 20, (lag, idle, took)
+    # loop's plus well under the refresh (a blocked loop's is all of it, see the control).
+    assert lag < idle + took / 4, (lag, idle, took)
 
 
 def test_the_probe_sees_a_refresh_made_on_the_loop(tmp_path: Path) -> None:

@@ -10,6 +10,9 @@
 
 from __future__ import annotations
 
+import copy
+import fcntl
+import os
 import pickle
 import threading
 import time
@@ -25,7 +28,8 @@ import requests
 
 from mlauth import InvalidGrantError, LockTimeoutError, MLAuthError, UnexpectedError
 from mlauth.httpx import HttpxAuth
-from mlauth.integrations.httpx_auth import _hops
+from mlauth.integrations.httpx_auth import _as_http_error, _hops
+from mlauth.secret import Secret
 from mlauth.stores.base import NOT_LOCAL, TokenStore
 from mlauth.stores.envfile import EnvFileStore
 from mlauth.stores.redis import RedisStore
@@ -74,6 +78,8 @@ def test_thirty_tasks_waiting_for_a_refresh_make_one_trip_and_leave_the_pool_fre
             async def call() -> None:
                 statuses.append((await client.get(f"{fake_ml.base_url}/users/me")).status_code)
 
+            # A pool smaller than the tasks, so that one thread per waiting task would fill it.
+            anyio.to_thread.current_default_thread_limiter().total_tokens = 5
             async with anyio.create_task_group() as group:
                 for _ in range(30):
                     group.start_soon(call)
@@ -263,3 +269,102 @@ def test_a_body_whose_tell_fails_oddly_is_an_mlauth_error(
     assert isinstance(caught.value, UnexpectedError)
     assert isinstance(caught.value, httpx.HTTPError)
     assert type(caught.value.__cause__) is TypeError
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_tasks_queued_behind_a_failed_trip_get_its_error_without_waiting_again(
+    fake_ml: FakeMercadoLibre, tmp_path: Path, backend: str, trips: list[str]
+) -> None:
+    """A stuck peer holds the refresh lock: the first trip waits out its timeout; the tasks
+    queued behind it raise the same error at once, not one timeout after another."""
+    env = tmp_path / ".env"
+    fake_ml.write_env(env, expires_at=time.time() - 10)
+    auth = HttpxAuth.from_env(env, lock_timeout=0.5)
+    peer = os.open(tmp_path / ".env.lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(peer, fcntl.LOCK_EX)  # another open file: flock excludes it like a process
+    errors: list[BaseException] = []
+
+    async def main() -> None:
+        async with httpx.AsyncClient(auth=auth) as client:
+
+            async def call() -> None:
+                try:
+                    await client.get(f"{fake_ml.base_url}/users/me")
+                except LockTimeoutError as exc:
+                    errors.append(exc)
+
+            async with anyio.create_task_group() as group:
+                for _ in range(4):
+                    group.start_soon(call)
+
+    try:
+        anyio.run(main, backend=backend)
+    finally:
+        os.close(peer)
+    assert len(errors) == 4
+    assert len({id(error) for error in errors}) == 4  # each task its own copy
+    assert all(isinstance(error, httpx.HTTPError) for error in errors)
+    assert len(trips) == 1  # one wait for the lock, not four in a row
+    assert fake_ml.stats()["token_requests"] == 0
+
+
+class RemoteStamp(EnvFileStore):
+    local_stamp = TokenStore.local_stamp
+
+
+def test_a_task_queued_behind_a_401_trip_takes_its_new_token(tmp_path: Path) -> None:
+    """A's trip brings T1; D, queued next, finds T1 dead (a 401) and brings T2; B, queued
+    behind both while A's trip ran, must take T2, not A's T1."""
+    env = tmp_path / ".env"
+    with FakeMercadoLibre() as fake:
+        fake.write_env(env)
+        auth = HttpxAuth.from_env(env, store=RemoteStamp(env))  # every token needs a trip
+    engine = auth._engine
+    release = threading.Event()
+    old, new = Secret("T1-old"), Secret("T2-new")
+    current = [old]
+
+    def token_for_request() -> Secret:
+        release.wait(DEADLINE)
+        return current[0]
+
+    def after_401(failed: Secret) -> Secret:
+        current[0] = new
+        return new
+
+    engine.token_for_request = token_for_request  # type: ignore[method-assign]
+    engine.after_401 = after_401  # type: ignore[method-assign]
+    got: dict[str, Secret | None] = {}
+
+    async def main() -> None:
+        turn = _hops(engine).lock
+
+        async def a() -> None:
+            got["A"] = await auth._token_off_loop()
+
+        async def d() -> None:
+            got["D"] = await auth._after_401_off_loop(old)
+
+        async def b() -> None:
+            got["B"] = await auth._token_off_loop()
+
+        async with anyio.create_task_group() as group:
+            group.start_soon(a)
+            await wait_until(turn.locked, "A's trip")
+            group.start_soon(d)
+            await wait_until(lambda: turn.statistics().tasks_waiting == 1, "D queued")
+            group.start_soon(b)
+            await wait_until(lambda: turn.statistics().tasks_waiting == 2, "B queued")
+            release.set()
+
+    anyio.run(main)
+    assert (got["A"], got["D"], got["B"]) == (old, new, new)
+
+
+def test_a_copy_of_an_httpx_error_keeps_its_class_and_request() -> None:
+    request = httpx.Request("GET", "https://api.mercadolibre.com/users/me")
+    auth_error = InvalidGrantError("the refresh token is dead", status_code=400)
+    flavoured = _as_http_error(auth_error, request)
+    for copied in (copy.copy(flavoured), copy.deepcopy(flavoured)):
+        assert type(copied) is type(flavoured) and isinstance(copied, httpx.HTTPError)
+        assert copied.request is request and copied.status_code == 400

@@ -98,6 +98,12 @@ def _reduce_to_plain(error: MLAuthError) -> tuple[Any, ...]:
     return (rebuilt, (plain, error.args, state))
 
 
+def _copy(error: MLAuthError, memo: object = None) -> MLAuthError:
+    """copy.copy and copy.deepcopy keep the httpx-flavoured class and ``.request``, which the
+    pickling rule above drops."""
+    return rebuilt(type(error), error.args, vars(error))
+
+
 def _http_error_class(cls: type[MLAuthError]) -> type[MLAuthError]:
     """``cls`` that is also an :class:`httpx.HTTPError`, named and shown as ``cls``."""
     made = _http_error_classes.get(cls)
@@ -107,6 +113,8 @@ def _http_error_class(cls: type[MLAuthError]) -> type[MLAuthError]:
             "__qualname__": cls.__qualname__,
             "__doc__": cls.__doc__,
             "__reduce__": _reduce_to_plain,
+            "__copy__": _copy,
+            "__deepcopy__": _copy,
         }
         made = type(cls.__name__, (cls, httpx.HTTPError), namespace)
         _http_error_classes[cls] = made  # one class per error class; a race makes two, no harm
@@ -136,15 +144,40 @@ class _Hops:
     """One auth's trips to a worker thread on one event loop: one at a time.
 
     Without it, every task that finds no FRESH token would take a thread of anyio's pool
-    (40, shared with the rest of the app) to wait in the engine for the same refresh, and a
-    task cancelled and retried would leave a thread behind each time. With it, one task per
-    loop waits in a thread; the others wait on the loop, then take its answer.
+    (shared with the rest of the app) to wait in the engine for the same refresh, and a task
+    cancelled and retried would leave a thread behind each time. With it, one task per loop
+    waits in a thread; the tasks queued behind it take what the trip ended with, a token or
+    an error, instead of each waiting as long again.
     """
 
     def __init__(self) -> None:
         self.lock = anyio.Lock()
-        self.done = 0  # trips made for a token to send
-        self.token: Secret | None = None  # what the last of them brought back
+        self.done = 0  # trips ended (a cancelled one does not count: it has not ended)
+        # What the last one ended with: the token to send, None (a genuine 401: nothing new),
+        # or the error it raised.
+        self.outcome: Secret | MLAuthError | None = None
+
+    def settled(self, before: int, failed: Secret | None) -> Secret | None:
+        """What a trip that ended while this task waited (``done`` moved past ``before``)
+        brought back, if it answers this task too: a token other than ``failed``, or its
+        error raised again. None: look for yourself."""
+        if self.done == before:
+            return None
+        outcome = self.outcome
+        if isinstance(outcome, MLAuthError):
+            # A copy per task: one exception raised in several tasks would mix tracebacks.
+            raise rebuilt(type(outcome), outcome.args, vars(outcome)) from outcome.__cause__
+        return outcome if outcome != failed else None
+
+    async def trip(self, call: Callable[..., Secret | None], *args: Any) -> Secret | None:
+        """``call(*args)`` in a worker thread; its outcome is kept for the tasks queued."""
+        try:
+            outcome = await _off_loop(call, *args)
+        except MLAuthError as exc:
+            self.outcome, self.done = exc, self.done + 1
+            raise
+        self.outcome, self.done = outcome, self.done + 1
+        return outcome
 
 
 # Per event loop (asyncio or trio): each auth's _Hops, kept as long as the auth is.
@@ -273,27 +306,27 @@ class HttpxAuth(AuthAdapter, httpx.Auth):
 
     async def _token_off_loop(self) -> Secret:
         """:meth:`RefreshEngine.token_for_request` in a worker thread, one task per loop at a
-        time; a task that waited for another's trip takes what it brought back."""
+        time; a task that waited for another's trip takes what it ended with."""
         hops = _hops(self._engine)
         before = hops.done
         async with hops.lock:
-            if hops.done != before and hops.token is not None:
-                return hops.token  # answered while this task waited: as fresh as can be
-            token = self._engine.fresh_token()
+            token = hops.settled(before, None) or self._engine.fresh_token()
             if token is None:
-                token = await _off_loop(self._engine.token_for_request)
-            hops.token, hops.done = token, hops.done + 1
+                token = await hops.trip(self._engine.token_for_request)
+            assert token is not None  # token_for_request always returns one
             return token
 
     async def _after_401_off_loop(self, failed: Secret) -> Secret | None:
         """:meth:`RefreshEngine.after_401` in a worker thread, one task per loop at a time."""
-        async with _hops(self._engine).lock:
+        hops = _hops(self._engine)
+        before = hops.done
+        async with hops.lock:
             # What after_401 answers first, without a trip: a FRESH token that is not the one
             # that failed (another task's trip, or a peer, has moved on already).
-            token = self._engine.fresh_token()
+            token = hops.settled(before, failed) or self._engine.fresh_token()
             if token is not None and token != failed:
                 return token
-            return await _off_loop(self._engine.after_401, failed)
+            return await hops.trip(self._engine.after_401, failed)
 
 
 async def _off_loop(call: Callable[..., _T], *args: Any) -> _T:

@@ -1,11 +1,14 @@
-"""Shared fixtures: a fake .env with obviously fake credentials, and an MLAuth built on it."""
+"""Shared fixtures: a fake .env with obviously fake credentials, an MLAuth built on it, a Redis
+server, and another loopback host to redirect to."""
 
 from __future__ import annotations
 
+import http.server
 import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -111,3 +114,39 @@ def refresh_turn_is_free(auth: mlauth.MLAuth, within: float = 20.0) -> bool:
     thread.start()
     thread.join(within)
     return bool(done)
+
+
+class _Recorder(http.server.BaseHTTPRequestHandler):
+    """Another host: records the Authorization header it gets and answers 401."""
+
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self) -> None:
+        self.server.seen.append(self.headers.get("Authorization"))  # type: ignore[attr-defined]
+        body = b'{"message":"invalid_token","status":401}'
+        self.send_response(401)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def other_host() -> Iterator[tuple[str, list[str | None]]]:
+    """Another origin on loopback (127.0.0.2): its URL, and the Authorization headers it got.
+
+    requests and httpx both strip the header on a redirect to it; it answers 401.
+    """
+    server = http.server.ThreadingHTTPServer(("127.0.0.2", 0), _Recorder)
+    server.seen = []  # type: ignore[attr-defined]
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.2:{server.server_address[1]}", server.seen  # type: ignore[attr-defined]
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()

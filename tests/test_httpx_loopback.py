@@ -4,7 +4,6 @@ bodies re-sent after a 401, streams that cannot be, redirects, trio, and concurr
 from __future__ import annotations
 
 import hashlib
-import http.server
 import io
 import logging
 import threading
@@ -207,39 +206,6 @@ def test_the_refresh_is_persisted_for_the_next_process(
 
 
 # -- redirects ---------------------------------------------------------------------------------
-
-
-class _Recorder(http.server.BaseHTTPRequestHandler):
-    """Another host: records the Authorization header it gets and answers 401."""
-
-    protocol_version = "HTTP/1.1"
-
-    def do_GET(self) -> None:
-        self.server.seen.append(self.headers.get("Authorization"))  # type: ignore[attr-defined]
-        body = b'{"message":"invalid_token","status":401}'
-        self.send_response(401)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
-
-
-@pytest.fixture
-def other_host() -> Iterator[tuple[str, list[str | None]]]:
-    # 127.0.0.2 is another origin to httpx (it strips Authorization on the hop) and to us.
-    server = http.server.ThreadingHTTPServer(("127.0.0.2", 0), _Recorder)
-    server.seen = []  # type: ignore[attr-defined]
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.2:{server.server_address[1]}", server.seen  # type: ignore[attr-defined]
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join()
 
 
 @pytest.mark.parametrize("listed", [False, True], ids=["not-allowed", "allowed"])

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-import http.server
 import io
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -154,39 +152,6 @@ def test_resend_persists_the_rotated_tokens(stale_env: Path, fake_ml: FakeMercad
 
 
 # -- redirects --------------------------------------------------------------------------------
-
-
-class _Recorder(http.server.BaseHTTPRequestHandler):
-    """Another host: records the Authorization header it gets and answers 401."""
-
-    seen: list[str | None]
-    protocol_version = "HTTP/1.1"
-
-    def do_GET(self) -> None:
-        self.server.seen.append(self.headers.get("Authorization"))  # type: ignore[attr-defined]
-        body = b'{"message":"invalid_token","status":401}'
-        self.send_response(401)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
-
-
-@pytest.fixture
-def other_host() -> Iterator[tuple[str, list[str | None]]]:
-    # 127.0.0.2 is a different host to requests (it strips auth on the host change) and to us.
-    server = http.server.ThreadingHTTPServer(("127.0.0.2", 0), _Recorder)
-    server.seen = []  # type: ignore[attr-defined]
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.2:{server.server_address[1]}", server.seen  # type: ignore[attr-defined]
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def test_redirect_to_another_host_that_answers_401_gets_no_token_and_no_refresh(

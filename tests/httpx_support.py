@@ -9,6 +9,7 @@ import threading
 from collections.abc import Callable, Coroutine
 from typing import Any, Literal
 
+import anyio
 import httpx
 
 Mode = Literal["sync", "async"]
@@ -109,3 +110,12 @@ class ScriptedApi:
 
     def sent_tokens(self) -> list[str | None]:
         return [call.authorization for call in self.calls]
+
+
+async def wait_until(condition: Callable[[], bool], what: str, deadline: float = 60.0) -> None:
+    """Poll ``condition`` on the loop until it holds; fail after ``deadline`` seconds (generous:
+    the machine is shared and noisy)."""
+    end = anyio.current_time() + deadline
+    while not condition():
+        assert anyio.current_time() < end, f"not seen within {deadline:g}s: {what}"
+        await anyio.sleep(0.01)

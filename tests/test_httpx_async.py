@@ -26,6 +26,7 @@ from mlauth.integrations.httpx_auth import _hops
 from mlauth.stores.envfile import read_env_file
 from mlauth.testing import FakeMercadoLibre
 from tests.conftest import refresh_turn_is_free
+from tests.httpx_support import wait_until
 
 WORKER = Path(__file__).resolve().parent / "httpx_worker.py"
 DEADLINE = 60.0  # for any poll or answer; generous, the machine is shared and noisy
@@ -145,14 +146,6 @@ def test_the_probe_sees_a_refresh_made_on_the_loop(tmp_path: Path) -> None:
     print(f"\n[figures] control: worst loop lag {lag * 1000:.0f} ms during {took * 1000:.0f} ms")
     assert stats["refreshes"] == 1
     assert lag > took / 2, (lag, took)
-
-
-async def wait_until(condition: Callable[[], bool], what: str) -> None:
-    """Poll ``condition`` on the loop until it holds; fail at the deadline."""
-    deadline = anyio.current_time() + DEADLINE
-    while not condition():
-        assert anyio.current_time() < deadline, f"not seen within {DEADLINE:g}s: {what}"
-        await anyio.sleep(0.01)
 
 
 def lock_busy(lock_path: Path) -> bool:

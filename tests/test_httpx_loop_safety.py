@@ -35,6 +35,7 @@ from mlauth.stores.envfile import EnvFileStore
 from mlauth.stores.redis import RedisStore
 from mlauth.testing import FakeMercadoLibre
 from tests.conftest import RedisServer
+from tests.httpx_support import wait_until
 
 DEADLINE = 60.0
 BACKENDS = ["asyncio", "trio"]
@@ -52,13 +53,6 @@ def trips(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
     monkeypatch.setattr(anyio.to_thread, "run_sync", run_sync)
     return sent
-
-
-async def wait_until(condition: Callable[[], bool], what: str) -> None:
-    deadline = anyio.current_time() + DEADLINE
-    while not condition():
-        assert anyio.current_time() < deadline, f"not seen within {DEADLINE:g}s: {what}"
-        await anyio.sleep(0.01)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

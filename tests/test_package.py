@@ -1,5 +1,10 @@
 """What a user of the package sees before any code runs: the version, the licence, the
-metadata, and a clone that `make clean` leaves clean."""
+metadata, the Pythons it claims and CI tests, and a clone that `make clean` leaves clean.
+
+The wheel itself is built, installed on every claimed Python and smoke-tested by
+``.ci/wheel-matrix``; here ``tests/wheel_smoke.py`` (what it runs there) runs against this
+install, so a broken smoke is seen before CI.
+"""
 
 from __future__ import annotations
 
@@ -13,11 +18,24 @@ from pathlib import Path
 import pytest
 
 import mlauth
-from tests.package_support import ROOT, pyproject
+from tests.package_support import ROOT, classified_pythons, pyproject
 
 BIN = Path(sys.executable).parent
-# `make test` runs this suite, so make is there wherever it runs.
-MAKE = shutil.which("make")
+MATRIX = ROOT / ".ci" / "wheel-matrix"
+# Both run `make test` itself, so they are there wherever this suite runs.
+MAKE, BASH = shutil.which("make"), shutil.which("bash")
+
+
+def matrix_pythons() -> list[str]:
+    (line,) = re.findall(r"^VERSIONS=\((.*)\)$", MATRIX.read_text(), flags=re.MULTILINE)
+    return line.split()
+
+
+def section(page: Path, heading: str) -> str:
+    text = page.read_text()
+    start = text.index(f"\n## {heading}\n")
+    end = text.find("\n## ", start + 1)
+    return text[start : end if end != -1 else None]
 
 
 # -- the version --------------------------------------------------------------------------
@@ -73,6 +91,48 @@ def test_the_metadata_says_what_the_package_is_for() -> None:
     assert (ROOT / "mlauth" / "py.typed").is_file()
     # Nothing public exists to link to: no invented homepage or repository.
     assert "urls" not in project
+
+
+def test_the_claimed_pythons_are_the_ones_ci_tests_and_the_readme_names() -> None:
+    claimed = classified_pythons()
+    matrix = matrix_pythons()
+    assert set(matrix) <= claimed
+    # The one left is the main Python, on which `make test` runs the whole suite.
+    assert len(claimed - set(matrix)) == 1, (claimed, matrix)
+    lowest = min(claimed, key=lambda v: tuple(map(int, v.split("."))))
+    highest = max(claimed, key=lambda v: tuple(map(int, v.split("."))))
+    assert pyproject()["project"]["requires-python"] == f">={lowest}"
+    install = section(ROOT / "README.md", "Install")
+    assert set(re.findall(r"\b3\.\d+\b", install)) == claimed, install
+    assert f"Python {lowest} to {highest}" in install
+    assert f"Python {lowest} to {highest}" in (ROOT / "README.pypi.md").read_text()
+
+
+def test_ci_runs_the_readme_test_command_then_the_wheel_matrix() -> None:
+    commands = [
+        line
+        for line in (ROOT / ".ci" / "run").read_text().splitlines()
+        if line and not line.startswith(("#", "set ", "cd "))
+    ]
+    assert commands == ["make test", ".ci/wheel-matrix"]
+    assert BASH is not None
+    syntax = subprocess.run([BASH, "-n", str(MATRIX)], capture_output=True, text=True)
+    assert syntax.returncode == 0, syntax.stderr
+
+
+@pytest.mark.processes
+def test_the_wheel_smoke_passes_against_this_install(tmp_path: Path) -> None:
+    # From another folder, as .ci/wheel-matrix runs it (there with --installed as well).
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "wheel_smoke.py")],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.count("\nok: ") == 5, done.stdout
+    assert done.stdout.rstrip().endswith("wheel smoke: all checks passed")
 
 
 # -- make clean -----------------------------------------------------------------------------

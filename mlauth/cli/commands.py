@@ -31,6 +31,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
+from mlauth import __version__
 from mlauth.config import env_settings
 from mlauth.errors import ConfigError, InvalidGrantError, MLAuthError, StoreError
 from mlauth.integrations.requests_auth import MLAuth
@@ -389,6 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="exit codes: 0 ok, 1 error (the message says how to fix it), 2 usage, "
         "3 re-authorization required (run `mlauth login`); `run` exits with the command's code",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(

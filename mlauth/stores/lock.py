@@ -271,7 +271,7 @@ class ProcessLock(ReleaseWatch):
         file description, which the child shares through its copy of the descriptor: the
         child must close that copy, never unlock it (``LOCK_UN`` on the shared description
         would release the parent's lock), or the lock would outlive a parent killed later and
-        the child would wait for itself. filelock 4.3 closes it too; this check keeps that
+        the child would wait for itself. filelock (4.0 on) closes it too; this check keeps that
         true whatever filelock does, and the inode test keeps a reused number untouched.
         """
         held, self._held = self._held, {}

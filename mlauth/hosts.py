@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from urllib.parse import urlsplit
 
-from .urls import DEFAULT_PORTS, host_problem, is_loopback, sent_target
+from .urls import DEFAULT_PORTS, host_problem, is_loopback, split_target, urllib3_agrees
 
 __all__ = ["DEFAULT_PORTS", "HostRules", "is_loopback"]
 
@@ -160,8 +160,9 @@ class HostRules:
         return answer
 
     def allows_uncached(self, url: str | None) -> bool:
-        """The full check, uncached: where requests will connect (:func:`sent_target`: the
-        host ``urlsplit`` and urllib3 both read, or none), then the scheme, host and port rules.
+        """The full check, uncached: the scheme, host and port rules, on the host requests
+        will connect to (:func:`~mlauth.urls.sent_target`): ``urlsplit``'s and urllib3's
+        readings must agree, or there is no token.
 
         A backslash in the netloc gets no token: ``urlsplit`` reads
         ``https://evil.com\\@api.mercadolibre.com/`` as userinfo and the allowed host, while
@@ -169,13 +170,14 @@ class HostRules:
         """
         if not url or not isinstance(url, str):
             return False
-        target = sent_target(url)
+        target = split_target(url)
         if target is None:
             return False
         scheme, name, port = target
         if scheme != "https" and not is_loopback(name):
             return False
-        return self.matches(name, port)
+        # urllib3's parse last: it costs several times urlsplit, and only a yes needs it.
+        return self.matches(name, port) and urllib3_agrees(url, target)
 
     def matches(self, name: str, port: int) -> bool:
         """Whether an entry names host ``name`` (lower-case) on ``port``."""

@@ -27,6 +27,8 @@ __all__ = [
     "host_problem",
     "is_loopback",
     "sent_target",
+    "split_target",
+    "urllib3_agrees",
 ]
 
 DEFAULT_PORTS = {"https": 443, "http": 80}
@@ -111,9 +113,19 @@ def sent_target(url: str) -> Target | None:
 
     requests parses a new URL with ``parse_url`` (``PreparedRequest.prepare_url``), and its
     adapter picks the connection from ``urlparse`` of the result; a redirect's URL reaches the
-    adapter without ``parse_url``. A URL both read alike goes where either says. A backslash
-    in the authority is refused even when they agree: browsers and WHATWG parsers read it as
-    ``/``, so the URL means two things to two readers anyway.
+    adapter without ``parse_url``. A URL both read alike goes where either says.
+    """
+    target = split_target(url)
+    return target if target is not None and urllib3_agrees(url, target) else None
+
+
+def split_target(url: str) -> Target | None:
+    """``urlsplit``'s reading of an http(s) URL, or None (no host, another scheme, a bad
+    port). A backslash in the authority gives None: browsers, WHATWG parsers and urllib3 read
+    it as ``/``, so the URL names two hosts to two readers.
+
+    Half of :func:`sent_target`, for a caller that can refuse on it alone and so skip
+    :func:`urllib3_agrees`, the slower half (several microseconds).
     """
     try:
         parts = urlsplit(url)
@@ -124,13 +136,17 @@ def sent_target(url: str) -> Target | None:
     scheme = parts.scheme
     if host is None or scheme not in DEFAULT_PORTS or "\\" in parts.netloc:
         return None
+    return Target(scheme, host, port or DEFAULT_PORTS[scheme])
+
+
+def urllib3_agrees(url: str, target: Target) -> bool:
+    """Whether urllib3's ``parse_url`` reads ``url`` as ``target`` (:func:`split_target`)."""
     try:
         other = parse_url(url.lstrip())  # requests strips leading white space first
     except ValueError:  # LocationParseError
-        return None
-    if other.scheme != scheme or _bare(other.host) != host or other.port != port:
-        return None
-    return Target(scheme, host, port or DEFAULT_PORTS[scheme])
+        return False
+    port = other.port or DEFAULT_PORTS.get(other.scheme or "")
+    return (other.scheme, _bare(other.host), port) == target
 
 
 def _first_odd_character(url: str) -> str | None:

@@ -384,6 +384,19 @@ def test_httpx_carries_the_token_only_where_it_connects_to_an_allowed_host(
     sent = recorder.send(url)
     if sent is not None and sent.authorization:
         assert allowed(sent.destination), sent
+    if url in PLAIN:
+        assert sent is not None and sent.authorization, sent
+
+
+# Plain URLs of allowed hosts: every client sends them with the token.
+PLAIN = {
+    "https://api.mercadolibre.com/users/me",
+    "https://API.MercadoLibre.COM:443/x",
+    "https://auth.mercadolibre.com:8443/x",
+    "http://127.0.0.1:5000/x",
+    "http://[::1]:8080/x",
+    "https://[2001:DB8::1]:1/x",
+}
 
 
 PIECES = [

@@ -32,7 +32,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from mlauth import __version__
-from mlauth.config import env_settings
+from mlauth.config import env_settings, token_hosts_row
 from mlauth.errors import ConfigError, InvalidGrantError, MLAuthError, StoreError
 from mlauth.integrations.requests_auth import MLAuth
 from mlauth.logs import LEVEL_VARIABLE, OFF, level_from_environment, show_on_stderr
@@ -153,6 +153,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
     else:
         rows.append(("last refresh", "unknown"))
     rows.append(("refresh running", {True: "yes (lock held)", False: "no", None: "unknown"}[busy]))
+    rows.append(("token sent to", token_hosts_row(args.env)))
     rows += store.status_details()
     for label, value in rows:
         print(f"{label + ':':<18}{value}")

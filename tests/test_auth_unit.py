@@ -637,7 +637,7 @@ def test_unwritable_store_refuses_before_spending_the_token(
 ) -> None:
     import errno
 
-    import mlauth.stores.envfile
+    import mlauth.stores.private
 
     auth = make_auth()
 
@@ -645,7 +645,7 @@ def test_unwritable_store_refuses_before_spending_the_token(
         raise OSError(errno.EROFS, "Read-only file system")
 
     # Root ignores permission bits, so a read-only folder is simulated at the syscall edge.
-    monkeypatch.setattr(mlauth.stores.envfile.tempfile, "mkstemp", read_only)
+    monkeypatch.setattr(mlauth.stores.private.tempfile, "mkstemp", read_only)
     requests_mock.post(TOKEN_URL, json=token_answer())
     requests_mock.get(ME, status_code=401)
     with pytest.raises(mlauth.StoreError, match="Refusing to spend the refresh token"):

@@ -67,7 +67,8 @@ def install_pause(phase: str, env: str) -> None:
             # Only the save of the answer: the writability probe before the POST replaces the
             # file with its own bytes, and the journal has no answer then.
             answered = any(
-                r.get("kind") == "answer" for r in mlauth.stores.journal.Journal(real_env).records()
+                r.get("kind") in ("answer", "raw")
+                for r in mlauth.stores.journal.Journal(real_env).records()
             )
             if os.fspath(dst) == real_env and answered:
                 pause(phase)
@@ -82,7 +83,7 @@ def install_pause(phase: str, env: str) -> None:
         def paused_pwrite(fd: int, data: Any, offset: int) -> int:
             written = pwrite(fd, data, offset)
             answered = any(
-                r.get("kind") == "answer"
+                r.get("kind") in ("answer", "raw")
                 for r in mlauth.stores.mounted.InodeJournal(real_env).records()
             )
             if os.path.samestat(os.fstat(fd), os.stat(real_env)) and answered:

@@ -26,6 +26,7 @@ import mlauth
 import mlauth.httpx
 from benchmarks.redis_server import RedisServer
 from mlauth.cli.migrate import migrate_to_redis
+from mlauth.stores import store_from_env
 from mlauth.stores.envfile import read_env_file
 from mlauth.testing import FakeMercadoLibre
 from mlauth.tokens import MAX_TOKEN_LENGTH, token_problem
@@ -253,3 +254,28 @@ def test_a_redis_hash_with_odd_fields_is_a_store_error_naming_the_key_and_the_fi
     done = cli("status", "--env", str(env))
     assert done.returncode == 1, done.stdout + done.stderr
     assert "Traceback" not in done.stderr and key in done.stderr and field in done.stderr
+
+
+# -- what a store writes ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", BAD.values(), ids=BAD.keys())
+def test_a_store_never_writes_a_token_that_cannot_be_one(
+    fake_ml: FakeMercadoLibre, fake_ml_env: Path, redis_server: RedisServer, value: str
+) -> None:
+    # Whoever calls save() (a migration script, a custom tool) may hand over anything.
+    env_store = mlauth.EnvFileStore(fake_ml_env)
+    redis_store = store_from_env(redis_env(fake_ml, fake_ml_env.parent / "r", redis_server))
+    for store in (env_store, redis_store):
+        tokens, version = store.load()
+        before = fake_ml_env.read_bytes()
+        bad_refresh = dataclasses.replace(tokens, refresh_token=mlauth.Secret(value))
+        with pytest.raises(mlauth.StoreError, match="refusing to save a refresh token") as e:
+            store.save(bad_refresh, replaces=version)
+        assert_not_in(str(e.value), value)
+        assert fake_ml_env.read_bytes() == before and store.load()[0] == tokens
+        bad_access = dataclasses.replace(tokens, access_token=mlauth.Secret(value))
+        store.save(bad_access, replaces=store.load()[1])
+        saved, _ = store.load()
+        assert saved.access_token is None and saved.refresh_token == tokens.refresh_token
+    assert fake_ml_env.read_text().count("\n") == before.decode().count("\n")  # no line added

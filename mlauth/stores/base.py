@@ -18,15 +18,35 @@ other method has a default that is right for a store without the feature.
 from __future__ import annotations
 
 import abc
+import dataclasses
 import enum
 from collections.abc import Hashable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 
-from mlauth.errors import ConfigError, InvalidGrantError, RefreshError
+from mlauth.errors import ConfigError, InvalidGrantError, RefreshError, StoreError
 from mlauth.secret import Secret
-from mlauth.tokens import TokenSet
+from mlauth.tokens import TokenSet, token_problem
 
-__all__ = ["NOT_LOCAL", "RefreshTransaction", "TokenStore"]
+__all__ = ["NOT_LOCAL", "RefreshTransaction", "TokenStore", "savable"]
+
+
+def savable(tokens: TokenSet, where: str) -> TokenSet:
+    """``tokens`` as a store may write them: an access token that cannot be one is left out
+    (the next request refreshes it); StoreError, before anything is written, for a refresh
+    token that cannot be one. Every value mlauth saves passed this check when it was read; a
+    caller of ``save()`` may hand over anything, and a line break would add a line to a
+    ``.env``."""
+    refresh = tokens.refresh_token
+    problem = None if refresh is None else token_problem(refresh.reveal())
+    if problem is not None:
+        raise StoreError(
+            f"refusing to save a refresh token that {problem} to {where} (its value is not "
+            "shown); nothing was written"
+        )
+    access = tokens.access_token
+    if access is not None and token_problem(access.reveal()) is not None:
+        return dataclasses.replace(tokens, access_token=None)
+    return tokens
 
 
 class _NotLocal(enum.Enum):

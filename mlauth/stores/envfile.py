@@ -29,7 +29,7 @@ from mlauth.errors import ConfigError, StoreError, StoreMovedError
 from mlauth.secret import Secret, fingerprint
 from mlauth.tokens import LATEST_TIME, TokenSet, token_problem
 
-from .base import RefreshTransaction, TokenStore
+from .base import RefreshTransaction, TokenStore, savable
 from .durable import fsync_dir
 from .journal import Journal, JournaledRefresh, pending
 from .lock import ProcessLock, fork_bound
@@ -614,6 +614,7 @@ class EnvFileStore(TokenStore):
         moved = self._follow()
         if moved is not None:
             return moved.save(tokens, replaces=replaces)
+        tokens = savable(tokens, self.path)
         updates: dict[str, str | None] = {
             ACCESS_KEY: tokens.access_token.reveal() if tokens.access_token else None,
             REFRESH_KEY: tokens.refresh_token.reveal() if tokens.refresh_token else None,

@@ -56,7 +56,7 @@ from mlauth.errors import (
 from mlauth.secret import Secret, fingerprint
 from mlauth.tokens import LATEST_TIME, TokenSet, this_process, token_problem
 
-from .base import NOT_LOCAL, RefreshTransaction, TokenStore
+from .base import NOT_LOCAL, RefreshTransaction, TokenStore, savable
 from .journal import kept_note, with_note
 from .lock import POLL_INTERVAL
 
@@ -473,8 +473,8 @@ class RedisStore(TokenStore):
 
     # -- writing ---------------------------------------------------------------------------
 
-    @staticmethod
-    def _pairs(tokens: TokenSet) -> list[str]:
+    def _pairs(self, tokens: TokenSet) -> list[str]:
+        tokens = savable(tokens, f"{self.location} {self.key}")
         values = (
             tokens.access_token.reveal() if tokens.access_token else "",
             tokens.refresh_token.reveal() if tokens.refresh_token else "",

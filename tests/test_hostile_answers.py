@@ -24,6 +24,7 @@ import pytest
 import requests
 
 import mlauth
+import mlauth.endpoint
 from mlauth.stores.envfile import read_env_file
 from mlauth.stores.journal import Journal
 from mlauth.testing import FakeMercadoLibre
@@ -305,8 +306,6 @@ def test_the_raw_answer_is_journaled_before_any_field_is_read(
     fake_ml: FakeMercadoLibre, env: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     journaled: list[list[dict[str, object]]] = []
-    import mlauth.endpoint
-
     original = mlauth.endpoint.read_answer
 
     def reading(raw: bytes) -> object:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import email.utils
 import logging
-import math
 import random
 import time
 from collections.abc import Callable, Mapping
@@ -14,6 +13,7 @@ from typing import Any
 import requests
 import urllib3.exceptions
 
+from .answers import answer_of, read_answer
 from .errors import REAUTHORIZE, InvalidGrantError, RefreshError
 from .secret import Secret
 from .tokens import TokenAnswer
@@ -44,49 +44,50 @@ class _NoAuth(requests.auth.AuthBase):
         return r
 
 
-_MAX_EXPIRES_IN = 366 * 24 * 3600.0  # ML's tokens live 6 h; a year is already absurd
+def _read_success(raw: bytes, status: int, what: str) -> TokenAnswer:
+    """The tokens a 2xx answer holds (:mod:`mlauth.answers`); RefreshError if none is usable.
+
+    Odd fields that cost nothing (an unusable expires_in, a token_type other than bearer)
+    are one warning; the tokens are kept.
+    """
+    reading = read_answer(raw)
+    answer = answer_of(reading)
+    if isinstance(answer, str):
+        fix = (
+            "The code is spent: run `mlauth login` again."
+            if what == _CODE_EXCHANGE
+            else "The refresh token may have been spent; if the next refresh says "
+            f"invalid_grant: {REAUTHORIZE}"
+        )
+        unusable = RefreshError(
+            f"the token endpoint answered HTTP {status} to the {what} with an unusable body "
+            f"({answer}). {fix}",
+            status_code=status,
+        )
+        unusable.possibly_spent = f"HTTP {status} with an unusable body"
+        raise unusable
+    if reading.oddities:
+        expiry = ", with an unknown expiry (the first 401 refreshes them)"
+        log.warning(
+            "the token answer was odd (%s); its tokens were kept%s",
+            "; ".join(reading.oddities),
+            expiry if answer.expires_in is None else "",
+        )
+    return answer
 
 
-def _parse_expires_in(value: object) -> float | None:
-    # ML documents a number; older code and proxies have sent it as a numeric string.
-    if value is None:
-        return None
-    if isinstance(value, bool):
-        raise ValueError("expires_in is a boolean")
-    if isinstance(value, (int, float)):
-        seconds = float(value)
-    elif isinstance(value, str):
-        seconds = float(value.strip())
-    else:
-        raise ValueError(f"expires_in has type {type(value).__name__}")
-    if not seconds > 0:
-        raise ValueError("expires_in is not positive")
-    if not math.isfinite(seconds) or seconds > _MAX_EXPIRES_IN:
-        # Refusing the answer would lose the new tokens (the refresh token is spent by now):
-        # keep them, with the expiry unknown, so the first 401 refreshes them.
-        log.warning("ignoring an implausible expires_in (%r); expiry unknown", value)
-        return None
-    return seconds
-
-
-def parse_success(body: object) -> TokenAnswer:
-    """Read a 200 answer; raise ValueError naming what is wrong with it."""
-    if not isinstance(body, dict):
-        raise ValueError("the body is not a JSON object")
-    access = body.get("access_token")
-    if not isinstance(access, str) or not access:
-        raise ValueError("access_token is missing")
-    token_type = body.get("token_type", "bearer")
-    if not isinstance(token_type, str) or token_type.lower() != "bearer":
-        raise ValueError(f"token_type is {token_type!r}, not bearer")
-    refresh = body.get("refresh_token")
-    if refresh is not None and (not isinstance(refresh, str) or not refresh):
-        raise ValueError("refresh_token is not a string")
-    return TokenAnswer(
-        access_token=Secret(access),
-        refresh_token=Secret(refresh) if refresh else None,
-        expires_in=_parse_expires_in(body.get("expires_in")),
-    )
+def _keep_raw(on_answer: Callable[[bytes, float], None] | None, raw: bytes, at: float) -> None:
+    """Hand the raw answer to whoever keeps it, before anything reads it."""
+    if on_answer is None:
+        return
+    try:
+        on_answer(raw, at)
+    except Exception as exc:  # noqa: BLE001 (a keeper that failed must not cost the answer)
+        log.error(
+            "could not keep the raw token answer (%s: %s); reading it all the same",
+            type(exc).__name__,
+            exc,
+        )
 
 
 def _retry_after(response: requests.Response) -> float | None:
@@ -232,11 +233,14 @@ class TokenEndpoint:
         *,
         attempts: int | None = None,
         before_attempt: Callable[[], None] | None = None,
+        on_answer: Callable[[bytes, float], None] | None = None,
     ) -> TokenAnswer:
         """Spend ``refresh_token`` for a new token pair, in at most ``attempts`` tries.
 
         ``before_attempt`` runs before every POST; whatever it raises stops the series before
         the token is presented again (a store renews its lock there, or finds it lost).
+        ``on_answer`` gets the raw bytes of a 2xx answer and their arrival time before
+        anything reads them (the store journals them: they hold the only live refresh token).
         """
         return self._call(
             {
@@ -247,6 +251,7 @@ class TokenEndpoint:
             },
             attempts or self.max_attempts,
             before_attempt,
+            on_answer=on_answer,
         )
 
     def exchange_code(
@@ -256,11 +261,12 @@ class TokenEndpoint:
         *,
         code_verifier: Secret | None = None,
         before_attempt: Callable[[], None] | None = None,
+        on_answer: Callable[[bytes, float], None] | None = None,
     ) -> TokenAnswer:
         """Exchange an authorization code (``mlauth login``) for the first token pair.
 
         A code is single use like a refresh token, so the same retry rules apply, and
-        ``before_attempt`` as for :meth:`refresh`. A refused code raises
+        ``before_attempt`` and ``on_answer`` as for :meth:`refresh`. A refused code raises
         :class:`InvalidGrantError`.
         """
         data = {
@@ -272,7 +278,9 @@ class TokenEndpoint:
         }
         if code_verifier is not None:
             data["code_verifier"] = code_verifier.reveal()
-        return self._call(data, self.max_attempts, before_attempt, what=_CODE_EXCHANGE)
+        return self._call(
+            data, self.max_attempts, before_attempt, what=_CODE_EXCHANGE, on_answer=on_answer
+        )
 
     def _delay(self, attempt: int, retry_after: float | None) -> float:
         if retry_after is not None:
@@ -292,6 +300,7 @@ class TokenEndpoint:
         before_attempt: Callable[[], None] | None = None,
         *,
         what: str = "token refresh",
+        on_answer: Callable[[bytes, float], None] | None = None,
     ) -> TokenAnswer:
         failure = _Failure()
         give_up_at = time.monotonic() + self.budget
@@ -300,7 +309,7 @@ class TokenEndpoint:
             attempt += 1
             if before_attempt is not None:
                 before_attempt()  # outside the try: its errors are not the endpoint's
-            answer = self._attempt(data, failure, what)
+            answer = self._attempt(data, failure, what, on_answer)
             if answer is not None:
                 return answer
             delay = self._delay(attempt, failure.retry_after)
@@ -324,7 +333,13 @@ class TokenEndpoint:
             self._sleep(delay)
         raise failure.error(what, attempt)
 
-    def _attempt(self, data: Mapping[str, str], failure: _Failure, what: str) -> TokenAnswer | None:
+    def _attempt(
+        self,
+        data: Mapping[str, str],
+        failure: _Failure,
+        what: str,
+        on_answer: Callable[[bytes, float], None] | None = None,
+    ) -> TokenAnswer | None:
         """One POST: the answer, or None with ``failure`` updated; raises what no retry fixes."""
         failure.retry_after = None
         unusable: str | None = None
@@ -341,7 +356,7 @@ class TokenEndpoint:
             unusable = type(exc).__name__
             failure.ambiguous = failure.ambiguous or f"{unusable} after sending"
         else:
-            outcome = self._judge(response, failure.ambiguous, what)
+            outcome = self._judge(response, failure.ambiguous, what, on_answer)
             if isinstance(outcome, TokenAnswer):
                 return outcome
             failure.last, failure.retry_after = outcome
@@ -378,24 +393,23 @@ class TokenEndpoint:
         return session.send(prepared, timeout=self.timeout, allow_redirects=False, **settings)
 
     def _judge(
-        self, response: requests.Response, ambiguous: str | None, what: str
+        self,
+        response: requests.Response,
+        ambiguous: str | None,
+        what: str,
+        on_answer: Callable[[bytes, float], None] | None = None,
     ) -> TokenAnswer | tuple[str, float | None]:
         """A TokenAnswer, or (reason, retry_after) for a retryable failure; raises otherwise."""
         status = response.status_code
+        if 200 <= status < 300:
+            # The body was read by send(). Kept before it is read: once the server rotated,
+            # it holds the only live refresh token, and reading it may find fault.
+            raw, arrived = response.content, time.time()
+            response.close()
+            _keep_raw(on_answer, raw, arrived)
+            return _read_success(raw, status, what)
         error, description = _error_fields(response)
         response.close()
-        if status == 200:
-            try:
-                return parse_success(response.json())
-            except ValueError as exc:
-                unusable = RefreshError(
-                    f"the token endpoint answered 200 with an unusable body ({exc}). The "
-                    "refresh token may have been spent; if the next refresh says invalid_grant: "
-                    + REAUTHORIZE,
-                    status_code=status,
-                )
-                unusable.possibly_spent = "HTTP 200 with an unusable body"
-                raise unusable from None
         if error == "invalid_grant":
             note = (
                 f" An earlier attempt may have spent it without its answer arriving ({ambiguous})."

@@ -26,6 +26,7 @@ shared state is the cached ``(tokens, version)`` pair, swapped whole, plus the r
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 import logging
 import math
@@ -44,11 +45,12 @@ from .errors import (
     MLAuthError,
     RefreshError,
     StaleCommitError,
+    StoreError,
     UnexpectedError,
 )
 from .secret import Secret, mask
 from .stores.base import NOT_LOCAL, RefreshTransaction, TokenStore
-from .tokens import MAX_MARGIN_SHARE, Freshness, TokenAnswer, TokenSet, this_process
+from .tokens import MAX_MARGIN_SHARE, Freshness, TokenAnswer, TokenSet, this_process, token_problem
 
 __all__ = ["RefreshEngine", "TokenClient"]
 
@@ -79,6 +81,7 @@ class TokenClient(Protocol):
         *,
         attempts: int | None = None,
         before_attempt: Callable[[], None] | None = None,
+        on_answer: Callable[[bytes, float], None] | None = None,
     ) -> TokenAnswer: ...
 
     def reset_session(self) -> None: ...
@@ -182,11 +185,8 @@ class RefreshEngine:
         self.on_refresh = on_refresh
         self._secrets = secrets  # masked in the messages of unexpected errors
         self._mutex = threading.Lock()
-        tokens, version = store.load()
-        if tokens.refresh_token is None:
-            raise ConfigError(
-                f"{store.location}: ML_REFRESH_TOKEN is missing or empty. {REAUTHORIZE}"
-            )
+        self._warned: set[str] = set()  # fingerprints of unusable access tokens warned about
+        tokens, version = self._first_load()
         # (tokens, their version, until when they are FRESH): the last saves the freshness
         # arithmetic on every request.
         self._cache: tuple[TokenSet, Hashable, float] = (tokens, version, -math.inf)
@@ -199,6 +199,28 @@ class RefreshEngine:
         self._peer_wait_after = 0.0  # a STALE token waits for a peer's refresh from then on
         self._persist_retry_at = 0.0
         _engines.add(self)
+
+    def _first_load(self) -> tuple[TokenSet, Hashable]:
+        """The store's tokens. Without a refresh token, a refresh transaction is opened once:
+        its recovery writes back what a login or a refresh that died left in the journal."""
+        missing = ConfigError(
+            f"{self.store.location}: ML_REFRESH_TOKEN is missing or empty. {REAUTHORIZE}"
+        )
+        try:
+            tokens, version = self.store.load()
+        except ConfigError as exc:  # no tokens at all (an empty Redis key), or a bad value
+            missing = exc
+        else:
+            if tokens.refresh_token is not None:
+                return tokens, version
+        try:
+            with self.store.refresh(0.0) as txn:
+                tokens, version = txn.tokens, txn.version
+        except LockTimeoutError:
+            raise missing from None  # somebody is at it; nothing to recover from here
+        if tokens.refresh_token is None:
+            raise missing
+        return tokens, version
 
     @property
     def refresh_margin(self) -> float:
@@ -300,8 +322,29 @@ class RefreshEngine:
         assert refreshed is not None  # only a 401 can end without tokens
         return refreshed
 
-    def _keep(self, tokens: TokenSet, version: Hashable) -> None:
-        """Cache the store's tokens and version, and until when the tokens are FRESH."""
+    def _usable(self, tokens: TokenSet) -> TokenSet:
+        """``tokens`` without an access token that cannot be one: it is refreshed, never sent.
+
+        The .env and Redis stores drop one themselves; a custom store may hand over anything,
+        and CR, LF or NUL in a header break the request with an error quoting the token.
+        """
+        access = tokens.access_token
+        problem = None if access is None else token_problem(access.reveal())
+        if access is None or problem is None:
+            return tokens
+        if access.fingerprint not in self._warned:
+            self._warned.add(access.fingerprint)
+            log.warning(
+                "the access token in %s %s; it is not sent, and the next request refreshes it",
+                self.store.location,
+                problem,
+            )
+        return dataclasses.replace(tokens, access_token=None)
+
+    def _keep(self, tokens: TokenSet, version: Hashable) -> TokenSet:
+        """Cache the store's tokens and version, and until when the tokens are FRESH; return
+        the tokens as cached (an unusable access token dropped)."""
+        tokens = self._usable(tokens)
         if tokens.access_token is None:
             fresh_until = -math.inf
         elif tokens.expires_at is None:
@@ -309,6 +352,7 @@ class RefreshEngine:
         else:
             fresh_until = tokens.expires_at - tokens.margin(self.refresh_margin)
         self._cache = (tokens, version, fresh_until)
+        return tokens
 
     def _sync(self) -> TokenSet:
         """The tokens to use now; the store is re-read only when its stamp changed.
@@ -321,9 +365,8 @@ class RefreshEngine:
             return unsaved[0]
         tokens, version, _ = self._cache
         if self.store.stamp() != version:
-            tokens, version = self.store.load()
+            tokens = self._keep(*self.store.load())
             log.debug("store changed; picked up %s", tokens.describe())
-            self._keep(tokens, version)
         return tokens
 
     def _refresh_ahead(self, tokens: TokenSet) -> TokenSet:
@@ -439,8 +482,7 @@ class RefreshEngine:
         tokens = self._sync()
         if not self._answers(tokens, failed) and self._unsaved is None:
             # A store whose stamp is rate-limited (Redis) may not show the change yet.
-            tokens, version = self.store.load()
-            self._keep(tokens, version)
+            tokens = self._keep(*self.store.load())
         if not self._answers(tokens, failed):
             return None
         log.debug("adopted a token refreshed by %s without the lock", tokens.refreshed_by)
@@ -479,11 +521,7 @@ class RefreshEngine:
         self, txn: RefreshTransaction, tokens: TokenSet, reason: str, *, mandatory: bool
     ) -> TokenSet | None:
         """Spend the refresh token and commit its successor; None if the store moved on."""
-        spent = tokens.refresh_token
-        if spent is None:
-            raise ConfigError(
-                f"{self.store.location}: ML_REFRESH_TOKEN is missing or empty. {REAUTHORIZE}"
-            )
+        spent = self._spendable(tokens.refresh_token)
         if mandatory:
             self._failures.check(spent)
         txn.begin(spent)  # writable? known dead? the intent on disk before the POST
@@ -496,7 +534,11 @@ class RefreshEngine:
         once = not mandatory or txn.possibly_spent is not None
         try:
             answer = self._endpoint.refresh(
-                spent, attempts=1 if once else None, before_attempt=txn.before_attempt
+                spent,
+                attempts=1 if once else None,
+                before_attempt=txn.before_attempt,
+                # The raw answer goes to the store before anything reads it.
+                on_answer=lambda raw, at: txn.answered(raw, started=started, at=at),
             )
         except RefreshError as exc:
             if isinstance(exc, InvalidGrantError) and self._rotated_outside(txn, spent):
@@ -513,7 +555,29 @@ class RefreshEngine:
                 "keeping the current one"
             )
         new = TokenSet.from_answer(answer, spent, started, refreshed_by=this_process())
-        return self._commit(txn, new, base=self._base(spent), reason=reason)
+        committed = self._commit(txn, new, base=self._base(spent), reason=reason)
+        if committed.access_token is None:
+            # Saved: the next refresh spends the new refresh token, never the old one.
+            raise RefreshError(
+                f"the token endpoint's answer held a new refresh token but no usable access "
+                f"token ({answer.access_problem or 'none'}); the refresh token was saved, and "
+                "the next request refreshes again with it"
+            )
+        return committed
+
+    def _spendable(self, spent: Secret | None) -> Secret:
+        """``spent``, if it can be sent as a refresh token; ConfigError or StoreError if not."""
+        if spent is None:
+            raise ConfigError(
+                f"{self.store.location}: ML_REFRESH_TOKEN is missing or empty. {REAUTHORIZE}"
+            )
+        problem = token_problem(spent.reveal())
+        if problem is not None:  # a custom store's; ours refuse such a value when read
+            raise StoreError(
+                f"{self.store.location}: the stored refresh token {problem}, so it was not "
+                f"sent (its value is not shown). Fix the store. {REAUTHORIZE}"
+            )
+        return spent
 
     def _rotated_outside(self, txn: RefreshTransaction, spent: Secret) -> bool:
         """After invalid_grant: whether a writer that takes no lock (a legacy script) rotated
@@ -538,8 +602,7 @@ class RefreshEngine:
         try:
             version = txn.commit(new)
         except StaleCommitError as exc:  # our lock lapsed and a peer committed since
-            tokens = txn.reload()
-            self._keep(tokens, txn.version)
+            tokens = self._keep(txn.reload(), txn.version)
             self._unsaved = None
             log.warning("%s; using %s", exc, tokens.describe())
             return tokens
@@ -579,8 +642,7 @@ class RefreshEngine:
         """
         unsaved = self._unsaved
         if unsaved is None:
-            self._keep(txn.tokens, txn.version)
-            return txn.tokens
+            return self._keep(txn.tokens, txn.version)
         tokens, base = unsaved
         try:
             if txn.tokens.refresh_token == base:
@@ -594,9 +656,8 @@ class RefreshEngine:
         except Exception as exc:  # noqa: BLE001 (keep the live link in memory, whatever failed)
             log.error("still cannot save refreshed tokens to %s: %s", self.store.location, exc)
             return tokens
-        self._keep(txn.tokens, txn.version)
         self._unsaved = None
-        return txn.tokens
+        return self._keep(txn.tokens, txn.version)
 
     def _retry_persist(self) -> bool:
         """Now and then, try again to save unsaved tokens, without waiting for any lock.

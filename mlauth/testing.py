@@ -33,7 +33,7 @@ import sys
 import threading
 import time
 import urllib.parse
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from types import TracebackType
 from typing import Any, Literal
 
@@ -167,6 +167,9 @@ class FakeMercadoLibre:
         self._access_expiry: dict[str, float] = {}  # access token -> time.monotonic() deadline
         self._codes: dict[str, _PendingCode] = {}
         self._faults: collections.deque[_Fault] = collections.deque()
+        self._manglers: collections.deque[tuple[int, Callable[[dict[str, object]], object]]] = (
+            collections.deque()
+        )
         self._resets = 0
         self._in_flight = 0
         self._unauthorized_shapes = itertools.cycle(_UNAUTHORIZED_SHAPES)
@@ -330,6 +333,27 @@ class FakeMercadoLibre:
         fault = _Fault(status, error, retry_after, body, consume)
         with self._lock:
             self._faults.extend([fault] * count)
+
+    def mangle_next_token_answers(
+        self, count: int, mangle: Callable[[dict[str, object]], object], *, status: int = 200
+    ) -> None:
+        """Make the next ``count`` successful token answers go out as ``mangle(answer)``.
+
+        The grant is processed first (a refresh token sent is spent and its successor is
+        live), then ``mangle`` gets the answer ML would send (a dict it may change) and
+        returns the body to send with ``status``: ``bytes`` as they are, anything else as
+        JSON. So a test can send the new tokens in an odd answer (``expires_in`` "abc", a
+        numeric ``refresh_token``, a body that is not JSON) and see whether the chain lives.
+        """
+        with self._lock:
+            self._manglers.extend([(status, mangle)] * count)
+
+    def _take_mangler(self) -> tuple[int, Callable[[dict[str, object]], object]] | None:
+        with self._lock:
+            if not self._manglers:
+                return None
+            self._stats["faults"] += 1
+            return self._manglers.popleft()
 
     def reset_next_token_requests(self, count: int) -> None:
         """Make the next ``count`` token POSTs close the connection without any answer."""
@@ -594,9 +618,13 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 self._send_fault(fault)
                 return
             status, payload = fake._grant(form)
+            mangler = fake._take_mangler() if status == 200 else None
+            answer: object = payload
+            if mangler is not None:
+                status, answer = mangler[0], mangler[1](dict(payload))
             if fake.token_answer_delay > 0:
                 time.sleep(fake.token_answer_delay)
-            self._send(status, payload)
+            self._send(status, answer)
         finally:
             fake._token_finished()
 

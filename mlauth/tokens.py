@@ -11,12 +11,21 @@ from __future__ import annotations
 import dataclasses
 import enum
 import os
+import re
 import socket
 import time
 
 from .secret import Secret
 
-__all__ = ["Freshness", "TokenAnswer", "TokenSet", "this_process"]
+__all__ = [
+    "MAX_TOKEN_LENGTH",
+    "Freshness",
+    "TokenAnswer",
+    "TokenSet",
+    "json_kind",
+    "this_process",
+    "token_problem",
+]
 
 # A refresh is started ahead of expiry by ``refresh_margin`` seconds, but never by more than
 # this share of the token's lifetime: with the 2-second tokens of a test server a 300-second
@@ -25,6 +34,71 @@ MAX_MARGIN_SHARE = 0.25
 # The last second of the year 9999: a stored time outside 0..LATEST_TIME (or not finite) is
 # no unix time in seconds (milliseconds, a common slip, land far past it); stores refuse it.
 LATEST_TIME = 253402300799.0
+
+
+# RFC 6750 section 2.1: b64token = 1*( ALPHA / DIGIT / "-" / "." / "_" / "~" / "+" / "/" ) *"="
+_B64TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
+# ML's access tokens are about 75 characters and its refresh tokens about 40. 2048 lets a
+# switch to JWT-style tokens (typically 0.8-1.5 KB) through, refuses the absurd, and keeps
+# "Authorization: Bearer ..." far below the 8 KiB header limits of common servers and proxies.
+MAX_TOKEN_LENGTH = 2048
+
+
+def json_kind(value: object) -> str:
+    """What a decoded JSON value is, in words: "a number", "null", "an array"..."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, dict):
+        return "an object"
+    return f"a {type(value).__name__}"
+
+
+def _bad_character(value: str) -> str:
+    """The kind of the first character a bearer token cannot hold, never the character."""
+    for char in value:
+        if _B64TOKEN.fullmatch(char) or char == "=":
+            continue
+        if char in "\r\n":
+            return "a line break"
+        if char == "\0" or not char.isprintable():
+            return "a control character"
+        if char.isspace():
+            return "white space"
+        if not char.isascii():
+            return "a non-ASCII character"
+        return "punctuation"
+    return "an '=' before its end"
+
+
+def token_problem(value: object) -> str | None:
+    """What makes ``value`` unusable as a token, or None if it is usable.
+
+    The one check for every token mlauth saves or sends, wherever it came from (an answer of
+    the token endpoint, a ``.env``, Redis, a custom store): a string of RFC 6750 ``b64token``
+    characters, at most :data:`MAX_TOKEN_LENGTH` long. The words never quote the value (it
+    may be a live token), so they can go into any message: "is a number", "holds a line
+    break"...
+    """
+    if not isinstance(value, str):
+        return f"is {json_kind(value)}, not a string"
+    if not value:
+        return "is empty"
+    if len(value) > MAX_TOKEN_LENGTH:
+        return f"is {len(value)} characters long (at most {MAX_TOKEN_LENGTH})"
+    if _B64TOKEN.fullmatch(value) is None:
+        return (
+            f"holds {_bad_character(value)} (a bearer token is letters, digits and -._~+/, "
+            "then optional '=', RFC 6750)"
+        )
+    return None
 
 
 def this_process() -> str:
@@ -40,11 +114,18 @@ class Freshness(enum.Enum):
 
 @dataclasses.dataclass(frozen=True)
 class TokenAnswer:
-    """A successful answer from the token endpoint."""
+    """The usable part of a successful answer from the token endpoint.
 
-    access_token: Secret
+    ``access_token`` is None when the answer carried a usable refresh token but no usable
+    access token (``access_problem`` says what was wrong with it): the refresh token is kept,
+    and the next refresh fetches an access token with it. ``refresh_token`` is None when the
+    answer had none (an app without offline_access): the spent one is kept.
+    """
+
+    access_token: Secret | None
     refresh_token: Secret | None
     expires_in: float | None
+    access_problem: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,12 +1,14 @@
 """A process that makes one API call through MLAuth, and can be frozen at a refresh phase.
 
 Run as ``python tests/fault_worker.py ENV URL``; prints one JSON line with the outcome. With
+``--login CODE REDIRECT_URI`` in place of ``URL`` it runs ``mlauth login``'s code exchange. With
 ``MLAUTH_TEST_PAUSE_AT=<phase>`` and ``MLAUTH_TEST_PAUSE_MARKER=<path>`` it creates the marker
 file when it reaches the phase and then waits to be killed (the fault-injection tests send
 SIGKILL). The hooks are installed here, by wrapping library functions, so that production
 code carries no test switch. Phases:
 
 - ``before-post``: the intent is journaled and the token POST is about to be sent;
+- ``after-raw``: the raw answer arrived and is kept (journal, Redis); nothing has read it;
 - ``after-answer``: the answer arrived (and is journaled); the store is not written yet;
 - ``during-write``: the new .env is written to its temporary file, not renamed into place;
 - ``after-write``: the store holds the new tokens; the journal is not committed yet.
@@ -29,6 +31,8 @@ import mlauth.endpoint
 import mlauth.stores.envfile
 import mlauth.stores.journal
 import mlauth.stores.mounted
+from mlauth.cli.login import complete_login
+from mlauth.stores import store_from_env
 
 
 def pause(phase: str) -> None:
@@ -50,6 +54,24 @@ def install_pause(phase: str, env: str) -> None:
             return refresh(self, *args, **kwargs)
 
         mlauth.endpoint.TokenEndpoint.refresh = paused_refresh  # type: ignore[method-assign]
+    elif phase == "after-raw":
+        transactions: list[Any] = [mlauth.stores.journal.JournaledRefresh]
+        try:
+            from mlauth.stores.redis import RedisRefresh
+
+            transactions.append(RedisRefresh)
+        except ImportError:  # no redis extra: only the .env is tried
+            pass
+        for transaction in transactions:
+            answered = transaction.answered
+
+            def paused_answered(
+                self: Any, raw: bytes, *, started: float, at: float, _answered: Any = answered
+            ) -> None:
+                _answered(self, raw, started=started, at=at)
+                pause(phase)
+
+            transaction.answered = paused_answered
     elif phase == "after-answer":
         save = mlauth.EnvFileStore.save
 
@@ -67,7 +89,8 @@ def install_pause(phase: str, env: str) -> None:
             # Only the save of the answer: the writability probe before the POST replaces the
             # file with its own bytes, and the journal has no answer then.
             answered = any(
-                r.get("kind") == "answer" for r in mlauth.stores.journal.Journal(real_env).records()
+                r.get("kind") in ("answer", "raw")
+                for r in mlauth.stores.journal.Journal(real_env).records()
             )
             if os.fspath(dst) == real_env and answered:
                 pause(phase)
@@ -82,7 +105,7 @@ def install_pause(phase: str, env: str) -> None:
         def paused_pwrite(fd: int, data: Any, offset: int) -> int:
             written = pwrite(fd, data, offset)
             answered = any(
-                r.get("kind") == "answer"
+                r.get("kind") in ("answer", "raw")
                 for r in mlauth.stores.mounted.InodeJournal(real_env).records()
             )
             if os.path.samestat(os.fstat(fd), os.stat(real_env)) and answered:
@@ -117,9 +140,15 @@ def main() -> int:
         install_pause(phase, env)
     outcome: dict[str, object] = {"pid": os.getpid()}
     try:
-        auth = mlauth.MLAuth.from_env(env, backoff=0.01)
-        response = requests.get(f"{url}/users/me", auth=auth, timeout=60)
-        outcome["status"] = response.status_code
+        if url == "--login":
+            tokens = complete_login(
+                env, store_from_env(env), code=mlauth.Secret(sys.argv[3]), redirect_uri=sys.argv[4]
+            )
+            outcome["refresh"] = tokens.refresh_token.fingerprint if tokens.refresh_token else None
+        else:
+            auth = mlauth.MLAuth.from_env(env, backoff=0.01)
+            response = requests.get(f"{url}/users/me", auth=auth, timeout=60)
+            outcome["status"] = response.status_code
     except requests.RequestException as exc:
         outcome["error"] = type(exc).__name__
         outcome["message"] = str(exc)

@@ -13,6 +13,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "mlauth"
 REFRESH_PATH = [
     "engine.py",
     "endpoint.py",
+    "answers.py",
     "tokens.py",
     "integrations/adapter.py",
     "integrations/requests_auth.py",

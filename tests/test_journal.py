@@ -64,7 +64,7 @@ def test_a_refresh_leaves_an_empty_private_journal(
     assert journal.read_bytes() == b""  # committed and compacted
 
 
-def test_journal_records_intent_then_answer_and_never_the_spent_token(
+def test_journal_records_intent_then_the_raw_answer_and_never_the_spent_token(
     fake_ml: FakeMercadoLibre, stale_env: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     seen: list[str] = []
@@ -81,11 +81,12 @@ def test_journal_records_intent_then_answer_and_never_the_spent_token(
     auth = mlauth.MLAuth.from_env(stale_env)
     assert requests.get(f"{fake_ml.base_url}/users/me", auth=auth).status_code == 200
     records = [json.loads(line) for line in seen[0].splitlines()]
-    assert [r["kind"] for r in records] == ["intent", "answer"]
-    assert records[0]["spent"] == mlauth.fingerprint(spent)
+    assert [r["kind"] for r in records] == ["intent", "raw"]
+    assert records[0]["spent"] == records[1]["spent"] == mlauth.fingerprint(spent)
     assert spent not in seen[0]  # only its fingerprint
     new = auth.tokens.refresh_token
-    assert new is not None and records[1]["tokens"]["refresh_token"] == new.reveal()
+    # The answer's bytes as they came, with no field of them read before they were on disk.
+    assert new is not None and json.loads(records[1]["body"])["refresh_token"] == new.reveal()
 
 
 def test_recovery_replays_an_answer_the_store_never_got(

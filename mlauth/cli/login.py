@@ -8,7 +8,6 @@ address the browser was sent to (or just the ``code`` in it).
 from __future__ import annotations
 
 import base64
-import contextlib
 import dataclasses
 import hashlib
 import secrets
@@ -143,23 +142,29 @@ def complete_login(
     with store.lock(lock_timeout):
         # Read under the lock: a fenced store (Redis) commits the new tokens over the version
         # read here, so running processes see them as the chain's next link. No usable tokens
-        # there (an empty Redis key, a mangled line) is fine: they are being replaced.
-        replaces = None
-        with contextlib.suppress(ConfigError):
-            _, replaces = store.load()
+        # there (an empty Redis key, a mangled line) is fine: they are being replaced. The
+        # transaction keeps the raw answer (the journal, or Redis) before it is read: the
+        # code is spent by then, and the answer holds the only copy of the new chain.
+        txn = store.transaction(login=True)
         started = time.time()
         checked = False
 
         def before_attempt() -> None:
             nonlocal started, checked
-            store.check_writable()  # and a Redis store renews its lock
             if not checked:  # expiry counts from the first POST, after the check's fsync
+                txn.begin_login()
                 checked = True
                 started = time.time()
+            else:
+                store.check_writable()  # and a Redis store renews its lock
 
         try:
             answer = endpoint.exchange_code(
-                code, redirect_uri, code_verifier=code_verifier, before_attempt=before_attempt
+                code,
+                redirect_uri,
+                code_verifier=code_verifier,
+                before_attempt=before_attempt,
+                on_answer=lambda raw, at: txn.answered(raw, started=started, at=at),
             )
         except InvalidGrantError as exc:
             # Not an InvalidGrantError: the chain is not what failed, this login did.
@@ -172,6 +177,11 @@ def complete_login(
                 error=exc.error,
                 description=exc.description,
             ) from None
+        except RefreshError as exc:
+            error = txn.abort(code, exc)  # says where an unusable answer is kept
+            if error is exc:
+                raise
+            raise error from None
         if answer.refresh_token is None:
             raise ConfigError(
                 "the token answer had no refresh_token: give the app the offline_access scope "
@@ -184,5 +194,5 @@ def complete_login(
             refreshed_at=started,
             refreshed_by=f"mlauth login, {this_process()}",
         )
-        store.save(tokens, replaces=replaces)
+        txn.commit(tokens)
     return tokens

@@ -113,11 +113,14 @@ def _settled_tokens(source: EnvFileStore, values: dict[str, str | None], path: s
     tokens, _, found = recover(journal, source, tokens_from_values(values, path), stamp)
     leftover = bool(journal.records())
     if found.possibly_spent is not None or leftover:
-        what = (
-            f"its refresh token was sent by a refresh that never got an answer ({found.died})"
-            if found.possibly_spent is not None
-            else f"{journal.path} holds tokens that could not be written back"
-        )
+        if found.possibly_spent is not None:
+            what = (
+                f"its refresh token was sent by a refresh that never got an answer ({found.died})"
+            )
+        elif found.kept is not None:
+            what = f"its refresh token may have been spent for {found.kept}"
+        else:
+            what = f"{journal.path} holds tokens that could not be written back"
         raise ConfigError(
             f"{path}: not migrated, {what}. Run any API call or `mlauth refresh` with this "
             "`.env` first so the refresh is settled, then migrate again; nothing was changed."

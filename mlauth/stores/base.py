@@ -6,9 +6,10 @@ others from spending them. Two stores ship: the ``.env`` file
 (:class:`~mlauth.stores.envfile.EnvFileStore`) and Redis (:class:`~mlauth.stores.redis.RedisStore`).
 
 A refresh is a transaction the store provides (:meth:`TokenStore.refresh`): under the lock it
-hands the engine what it holds, then hears the intent, the answer, and the commit or abort.
-The ``.env`` store journals inside it (:class:`~mlauth.stores.journal.JournaledRefresh`), the
-Redis store fences its commit on the version read; the engine sees neither.
+hands the engine what it holds, then hears the intent, the raw answer (before anything reads
+it), and the commit or abort. The ``.env`` store journals inside it
+(:class:`~mlauth.stores.journal.JournaledRefresh`), the Redis store keeps the raw answer beside
+its hash and fences its commit on the version read; the engine sees neither.
 
 A custom store subclasses :class:`TokenStore` and implements the abstract methods; every
 other method has a default that is right for a store without the feature.
@@ -17,15 +18,35 @@ other method has a default that is right for a store without the feature.
 from __future__ import annotations
 
 import abc
+import dataclasses
 import enum
 from collections.abc import Hashable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 
-from mlauth.errors import InvalidGrantError, RefreshError
+from mlauth.errors import ConfigError, InvalidGrantError, RefreshError, StoreError
 from mlauth.secret import Secret
-from mlauth.tokens import TokenSet
+from mlauth.tokens import TokenSet, token_problem
 
-__all__ = ["NOT_LOCAL", "RefreshTransaction", "TokenStore"]
+__all__ = ["NOT_LOCAL", "RefreshTransaction", "TokenStore", "savable"]
+
+
+def savable(tokens: TokenSet, where: str) -> TokenSet:
+    """``tokens`` as a store may write them: an access token that cannot be one is left out
+    (the next request refreshes it); StoreError, before anything is written, for a refresh
+    token that cannot be one. Every value mlauth saves passed this check when it was read; a
+    caller of ``save()`` may hand over anything, and a line break would add a line to a
+    ``.env``."""
+    refresh = tokens.refresh_token
+    problem = None if refresh is None else token_problem(refresh.reveal())
+    if problem is not None:
+        raise StoreError(
+            f"refusing to save a refresh token that {problem} to {where} (its value is not "
+            "shown); nothing was written"
+        )
+    access = tokens.access_token
+    if access is not None and token_problem(access.reveal()) is not None:
+        return dataclasses.replace(tokens, access_token=None)
+    return tokens
 
 
 class _NotLocal(enum.Enum):
@@ -101,7 +122,15 @@ class TokenStore(abc.ABC):
     def refresh(self, timeout: float) -> Iterator[RefreshTransaction]:
         """Take the lock and open a refresh transaction on what the store holds under it."""
         with self.lock(timeout):
-            yield RefreshTransaction(self)
+            yield self.transaction()
+
+    def transaction(self, *, login: bool = False) -> RefreshTransaction:
+        """A refresh transaction on what the store holds; called with :meth:`lock` held.
+
+        ``login``: for ``mlauth login``, which replaces whatever is stored: a store that holds
+        no usable tokens (a :class:`~mlauth.ConfigError` from :meth:`load`) is no error.
+        """
+        return RefreshTransaction(self, login=login)
 
     def wait_unlocked(self, timeout: float) -> bool:
         """Return once no process holds the refresh lock (True), or after ``timeout`` (False).
@@ -140,16 +169,25 @@ class RefreshTransaction:
     """One refresh under the store's lock: what the store holds, then intent, answer, commit.
 
     The engine calls, in order: :meth:`begin` before the first POST, :meth:`before_attempt`
-    before every POST, then :meth:`commit` with the answer or :meth:`abort` with the error.
+    before every POST, :meth:`answered` with the raw bytes of a 2xx answer before anything
+    reads them, then :meth:`commit` with the tokens or :meth:`abort` with the error.
+    ``mlauth login`` calls :meth:`begin_login` instead of :meth:`begin`.
     This base class is a store without a journal: it checks the store is writable and commits
-    over the version it read. Subclasses add a write-ahead journal
+    over the version it read. Subclasses keep the raw answer and a write-ahead journal
     (:class:`~mlauth.stores.journal.JournaledRefresh`).
     """
 
-    def __init__(self, store: TokenStore) -> None:
+    def __init__(self, store: TokenStore, *, login: bool = False) -> None:
         self.store = store
         #: What the store holds, read under the lock, and its version.
-        self.tokens, self.version = store.load()
+        self.tokens: TokenSet
+        self.version: Hashable
+        try:
+            self.tokens, self.version = store.load()
+        except ConfigError:
+            if not login:
+                raise
+            self.tokens, self.version = TokenSet(None, None), None  # replaced by the login
         #: How the stored refresh token was sent before without a usable answer, if it was:
         #: it may be spent already, so it is tried once and not in a series.
         self.possibly_spent: str | None = None
@@ -166,6 +204,19 @@ class RefreshTransaction:
     def begin(self, spent: Secret) -> None:
         """About to spend ``spent``: raise unless its successor could be saved."""
         self.store.check_writable()
+
+    def begin_login(self) -> None:
+        """About to exchange an authorization code (``mlauth login``) for tokens that replace
+        what the store holds: raise unless they could be saved."""
+        self.store.check_writable()
+
+    def answered(self, raw: bytes, *, started: float, at: float) -> None:
+        """The raw bytes of a 2xx answer arrived at ``at`` (the first POST left at
+        ``started``): keep them before anything reads them, if the store can.
+
+        Never raises for a failed write (it logs an ERROR): the answer itself is still read.
+        A store without a place for it keeps nothing.
+        """
 
     def before_attempt(self) -> None:
         """Before each POST; the first was checked by :meth:`begin` (a lock is renewed here)."""

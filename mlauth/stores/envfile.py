@@ -25,12 +25,12 @@ from dotenv import dotenv_values
 from dotenv.parser import parse_stream
 
 from mlauth.errors import ConfigError, StoreError, StoreMovedError
-from mlauth.secret import Secret
-from mlauth.tokens import LATEST_TIME, TokenSet
+from mlauth.secret import Secret, fingerprint
+from mlauth.tokens import LATEST_TIME, TokenSet, token_problem
 
-from .base import RefreshTransaction, TokenStore
+from .base import RefreshTransaction, TokenStore, savable
 from .durable import fsync_dir
-from .journal import Journal, JournaledRefresh
+from .journal import Journal, JournaledRefresh, pending
 from .lock import ProcessLock, fork_bound
 from .mounted import (
     SAVE_FIX,
@@ -311,9 +311,41 @@ def _number(values: Mapping[str, str | None], key: str, path: str) -> float | No
     return value
 
 
+_warned_access: set[tuple[str, str]] = set()
+
+
+def _usable_access(access: str, path: str) -> str:
+    """``access``, or "" if it cannot be a token: then it is refreshed, never sent.
+
+    It is worth nothing the next refresh cannot replace (that needs only the refresh token),
+    and sent it would break the request's header (CR, LF) or the HTTP client.
+    """
+    problem = token_problem(access) if access else None
+    if problem is None:
+        return access
+    if (path, fingerprint(access)) not in _warned_access:
+        _warned_access.add((path, fingerprint(access)))
+        log.warning(
+            "%s: %s %s; it is not sent, and the next request refreshes it with %s",
+            path,
+            ACCESS_KEY,
+            problem,
+            REFRESH_KEY,
+        )
+    return ""
+
+
 def tokens_from_values(values: Mapping[str, str | None], path: str) -> TokenSet:
-    access = (values.get(ACCESS_KEY) or "").strip()
+    """The tokens of a ``.env``'s values; ConfigError for a value that cannot be one."""
+    access = _usable_access((values.get(ACCESS_KEY) or "").strip(), path)
     refresh = (values.get(REFRESH_KEY) or "").strip()
+    problem = token_problem(refresh) if refresh else None
+    if problem is not None:
+        raise ConfigError(
+            f"{path}: {REFRESH_KEY} {problem}, so it cannot be a refresh token (its value is "
+            "not shown). Put the refresh token back exactly as MercadoLibre gave it, on one "
+            "line, or run `mlauth login` to authorize again."
+        )
     return TokenSet(
         access_token=Secret(access) if access else None,
         refresh_token=Secret(refresh) if refresh else None,
@@ -460,15 +492,12 @@ class EnvFileStore(TokenStore):
         real = os.path.realpath(self.path)
         return InodeJournal(real) if self.in_place else Journal(real)
 
-    @contextlib.contextmanager
-    def refresh(self, timeout: float) -> Iterator[RefreshTransaction]:
-        """The lock, then a journaled transaction (or the one of the store the tokens moved to)."""
-        with self.lock(timeout):
-            moved = self._follow() if self._moved is not None else None
-            if moved is not None:
-                yield RefreshTransaction(moved)
-            else:
-                yield JournaledRefresh(self, self.journal())
+    def transaction(self, *, login: bool = False) -> RefreshTransaction:
+        """A journaled transaction (or the one of the store the tokens moved to)."""
+        moved = self._follow() if self._moved is not None else None
+        if moved is not None:
+            return moved.transaction(login=login)
+        return JournaledRefresh(self, self.journal(), login=login)
 
     def reauthorization_required(self) -> str | None:
         """Why the seller must authorize again, from the journal's marker; takes no lock."""
@@ -578,6 +607,7 @@ class EnvFileStore(TokenStore):
         moved = self._follow()
         if moved is not None:
             return moved.save(tokens, replaces=replaces)
+        tokens = savable(tokens, self.path)
         updates: dict[str, str | None] = {
             ACCESS_KEY: tokens.access_token.reveal() if tokens.access_token else None,
             REFRESH_KEY: tokens.refresh_token.reveal() if tokens.refresh_token else None,
@@ -657,8 +687,9 @@ class EnvFileStore(TokenStore):
         return self._lock.wait_released(timeout)
 
     def status_details(self) -> list[tuple[str, str]]:
-        """``mlauth status`` rows: how the file is written when it is not the usual way, and
-        refresh answers the journal holds that the file does not have yet."""
+        """``mlauth status`` rows: how the file is written when it is not the usual way,
+        refresh answers the journal holds that the file does not have yet, and an answer with
+        no usable refresh token that it keeps for a human."""
         moved = self._follow() if self._moved is not None else None
         if moved is not None:
             return moved.status_details()
@@ -667,14 +698,8 @@ class EnvFileStore(TokenStore):
             rows.append(
                 ("written", "in place, for single-file mounts; lock and journal on its inode")
             )
-        rows += [
-            (
-                "journal",
-                f"an unsaved answer for token {record['spent']}, replayed at the next refresh",
-            )
-            for record in self.journal().records()
-            if record.get("kind") == "answer"
-        ]
+        stored = self.load()[0].refresh_token
+        rows += [("journal", row) for row in pending(self.journal(), stored)]
         return rows
 
     def refresh_in_progress(self) -> bool | None:

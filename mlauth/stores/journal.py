@@ -6,15 +6,21 @@ fails to write) would lose the chain for good. So, under the store lock, every r
 appends to ``<real .env path>.journal``, each record fsynced before the next step:
 
 1. ``intent``: the fingerprint of the refresh token about to be spent (never the token);
-2. ``answer``: the raw answer, as soon as it arrives, *before* the store is written;
+2. ``raw``: the raw bytes of a 2xx answer and their arrival time, as soon as they arrive,
+   *before* anything reads them (:func:`mlauth.answers.raw_record`): a check that finds
+   fault with the answer can no longer throw away the only live refresh token;
 3. commit: once the store holds the answer, the journal is emptied (truncated), so it
    never grows beyond the refreshes of one outage.
 
 Recovery (:func:`recover`, run under the lock before anyone decides to refresh) reads it
-back: an answer the store does not have yet is written to the store (replayed); an intent
+back: an answer the store does not have yet is read as the endpoint reads it
+(:mod:`mlauth.answers`) and its usable tokens are written to the store (replayed); an intent
 with no answer means the token was *possibly spent* by a process that died while its POST
-was in flight, and it is tried exactly once, with no retry series. The answer record holds
-live tokens, so the journal is as secret as the ``.env``: created 0600, never logged.
+was in flight, and it is tried exactly once, with no retry series. An answer with no usable
+refresh token is *kept* for a human (``mlauth status`` shows it) until the store holds
+another refresh token. The raw record holds live tokens, so the journal is as secret as the
+``.env``: created 0600, never logged. (Journals of older versions hold ``answer`` records,
+the parsed tokens, in place of ``raw``; they are replayed alike.)
 
 Beside it lives ``<real .env path>.reauth`` (0600), written after ``invalid_grant``. While
 the store still holds the refresh token it names, every process refuses at once with the fix
@@ -41,6 +47,7 @@ from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import Any
 
+from mlauth.answers import RAW_LIMIT, raw_record, tokens_of
 from mlauth.errors import REAUTHORIZE, InvalidGrantError, RefreshError, StoreError
 from mlauth.secret import Secret, fingerprint
 from mlauth.stores.base import RefreshTransaction, TokenStore
@@ -49,7 +56,7 @@ from mlauth.tokens import TokenSet, this_process
 from .durable import fsync_dir
 from .private import check_own_file, open_own, write_replacing
 
-__all__ = ["Journal", "JournaledRefresh", "Recovery", "recover"]
+__all__ = ["Journal", "JournaledRefresh", "Recovery", "pending", "recover", "with_note"]
 
 log = logging.getLogger("mlauth")
 
@@ -104,6 +111,7 @@ class Recovery:
     replayed: TokenSet | None = None
     possibly_spent: str | None = None  # fingerprint of the stored token sent without an answer
     died: str | None = None  # who sent it and what became of the request, for the message
+    kept: str | None = None  # an answer with no usable refresh token, kept for a human
 
 
 class Journal:
@@ -112,6 +120,9 @@ class Journal:
     Every method that writes is called with the store lock held; the journal is never read or
     written without it, so records from two refreshes never interleave.
     """
+
+    #: The most of a raw answer a record keeps as it came (larger ones keep their essentials).
+    raw_limit = RAW_LIMIT
 
     def __init__(self, real_path: str) -> None:
         self.store_path = real_path
@@ -245,6 +256,21 @@ class Journal:
             return False
         return True
 
+    def raw(self, record: dict[str, Any]) -> bool:
+        """Append a raw answer (:func:`mlauth.answers.raw_record`); False (and an error
+        log) if it failed: the answer is read and saved all the same."""
+        try:
+            self._append(record)
+        except OSError as exc:
+            log.error(
+                "could not write the raw token answer to the journal %s (%s); reading it all "
+                "the same, but a crash before the save would lose it",
+                self.path,
+                exc,
+            )
+            return False
+        return True
+
     def commit(self) -> None:
         """The store holds the answer: empty the journal (the commit, and its compaction)."""
         try:
@@ -348,6 +374,61 @@ def _chain(start: str, answers: dict[str, TokenSet]) -> list[TokenSet]:
     return found
 
 
+def _when(at: object) -> str:
+    if isinstance(at, bool) or not isinstance(at, (int, float)):
+        return "an unknown time"
+    try:
+        return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(at))
+    except (OverflowError, OSError, ValueError):
+        return "an unknown time"
+
+
+def kept_note(record: dict[str, Any], why: str, where: str) -> str:
+    """How an answer with no usable refresh token is described, wherever it is kept."""
+    return (
+        f"an answer from {record.get('by') or 'an unknown process'} at {_when(record.get('at'))} "
+        f"with no usable refresh token ({why}), kept in {where}"
+    )
+
+
+def _answers(
+    records: list[dict[str, Any]], stored: Secret | None, where: str
+) -> tuple[dict[str, TokenSet], str | None]:
+    """Fingerprint of the token each answer followed -> its tokens; and the description of
+    the newest answer to the stored token with nothing usable (kept for a human), if any."""
+    start = fingerprint(stored.reveal() if stored else None)
+    answers: dict[str, TokenSet] = {}
+    kept: str | None = None
+    for record in records:
+        spent = str(record.get("spent"))
+        if record.get("kind") == "answer" and isinstance(record.get("tokens"), dict):
+            answers[spent] = _tokens_from_json(record["tokens"])
+        elif record.get("kind") == "raw":
+            found = tokens_of(record, stored if spent == start else None)
+            if isinstance(found, TokenSet):
+                answers[spent] = found
+            elif spent == start:
+                kept = kept_note(record, found, where)
+    return answers, kept
+
+
+def pending(journal: Journal, stored: Secret | None) -> list[str]:
+    """What the journal holds for the stored refresh token, in words (``mlauth status``)."""
+    start = fingerprint(stored.reveal() if stored else None)
+    answers, kept = _answers(journal.records(), stored, journal.path)
+    rows = [
+        f"an unsaved answer for token {spent}, replayed at the next refresh"
+        for spent in answers
+        if spent == start
+    ]
+    if kept is not None and not rows:
+        rows.append(
+            f"{kept}: if refreshes fail with invalid_grant, run `mlauth login`; the answer "
+            "stays there until the store holds another refresh token"
+        )
+    return rows
+
+
 def _open_intents(records: list[dict[str, Any]]) -> dict[str, str]:
     """Fingerprint -> how it was sent, for intents no answer or definite refusal closed."""
     intents: dict[str, str] = {}
@@ -398,56 +479,79 @@ def recover(
         return tokens, stamp, Recovery()
     _drop_stale_temps(journal.store_path)
     stored = fingerprint(tokens.refresh_token.reveal() if tokens.refresh_token else None)
-    answers: dict[str, TokenSet] = {}
-    for record in records:
-        if record.get("kind") == "answer" and isinstance(record.get("tokens"), dict):
-            answers[str(record.get("spent"))] = _tokens_from_json(record["tokens"])
+    answers, kept = _answers(records, tokens.refresh_token, journal.path)
     chain = _chain(stored, answers)
     if chain:
-        newest = chain[-1]
-        try:
-            stamp = store.save(newest, replaces=stamp)
-        except Exception as exc:  # noqa: BLE001 (the journal keeps them; nothing is lost)
-            log.error(
-                "could not replay the journaled tokens into %s yet (%s); kept in %s",
-                journal.store_path,
-                exc,
-                journal.path,
-            )
-            return tokens, stamp, Recovery()
-        log.warning(
-            "recovered a refresh that was not saved (a crashed or failed refresher): wrote "
-            "%s to %s",
-            newest.describe(),
-            journal.store_path,
-        )
-        journal.commit()
-        return newest, stamp, Recovery(replayed=newest)
+        return _replay(journal, store, tokens, stamp, chain[-1])
     intents = _open_intents(records)
     if stored in intents:
         # The last refresher sent (or was about to send) the stored token and died before its
-        # answer reached the journal. Keep the intent: the next refresh tries the token once.
-        return tokens, stamp, Recovery(possibly_spent=stored, died=intents[stored])
+        # answer reached the journal, or got no usable one. Keep the intent: the next
+        # refresh tries the token once.
+        return tokens, stamp, Recovery(possibly_spent=stored, died=intents[stored], kept=kept)
+    if kept is not None:
+        # Nothing to do with it but show it, until the store holds another refresh token.
+        return tokens, stamp, Recovery(kept=kept)
     # Everything in the journal is older than the stored tokens: they were saved.
     journal.commit()
     return tokens, stamp, Recovery()
+
+
+def _replay(
+    journal: Journal, store: TokenStore, tokens: TokenSet, stamp: Hashable, newest: TokenSet
+) -> tuple[TokenSet, Hashable, Recovery]:
+    """Write the newest answer of the chain to the store, and empty the journal."""
+    try:
+        stamp = store.save(newest, replaces=stamp)
+    except Exception as exc:  # noqa: BLE001 (the journal keeps them; nothing is lost)
+        log.error(
+            "could not replay the journaled tokens into %s yet (%s); kept in %s",
+            journal.store_path,
+            exc,
+            journal.path,
+        )
+        return tokens, stamp, Recovery()
+    log.warning(
+        "recovered a refresh that was not saved (a crashed or failed refresher): wrote %s to %s",
+        newest.describe(),
+        journal.store_path,
+    )
+    journal.commit()
+    return newest, stamp, Recovery(replayed=newest)
+
+
+def with_note(error: RefreshError, note: str) -> RefreshError:
+    """A copy of ``error`` (same class and fields) whose message ends with ``note``."""
+    copy = type(error)(
+        f"{error} {note}",
+        status_code=error.status_code,
+        error=error.error,
+        description=error.description,
+    )
+    copy.retry_after = error.retry_after
+    copy.possibly_spent = error.possibly_spent
+    return copy
 
 
 class JournaledRefresh(RefreshTransaction):
     """The refresh transaction of a store with a journal: each step is on disk before the next.
 
     Opening it recovers what a dead refresher left (:func:`recover`); :meth:`begin` writes the
-    intent, :meth:`commit` the answer before the save and the commit after it, :meth:`abort`
-    whether the token may have been spent, or, for ``invalid_grant``, the marker that stops
-    every process from sending it again.
+    intent, :meth:`answered` the raw answer before anything reads it, :meth:`commit` the
+    commit after the save, :meth:`abort` whether the token may have been spent, or, for
+    ``invalid_grant``, the marker that stops every process from sending it again.
     """
 
-    def __init__(self, store: TokenStore, journal: Journal) -> None:
-        super().__init__(store)
+    def __init__(self, store: TokenStore, journal: Journal, *, login: bool = False) -> None:
+        super().__init__(store, login=login)
         self.journal = journal
         self.tokens, self.version, found = recover(journal, store, self.tokens, self.version)
         self.possibly_spent = found.died
         self._spent: Secret | None = None
+        # The fingerprint the answer follows and its grant, once begun.
+        self._follows: str | None = None
+        self._grant = "refresh_token"
+        self._raw_kept: bool | None = None  # None: no raw answer was offered
 
     def begin(self, spent: Secret) -> None:
         message = self.journal.reauthorization(spent)
@@ -456,21 +560,54 @@ class JournaledRefresh(RefreshTransaction):
         super().begin(spent)
         self.possibly_spent = self.journal.intent(spent)
         self._spent = spent
+        self._follows = spent.fingerprint
+
+    def begin_login(self) -> None:
+        super().begin_login()
+        stored = self.tokens.refresh_token
+        self._follows = fingerprint(stored.reveal() if stored else None)
+        self._grant = "authorization_code"
+
+    def answered(self, raw: bytes, *, started: float, at: float) -> None:
+        assert self._follows is not None, "begin() first"
+        record = raw_record(
+            raw,
+            replaces=self._follows,
+            grant=self._grant,
+            started=started,
+            at=at,
+            by=this_process(),
+            limit=self.journal.raw_limit,
+        )
+        self._raw_kept = self.journal.raw(record)
+        if self._raw_kept:
+            self.answer_kept = f"the refresh journal {self.journal.path}"
 
     def commit(self, tokens: TokenSet) -> Hashable:
-        assert self._spent is not None, "begin() first"
-        # First: a crash from here loses nothing.
-        if self.journal.answer(self._spent, tokens):
+        # A token client that hands over no raw answer (a custom one): the parsed answer is
+        # journaled instead, first, so a crash from here loses nothing.
+        offered = self._raw_kept is not None
+        if not offered and self._spent is not None and self.journal.answer(self._spent, tokens):
             self.answer_kept = f"the refresh journal {self.journal.path}"
         version = super().commit(tokens)
         self.journal.commit()
         return version
 
     def abort(self, spent: Secret, error: RefreshError) -> RefreshError:
-        if isinstance(error, InvalidGrantError):
-            return self.journal.refused(spent, error, self.possibly_spent)
-        self.journal.abort(spent, unanswered=error.possibly_spent)
-        return error
+        if self._grant == "refresh_token":
+            if isinstance(error, InvalidGrantError):
+                return self.journal.refused(spent, error, self.possibly_spent)
+            self.journal.abort(spent, unanswered=error.possibly_spent)
+        if self._raw_kept is None:
+            return error
+        if not self._raw_kept:
+            return with_note(error, "Its raw bytes could not be kept (see the error logged).")
+        return with_note(
+            error,
+            f"Its raw bytes are kept in {self.journal.path} for you to inspect (a proxy or a "
+            "changed endpoint in between? check ML_TOKEN_URL); `mlauth status` shows them "
+            "until the store holds another refresh token.",
+        )
 
     def settle(self, tokens: TokenSet) -> Hashable:
         version = super().commit(tokens)

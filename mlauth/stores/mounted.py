@@ -48,6 +48,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+from mlauth.answers import raw_of, read_answer
 from mlauth.errors import LockTimeoutError, StoreError
 
 from .journal import Journal
@@ -439,23 +440,70 @@ def _fsync_path(path: str) -> None:
         os.close(fd)
 
 
-def _compact(records: list[dict[str, object]]) -> list[dict[str, object]]:
-    """Drop the records a later one about the same token makes moot; keep every answer.
+# An attribute holds little: ext4 keeps all of an inode's attributes in one 4 KiB block (and
+# the mode mark and the re-authorization marker share it). The journal keeps under this, and
+# a raw answer over RAW_IN_ATTRIBUTE bytes keeps its essentials (mlauth.answers.essentials).
+JOURNAL_BUDGET = 3072
+RAW_IN_ATTRIBUTE = 1536
 
-    An attribute holds a few KiB at most, and a long outage appends an intent and an
-    "unanswered" per attempt with the same token: only the last of those says anything.
+
+def _holds_token(record: dict[str, object]) -> bool:
+    """Whether a raw answer holds a usable access or refresh token."""
+    raw = raw_of(record)
+    if raw is None:
+        return False
+    reading = read_answer(raw)
+    return reading.access_token is not None or reading.refresh_token is not None
+
+
+def _size(records: list[dict[str, object]]) -> int:
+    return sum(len(json.dumps(r, separators=(",", ":"))) + 1 for r in records)
+
+
+def _compact(
+    records: list[dict[str, object]], budget: int | None = None
+) -> list[dict[str, object]]:
+    """Drop the records a later one makes moot, then the least useful until under ``budget``.
+
+    A long outage appends an intent and an "unanswered" per attempt with the same token, and
+    a broken endpoint a raw answer per attempt: of those only the last says anything. Never
+    dropped: parsed answers, raw answers that hold a usable token, and the newest raw answer.
     """
     kept: list[dict[str, object]] = []
-    seen: set[str] = set()
+    marks: set[str] = set()  # tokens whose newest intent/abort is kept
+    raws: set[str] = set()  # tokens whose newest raw answer is kept
     for record in reversed(records):
-        spent = str(record.get("spent"))
-        if record.get("kind") != "answer":
-            if spent in seen:
+        spent, kind = str(record.get("spent")), record.get("kind")
+        if kind == "raw":
+            if spent in raws and not _holds_token(record):
                 continue
-            seen.add(spent)
+            raws.add(spent)
+        elif kind != "answer":
+            if spent in marks:
+                continue
+            marks.add(spent)
         kept.append(record)
     kept.reverse()
-    return kept
+    return kept if budget is None else _within(kept, budget)
+
+
+def _within(records: list[dict[str, object]], budget: int) -> list[dict[str, object]]:
+    """The oldest records that hold no token go first, until the rest fits ``budget``."""
+    newest_raw = max((i for i, r in enumerate(records) if r.get("kind") == "raw"), default=-1)
+    size = _size(records)
+    dropped: set[int] = set()
+    for index, record in enumerate(records[:-1]):  # the record being added stays
+        if size <= budget:
+            break
+        protected = (
+            index == newest_raw
+            or record.get("kind") == "answer"
+            or (record.get("kind") == "raw" and _holds_token(record))
+        )
+        if not protected:
+            dropped.add(index)
+            size -= _size([record])
+    return [record for index, record in enumerate(records) if index not in dropped]
 
 
 class InodeJournal(Journal):
@@ -493,8 +541,10 @@ class InodeJournal(Journal):
     def _read_log(self) -> bytes:
         return self._get(JOURNAL_ATTR) or b""
 
+    raw_limit = RAW_IN_ATTRIBUTE
+
     def _append(self, record: dict[str, Any]) -> None:
-        records = [*_compact(self.records()), record]
+        records = _compact([*self.records(), record], JOURNAL_BUDGET)
         data = b"".join(
             (json.dumps(r, separators=(",", ":")) + "\n").encode("utf-8") for r in records
         )

@@ -8,18 +8,29 @@ So every commit is a compare-and-set on a generation number, in one Lua script: 
 only over the version the saving thread last read, and a stale holder's commit is refused
 (:class:`StaleCommitError`) instead of putting a dead chain over a live one.
 
+The raw bytes of a 2xx answer are kept in the hash's ``answer`` field (with the version they
+follow) before anything reads them, and every commit clears it (the script replaces the hash
+whole). A holder that died before committing leaves it there: the next holder reads it as the
+endpoint would and commits its usable tokens with the same fence (:class:`RedisRefresh`);
+an answer with no usable refresh token stays there for a human until the next commit.
+
+A hash that mlauth cannot have written (a generation or a time that is no number, a token
+that cannot be one) is a :class:`StoreError` naming the key and the fix.
+
 Needs the ``redis`` package: ``pip install 'mlauth[redis]'``.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 import secrets
 import threading
 import time
 from collections.abc import Hashable, Iterator
 from contextlib import AbstractContextManager, contextmanager
-from typing import cast
+from typing import Any, cast
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 try:
@@ -33,14 +44,23 @@ except ImportError:  # pragma: no cover (exercised in a test by hiding the packa
         "mlauth's Redis store needs the redis package: pip install 'mlauth[redis]'"
     ) from None
 
-from mlauth.errors import ConfigError, LockLostError, LockTimeoutError, StaleCommitError, StoreError
-from mlauth.secret import Secret
-from mlauth.tokens import LATEST_TIME, TokenSet
+from mlauth.answers import raw_record, tokens_of
+from mlauth.errors import (
+    ConfigError,
+    LockLostError,
+    LockTimeoutError,
+    RefreshError,
+    StaleCommitError,
+    StoreError,
+)
+from mlauth.secret import Secret, fingerprint
+from mlauth.tokens import LATEST_TIME, TokenSet, this_process, token_problem
 
-from .base import NOT_LOCAL, TokenStore
+from .base import NOT_LOCAL, RefreshTransaction, TokenStore, savable
+from .journal import kept_note, with_note
 from .lock import POLL_INTERVAL
 
-__all__ = ["RedisStore", "redact_url"]
+__all__ = ["RedisRefresh", "RedisStore", "redact_url"]
 
 log = logging.getLogger("mlauth")
 
@@ -141,15 +161,95 @@ def _fmt(value: float | None) -> str:
     return "" if value is None else repr(value)
 
 
-def _float(raw: str | None) -> float | None:
+ANSWER_FIELD = "answer"  # the raw answer of a refresh that has not committed yet
+_GENERATION = re.compile(r"[0-9]{1,15}")  # what the scripts write; Lua counts in doubles
+
+
+def _odd(key: str, where: str, field: str, problem: str, fix: str) -> StoreError:
+    return StoreError(
+        f"Redis at {where}: the hash {key!r} has a {field} that {problem}, which mlauth never "
+        f"writes (edited by hand, or another program uses the key?); its value is not shown. "
+        f"{fix}"
+    )
+
+
+def _generation(raw: str | None, key: str, where: str) -> int:
+    """The hash's generation (0 when it has none); StoreError for anything else."""
+    if not raw:
+        return 0
+    if _GENERATION.fullmatch(raw) is None:
+        raise _odd(
+            key,
+            where,
+            "generation",
+            "is no whole number of at most 15 digits",
+            f"Put back the last generation `mlauth status` showed (HSET {key} generation N), "
+            "or move the tokens there again with `mlauth migrate --to URL --force`.",
+        )
+    return int(raw)
+
+
+def _float(values: dict[str, str], field: str, key: str, where: str) -> float | None:
+    raw = values.get(field)
     if not raw:
         return None
     try:
         value = float(raw)
     except ValueError:
-        return None
-    # inf, nan or a time past the year 9999 (written by hand): unknown, like a malformed one.
-    return value if 0 <= value <= LATEST_TIME else None
+        value = float("nan")
+    # inf, nan or a time past the year 9999 break the freshness arithmetic and `mlauth status`.
+    if not 0 <= value <= LATEST_TIME:
+        raise _odd(
+            key,
+            where,
+            field,
+            "is no unix time in seconds",
+            f"Delete it (HDEL {key} {field}): mlauth writes it again at the next refresh.",
+        )
+    return value
+
+
+_warned_access: set[tuple[str, str]] = set()
+
+
+def tokens_of_hash(values: dict[str, str], key: str, where: str) -> TokenSet:
+    """The tokens a hash holds; StoreError for a field mlauth cannot have written.
+
+    An access token that cannot be one is not sent but refreshed (a WARNING says so): the
+    refresh token is all the next refresh needs. A refresh token that cannot be one stops
+    everything, with the fix.
+    """
+    refresh = values.get("refresh_token") or None
+    problem = token_problem(refresh) if refresh else None
+    if problem is not None:
+        raise _odd(
+            key,
+            where,
+            "refresh_token",
+            problem,
+            f"Put the refresh token back as MercadoLibre gave it (HSET {key} refresh_token ...), "
+            "or run `mlauth login` to authorize again.",
+        )
+    access = values.get("access_token") or None
+    problem = token_problem(access) if access else None
+    if access is not None and problem is not None:
+        if (key, fingerprint(access)) not in _warned_access:
+            _warned_access.add((key, fingerprint(access)))
+            log.warning(
+                "Redis at %s: the access_token in %r %s; it is not sent, and the next request "
+                "refreshes it",
+                where,
+                key,
+                problem,
+            )
+        access = None
+    return TokenSet(
+        access_token=Secret(access) if access else None,
+        refresh_token=Secret(refresh) if refresh else None,
+        expires_at=_float(values, "expires_at", key, where),
+        refreshed_at=_float(values, "refreshed_at", key, where),
+        refreshed_by=values.get("refreshed_by") or None,
+    )
 
 
 class RedisStore(TokenStore):
@@ -285,26 +385,45 @@ class RedisStore(TokenStore):
                 PROBE_BACKOFF,
             )
             return self._seen
-        return None if chain is None else (chain, int(gen or 0))
+        if chain is None:
+            return None
+        return (chain, _generation(cast("str | None", gen), self._key(), self.location))
 
     def load(self) -> tuple[TokenSet, Hashable]:
         key = self._key()
+        self._local.answer = None
         try:
             values = self._read(key)
+            # Kept for a refresh transaction opened on this read (RedisRefresh), per thread.
+            self._local.answer = values.get(ANSWER_FIELD)
             if not values.get("chain") or self._behind(values):
                 values = self._put_back(key)
         except RedisError as exc:
             raise self._unreachable(exc, "read the tokens from") from None
-        chain, gen = values["chain"], int(values.get("generation") or 0)
-        tokens = TokenSet(
-            access_token=Secret(values["access_token"]) if values.get("access_token") else None,
-            refresh_token=Secret(values["refresh_token"]) if values.get("refresh_token") else None,
-            expires_at=_float(values.get("expires_at")),
-            refreshed_at=_float(values.get("refreshed_at")),
-            refreshed_by=values.get("refreshed_by") or None,
-        )
+        chain, gen = values["chain"], _generation(values.get("generation"), key, self.location)
+        tokens = tokens_of_hash(values, key, self.location)
         self._remember(tokens, chain, gen)
         return tokens, (chain, gen)
+
+    def answer_read(self) -> dict[str, Any] | None:
+        """The raw answer record the hash held at this thread's last :meth:`load`, if any."""
+        return _answer_record(getattr(self._local, "answer", None), self.location)
+
+    def keep_answer(self, record: dict[str, Any]) -> bool:
+        """Put a raw answer record in the hash before it is read; False (and an ERROR) if
+        Redis refused: the answer is read and committed all the same."""
+        try:
+            self._client.hset(self._key(), ANSWER_FIELD, json.dumps(record))
+        except RedisError as exc:
+            log.error(
+                "could not keep the raw token answer in %s at %s (%s); reading it all the "
+                "same, but a crash before the commit would lose it",
+                self._key(),
+                self.location,
+                exc,
+            )
+            return False
+        return True
 
     def _read(self, key: str) -> dict[str, str]:
         return cast("dict[str, str]", self._client.hgetall(key))  # decode_responses=True
@@ -317,7 +436,8 @@ class RedisStore(TokenStore):
         lose the live one, which may exist only in this process's memory.
         """
         known = self._known
-        return known is not None and int(values.get("generation") or 0) < known[2]
+        generation = _generation(values.get("generation"), self._key(), self.location)
+        return known is not None and generation < known[2]
 
     def _put_back(self, key: str) -> dict[str, str]:
         """Re-seed a lost (or rolled back) key from the newest tokens this process has seen,
@@ -353,8 +473,8 @@ class RedisStore(TokenStore):
 
     # -- writing ---------------------------------------------------------------------------
 
-    @staticmethod
-    def _pairs(tokens: TokenSet) -> list[str]:
+    def _pairs(self, tokens: TokenSet) -> list[str]:
+        tokens = savable(tokens, f"{self.location} {self.key}")
         values = (
             tokens.access_token.reveal() if tokens.access_token else "",
             tokens.refresh_token.reveal() if tokens.refresh_token else "",
@@ -456,12 +576,33 @@ class RedisStore(TokenStore):
         except RedisError as exc:
             raise self._unreachable(exc, "read the refresh lock at") from None
 
+    def transaction(self, *, login: bool = False) -> RefreshTransaction:
+        return RedisRefresh(self, login=login)
+
     def status_details(self) -> list[tuple[str, str]]:
-        """Rows for ``mlauth status``: the key, and the chain's generation last read."""
+        """Rows for ``mlauth status``: the key, the chain's generation last read, and a raw
+        answer the hash keeps (one to replay, or one with no usable refresh token)."""
         rows = [("key", self._key())]
         seen = self._seen
         if isinstance(seen, tuple):
             rows.append(("generation", f"{seen[1]} (chain {seen[0]})"))
+        try:
+            raw = cast("str | None", self._client.hget(self._key(), ANSWER_FIELD))
+        except RedisError as exc:
+            raise self._unreachable(exc, "read") from None
+        record = _answer_record(raw, self.location)
+        if record is not None and isinstance(seen, tuple) and _follows(record) == seen:
+            found = tokens_of(record, None)
+            rows.append(
+                (
+                    "answer",
+                    f"an unsaved answer to generation {record['generation']}, replayed at the "
+                    "next refresh"
+                    if isinstance(found, TokenSet)
+                    else kept_note(record, found, f"{self._key()} {ANSWER_FIELD}")
+                    + ": if refreshes fail with invalid_grant, run `mlauth login`",
+                )
+            )
         return rows
 
     def wait_unlocked(self, timeout: float) -> bool:
@@ -528,3 +669,109 @@ class RedisStore(TokenStore):
             except RedisError as exc:
                 # It expires by itself after lock_timeout; the refresh outcome matters more.
                 log.warning("could not release the refresh lock %s: %s", self.lock_key, exc)
+
+
+def _answer_record(raw: str | None, where: str) -> dict[str, Any] | None:
+    if not raw:
+        return None
+    try:
+        record = json.loads(raw)
+    except ValueError:
+        log.warning("ignoring an unreadable answer field in the tokens' hash at %s", where)
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def _follows(record: dict[str, Any]) -> tuple[str, int] | None:
+    """The version (chain, generation) a raw answer record follows, if it names one."""
+    chain, gen = record.get("chain"), record.get("generation")
+    if not isinstance(chain, str) or isinstance(gen, bool) or not isinstance(gen, int):
+        return None
+    return (chain, gen)
+
+
+class RedisRefresh(RefreshTransaction):
+    """The refresh transaction of the Redis store: the raw answer in the hash, then the
+    fenced commit (which clears it).
+
+    Opening it finishes what a holder that died left: a raw answer that follows the version
+    read is committed over it with the fence (a usable one), or kept and shown (one with no
+    usable refresh token: the stored token is then tried once).
+    """
+
+    def __init__(self, store: RedisStore, *, login: bool = False) -> None:
+        try:
+            super().__init__(store, login=login)
+        except ConfigError:
+            # An empty key: a login that died before its commit may have left its answer.
+            record = store.answer_read()
+            if record is None or record.get("chain") is not None:
+                raise
+            super().__init__(store, login=True)
+        self._store = store
+        self._grant = "refresh_token"
+        self._follows_token: str | None = None
+        self._raw_kept: bool | None = None
+        self.kept: str | None = None
+        self._recover(store.answer_read())
+
+    def _recover(self, record: dict[str, Any] | None) -> None:
+        version = self.version if isinstance(self.version, tuple) else None
+        if record is None or _follows(record) != version:
+            return  # none, or one the chain moved past (the next commit clears it)
+        stored = self.tokens.refresh_token
+        follows_stored = record.get("spent") == fingerprint(stored.reveal() if stored else None)
+        found = tokens_of(record, stored if follows_stored else None)
+        if not isinstance(found, TokenSet):
+            self.kept = kept_note(record, found, f"{self._store.key} {ANSWER_FIELD}")
+            self.possibly_spent = self.kept
+            return
+        try:
+            self.version = self._store.save(found, replaces=self.version)
+        except StoreError as exc:  # a peer committed (stale), or Redis failed: it stays there
+            log.error("could not replay the raw answer kept in %s yet: %s", self._store.key, exc)
+            return
+        self.tokens = found
+        log.warning(
+            "recovered a refresh that was not committed (a holder that died): wrote %s to %s",
+            found.describe(),
+            self._store.location,
+        )
+
+    def begin(self, spent: Secret) -> None:
+        super().begin(spent)
+        self._follows_token = spent.fingerprint
+
+    def begin_login(self) -> None:
+        super().begin_login()
+        stored = self.tokens.refresh_token
+        self._follows_token = fingerprint(stored.reveal() if stored else None)
+        self._grant = "authorization_code"
+
+    def answered(self, raw: bytes, *, started: float, at: float) -> None:
+        assert self._follows_token is not None, "begin() first"
+        record = raw_record(
+            raw,
+            replaces=self._follows_token,
+            grant=self._grant,
+            started=started,
+            at=at,
+            by=this_process(),
+        )
+        version = self.version if isinstance(self.version, tuple) else (None, None)
+        record["chain"], record["generation"] = version
+        self._raw_kept = self._store.keep_answer(record)
+        if self._raw_kept:
+            self.answer_kept = f"the {ANSWER_FIELD} field of {self._store.key}"
+
+    def abort(self, spent: Secret, error: RefreshError) -> RefreshError:
+        if self._raw_kept is None:
+            return error
+        if not self._raw_kept:
+            return with_note(error, "Its raw bytes could not be kept (see the error logged).")
+        return with_note(
+            error,
+            f"Its raw bytes are kept in the {ANSWER_FIELD} field of {self._store.key} at "
+            f"{self._store.location} for you to inspect (a proxy or a changed endpoint in "
+            "between? check ML_TOKEN_URL); `mlauth status` shows them until the next commit.",
+        )

@@ -41,6 +41,7 @@ from mlauth.stores import store_from_env
 from mlauth.stores.base import TokenStore
 from mlauth.stores.envfile import read_env_file
 from mlauth.stores.select import STORE_KEY
+from mlauth.terminal import printable
 from mlauth.tokens import TokenSet
 
 from .login import AUTH_HOSTS, LoginRequest, authorization_base, complete_login, parse_pasted
@@ -154,7 +155,9 @@ def _cmd_status(args: argparse.Namespace) -> int:
     rows.append(("refresh running", {True: "yes (lock held)", False: "no", None: "unknown"}[busy]))
     rows += store.status_details()
     for label, value in rows:
-        print(f"{label + ':':<18}{value}")
+        # Values come from the store (a Redis hash, the .env, the journal): whoever can write
+        # there must not be able to drive the terminal of whoever runs status.
+        print(printable(f"{label + ':':<18}{value}"))
     sys.stdout.flush()  # the rows first, then the problem on stderr, in a terminal too
     env_settings(args.env)  # a missing secret or bad ML_API_HOSTS fails every refresh: exit 1
     if tokens.refresh_token is None:
@@ -228,7 +231,7 @@ def _cmd_login(args: argparse.Namespace) -> int:
     tokens = complete_login(
         args.env, store, code=code, redirect_uri=redirect_uri, code_verifier=verifier
     )
-    print(f"authorized: tokens saved in {store.location} ({_summary(tokens)})")
+    print(printable(f"authorized: tokens saved in {store.location} ({_summary(tokens)})"))
     return EXIT_OK
 
 
@@ -520,11 +523,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except _Usage as exc:
         parser.error(str(exc))  # exits 2
     except (ReauthorizationRequired, InvalidGrantError) as exc:
-        print(f"mlauth: re-authorization required: {exc}", file=sys.stderr)
-        print(f"fix: {_login_hint(env)}", file=sys.stderr)
+        # Messages quote the store, the journal and its marker: printable, like status rows.
+        print(printable(f"mlauth: re-authorization required: {exc}"), file=sys.stderr)
+        print(printable(f"fix: {_login_hint(env)}"), file=sys.stderr)
         return EXIT_REAUTHORIZE
     except MLAuthError as exc:
-        print(f"mlauth: {exc}", file=sys.stderr)
+        print(printable(f"mlauth: {exc}"), file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         print("mlauth: interrupted", file=sys.stderr)

@@ -1,0 +1,130 @@
+"""The command line's rough edges, as a user meets them: what status prints from a hostile
+store, a first login, Redis down, a dead chain whose access token still works, and the files
+a login or the demo server leaves behind. Each command runs as a real process."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import time
+from pathlib import Path
+
+import pytest
+import redis
+
+import mlauth
+from benchmarks.redis_server import RedisServer
+from mlauth.cli.migrate import migrate_to_redis
+from mlauth.stores.journal import Journal
+from mlauth.testing import FakeMercadoLibre
+from tests.cli_support import assert_no_secret, mlauth_cli
+
+# What a terminal acts on: C0 (but the line feeds between rows), DEL and C1 (ESC and CSI
+# among them), bidi overrides, line separators.
+TERMINAL_CONTROL = re.compile("[\x00-\x09\x0b-\x1f\x7f-\x9f\u200b-\u200f\u202a-\u202e\u2028\u2029]")
+# What someone who can write the store may plant: clear the screen, retitle the window, hide
+# the rest of the line, a fake row on a line of its own, and a right-to-left override.
+HOSTILE = "\x1b[2J\x1b]0;pwned\x07\x1b[8m\nrefresh running:  no\r\x9b31m\u202eevil"
+
+
+def assert_inert(text: str) -> None:
+    """Nothing in ``text`` can drive a terminal; the planted ESC shows as a visible escape."""
+    found = TERMINAL_CONTROL.findall(text)
+    assert found == [], f"printed raw: {found} in {text!r}"
+
+
+# -- status prints nothing a terminal acts on -------------------------------------------------
+
+
+def test_status_escapes_control_characters_from_the_env_the_journal_and_the_marker(
+    fake_ml: FakeMercadoLibre, tmp_path: Path
+) -> None:
+    env = tmp_path / ".env"
+    as_dotenv_escapes = HOSTILE.replace("\n", "\\n").replace("\r", "\\r")
+    fake_ml.write_env(
+        env,
+        expires_at=time.time() + 3600,
+        extra={
+            "ML_TOKEN_REFRESHED_AT": str(time.time() - 60),
+            # Raw in a double-quoted value, but \\n and \\r, which python-dotenv decodes.
+            "ML_TOKEN_REFRESHED_BY": f'"{as_dotenv_escapes}"',
+        },
+    )
+    stored = mlauth.EnvFileStore(env).load()[0].refresh_token
+    assert stored is not None
+    assert mlauth.EnvFileStore(env).load()[0].refreshed_by == HOSTILE
+    journal = Journal(os.path.realpath(env))
+    # A journal answer under a planted fingerprint, and a marker naming the stored token whose
+    # "by" and "reason" someone filled.
+    answer = {"kind": "answer", "spent": HOSTILE, "tokens": {"refresh_token": "TG-x"}}
+    Path(journal.path).write_text(json.dumps(answer) + "\n")
+    marker = {"refresh_token": stored.fingerprint, "at": time.time(), "by": HOSTILE}
+    Path(journal.reauth_path).write_text(json.dumps({**marker, "reason": HOSTILE}))
+
+    done = mlauth_cli("status", "--env", str(env))
+
+    assert done.returncode == 3, done.stdout + done.stderr  # the marker names the stored token
+    assert_inert(done.stdout + done.stderr)
+    assert re.search(r"^last refresh: .* by \\x1b\[2J\\x1b\]0;pwned\\x07", done.stdout, re.M)
+    assert re.search(r"^journal: .*\\x1b\[2J.*\\nrefresh running:  no\\r", done.stdout, re.M)
+    assert len(re.findall("^refresh running:", done.stdout, re.M)) == 1  # no planted row
+    assert "seen by \\x1b[2J" in done.stderr and "\\u202eevil" in done.stderr
+    assert_no_secret(done.stdout + done.stderr, env)
+
+
+def test_status_escapes_control_characters_from_a_redis_hash(
+    fake_ml: FakeMercadoLibre, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    env = tmp_path / ".env"
+    fake_ml.write_env(env, extra={"ML_TOKEN_REFRESHED_AT": str(time.time())})
+    migrate_to_redis(env, redis_server.url)
+    key = f"mlauth:{fake_ml.client_id}:tokens"
+    with redis.Redis.from_url(redis_server.url, decode_responses=True) as client:
+        client.hset(key, mapping={"refreshed_by": HOSTILE, "chain": f"c0ffee{HOSTILE}"})
+
+    done = mlauth_cli("status", "--env", str(env))
+
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert_inert(done.stdout + done.stderr)
+    assert re.search(r"^last refresh: .* by \\x1b\[2J\\x1b\]0;pwned\\x07", done.stdout, re.M)
+    assert re.search(r"^generation: +1 \(chain c0ffee\\x1b\[2J", done.stdout, re.M)
+    assert "\\u202eevil" in done.stdout
+
+
+def test_a_path_that_is_not_utf8_is_shown_escaped_not_a_traceback(
+    fake_ml: FakeMercadoLibre, tmp_path: Path
+) -> None:
+    folder = os.path.join(os.fsencode(tmp_path), b"odd\xff\x1b[2J")
+    os.mkdir(folder)
+    env = os.path.join(folder, b".env")
+    fake_ml.write_env(os.fsdecode(env))
+
+    done = mlauth_cli("status", "--env", os.fsdecode(env))
+
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert_inert(done.stdout + done.stderr)
+    assert re.search(r"^store: +.*odd\\udcff\\x1b\[2J/\.env$", done.stdout, re.M)
+
+
+def test_the_log_lines_on_stderr_are_escaped_too() -> None:
+    from mlauth.logs import StderrFallback
+
+    message = "tokens moved to %s"
+    record = logging.LogRecord("mlauth", logging.WARNING, __file__, 1, message, (HOSTILE,), None)
+    line = StderrFallback().format(record)
+    assert_inert(line)
+    assert line.startswith("mlauth: WARNING: tokens moved to \\x1b[2J")
+
+
+@pytest.mark.parametrize("text", ["plain", "café 😀", "tab\tand\nline", HOSTILE])
+def test_printable_keeps_ordinary_text_and_escapes_the_rest(text: str) -> None:
+    from mlauth.terminal import printable
+
+    shown = printable(text)
+    assert_inert(shown.replace("\n", ""))
+    assert "\n" not in shown
+    if text.isprintable():
+        assert shown == text
+    assert len(shown) >= len(text)

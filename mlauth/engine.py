@@ -37,7 +37,7 @@ from collections.abc import Callable, Hashable, Iterator
 from typing import Protocol
 
 from .errors import (
-    REAUTHORIZE,
+    AUTHORIZE,
     ConfigError,
     InvalidGrantError,
     LockTimeoutError,
@@ -185,7 +185,7 @@ class RefreshEngine:
         tokens, version = store.load()
         if tokens.refresh_token is None:
             raise ConfigError(
-                f"{store.location}: ML_REFRESH_TOKEN is missing or empty. {REAUTHORIZE}"
+                f"{store.location}: ML_REFRESH_TOKEN is missing or empty. {AUTHORIZE}"
             )
         # (tokens, their version, until when they are FRESH): the last saves the freshness
         # arithmetic on every request.
@@ -482,7 +482,7 @@ class RefreshEngine:
         spent = tokens.refresh_token
         if spent is None:
             raise ConfigError(
-                f"{self.store.location}: ML_REFRESH_TOKEN is missing or empty. {REAUTHORIZE}"
+                f"{self.store.location}: ML_REFRESH_TOKEN is missing or empty. {AUTHORIZE}"
             )
         if mandatory:
             self._failures.check(spent)

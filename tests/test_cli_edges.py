@@ -8,18 +8,21 @@ import json
 import logging
 import os
 import re
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 import redis
+import requests
 
 import mlauth
 from benchmarks.redis_server import RedisServer
 from mlauth.cli.migrate import migrate_to_redis
 from mlauth.stores.journal import Journal
 from mlauth.testing import FakeMercadoLibre
-from tests.cli_support import assert_no_secret, mlauth_cli
+from tests.cli_support import REDIRECT, assert_clean_failure, assert_no_secret, mlauth_cli
 
 # What a terminal acts on: C0 (but the line feeds between rows), DEL and C1 (ESC and CSI
 # among them), bidi overrides, line separators.
@@ -128,3 +131,67 @@ def test_printable_keeps_ordinary_text_and_escapes_the_rest(text: str) -> None:
     if text.isprintable():
         assert shown == text
     assert len(shown) >= len(text)
+
+
+# -- a first authorization is not a re-authorization -------------------------------------------
+
+
+@pytest.fixture
+def first_env(fake_ml: FakeMercadoLibre, tmp_path: Path) -> Path:
+    """A .env before the first authorization: credentials and settings, no token yet."""
+    env = tmp_path / ".env"
+    env.write_text(
+        f"ML_CLIENT_ID={fake_ml.client_id}\nML_CLIENT_SECRET={fake_ml.client_secret}\n"
+        f"ML_TOKEN_URL={fake_ml.token_url}\nML_AUTH_URL={fake_ml.base_url}\n"
+        f"ML_API_HOSTS={fake_ml.host}\nML_REDIRECT_URI={REDIRECT}\n"
+    )
+    env.chmod(0o600)
+    return env
+
+
+def test_a_first_env_is_told_to_authorize_not_to_authorize_again(
+    fake_ml: FakeMercadoLibre, first_env: Path
+) -> None:
+    folder = first_env.parent
+    for command in ("status", "token", "refresh", "run"):
+        args = ["--", sys.executable, "-c", "pass"] if command == "run" else []
+        done = mlauth_cli(command, *args, cwd=folder)  # no options: ./.env, as a user types
+        assert done.returncode == 3, done.stderr
+        assert "Traceback" not in done.stderr
+        assert done.stderr.startswith("mlauth: authorization required: "), done.stderr
+        assert "fix: run `mlauth login --env .env` to authorize the app" in done.stderr
+        assert "again" not in done.stderr and "re-authorization" not in done.stderr.lower()
+    # The library says the same to a program started on it.
+    with pytest.raises(mlauth.ConfigError) as caught:
+        mlauth.MLAuth.from_env(first_env)
+    assert "Authorization required: run `mlauth login`" in str(caught.value)
+    assert "again" not in str(caught.value)
+    # The login itself, without options (the .env names the redirect URI and the page),
+    # never speaks of authorizing again either.
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlauth", "login"],
+        cwd=folder,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    url = proc.stdout.readline().strip()
+    answer = requests.get(url, allow_redirects=False, timeout=30)  # the fake's page says yes
+    out, err = proc.communicate(answer.headers["Location"] + "\n", timeout=60)
+    assert proc.returncode == 0, err
+    assert "authorized: tokens saved in" in out
+    assert "again" not in out + err
+    assert fake_ml.stats()["code_exchanges"] == 1
+
+
+def test_a_dead_chain_is_still_told_to_authorize_again(
+    fake_ml: FakeMercadoLibre, fake_ml_env: Path
+) -> None:
+    fake_ml.revoke_refresh_tokens()
+    for command in ("refresh", "status"):  # the invalid_grant, then its marker
+        done = mlauth_cli(command, "--env", str(fake_ml_env))
+        assert_clean_failure(done, 3)
+        assert done.stderr.startswith("mlauth: re-authorization required: ")
+        assert "to authorize the app again" in done.stderr

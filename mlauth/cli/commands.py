@@ -64,9 +64,20 @@ EXIT_REAUTHORIZE = 3
 class ReauthorizationRequired(MLAuthError):
     """The store has no live refresh token: only a new authorization helps (exit 3)."""
 
+    first = False  # the chain died: the seller authorizes *again*
 
-def _login_hint(env: str) -> str:
-    return f"run `mlauth login --env {shlex.quote(env)}` to authorize the app again"
+
+class AuthorizationRequired(ReauthorizationRequired):
+    """No refresh token at all (a .env with only the credentials): the first authorization."""
+
+    first = True
+
+
+def _login_hint(env: str, *, again: bool = True) -> str:
+    command = f"run `mlauth login --env {shlex.quote(env)}`"
+    if again:
+        return f"{command} to authorize the app again"
+    return f"{command} to authorize the app and save its first tokens"
 
 
 def _duration(seconds: float) -> str:
@@ -110,7 +121,7 @@ def _summary(tokens: TokenSet) -> str:
 def _load(store: TokenStore) -> TokenSet:
     tokens, _ = store.load()
     if tokens.refresh_token is None:
-        raise ReauthorizationRequired(f"{store.location} holds no refresh token")
+        raise AuthorizationRequired(f"{store.location} holds no refresh token")
     return tokens
 
 
@@ -161,7 +172,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
     sys.stdout.flush()  # the rows first, then the problem on stderr, in a terminal too
     env_settings(args.env)  # a missing secret or bad ML_API_HOSTS fails every refresh: exit 1
     if tokens.refresh_token is None:
-        raise ReauthorizationRequired(f"{store.location} holds no refresh token")
+        raise AuthorizationRequired(f"{store.location} holds no refresh token")
     _check_reauthorization(store)
     return EXIT_OK
 
@@ -524,8 +535,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(str(exc))  # exits 2
     except (ReauthorizationRequired, InvalidGrantError) as exc:
         # Messages quote the store, the journal and its marker: printable, like status rows.
-        print(printable(f"mlauth: re-authorization required: {exc}"), file=sys.stderr)
-        print(printable(f"fix: {_login_hint(env)}"), file=sys.stderr)
+        first = isinstance(exc, ReauthorizationRequired) and exc.first
+        what = "authorization required" if first else "re-authorization required"
+        print(printable(f"mlauth: {what}: {exc}"), file=sys.stderr)
+        print(printable(f"fix: {_login_hint(env, again=not first)}"), file=sys.stderr)
         return EXIT_REAUTHORIZE
     except MLAuthError as exc:
         print(printable(f"mlauth: {exc}"), file=sys.stderr)

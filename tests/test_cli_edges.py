@@ -195,3 +195,27 @@ def test_a_dead_chain_is_still_told_to_authorize_again(
         assert_clean_failure(done, 3)
         assert done.stderr.startswith("mlauth: re-authorization required: ")
         assert "to authorize the app again" in done.stderr
+
+
+# -- Redis down: no claim about a token nobody gets -------------------------------------------
+
+
+def test_redis_down_says_what_failed_and_promises_no_token(
+    fake_ml: FakeMercadoLibre, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    env = tmp_path / ".env"
+    fake_ml.write_env(env, expires_at=time.time() - 10)  # expired: a request must refresh
+    migrate_to_redis(env, redis_server.url)
+    running = mlauth.MLAuth.from_env(env, backoff=0.001)  # read while Redis was up
+    redis_server.stop()
+
+    token = mlauth_cli("token", "--env", str(env))
+    assert_clean_failure(token, 1)
+    assert token.stdout == ""
+    assert redis_server.url in token.stderr and "redis-server runs there" in token.stderr
+    with pytest.raises(mlauth.StoreError) as caught:
+        requests.get(f"{fake_ml.base_url}/users/me", auth=running, timeout=30)
+    for said in (token.stderr, str(caught.value)):
+        # Neither has a valid token to go on with: none of them may say one is being used.
+        assert "keeps being used" not in said and "still-valid" not in said, said
+    assert fake_ml.stats()["token_requests"] == 0

@@ -20,6 +20,7 @@ import requests
 import mlauth
 from benchmarks.redis_server import RedisServer
 from mlauth.cli.migrate import migrate_to_redis
+from mlauth.stores.envfile import read_env_file
 from mlauth.stores.journal import Journal
 from mlauth.testing import FakeMercadoLibre
 from tests.cli_support import REDIRECT, assert_clean_failure, assert_no_secret, mlauth_cli
@@ -219,3 +220,79 @@ def test_redis_down_says_what_failed_and_promises_no_token(
         # Neither has a valid token to go on with: none of them may say one is being used.
         assert "keeps being used" not in said and "still-valid" not in said, said
     assert fake_ml.stats()["token_requests"] == 0
+
+
+# -- a dead chain whose access token still works ----------------------------------------------
+
+
+def assert_dead_chain_token(done: subprocess.CompletedProcess[str], env: Path) -> str:
+    """Exit 3, the still-valid access token alone on stdout, and stderr saying for how long."""
+    assert done.returncode == 3, done.stdout + done.stderr
+    assert "Traceback" not in done.stderr
+    printed = done.stdout.strip()
+    assert done.stdout == printed + "\n"
+    assert printed == read_env_file(env)["ML_ACCESS_TOKEN"]
+    lines = done.stderr.splitlines()
+    assert lines[-3].startswith("mlauth: re-authorization required: "), done.stderr
+    assert re.fullmatch(
+        r"mlauth: the access token printed still works for \d+m\d\ds \(until .* UTC\); nothing "
+        r"will after that until the app is authorized again",
+        lines[-2],
+    ), done.stderr
+    assert lines[-1].startswith("fix: run `mlauth login --env"), done.stderr
+    assert printed not in done.stderr
+    return printed
+
+
+def test_token_of_a_dead_chain_prints_a_still_valid_access_token_and_exits_3(
+    fake_ml: FakeMercadoLibre, tmp_path: Path
+) -> None:
+    env = tmp_path / ".env"
+    fake_ml.write_env(env, expires_at=time.time() + 40 * 60)  # FRESH: no refresh is tried
+    fake_ml.revoke_refresh_tokens()
+    assert mlauth_cli("refresh", "--env", str(env)).returncode == 3  # the invalid_grant
+    asked = fake_ml.stats()["token_requests"]
+
+    done = mlauth_cli("token", cwd=tmp_path)  # no options, in the folder with the .env
+
+    printed = assert_dead_chain_token(done, env)
+    assert re.search(r"still works for (39|40)m", done.stderr)
+    assert fake_ml.stats()["token_requests"] == asked  # the dead token was not sent again
+    # What the shell user wanted it for works, for now.
+    answer = requests.get(
+        f"{fake_ml.base_url}/users/me", headers={"Authorization": f"Bearer {printed}"}, timeout=30
+    )
+    assert answer.status_code == 200
+
+
+def test_token_that_meets_invalid_grant_refreshing_ahead_says_the_same(
+    fake_ml: FakeMercadoLibre, tmp_path: Path
+) -> None:
+    env = tmp_path / ".env"
+    # Within the 300 s margin (of a 6 h token): token refreshes ahead, and learns it is dead.
+    fake_ml.write_env(
+        env,
+        expires_at=time.time() + 120,
+        extra={"ML_TOKEN_REFRESHED_AT": str(time.time() - 6 * 3600 + 120)},
+    )
+    fake_ml.revoke_refresh_tokens()
+
+    done = mlauth_cli("token", "--env", str(env))
+
+    assert fake_ml.stats()["invalid_grant"] == 1
+    assert_dead_chain_token(done, env)
+    again = mlauth_cli("token", "--env", str(env))  # the marker: nothing is sent now
+    assert_dead_chain_token(again, env)
+    assert fake_ml.stats()["token_requests"] == 1
+
+
+def test_token_of_a_dead_chain_whose_access_token_expired_prints_nothing(
+    fake_ml: FakeMercadoLibre, tmp_path: Path
+) -> None:
+    env = tmp_path / ".env"
+    fake_ml.write_env(env, expires_at=time.time() - 5)
+    fake_ml.revoke_refresh_tokens()
+    for _ in range(2):  # the invalid_grant, then the marker
+        done = mlauth_cli("token", "--env", str(env))
+        assert_clean_failure(done, 3)
+        assert done.stdout == "" and "still works" not in done.stderr

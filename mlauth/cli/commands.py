@@ -10,11 +10,12 @@ endpoint refused or kept failing, an unwritable or unreachable store, a lock hel
 bad or mismatched authorization code, ``migrate`` finding another chain without ``--force``
 or the ``redis`` extra missing); 2 a usage error; 3 re-authorization required (the refresh
 token is missing or dead, or an earlier ``invalid_grant`` marked it dead: run ``mlauth
-login``); 130 interrupted. ``mlauth run`` exits like the others until the command starts,
-then with the command's own code (127 if it was not found, 126 if it could not be executed,
-1 if it is a Python that cannot import mlauth). Expected failures print one
-line naming the problem and the fix on stderr, never a traceback; no command prints a token
-except ``mlauth token``, whose output is the access token alone.
+login``; ``mlauth token`` still prints an access token of a dead chain that has not expired,
+saying on stderr for how long it works); 130 interrupted. ``mlauth run`` exits like the
+others until the command starts, then with the command's own code (127 if it was not found,
+126 if it could not be executed, 1 if it is a Python that cannot import mlauth). Expected
+failures print one line naming the problem and the fix on stderr, never a traceback; no
+command prints a token except ``mlauth token``, whose output is the access token alone.
 """
 
 from __future__ import annotations
@@ -62,9 +63,13 @@ EXIT_REAUTHORIZE = 3
 
 
 class ReauthorizationRequired(MLAuthError):
-    """The store has no live refresh token: only a new authorization helps (exit 3)."""
+    """The store has no live refresh token: only a new authorization helps (exit 3).
+
+    ``note``, when set, is printed on a line of its own: what still works meanwhile.
+    """
 
     first = False  # the chain died: the seller authorizes *again*
+    note: str | None = None
 
 
 class AuthorizationRequired(ReauthorizationRequired):
@@ -132,13 +137,20 @@ def _check_reauthorization(store: TokenStore) -> None:
         raise ReauthorizationRequired(message)
 
 
-def _auth(args: argparse.Namespace) -> MLAuth:
+def _chain_store(args: argparse.Namespace) -> TokenStore:
+    """The store, once the credentials are there and it holds a refresh token (else exit 3)."""
     # Credentials first: a .env without them has no refresh token either, and logging in
     # (the fix for a missing token) would fail on the credentials anyway.
     env_settings(args.env)
     store = store_from_env(args.env)
     _load(store)  # exit 3 rather than a ConfigError when there is no refresh token
-    _check_reauthorization(store)  # a token known dead: no request just to learn it again
+    return store
+
+
+def _auth(args: argparse.Namespace, store: TokenStore | None = None) -> MLAuth:
+    if store is None:
+        store = _chain_store(args)
+        _check_reauthorization(store)  # a token known dead: no request just to learn it again
     # Not from_env: its start-up check would log an ERROR that `run` reports itself, and that
     # `token` and `refresh` get from the operation itself, in one line.
     return MLAuth(store=store, **env_settings(args.env))  # type: ignore[arg-type]
@@ -178,10 +190,45 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 
 def _cmd_token(args: argparse.Namespace) -> int:
-    tokens = _auth(args).valid_tokens()
+    store = _chain_store(args)
+    dead = store.reauthorization_required()
+    if dead is None:
+        tokens = _auth(args, store).valid_tokens()
+        # A refresh ahead of expiry that met invalid_grant leaves the still-valid token to
+        # use, as it does in every process, and the marker that says the chain is dead.
+        dead = store.reauthorization_required()
+    else:
+        tokens = _load(store)  # no request just to learn again that the chain is dead
+    if dead is not None:
+        error = ReauthorizationRequired(dead)
+        error.note = _print_if_still_valid(tokens)
+        raise error
     assert tokens.access_token is not None
     print(tokens.access_token.reveal())
     return EXIT_OK
+
+
+def _print_if_still_valid(tokens: TokenSet) -> str | None:
+    """Print the access token of a dead chain if it has not expired; what to say about it.
+
+    `curl -H "Authorization: Bearer $(mlauth token)"` then keeps working for as long as the
+    token does, as the library keeps using it in a running process, while the exit code (3)
+    and stderr say at once that the seller must authorize again.
+    """
+    left = tokens.expires_in()
+    if tokens.access_token is None or (left is not None and left <= 0):
+        return None
+    print(tokens.access_token.reveal(), flush=True)
+    if left is None:
+        return (
+            "the access token printed has an unknown expiry: it works until MercadoLibre "
+            "answers 401, and nothing will after that until the app is authorized again"
+        )
+    assert tokens.expires_at is not None
+    return (
+        f"the access token printed still works for {_duration(left)} (until "
+        f"{_when(tokens.expires_at)}); nothing will after that until the app is authorized again"
+    )
 
 
 def _cmd_refresh(args: argparse.Namespace) -> int:
@@ -422,7 +469,9 @@ def build_parser() -> argparse.ArgumentParser:
         "token",
         _cmd_token,
         "print a valid access token (refreshed first if expired or near expiry), for "
-        'shell use: curl -H "Authorization: Bearer $(mlauth token)" ...',
+        'shell use: curl -H "Authorization: Bearer $(mlauth token)" ...; if the refresh token '
+        "is dead but the access token has not expired, it is printed all the same, stderr "
+        "says how long it still works, and the exit code is 3",
     )
     command("refresh", _cmd_refresh, "refresh the tokens now, under the same lock as every process")
 
@@ -538,6 +587,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         first = isinstance(exc, ReauthorizationRequired) and exc.first
         what = "authorization required" if first else "re-authorization required"
         print(printable(f"mlauth: {what}: {exc}"), file=sys.stderr)
+        if isinstance(exc, ReauthorizationRequired) and exc.note:
+            print(printable(f"mlauth: {exc.note}"), file=sys.stderr)
         print(printable(f"fix: {_login_hint(env, again=not first)}"), file=sys.stderr)
         return EXIT_REAUTHORIZE
     except MLAuthError as exc:

@@ -19,6 +19,7 @@ import requests
 
 import mlauth
 from benchmarks.redis_server import RedisServer
+from mlauth.cli.login import complete_login
 from mlauth.cli.migrate import migrate_to_redis
 from mlauth.stores.envfile import read_env_file
 from mlauth.stores.journal import Journal
@@ -296,3 +297,60 @@ def test_token_of_a_dead_chain_whose_access_token_expired_prints_nothing(
         done = mlauth_cli("token", "--env", str(env))
         assert_clean_failure(done, 3)
         assert done.stdout == "" and "still works" not in done.stderr
+
+
+# -- what a login leaves behind -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("write", ["auto", "in-place"])
+def test_login_removes_the_dead_chains_marker_and_the_chain_goes_on(
+    fake_ml: FakeMercadoLibre, tmp_path: Path, write: str
+) -> None:
+    env = tmp_path / ".env"
+    fake_ml.write_env(env, expires_at=time.time() - 5, extra={"ML_ENV_WRITE": write})
+    running = mlauth.MLAuth.from_env(env, backoff=0.001)  # a pipeline on the old chain
+    fake_ml.revoke_refresh_tokens()
+    with pytest.raises(mlauth.InvalidGrantError):
+        requests.get(f"{fake_ml.base_url}/users/me", auth=running, timeout=30)
+    journal = mlauth.EnvFileStore(env).journal()  # a file beside it, or an xattr in-place
+    assert journal.marker() is not None
+
+    code = fake_ml.issue_authorization_code(REDIRECT)
+    login = mlauth_cli("login", "--redirect-uri", REDIRECT, "--code", code, cwd=tmp_path)
+
+    assert login.returncode == 0, login.stderr
+    assert journal.marker() is None
+    assert not Path(f"{env}.reauth").exists()
+    assert mlauth_cli("status", cwd=tmp_path).returncode == 0
+    # The process that met the invalid_grant adopts the new chain and never sends the dead
+    # token again; its next refresh spends the new one.
+    assert requests.get(f"{fake_ml.base_url}/users/me", auth=running, timeout=30).status_code == 200
+    running.refresh()
+    assert fake_ml.stats()["invalid_grant"] == 1
+    assert fake_ml.stats()["refreshes"] == 1
+
+
+def test_login_removes_the_marker_after_the_save_and_under_the_lock(
+    fake_ml: FakeMercadoLibre, fake_ml_env: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake_ml.revoke_refresh_tokens()
+    assert mlauth_cli("refresh", "--env", str(fake_ml_env)).returncode == 3  # the marker
+    seen: list[tuple[object, bool | None, bool]] = []
+    remove = Journal.clear_reauthorization
+
+    def watched(journal: Journal) -> None:
+        peer = mlauth.EnvFileStore(fake_ml_env)  # another lock object, as another process has
+        seen.append(
+            (peer.load()[0].refresh_token, peer.refresh_in_progress(), journal.marker() is None)
+        )
+        remove(journal)
+
+    monkeypatch.setattr(Journal, "clear_reauthorization", watched)
+    code = mlauth.Secret(fake_ml.issue_authorization_code(REDIRECT))
+    store = mlauth.EnvFileStore(fake_ml_env)
+
+    tokens = complete_login(str(fake_ml_env), store, code=code, redirect_uri=REDIRECT)
+
+    # When the marker went, the store already held the new chain, and the lock was held.
+    assert seen == [(tokens.refresh_token, True, False)]
+    assert Journal(os.path.realpath(fake_ml_env)).marker() is None

@@ -8,9 +8,11 @@ import json
 import logging
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -354,3 +356,98 @@ def test_login_removes_the_marker_after_the_save_and_under_the_lock(
     # When the marker went, the store already held the new chain, and the lock was held.
     assert seen == [(tokens.refresh_token, True, False)]
     assert Journal(os.path.realpath(fake_ml_env)).marker() is None
+
+
+# -- mlauth demo: its help, what --serve says when it stops, and the files it leaves ----------
+
+
+def test_demo_help_explains_every_option_with_its_default() -> None:
+    done = mlauth_cli("demo", "--help")
+    assert done.returncode == 0, done.stderr
+    text = " ".join(done.stdout.split())  # argparse wraps at the terminal's width
+    for option, default in (("--processes", "6"), ("--threads", "4"), ("--seconds", "15")):
+        shown = re.search(rf"{option} {option[2:].upper()} (.*?)\(default: (\w+)\)", text)
+        assert shown is not None, text
+        assert shown[1].strip(), f"{option} has no help text"
+        assert shown[2] == default
+    assert "print what it served" in text
+
+
+DemoServer = Callable[[], tuple[subprocess.Popen[str], str]]
+
+
+@pytest.fixture
+def demo_server(tmp_path: Path) -> Iterator[DemoServer]:
+    """Starts ``mlauth demo --serve`` in ``tmp_path``: it and its base URL, once its .env is
+    written. Any still running at the end is killed."""
+    started: list[subprocess.Popen[str]] = []
+
+    def start() -> tuple[subprocess.Popen[str], str]:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "mlauth", "demo", "--serve"],
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        started.append(proc)
+        assert proc.stdout is not None
+        first = proc.stdout.readline()  # printed once the .env is in place
+        found = re.match(r"fake MercadoLibre at (http://127\.0\.0\.1:\d+) ", first)
+        assert found is not None, first
+        return proc, found[1]
+
+    yield start
+    for proc in started:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_demo_serve_prints_its_counters_and_removes_only_its_own_files(
+    demo_server: DemoServer, tmp_path: Path, signum: int
+) -> None:
+    proc, base = demo_server()
+    # A second store of the same chain (the user's own files), which spends the refresh
+    # token first: the demo's own .env then meets invalid_grant and gets its marker.
+    (tmp_path / ".env.copy").write_text((tmp_path / ".env.demo").read_text())
+    (tmp_path / ".env.copy").chmod(0o600)
+    assert mlauth_cli("refresh", "--env", ".env.copy", cwd=tmp_path).returncode == 0
+    assert mlauth_cli("refresh", "--env", ".env.demo", cwd=tmp_path).returncode == 3
+    token = mlauth_cli("token", "--env", ".env.copy", cwd=tmp_path).stdout.strip()
+    for bearer in (token, "stale"):
+        requests.get(f"{base}/users/me", headers={"Authorization": f"Bearer {bearer}"}, timeout=30)
+    assert {".env.demo.lock", ".env.demo.journal", ".env.demo.reauth"} <= set(os.listdir(tmp_path))
+
+    proc.send_signal(signum)
+    out, err = proc.communicate(timeout=60)
+
+    assert proc.returncode == 0, out + err
+    assert re.search(
+        r"^fake MercadoLibre stopped after \d+s: calls=2 \(1 ok, 1 answered 401\) refreshes=1 "
+        r"invalid_grant=1 logins=0$",
+        out,
+        re.M,
+    ), out
+    assert sorted(os.listdir(tmp_path)) == [".env.copy", ".env.copy.journal", ".env.copy.lock"]
+
+
+def test_a_stopping_demo_server_leaves_the_files_of_one_that_took_its_path_over(
+    demo_server: DemoServer, tmp_path: Path
+) -> None:
+    first, _ = demo_server()
+    second, base = demo_server()  # rewrites .env.demo for itself
+    assert mlauth_cli("refresh", "--env", ".env.demo", cwd=tmp_path).returncode == 0
+
+    first.send_signal(signal.SIGTERM)
+    out, _ = first.communicate(timeout=60)
+
+    assert ".env.demo now belongs to another server: left as it is" in out
+    assert {".env.demo", ".env.demo.lock", ".env.demo.journal"} <= set(os.listdir(tmp_path))
+    assert read_env_file(tmp_path / ".env.demo")["ML_TOKEN_URL"] == f"{base}/oauth/token"
+    assert mlauth_cli("refresh", "--env", ".env.demo", cwd=tmp_path).returncode == 0
+    second.send_signal(signal.SIGTERM)
+    out, _ = second.communicate(timeout=60)
+    assert "refreshes=2 invalid_grant=0" in out
+    assert os.listdir(tmp_path) == []

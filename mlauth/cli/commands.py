@@ -542,16 +542,36 @@ def build_parser() -> argparse.ArgumentParser:
         "at --env, to try the other commands by hand",
         env_default=".env.demo",  # never the project's own .env
     )
-    demo.add_argument("--processes", type=_number(int, 1), default=6)
-    demo.add_argument("--threads", type=_number(int, 1), default=4)
-    demo.add_argument("--seconds", type=_number(float, 0.1), default=15.0)
+    demo.add_argument(
+        "--processes",
+        type=_number(int, 1),
+        default=6,
+        help="worker processes sharing one .env (default: %(default)s)",
+    )
+    demo.add_argument(
+        "--threads",
+        type=_number(int, 1),
+        default=4,
+        help="threads per process, sharing one MLAuth (default: %(default)s)",
+    )
+    demo.add_argument(
+        "--seconds",
+        type=_number(float, 0.1),
+        default=15.0,
+        help="how long the storm runs, in seconds (default: %(default)g)",
+    )
     demo.add_argument(
         "--token-lifetime",
         type=_number(float, 0.5),
         default=None,
-        help="seconds (default 3, 600 with --serve)",
+        help="how long each token lives, in seconds (default 3, 600 with --serve)",
     )
-    demo.add_argument("--serve", action="store_true", help="serve until Ctrl-C")
+    demo.add_argument(
+        "--serve",
+        action="store_true",
+        help="serve until Ctrl-C or SIGTERM; then print what it served (calls, 401s, "
+        "refreshes, invalid_grant, logins) and delete the .env it wrote and the files beside it",
+    )
     demo.add_argument(
         "--port",
         type=_number(int, 0, 65535),

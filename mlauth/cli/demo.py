@@ -237,12 +237,11 @@ def serve(env: str, port: int, lifetime: float) -> int:
                     file=sys.stderr,
                 )
                 return 1
-    stop = threading.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: stop.set())
+    _take_stop_signals()
     try:
         fake = FakeMercadoLibre(port=port, token_lifetime=lifetime).start()
     except OSError as exc:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
         # At once and non-zero: a script waiting for the .env to appear must not wait for ever.
         print(
             f"mlauth demo --serve: cannot listen on 127.0.0.1:{port} ({exc.strerror or exc}); "
@@ -273,7 +272,7 @@ def serve(env: str, port: int, lifetime: float) -> int:
             "written for it. Ctrl-C to stop; it then prints what it served.",
             flush=True,
         )
-        stop.wait()
+        _wait_for_stop()
         stats = fake.stats()
     left = _remove_own_files(env, fake.token_url)
     print(
@@ -282,6 +281,32 @@ def serve(env: str, port: int, lifetime: float) -> int:
         flush=True,
     )
     return 0
+
+
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
+def _take_stop_signals() -> None:
+    """Block Ctrl-C and SIGTERM in every thread, for :func:`_wait_for_stop` to take them.
+
+    Not a handler: Python runs handlers in the main thread between any two bytecodes, so a
+    second signal (Ctrl-C, then a script's trap sending SIGTERM) can land inside the first
+    one's handler, and one that sets an Event deadlocks there on the Event's own lock. The
+    server's threads, started after this, inherit the mask. Default actions, not ignored:
+    a shell starts a background command with Ctrl-C ignored, and Ctrl-C must stop it too.
+    """
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_DFL)
+
+
+def _wait_for_stop() -> None:
+    signal.sigwait(STOP_SIGNALS)
+    # Stopping: another Ctrl-C, or the kill of a script's trap right after it, must not cut
+    # the clean-up short and leave the files half removed.
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
 
 def _served(stats: Mapping[str, int]) -> str:

@@ -101,18 +101,21 @@ def test_status_escapes_control_characters_from_a_redis_hash(
 
 
 def test_a_path_that_is_not_utf8_is_shown_escaped_not_a_traceback(
-    fake_ml: FakeMercadoLibre, tmp_path: Path
+    fake_ml: FakeMercadoLibre, redis_server: RedisServer, tmp_path: Path
 ) -> None:
     folder = os.path.join(os.fsencode(tmp_path), b"odd\xff\x1b[2J")
     os.mkdir(folder)
-    env = os.path.join(folder, b".env")
-    fake_ml.write_env(os.fsdecode(env))
+    env = os.fsdecode(os.path.join(folder, b".env"))
+    fake_ml.write_env(env)
 
-    done = mlauth_cli("status", "--env", os.fsdecode(env))
+    status = mlauth_cli("status", "--env", env)
+    migrate = mlauth_cli("migrate", "--env", env, "--to", redis_server.url)
 
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert_inert(done.stdout + done.stderr)
-    assert re.search(r"^store: +.*odd\\udcff\\x1b\[2J/\.env$", done.stdout, re.M)
+    for done in (status, migrate):
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert_inert(done.stdout + done.stderr)
+    assert re.search(r"^store: +.*odd\\udcff\\x1b\[2J/\.env$", status.stdout, re.M)
+    assert "odd\\udcff\\x1b[2J/.env to redis://" in migrate.stdout
 
 
 def test_the_log_lines_on_stderr_are_escaped_too() -> None:

@@ -313,11 +313,13 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
                 f"under {store.key!r} (Redis lost them?)"
             )
         print(
-            f"already migrated: {store.location} key {store.key} holds the tokens "
-            f"(refresh {tokens.refresh_token.fingerprint}); nothing to do"
+            printable(
+                f"already migrated: {store.location} key {store.key} holds the tokens "
+                f"(refresh {tokens.refresh_token.fingerprint}); nothing to do"
+            )
         )
         return EXIT_OK
-    print(migrate_to_redis(args.env, args.to, force=args.force))
+    print(printable(str(migrate_to_redis(args.env, args.to, force=args.force))))
     return EXIT_OK
 
 

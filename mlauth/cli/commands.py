@@ -450,7 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="mlauth",
         description="MercadoLibre OAuth tokens for pipelines.",
         epilog="exit codes: 0 ok, 1 error (the message says how to fix it), 2 usage, "
-        "3 re-authorization required (run `mlauth login`); `run` exits with the command's code",
+        "3 (re-)authorization required (run `mlauth login`); `run` exits with the command's code",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 

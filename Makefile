@@ -44,5 +44,8 @@ test: lint typecheck redis-server
 bench: $(STAMP) redis-server
 	$(PY) -m benchmarks.run_all
 
+# Everything the venv, the tools, the tests (hypothesis' example database) and a build
+# (.ci/wheel-matrix, pip install -e) leave in the clone: all of it is in .gitignore.
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis build dist *.egg-info
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -28,6 +28,8 @@ from .tokens import TokenSet
 if TYPE_CHECKING:
     from .stores.redis import RedisStore
 
+# The one place the version is written: the package metadata reads it at build time
+# (pyproject.toml, [tool.setuptools.dynamic]) and `mlauth --version` prints it.
 __version__ = "0.1.0"
 
 __all__ = [

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Iterable
 from urllib.parse import urlsplit
 
+from .urls import DEFAULT_PORTS, host_problem, is_loopback, split_target, urllib3_agrees
+
 __all__ = ["DEFAULT_PORTS", "HostRules", "is_loopback"]
 
-DEFAULT_PORTS = {"https": 443, "http": 80}
 # How many origins (scheme://host:port) HostRules.allows remembers; an app talks to a few.
 ORIGIN_CACHE_SIZE = 256
 # How many allowed origins get the startswith() fast path (case variants count apart).
@@ -17,34 +17,61 @@ _MAX_CACHED_ORIGIN = 300  # "https://" + a 253-character host name + ":65535", w
 _NOT_IN_CACHED_ORIGIN = "?#@\t\r\n"
 
 
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def parse_host(entry: str) -> tuple[str, int | None]:
-    """``"host"`` or ``"host:port"`` (``"[::1]:8080"`` for IPv6) -> (lower-case name, port)."""
-    text = entry.strip().lower()
-    if not text or "/" in text or "@" in text or " " in text:
-        raise ValueError(f"{entry!r} is not a host name (write it as host or host:port)")
-    if text.startswith("["):
-        name, _, rest = text[1:].partition("]")
-        port_text = rest[1:] if rest.startswith(":") else (None if not rest else "x")
-    elif text.count(":") == 1:
-        name, port_text = text.split(":")
-    else:
-        name, port_text = text, None
-    if not name:
+    """``"host"`` or ``"host:port"`` (``"[::1]:8080"`` for IPv6) -> (lower-case name, port).
+
+    ValueError names the entry, what is wrong with it and how to write it: an entry that is
+    no host name can never match a URL, and would leave every request without the token.
+    """
+    entry = entry.strip()
+    text = entry.lower()
+    if not text:
         raise ValueError(f"{entry!r} has no host name")
+    if "://" in text or "/" in text:
+        try:
+            host = urlsplit(text if "://" in text else "//" + text).netloc
+        except ValueError:
+            host = ""
+        hint = f": write only the host, {host}" if host else ""
+        raise ValueError(f"{entry!r} is not a host name{hint}")
+    if any(char.isspace() for char in text):
+        raise ValueError(
+            f"{entry!r} is not a host name: it contains white space (separate hosts with "
+            "commas, e.g. api.mercadolibre.com,api.mercadopago.com)"
+        )
+    if text.startswith("["):
+        name, bracket, rest = text[1:].partition("]")
+        port_text = rest[1:] if rest.startswith(":") else (None if not rest else "x")
+        problem = host_problem(name, bracketed=True) if bracket else "has no closing ']'"
+    else:
+        name, colon, port_text_or_empty = text.partition(":")
+        port_text = port_text_or_empty if colon else None
+        problem = host_problem(name)
+    if problem is not None:
+        shown = repr(entry) if name == text else f"{entry!r}: {name!r}"
+        raise ValueError(f"{shown} {problem}{_guess(text)}")
     if port_text is None:
         return name, None
     if not port_text.isdigit() or not 0 < int(port_text) < 65536:
-        raise ValueError(f"{entry!r} has a bad port")
+        raise ValueError(f"{entry!r} has a bad port (a number from 1 to 65535)")
     return name, int(port_text)
+
+
+def _guess(text: str) -> str:
+    """What a mistyped entry probably meant, as " (did you mean ...?)", or nothing."""
+    if ";" in text:  # a semicolon for a colon: 127.0.0.1;8080
+        fixed = text.replace(";", ":")
+        try:
+            parse_host(fixed)
+        except ValueError:
+            return ""
+        return f" (did you mean {fixed}?)"
+    return ""
+
+
+def _entry(name: str, port: int | None) -> str:
+    shown = f"[{name}]" if ":" in name else name
+    return shown if port is None else f"{shown}:{port}"
 
 
 class HostRules:
@@ -70,8 +97,11 @@ class HostRules:
         self._seen_parts: dict[tuple[str, str, int | None], bool] = {}  # see allows_parts()
 
     def __repr__(self) -> str:
-        shown = [name if port is None else f"{name}:{port}" for name, port in self.entries]
-        return f"HostRules({shown!r})"
+        return f"HostRules({[_entry(name, port) for name, port in self.entries]!r})"
+
+    def shown(self) -> str:
+        """The entries as ``ML_API_HOSTS`` takes them: ``api.mercadolibre.com, [::1]:8080``."""
+        return ", ".join(_entry(name, port) for name, port in self.entries)
 
     def allows(self, url: str | None) -> bool:
         """Whether ``url`` may carry the token. Runs before every request, so it is cached.
@@ -130,41 +160,46 @@ class HostRules:
         return answer
 
     def allows_uncached(self, url: str | None) -> bool:
-        """The full check, uncached: ``urlsplit``, then the scheme, host and port rules.
+        """The full check, uncached: the scheme, host and port rules, on the host requests
+        will connect to (:func:`~mlauth.urls.sent_target`): ``urlsplit``'s and urllib3's
+        readings must agree, or there is no token.
 
         A backslash in the netloc gets no token: ``urlsplit`` reads
         ``https://evil.com\\@api.mercadolibre.com/`` as userinfo and the allowed host, while
         requests, urllib3 and browsers take the backslash for a ``/`` and connect to evil.com.
         """
-        if not url:
+        if not url or not isinstance(url, str):
             return False
-        try:
-            parts = urlsplit(url)
-            name = parts.hostname
-            port = parts.port
-        except ValueError:
+        target = split_target(url)
+        if target is None:
             return False
-        if name is None or parts.scheme not in DEFAULT_PORTS or "\\" in parts.netloc:
+        scheme, name, port = target
+        if scheme != "https" and not is_loopback(name):
             return False
-        if parts.scheme != "https" and not is_loopback(name):
-            return False
-        if name in self._any_port:
-            return True
-        return (name, port or DEFAULT_PORTS[parts.scheme]) in self._with_port
+        # urllib3's parse last: it costs several times urlsplit, and only a yes needs it.
+        return self.matches(name, port) and urllib3_agrees(url, target)
+
+    def matches(self, name: str, port: int) -> bool:
+        """Whether an entry names host ``name`` (lower-case) on ``port``."""
+        return name in self._any_port or (name, port) in self._with_port
 
 
 def _cacheable(origin: str) -> bool:
     """Whether ``origin`` (a URL up to its first ``/`` after ``://``) fixes the answer.
 
-    The answer depends only on the scheme and netloc ``urlsplit`` finds. It strips leading C0
-    controls and spaces, deletes tabs and line breaks anywhere, takes the scheme before the
-    first ``:`` and a netloc only right after ``//``, and ends the netloc at ``?`` or ``#``
-    as well as ``/``. With none of those characters in the prefix, both come from the prefix
-    alone: the first ``:`` is in it, and is either the one of ``://`` (the netloc is the rest
-    of the prefix) or an earlier one (then no netloc, or no scheme: no token either way).
-    So every URL with this prefix gets the same answer. Prefixes with userinfo (``@``: a
-    password may be in it) or longer than a host name can be are not kept, so the cache holds
-    no credentials and stays small.
+    The answer depends only on the scheme and netloc ``urlsplit`` finds, and on the scheme,
+    host and port urllib3's ``parse_url`` finds. ``urlsplit`` strips leading C0 controls and
+    spaces, deletes tabs and line breaks anywhere, takes the scheme before the first ``:`` and
+    a netloc only right after ``//``, and ends the netloc at ``?`` or ``#`` as well as ``/``.
+    With none of those characters in the prefix, both come from the prefix alone: the first
+    ``:`` is in it, and is either the one of ``://`` (the netloc is the rest of the prefix) or
+    an earlier one (then no netloc, or no scheme: no token either way). ``parse_url`` ends the
+    authority at a backslash too, but a backslash in the prefix is in ``urlsplit``'s netloc,
+    which gets no token; otherwise its authority is that same netloc, and nothing after it
+    (path, query, fragment: only ever re-encoded) can make it fail. So every URL with this
+    prefix gets the same answer. Prefixes with userinfo (``@``: a password may be in it) or
+    longer than a host name can be are not kept, so the cache holds no credentials and stays
+    small.
     """
     return (
         len(origin) <= _MAX_CACHED_ORIGIN

@@ -505,7 +505,8 @@ def test_protected_hardlinks_do_not_refuse_a_save_that_works(fake: FakeMercadoLi
     nobody = 65534
     folder = Path(tempfile.mkdtemp(prefix="mlauth-owner-"))
     try:
-        folder.chmod(0o777)
+        # The pipeline's user's own folder (a world-writable one is refused before spending).
+        os.chown(folder, nobody, nobody)
         env = folder / ".env"
         fake.write_env(env, expires_at=time.time() - 10)
         env.chmod(0o644)

@@ -105,7 +105,9 @@ def test_run_refuses_before_starting_when_the_refresh_lock_cannot_be_taken(
     )
     assert_clean_failure(done, 1)
     assert not marker.exists()
-    assert "cannot open the refresh lock" in done.stderr and "must be writable" in done.stderr
+    lock = f"{fake_ml_env}.lock"
+    assert f"refusing the refresh lock {lock}: it is a directory" in done.stderr
+    assert f"`rmdir {lock}`" in done.stderr  # the fix
 
 
 def test_run_starts_while_a_peer_holds_the_refresh_lock(fake_ml_env: Path) -> None:

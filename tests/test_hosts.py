@@ -61,12 +61,14 @@ TRICKY = [
     ("//api.mercadolibre.com/x", False),
     ("api.mercadolibre.com/x", False),
     ("", False),
-    # what urlsplit strips (leading C0 and spaces) or deletes (tabs, line breaks)
+    # what urlsplit strips (leading C0 and spaces) or deletes (tabs, line breaks): requests
+    # strips leading white space too, but refuses the rest (InvalidSchema, InvalidURL), and
+    # urllib3 cannot parse them, so the two readers disagree: no token
     (" https://api.mercadolibre.com/x", True),
-    ("\x00https://api.mercadolibre.com/x", True),
-    ("https://api.mercadolibre.com\t/x", True),
-    ("https://api.merca\tdolibre.com/x", True),
-    ("ht\ttps://api.mercadolibre.com/x", True),
+    ("\x00https://api.mercadolibre.com/x", False),
+    ("https://api.mercadolibre.com\t/x", False),
+    ("https://api.merca\tdolibre.com/x", False),
+    ("ht\ttps://api.mercadolibre.com/x", False),
     ("https://api.mercadolibre.com\n.evil.com/x", False),
     ("https:\t//evil.com/?u=https://api.mercadolibre.com/", False),
     # characters that NFKC-normalize to URL delimiters

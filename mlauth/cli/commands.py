@@ -32,7 +32,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
-from mlauth.config import env_settings
+from mlauth import __version__
+from mlauth.config import env_settings, token_hosts_row
 from mlauth.errors import ConfigError, InvalidGrantError, MLAuthError, StoreError
 from mlauth.integrations.requests_auth import MLAuth
 from mlauth.logs import LEVEL_VARIABLE, OFF, level_from_environment, show_on_stderr
@@ -176,6 +177,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
     else:
         rows.append(("last refresh", "unknown"))
     rows.append(("refresh running", {True: "yes (lock held)", False: "no", None: "unknown"}[busy]))
+    rows.append(("token sent to", token_hosts_row(args.env)))
     rows += store.status_details()
     for label, value in rows:
         # Values come from the store (a Redis hash, the .env, the journal): whoever can write
@@ -452,6 +454,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="exit codes: 0 ok, 1 error (the message says how to fix it), 2 usage, "
         "3 (re-)authorization required (run `mlauth login`); `run` exits with the command's code",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(

@@ -28,6 +28,7 @@ from mlauth.errors import MLAuthError
 from mlauth.integrations.requests_auth import MLAuth
 from mlauth.stores.envfile import read_env_file
 from mlauth.stores.lock import ProcessLock
+from mlauth.stores.private import write_replacing
 from mlauth.testing import FakeMercadoLibre
 from mlauth.tokens import MAX_MARGIN_SHARE
 
@@ -252,21 +253,22 @@ def serve(env: str, port: int, lifetime: float) -> int:
     with fake:
         started = time.monotonic()
         issued = time.time()
-        temp = f"{env}.{os.getpid()}.tmp"
-        fake.write_env(
-            temp,
-            expires_at=issued + lifetime,
-            extra={
-                "ML_TOKEN_REFRESHED_AT": str(issued),
-                "ML_AUTH_URL": fake.base_url,
-                "ML_REDIRECT_URI": "https://example.test/callback",
-            },
-        )
-        with open(temp, encoding="utf-8") as handle:
-            body = handle.read()
-        with open(temp, "w", encoding="utf-8") as handle:
-            handle.write(f"{SERVE_MARKER}\n{body}")
-        os.replace(temp, env)
+        # Drafted in a folder of our own, then written beside the .env under a random name
+        # and renamed over it: no name someone else could predict (and plant a link at).
+        with tempfile.TemporaryDirectory(prefix="mlauth-demo-") as private:
+            draft = os.path.join(private, ".env")
+            fake.write_env(
+                draft,
+                expires_at=issued + lifetime,
+                extra={
+                    "ML_TOKEN_REFRESHED_AT": str(issued),
+                    "ML_AUTH_URL": fake.base_url,
+                    "ML_REDIRECT_URI": "https://example.test/callback",
+                },
+            )
+            with open(draft, encoding="utf-8") as handle:
+                body = handle.read()
+        write_replacing(os.path.abspath(env), f"{SERVE_MARKER}\n{body}".encode())
         print(
             f"fake MercadoLibre at {fake.base_url} (tokens live {lifetime:g}s); {env} is "
             "written for it. Ctrl-C to stop; it then prints what it served.",

@@ -45,8 +45,10 @@ AUTH_HOSTS = {
 def authorization_base(site: str, override: str | None) -> str:
     """The authorization page's origin: ``override`` if given, else the site's."""
     if override:
-        # Same rule as the token URL: https, or plain http on loopback (a test server).
-        return check_token_url(override, "auth URL", AUTH_HOSTS["MLA"]).rstrip("/")
+        # The token URL's check: https (plain http on loopback, a test server), and nothing a
+        # browser and urllib.parse could read as two hosts: the seller types a password there.
+        where = "the authorization page's URL (--auth-url, ML_AUTH_URL)"
+        return check_token_url(override, where, AUTH_HOSTS["MLA"]).rstrip("/")
     try:
         return AUTH_HOSTS[site.upper()]
     except KeyError:

@@ -19,6 +19,7 @@ from mlauth.config import (
     check_hosts,
     check_token_url,
     env_settings,
+    hosts_warning,
 )
 from mlauth.endpoint import TokenEndpoint
 from mlauth.engine import RefreshEngine
@@ -108,6 +109,9 @@ class AuthAdapter:
         store.bind_client(self.client_id)  # a shared store (Redis) names its key after it
         self.token_url = check_token_url(token_url, "token_url")
         self._hosts = check_hosts(hosts if isinstance(hosts, str) else list(hosts), "hosts")
+        unmatched = hosts_warning(self._hosts, self.token_url)
+        if unmatched is not None:
+            log.warning("%s", unmatched)  # once, at start-up: each 401 later would not say why
         endpoint = TokenEndpoint(
             self.token_url,
             self.client_id,

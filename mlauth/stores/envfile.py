@@ -18,7 +18,6 @@ import math
 import os
 import re
 import stat
-import tempfile
 import threading
 from collections.abc import Hashable, Iterator, Mapping
 
@@ -47,6 +46,7 @@ from .mounted import (
     why_unsaved,
     write_in_place,
 )
+from .private import check_folder, temp_beside
 from .select import STORE_KEY, shared_store
 
 __all__ = ["EnvFileStore", "read_env_file", "update_env_file"]
@@ -224,19 +224,6 @@ def in_place_mode(path: str, values: Mapping[str, str | None] | None = None) -> 
     return wanted
 
 
-@contextlib.contextmanager
-def _temp_beside(real: str) -> Iterator[tuple[int, str]]:
-    folder, name = os.path.split(real)
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".mlauth-tmp", dir=folder)
-    try:
-        yield fd, tmp
-    finally:
-        with contextlib.suppress(OSError):
-            os.close(fd)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-
-
 def update_env_file(
     path: str | os.PathLike[str],
     updates: Mapping[str, str | None],
@@ -284,7 +271,7 @@ def update_env_file(
 def _replace(real: str, data: bytes, before: os.stat_result) -> None:
     """Replace ``real`` with ``data`` atomically and durably, keeping its mode and owner."""
     try:
-        with _temp_beside(real) as (fd, tmp):
+        with temp_beside(real) as (fd, tmp):
             os.fchmod(fd, stat.S_IMODE(before.st_mode))
             with contextlib.suppress(PermissionError):
                 os.fchown(fd, before.st_uid, before.st_gid)
@@ -384,7 +371,8 @@ def _drop_stale_aliases(real: str) -> None:
     pattern = os.path.join(glob.escape(folder), f".{glob.escape(name)}.*.link.mlauth-tmp")
     for alias in glob.glob(pattern):
         with contextlib.suppress(OSError):
-            if not os.path.samefile(alias, real):
+            # lstat: a link planted under such a name is removed, never followed.
+            if not os.path.samestat(os.lstat(alias), os.stat(real)):
                 os.unlink(alias)
 
 
@@ -401,7 +389,7 @@ def _probe_replace(real: str) -> None:
     """
     with open(real, "rb") as handle:
         before = os.fstat(handle.fileno())
-    with _temp_beside(real) as (fd, tmp):
+    with temp_beside(real) as (fd, tmp):
         os.fchmod(fd, stat.S_IMODE(before.st_mode))
         # As many bytes as the new file will need, plus room for longer values, so a nearly
         # full disk is found out now rather than after the token is spent.
@@ -577,6 +565,11 @@ class EnvFileStore(TokenStore):
             moved.check_writable()
             return
         real = os.path.realpath(self.path)
+        # mlauth's own files beside it, and who else may write there (mlauth.stores.private);
+        # a single-file mount keeps none (its lock and journal are on the inode).
+        check_folder(os.path.dirname(real))
+        if not self.in_place:
+            self.journal().check_files()
         try:
             if self.in_place:
                 probe_in_place(real)

@@ -47,31 +47,25 @@ from mlauth.stores.base import RefreshTransaction, TokenStore
 from mlauth.tokens import TokenSet, this_process
 
 from .durable import fsync_dir
+from .private import check_own_file, open_own, write_replacing
 
 __all__ = ["Journal", "JournaledRefresh", "Recovery", "recover"]
 
 log = logging.getLogger("mlauth")
 
 
-def _write_new(path: str, data: bytes) -> None:
-    """Write ``path`` whole and durably, created 0600, replacing any previous file."""
-    tmp = f"{path}.{os.getpid()}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+def _read_own(path: str, what: str) -> bytes | None:
+    """The bytes of mlauth's own file ``path``, None if there is none. Raises OSError.
+
+    Never through a link, never another user's file: records read here are acted upon (an
+    answer is replayed into the store), so a forged one must not get in.
+    """
     try:
-        os.fchmod(fd, 0o600)
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    try:
-        os.replace(tmp, path)
-    except OSError:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    fsync_dir(os.path.dirname(path))
+        fd = open_own(path, os.O_RDONLY, what)
+    except FileNotFoundError:
+        return None
+    with os.fdopen(fd, "rb") as handle:
+        return handle.read()
 
 
 def _tokens_to_json(tokens: TokenSet) -> dict[str, Any]:
@@ -139,8 +133,8 @@ class Journal:
         of its own instead of being glued to the fragment and dropped with it.
         """
         data = (json.dumps(record, separators=(",", ":")) + "\n").encode("utf-8")
-        created = not os.path.exists(self.path)
-        fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
+        created = not os.path.lexists(self.path)
+        fd = open_own(self.path, os.O_RDWR | os.O_APPEND, "refresh journal", create=True)
         try:
             info = os.fstat(fd)
             if info.st_mode & 0o777 != 0o600:
@@ -167,17 +161,24 @@ class Journal:
             fsync_dir(os.path.dirname(self.path))
 
     def _read_log(self) -> bytes:
-        """The journal's bytes (empty if there is none); raises OSError."""
-        try:
-            with open(self.path, "rb") as handle:
-                return handle.read()
-        except FileNotFoundError:
-            return b""
+        """The journal's bytes (empty if there is none); raises OSError (StoreError if unfit)."""
+        return _read_own(self.path, "refresh journal") or b""
+
+    def check_files(self) -> None:
+        """StoreError if the journal or the marker exists and is not fit to be used.
+
+        Asked before a refresh token is spent: one planted in advance (a link, another user's
+        file) is refused then, with the fix, not found out once the answer must be written.
+        """
+        check_own_file(self.path, "refresh journal")
+        check_own_file(self.reauth_path, "re-authorization marker")
 
     def records(self) -> list[dict[str, Any]]:
         """The records in order; a torn last line (a crash mid-append) is ignored."""
         try:
             raw = self._read_log()
+        except StoreError:
+            raise  # it names the file and the fix
         except OSError as exc:
             raise StoreError(f"cannot read the refresh journal {self.path}: {exc}") from exc
         out: list[dict[str, Any]] = []
@@ -247,7 +248,7 @@ class Journal:
     def commit(self) -> None:
         """The store holds the answer: empty the journal (the commit, and its compaction)."""
         try:
-            fd = os.open(self.path, os.O_WRONLY)
+            fd = open_own(self.path, os.O_WRONLY, "refresh journal")
         except FileNotFoundError:
             return
         except OSError as exc:
@@ -288,14 +289,10 @@ class Journal:
     # -- re-authorization marker -----------------------------------------------------------
 
     def _write_marker(self, data: bytes) -> None:
-        _write_new(self.reauth_path, data)
+        write_replacing(self.reauth_path, data)
 
     def _read_marker(self) -> bytes | None:
-        try:
-            with open(self.reauth_path, "rb") as handle:
-                return handle.read()
-        except FileNotFoundError:
-            return None
+        return _read_own(self.reauth_path, "re-authorization marker")
 
     def mark_reauthorization_required(self, spent: Secret, reason: str) -> None:
         record = {
@@ -413,7 +410,8 @@ def _drop_stale_temps(store_path: str) -> None:
     now = time.time()
     for path in glob.glob(os.path.join(glob.escape(folder), f".{glob.escape(name)}.*.mlauth-tmp")):
         with contextlib.suppress(OSError):
-            if now - os.stat(path).st_mtime > STALE_TEMP_AGE:
+            # lstat: a link planted under such a name is removed, its target never looked at.
+            if now - os.lstat(path).st_mtime > STALE_TEMP_AGE:
                 os.unlink(path)
                 log.info("removed %s, left by a writer that died mid-save", path)
 

@@ -17,6 +17,8 @@ import filelock
 
 from mlauth.errors import LockTimeoutError, StoreError
 
+from .private import check_own_fd, open_own, why_refused
+
 __all__ = ["ProcessLock", "ReleaseWatch", "fork_bound"]
 
 log = logging.getLogger("mlauth")
@@ -261,7 +263,10 @@ class ProcessLock(ReleaseWatch):
         return super().wait_released(timeout)
 
     def _note_held(self, fd: int) -> None:
-        info = os.fstat(fd)
+        # Checked on the descriptor filelock locked (opened with O_NOFOLLOW): a lock file
+        # planted by another user could be swapped for a second inode while held, and two
+        # processes would refresh at once. Raising here makes filelock let go of it.
+        info = check_own_fd(fd, self.path, "refresh lock")
         self._held[threading.get_ident()] = (fd, info.st_dev, info.st_ino)
 
     def _after_fork_in_child(self) -> None:
@@ -271,7 +276,7 @@ class ProcessLock(ReleaseWatch):
         file description, which the child shares through its copy of the descriptor: the
         child must close that copy, never unlock it (``LOCK_UN`` on the shared description
         would release the parent's lock), or the lock would outlive a parent killed later and
-        the child would wait for itself. filelock 4.3 closes it too; this check keeps that
+        the child would wait for itself. filelock (4.0 on) closes it too; this check keeps that
         true whatever filelock does, and the inode test keeps a reused number untouched.
         """
         held, self._held = self._held, {}
@@ -288,9 +293,11 @@ class ProcessLock(ReleaseWatch):
     def _open_to_watch(self) -> int | None:
         try:
             # Read-only is enough for flock; no O_CREAT: a missing file was never locked.
-            return os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW)
+            return open_own(self.path, os.O_RDONLY, "refresh lock")
         except FileNotFoundError:
             return None
+        except StoreError:
+            raise
         except OSError as exc:
             raise self._error(exc) from exc
 
@@ -318,8 +325,12 @@ class ProcessLock(ReleaseWatch):
             self._lock.acquire(timeout=0)
         except filelock.Timeout:
             return True
+        except StoreError:
+            raise  # refused by _note_held: it names the file and the fix
         except OSError as exc:
-            raise StoreError(f"cannot open the refresh lock {self.path}: {exc}") from exc
+            raise why_refused(self.path, "refresh lock") or StoreError(
+                f"cannot open the refresh lock {self.path}: {exc}"
+            ) from exc
         self._held.pop(threading.get_ident(), None)
         self._lock.release()
         return False
@@ -338,7 +349,12 @@ class ProcessLock(ReleaseWatch):
                 f"{self.path}`; raise lock_timeout if refreshes are genuinely slow.",
                 lock_path=self.path,
             ) from None
+        except StoreError:
+            raise  # refused by _note_held: it names the file and the fix
         except OSError as exc:
+            refused = why_refused(self.path, "refresh lock")  # a link planted under its name
+            if refused is not None:
+                raise refused from exc
             raise StoreError(
                 f"cannot open the refresh lock {self.path}: {exc.strerror or exc}. The folder "
                 "must be writable by this user, on a local disk that supports flock."

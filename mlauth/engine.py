@@ -38,6 +38,7 @@ from collections.abc import Callable, Hashable, Iterator
 from typing import Protocol
 
 from .errors import (
+    AUTHORIZE,
     REAUTHORIZE,
     ConfigError,
     InvalidGrantError,
@@ -204,7 +205,7 @@ class RefreshEngine:
         """The store's tokens. Without a refresh token, a refresh transaction is opened once:
         its recovery writes back what a login or a refresh that died left in the journal."""
         missing = ConfigError(
-            f"{self.store.location}: ML_REFRESH_TOKEN is missing or empty. {REAUTHORIZE}"
+            f"{self.store.location}: ML_REFRESH_TOKEN is missing or empty. {AUTHORIZE}"
         )
         try:
             tokens, version = self.store.load()
@@ -569,7 +570,7 @@ class RefreshEngine:
         """``spent``, if it can be sent as a refresh token; ConfigError or StoreError if not."""
         if spent is None:
             raise ConfigError(
-                f"{self.store.location}: ML_REFRESH_TOKEN is missing or empty. {REAUTHORIZE}"
+                f"{self.store.location}: ML_REFRESH_TOKEN is missing or empty. {AUTHORIZE}"
             )
         problem = token_problem(spent.reveal())
         if problem is not None:  # a custom store's; ours refuse such a value when read

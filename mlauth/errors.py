@@ -14,6 +14,7 @@ from typing import Any
 import requests
 
 __all__ = [
+    "AUTHORIZE",
     "REAUTHORIZE",
     "ConfigError",
     "InvalidGrantError",
@@ -32,6 +33,12 @@ __all__ = [
 REAUTHORIZE = (
     "Re-authorization required: run `mlauth login` (or authorize the app again and put the "
     "new ML_REFRESH_TOKEN in the .env)."
+)
+# The fix for no refresh token at all: most often a first setup, whose seller has never
+# authorized the app, so nothing is "again" (a deleted line gets the same fix).
+AUTHORIZE = (
+    "Authorization required: run `mlauth login` to authorize the app and save its first "
+    "tokens (or put a refresh token from an authorization in ML_REFRESH_TOKEN)."
 )
 
 

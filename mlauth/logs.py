@@ -19,6 +19,8 @@ import logging
 import os
 import sys
 
+from .terminal import printable
+
 __all__ = ["LEVEL_VARIABLE", "OFF", "StderrFallback", "level_from_environment", "show_on_stderr"]
 
 LEVEL_VARIABLE = "MLAUTH_LOG_LEVEL"
@@ -37,7 +39,7 @@ class StderrFallback(logging.Handler):
 
     def __init__(self, level: int = logging.WARNING) -> None:
         super().__init__(level)
-        self.setFormatter(logging.Formatter("mlauth: %(levelname)s: %(message)s"))
+        self.setFormatter(_PrintableFormatter("mlauth: %(levelname)s: %(message)s"))
 
     def handle(self, record: logging.LogRecord) -> bool:
         if _handled_elsewhere(self, logging.getLogger(record.name)):
@@ -55,6 +57,14 @@ class StderrFallback(logging.Handler):
             stream.flush()
         except Exception:  # noqa: BLE001 (logging must never break the pipeline)
             self.handleError(record)
+
+
+class _PrintableFormatter(logging.Formatter):
+    """The record's line with control characters escaped (:func:`mlauth.terminal.printable`):
+    messages quote what stores and files hold. A traceback, added after, keeps its lines."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return printable(super().formatMessage(record))
 
 
 def _handled_elsewhere(ours: logging.Handler, logger: logging.Logger) -> bool:

@@ -10,7 +10,9 @@ each block the fake must have served no ``invalid_grant`` and ``mlauth status`` 
 find a live chain.
 ``tests/test_readme.py`` runs the README's blocks in the same folder.
 
-The demo walkthrough runs against ``mlauth demo --serve`` on a free port. The deployment
+Shell blocks are marked ``sh`` and run under dash, a POSIX shell with no bash extensions, so a
+bashism in one fails here. The demo walkthrough runs against ``mlauth demo --serve`` on a free
+port, as written and with a step that fails or a signal midway. The deployment
 blocks name tools this machine does not have (Docker, systemd, cron), so each is carried out
 by what it stands for: a ``docker run -v`` becomes a real bind mount of the host path into a
 folder that plays the container's root, and a unit's ``ExecStart`` or a crontab command runs
@@ -27,12 +29,13 @@ import dataclasses
 import os
 import re
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -52,6 +55,16 @@ BIN = Path(sys.executable).parent
 
 # What each block's language means here, so a new kind of block cannot go untested.
 HANDLED = {"python", "sh", "ini"}
+# What an ``sh`` block runs under: dash refuses what bash alone accepts (``kill %1`` in a
+# script, ``[[``, arrays), which /bin/bash would let through.
+POSIX_SH = shutil.which("dash")
+
+
+def posix_sh() -> str:
+    if POSIX_SH is None:
+        pytest.skip("environment limit: no dash on PATH to run the sh blocks as POSIX sh")
+    return POSIX_SH
+
 
 MAIN = """\
 import requests, sys
@@ -263,7 +276,7 @@ def run_in_project(where: str, kind: str, body: str, tmp_path: Path) -> str:
         script = "example.py" if kind == "python" else "session.sh"
         (proj.folder / script).write_text(body if kind == "python" else "set -e\n" + body)
         done = subprocess.run(
-            [sys.executable if kind == "python" else "/bin/bash", script],
+            [sys.executable if kind == "python" else posix_sh(), script],
             cwd=proj.folder,
             env=proj.environ,
             capture_output=True,
@@ -336,34 +349,98 @@ def free_port() -> int:
         return port
 
 
-def test_the_command_line_walkthrough_runs(tmp_path: Path) -> None:
+def walkthrough() -> str:
     (block,) = [b for _, b, _ in blocks("sh") if is_walkthrough(b)]
-    # The page's fixed port, swapped for a free one so parallel runs cannot collide.
-    (tmp_path / "walkthrough.sh").write_text("set -e\n" + block.replace("8765", str(free_port())))
+    return block
+
+
+def run_walkthrough(
+    folder: Path, block: str, *, stop: Callable[[subprocess.Popen[str]], None] | None = None
+) -> tuple[int, str, str]:
+    """Run ``block`` as the page says (a script, under a POSIX shell) in ``folder``, with the
+    page's port swapped for a free one; ``stop`` is called once its server wrote .env.demo.
+
+    Returns the exit code and output, once no process of the script is left: the script
+    runs in a session of its own, and any process still in it afterwards fails the test.
+    """
+    port = free_port()
+    (folder / "walkthrough.sh").write_text(block.replace("8765", str(port)))
     env = dict(os.environ, PATH=str(BIN) + os.pathsep + os.environ.get("PATH", ""))
     proc = subprocess.Popen(
-        ["/bin/bash", "walkthrough.sh"],
-        cwd=tmp_path,
+        [posix_sh(), "walkthrough.sh"],
+        cwd=folder,
         env=env,
+        stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        start_new_session=True,  # its own process group, so the background server goes too
+        start_new_session=True,  # its own process group: what is left of it can be found
     )
     try:
-        out, err = proc.communicate(timeout=120)
+        if stop is not None:
+            deadline = time.monotonic() + 60
+            while not (folder / ".env.demo").exists():
+                assert proc.poll() is None and time.monotonic() < deadline, "no .env.demo"
+                time.sleep(0.05)  # a poll with a deadline: the file is the only signal
+            stop(proc)
+        out, err = proc.communicate("", timeout=120)  # stdin closed: a step reading it ends
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, 0)
+            raise AssertionError(f"a process of the walkthrough outlived it: {out}{err}")
+        with socket.socket() as probe:  # and nothing listens on the server's port any more
+            assert probe.connect_ex(("127.0.0.1", port)) != 0
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-    assert proc.returncode == 0, out + err
+    return proc.returncode, out, err
+
+
+def test_the_command_line_walkthrough_runs(tmp_path: Path) -> None:
+    code, out, err = run_walkthrough(tmp_path, walkthrough())
+    assert code == 0, out + err
     assert "refresh running:  no" in out
     assert "refreshed: access sha256:" in out
     assert out.count('"path": "/users/me"') == 1  # curl's answer (JSON)
     assert "'path': '/users/me'" in out  # mlauth run's (a printed dict)
     assert "authorized: tokens saved in" in out  # the login through the fake's page
-    assert not (tmp_path / ".env.demo").exists()  # removed by the server as it stopped
+    # The server's counters as it stopped: the refresh, the login, and no token spent twice.
+    assert re.search(r"stopped after \d+s: calls=2 .* refreshes=1 invalid_grant=0 logins=1", out)
+    assert os.listdir(tmp_path) == ["walkthrough.sh"]  # .env.demo and its files are gone
     assert "APP_USR-" not in out + err  # no token printed along the way
+
+
+def test_a_failing_walkthrough_step_leaves_no_server_and_no_files(tmp_path: Path) -> None:
+    block = walkthrough()
+    step = "mlauth refresh --env .env.demo\n"
+    assert step in block
+    code, out, err = run_walkthrough(tmp_path, block.replace(step, "mlauth refresh --bogus\n"))
+    assert code == 2, out + err  # set -e: the usage error ends the script with its code
+    assert "refresh running:" in out and "refreshed:" not in out  # it stopped at that step
+    assert "fake MercadoLibre stopped after" in out  # the trap stopped the server
+    assert os.listdir(tmp_path) == ["walkthrough.sh"]
+
+
+@pytest.mark.parametrize("how", ["SIGTERM to the script", "Ctrl-C"])
+def test_an_interrupted_walkthrough_leaves_no_server_and_no_files(tmp_path: Path, how: str) -> None:
+    block = walkthrough()
+    step = "mlauth status --env .env.demo\n"
+    assert step in block
+    # A step that waits for its input, which the test holds open: the script is at some
+    # step (that one, or the wait before it) when the signal comes.
+    block = block.replace(step, "cat >/dev/null\n")
+
+    def stop(proc: subprocess.Popen[str]) -> None:
+        if how == "Ctrl-C":  # the terminal signals the whole foreground group
+            os.killpg(proc.pid, signal.SIGINT)
+        else:  # kill PID, a CI timeout: the script alone
+            proc.send_signal(signal.SIGTERM)
+        # Then stdin closes: the step ends, and the shell runs its traps.
+
+    code, out, err = run_walkthrough(tmp_path, block, stop=stop)
+    assert code == 130, out + err
+    assert "fake MercadoLibre stopped after" in out
+    assert os.listdir(tmp_path) == ["walkthrough.sh"]
 
 
 # -- links -----------------------------------------------------------------------------------

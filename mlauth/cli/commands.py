@@ -10,11 +10,12 @@ endpoint refused or kept failing, an unwritable or unreachable store, a lock hel
 bad or mismatched authorization code, ``migrate`` finding another chain without ``--force``
 or the ``redis`` extra missing); 2 a usage error; 3 re-authorization required (the refresh
 token is missing or dead, or an earlier ``invalid_grant`` marked it dead: run ``mlauth
-login``); 130 interrupted. ``mlauth run`` exits like the others until the command starts,
-then with the command's own code (127 if it was not found, 126 if it could not be executed,
-1 if it is a Python that cannot import mlauth). Expected failures print one
-line naming the problem and the fix on stderr, never a traceback; no command prints a token
-except ``mlauth token``, whose output is the access token alone.
+login``; ``mlauth token`` still prints an access token of a dead chain that has not expired,
+saying on stderr for how long it works); 130 interrupted. ``mlauth run`` exits like the
+others until the command starts, then with the command's own code (127 if it was not found,
+126 if it could not be executed, 1 if it is a Python that cannot import mlauth). Expected
+failures print one line naming the problem and the fix on stderr, never a traceback; no
+command prints a token except ``mlauth token``, whose output is the access token alone.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from mlauth.stores import store_from_env
 from mlauth.stores.base import TokenStore
 from mlauth.stores.envfile import read_env_file
 from mlauth.stores.select import STORE_KEY
+from mlauth.terminal import printable
 from mlauth.tokens import TokenSet
 
 from .login import AUTH_HOSTS, LoginRequest, authorization_base, complete_login, parse_pasted
@@ -62,11 +64,26 @@ EXIT_REAUTHORIZE = 3
 
 
 class ReauthorizationRequired(MLAuthError):
-    """The store has no live refresh token: only a new authorization helps (exit 3)."""
+    """The store has no live refresh token: only a new authorization helps (exit 3).
+
+    ``note``, when set, is printed on a line of its own: what still works meanwhile.
+    """
+
+    first = False  # the chain died: the seller authorizes *again*
+    note: str | None = None
 
 
-def _login_hint(env: str) -> str:
-    return f"run `mlauth login --env {shlex.quote(env)}` to authorize the app again"
+class AuthorizationRequired(ReauthorizationRequired):
+    """No refresh token at all (a .env with only the credentials): the first authorization."""
+
+    first = True
+
+
+def _login_hint(env: str, *, again: bool = True) -> str:
+    command = f"run `mlauth login --env {shlex.quote(env)}`"
+    if again:
+        return f"{command} to authorize the app again"
+    return f"{command} to authorize the app and save its first tokens"
 
 
 def _duration(seconds: float) -> str:
@@ -110,7 +127,7 @@ def _summary(tokens: TokenSet) -> str:
 def _load(store: TokenStore) -> TokenSet:
     tokens, _ = store.load()
     if tokens.refresh_token is None:
-        raise ReauthorizationRequired(f"{store.location} holds no refresh token")
+        raise AuthorizationRequired(f"{store.location} holds no refresh token")
     return tokens
 
 
@@ -121,13 +138,20 @@ def _check_reauthorization(store: TokenStore) -> None:
         raise ReauthorizationRequired(message)
 
 
-def _auth(args: argparse.Namespace) -> MLAuth:
+def _chain_store(args: argparse.Namespace) -> TokenStore:
+    """The store, once the credentials are there and it holds a refresh token (else exit 3)."""
     # Credentials first: a .env without them has no refresh token either, and logging in
     # (the fix for a missing token) would fail on the credentials anyway.
     env_settings(args.env)
     store = store_from_env(args.env)
     _load(store)  # exit 3 rather than a ConfigError when there is no refresh token
-    _check_reauthorization(store)  # a token known dead: no request just to learn it again
+    return store
+
+
+def _auth(args: argparse.Namespace, store: TokenStore | None = None) -> MLAuth:
+    if store is None:
+        store = _chain_store(args)
+        _check_reauthorization(store)  # a token known dead: no request just to learn it again
     # Not from_env: its start-up check would log an ERROR that `run` reports itself, and that
     # `token` and `refresh` get from the operation itself, in one line.
     return MLAuth(store=store, **env_settings(args.env))  # type: ignore[arg-type]
@@ -156,20 +180,57 @@ def _cmd_status(args: argparse.Namespace) -> int:
     rows.append(("token sent to", token_hosts_row(args.env)))
     rows += store.status_details()
     for label, value in rows:
-        print(f"{label + ':':<18}{value}")
+        # Values come from the store (a Redis hash, the .env, the journal): whoever can write
+        # there must not be able to drive the terminal of whoever runs status.
+        print(printable(f"{label + ':':<18}{value}"))
     sys.stdout.flush()  # the rows first, then the problem on stderr, in a terminal too
     env_settings(args.env)  # a missing secret or bad ML_API_HOSTS fails every refresh: exit 1
     if tokens.refresh_token is None:
-        raise ReauthorizationRequired(f"{store.location} holds no refresh token")
+        raise AuthorizationRequired(f"{store.location} holds no refresh token")
     _check_reauthorization(store)
     return EXIT_OK
 
 
 def _cmd_token(args: argparse.Namespace) -> int:
-    tokens = _auth(args).valid_tokens()
+    store = _chain_store(args)
+    dead = store.reauthorization_required()
+    if dead is None:
+        tokens = _auth(args, store).valid_tokens()
+        # A refresh ahead of expiry that met invalid_grant leaves the still-valid token to
+        # use, as it does in every process, and the marker that says the chain is dead.
+        dead = store.reauthorization_required()
+    else:
+        tokens = _load(store)  # no request just to learn again that the chain is dead
+    if dead is not None:
+        error = ReauthorizationRequired(dead)
+        error.note = _print_if_still_valid(tokens)
+        raise error
     assert tokens.access_token is not None
     print(tokens.access_token.reveal())
     return EXIT_OK
+
+
+def _print_if_still_valid(tokens: TokenSet) -> str | None:
+    """Print the access token of a dead chain if it has not expired; what to say about it.
+
+    `curl -H "Authorization: Bearer $(mlauth token)"` then keeps working for as long as the
+    token does, as the library keeps using it in a running process, while the exit code (3)
+    and stderr say at once that the seller must authorize again.
+    """
+    left = tokens.expires_in()
+    if tokens.access_token is None or (left is not None and left <= 0):
+        return None
+    print(tokens.access_token.reveal(), flush=True)
+    if left is None:
+        return (
+            "the access token printed has an unknown expiry: it works until MercadoLibre "
+            "answers 401, and nothing will after that until the app is authorized again"
+        )
+    assert tokens.expires_at is not None
+    return (
+        f"the access token printed still works for {_duration(left)} (until "
+        f"{_when(tokens.expires_at)}); nothing will after that until the app is authorized again"
+    )
 
 
 def _cmd_refresh(args: argparse.Namespace) -> int:
@@ -230,7 +291,7 @@ def _cmd_login(args: argparse.Namespace) -> int:
     tokens = complete_login(
         args.env, store, code=code, redirect_uri=redirect_uri, code_verifier=verifier
     )
-    print(f"authorized: tokens saved in {store.location} ({_summary(tokens)})")
+    print(printable(f"authorized: tokens saved in {store.location} ({_summary(tokens)})"))
     return EXIT_OK
 
 
@@ -254,11 +315,13 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
                 f"under {store.key!r} (Redis lost them?)"
             )
         print(
-            f"already migrated: {store.location} key {store.key} holds the tokens "
-            f"(refresh {tokens.refresh_token.fingerprint}); nothing to do"
+            printable(
+                f"already migrated: {store.location} key {store.key} holds the tokens "
+                f"(refresh {tokens.refresh_token.fingerprint}); nothing to do"
+            )
         )
         return EXIT_OK
-    print(migrate_to_redis(args.env, args.to, force=args.force))
+    print(printable(str(migrate_to_redis(args.env, args.to, force=args.force))))
     return EXIT_OK
 
 
@@ -389,7 +452,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="mlauth",
         description="MercadoLibre OAuth tokens for pipelines.",
         epilog="exit codes: 0 ok, 1 error (the message says how to fix it), 2 usage, "
-        "3 re-authorization required (run `mlauth login`); `run` exits with the command's code",
+        "3 (re-)authorization required (run `mlauth login`); `run` exits with the command's code",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -411,7 +474,9 @@ def build_parser() -> argparse.ArgumentParser:
         "token",
         _cmd_token,
         "print a valid access token (refreshed first if expired or near expiry), for "
-        'shell use: curl -H "Authorization: Bearer $(mlauth token)" ...',
+        'shell use: curl -H "Authorization: Bearer $(mlauth token)" ...; if the refresh token '
+        "is dead but the access token has not expired, it is printed all the same, stderr "
+        "says how long it still works, and the exit code is 3",
     )
     command("refresh", _cmd_refresh, "refresh the tokens now, under the same lock as every process")
 
@@ -482,16 +547,36 @@ def build_parser() -> argparse.ArgumentParser:
         "at --env, to try the other commands by hand",
         env_default=".env.demo",  # never the project's own .env
     )
-    demo.add_argument("--processes", type=_number(int, 1), default=6)
-    demo.add_argument("--threads", type=_number(int, 1), default=4)
-    demo.add_argument("--seconds", type=_number(float, 0.1), default=15.0)
+    demo.add_argument(
+        "--processes",
+        type=_number(int, 1),
+        default=6,
+        help="worker processes sharing one .env (default: %(default)s)",
+    )
+    demo.add_argument(
+        "--threads",
+        type=_number(int, 1),
+        default=4,
+        help="threads per process, sharing one MLAuth (default: %(default)s)",
+    )
+    demo.add_argument(
+        "--seconds",
+        type=_number(float, 0.1),
+        default=15.0,
+        help="how long the storm runs, in seconds (default: %(default)g)",
+    )
     demo.add_argument(
         "--token-lifetime",
         type=_number(float, 0.5),
         default=None,
-        help="seconds (default 3, 600 with --serve)",
+        help="how long each token lives, in seconds (default 3, 600 with --serve)",
     )
-    demo.add_argument("--serve", action="store_true", help="serve until Ctrl-C")
+    demo.add_argument(
+        "--serve",
+        action="store_true",
+        help="serve until Ctrl-C or SIGTERM; then print what it served (calls, 401s, "
+        "refreshes, invalid_grant, logins) and delete the .env it wrote and the files beside it",
+    )
     demo.add_argument(
         "--port",
         type=_number(int, 0, 65535),
@@ -523,11 +608,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except _Usage as exc:
         parser.error(str(exc))  # exits 2
     except (ReauthorizationRequired, InvalidGrantError) as exc:
-        print(f"mlauth: re-authorization required: {exc}", file=sys.stderr)
-        print(f"fix: {_login_hint(env)}", file=sys.stderr)
+        # Messages quote the store, the journal and its marker: printable, like status rows.
+        first = isinstance(exc, ReauthorizationRequired) and exc.first
+        what = "authorization required" if first else "re-authorization required"
+        print(printable(f"mlauth: {what}: {exc}"), file=sys.stderr)
+        if isinstance(exc, ReauthorizationRequired) and exc.note:
+            print(printable(f"mlauth: {exc.note}"), file=sys.stderr)
+        print(printable(f"fix: {_login_hint(env, again=not first)}"), file=sys.stderr)
         return EXIT_REAUTHORIZE
     except MLAuthError as exc:
-        print(f"mlauth: {exc}", file=sys.stderr)
+        print(printable(f"mlauth: {exc}"), file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         print("mlauth: interrupted", file=sys.stderr)

@@ -24,7 +24,10 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import requests
 
+from mlauth.errors import MLAuthError
 from mlauth.integrations.requests_auth import MLAuth
+from mlauth.stores.envfile import read_env_file
+from mlauth.stores.lock import ProcessLock
 from mlauth.stores.private import write_replacing
 from mlauth.testing import FakeMercadoLibre
 from mlauth.tokens import MAX_MARGIN_SHARE
@@ -215,6 +218,8 @@ def run_demo(processes: int, threads: int, seconds: float, lifetime: float) -> i
 
 
 SERVE_MARKER = "# written by `mlauth demo --serve` for its fake server; safe to delete"
+# How long a stopping server waits for a process that is refreshing its .env to finish.
+LOCK_WAIT = 5.0
 
 
 def serve(env: str, port: int, lifetime: float) -> int:
@@ -233,12 +238,11 @@ def serve(env: str, port: int, lifetime: float) -> int:
                     file=sys.stderr,
                 )
                 return 1
-    stop = threading.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: stop.set())
+    _take_stop_signals()
     try:
         fake = FakeMercadoLibre(port=port, token_lifetime=lifetime).start()
     except OSError as exc:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
         # At once and non-zero: a script waiting for the .env to appear must not wait for ever.
         print(
             f"mlauth demo --serve: cannot listen on 127.0.0.1:{port} ({exc.strerror or exc}); "
@@ -247,6 +251,7 @@ def serve(env: str, port: int, lifetime: float) -> int:
         )
         return 1
     with fake:
+        started = time.monotonic()
         issued = time.time()
         # Drafted in a folder of our own, then written beside the .env under a random name
         # and renamed over it: no name someone else could predict (and plant a link at).
@@ -266,27 +271,95 @@ def serve(env: str, port: int, lifetime: float) -> int:
         write_replacing(os.path.abspath(env), f"{SERVE_MARKER}\n{body}".encode())
         print(
             f"fake MercadoLibre at {fake.base_url} (tokens live {lifetime:g}s); {env} is "
-            "written for it. Ctrl-C to stop.",
+            "written for it. Ctrl-C to stop; it then prints what it served.",
             flush=True,
         )
-        stop.wait()
-    # Gone with its server: a later walkthrough must wait for the next server's file, not
-    # find this one (its tokens are for a server that no longer runs).
-    ours = False
-    with contextlib.suppress(OSError), open(env, encoding="utf-8", errors="replace") as handle:
-        ours = handle.readline().rstrip("\n") == SERVE_MARKER
-    if ours:
+        _wait_for_stop()
+        stats = fake.stats()
+    left = _remove_own_files(env, fake.token_url)
+    print(
+        f"fake MercadoLibre stopped after {time.monotonic() - started:.0f}s: "
+        f"{_served(stats)}" + (f"; {left}" if left else ""),
+        flush=True,
+    )
+    return 0
+
+
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
+def _take_stop_signals() -> None:
+    """Block Ctrl-C and SIGTERM in every thread, for :func:`_wait_for_stop` to take them.
+
+    Not a handler: Python runs handlers in the main thread between any two bytecodes, so a
+    second signal (Ctrl-C, then a script's trap sending SIGTERM) can land inside the first
+    one's handler, and one that sets an Event deadlocks there on the Event's own lock. The
+    server's threads, started after this, inherit the mask. Default actions, not ignored:
+    a shell starts a background command with Ctrl-C ignored, and Ctrl-C must stop it too.
+    """
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_DFL)
+
+
+def _wait_for_stop() -> None:
+    signal.sigwait(STOP_SIGNALS)
+    # Stopping: another Ctrl-C, or the kill of a script's trap right after it, must not cut
+    # the clean-up short and leave the files half removed.
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
+def _served(stats: Mapping[str, int]) -> str:
+    """The server's counters, for the line it prints as it stops."""
+    return (
+        f"calls={stats['api_calls']} ({stats['api_ok']} ok, {stats['api_401']} answered 401) "
+        f"refreshes={stats['refreshes']} invalid_grant={stats['invalid_grant']} "
+        f"logins={stats['code_exchanges']}"
+    )
+
+
+def _remove_own_files(env: str, token_url: str) -> str | None:
+    """Delete the ``.env`` this server wrote and what mlauth made beside it; what was left.
+
+    Gone with its server: a later walkthrough must wait for the next server's file, not find
+    this one, and the lock, journal and marker belong to a store that no longer has a server.
+    Only if the file is still this server's: another ``--serve`` may have taken the path
+    over, and its files are live. The lock file goes too, which a live store must never
+    lose (two processes would lock two inodes under one name); here the store dies first:
+    under the lock, the ``.env`` is removed before anything else, so a process that still
+    gets the old inode's lock finds no tokens to spend.
+    """
+    try:
+        with open(env, encoding="utf-8", errors="replace") as handle:
+            ours = handle.readline().rstrip("\n") == SERVE_MARKER
+        ours = ours and read_env_file(env).get("ML_TOKEN_URL") == token_url
+    except (OSError, MLAuthError):
+        return None  # removed already, or not a file we can read: not ours to touch
+    if not ours:
+        return f"{env} now belongs to another server: left as it is"
+    real = os.path.realpath(env)
+    try:
+        with ProcessLock(f"{real}.lock").hold(LOCK_WAIT):
+            for path in (env, f"{real}.journal", f"{real}.reauth", f"{real}.lock"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(path)
+    except MLAuthError as exc:  # a process refreshing (against a server now gone) holds it
         with contextlib.suppress(OSError):
             os.remove(env)
-    return 0
+        return f"left the files beside {env}: {exc}"
+    return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mlauth.cli.demo", description=__doc__)
-    parser.add_argument("--processes", type=int, default=6)
-    parser.add_argument("--threads", type=int, default=4)
-    parser.add_argument("--seconds", type=float, default=15.0)
-    parser.add_argument("--token-lifetime", type=float, default=3.0)
+    parser.add_argument("--processes", type=int, default=6, help="(default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=4, help="per process (default: %(default)s)")
+    parser.add_argument("--seconds", type=float, default=15.0, help="(default: %(default)g)")
+    parser.add_argument(
+        "--token-lifetime", type=float, default=3.0, help="in seconds (default: %(default)g)"
+    )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--env", help=argparse.SUPPRESS)
     parser.add_argument("--url", help=argparse.SUPPRESS)

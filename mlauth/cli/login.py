@@ -195,4 +195,7 @@ def complete_login(
             refreshed_by=f"mlauth login, {this_process()}",
         )
         txn.commit(tokens)
+        # After the save and still under the lock: the dead chain's marker goes, never while
+        # the store could still hold the dead token, nor while a refresher looks.
+        store.clear_reauthorization()
     return tokens

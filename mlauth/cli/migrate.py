@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from mlauth.errors import REAUTHORIZE, ConfigError, MLAuthError
+from mlauth.errors import AUTHORIZE, ConfigError, MLAuthError
 from mlauth.stores.envfile import (
     TOKEN_KEYS,
     EnvFileStore,
@@ -81,9 +81,7 @@ def migrate_to_redis(
             raise ConfigError(f"{path} was migrated by another process meanwhile")
         tokens = _settled_tokens(source, values, path)
         if tokens.refresh_token is None:
-            raise ConfigError(
-                f"{path}: ML_REFRESH_TOKEN is missing; nothing to move. {REAUTHORIZE}"
-            )
+            raise ConfigError(f"{path}: ML_REFRESH_TOKEN is missing; nothing to move. {AUTHORIZE}")
         existing = target.peek()
         same = existing is not None and existing.refresh_token == tokens.refresh_token
         if existing is not None and not same and not force:

@@ -156,6 +156,10 @@ class TokenStore(abc.ABC):
         """Why the seller must authorize again (after ``invalid_grant``), or None."""
         return None
 
+    def clear_reauthorization(self) -> None:  # noqa: B027 (optional, no-op default)
+        """A new chain was saved (``mlauth login``, under the lock): forget that the old one
+        died, wherever :meth:`reauthorization_required` keeps it."""
+
     def refresh_in_progress(self) -> bool | None:
         """Whether a process holds the refresh lock now; None when the store cannot tell."""
         return None

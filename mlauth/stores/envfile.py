@@ -504,11 +504,23 @@ class EnvFileStore(TokenStore):
         moved = self._follow() if self._moved is not None else None
         if moved is not None:
             return moved.reauthorization_required()
+        journal = self.journal()
+        # The marker before the tokens: a login saves the new chain, then removes the marker,
+        # so a marker gone by now means the tokens read next are the new ones.
+        marker = journal.marker()
         tokens, _ = self.load()
         moved = self._follow() if self._moved is not None else None
         if moved is not None:
             return moved.reauthorization_required()
-        return self.journal().reauthorization(tokens.refresh_token)
+        return journal.reauthorization_from(marker, tokens.refresh_token)
+
+    def clear_reauthorization(self) -> None:
+        """A new chain is saved (``mlauth login``, under the lock): remove the dead one's marker."""
+        moved = self._follow() if self._moved is not None else None
+        if moved is not None:
+            moved.clear_reauthorization()
+            return
+        self.journal().clear_reauthorization()
 
     def __repr__(self) -> str:
         return f"EnvFileStore({self.path!r})"

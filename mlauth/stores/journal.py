@@ -24,8 +24,8 @@ the parsed tokens, in place of ``raw``; they are replayed alike.)
 
 Beside it lives ``<real .env path>.reauth`` (0600), written after ``invalid_grant``. While
 the store still holds the refresh token it names, every process refuses at once with the fix
-instead of each spending a request to learn the same thing; a new token in the store
-(``mlauth login``) makes it stale.
+instead of each spending a request to learn the same thing; a new token in the store makes it
+stale, and ``mlauth login`` removes it once the new chain is saved.
 
 The answer record is also the one fallback for tokens whose save failed: the process keeps
 them in memory and retries, and any process that takes the lock replays them from here. The
@@ -332,8 +332,8 @@ class Journal:
         except OSError as exc:
             log.warning("could not write the re-authorization marker %s: %s", self.reauth_path, exc)
 
-    def reauthorization(self, stored: Secret | None) -> str | None:
-        """The re-authorization message if the marker names the stored refresh token."""
+    def marker(self) -> dict[str, Any] | None:
+        """The marker's record; None if there is none (or it is unreadable, logged)."""
         try:
             raw = self._read_marker()
             if raw is None:
@@ -342,7 +342,38 @@ class Journal:
         except (OSError, ValueError) as exc:
             log.warning("ignoring unreadable marker %s: %s", self.reauth_path, exc)
             return None
-        if not isinstance(data, dict) or stored is None:
+        return data if isinstance(data, dict) else None
+
+    def _remove_marker(self) -> None:
+        """Raises OSError; a missing marker is no error."""
+        try:
+            os.unlink(self.reauth_path)
+        except FileNotFoundError:
+            return
+        fsync_dir(os.path.dirname(self.reauth_path))
+
+    def clear_reauthorization(self) -> None:
+        """A new chain is saved (``mlauth login``): remove the marker of the dead one.
+
+        Called under the store lock, after the save: the store never holds the dead token
+        without its marker, and no refresher is between its read of the store and its look
+        at the marker. The marker is moot by then (it names the dead token's fingerprint,
+        which the store no longer holds); a failure to remove it is only logged.
+        """
+        try:
+            self._remove_marker()
+        except OSError as exc:
+            log.warning("could not remove the stale marker %s: %s", self.reauth_path, exc)
+
+    def reauthorization(self, stored: Secret | None) -> str | None:
+        """The re-authorization message if the marker names the stored refresh token."""
+        return self.reauthorization_from(self.marker(), stored)
+
+    def reauthorization_from(
+        self, data: dict[str, Any] | None, stored: Secret | None
+    ) -> str | None:
+        """The message if ``data`` (what :meth:`marker` returned) names ``stored``."""
+        if data is None or stored is None:
             return None
         if data.get("refresh_token") != stored.fingerprint:
             return None  # the store holds another token now (a new authorization)

@@ -564,3 +564,12 @@ class InodeJournal(Journal):
 
     def _read_marker(self) -> bytes | None:
         return self._get(REAUTH_ATTR)
+
+    def _remove_marker(self) -> None:
+        try:
+            os.removexattr(self.store_path, REAUTH_ATTR)
+        except OSError as exc:
+            if exc.errno in _ABSENT:
+                return
+            raise
+        _fsync_path(self.store_path)

@@ -351,10 +351,12 @@ class RedisStore(TokenStore):
         return self.key
 
     def _unreachable(self, exc: Exception, doing: str) -> StoreError:
+        # Only the fact and the fix: the same text reaches `mlauth token` (which then has no
+        # token to print) and a request whose token expired. Where a cached token does go on
+        # being used, the line that says so adds it (stamp(), the engine's refresh ahead).
         return StoreError(
             f"cannot {doing} Redis at {self.location} ({type(exc).__name__}: {exc}). Check "
-            "that redis-server runs there and that ML_TOKEN_STORE names it; until it is back, "
-            "a still-valid access token keeps being used and no refresh is attempted."
+            "that redis-server runs there and that ML_TOKEN_STORE names it."
         )
 
     # -- reading ---------------------------------------------------------------------------

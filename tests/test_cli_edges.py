@@ -63,9 +63,15 @@ def test_status_escapes_control_characters_from_the_env_the_journal_and_the_mark
     assert stored is not None
     assert mlauth.EnvFileStore(env).load()[0].refreshed_by == HOSTILE
     journal = Journal(os.path.realpath(env))
-    # A journal answer under a planted fingerprint, and a marker naming the stored token whose
-    # "by" and "reason" someone filled.
-    answer = {"kind": "answer", "spent": HOSTILE, "tokens": {"refresh_token": "TG-x"}}
+    # A kept raw answer to the stored token with nothing usable in it, and a marker naming the
+    # stored token, whose "by" (and the marker's "reason") someone filled.
+    answer = {
+        "kind": "raw",
+        "spent": stored.fingerprint,
+        "at": time.time(),
+        "by": HOSTILE,
+        "body": '{"error": "odd"}',
+    }
     Path(journal.path).write_text(json.dumps(answer) + "\n")
     marker = {"refresh_token": stored.fingerprint, "at": time.time(), "by": HOSTILE}
     Path(journal.reauth_path).write_text(json.dumps({**marker, "reason": HOSTILE}))

@@ -274,3 +274,23 @@ def test_redirect_refresh_leaves_a_redirected_function_alone(
     auth = mlauth.installed()
     assert auth is not None and auth.tokens.access_token is not None
     assert auth.tokens.access_token.reveal() == loose.ML_ACCESS_TOKEN  # type: ignore[attr-defined]
+
+
+def renew_token(url: str) -> int:
+    """A legacy refresh function of another name, not redirected."""
+    data = {"grant_type": "refresh_token", "refresh_token": "TG-not-a-real-token"}
+    return requests.post(url, data=data, timeout=30).status_code
+
+
+def test_a_request_the_program_sends_to_the_token_endpoint_is_warned_about_once(
+    due_env: Path, fake_ml: FakeMercadoLibre, caplog: pytest.LogCaptureFixture
+) -> None:
+    mlauth.install(due_env)
+    with caplog.at_level("WARNING", logger="mlauth"):
+        for _ in range(2):
+            renew_token(fake_ml.token_url)  # refused (no client id): it went out as sent
+    warned = [r.getMessage() for r in caplog.records if "token endpoint" in r.getMessage()]
+    assert len(warned) == 1, warned
+    assert warned[0].startswith(f"{__name__}.renew_token() ({__file__}, line ")
+    assert f"`mlauth run --redirect {__name__}:renew_token`" in warned[0]
+    assert "TG-not-a-real-token" not in warned[0]

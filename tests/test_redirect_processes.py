@@ -100,6 +100,12 @@ def test_another_name_is_left_alone_unless_named(tmp_path: Path) -> None:
         stats = fake.stats()
     assert [r["legacy_refreshes"] for _, r, _ in results] == [1, 1]
     assert stats["invalid_grant"] >= 1
+    # Each copy says which function sent the refresh outside the lock, and the fix.
+    for _, _, err in results:
+        warned = [line for line in err.splitlines() if "token endpoint" in line]
+        assert len(warned) == 1, err
+        assert "__main__.renew_token() (" in warned[0]
+        assert "`mlauth run --redirect __main__:renew_token`" in warned[0]
 
 
 def test_bad_redirect_names_are_usage_errors(fake_ml_env: Path, tmp_path: Path) -> None:

@@ -28,6 +28,7 @@ from mlauth.logs import level_from_environment, show_on_stderr
 from mlauth.stores import store_from_env
 
 from . import redirect as _redirect
+from .redirect.unlocked import token_endpoint_called
 from .requests_auth import MLAuth
 
 __all__ = ["install", "installed", "uninstall"]
@@ -102,7 +103,10 @@ def _gets_token(auth: MLAuth, url: str) -> bool:
     if not auth.handles(url):
         return False
     target = _endpoint(url)
-    return target is None or target != _endpoint(auth.token_url)
+    if target is not None and target == _endpoint(auth.token_url):
+        token_endpoint_called(auth.token_url)  # never mlauth's own: say who, and the fix
+        return False
+    return True
 
 
 def install(

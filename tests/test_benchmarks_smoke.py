@@ -188,6 +188,22 @@ def test_loop_lag_sees_a_blocked_loop_and_one_refresh_per_window(tmp_path: Path)
     assert data["mlauth HttpxAuth"]["max_lag_ms"] < data[blocking]["max_lag_ms"]
 
 
+def test_redirect_overhead_reports_both_scripts_both_ways() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.redirect_overhead", "--runs", "1"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    table = rows(done.stdout)
+    assert set(table) == {"script", "with def", "without"}
+    for name in ("with def", "without"):
+        # Three measures, each "--no-redirect / redirect".
+        assert [len(cell.split(" / ")) for cell in table[name][1:]] == [2, 2, 2], done.stdout
+
+
 def test_run_all_replaces_only_the_marked_blocks() -> None:
     doc = "intro\n<!-- bench:storm -->\nold table\n<!-- /bench:storm -->\nprose stays\n"
     new = replace_block(doc, "storm", "| new | table |\n")

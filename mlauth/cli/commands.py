@@ -347,13 +347,17 @@ def _cmd_run(args: argparse.Namespace) -> int:
         # A command started now would work until its token's first refresh, hours later,
         # and fail then; nothing of it has run yet.
         raise StoreError(f"run: the command was not started: {problem}")
+    if args.no_redirect and args.redirect:
+        raise _Usage("run: --no-redirect and --redirect contradict each other; give one")
     warning = runner.isolation_warning(command)
     if warning:
         print(f"mlauth run: warning: {warning}", file=sys.stderr)
     sys.stdout.flush()
     sys.stderr.flush()
+    named = [f"{module}:{function}" for module, function in args.redirect or ()]
+    redirect: bool | list[str] = False if args.no_redirect else named or True
     try:
-        runner.exec_command(command, args.env, log_level=_child_log_level(args))
+        runner.exec_command(command, args.env, log_level=_child_log_level(args), redirect=redirect)
     except FileNotFoundError:
         print(f"mlauth run: {command[0]}: command not found", file=sys.stderr)
         return 127
@@ -406,6 +410,16 @@ def _redis_url(text: str) -> str:
             "(e.g. redis://HOST:PORT/DB)"
         )
     return text
+
+
+def _redirect_spec(text: str) -> tuple[str, str]:
+    """``run --redirect``: MODULE:FUNCTION, else a usage error naming the form (exit 2)."""
+    from mlauth.integrations.redirect.plan import parse_spec
+
+    try:
+        return parse_spec(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _number(
@@ -536,6 +550,19 @@ def build_parser() -> argparse.ArgumentParser:
         "run",
         _cmd_run,
         "run a command with mlauth installed in its Python processes: mlauth run -- python main.py",
+    )
+    run.add_argument(
+        "--redirect",
+        action="append",
+        type=_redirect_spec,
+        metavar="MODULE:FUNCTION",
+        help="redirect this legacy refresh function to mlauth's locked refresh too (repeatable); "
+        "refresh_ml_token() in the program's own modules is redirected by default",
+    )
+    run.add_argument(
+        "--no-redirect",
+        action="store_true",
+        help="leave the program's refresh functions alone (they then race other processes)",
     )
     run.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- COMMAND ...")
 

@@ -10,18 +10,16 @@ other process. These helpers fix both without editing the module.
 from __future__ import annotations
 
 import logging
-import threading
 import types
-import weakref
 from collections.abc import Callable, MutableMapping
 from typing import Any
 
-from mlauth.errors import ConfigError, MLAuthError
-from mlauth.secret import Secret
-from mlauth.stores.lock import fork_bound
+from mlauth.errors import ConfigError
 from mlauth.tokens import TokenSet
 
 from . import patch
+from .globals_writer import GlobalsWriter, register
+from .redirect import functions
 from .requests_auth import MLAuth
 
 __all__ = ["keep_globals_current", "redirect_refresh"]
@@ -44,43 +42,6 @@ def _auth_or_installed(auth: MLAuth | None) -> MLAuth:
     return installed
 
 
-class _GlobalsWriter:
-    """Writes the current access token into a namespace whenever it changes."""
-
-    def __init__(
-        self, namespace: MutableMapping[str, Any], token_name: str, headers_name: str
-    ) -> None:
-        self.namespace = namespace
-        self.token_name = token_name
-        self.headers_name = headers_name
-        self._written: Secret | None = None
-        self._lock = threading.Lock()
-        fork_bound.add(self)
-
-    def _after_fork_in_child(self) -> None:
-        # A thread of the parent may have been writing the globals at the fork.
-        self._lock = threading.Lock()
-
-    def __call__(self, auth: MLAuth) -> None:
-        self.write(auth.tokens)
-
-    def write(self, tokens: TokenSet) -> None:
-        token = tokens.access_token
-        if token is None or token == self._written:
-            return
-        with self._lock:
-            self.namespace[self.token_name] = token.reveal()
-            headers = self.namespace.get(self.headers_name)
-            # In place: other modules may hold a reference to the same dict.
-            if isinstance(headers, MutableMapping):
-                headers["Authorization"] = f"Bearer {token.reveal()}"
-            self._written = token
-
-
-# The writers of each auth, so a redirected refresh can update them too.
-_writers: weakref.WeakKeyDictionary[MLAuth, list[_GlobalsWriter]] = weakref.WeakKeyDictionary()
-
-
 def keep_globals_current(
     target: Namespace,
     auth: MLAuth | None = None,
@@ -98,7 +59,7 @@ def keep_globals_current(
     lands too. ``auth`` defaults to the installed one.
     """
     auth = _auth_or_installed(auth)
-    writer = _GlobalsWriter(_namespace(target), token_name, headers_name)
+    writer = GlobalsWriter(_namespace(target), token_name, headers_name)
     writer(auth)
     previous = auth.on_refresh
 
@@ -108,7 +69,7 @@ def keep_globals_current(
             previous(tokens)
 
     auth.on_refresh = on_refresh
-    _writers.setdefault(auth, []).append(writer)
+    register(auth, writer)
     if patch.installed() is auth:
         patch._after_request.append(writer)
 
@@ -121,26 +82,27 @@ def redirect_refresh(
     The replacement takes any arguments, refreshes like a 401 would (single flight: a token a
     peer already rotated, or one refreshed moments ago, is adopted without spending anything)
     and returns True, or logs the error and returns False, which is what legacy callers
-    expect. Callers inside the module find the new function, since Python looks globals up
-    at call time. Returns the original function.
+    expect. It leaves ``ML_ACCESS_TOKEN`` and ``HEADERS["Authorization"]`` of ``target``, if
+    it has them, as the legacy function would. Callers inside the module find the new
+    function, since Python looks globals up at call time. Returns the original function; a
+    function mlauth already redirected (:func:`mlauth.install` does it by default) is left
+    as it is.
+
+    :func:`mlauth.install` redirects ``refresh_ml_token`` by default, and others named in its
+    ``redirect=``: this is for a module object at hand, or an auth of its own.
     """
     auth = _auth_or_installed(auth)
     namespace = _namespace(target)
     original: object = namespace.get(name)
     if not callable(original):
         raise ConfigError(f"{target!r} has no function {name!r} to redirect")
+    if functions.is_redirect(original):
+        return functions.original_of(original)  # type: ignore[return-value]
+    label = f"{namespace.get('__name__', '?')}.{name}"
 
     def refresh_via_mlauth(*args: object, **kwargs: object) -> bool:
-        try:
-            auth.refresh(force=False)
-        except MLAuthError as exc:
-            log.error("%s() redirected to mlauth: refresh failed: %s", name, exc)
-            return False
-        for writer in _writers.get(auth, ()):
-            writer(auth)  # the token may have been adopted, which calls no on_refresh
-        return True
+        return functions.refresh_now(auth, label, namespace)
 
-    refresh_via_mlauth.__name__ = name
-    refresh_via_mlauth.__wrapped__ = original  # type: ignore[attr-defined]
+    functions.mark(refresh_via_mlauth, original)
     namespace[name] = refresh_via_mlauth
     return original

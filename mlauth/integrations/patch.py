@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -27,6 +27,8 @@ from mlauth.hosts import DEFAULT_PORTS
 from mlauth.logs import level_from_environment, show_on_stderr
 from mlauth.stores import store_from_env
 
+from . import redirect as _redirect
+from .redirect.unlocked import token_endpoint_called
 from .requests_auth import MLAuth
 
 __all__ = ["install", "installed", "uninstall"]
@@ -101,15 +103,29 @@ def _gets_token(auth: MLAuth, url: str) -> bool:
     if not auth.handles(url):
         return False
     target = _endpoint(url)
-    return target is None or target != _endpoint(auth.token_url)
+    if target is not None and target == _endpoint(auth.token_url):
+        token_endpoint_called(auth.token_url)  # never mlauth's own: say who, and the fix
+        return False
+    return True
 
 
-def install(path: str | os.PathLike[str] = ".env", **kwargs: Any) -> MLAuth:
+def install(
+    path: str | os.PathLike[str] = ".env",
+    *,
+    redirect: bool | Iterable[str] = True,
+    **kwargs: Any,
+) -> MLAuth:
     """Make every ``requests`` call of this process carry an :class:`MLAuth` built on ``path``.
 
     Requests to allowed hosts that have no ``auth=`` of their own and whose session has none
     get the token (a stale ``Authorization`` header is replaced); everything else is left as
     it is. Keyword arguments go to :meth:`MLAuth.from_env`.
+
+    ``redirect``: every top-level function named ``refresh_ml_token`` in the program's own
+    modules (the script, the modules beside it; not installed libraries) runs mlauth's locked
+    refresh instead of its own from the moment its ``def`` has run, in modules imported before
+    or after; ``["MODULE:FUNCTION", ...]`` names others besides; False redirects nothing (see
+    :mod:`mlauth.integrations.redirect` and docs/legacy.md).
 
     mlauth's warnings and errors are shown on stderr from then on when the app has no logging
     handler of its own (``MLAUTH_LOG_LEVEL`` sets the level, ``off`` silences them; see
@@ -117,15 +133,16 @@ def install(path: str | os.PathLike[str] = ".env", **kwargs: Any) -> MLAuth:
     through its own handlers.
 
     Calling it again with the same ``.env`` returns the installed MLAuth (later keyword
-    arguments are ignored); with another ``.env`` it raises :class:`ConfigError`, since one
-    process cannot sensibly send two token chains to the same hosts: call :func:`uninstall`
-    first to switch.
+    arguments are ignored, but functions named in ``redirect`` are added); with another
+    ``.env`` it raises :class:`ConfigError`, since one process cannot sensibly send two token
+    chains to the same hosts: call :func:`uninstall` first to switch.
     """
     global _state, _original, _patched
     real = os.path.realpath(os.fspath(path))
     with _lock:
         if _state is not None:
             if _state[0] == real:
+                _redirect.add(redirect)
                 return _state[1]
             raise ConfigError(
                 f"mlauth is already installed for {_state[0]}; call mlauth.uninstall() before "
@@ -134,6 +151,7 @@ def install(path: str | os.PathLike[str] = ".env", **kwargs: Any) -> MLAuth:
         # Before anything can log: a legacy script never set up logging, and mlauth's
         # NullHandler would hide even the ERROR that says its tokens could not be saved.
         show_on_stderr(level_from_environment())
+        plan = _redirect.plan_for(redirect)  # a malformed MODULE:FUNCTION: before any change
         kwargs.setdefault("store", store_from_env(path))
         auth = MLAuth.from_env(path, **kwargs)
         if not _patched:
@@ -141,12 +159,14 @@ def install(path: str | os.PathLike[str] = ".env", **kwargs: Any) -> MLAuth:
             requests.Session.request = _request  # type: ignore[method-assign]
             _patched = True
         _state = (real, auth)
+        _redirect.start(auth, plan)
         log.debug("installed mlauth into requests for %s", real)
         return auth
 
 
 def uninstall() -> None:
-    """Undo :func:`install`: ``requests.Session.request`` is the original object again.
+    """Undo :func:`install`: ``requests.Session.request`` is the original object again, and
+    the functions it redirected are the program's own again.
 
     If something else patched ``Session.request`` on top of ours, that patch is kept and ours
     becomes a pass-through. Calling it when nothing is installed does nothing.
@@ -155,6 +175,7 @@ def uninstall() -> None:
     with _lock:
         _state = None
         _after_request.clear()
+        _redirect.stop()
         if not _patched or _original is None:
             return
         if requests.Session.request is _request:

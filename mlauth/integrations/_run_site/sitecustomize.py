@@ -3,8 +3,9 @@
 Python imports ``sitecustomize`` at start-up, before the script or ``-m`` module runs. This
 one first runs the ``sitecustomize`` it shadows (a distribution's or a virtualenv's, which
 may be what makes mlauth importable), then calls ``mlauth.install()`` for the ``.env`` named
-in ``MLAUTH_RUN_ENV``. Grandchildren inherit the variables, so Python processes started by
-the command get mlauth too. ``python -I``, ``-E`` and ``-S`` skip this file.
+in ``MLAUTH_RUN_ENV``, redirecting the legacy refresh functions that ``MLAUTH_RUN_REDIRECT``
+asks for. Grandchildren inherit the variables, so Python processes started by the command get
+mlauth too. ``python -I``, ``-E`` and ``-S`` skip this file.
 
 The command itself (the process whose pid is ``MLAUTH_RUN_PID``: ``mlauth run`` exec'ed it)
 must not run unprotected: if it cannot import mlauth it exits 1 before its code runs.
@@ -60,8 +61,11 @@ def _install() -> None:
             f"without it. Run it with {python}, which has mlauth, if it calls MercadoLibre.\n"
         )
         return
+    setting = os.environ.get("MLAUTH_RUN_REDIRECT", "")
+    # `mlauth run --no-redirect` / `--redirect MODULE:FUNCTION` (see mlauth/integrations/runner.py)
+    redirect = False if setting == "off" else [name for name in setting.split(",") if name]
     try:
-        mlauth.install(path)
+        mlauth.install(path, redirect=redirect)
     except mlauth.MLAuthError as exc:
         sys.stderr.write(f"mlauth run: {exc}\n")
         sys.stderr.flush()

@@ -37,13 +37,17 @@ log = logging.getLogger("mlauth")
 _Adapter = TypeVar("_Adapter", bound="AuthAdapter")
 
 
-def bearer(header: str | bytes | None) -> str | None:
-    """The token of an ``Authorization: Bearer`` header, or None."""
+def bearer(header: str | bytes | None) -> Secret | None:
+    """The token of an ``Authorization: Bearer`` header, or None.
+
+    A :class:`Secret` at once: the caller's frame is on the traceback of whatever the 401 it
+    handles raises (a failed refresh), and a crash reporter sends that frame's locals.
+    """
     if isinstance(header, bytes):
         header = header.decode("latin-1")
     if not header or header[:7].lower() != "bearer ":
         return None
-    return header[7:].strip() or None
+    return Secret(header[7:].strip()) or None
 
 
 def warn_not_resent(method: str, path: str) -> None:

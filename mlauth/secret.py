@@ -18,7 +18,15 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 from urllib.parse import quote, quote_plus, urlencode
 
-__all__ = ["Secret", "SecretForm", "fingerprint", "mask"]
+__all__ = [
+    "Secret",
+    "SecretForm",
+    "fingerprint",
+    "mask",
+    "quotes_url_secret",
+    "redact_url",
+    "url_scheme",
+]
 
 # What MercadoLibre's access (APP_USR-..., TEST-... in the sandbox) and refresh (TG-...) tokens
 # look like. No word boundary before them: in percent-encoded text (%22TG-...) there is none.
@@ -68,6 +76,68 @@ def mask(text: str, secrets: Iterable[Secret | None] = ()) -> str:
         found = re.compile("|".join(f"({_pattern(s)})" for s in spellings))
         text = found.sub(lambda match: label[spellings[(match.lastindex or 1) - 1]], text)
     return _TOKEN_SHAPE.sub(lambda match: fingerprint(match.group()), text)
+
+
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+# Query keys whose values are credentials (redis-py reads both from the query string).
+_SECRET_KEY = re.compile(r"(?:^|[?&;#])(?:password|username)=", re.IGNORECASE)
+
+
+def redact_url(url: str) -> str:
+    """``url`` fit for messages and logs: its password masked, whatever characters it holds.
+
+    Not parsed as a URL: a password with an unencoded ``/``, ``#``, ``?``, ``@`` or ``:``
+    ends the host early for ``urllib.parse``, which then shows the rest of it as a path, a
+    fragment or a query. Everything before the *last* ``@`` is the user information: shown as
+    ``user:***@``, or as ``***@`` without a password after a ``:`` (a lone value may be one).
+    After a ``password=`` or ``username=`` in the query, the rest of the URL is masked (an
+    unencoded ``&`` or ``#`` in the value would otherwise end it early); with an ``@`` after
+    such a key, all but the scheme is. When the text is ambiguous, more is masked, never less.
+    """
+    return _redaction(url)[0]
+
+
+def url_scheme(url: str) -> str:
+    """The scheme of ``url``, lower-cased, as ``urlsplit`` reads it; "" if it has none.
+
+    Never raises: ``urlsplit`` does on a malformed IPv6 host (``redis://:pw@[::1``), and
+    that ValueError ends in messages that quote the whole URL (argparse's, for one).
+    """
+    found = re.match(r"([A-Za-z][A-Za-z0-9+.-]*):", url)
+    return found.group(1).lower() if found else ""
+
+
+def quotes_url_secret(text: str, url: str) -> bool:
+    """Whether ``text`` (a URL parser's error, say) holds any piece of what
+    :func:`redact_url` masks in ``url``, cut where a parser may have cut it."""
+    return any(
+        piece and piece in text
+        for hidden in _redaction(url)[1]
+        for piece in re.split(r"[/?#@:&;=]", hidden)
+    )
+
+
+def _redaction(url: str) -> tuple[str, list[str]]:
+    """``url`` with its credentials masked, and what was masked."""
+    scheme = _SCHEME.match(url)
+    head, rest = (scheme.group(), url[scheme.end() :]) if scheme else ("", url)
+    at = rest.rfind("@")
+    key = _SECRET_KEY.search(rest)
+    if key is not None and key.start() < at:
+        # An '@' after password=: in the value, or the key is in the user information. Which
+        # one cannot be told: everything is masked.
+        return head + "***", [rest]
+    hidden: list[str] = []
+    if at >= 0:
+        userinfo, rest = rest[:at], rest[at + 1 :]
+        user, colon, password = userinfo.partition(":")
+        head += f"{user}:***@" if colon and password else "***@"
+        hidden.append(password if colon and password else userinfo)
+    key = _SECRET_KEY.search(rest)
+    if key is not None:
+        hidden.append(rest[key.end() :])
+        rest = rest[: key.end()] + "***"
+    return head + rest, hidden
 
 
 class Secret:

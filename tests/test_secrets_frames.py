@@ -201,3 +201,36 @@ def test_the_broken_200_body_is_what_the_server_sent(fake: FakeMercadoLibre) -> 
     fake.fail_next_token_requests(1, status=200, body=BROKEN_200)
     answer = requests.post(fake.token_url, data={"grant_type": "refresh_token"}, timeout=5)
     assert answer.status_code == 200 and NEW_REFRESH in answer.text
+
+
+@pytest.mark.parametrize(
+    "broken",
+    [
+        {"ML_TOKEN_URL": "http://evil.example/oauth/token"},  # refused: plain http
+        {"ML_REFRESH_TOKEN": None},  # no refresh token: refused before any request
+    ],
+    ids=["token URL", "no refresh token"],
+)
+def test_a_configuration_error_shows_no_secret_in_its_frames(
+    broken: dict[str, str | None], fake: FakeMercadoLibre, tmp_path: Path
+) -> None:
+    env = tmp_path / ".env"
+    first = fake.write_env(env)
+    update_env_file(env, broken)
+    error = failure(lambda: mlauth.MLAuth.from_env(env))
+    assert isinstance(error, mlauth.ConfigError), repr(error)
+    found = [ODD_SECRET, str(first["access_token"])]
+    if "ML_REFRESH_TOKEN" not in broken:
+        found.append(str(first["refresh_token"]))
+    assert_no_secret(everything_said(error), found, "the error")
+
+
+def test_a_secret_passed_as_a_str_leaves_no_frame_of_a_failed_construction(
+    tmp_path: Path,
+) -> None:
+    env = tmp_path / ".env"
+    env.write_text("ML_CLIENT_ID=1234567890123456\n")  # no tokens: the engine refuses
+    store = mlauth.EnvFileStore(env)
+    error = failure(lambda: mlauth.MLAuth("1234567890123456", ODD_SECRET, store))
+    assert isinstance(error, mlauth.ConfigError), repr(error)
+    assert_no_secret(everything_said(error), [ODD_SECRET], "the error")

@@ -57,7 +57,7 @@ def scrub(error: MLAuthError, secrets: Iterable[Secret | None]) -> None:
     """
     known = list(secrets)
     error.args = tuple(mask(arg, known) if isinstance(arg, str) else arg for arg in error.args)
-    for name, value in vars(error).items():
+    for name, value in list(vars(error).items()):
         if isinstance(value, str):
             setattr(error, name, mask(value, known))
 

@@ -9,6 +9,7 @@ from urllib.parse import urlsplit
 
 from .errors import ConfigError
 from .hosts import HostRules
+from .secret import Secret
 from .stores.envfile import read_env_file
 from .urls import LOOPBACK, configured_target, is_loopback
 
@@ -144,15 +145,23 @@ def _required(values: Mapping[str, str | None], key: str, path: str, fix: str) -
     return value
 
 
+_SETTINGS = frozenset({"ML_CLIENT_ID", "ML_CLIENT_SECRET", "ML_TOKEN_URL", "ML_API_HOSTS"})
+
+
 def env_settings(path: str | os.PathLike[str]) -> dict[str, object]:
-    """The MLAuth arguments a ``.env`` defines (credentials, token URL, hosts), checked."""
+    """The MLAuth arguments a ``.env`` defines (credentials, token URL, hosts), checked.
+
+    The client secret comes as a :class:`Secret`, and the file's tokens are not kept: a
+    caller's frame (on the traceback of a ConfigError) holds only what it needs.
+    """
     where = os.fspath(path)
-    values = read_env_file(where)
+    values = {key: value for key, value in read_env_file(where).items() if key in _SETTINGS}
     creds = "copy it from your app in the MercadoLibre developer panel"
     settings: dict[str, object] = {
         "client_id": _required(values, "ML_CLIENT_ID", where, creds),
-        "client_secret": _required(values, "ML_CLIENT_SECRET", where, creds),
+        "client_secret": Secret(_required(values, "ML_CLIENT_SECRET", where, creds)),
     }
+    del values["ML_CLIENT_SECRET"]
     if (values.get("ML_TOKEN_URL") or "").strip():
         settings["token_url"] = check_token_url(
             values["ML_TOKEN_URL"] or "", f"{where}: ML_TOKEN_URL"

@@ -7,15 +7,15 @@ import email.utils
 import logging
 import random
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import requests
 import urllib3.exceptions
 
 from .answers import answer_of, read_answer
-from .errors import REAUTHORIZE, InvalidGrantError, RefreshError
-from .secret import Secret
+from .errors import REAUTHORIZE, InvalidGrantError, RefreshError, scrub
+from .secret import Secret, SecretForm
 from .tokens import TokenAnswer
 
 __all__ = ["TokenEndpoint"]
@@ -174,6 +174,14 @@ class _Failure:
         return error
 
 
+def _scrub(error: RefreshError, form: SecretForm) -> None:
+    """Mask ``form``'s secrets in ``error``, whose text quotes the server (which may echo the
+    form back), and cut its context: an exception from reading the answer holds the answer in
+    its frames."""
+    scrub(error, form.secrets)
+    error.__context__ = None
+
+
 class TokenEndpoint:
     """Calls the token endpoint through a private session.
 
@@ -242,17 +250,15 @@ class TokenEndpoint:
         ``on_answer`` gets the raw bytes of a 2xx answer and their arrival time before
         anything reads them (the store journals them: they hold the only live refresh token).
         """
-        return self._call(
+        form = SecretForm(
             {
                 "grant_type": "refresh_token",
                 "client_id": self.client_id,
-                "client_secret": self._client_secret.reveal(),
-                "refresh_token": refresh_token.reveal(),
-            },
-            attempts or self.max_attempts,
-            before_attempt,
-            on_answer=on_answer,
+                "client_secret": self._client_secret,
+                "refresh_token": refresh_token,
+            }
         )
+        return self._call(form, attempts or self.max_attempts, before_attempt, on_answer=on_answer)
 
     def exchange_code(
         self,
@@ -269,17 +275,18 @@ class TokenEndpoint:
         ``before_attempt`` and ``on_answer`` as for :meth:`refresh`. A refused code raises
         :class:`InvalidGrantError`.
         """
-        data = {
-            "grant_type": "authorization_code",
-            "client_id": self.client_id,
-            "client_secret": self._client_secret.reveal(),
-            "code": code.reveal(),
-            "redirect_uri": redirect_uri,
-        }
-        if code_verifier is not None:
-            data["code_verifier"] = code_verifier.reveal()
+        form = SecretForm(
+            {
+                "grant_type": "authorization_code",
+                "client_id": self.client_id,
+                "client_secret": self._client_secret,
+                "code": code,
+                "redirect_uri": redirect_uri,
+                "code_verifier": code_verifier,  # left out when None
+            }
+        )
         return self._call(
-            data, self.max_attempts, before_attempt, what=_CODE_EXCHANGE, on_answer=on_answer
+            form, self.max_attempts, before_attempt, what=_CODE_EXCHANGE, on_answer=on_answer
         )
 
     def _delay(self, attempt: int, retry_after: float | None) -> float:
@@ -295,12 +302,26 @@ class TokenEndpoint:
 
     def _call(
         self,
-        data: Mapping[str, str],
+        form: SecretForm,
         attempts: int,
         before_attempt: Callable[[], None] | None = None,
         *,
         what: str = "token refresh",
         on_answer: Callable[[bytes, float], None] | None = None,
+    ) -> TokenAnswer:
+        try:
+            return self._series(form, attempts, before_attempt, what, on_answer)
+        except RefreshError as exc:
+            _scrub(exc, form)
+            raise
+
+    def _series(
+        self,
+        form: SecretForm,
+        attempts: int,
+        before_attempt: Callable[[], None] | None,
+        what: str,
+        on_answer: Callable[[bytes, float], None] | None,
     ) -> TokenAnswer:
         failure = _Failure()
         give_up_at = time.monotonic() + self.budget
@@ -309,7 +330,7 @@ class TokenEndpoint:
             attempt += 1
             if before_attempt is not None:
                 before_attempt()  # outside the try: its errors are not the endpoint's
-            answer = self._attempt(data, failure, what, on_answer)
+            answer = self._attempt(form, failure, what, on_answer)
             if answer is not None:
                 return answer
             delay = self._delay(attempt, failure.retry_after)
@@ -335,16 +356,35 @@ class TokenEndpoint:
 
     def _attempt(
         self,
-        data: Mapping[str, str],
+        form: SecretForm,
         failure: _Failure,
         what: str,
         on_answer: Callable[[bytes, float], None] | None = None,
     ) -> TokenAnswer | None:
-        """One POST: the answer, or None with ``failure`` updated; raises what no retry fixes."""
+        """One POST: the answer, or None with ``failure`` updated; raises what no retry fixes.
+
+        Whatever it raises (an error of ours, a bug, ^C) leaves without the frames below this
+        one and without the exceptions it was raised while handling: their locals hold the
+        encoded form (requests', urllib3's) or the server's answer before it was masked (the
+        error fields read from it, the body), and crash reporters send locals.
+        """
+        try:
+            return self._post_and_judge(form, failure, what, on_answer)
+        except BaseException as exc:  # noqa: BLE001 (raised again, trimmed)
+            exc.__cause__ = exc.__context__ = None
+            raise exc.with_traceback(None)  # noqa: B904 (the same exception, not a new one)
+
+    def _post_and_judge(
+        self,
+        form: SecretForm,
+        failure: _Failure,
+        what: str,
+        on_answer: Callable[[bytes, float], None] | None,
+    ) -> TokenAnswer | None:
         failure.retry_after = None
         unusable: str | None = None
         try:
-            response = self._post(data)
+            response = self._post(form)
         except (requests.ConnectionError, requests.Timeout) as exc:
             if _never_sent(exc):
                 failure.last = f"could not connect to {self.token_url} ({type(exc).__name__})"
@@ -359,7 +399,8 @@ class TokenEndpoint:
             outcome = self._judge(response, failure.ambiguous, what, on_answer)
             if isinstance(outcome, TokenAnswer):
                 return outcome
-            failure.last, failure.retry_after = outcome
+            # The server's words (its error code) go into the retry log line and the error.
+            failure.last, failure.retry_after = form.mask(outcome[0]), outcome[1]
             if response.status_code >= 500:
                 failure.sent(failure.last)
         if unusable is not None:
@@ -372,7 +413,7 @@ class TokenEndpoint:
             raise error
         return None
 
-    def _post(self, data: Mapping[str, str]) -> requests.Response:
+    def _post(self, form: SecretForm) -> requests.Response:
         # Session.request is what mlauth.install() and other libraries patch, and what runs
         # on-request listeners (keep_globals_current): none of that belongs inside the locked
         # refresh, so the POST is prepared and sent here as Session.request would do it.
@@ -381,8 +422,12 @@ class TokenEndpoint:
             requests.Request(
                 "POST",
                 self.token_url,
-                data=data,  # the body, never the query string: urllib3 logs URLs
-                headers={"Accept": "application/json"},
+                # The body, never the query string (urllib3 logs URLs), encoded only here.
+                data=form.encode(),
+                headers={
+                    "Accept": "application/json",
+                    "Content-Type": "application/x-www-form-urlencoded",
+                },
             )
         )
         settings = session.merge_environment_settings(
@@ -390,7 +435,12 @@ class TokenEndpoint:
         )
         # Never cut short: a read abandoned after the server rotated the token loses the
         # chain. The budget decides whether an attempt starts at all.
-        return session.send(prepared, timeout=self.timeout, allow_redirects=False, **settings)
+        response = session.send(prepared, timeout=self.timeout, allow_redirects=False, **settings)
+        # The answer lives on in frames (on the traceback of the error it becomes) and maybe
+        # in a caller's hands: its .request is a copy without the plain body.
+        response.request = sent = prepared.copy()
+        sent.body = None
+        return response
 
     def _judge(
         self,

@@ -48,6 +48,7 @@ from .errors import (
     StaleCommitError,
     StoreError,
     UnexpectedError,
+    scrub,
 )
 from .secret import Secret, mask
 from .stores.base import NOT_LOCAL, RefreshTransaction, TokenStore
@@ -251,7 +252,8 @@ class RefreshEngine:
         # Before every request: a plain try costs nothing, a context manager a microsecond.
         try:
             token = self._current().access_token
-        except MLAuthError:
+        except MLAuthError as exc:
+            scrub(exc, self._known())
             raise
         except Exception as exc:
             raise self.unexpected(exc, "getting a token for the request") from exc
@@ -399,6 +401,7 @@ class RefreshEngine:
                 if isinstance(caught, MLAuthError)
                 else self.unexpected(caught, "refreshing ahead of expiry")
             )
+            scrub(exc, self._known())
             left = tokens.expires_in() or 0.0
             self._advisory_retry_at = time.monotonic() + min(ADVISORY_RETRY_DELAY, left / 4)
             bad = isinstance(exc, (InvalidGrantError, UnexpectedError))
@@ -693,7 +696,8 @@ class RefreshEngine:
         """Only MLAuthError leaves the engine: callers catch RequestException."""
         try:
             yield
-        except MLAuthError:
+        except MLAuthError as exc:
+            scrub(exc, self._known())
             raise
         except Exception as exc:
             raise self.unexpected(exc, doing) from exc
@@ -704,12 +708,17 @@ class RefreshEngine:
         Its message is someone else's and may quote a value it was handed: the tokens this
         process knows, the client secret and anything token-shaped are fingerprinted.
         """
+        return UnexpectedError(
+            f"mlauth failed unexpectedly while {doing}: "
+            + mask(f"{type(exc).__name__}: {exc}", self._known())
+            + " (the original exception is this one's __cause__)"
+        )
+
+    def _known(self) -> list[Secret | None]:
+        """The client secret and every token this process holds, to mask in the text of
+        errors it raises or logs (which may quote a server's answer or someone's exception)."""
         known: list[Secret | None] = list(self._secrets)
         for tokens in (self._cache[0], self._unsaved[0] if self._unsaved else None):
             if tokens is not None:
                 known += [tokens.access_token, tokens.refresh_token]
-        return UnexpectedError(
-            f"mlauth failed unexpectedly while {doing}: "
-            + mask(f"{type(exc).__name__}: {exc}", known)
-            + " (the original exception is this one's __cause__)"
-        )
+        return known

@@ -9,9 +9,12 @@ safe to print: the HTTP status, the provider's error code and its description.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import requests
+
+from .secret import Secret, mask
 
 __all__ = [
     "AUTHORIZE",
@@ -26,6 +29,7 @@ __all__ = [
     "StoreError",
     "StoreMovedError",
     "UnexpectedError",
+    "scrub",
 ]
 
 
@@ -50,6 +54,19 @@ class MLAuthError(requests.RequestException):
         # (LockTimeoutError's lock_path is keyword-only, which the default pickling cannot
         # pass), and a pool's worker or a task queue hands errors to another process this way.
         return (rebuilt, (type(self), self.args, vars(self)))
+
+
+def scrub(error: MLAuthError, secrets: Iterable[Secret | None]) -> None:
+    """Mask ``secrets`` (and anything shaped like a token) in ``error``'s text, in place.
+
+    For an error whose message or fields quote someone else's text: a server's error answer
+    may echo the request body, an exception may quote a value it was handed.
+    """
+    known = list(secrets)
+    error.args = tuple(mask(arg, known) if isinstance(arg, str) else arg for arg in error.args)
+    for name, value in list(vars(error).items()):
+        if isinstance(value, str):
+            setattr(error, name, mask(value, known))
 
 
 def rebuilt(cls: type[MLAuthError], args: tuple[Any, ...], state: dict[str, Any]) -> MLAuthError:

@@ -30,7 +30,6 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
-from urllib.parse import urlsplit
 
 from mlauth import __version__
 from mlauth.config import env_settings, token_hosts_row
@@ -38,7 +37,7 @@ from mlauth.errors import ConfigError, InvalidGrantError, MLAuthError, StoreErro
 from mlauth.integrations.requests_auth import MLAuth
 from mlauth.logs import LEVEL_VARIABLE, OFF, level_from_environment, show_on_stderr
 from mlauth.preflight import refresh_problem
-from mlauth.secret import Secret
+from mlauth.secret import Secret, redact_url, url_scheme
 from mlauth.stores import store_from_env
 from mlauth.stores.base import TokenStore
 from mlauth.stores.envfile import read_env_file
@@ -297,7 +296,7 @@ def _cmd_login(args: argparse.Namespace) -> int:
 
 def _cmd_migrate(args: argparse.Namespace) -> int:
     try:
-        from mlauth.stores.redis import RedisStore, redact_url
+        from mlauth.stores.redis import RedisStore
 
         from .migrate import migrate_to_redis
     except ImportError as exc:  # the message names the extra: pip install 'mlauth[redis]'
@@ -399,11 +398,9 @@ MIGRATE_SCHEMES = ("redis", "rediss", "unix")
 
 def _redis_url(text: str) -> str:
     """``--to``: a Redis URL, refused before anything is imported or connected to."""
-    scheme = urlsplit(text.strip()).scheme.lower()
+    scheme = url_scheme(text.strip())
     if scheme not in MIGRATE_SCHEMES:
-        # Host part only: credentials may sit before '@' or in the query string.
-        rest = text.strip().split("@")[-1].split("?")[0]
-        shown = f"{scheme}://{rest}" if scheme and "://" not in rest else rest
+        shown = redact_url(text.strip())
         raise argparse.ArgumentTypeError(
             f"{shown!r}: the scheme {scheme + '://' if scheme else '(none)'} is not a Redis "
             f"URL; use {', '.join(s + '://' for s in MIGRATE_SCHEMES)} "

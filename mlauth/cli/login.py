@@ -117,6 +117,16 @@ def parse_pasted(text: str) -> tuple[Secret, str | None]:
     return Secret(text), None
 
 
+def _endpoint(env_path: str) -> TokenEndpoint:
+    """The token endpoint the ``.env`` configures."""
+    settings = env_settings(env_path)
+    secret = settings["client_secret"]
+    assert isinstance(secret, Secret)  # env_settings wraps it
+    return TokenEndpoint(
+        str(settings.get("token_url") or DEFAULT_TOKEN_URL), str(settings["client_id"]), secret
+    )
+
+
 def complete_login(
     env_path: str,
     store: TokenStore,
@@ -133,12 +143,7 @@ def complete_login(
     meanwhile. They go wherever the store keeps tokens: the ``.env``, or the Redis that its
     ``ML_TOKEN_STORE`` names (the file is then left as it is).
     """
-    settings = env_settings(env_path)
-    endpoint = TokenEndpoint(
-        str(settings.get("token_url") or DEFAULT_TOKEN_URL),
-        str(settings["client_id"]),
-        Secret(str(settings["client_secret"])),
-    )
+    endpoint = _endpoint(env_path)
     with store.lock(lock_timeout):
         # Read under the lock: a fenced store (Redis) commits the new tokens over the version
         # read here, so running processes see them as the chain's next link. No usable tokens

@@ -38,13 +38,17 @@ log = logging.getLogger("mlauth")
 _Adapter = TypeVar("_Adapter", bound="AuthAdapter")
 
 
-def bearer(header: str | bytes | None) -> str | None:
-    """The token of an ``Authorization: Bearer`` header, or None."""
+def bearer(header: str | bytes | None) -> Secret | None:
+    """The token of an ``Authorization: Bearer`` header, or None.
+
+    A :class:`Secret` at once: the caller's frame is on the traceback of whatever the 401 it
+    handles raises (a failed refresh), and a crash reporter sends that frame's locals.
+    """
     if isinstance(header, bytes):
         header = header.decode("latin-1")
     if not header or header[:7].lower() != "bearer ":
         return None
-    return header[7:].strip() or None
+    return Secret(header[7:].strip()) or None
 
 
 def warn_not_resent(method: str, path: str) -> None:
@@ -57,25 +61,23 @@ def warn_not_resent(method: str, path: str) -> None:
     )
 
 
-def _checked(
+def _check(
     client_id: object,
-    client_secret: str | Secret,
+    secret: Secret,
     store: object,
     refresh_margin: float,
     lock_timeout: float,
     min_token_age: float,
-) -> Secret:
-    """The client secret as a Secret, once the constructor's arguments are checked."""
+) -> None:
+    """ConfigError unless the constructor's arguments are usable."""
     if not isinstance(client_id, str) or not client_id.strip():
         raise ConfigError("client_id is empty; pass the app's client id (ML_CLIENT_ID)")
-    secret = client_secret if isinstance(client_secret, Secret) else Secret(client_secret)
     if not secret.reveal().strip():
         raise ConfigError("client_secret is empty; pass the app's secret (ML_CLIENT_SECRET)")
     if not isinstance(store, TokenStore):
         raise ConfigError(f"store must be a TokenStore such as EnvFileStore, got {store!r}")
     if refresh_margin < 0 or lock_timeout <= 0 or min_token_age < 0:
         raise ConfigError("refresh_margin and min_token_age must be >= 0, lock_timeout > 0")
-    return secret
 
 
 class AuthAdapter:
@@ -101,9 +103,12 @@ class AuthAdapter:
         backoff: float = 0.5,
         on_refresh: Callable[[TokenSet], None] | None = None,
     ) -> None:
-        secret = _checked(
-            client_id, client_secret, store, refresh_margin, lock_timeout, min_token_age
-        )
+        # Wrapped at once and the plain str let go: this frame is on the traceback of any
+        # error raised below (a store that cannot be read, no refresh token), and crash
+        # reporters send its locals.
+        secret = client_secret if isinstance(client_secret, Secret) else Secret(client_secret)
+        del client_secret
+        _check(client_id, secret, store, refresh_margin, lock_timeout, min_token_age)
         self.client_id = client_id.strip()
         self.store = store
         store.bind_client(self.client_id)  # a shared store (Redis) names its key after it
@@ -172,9 +177,14 @@ class AuthAdapter:
         return auth
 
     def __repr__(self) -> str:
+        # Also of an object whose __init__ failed midway: tracebacks that show locals
+        # (pytest -l, capture_locals) call it on the frame's ``self``.
+        state = vars(self)
+        engine = state.get("_engine")
         return (
-            f"{type(self).__name__}(client_id={self.client_id!r}, store={self.store!r}, "
-            f"hosts={self._hosts!r}, {self.tokens.describe()})"
+            f"{type(self).__name__}(client_id={state.get('client_id')!r}, "
+            f"store={state.get('store')!r}, hosts={state.get('_hosts')!r}, "
+            f"{engine.tokens.describe() if engine is not None else 'not set up'})"
         )
 
     def __reduce__(self) -> str | tuple[Any, ...]:

@@ -235,8 +235,7 @@ class HttpxAuth(AuthAdapter, httpx.Auth):
         sent = response.request
         if not self._allows(sent.url):
             return None
-        failed = bearer(sent.headers.get("Authorization"))
-        return None if failed is None else Secret(failed)
+        return bearer(sent.headers.get("Authorization"))
 
     def _resend(
         self, request: httpx.Request, rewind: Callable[[], None] | None, new: Secret | None

@@ -17,8 +17,6 @@ import requests
 from requests.cookies import extract_cookies_to_jar
 from requests.utils import rewind_body
 
-from mlauth.secret import Secret
-
 from .adapter import AuthAdapter, bearer, warn_not_resent
 
 __all__ = ["MLAuth"]
@@ -73,7 +71,7 @@ class MLAuth(AuthAdapter, requests.auth.AuthBase):
         if failed is None:
             return r
         try:
-            new = self._engine.after_401(Secret(failed))
+            new = self._engine.after_401(failed)
         except BaseException:
             r.close()  # the caller never sees this response: give its connection back
             raise

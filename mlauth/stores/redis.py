@@ -31,7 +31,6 @@ import time
 from collections.abc import Hashable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from typing import Any, cast
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 try:
     import redis
@@ -53,7 +52,7 @@ from mlauth.errors import (
     StaleCommitError,
     StoreError,
 )
-from mlauth.secret import Secret, fingerprint
+from mlauth.secret import Secret, fingerprint, quotes_url_secret, redact_url, url_scheme
 from mlauth.tokens import LATEST_TIME, TokenSet, this_process, token_problem
 
 from .base import NOT_LOCAL, RefreshTransaction, TokenStore, savable
@@ -128,33 +127,6 @@ redis.call('DEL', KEYS[1])
 redis.call('HSET', KEYS[1], 'chain', ARGV[1], 'generation', new, unpack(ARGV, 3))
 return new
 """
-
-
-_SECRET_QUERY = frozenset({"password", "username"})  # redis-py takes credentials there too
-
-
-def redact_url(url: str) -> str:
-    """``url`` with any password replaced by ``***``, fit for messages and logs.
-
-    Masks the password in the authority part and the ``password``/``username`` values of
-    the query string, which redis-py also accepts (``redis://h:6379/0?password=...``).
-    """
-    parts = urlsplit(url)
-    if parts.query:
-        pairs = parse_qsl(parts.query, keep_blank_values=True)
-        if any(name.lower() in _SECRET_QUERY for name, _ in pairs):
-            masked = [
-                (name, "***" if name.lower() in _SECRET_QUERY else value) for name, value in pairs
-            ]
-            parts = parts._replace(query=urlencode(masked, safe="*"))
-    if parts.password is None:
-        return urlunsplit(parts) if parts.query != urlsplit(url).query else url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def _fmt(value: float | None) -> str:
@@ -275,7 +247,7 @@ class RedisStore(TokenStore):
         socket_timeout: float = 5.0,
         client: redis.Redis | None = None,
     ) -> None:
-        if not isinstance(url, str) or urlsplit(url).scheme not in ("redis", "rediss", "unix"):
+        if not isinstance(url, str) or url_scheme(url) not in ("redis", "rediss", "unix"):
             shown = redact_url(url) if isinstance(url, str) else type(url).__name__
             raise ConfigError(
                 f"{shown!r} is not a Redis URL; write redis://HOST:PORT/DB (or rediss:// for TLS)"
@@ -328,8 +300,20 @@ class RedisStore(TokenStore):
                 retry=Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)),
             )
         except ValueError as exc:
-            raise ConfigError(f"{self.location} is not a usable Redis URL: {exc}") from None
+            raise ConfigError(
+                f"{self.location} is not a usable Redis URL: {self._detail(exc)}"
+            ) from None
         return client, probe
+
+    def _detail(self, exc: Exception) -> str:
+        """redis-py's words about the URL, unless they quote a piece of its password: one
+        with an unencoded '/', '#', '?' or '@' is cut there and read as a port or a host."""
+        if quotes_url_secret(str(exc), self.url):
+            return (
+                "not shown, it quotes the URL's credentials; percent-encode '/', '#', '?', "
+                "'@', ':' and '%' in a password, e.g. '/' as %2F"
+            )
+        return str(exc)
 
     def bind_client(self, client_id: str) -> None:
         """Derive the default key from the app's client id (MLAuth calls this)."""
@@ -355,8 +339,9 @@ class RedisStore(TokenStore):
         # token to print) and a request whose token expired. Where a cached token does go on
         # being used, the line that says so adds it (stamp(), the engine's refresh ahead).
         return StoreError(
-            f"cannot {doing} Redis at {self.location} ({type(exc).__name__}: {exc}). Check "
-            "that redis-server runs there and that ML_TOKEN_STORE names it."
+            f"cannot {doing} Redis at {self.location} ({type(exc).__name__}: "
+            f"{self._detail(exc)}). Check that redis-server runs there and that ML_TOKEN_STORE "
+            "names it."
         )
 
     # -- reading ---------------------------------------------------------------------------

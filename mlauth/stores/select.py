@@ -8,9 +8,9 @@ the same function decides, so both always agree.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from urllib.parse import urlsplit
 
 from mlauth.errors import ConfigError
+from mlauth.secret import redact_url, url_scheme
 
 from .base import TokenStore
 
@@ -32,11 +32,10 @@ def shared_store(values: Mapping[str, str | None], where: str) -> TokenStore | N
     url = (values.get(STORE_KEY) or "").strip()
     if not url:
         return None
-    scheme = urlsplit(url).scheme
+    scheme = url_scheme(url)
     if scheme not in ("redis", "rediss", "unix"):
         raise ConfigError(
-            # Host part only: credentials may sit before '@' or in the query string.
-            f"{where}: {STORE_KEY}={url.split('@')[-1].split('?')[0]!r} is not a store mlauth "
+            f"{where}: {STORE_KEY}={redact_url(url)!r} is not a store mlauth "
             "knows; write redis://HOST:PORT/DB (or rediss:// for TLS), or delete the line to "
             "keep the tokens in this file"
         )

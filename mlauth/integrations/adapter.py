@@ -80,6 +80,25 @@ def _check(
         raise ConfigError("refresh_margin and min_token_age must be >= 0, lock_timeout > 0")
 
 
+def _warn_if_lock_lapses(store: TokenStore, endpoint: TokenEndpoint) -> None:
+    """One WARNING at set-up if the store's lock can lapse within one token call.
+
+    Allowed (the commit stays fenced), but a slow answer then lets the lock lapse mid-call
+    and the refresh fails with LockLostError.
+    """
+    expiry = store.lock_expiry
+    if expiry is not None and expiry <= endpoint.attempt_time:
+        log.warning(
+            "%s: the refresh lock expires after %gs (lock_timeout, ML_TOKEN_LOCK_TIMEOUT), "
+            "not longer than one token call (%gs connect + read timeout); a slow token "
+            "endpoint will make refreshes fail with LockLostError. Raise it above %gs.",
+            store.location,
+            expiry,
+            endpoint.attempt_time,
+            endpoint.attempt_time,
+        )
+
+
 class AuthAdapter:
     """The options, set-up and public methods of an auth that keeps a token chain alive.
 
@@ -127,19 +146,7 @@ class AuthAdapter:
             # Retries must end well before peers waiting on the lock give up.
             budget=float(lock_timeout) / 2,
         )
-        expiry = store.lock_expiry
-        if expiry is not None and expiry <= endpoint.attempt_time:
-            # Allowed (the commit stays fenced), but a slow answer then lets the lock lapse
-            # mid-call and the refresh fails with LockLostError; say so once, at set-up.
-            log.warning(
-                "%s: the refresh lock expires after %gs (lock_timeout, ML_TOKEN_LOCK_TIMEOUT), "
-                "not longer than one token call (%gs connect + read timeout); a slow token "
-                "endpoint will make refreshes fail with LockLostError. Raise it above %gs.",
-                store.location,
-                expiry,
-                endpoint.attempt_time,
-                endpoint.attempt_time,
-            )
+        _warn_if_lock_lapses(store, endpoint)
         self._engine = RefreshEngine(
             store,
             endpoint,

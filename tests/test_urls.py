@@ -434,3 +434,20 @@ def test_any_url_gets_the_token_only_where_each_client_connects_to_an_allowed_ho
     for sent in (by_requests, by_httpx):
         if sent is not None and sent.authorization:
             assert allowed(sent.destination), (url, sent)
+
+
+@settings(max_examples=2000, deadline=None)
+@given(
+    start=st.sampled_from(["https://", "http://", "HTTPS://", " https://", "https:\t//"]),
+    pieces=st.lists(st.sampled_from(PIECES), max_size=6),
+)
+def test_the_plain_origin_shortcut_agrees_with_urllib3s_reading(
+    start: str, pieces: list[str]
+) -> None:
+    """The host check skips urllib3's parse for an origin of plain characters; wherever it
+    does, urllib3 reads the same scheme, host and port as urlsplit."""
+    url = start + "".join(pieces)
+    target = mlauth.urls.split_target(url)
+    if target is None or not mlauth.urls._PLAIN_ORIGIN.match(url):
+        return
+    assert mlauth.urls._parsed_alike(url, target), url

@@ -12,25 +12,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tests.legacy_support import ENV_GLOBALS
+
 # The legacy client of ML-FACTS.md: the .env read into globals at import, HEADERS with the
 # token, and a refresh function with no lock that POSTs the refresh grant with requests and
 # rewrites the .env with python-dotenv's set_key. ``start_line()`` stands for cron starting
 # every copy in the same second: each copy, its .env read, waits there for the test's "go".
-HEAD = """\
+HEAD = (
+    """\
 import hashlib, json, os, sys, time
 import requests
 from dotenv import dotenv_values, set_key
 
-ENV_PATH = os.environ["PIPELINE_ENV"]
-_values = dotenv_values(ENV_PATH)
-ML_CLIENT_ID = _values["ML_CLIENT_ID"]
-ML_CLIENT_SECRET = _values["ML_CLIENT_SECRET"]
-ML_ACCESS_TOKEN = _values["ML_ACCESS_TOKEN"]
-ML_REFRESH_TOKEN = _values["ML_REFRESH_TOKEN"]
-TOKEN_URL = _values["ML_TOKEN_URL"]
-API = _values["PIPELINE_API"]
-HEADERS = {"Authorization": f"Bearer {ML_ACCESS_TOKEN}", "Content-Type": "application/json"}
-LEGACY_REFRESHES = 0
+"""
+    + ENV_GLOBALS
+    + """\
 _LAST_REFRESH = 0.0
 
 
@@ -45,6 +41,7 @@ def report(ok, **extra):
     print(json.dumps(dict(ok=ok, status=answer.status_code, legacy_refreshes=LEGACY_REFRESHES,
                           token=token, **extra)), flush=True)
 """
+)
 
 REFRESH = """
 def refresh_ml_token(force=False):

@@ -12,14 +12,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-# The legacy client of ML-FACTS.md, kept as it was: .env read into globals at import, HEADERS
-# with the token, requests.get/post/put helpers, and a refresh function with no lock that
-# rewrites the .env in place and only recognises two of the four 401 shapes.
-LEGACY_MODULE = """
-import os
-import requests
-from dotenv import dotenv_values
-
+# How every legacy program of the tests starts (ML-FACTS.md): the .env named by PIPELINE_ENV
+# read into module globals at import, HEADERS with the token, and a count of the refreshes
+# the program's own refresh function made. Needs os and dotenv_values imported before it.
+ENV_GLOBALS = """\
 ENV_PATH = os.environ["PIPELINE_ENV"]
 _values = dotenv_values(ENV_PATH)
 ML_CLIENT_ID = _values["ML_CLIENT_ID"]
@@ -30,7 +26,20 @@ TOKEN_URL = _values["ML_TOKEN_URL"]
 API = _values["PIPELINE_API"]
 HEADERS = {"Authorization": f"Bearer {ML_ACCESS_TOKEN}", "Content-Type": "application/json"}
 LEGACY_REFRESHES = 0
+"""
 
+# The legacy client of ML-FACTS.md, kept as it was: .env read into globals at import, HEADERS
+# with the token, requests.get/post/put helpers, and a refresh function with no lock that
+# rewrites the .env in place and only recognises two of the four 401 shapes.
+LEGACY_MODULE = (
+    """
+import os
+import requests
+from dotenv import dotenv_values
+
+"""
+    + ENV_GLOBALS
+    + """
 
 def refresh_ml_token():
     global ML_ACCESS_TOKEN, ML_REFRESH_TOKEN, LEGACY_REFRESHES
@@ -78,6 +87,7 @@ def http_post(path, payload):
 def http_put(path, payload):
     return _retry_once(lambda: requests.put(API + path, headers=HEADERS, json=payload, timeout=30))
 """
+)
 
 # Drives the legacy module for WORKER_SECONDS and prints its counts as JSON. WORKER_MODE says
 # where mlauth comes in: "install-before"/"install-after" the legacy import, or "none" (the

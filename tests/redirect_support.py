@@ -8,29 +8,26 @@ import json
 import os
 import subprocess
 import sys
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from tests.legacy_support import ENV_GLOBALS
 
 # The legacy client of ML-FACTS.md: the .env read into globals at import, HEADERS with the
 # token, and a refresh function with no lock that POSTs the refresh grant with requests and
 # rewrites the .env with python-dotenv's set_key. ``start_line()`` stands for cron starting
 # every copy in the same second: each copy, its .env read, waits there for the test's "go".
-HEAD = """\
+HEAD = (
+    """\
 import hashlib, json, os, sys, time
 import requests
 from dotenv import dotenv_values, set_key
 
-ENV_PATH = os.environ["PIPELINE_ENV"]
-_values = dotenv_values(ENV_PATH)
-ML_CLIENT_ID = _values["ML_CLIENT_ID"]
-ML_CLIENT_SECRET = _values["ML_CLIENT_SECRET"]
-ML_ACCESS_TOKEN = _values["ML_ACCESS_TOKEN"]
-ML_REFRESH_TOKEN = _values["ML_REFRESH_TOKEN"]
-TOKEN_URL = _values["ML_TOKEN_URL"]
-API = _values["PIPELINE_API"]
-HEADERS = {"Authorization": f"Bearer {ML_ACCESS_TOKEN}", "Content-Type": "application/json"}
-LEGACY_REFRESHES = 0
+"""
+    + ENV_GLOBALS
+    + """\
 _LAST_REFRESH = 0.0
 
 
@@ -45,6 +42,17 @@ def report(ok, **extra):
     print(json.dumps(dict(ok=ok, status=answer.status_code, legacy_refreshes=LEGACY_REFRESHES,
                           token=token, **extra)), flush=True)
 """
+)
+
+# What watches the process: a trace function, monitoring tools (mlauth's watch of a script).
+WATCHERS = """\
+def watchers():
+    tools = [sys.monitoring.get_tool(i) for i in range(6)] if hasattr(sys, "monitoring") else []
+    trace = sys.gettrace()
+    return {"trace": getattr(trace, "__qualname__", None) if trace else None,
+            "tools": [t for t in tools if t]}
+"""
+NOT_WATCHED = {"trace": None, "tools": []}
 
 REFRESH = """
 def refresh_ml_token(force=False):
@@ -96,6 +104,53 @@ def pipeline(name: str = "refresh_ml_token", *, call: str = "main") -> str:
         return HEAD + "\nstart_line()\n" + refresh + f"OK = {name}(force=True)\n"
     assert call == "none", call
     return HEAD + refresh
+
+
+# The pipeline's workers: a pool of N processes of a start method (argv: METHOD N), which
+# meet at a barrier as they start and each call refresh_ml_token(force=True) then (a pool
+# initializer, as workers refresh before their first call), and report what happened there;
+# the parent prints the reports. With ``at_import``, the script also calls it at module level,
+# which a spawn or forkserver worker runs again as it re-runs the script.
+POOL_MAIN = (
+    """
+import multiprocessing, queue
+
+"""
+    + WATCHERS
+    + """
+
+def start_worker(barrier, reports):
+    barrier.wait(timeout=60)
+    ok = refresh_ml_token(force=True)
+    answer = requests.get(API + "/users/me", headers=HEADERS, timeout=30)
+    token = hashlib.sha256(ML_ACCESS_TOKEN.encode()).hexdigest()[:12]
+    reports.put(dict(pid=os.getpid(), ok=ok, status=answer.status_code, token=token,
+                     legacy_refreshes=LEGACY_REFRESHES, watchers=watchers()))
+
+
+if __name__ == "__main__":
+    context = multiprocessing.get_context(sys.argv[1])
+    workers = int(sys.argv[2])
+    barrier, reports = context.Barrier(workers), context.Queue()
+    with context.Pool(workers, initializer=start_worker, initargs=(barrier, reports)) as pool:
+        print(json.dumps([reports.get(timeout=90) for _ in range(workers)]), flush=True)
+"""
+)
+
+
+INSTALL = "import mlauth, os\nmlauth.install(os.environ['PIPELINE_ENV'])\n"
+
+
+def pool_pipeline(*, at_import: bool = False, install: str = "run") -> str:
+    """The legacy pipeline whose work runs in a pool (``POOL_MAIN``); ``install`` says where
+    mlauth comes in: ``"run"``, nowhere in the code (``mlauth run``); ``"top"``, the script's
+    first lines call ``install()``; ``"worker"``, the pool's initializer does."""
+    main = POOL_MAIN
+    if install == "worker":
+        wait = "    barrier.wait("
+        main = main.replace(wait, textwrap.indent(INSTALL, "    ") + wait)
+    source = HEAD + REFRESH + ("OK = refresh_ml_token(force=True)\n" if at_import else "") + main
+    return INSTALL + source if install == "top" else source
 
 
 @dataclass
@@ -216,17 +271,7 @@ def run_program(
 
 # A script that only reports whether its refresh function was redirected, and what watched
 # it: mlauth's trace function or monitoring tool, before and after the def.
-REPORTING_SCRIPT = """\
-import json, sys
-
-def watchers():
-    tools = [sys.monitoring.get_tool(i) for i in range(6)] if hasattr(sys, "monitoring") else []
-    trace = sys.gettrace()
-    return {"trace": getattr(trace, "__qualname__", None) if trace else None,
-            "tools": [t for t in tools if t]}
-
-BEFORE = watchers()
-"""
+REPORTING_SCRIPT = "import json, sys\n\n" + WATCHERS + "\nBEFORE = watchers()\n"
 
 REPORTING_TAIL = """
 AFTER = watchers()

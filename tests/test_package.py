@@ -51,6 +51,15 @@ def test_version_flag_prints_the_version_and_exits_0(command: list[str], tmp_pat
     assert (done.returncode, done.stdout, done.stderr) == (0, f"mlauth {mlauth.__version__}\n", "")
 
 
+def test_every_folder_of_modules_is_a_package_of_the_wheel() -> None:
+    # The list is written out (for _run_site, which has no __init__.py); a folder missing
+    # from it is missing from the wheel, and `import mlauth` fails there.
+    folders = {
+        ".".join(path.parent.relative_to(ROOT).parts) for path in (ROOT / "mlauth").rglob("*.py")
+    }
+    assert set(pyproject()["tool"]["setuptools"]["packages"]) == folders
+
+
 def test_the_version_is_written_in_one_place() -> None:
     project = pyproject()
     assert "version" not in project["project"]
@@ -131,7 +140,8 @@ def test_the_wheel_smoke_passes_against_this_install(tmp_path: Path) -> None:
         timeout=300,
     )
     assert done.returncode == 0, done.stdout + done.stderr
-    assert done.stdout.count("\nok: ") == 5, done.stdout
+    assert done.stdout.count("\nok: ") == 6, done.stdout
+    assert "legacy scripts under mlauth run" in done.stdout  # the redirect, on each Python
     assert done.stdout.rstrip().endswith("wheel smoke: all checks passed")
 
 

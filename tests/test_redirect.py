@@ -4,6 +4,7 @@ rewritten module code, install(redirect=...) and uninstall()."""
 from __future__ import annotations
 
 import importlib
+import multiprocessing.spawn
 import os
 import sys
 import time
@@ -18,6 +19,7 @@ import requests
 import mlauth
 from mlauth.integrations.redirect import functions
 from mlauth.integrations.redirect.imports import RedirectFinder, rewrite
+from mlauth.integrations.redirect.missing import lookalikes
 from mlauth.integrations.redirect.own import OwnFiles
 from mlauth.integrations.redirect.plan import Plan, parse_spec
 from mlauth.integrations.runner import REDIRECT_VARIABLE, child_environment
@@ -26,6 +28,7 @@ from mlauth.testing import FakeMercadoLibre
 from mlauth.tokens import TokenSet
 
 ORIGINAL = requests.Session.request
+ORIGINAL_FIXUP = multiprocessing.spawn._fixup_main_from_path  # type: ignore[attr-defined]
 
 
 @pytest.fixture(autouse=True)
@@ -36,6 +39,7 @@ def _always_uninstall() -> Iterator[None]:
     functions.restore_all()
     assert requests.Session.request is ORIGINAL
     assert not any(isinstance(finder, RedirectFinder) for finder in sys.meta_path)
+    assert multiprocessing.spawn._fixup_main_from_path is ORIGINAL_FIXUP  # type: ignore[attr-defined]
 
 
 class StubAuth:
@@ -228,6 +232,39 @@ def test_install_redirects_modules_imported_before_and_after(
     assert after.renew_token() == "original after_mod"
 
 
+UNWRAPPING = """\
+def retry(function):
+    def wrapper(*args, **kwargs):  # no functools.wraps: no __wrapped__
+        return function(*args, **kwargs)
+    return wrapper
+"""
+DECORATED = "import deco\n\n@deco.retry\n" + LEGACY.format(name="refresh_ml_token", module="{}")
+
+
+def test_a_decorated_def_is_redirected_whatever_its_wrapper(
+    app: Path, due_env: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The wrapper's code and globals are the decorator module's: what counts is that the
+    # module's own def bound the name.
+    (app / "deco.py").write_text(UNWRAPPING)
+    for module in ("before_deco", "after_deco"):
+        (app / f"{module}.py").write_text(DECORATED.format(module))
+    (app / "imports_it.py").write_text("from before_deco import refresh_ml_token\n")
+    before = importlib.import_module("before_deco")
+    imports_it = importlib.import_module("imports_it")
+    with caplog.at_level("INFO", logger="mlauth"):
+        mlauth.install(due_env)
+        after = importlib.import_module("after_deco")
+    for module in (before, after):
+        assert module.refresh_ml_token(force=True) is True
+    # A function imported under the name is its module's, and left to it.
+    assert imports_it.refresh_ml_token(force=True) == "original before_deco"
+    logged = [r.getMessage() for r in caplog.records if "now runs mlauth" in r.getMessage()]
+    assert len(logged) == 2 and all(", line 4)" in message for message in logged), logged
+    mlauth.uninstall()
+    assert after.refresh_ml_token() == "original after_deco"
+
+
 def test_install_without_redirect_leaves_everything_alone(app: Path, due_env: Path) -> None:
     (app / "plain_mod.py").write_text(LEGACY.format(name="refresh_ml_token", module="plain"))
     mlauth.install(due_env, redirect=False)
@@ -237,6 +274,34 @@ def test_install_without_redirect_leaves_everything_alone(app: Path, due_env: Pa
     # A later install() for the same .env may still name functions: they are added.
     mlauth.install(due_env, redirect="plain_mod:refresh_ml_token")
     assert module.refresh_ml_token() is True
+
+
+def test_a_named_function_its_module_lacks_is_warned_about_once(
+    app: Path, due_env: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    text = LEGACY.format(name="renew_token", module="x") + "TOKEN_URL = 'not a function'\n"
+    for module in ("early_mod", "late_mod", "right_mod"):
+        (app / f"{module}.py").write_text(text)
+    importlib.import_module("early_mod")
+    names = ["early_mod:renw_token", "late_mod:renew_tokn", "right_mod:renew_token"]
+    with caplog.at_level("WARNING", logger="mlauth"):
+        mlauth.install(due_env, redirect=names)
+        importlib.import_module("late_mod")
+        importlib.import_module("right_mod")
+        mlauth.install(due_env, redirect=["early_mod:renw_token"])  # named again: no repeat
+    warned = sorted(r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+    assert len(warned) == 2, warned
+    for message, pair in zip(warned, ["early_mod:renw_token", "late_mod:renew_tokn"], strict=True):
+        assert message.startswith(f"redirect {pair}: "), message
+        assert "nothing was redirected" in message and "renew_token()" in message, message
+        assert "TOKEN_URL" not in message  # a variable is not a candidate
+        assert str(app / f"{pair.partition(':')[0]}.py") in message
+
+
+def test_lookalikes_are_close_spellings_then_refresh_like_names() -> None:
+    defined = ["main", "renew_token", "refresh_all", "get_token", "report", "__name__"]
+    assert lookalikes("renew_tokn", defined) == ["renew_token", "get_token", "refresh_all"]
+    assert lookalikes("zzz", ["main", "report"]) == []
 
 
 def test_a_malformed_name_fails_install_before_anything_changes(due_env: Path) -> None:

@@ -13,11 +13,13 @@ import pytest
 from mlauth.testing import FakeMercadoLibre
 from tests.legacy_support import legacy_env
 from tests.redirect_support import (
+    NOT_WATCHED,
     REPORTING_SCRIPT,
     REPORTING_TAIL,
     mlauth_run,
     pipeline,
     pipeline_environment,
+    pool_pipeline,
     run_program,
     search_path,
     start_together,
@@ -58,6 +60,99 @@ def test_three_pipelines_started_together_refresh_once(tmp_path: Path, layout: s
         assert result["legacy_refreshes"] == 0, (result, err)  # the legacy body never ran
         tokens.add(result["token"])
     assert len(tokens) == 1  # ML_ACCESS_TOKEN holds the one new token in every copy
+
+
+@pytest.mark.parametrize(
+    ("method", "layout", "at_import"),
+    [
+        ("fork", "script", False),
+        ("spawn", "script", False),
+        ("forkserver", "script", False),
+        ("spawn", "script", True),
+        ("forkserver", "script", True),
+        ("spawn", "package", False),
+    ],
+)
+def test_pool_workers_of_every_start_method_refresh_once(
+    tmp_path: Path, method: str, layout: str, at_import: bool
+) -> None:
+    # spawn and forkserver re-run the script in their processes as __mp_main__ (runpy, past
+    # the import hook); with at_import, its module-level call runs again there too.
+    source = pool_pipeline(at_import=at_import)
+    if layout == "script":
+        (tmp_path / "main2.py").write_text(source)
+        argv = ["main2.py"]
+    else:
+        (tmp_path / "pipeline").mkdir()
+        (tmp_path / "pipeline" / "__init__.py").write_text("")
+        (tmp_path / "pipeline" / "main2.py").write_text(source)
+        argv = ["-m", "pipeline.main2"]
+    env = tmp_path / ".env"
+    with FakeMercadoLibre(token_lifetime=LIFETIME) as fake:
+        legacy_env(fake, env, LIFETIME, age=60.0)
+        code, out, err = run_program(
+            [*argv, method, "3"], tmp_path, pipeline_environment(env), mlauth_run(env)
+        )
+        stats = fake.stats()
+    assert code == 0, err
+    reports = json.loads(out.splitlines()[-1])
+    assert len({report["pid"] for report in reports}) == 3, reports
+    assert (stats["refreshes"], stats["invalid_grant"]) == (1, 0), (reports, err)
+    for report in reports:
+        assert report["legacy_refreshes"] == 0, (report, err)  # the legacy body never ran
+        assert report["ok"] is True and report["status"] == 200, (report, err)
+        assert report["watchers"] == NOT_WATCHED, report  # no watch left in the worker
+    assert len({report["token"] for report in reports}) == 1  # each worker's ML_ACCESS_TOKEN
+
+
+@pytest.mark.parametrize("method", ["spawn", "forkserver"])
+@pytest.mark.parametrize("install", ["top", "worker"])
+def test_install_in_the_code_reaches_the_workers_copy_of_the_script(
+    tmp_path: Path, method: str, install: str
+) -> None:
+    # No mlauth run: install() at the top of the script, which each spawn or forkserver
+    # process re-runs, or in the pool's initializer, once that copy has run.
+    (tmp_path / "main2.py").write_text(pool_pipeline(install=install))
+    env = tmp_path / ".env"
+    with FakeMercadoLibre(token_lifetime=LIFETIME) as fake:
+        legacy_env(fake, env, LIFETIME, age=60.0)
+        code, out, err = run_program(["main2.py", method, "3"], tmp_path, pipeline_environment(env))
+        stats = fake.stats()
+    assert code == 0, err
+    reports = json.loads(out.splitlines()[-1])
+    assert (stats["refreshes"], stats["invalid_grant"]) == (1, 0), (reports, err)
+    assert [report["legacy_refreshes"] for report in reports] == [0, 0, 0], (reports, err)
+    assert all(report["ok"] and report["watchers"] == NOT_WATCHED for report in reports), reports
+
+
+LAST_DEF = """\
+import multiprocessing, sys
+
+
+def work(_):
+    return refresh_ml_token(force=True)
+
+
+if __name__ == "__main__":
+    with multiprocessing.get_context(sys.argv[1]).Pool(1) as pool:
+        print(pool.map(work, [0]), flush=True)
+
+
+def refresh_ml_token(force=False):
+    return "legacy"
+"""
+
+
+@pytest.mark.parametrize("method", ["spawn", "forkserver"])
+def test_a_def_on_the_scripts_last_lines_is_redirected_in_the_workers_copy(
+    fake_ml_env: Path, tmp_path: Path, method: str
+) -> None:
+    # No line runs after that def: it is redirected as the copy's frame returns.
+    (tmp_path / "main2.py").write_text(LAST_DEF)
+    code, out, err = run_program(
+        ["main2.py", method], tmp_path, dict(os.environ), mlauth_run(fake_ml_env)
+    )
+    assert (code, out) == (0, "[True]\n"), err
 
 
 def test_no_redirect_leaves_the_legacy_function_and_its_race(tmp_path: Path) -> None:
@@ -203,6 +298,91 @@ def test_the_script_is_watched_only_until_its_def_has_run(
     without = json.loads(out)
     assert without["redirected"] is None
     assert without["before"] == without["after"] == {"trace": None, "tools": []}
+
+
+UNWRAPPING_DECORATORS = """\
+def retry(function):
+    def wrapper(*args, **kwargs):  # no functools.wraps: nothing says what it wraps
+        return function(*args, **kwargs)
+    return wrapper
+
+
+def broken(function):
+    raise RuntimeError("a decorator that fails")
+"""
+
+DECORATED = """\
+import helpers
+
+
+@helpers.retry
+def refresh_ml_token(force=False):
+    print("LEGACY RAN", flush=True)
+    return "legacy"
+
+
+FIRST = refresh_ml_token(force=True)
+try:
+    @helpers.broken
+    def refresh_ml_token(force=False):
+        return "never bound"
+except RuntimeError:
+    pass
+SAME = refresh_ml_token(force=True)
+
+
+@helpers.retry
+def refresh_ml_token(force=False):
+    print("LEGACY RAN", flush=True)
+    return "legacy"
+
+
+print("calls", FIRST, SAME, refresh_ml_token(force=True), flush=True)
+"""
+
+
+def test_a_decorated_def_in_the_script_is_redirected_and_the_watch_ends(
+    fake_ml_env: Path, tmp_path: Path
+) -> None:
+    # The decorator comes from another module and keeps no __wrapped__: the name the
+    # script's def bound is redirected all the same, the def further down too, and a def
+    # whose decorator raised binds nothing new. Then nothing is left watching the script.
+    (tmp_path / "helpers.py").write_text(UNWRAPPING_DECORATORS)
+    script = REPORTING_SCRIPT + DECORATED + REPORTING_TAIL
+    (tmp_path / "main2.py").write_text(script)
+    code, out, err = run_program(
+        ["main2.py"], tmp_path, dict(os.environ), mlauth_run(fake_ml_env, "-v")
+    )
+    assert code == 0, err
+    calls, report = out.splitlines()
+    assert calls == "calls True True True", out + err
+    result = json.loads(report)
+    assert result["redirected"] is True and result["after"] == NOT_WATCHED, result
+    first_def = script.splitlines().index("def refresh_ml_token(force=False):") + 1
+    logged = [line for line in err.splitlines() if "now runs mlauth's locked refresh" in line]
+    assert len(logged) == 1 and f"(main2.py, line {first_def})" in logged[0], err
+
+
+def test_a_redirect_name_the_script_lacks_is_warned_about_at_start(
+    fake_ml_env: Path, tmp_path: Path
+) -> None:
+    (tmp_path / "main2.py").write_text(
+        "def renew_token(force=False):\n"
+        "    print('LEGACY RAN', flush=True)\n\n\n"
+        "renew_token(force=True)\n"
+    )
+    code, out, err = run_program(
+        ["main2.py"],
+        tmp_path,
+        dict(os.environ),
+        mlauth_run(fake_ml_env, "--redirect", "main2:renew_tokn"),
+    )
+    assert code == 0, err
+    assert out == "LEGACY RAN\n"  # as asked: nothing is named renew_tokn
+    warned = [line for line in err.splitlines() if "renew_tokn" in line]
+    assert len(warned) == 1, err
+    assert "WARNING" in warned[0] and "main2.py" in warned[0], warned
+    assert "nothing was redirected" in warned[0] and "renew_token()" in warned[0], warned
 
 
 TRACEBACK_SCRIPT = """\

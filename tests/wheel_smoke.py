@@ -5,8 +5,11 @@ the repository, so that ``import mlauth`` finds the installed package and not th
 (``--installed`` makes sure of that). Against a :class:`~mlauth.testing.FakeMercadoLibre` on
 loopback it checks the version's one source and the parts that depend most on the Python and
 the dependency versions: an auth mounted on a ``requests.Session``, a 401 re-sent after a
-refresh, two processes on one ``.env`` that refresh once between them, and ``httpx`` on an
-event loop. It prints a line per check and exits 1 with the reason at the first failure.
+refresh, two processes on one ``.env`` that refresh once between them, ``httpx`` on an
+event loop, and two legacy scripts under ``mlauth run`` whose own refresh function (run at
+start-up) is redirected to mlauth's: the script watch runs on ``sys.monitoring`` from 3.12 and
+on ``sys.settrace`` before. It prints a line per check and exits 1 with the reason at the
+first failure.
 ``tests/test_package.py`` runs it against the development install too.
 """
 
@@ -16,6 +19,7 @@ import argparse
 import asyncio
 import importlib.metadata
 import json
+import os
 import subprocess
 import sys
 import sysconfig
@@ -45,6 +49,44 @@ session.auth = mlauth.MLAuth.from_env(env)
 print("ready", flush=True)
 sys.stdin.readline()
 print(json.dumps([session.get(base + "/users/me", timeout=30).status_code for _ in range(5)]))
+"""
+
+
+# A legacy script: a refresh function of its own that POSTs the refresh grant and rewrites
+# the .env with set_key, no lock, called at start-up. Under `mlauth run` it must never run.
+LEGACY = """\
+import json, os, sys
+import requests
+from dotenv import dotenv_values, set_key
+
+ENV = os.environ["SMOKE_ENV"]
+LEGACY_POSTS = 0
+
+
+def refresh_ml_token(force=False):
+    global LEGACY_POSTS
+    LEGACY_POSTS += 1
+    values = dotenv_values(ENV)
+    answer = requests.post(values["ML_TOKEN_URL"], timeout=30, data={
+        "grant_type": "refresh_token", "client_id": values["ML_CLIENT_ID"],
+        "client_secret": values["ML_CLIENT_SECRET"],
+        "refresh_token": values["ML_REFRESH_TOKEN"]})
+    if answer.status_code != 200:
+        return False
+    set_key(ENV, "ML_ACCESS_TOKEN", answer.json()["access_token"])
+    set_key(ENV, "ML_REFRESH_TOKEN", answer.json()["refresh_token"])
+    return True
+
+
+def main():
+    print("ready", flush=True)
+    sys.stdin.readline()
+    ok = refresh_ml_token(force=True)
+    print(json.dumps({"ok": ok, "legacy_posts": LEGACY_POSTS}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
 """
 
 
@@ -129,37 +171,65 @@ def check_401_resent(fake: FakeMercadoLibre, env: Path) -> None:
     print("ok: a 401 refreshed once and the request was re-sent with its body")
 
 
-def check_two_processes(fake: FakeMercadoLibre, env: Path, folder: Path) -> None:
-    expired_env(fake, env)
+def run_together(command: list[str], copies: int, folder: Path, env: dict[str, str]) -> list[str]:
+    """Start ``copies`` of a command that prints "ready" and waits for a line on stdin; when
+    all are ready, let them go at once. Returns what each printed after "ready"."""
     peers = [
         subprocess.Popen(
-            [sys.executable, "-c", PEER, str(env), fake.base_url],
+            command,
             cwd=folder,
+            env=env,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
         )
-        for _ in range(2)
+        for _ in range(copies)
     ]
     try:
         for peer in peers:
             assert peer.stdout is not None
             line = peer.stdout.readline().strip()  # EOF (a crash) ends the wait too
-            check(line == "ready", f"a peer did not start: {line!r}")
+            if line != "ready":
+                _, err = peer.communicate(timeout=DEADLINE)
+                raise SmokeFailure(f"a peer did not start: {line!r} {err[-2000:]}")
         answers = [peer.communicate("go\n", timeout=DEADLINE) for peer in peers]
     finally:
         for peer in peers:
             if peer.poll() is None:
                 peer.kill()
                 peer.wait()
-    for peer, (out, err) in zip(peers, answers, strict=True):
+    for peer, (_, err) in zip(peers, answers, strict=True):
         check(peer.returncode == 0, f"a peer exited {peer.returncode}: {err[-2000:]}")
+    return [out for out, _ in answers]
+
+
+def check_two_processes(fake: FakeMercadoLibre, env: Path, folder: Path) -> None:
+    expired_env(fake, env)
+    command = [sys.executable, "-c", PEER, str(env), fake.base_url]
+    for out in run_together(command, 2, folder, dict(os.environ)):
         check(json.loads(out) == [200] * 5, f"a peer's answers: {out!r}")
     check(fake.stats()["refreshes"] == 1, f"two processes: {counts(fake)}")
     check(fake.stats()["invalid_grant"] == 0, f"two processes: {counts(fake)}")
     check(chain_is_live(fake, env), "two processes: the .env lost the live refresh token")
     print("ok: two processes on one .env met the expired token together and refreshed once")
+
+
+def check_legacy_redirect(fake: FakeMercadoLibre, env: Path, folder: Path) -> None:
+    # Refreshed a minute ago: older than min_token_age, so a refresh is really due.
+    fake.write_env(env, extra={"ML_TOKEN_REFRESHED_AT": str(time.time() - 60)})
+    script = folder / "legacy_main.py"
+    script.write_text(LEGACY)
+    command = [sys.executable, "-m", "mlauth", "run", "--env", str(env), "--"]
+    environ = dict(os.environ, SMOKE_ENV=str(env))
+    outs = run_together([*command, sys.executable, str(script)], 2, folder, environ)
+    for out in outs:
+        check(json.loads(out) == {"ok": True, "legacy_posts": 0}, f"a legacy script: {out!r}")
+    check(fake.stats()["refreshes"] == 1, f"legacy scripts under mlauth run: {counts(fake)}")
+    check(fake.stats()["invalid_grant"] == 0, f"legacy scripts under mlauth run: {counts(fake)}")
+    check(chain_is_live(fake, env), "legacy scripts: the .env lost the live refresh token")
+    watch = "sys.monitoring" if sys.version_info >= (3, 12) else "sys.settrace"
+    print(f"ok: two legacy scripts under mlauth run, their refresh_ml_token() redirected ({watch})")
 
 
 def check_httpx_async(fake: FakeMercadoLibre, env: Path) -> None:
@@ -198,6 +268,8 @@ def main() -> int:
                     smoke(fake, Path(tmp) / f"{number}.env")
             with FakeMercadoLibre() as fake:
                 check_two_processes(fake, Path(tmp) / "shared.env", Path(tmp))
+            with FakeMercadoLibre() as fake:
+                check_legacy_redirect(fake, Path(tmp) / "legacy.env", Path(tmp))
     except SmokeFailure as exc:
         print(f"FAILED: {exc}", file=sys.stderr)
         return 1

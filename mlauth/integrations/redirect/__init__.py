@@ -4,28 +4,34 @@
 ``refresh_ml_token`` in the program's own modules (``own.py`` says which those are), and every
 ``MODULE:FUNCTION`` named with ``--redirect``/``install(redirect=[...])``, is replaced by a
 function that runs mlauth's single-flight refresh (``functions.py``), as soon as its ``def``
-has run:
+has run. The rule is "what the module's ``def`` bound to the name", whatever decorators made
+of it:
 
 - in modules imported from then on, ``python -m`` included: an import hook (``imports.py``);
 - in the script itself: a watch of the script's frame until the ``def`` has run
   (``script.py``);
+- in the copy of the script that multiprocessing's spawn and forkserver processes run
+  (``workers.py``);
 - in modules imported before: at once.
 
-:func:`mlauth.uninstall` removes the hook and the watch and puts the original functions back.
+A name given with ``--redirect`` that its module does not define gets a warning
+(``missing.py``). :func:`mlauth.uninstall` removes the hook and the watch and puts the
+original functions back.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
-from . import functions
+from . import functions, workers
+from .defs import read_defs
 from .imports import RedirectFinder
+from .missing import warn_unless_defined
 from .own import OwnFiles
-from .plan import DEFAULT_NAME, MAIN, Plan
+from .plan import DEFAULT_NAME, MAIN, MP_MAIN, Plan, script_aliases
 from .script import ScriptWatch, watch_script
 
 if TYPE_CHECKING:
@@ -60,8 +66,7 @@ def start(auth: AuthAdapter, plan: Plan) -> None:
     _plan, _own = plan, OwnFiles()
     if not plan:
         return
-    _finder = RedirectFinder(plan, _own)
-    sys.meta_path.insert(0, _finder)
+    _start_finder(plan, _own)
     try:
         _redirect_imported(plan, _own)
         _watch = watch_script(plan, _own)
@@ -71,15 +76,20 @@ def start(auth: AuthAdapter, plan: Plan) -> None:
 
 def add(redirect: Redirect) -> None:
     """A later ``install(redirect=[...])``: add its named functions (the default stays)."""
-    global _finder
     if _plan is None or _own is None or isinstance(redirect, bool):
         return
     if not _plan.add([redirect] if isinstance(redirect, str) else redirect):
         return
     if _finder is None:
-        _finder = RedirectFinder(_plan, _own)
-        sys.meta_path.insert(0, _finder)
+        _start_finder(_plan, _own)
     _redirect_imported(_plan, _own)
+
+
+def _start_finder(plan: Plan, own: OwnFiles) -> None:
+    global _finder
+    _finder = RedirectFinder(plan, own, patches={workers.MODULE: workers.patch})
+    sys.meta_path.insert(0, _finder)
+    workers.start(plan, own)
 
 
 def stop() -> None:
@@ -88,6 +98,7 @@ def stop() -> None:
         sys.meta_path.remove(_finder)
     if _watch is not None:
         _watch.stop()
+    workers.stop()
     _plan = _finder = _watch = None
     functions.use_auth(None)
     functions.restore_all()
@@ -104,11 +115,20 @@ def _redirect_imported(plan: Plan, own: OwnFiles) -> None:
         if not isinstance(namespace, dict):
             continue
         filename = namespace.get("__file__")
-        aliases = [name]
-        if name == MAIN and isinstance(filename, str):
-            aliases.append(os.path.splitext(os.path.basename(filename))[0])
+        script = name in (MAIN, MP_MAIN)
+        aliases = script_aliases(filename, name) if script and isinstance(filename, str) else [name]
         names = set(plan.names(aliases, own=False))
         if plan.default and DEFAULT_NAME in namespace and filename in own:
             names.add(DEFAULT_NAME)
-        for function in names:
-            functions.replace(namespace, function, name, str(filename))
+        if not names:
+            continue
+        if not script:  # the script's names are checked by the watch, from its source
+            callables = {key for key, value in namespace.items() if callable(value)}
+            warn_unless_defined(plan.named_in(aliases), callables, str(filename))
+        # A def in its source bound the name, whatever a decorator made of it.
+        defs = read_defs(filename) if isinstance(filename, str) else None
+        lines = {node.name: node.lineno for node in defs or ()}  # the last def of each name
+        for function in names & set(namespace):
+            line = lines.get(function)
+            where = f"{filename}, line {line}" if line else str(filename)
+            functions.replace(namespace, function, name, where, defined=line is not None)

@@ -152,16 +152,25 @@ def _redirect(
     return replacement
 
 
-def replace(namespace: Namespace, name: str, module: str, where: str) -> bool:
-    """Replace ``namespace[name]``, a function that module defined, with mlauth's refresh.
+def replace(
+    namespace: Namespace, name: str, module: str, where: str, *, defined: bool = False
+) -> bool:
+    """Replace ``namespace[name]`` with mlauth's refresh; returns whether it did.
 
-    Returns whether it did. A value that is not a plain callable defined there (a coroutine
-    function, a class, a function imported from another module) is left alone.
+    ``defined``: the caller knows that module's own ``def`` bound the name (the script
+    watch saw it run, or the module's source has it), so whatever that bound is replaced,
+    a decorator's wrapper with its code elsewhere included. Otherwise only a callable whose
+    code the module holds (through ``__wrapped__``) is: a function imported from another
+    module is left to that module. Coroutine functions and classes are always left alone. In
+    a copy of the namespace the script ran in (``__mp_main__``), it is replaced in both.
     """
     value = namespace.get(name)
     owner = _module_namespace(value)
     if owner is not None and owner is not namespace:
-        return False  # imported from another module: redirected there, if at all
+        if _copied_from(namespace, owner) and owner.get(name) is value:
+            return _replace_in_run(owner, namespace, name, module, where)
+        if not defined:
+            return False  # imported from another module: redirected there, if at all
     replacement = _redirect(value, namespace, module, name, where)
     if replacement is None:
         return False
@@ -169,12 +178,33 @@ def replace(namespace: Namespace, name: str, module: str, where: str) -> bool:
     return True
 
 
-def redirect_defined(value: object, namespace: Namespace, module: str, name: str) -> object:
-    """What a rewritten module binds right after its ``def NAME`` (see ``imports.py``)."""
+def _copied_from(namespace: Namespace, run: Namespace) -> bool:
+    """Whether ``namespace`` is a copy of the dict a script ran in: ``runpy.run_path``
+    returns one, which multiprocessing's spawn and forkserver processes make ``__mp_main__``."""
+    name, filename = namespace.get("__name__"), namespace.get("__file__")
+    return filename is not None and (name, filename) == (run.get("__name__"), run.get("__file__"))
+
+
+def _replace_in_run(
+    run: Namespace, namespace: Namespace, name: str, module: str, where: str
+) -> bool:
+    # The script's functions read their globals from the dict it ran in: the replacement
+    # goes there (and writes the globals there), and the copy gets the same one.
+    if not replace(run, name, module, where):
+        return False
+    namespace[name] = run[name]
+    return True
+
+
+def redirect_defined(
+    value: object, namespace: Namespace, module: str, name: str, line: object = None
+) -> object:
+    """What a rewritten module binds right after its ``def NAME`` at ``line`` (see
+    ``imports.py``): the replacement of whatever the ``def`` and its decorators bound."""
     try:
         if _auth is None:
             return value
-        where = f"{namespace.get('__file__')}, line {def_line(value)}"
+        where = f"{namespace.get('__file__')}, line {def_line(value) if line is None else line}"
         replacement = _redirect(value, namespace, module, name, where)
         return value if replacement is None else replacement
     except Exception:  # this runs inside the program's own module: never break it

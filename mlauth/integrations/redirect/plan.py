@@ -3,14 +3,24 @@ and the ``MODULE:FUNCTION`` pairs named with ``--redirect`` or ``install(redirec
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 
 from mlauth.errors import ConfigError
 
-__all__ = ["DEFAULT_NAME", "MAIN", "Plan", "parse_spec"]
+__all__ = ["DEFAULT_NAME", "MAIN", "MP_MAIN", "Plan", "parse_spec", "script_aliases"]
 
 DEFAULT_NAME = "refresh_ml_token"
 MAIN = "__main__"
+# The name multiprocessing's spawn and forkserver processes run the parent's script under.
+MP_MAIN = "__mp_main__"
+
+
+def script_aliases(path: str, module: str = MAIN) -> list[str]:
+    """The names the script at ``path`` goes by in ``--redirect``: ``__main__``, its file name
+    without ``.py``, and the module it runs as (``__mp_main__`` in a spawned process)."""
+    stem = os.path.splitext(os.path.basename(path))[0]
+    return [MAIN, stem] if module == MAIN else [MAIN, module, stem]
 
 
 def parse_spec(text: str) -> tuple[str, str]:
@@ -53,6 +63,11 @@ class Plan:
         for module in modules:
             found |= named.get(module, frozenset())
         return found
+
+    def named_in(self, modules: Iterable[str]) -> list[tuple[str, str]]:
+        """The ``(module, function)`` pairs named for a module known by ``modules``, as given."""
+        named = self._named
+        return [(module, name) for module in modules for name in sorted(named.get(module, ()))]
 
     def __bool__(self) -> bool:
         return self.default or bool(self._named)

@@ -3,7 +3,7 @@
 mlauth's own token calls never go through the patched ``requests.Session.request`` (they use
 a session of their own), so a request to the token endpoint that does is the program's: a
 legacy refresh function that was not redirected (another name, ``--no-redirect``, a script
-watch that stepped aside for a debugger, a *spawn* worker's copy of the script). Its refresh
+watch that stepped aside for a debugger, a worker that never called ``install()``). Its refresh
 spends the refresh token outside the lock. The warning names the function and the
 ``--redirect`` that hands it to mlauth, once per function; the request itself goes out
 unchanged.

@@ -7,7 +7,7 @@ import email.utils
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import requests
@@ -242,6 +242,7 @@ class TokenEndpoint:
         attempts: int | None = None,
         before_attempt: Callable[[], None] | None = None,
         on_answer: Callable[[bytes, float], None] | None = None,
+        known: Iterable[Secret | None] = (),
     ) -> TokenAnswer:
         """Spend ``refresh_token`` for a new token pair, in at most ``attempts`` tries.
 
@@ -249,6 +250,8 @@ class TokenEndpoint:
         the token is presented again (a store renews its lock there, or finds it lost).
         ``on_answer`` gets the raw bytes of a 2xx answer and their arrival time before
         anything reads them (the store journals them: they hold the only live refresh token).
+        ``known``: the other secrets the caller holds (its access token), masked like the
+        form's in whatever the server's answers put into logs, the journal and errors.
         """
         form = SecretForm(
             {
@@ -256,7 +259,8 @@ class TokenEndpoint:
                 "client_id": self.client_id,
                 "client_secret": self._client_secret,
                 "refresh_token": refresh_token,
-            }
+            },
+            unsent=known,
         )
         return self._call(form, attempts or self.max_attempts, before_attempt, on_answer=on_answer)
 

@@ -1,0 +1,723 @@
+"""Shared by the fuzz properties (tests/test_fuzz_*.py): a token endpoint that rotates and
+answers as an example planned, hypothesis strategies for its answers, and the checks every
+property makes (only MLAuthError leaves, nothing secret is said anywhere, the .env gains
+nothing).
+
+The endpoint is a requests transport adapter mounted on the token endpoint's private session:
+the shape of an answer is all these properties are about, and thousands of examples must run
+in seconds (loopback servers and processes are tested elsewhere). Its refresh tokens are
+single use: a refresh token it no longer accepts gets ML's ``invalid_grant``, so a chain that
+an answer broke shows up as a refused POST.
+
+How many examples: :data:`EXAMPLES_VARIABLE` (``make fuzz`` sets 20000 per property); unset,
+each property runs the short count it names, for ``make test``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import json
+import logging
+import os
+import random
+import re
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl, quote
+
+import requests
+import urllib3
+from dotenv.parser import parse_stream
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+
+import mlauth
+from mlauth.cli.commands import main as cli_main
+from mlauth.stores.envfile import TOKEN_KEYS
+from tests.secrets_support import ODD_SECRET, everything_said, logged, spellings
+
+EXAMPLES_VARIABLE = "MLAUTH_FUZZ_EXAMPLES"
+CLIENT_ID = "1234567890123456"
+API = "https://api.mercadolibre.com"
+# What every auth of an example is built with: retries without waiting, and a retry budget
+# (lock_timeout / 2) shorter than an attempt's timeouts plus a second, so a Retry-After of a
+# second or more ends the series instead of sleeping.
+AUTH_OPTIONS: dict[str, Any] = {"backoff": 0.0001, "max_attempts": 2, "lock_timeout": 41.0}
+
+
+def fuzz_settings(short: int) -> settings:
+    """``short`` examples, or as many as :data:`EXAMPLES_VARIABLE` says (``make fuzz``)."""
+    raw = os.environ.get(EXAMPLES_VARIABLE, "").strip()
+    return settings(
+        max_examples=int(raw) if raw else short,
+        deadline=None,  # a loaded machine is no failure
+        suppress_health_check=[
+            HealthCheck.too_slow,
+            HealthCheck.data_too_large,
+            HealthCheck.filter_too_much,
+            HealthCheck.large_base_example,
+        ],
+    )
+
+
+# -- the tokens of one example's chain -------------------------------------------------------
+
+_B64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~+/"
+# RFC 6750 b64token and mlauth's length limit, written out again: the properties judge an
+# answer without asking the code under test.
+USABLE = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
+STYLES = ("ml", "opaque", "short")
+
+
+def usable(value: object) -> bool:
+    return isinstance(value, str) and len(value) <= 2048 and USABLE.fullmatch(value) is not None
+
+
+class Issuer:
+    """Issues the tokens of one chain, each new, in one style: ML's (``APP_USR-...``,
+    ``TG-...``, which mlauth recognizes by shape), opaque ones with every b64token character
+    (``+``, ``/``, ``=``, ``~`` encode differently in a form, a URL and JSON), or short opaque
+    ones. Random from a seed the example draws, so an example replays exactly."""
+
+    def __init__(self, style: str, seed: int) -> None:
+        self.style = style
+        self._rng = random.Random(seed)
+        self.issued: list[str] = []
+
+    def _pick(self, alphabet: str, count: int) -> str:
+        return "".join(self._rng.choice(alphabet) for _ in range(count))
+
+    def pair(self) -> tuple[str, str]:
+        n = len(self.issued) // 2 + 1
+        if self.style == "ml":
+            hexa = "0123456789abcdef"
+            access = f"APP_USR-{CLIENT_ID}-010101-{self._pick(hexa, 32)}-8035443"
+            refresh = f"TG-{self._pick(hexa, 24)}-8035443"
+        elif self.style == "opaque":
+            access = f"fzA{n}.{self._pick(_B64, 40)}+/{self._pick(_B64, 6)}~=="
+            refresh = f"fzR{n}/{self._pick(_B64, 24)}+{self._pick(_B64, 6)}="
+        else:
+            access = f"fa{n}{self._pick(_B64, 14)}"
+            refresh = f"fr{n}{self._pick(_B64, 14)}"
+        self.issued += [access, refresh]
+        return access, refresh
+
+
+# -- values in planned bodies ----------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Context:
+    """What a planned body is rendered from: the request, and the tokens at hand."""
+
+    form: dict[str, str]
+    body: bytes
+    new_access: str
+    new_refresh: str
+    old_access: str
+    old_refresh: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Val:
+    """A value in a planned body. ``kind`` "json" is JSON text as it is; the others name what
+    the value is made from, so a failing example reads without a live token in it:
+    "new access", "new refresh", "old access", "old refresh", "secret", or an echo of the
+    request ("echo body", "echo values", "echo json", "echo percent"). ``insert`` is put into
+    a token at ``at`` (a mangled token)."""
+
+    kind: str
+    text: str = ""
+    insert: str = ""
+    at: int = 0
+
+    def raw(self, ctx: Context) -> str:
+        """The value as plain text (JSON text, for "json")."""
+        if self.kind == "json":
+            return self.text
+        value = {
+            "new access": ctx.new_access,
+            "new refresh": ctx.new_refresh,
+            "old access": ctx.old_access,
+            "old refresh": ctx.old_refresh,
+            "secret": ODD_SECRET,
+            "echo body": ctx.body.decode("utf-8", "replace"),
+            "echo values": " ".join(f"{k}={v}" for k, v in ctx.form.items()),
+            "echo json": json.dumps(ctx.form),
+            "echo percent": "&".join(
+                f"{k}={_lower_hex(quote(v, safe=''))}" for k, v in ctx.form.items()
+            ),
+        }[self.kind]
+        if self.insert:
+            at = self.at % (len(value) + 1)
+            value = value[:at] + self.insert + value[at:]
+        return value
+
+    def json(self, ctx: Context, ascii_only: bool) -> str:
+        if self.kind == "json":
+            return self.text
+        return json.dumps(self.raw(ctx), ensure_ascii=ascii_only)
+
+    def value(self, ctx: Context) -> object:
+        """The decoded value, as a strict reader takes it (``json.loads``)."""
+        if self.kind != "json":
+            return self.raw(ctx)
+        try:
+            return json.loads(self.text)
+        except (ValueError, RecursionError):
+            return None  # a huge or deep leaf: no token either way
+
+
+def _lower_hex(text: str) -> str:
+    return re.sub("%[0-9A-F]{2}", lambda m: m.group().lower(), text)
+
+
+@dataclasses.dataclass(frozen=True)
+class ObjectBody:
+    """A JSON object, written pair by pair (a name may come twice: the last one counts)."""
+
+    pairs: tuple[tuple[str, Val], ...]
+    ascii_only: bool = True
+
+    def text(self, ctx: Context) -> str:
+        items = (
+            json.dumps(name, ensure_ascii=self.ascii_only) + ": " + val.json(ctx, self.ascii_only)
+            for name, val in self.pairs
+        )
+        return "{" + ", ".join(items) + "}"
+
+    def field(self, name: str) -> Val | None:
+        found = [val for key, val in self.pairs if key == name]
+        return found[-1] if found else None
+
+
+@dataclasses.dataclass(frozen=True)
+class ErrorBody:
+    """ML's error shape, ``{"error": ..., "error_description"|"message": ..., ...}``."""
+
+    error: Val | None
+    description: Val | None
+    key: str = "error_description"
+
+    def text(self, ctx: Context) -> str:
+        parts = [] if self.error is None else [f'"error": {self.error.json(ctx, True)}']
+        if self.description is not None:
+            parts.append(f'"{self.key}": {self.description.json(ctx, True)}')
+        return "{" + ", ".join([*parts, '"status": 400', '"cause": []']) + "}"
+
+
+@dataclasses.dataclass(frozen=True)
+class TextBody:
+    """Whatever else a server or a proxy sends: pieces of plain text, one after the other."""
+
+    pieces: tuple[Val, ...]
+
+    def text(self, ctx: Context) -> str:
+        return "".join(piece.raw(ctx) for piece in self.pieces)
+
+
+Body = ObjectBody | ErrorBody | TextBody
+
+NATURAL: tuple[tuple[str, Val], ...] = (
+    ("access_token", Val("new access")),
+    ("token_type", Val("json", '"bearer"')),
+    ("expires_in", Val("json", "21600")),
+    ("scope", Val("json", '"offline_access read write"')),
+    ("user_id", Val("json", "8035443")),
+    ("refresh_token", Val("new refresh")),
+)
+GOOD_BODY = ObjectBody(NATURAL)
+
+
+@dataclasses.dataclass(frozen=True)
+class Answer:
+    """One planned answer of the token endpoint.
+
+    ``encoding`` encodes the body text (lone surrogates pass as they are: bytes that are no
+    UTF-8); then ``cut`` keeps only that many bytes and ``junk`` inserts bytes. A 2xx answer
+    means the server rotated: the refresh token it delivers is live from then on (see
+    :meth:`delivers`); no ``refresh_token`` at all (or null) means it kept the old one.
+    """
+
+    status: int
+    body: Body
+    headers: tuple[tuple[str, str], ...] = ()
+    encoding: str = "utf-8"
+    cut: int | None = None
+    junk: tuple[tuple[int, bytes], ...] = ()
+
+    def render(self, ctx: Context) -> bytes:
+        data = self.body.text(ctx).encode(self.encoding, "surrogatepass")
+        if self.cut is not None:
+            data = data[: self.cut % (len(data) + 1)]
+        for at, extra in self.junk:
+            at %= len(data) + 1
+            data = data[:at] + extra + data[at:]
+        return data
+
+    @property
+    def rotates(self) -> bool:
+        return 200 <= self.status < 300
+
+    def refresh_field(self, ctx: Context) -> object:
+        """The ``refresh_token`` a strict reader finds in the answer: None when there is
+        none (or null), ``...`` when the body cannot be read as the object planned."""
+        intact = self.cut is None and not self.junk
+        if not isinstance(self.body, ObjectBody) or not intact:
+            return ...
+        field = self.body.field("refresh_token")
+        return None if field is None else field.value(ctx)
+
+    def refuses(self, ctx: Context) -> bool:
+        """A definite invalid_grant: the client then marks the token dead."""
+        if self.rotates or not isinstance(self.body, ErrorBody) or self.body.error is None:
+            return False
+        return self.body.error.value(ctx) == "invalid_grant"
+
+
+GOOD = Answer(200, GOOD_BODY, (("Content-Type", "application/json"),))
+INVALID_GRANT = {
+    "error": "invalid_grant",
+    "error_description": "Error validating grant. Your authorization code or refresh token "
+    "may be expired or it was already used",
+    "status": 400,
+    "cause": [],
+}
+
+
+def respond(
+    adapter: requests.adapters.BaseAdapter,
+    request: requests.PreparedRequest,
+    status: int,
+    headers: Iterable[tuple[str, str]],
+    data: bytes,
+) -> requests.Response:
+    """A response built the way requests builds one from urllib3's, from ``adapter`` (where a
+    401's request is sent again)."""
+    raw = urllib3.HTTPResponse(
+        body=io.BytesIO(data),
+        headers=urllib3.HTTPHeaderDict(list(headers)),
+        status=status,
+        reason="fuzz",
+        preload_content=False,
+        decode_content=False,
+        request_method=request.method,
+    )
+    response = requests.adapters.HTTPAdapter().build_response(request, raw)
+    response.connection = adapter
+    return response
+
+
+class TokenStub(requests.adapters.BaseAdapter):
+    """The token endpoint: single-use refresh tokens that rotate, and planned answers.
+
+    ``access``/``live`` are the tokens the store starts with; ``plans`` the answers to give,
+    in order, to POSTs that present the live refresh token (after them: good answers).
+
+    The stub keeps the model the properties judge by: ``lost`` once a 2xx rotated to a
+    refresh token its answer did not deliver usable (the chain is gone: no property about
+    it then), ``refused`` once it answered ``invalid_grant`` to a live token (the client
+    rightly marks it dead), and ``wrong``: the POSTs that presented a token it no longer
+    accepts.
+    """
+
+    def __init__(self, issuer: Issuer) -> None:
+        super().__init__()
+        self.issuer = issuer
+        self.access, self.live = issuer.pair()
+        self.plans: list[Answer] = []
+        self.sent: list[str | None] = []  # the refresh token each POST presented
+        self.lost = False
+        self.refused = False
+        self.wrong = 0
+
+    def send(  # type: ignore[override]
+        self, request: requests.PreparedRequest, **kwargs: Any
+    ) -> requests.Response:
+        body = request.body if isinstance(request.body, bytes) else b""
+        form = dict(parse_qsl(body.decode("utf-8")))
+        presented = form.get("refresh_token")
+        self.sent.append(presented)
+        if presented != self.live:
+            self.wrong += 1
+            return respond(self, request, 400, [], json.dumps(INVALID_GRANT).encode())
+        plan = self.plans.pop(0) if self.plans else GOOD
+        new_access, new_refresh = self.issuer.pair()
+        ctx = Context(form, body, new_access, new_refresh, self.access, self.live)
+        data = plan.render(ctx)
+        if plan.refuses(ctx):
+            self.refused = True
+        if plan.rotates:
+            found = plan.refresh_field(ctx)
+            if found is not None:  # None: no refresh_token, the server kept the old one
+                self.live = found if usable(found) else new_refresh
+                self.lost = self.lost or not usable(found)
+            self.access = new_access
+        return respond(self, request, plan.status, plan.headers, data)
+
+    def close(self) -> None:
+        pass
+
+    def mount_on(self, auth: mlauth.MLAuth | Any) -> None:
+        """Answer every token POST of ``auth`` (whatever ML_TOKEN_URL says)."""
+        session: requests.Session = auth._engine._endpoint._session
+        session.mount("https://", self)
+        session.mount("http://", self)
+
+
+class ApiStub(requests.adapters.BaseAdapter):
+    """MercadoLibre's API: 401 to the access token ``stale``, 200 to any other."""
+
+    def __init__(self, stale: str) -> None:
+        super().__init__()
+        self.stale = stale
+
+    def send(  # type: ignore[override]
+        self, request: requests.PreparedRequest, **kwargs: Any
+    ) -> requests.Response:
+        status = 401 if request.headers.get("Authorization") == f"Bearer {self.stale}" else 200
+        body = b'{"message":"invalid_token","status":401}' if status == 401 else b"{}"
+        return respond(self, request, status, [("Content-Type", "application/json")], body)
+
+    def close(self) -> None:
+        pass
+
+
+# -- strategies: what a body may hold ---------------------------------------------------------
+
+# Every kind of character: any code point, lone surrogates (only \u escapes can carry them,
+# or bytes that are no UTF-8), and those that break headers, lines, terminals and encodings.
+CHARS = st.one_of(
+    st.characters(),
+    st.characters(categories=["Cs"]),
+    st.sampled_from(list("\r\n\x00\t \x1b\x7f\x85\u2028\ufeff+/=~.-_%&\"\\'#@é中")),
+)
+TEXT = st.text(CHARS, max_size=30)
+NUMBERS = st.one_of(
+    st.integers().map(str),
+    st.floats().map(json.dumps),  # NaN and Infinity too, which json.loads reads
+    st.sampled_from(
+        ["21600", "21600.0", "2.16e4", "0", "-0", "-5", "1e308", "1e400", "-1e400", "0.0001"]
+    ),
+    st.builds(lambda digits: "9" * digits, st.integers(300, 6000)),  # past int_max_str_digits
+)
+LEAVES = st.one_of(
+    st.sampled_from(["null", "true", "false"]),
+    NUMBERS,
+    st.builds(json.dumps, TEXT),
+    st.builds(lambda text: json.dumps(text, ensure_ascii=False), TEXT),
+    st.builds(lambda char, size: json.dumps(char * size), CHARS, st.integers(2040, 2100)),
+)
+JSON_TEXT = st.recursive(
+    LEAVES,
+    lambda kids: st.one_of(
+        st.lists(kids, max_size=3).map(lambda items: "[" + ",".join(items) + "]"),
+        st.lists(st.tuples(TEXT, kids), max_size=3).map(
+            lambda pairs: "{" + ",".join(f"{json.dumps(k)}:{v}" for k, v in pairs) + "}"
+        ),
+    ),
+    max_leaves=6,
+)
+# Deeper than Python's JSON parser recurses (about 1000 levels).
+DEEP = st.builds(
+    lambda depth, inner, arrays: (
+        ("[" * depth + inner + "]" * depth) if arrays else ('{"a":' * depth + inner + "}" * depth)
+    ),
+    st.integers(900, 30000),
+    st.sampled_from(["", "1", '"x"']),
+    st.booleans(),
+)
+ANY_JSON = st.one_of(JSON_TEXT, JSON_TEXT, JSON_TEXT, DEEP).map(lambda text: Val("json", text))
+
+TOKEN_KINDS = ("new access", "new refresh", "old access", "old refresh", "secret")
+ECHOES = ("echo body", "echo values", "echo json", "echo percent")
+# What a server (or a proxy in front of it) may quote of what it knows: the request, and
+# the tokens the client sent or holds.
+KNOWN = ("old access", "old refresh", "secret", *ECHOES)
+
+
+@st.composite
+def mangled(draw: st.DrawFn, kind: str) -> Val:
+    """A token with a character (or a run of them) put in, somewhere."""
+    insert = draw(st.one_of(CHARS, TEXT.filter(bool)))
+    return Val(kind, insert=insert, at=draw(st.integers(0, 100)))
+
+
+@st.composite
+def field_value(draw: st.DrawFn, name: str, natural: Val) -> Val | None:
+    """A field of a 2xx answer: mostly as ML sends it (so that refreshes go on), else
+    missing, any JSON at all, another token of the chain, or a mangled token."""
+    roll = draw(st.integers(0, 11))
+    if roll < 6:
+        return natural
+    if roll == 6:
+        return None
+    if roll in (7, 8):
+        return draw(ANY_JSON)
+    if roll == 9:
+        return Val(draw(st.sampled_from(TOKEN_KINDS)))
+    return draw(mangled(draw(st.sampled_from(TOKEN_KINDS))))
+
+
+@st.composite
+def object_bodies(draw: st.DrawFn) -> ObjectBody:
+    pairs = []
+    for name, natural in NATURAL:
+        val = draw(field_value(name, natural))
+        if val is not None:
+            pairs.append((name, val))
+    names = st.one_of(TEXT, st.sampled_from([name for name, _ in NATURAL]))
+    for _ in range(draw(st.integers(0, 3))):  # extra fields, or a field given twice
+        extra = (draw(names), draw(ANY_JSON))
+        pairs.insert(draw(st.integers(0, len(pairs))), extra)
+    return ObjectBody(tuple(pairs), ascii_only=draw(st.booleans()))
+
+
+SAID = st.one_of(
+    st.sampled_from(
+        [
+            "invalid_grant",
+            "invalid_client",
+            "invalid_request",
+            "local_rate_limited",
+            "unauthorized_client",
+            "forbidden",
+            "server_error",
+        ]
+    ).map(lambda code: Val("json", json.dumps(code))),
+    st.sampled_from(KNOWN).map(Val),
+    st.builds(lambda kind, insert: Val(kind, insert=insert), st.sampled_from(KNOWN), TEXT),
+    ANY_JSON,
+)
+TEXT_PIECES = st.one_of(
+    st.sampled_from(KNOWN).map(Val),
+    st.builds(lambda text: Val("json", text), TEXT),
+    st.sampled_from(["<html><body>Bad Gateway</body></html>", "OK", " ", "\r\n"]).map(
+        lambda text: Val("json", text)
+    ),
+    st.builds(lambda data: Val("json", data.decode("latin-1")), st.binary(max_size=20)),
+)
+TEXT_BODIES = st.lists(TEXT_PIECES, max_size=3).map(lambda pieces: TextBody(tuple(pieces)))
+ERROR_BODIES = st.builds(
+    ErrorBody,
+    st.one_of(st.none(), SAID),
+    st.one_of(st.none(), SAID),
+    st.sampled_from(["error_description", "message"]),
+)
+RETRY_AFTER = st.one_of(
+    st.sampled_from(
+        [
+            "0",
+            "1",
+            "120",
+            "-1",
+            "1.5",
+            "9" * 400,
+            "Wed, 21 Oct 2015 07:28:00 GMT",
+            "Fri, 31 Dec 9999 23:59:59 GMT",
+            "Mon, 99 Foo 2020 99:99:99 GMT",
+        ]
+    ),
+    st.text(st.characters(min_codepoint=0x20, max_codepoint=0xFF), max_size=30),
+)
+CONTENT_TYPES = st.sampled_from(
+    [
+        "application/json",
+        "application/json; charset=utf-8",
+        "application/json; charset=utf-16",
+        "application/json; charset=no-such-charset",
+        "text/html",
+        "text/plain; charset=latin-1",
+    ]
+)
+
+
+@st.composite
+def headers(draw: st.DrawFn) -> tuple[tuple[str, str], ...]:
+    found = []
+    if draw(st.booleans()):
+        found.append(("Content-Type", draw(CONTENT_TYPES)))
+    if draw(st.integers(0, 3)) == 0:
+        found.append(("Retry-After", draw(RETRY_AFTER)))
+    return tuple(found)
+
+
+SUCCESS = st.sampled_from([200, 200, 200, 200, 201, 202, 203, 204, 206, 299])
+FAILURE = st.sampled_from([100, 302, 400, 400, 401, 403, 404, 409, 418, 429, 500, 502, 503, 504])
+
+
+@st.composite
+def answers(draw: st.DrawFn, status: st.SearchStrategy[int] | None = None) -> Answer:
+    """Any answer of the token endpoint: 2xx with any body (mostly an object with odd
+    fields), or an error with ML's error shape quoting what the server knows, or anything."""
+    code = draw(status if status is not None else st.one_of(SUCCESS, FAILURE))
+    roll = draw(st.integers(0, 9))
+    body: Body
+    if 200 <= code < 300:
+        if roll < 7:
+            body = draw(object_bodies())
+        elif roll == 7:
+            body = TextBody((draw(ANY_JSON),))  # JSON that is no object
+        elif roll == 8:
+            body = draw(TEXT_BODIES)
+        else:
+            body = draw(ERROR_BODIES)
+    elif roll < 6:
+        body = draw(ERROR_BODIES)
+    elif roll < 8:
+        body = draw(TEXT_BODIES)
+    else:
+        body = draw(object_bodies())
+    encoding = draw(st.sampled_from(["utf-8"] * 6 + ["utf-8-sig", "utf-16", "utf-32"]))
+    cut = draw(st.integers(0, 10**6)) if draw(st.integers(0, 9)) == 0 else None
+    junk: tuple[tuple[int, bytes], ...] = ()
+    if draw(st.integers(0, 9)) == 0:
+        inserted = st.tuples(st.integers(0, 10**6), st.binary(min_size=1, max_size=3))
+        junk = tuple(draw(st.lists(inserted, min_size=1, max_size=3)))
+    return Answer(code, body, draw(headers()), encoding, cut, junk)
+
+
+# -- what the properties check ----------------------------------------------------------------
+
+
+def outcome(call: Callable[[], object]) -> BaseException | None:
+    """What ``call()`` raises, or None. Caught in a frame that holds nothing secret."""
+    try:
+        call()
+    except BaseException as exc:  # noqa: BLE001 (handed to the caller to look at)
+        return exc
+    return None
+
+
+def assert_only_mlauth_error(error: BaseException | None, doing: str) -> None:
+    if error is not None and not isinstance(error, mlauth.MLAuthError):
+        what = type(error).__name__
+        raise AssertionError(f"{doing} raised {what}, not an MLAuthError") from error
+
+
+def assert_nothing_secret(text: str, secrets: Iterable[str], where: str) -> None:
+    """No secret in ``text``, as is or in any encoding an echo or a pickle gives it
+    (a pickle holds UTF-8, so read as latin-1 a non-ASCII secret looks garbled)."""
+    for secret in secrets:
+        if len(secret) < 8:
+            continue  # too short to tell a leak from a coincidence
+        forms = spellings(secret)
+        forms |= {form.encode("utf-8").decode("latin-1") for form in forms}
+        for form in forms:
+            if form in text:
+                at = text.index(form)
+                context = text[max(at - 120, 0) : at].replace(form, "<secret>")
+                raise AssertionError(
+                    f"{where} holds the secret {secret[:6]}... as {form[:6]!r}...; "
+                    f"after: {context!r}"
+                )
+
+
+class Recorder(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@contextlib.contextmanager
+def every_log_record() -> Iterator[list[logging.LogRecord]]:
+    """Every record any logger emits at DEBUG and up, while the block runs."""
+    recorder = Recorder()
+    root, ours = logging.getLogger(), logging.getLogger("mlauth")
+    levels = root.level, ours.level
+    root.addHandler(recorder)
+    root.setLevel(logging.DEBUG)
+    ours.setLevel(logging.DEBUG)
+    try:
+        yield recorder.records
+    finally:
+        root.removeHandler(recorder)
+        root.setLevel(levels[0])
+        ours.setLevel(levels[1])
+
+
+def said(error: BaseException | None, records: list[logging.LogRecord]) -> str:
+    """Everything an error and the log records could show (secrets_support.everything_said)."""
+    return (everything_said(error) if error is not None else "") + "\n" + logged(records)
+
+
+def status_output(env: Path) -> str:
+    """What ``mlauth status`` prints, on stdout and stderr (run in this process)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        cli_main(["status", "--env", str(env)])
+    return out.getvalue() + err.getvalue()
+
+
+@contextlib.contextmanager
+def example_folder() -> Iterator[Path]:
+    """A folder of the example's own (hypothesis runs many examples in one test call)."""
+    with tempfile.TemporaryDirectory(prefix="mlauth-fuzz-") as name:
+        folder = Path(name)
+        folder.chmod(0o700)
+        yield folder
+
+
+# -- the .env -------------------------------------------------------------------------------
+
+
+def write_env(folder: Path, stub: TokenStub, *, expired: bool) -> Path:
+    """A .env for the stub's first tokens, with the lines a pipeline's .env has besides."""
+    env = folder / ".env"
+    expires = time.time() + (-10 if expired else 6 * 3600)
+    env.write_text(
+        "# the pipeline's settings\n"
+        "OTHER=keep me  # a note\n"
+        f"ML_CLIENT_ID={CLIENT_ID}\n"
+        f"ML_CLIENT_SECRET={ODD_SECRET}\n"
+        f"export ML_ACCESS_TOKEN='{stub.access}'\n"
+        f'ML_REFRESH_TOKEN="{stub.live}"  # rotated by mlauth\n'
+        f"ML_TOKEN_EXPIRES_AT={expires:.0f}\n"
+        "\n"
+        "# the end\n"
+    )
+    env.chmod(0o600)
+    return env
+
+
+def pieces_of(text: str) -> list[tuple[str | None, str]]:
+    """The .env's bindings as python-dotenv reads them: (key, the text it spans)."""
+    return [(b.key, b.original.string) for b in parse_stream(io.StringIO(text))]
+
+
+_LINE_END = re.compile(r"\r\n|\r|\n")
+
+
+def assert_env_gained_nothing(before: bytes, after: bytes) -> None:
+    """``after`` (the .env once mlauth wrote it) has no line and no key ``before`` did not
+    have, but for one line per token key mlauth keeps; every other binding, comment and blank
+    line is there byte for byte, in order."""
+    if after == before:
+        return
+    old, new = before.decode("utf-8"), after.decode("utf-8")
+    assert new.startswith("\ufeff") == old.startswith("\ufeff"), "the BOM changed"
+    old_keys = {key for key, _ in pieces_of(old)}
+    new_pieces = pieces_of(new)
+    gained = {key for key, _ in new_pieces} - old_keys - set(TOKEN_KEYS)
+    assert not gained, f"the .env gained the keys {sorted(map(str, gained))}"
+    for key in TOKEN_KEYS:
+        count = sum(1 for found, _ in new_pieces if found == key)
+        assert count <= 1, f"{key} is set {count} times"
+    kept = [piece for key, piece in pieces_of(old) if key not in TOKEN_KEYS]
+    now = [piece for key, piece in new_pieces if key not in TOKEN_KEYS]
+    assert [p.strip("\r\n") for p in now] == [p.strip("\r\n") for p in kept], (
+        "a line that is no token key changed"
+    )
+    added = len([k for k in TOKEN_KEYS if k not in old_keys])
+    lines_before, lines_after = len(_LINE_END.findall(old)), len(_LINE_END.findall(new))
+    assert lines_after <= lines_before + added + 1, (
+        f"the .env went from {lines_before} to {lines_after} lines"
+    )

@@ -1,0 +1,48 @@
+"""What the fuzz properties (tests/test_fuzz_*.py) found, each pinned down as a plain test.
+
+Each case is the shrunk example of a property, replayed with the same stub token endpoint:
+the properties may stop finding it once the strategies change; these never stop asking.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlauth
+from tests.fuzz_support import (
+    AUTH_OPTIONS,
+    Answer,
+    ErrorBody,
+    Issuer,
+    TokenStub,
+    Val,
+    assert_nothing_secret,
+    every_log_record,
+    outcome,
+    said,
+    status_output,
+    write_env,
+)
+from tests.secrets_support import ODD_SECRET
+
+
+def test_an_access_token_the_token_endpoint_quotes_is_masked_in_logs_journal_and_status(
+    tmp_path: Path,
+) -> None:
+    # A 5xx whose error code quotes the access token the client holds (not one of ML's
+    # shape, which is masked by its shape): the retry's DEBUG line, the journal's record of
+    # an unanswered attempt and what `mlauth status` shows of it copied it as it was.
+    stub = TokenStub(Issuer("opaque", 1))
+    echo = Answer(500, ErrorBody(Val("old access"), None))
+    stub.plans = [echo, echo]
+    env = write_env(tmp_path, stub, expired=True)
+    with every_log_record() as records:
+        auth = mlauth.MLAuth.from_env(env, **AUTH_OPTIONS)
+        stub.mount_on(auth)
+        error = outcome(auth.refresh)
+    assert isinstance(error, mlauth.RefreshError), repr(error)
+    assert "HTTP 500" in str(error)
+    secrets = [ODD_SECRET, *stub.issuer.issued]
+    assert_nothing_secret(said(error, records), secrets, "the error and the log")
+    assert_nothing_secret((tmp_path / ".env.journal").read_text(), secrets, "the journal")
+    assert_nothing_secret(status_output(env), secrets, "mlauth status")

@@ -6,14 +6,18 @@ the properties may stop finding it once the strategies change; these never stop 
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import mlauth
+from mlauth.stores.envfile import read_env_file
 from tests.fuzz_support import (
     AUTH_OPTIONS,
+    NATURAL,
     Answer,
     ErrorBody,
     Issuer,
+    ObjectBody,
     TokenStub,
     Val,
     assert_nothing_secret,
@@ -46,3 +50,19 @@ def test_an_access_token_the_token_endpoint_quotes_is_masked_in_logs_journal_and
     assert_nothing_secret(said(error, records), secrets, "the error and the log")
     assert_nothing_secret((tmp_path / ".env.journal").read_text(), secrets, "the journal")
     assert_nothing_secret(status_output(env), secrets, "mlauth status")
+
+
+def test_a_token_type_holding_a_token_is_not_quoted_in_the_warning(tmp_path: Path) -> None:
+    # A short token (20 characters or less) in token_type was quoted in the WARNING about it.
+    stub = TokenStub(Issuer("short", 2))
+    fields = {**dict(NATURAL), "token_type": Val("new access")}
+    stub.plans = [Answer(200, ObjectBody(tuple(fields.items())))]
+    env = write_env(tmp_path, stub, expired=True)
+    with every_log_record() as records:
+        auth = mlauth.MLAuth.from_env(env, **AUTH_OPTIONS)
+        stub.mount_on(auth)
+        auth.refresh()
+    assert read_env_file(env)["ML_REFRESH_TOKEN"] == stub.live  # kept: only a warning
+    (warning,) = [r for r in records if r.levelno == logging.WARNING and "odd" in r.msg]
+    assert "token_type is a string of" in warning.getMessage()
+    assert_nothing_secret(said(None, records), [ODD_SECRET, *stub.issuer.issued], "the log")

@@ -37,6 +37,7 @@ __all__ = [
     "Reading",
     "answer_of",
     "essentials",
+    "parse_body",
     "parse_expires_in",
     "raw_of",
     "raw_record",

@@ -8,12 +8,11 @@ import logging
 import random
 import time
 from collections.abc import Callable, Iterable
-from typing import Any
 
 import requests
 import urllib3.exceptions
 
-from .answers import answer_of, read_answer
+from .answers import answer_of, parse_body, read_answer
 from .errors import REAUTHORIZE, InvalidGrantError, RefreshError, scrub
 from .secret import Secret, SecretForm
 from .tokens import TokenAnswer
@@ -123,11 +122,10 @@ _NEVER_SENT = (
 
 
 def _error_fields(response: requests.Response) -> tuple[str | None, str | None]:
-    try:
-        body: Any = response.json()
-    except ValueError:
-        return None, None
-    if not isinstance(body, dict):
+    # Read as leniently as a 2xx answer: response.json() raises RecursionError (no ValueError)
+    # on a body nested too deeply, and a stray byte that is no UTF-8 spoils only its string.
+    body, _ = parse_body(response.content)
+    if body is None:
         return None, None
     error = body.get("error")
     # The text is under error_description in the docs and under message in some answers.

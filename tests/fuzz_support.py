@@ -436,7 +436,7 @@ DEEP = st.builds(
         ("[" * depth + inner + "]" * depth) if arrays else ('{"a":' * depth + inner + "}" * depth)
     ),
     st.integers(900, 30000),
-    st.sampled_from(["", "1", '"x"']),
+    st.sampled_from(["{}", "[]", "1", '"x"']),
     st.booleans(),
 )
 ANY_JSON = st.one_of(JSON_TEXT, JSON_TEXT, JSON_TEXT, DEEP).map(lambda text: Val("json", text))

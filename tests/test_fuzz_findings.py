@@ -18,6 +18,7 @@ from tests.fuzz_support import (
     ErrorBody,
     Issuer,
     ObjectBody,
+    TextBody,
     TokenStub,
     Val,
     assert_nothing_secret,
@@ -66,3 +67,20 @@ def test_a_token_type_holding_a_token_is_not_quoted_in_the_warning(tmp_path: Pat
     (warning,) = [r for r in records if r.levelno == logging.WARNING and "odd" in r.msg]
     assert "token_type is a string of" in warning.getMessage()
     assert_nothing_secret(said(None, records), [ODD_SECRET, *stub.issuer.issued], "the log")
+
+
+def test_an_error_answer_nested_too_deeply_is_a_refusal_not_an_unexpected_error(
+    tmp_path: Path,
+) -> None:
+    # requests' Response.json() raises RecursionError (no ValueError) on such a body, and the
+    # refusal became an UnexpectedError that said nothing of the server's error code.
+    stub = TokenStub(Issuer("ml", 3))
+    deep = "[" * 5000 + "]" * 5000
+    body = TextBody((Val("json", '{"error": "invalid_client", "cause": ' + deep + "}"),))
+    stub.plans = [Answer(400, body)]
+    env = write_env(tmp_path, stub, expired=True)
+    auth = mlauth.MLAuth.from_env(env, **AUTH_OPTIONS)
+    stub.mount_on(auth)
+    error = outcome(auth.refresh)
+    assert type(error) is mlauth.RefreshError, repr(error)
+    assert "invalid_client" in str(error) and "ML_CLIENT_SECRET" in str(error)

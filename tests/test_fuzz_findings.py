@@ -28,7 +28,7 @@ from tests.fuzz_support import (
     status_output,
     write_env,
 )
-from tests.secrets_support import ODD_SECRET
+from tests.secrets_support import ODD_SECRET, everything_said
 
 
 def test_an_access_token_the_token_endpoint_quotes_is_masked_in_logs_journal_and_status(
@@ -84,3 +84,13 @@ def test_an_error_answer_nested_too_deeply_is_a_refusal_not_an_unexpected_error(
     error = outcome(auth.refresh)
     assert type(error) is mlauth.RefreshError, repr(error)
     assert "invalid_client" in str(error) and "ML_CLIENT_SECRET" in str(error)
+
+
+def test_host_rules_that_fail_to_build_can_be_shown_with_their_frames(tmp_path: Path) -> None:
+    # capture_locals calls repr() on the half-built object, in the frame of the ValueError
+    # the ConfigError was raised from: it raised AttributeError, so a crash reporter or
+    # pytest -l failed on a bad ML_API_HOSTS instead of showing the error.
+    store = mlauth.EnvFileStore(write_env(tmp_path, TokenStub(Issuer("ml", 8)), expired=False))
+    error = outcome(lambda: mlauth.MLAuth("1234567890", "a-secret", store, hosts=["bad host!"]))
+    assert isinstance(error, mlauth.ConfigError), repr(error)
+    assert "HostRules([])" in everything_said(error)

@@ -7,7 +7,7 @@ import os
 from collections.abc import Mapping
 from urllib.parse import urlsplit
 
-from .errors import ConfigError
+from .errors import ConfigError, sealed
 from .hosts import HostRules
 from .secret import Secret
 from .stores.envfile import read_env_file
@@ -112,6 +112,7 @@ def hosts_warning(rules: HostRules, token_url: str) -> str | None:
     )
 
 
+@sealed  # the .env's values are locals
 def token_hosts_row(path: str | os.PathLike[str]) -> str:
     """What ``mlauth status`` shows for the hosts that get the token. Never raises: a bad
     value is reported by the checks that follow the rows."""
@@ -148,11 +149,12 @@ def _required(values: Mapping[str, str | None], key: str, path: str, fix: str) -
 _SETTINGS = frozenset({"ML_CLIENT_ID", "ML_CLIENT_SECRET", "ML_TOKEN_URL", "ML_API_HOSTS"})
 
 
+@sealed  # the .env's values, the client secret among them, are locals here and below
 def env_settings(path: str | os.PathLike[str]) -> dict[str, object]:
     """The MLAuth arguments a ``.env`` defines (credentials, token URL, hosts), checked.
 
-    The client secret comes as a :class:`Secret`, and the file's tokens are not kept: a
-    caller's frame (on the traceback of a ConfigError) holds only what it needs.
+    The client secret comes as a :class:`Secret`. A ConfigError leaves without the frames
+    that held the file's values.
     """
     where = os.fspath(path)
     values = {key: value for key, value in read_env_file(where).items() if key in _SETTINGS}
@@ -161,7 +163,6 @@ def env_settings(path: str | os.PathLike[str]) -> dict[str, object]:
         "client_id": _required(values, "ML_CLIENT_ID", where, creds),
         "client_secret": Secret(_required(values, "ML_CLIENT_SECRET", where, creds)),
     }
-    del values["ML_CLIENT_SECRET"]
     if (values.get("ML_TOKEN_URL") or "").strip():
         settings["token_url"] = check_token_url(
             values["ML_TOKEN_URL"] or "", f"{where}: ML_TOKEN_URL"

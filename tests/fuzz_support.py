@@ -136,9 +136,14 @@ class Val:
     insert: str = ""
     at: int = 0
 
+    @property
+    def secret(self) -> bool:
+        """Whether the value is (made from) a secret of the chain."""
+        return self.kind in ("new access", "new refresh", "old access", "old refresh", "secret")
+
     def raw(self, ctx: Context) -> str:
         """The value as plain text (JSON text, for "json")."""
-        if self.kind == "json":
+        if self.kind in ("json", "text"):
             return self.text
         value = {
             "new access": ctx.new_access,
@@ -613,8 +618,11 @@ def assert_nothing_secret(text: str, secrets: Iterable[str], where: str) -> None
     for secret in secrets:
         if len(secret) < 8:
             continue  # too short to tell a leak from a coincidence
-        forms = spellings(secret)
-        forms |= {form.encode("utf-8").decode("latin-1") for form in forms}
+        try:
+            forms = spellings(secret)
+            forms |= {form.encode("utf-8").decode("latin-1") for form in forms}
+        except UnicodeEncodeError:  # a lone surrogate: it can only be there as it is
+            forms = {secret}
         for form in forms:
             if form in text:
                 at = text.index(form)
@@ -734,4 +742,204 @@ def assert_env_gained_nothing(before: bytes, after: bytes) -> None:
     lines_before, lines_after = len(_LINE_END.findall(old)), len(_LINE_END.findall(new))
     assert lines_after <= lines_before + added + 1, (
         f"the .env went from {lines_before} to {lines_after} lines"
+    )
+
+
+# -- strategies: what a .env may hold -----------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class EnvLine:
+    """A line of a .env (or a value that spans lines): ``key`` None is a comment, a blank or
+    any other text, ``value`` as it is. The value is a :class:`Val`, so that a failing example
+    shows "old refresh", never the token."""
+
+    key: str | None
+    value: Val
+    style: str = "bare"  # bare, single, double (escaped), raw-double (as it is, in "...")
+    export: bool = False
+    spaces: str = ""  # around "="
+    comment: str = ""  # after the value
+
+    def render(self, ctx: Context) -> str:
+        text = self.value.raw(ctx)
+        if self.key is None:
+            return text
+        if self.style == "single":
+            text = f"'{text}'"
+        elif self.style == "double":
+            text = '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        elif self.style == "raw-double":
+            text = f'"{text}"'
+        head = "export " if self.export else ""
+        return f"{head}{self.key}{self.spaces}={self.spaces}{text}{self.comment}"
+
+
+ENDINGS = ["\n", "\r\n", "\r"]
+
+
+@dataclasses.dataclass(frozen=True)
+class EnvFile:
+    """A whole .env: its lines, each line's ending (cycled), a BOM, a last line ending."""
+
+    lines: tuple[EnvLine, ...]
+    endings: tuple[str, ...] = ("\n",)
+    bom: bool = False
+    final_newline: bool = True
+
+    def render(self, ctx: Context) -> bytes:
+        ends = [self.endings[i % len(self.endings)] for i in range(len(self.lines))]
+        if not self.final_newline and ends:
+            ends[-1] = ""
+        text = "".join(line.render(ctx) + end for line, end in zip(self.lines, ends, strict=True))
+        return (("\ufeff" if self.bom else "") + text).encode("utf-8", "surrogatepass")
+
+    def secrets(self, ctx: Context) -> list[str]:
+        """The secret values as the file spells them (mangled ones too)."""
+        return [line.value.raw(ctx) for line in self.lines if line.value.secret]
+
+
+def env_context(stub: TokenStub) -> Context:
+    return Context({}, b"", "", "", stub.access, stub.live)
+
+
+# A .env is text: no lone surrogate here (its bytes would be no UTF-8, which one extra line
+# below makes happen now and then), and no line break within a line.
+ENV_CHARS = st.one_of(
+    st.characters(exclude_characters="\r\n"),
+    st.sampled_from(list("\x00\t \x1b\x7f\x85\u2028\ufeff+/=~.-_%&\"\\'#@$`{}é中")),
+)
+LINE_TEXT = st.text(ENV_CHARS, max_size=30)
+# Times as a .env may hold them: none, past, future, and what float() reads or refuses.
+TIMES = st.one_of(
+    st.sampled_from(["", " ", "0", "-5", "1e10", "253402300799", "253402300800", "1e400"]),
+    st.sampled_from(["inf", "-inf", "nan", "abc", "0x10", "1_000", "\u0661\u0662", "+7", "1e-7"]),
+    st.floats(0, 4e9).map(lambda t: f"{t:.3f}"),
+    st.integers().map(str),
+    LINE_TEXT,
+)
+SETTINGS: dict[str, st.SearchStrategy[str]] = {
+    "ML_TOKEN_EXPIRES_AT": TIMES,
+    "ML_TOKEN_REFRESHED_AT": TIMES,
+    "ML_TOKEN_REFRESHED_BY": st.one_of(
+        st.sampled_from(["pid 1@host", "\x1b[2J\x1b]0;owned\x07", "\u202eevil"]), LINE_TEXT
+    ),
+    "ML_API_HOSTS": st.one_of(
+        st.sampled_from(
+            [
+                "api.mercadolibre.com",
+                "api.mercadolibre.com,api.mercadopago.com",
+                "bad host!",
+                ",",
+                "api.mercadolibre.com:99999",
+                "[::1",
+                "http://api.mercadolibre.com",
+                "127.0.0.1;8080",
+                "\u00e1pi.com",
+            ]
+        ),
+        LINE_TEXT,
+    ),
+    "ML_TOKEN_URL": st.one_of(
+        st.sampled_from(
+            [
+                "https://api.mercadolibre.com/oauth/token",
+                "http://127.0.0.1:9/oauth/token",
+                "http://evil.example\\@127.0.0.1/oauth/token",
+                "http://evil.example/oauth/token",
+                "https://user:pw@api.mercadolibre.com/oauth/token",
+                "ftp://api.mercadolibre.com/oauth/token",
+                "https://api.mercadolibre.com\t/oauth/token",
+            ]
+        ),
+        LINE_TEXT,
+    ),
+    "ML_ENV_WRITE": st.sampled_from(["auto", "in-place", "IN-PLACE", "bogus", ""]),
+    # Never one that connects: a refused connection is retried for a second (test_cli_redis).
+    "ML_TOKEN_STORE": st.sampled_from(
+        ["", "file:///tmp/x", "memcached://127.0.0.1", "redis://127.0.0.1:notaport/0"]
+    ),
+    "ML_TOKEN_LOCK_TIMEOUT": st.sampled_from(["30", "abc", "-1", "inf", "nan"]),
+    "ML_CLIENT_ID": st.one_of(st.just(CLIENT_ID), st.sampled_from(["", " ", "12 34"]), LINE_TEXT),
+}
+KEYS = st.one_of(
+    st.sampled_from([*TOKEN_KEYS, *SETTINGS, "ML_CLIENT_SECRET", "OTHER", "ml_refresh_token"]),
+    st.from_regex(r"[A-Za-z_][A-Za-z0-9_.]{0,12}", fullmatch=True),
+)
+
+
+@st.composite
+def env_values(draw: st.DrawFn, key: str) -> Val:
+    """A value for ``key``: a token or the secret (maybe mangled), or text."""
+    if key in SETTINGS and draw(st.booleans()):
+        return Val("text", draw(SETTINGS[key]))
+    roll = draw(st.integers(0, 5))
+    if roll < 2:
+        return Val(draw(st.sampled_from(("old access", "old refresh", "secret"))))
+    if roll == 2:
+        return draw(mangled(draw(st.sampled_from(("old access", "old refresh", "secret")))))
+    return Val("text", draw(st.one_of(LINE_TEXT, LINE_TEXT, st.text(ENV_CHARS | st.just("\n")))))
+
+
+@st.composite
+def env_line_shape(draw: st.DrawFn, line: EnvLine) -> EnvLine:
+    """``line`` written another way: quoted, exported, spaced, commented."""
+    style = draw(st.sampled_from(["bare", "bare", "single", "double", "raw-double"]))
+    comments = ["", "", "  # a note", " #x", "#glued", " # ML_REFRESH_TOKEN=x"]
+    comment = draw(st.sampled_from(comments))
+    return dataclasses.replace(
+        line,
+        style=style,
+        export=draw(st.booleans()),
+        spaces=draw(st.sampled_from(["", "", " ", "\t"])),
+        comment=comment,
+    )
+
+
+@st.composite
+def env_files(draw: st.DrawFn) -> EnvFile:
+    """A .env as people (and editors, and other tools) write them, and worse: the five lines
+    a refresh needs, each maybe written another way, changed, or gone, among comments,
+    blank lines, junk, other keys, keys set twice and values spanning lines."""
+    base = [
+        EnvLine("ML_CLIENT_ID", Val("text", CLIENT_ID)),
+        EnvLine("ML_CLIENT_SECRET", Val("secret")),
+        EnvLine("ML_ACCESS_TOKEN", Val("old access")),
+        EnvLine("ML_REFRESH_TOKEN", Val("old refresh")),
+        EnvLine("ML_TOKEN_EXPIRES_AT", Val("text", draw(TIMES))),
+    ]
+    lines: list[EnvLine] = []
+    for line in base:
+        roll = draw(st.integers(0, 9))
+        if roll == 0:
+            continue  # gone
+        if roll in (1, 2):
+            line = draw(env_line_shape(line))
+        elif roll == 3:
+            assert line.key is not None
+            line = dataclasses.replace(line, value=draw(env_values(line.key)))
+        lines.append(line)
+    extras = st.one_of(
+        st.builds(lambda text: EnvLine(None, Val("text", "#" + text)), LINE_TEXT),
+        st.sampled_from(["", "   ", "export", "=", "'", '"', "ML_REFRESH_TOKEN"]).map(
+            lambda text: EnvLine(None, Val("text", text))
+        ),
+        st.builds(lambda text: EnvLine(None, Val("text", text)), LINE_TEXT),
+        KEYS.flatmap(lambda key: env_values(key).map(lambda val: EnvLine(key, val))).flatmap(
+            env_line_shape
+        ),
+        st.builds(  # a double-quoted value over several lines
+            lambda key, text: EnvLine(key, Val("text", text), style="raw-double"),
+            KEYS,
+            st.text(ENV_CHARS.filter(lambda char: char not in '"\\') | st.just("\n"), max_size=30),
+        ),
+        st.just(EnvLine(None, Val("text", "\udcff"))),  # a byte that is no UTF-8
+    )
+    for _ in range(draw(st.integers(0, 5))):
+        lines.insert(draw(st.integers(0, len(lines))), draw(extras))
+    return EnvFile(
+        tuple(lines),
+        endings=tuple(draw(st.lists(st.sampled_from(ENDINGS), min_size=1, max_size=3))),
+        bom=draw(st.integers(0, 7)) == 0,
+        final_newline=draw(st.integers(0, 5)) != 0,
     )

@@ -7,10 +7,17 @@ the properties may stop finding it once the strategies change; these never stop 
 from __future__ import annotations
 
 import logging
+import os
+from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
 import mlauth
+from benchmarks.redis_server import RedisServer
+from mlauth.secret import Secret
 from mlauth.stores.envfile import read_env_file
+from mlauth.tokens import TokenSet
 from tests.fuzz_support import (
     AUTH_OPTIONS,
     NATURAL,
@@ -84,6 +91,102 @@ def test_an_error_answer_nested_too_deeply_is_a_refusal_not_an_unexpected_error(
     error = outcome(auth.refresh)
     assert type(error) is mlauth.RefreshError, repr(error)
     assert "invalid_client" in str(error) and "ML_CLIENT_SECRET" in str(error)
+
+
+# -- frames that held the .env, a Redis hash or the values a save writes ------------------------
+
+# Each breaks the .env so that reading it raises, with the tokens and the client secret in
+# the file: the frames that read and checked it held them all (and a UnicodeDecodeError, as
+# the error's cause, the file's very bytes).
+BROKEN_ENV: dict[str, bytes] = {
+    "bad expiry": b"ML_TOKEN_EXPIRES_AT=abc\n",
+    "not UTF-8": b"OTHER=\xff\n",
+    "a key set twice": b"ML_TOKEN_EXPIRES_AT=1\nML_TOKEN_EXPIRES_AT=2\n",
+    "bad write mode": b"ML_ENV_WRITE=bogus\n",
+    "bad hosts": b"ML_API_HOSTS=bad host!\n",
+    "bad store": b"ML_TOKEN_STORE=memcached://127.0.0.1\n",
+    "bad lock timeout": b"ML_TOKEN_STORE=redis://127.0.0.1/0\nML_TOKEN_LOCK_TIMEOUT=abc\n",
+}
+READERS: dict[str, Callable[[Path], object]] = {
+    "from_env": lambda env: mlauth.MLAuth.from_env(env),
+    "the store": lambda env: mlauth.EnvFileStore(env).load(),
+}
+# The store reads neither the settings of the auth nor those of another store.
+STORE_READS = ("bad expiry", "not UTF-8", "a key set twice", "bad write mode")
+
+
+@pytest.mark.parametrize(
+    ("broken", "reader"),
+    [(broken, "from_env") for broken in BROKEN_ENV]
+    + [(broken, "the store") for broken in STORE_READS],
+)
+def test_an_env_that_cannot_be_read_leaves_no_frame_holding_it(
+    broken: str, reader: str, tmp_path: Path
+) -> None:
+    stub = TokenStub(Issuer("opaque", 4))
+    env = write_env(tmp_path, stub, expired=False)
+    with env.open("ab") as handle:
+        handle.write(BROKEN_ENV[broken])
+    error = outcome(lambda: READERS[reader](env))
+    assert isinstance(error, mlauth.ConfigError), repr(error)
+    secrets = [ODD_SECRET, *stub.issuer.issued]
+    assert_nothing_secret(everything_said(error), secrets, "the error")
+
+
+def test_a_bad_value_a_peer_writes_mid_run_leaves_no_frame_holding_the_env(
+    tmp_path: Path,
+) -> None:
+    stub = TokenStub(Issuer("opaque", 5))
+    env = write_env(tmp_path, stub, expired=False)
+    auth = mlauth.MLAuth.from_env(env, **AUTH_OPTIONS)
+    with env.open("a") as handle:  # another program's edit: the next request re-reads
+        handle.write("ML_TOKEN_REFRESHED_AT=yesterday\n")
+    error = outcome(auth.valid_tokens)
+    assert isinstance(error, mlauth.ConfigError), repr(error)
+    assert_nothing_secret(everything_said(error), [ODD_SECRET, *stub.issuer.issued], "the error")
+
+
+def test_a_failed_save_leaves_no_frame_holding_the_new_tokens(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stub = TokenStub(Issuer("opaque", 6))
+    env = write_env(tmp_path, stub, expired=False)
+    store = mlauth.EnvFileStore(env)
+    new_access, new_refresh = stub.issuer.pair()
+    tokens = TokenSet(Secret(new_access), Secret(new_refresh), None)
+
+    def full(source: str, target: str) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", full)
+    error = outcome(lambda: store.save(tokens))
+    monkeypatch.undo()
+    assert isinstance(error, mlauth.StoreError), repr(error)
+    assert_nothing_secret(everything_said(error), [ODD_SECRET, *stub.issuer.issued], "the error")
+
+
+def test_an_odd_redis_hash_leaves_no_frame_holding_it(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    stub = TokenStub(Issuer("opaque", 7))
+    with redis_server.client() as client:
+        client.hset(
+            "fuzz:tokens",
+            mapping={
+                "chain": "c0ffee",
+                "generation": "one",
+                "access_token": stub.access,
+                "refresh_token": stub.live,
+            },
+        )
+    store = mlauth.RedisStore(redis_server.url, key="fuzz:tokens")
+    try:
+        error = outcome(store.load)
+    finally:
+        store._client.close()
+        store._probe.close()
+    assert isinstance(error, mlauth.StoreError), repr(error)
+    assert_nothing_secret(everything_said(error), stub.issuer.issued, "the error")
 
 
 def test_host_rules_that_fail_to_build_can_be_shown_with_their_frames(tmp_path: Path) -> None:

@@ -241,17 +241,19 @@ def _cmd_refresh(args: argparse.Namespace) -> int:
 def _cmd_login(args: argparse.Namespace) -> int:
     store = store_from_env(args.env)
     values = read_env_file(args.env)
+    redirect_uri = args.redirect_uri or (values.get("ML_REDIRECT_URI") or "").strip()
+    auth_url = args.auth_url or values.get("ML_AUTH_URL")
+    del values  # the whole .env (secret, tokens): not a local of the errors raised below
     # Everything the exchange will need is checked before the seller is sent to authorize:
     # a code pasted into a login that then fails on configuration is wasted effort.
     settings = env_settings(args.env)  # credentials, ML_TOKEN_URL, ML_API_HOSTS
     client_id = str(settings["client_id"])
-    redirect_uri = args.redirect_uri or (values.get("ML_REDIRECT_URI") or "").strip()
     if not redirect_uri:
         raise ConfigError(
             "no redirect URI: pass --redirect-uri with the one registered for your app, or "
             f"set ML_REDIRECT_URI in {args.env}"
         )
-    base = authorization_base(args.site, args.auth_url or values.get("ML_AUTH_URL"))
+    base = authorization_base(args.site, auth_url)
     store.check_writable()  # the .env's folder is writable; a Redis store is reachable
     if args.code is not None:
         code, state = parse_pasted(args.code)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from mlauth.errors import AUTHORIZE, ConfigError, MLAuthError
+from mlauth.errors import AUTHORIZE, ConfigError, MLAuthError, sealed
 from mlauth.stores.envfile import (
     TOKEN_KEYS,
     EnvFileStore,
@@ -47,6 +47,7 @@ class MigrationResult:
         )
 
 
+@sealed  # the .env's values and the tokens are locals here and below
 def migrate_to_redis(
     env_path: str | os.PathLike[str],
     url: str,

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 
+from mlauth.errors import sealed
+
 from .base import RefreshTransaction, TokenStore
 from .envfile import EnvFileStore, read_env_file
 from .select import shared_store
@@ -16,6 +18,7 @@ from .select import shared_store
 __all__ = ["EnvFileStore", "RefreshTransaction", "TokenStore", "store_from_env"]
 
 
+@sealed  # the .env's values are an argument below
 def store_from_env(path: str | os.PathLike[str]) -> TokenStore:
     """The token store a ``.env`` selects: the one ``ML_TOKEN_STORE`` names, else the file.
 

@@ -24,7 +24,7 @@ from collections.abc import Hashable, Iterator, Mapping
 from dotenv import dotenv_values
 from dotenv.parser import parse_stream
 
-from mlauth.errors import ConfigError, StoreError, StoreMovedError
+from mlauth.errors import ConfigError, StoreError, StoreMovedError, sealed
 from mlauth.secret import Secret, fingerprint
 from mlauth.tokens import LATEST_TIME, TokenSet, token_problem
 
@@ -136,6 +136,11 @@ def render_update(text: str, updates: Mapping[str, str | None]) -> str:
     return result
 
 
+# Sealed (mlauth.errors.sealed), here and on the methods below that read or write the file:
+# their locals hold its text or its values, the client secret and the tokens among them, and
+# an error raised through them (a bad value, an unreadable or unwritable file) must not carry
+# those frames to a crash reporter.
+@sealed
 def read_env_file(path: str | os.PathLike[str]) -> dict[str, str | None]:
     """The file's keys and values as python-dotenv reads them; ConfigError if it is missing.
 
@@ -198,6 +203,7 @@ def _refuse_duplicates(text: str, path: str) -> None:
         first_line[key] = line
 
 
+@sealed
 def in_place_mode(path: str, values: Mapping[str, str | None] | None = None) -> bool:
     """Whether ``path`` is written in place and locked on itself (see :mod:`mlauth.stores.mounted`).
 
@@ -224,6 +230,7 @@ def in_place_mode(path: str, values: Mapping[str, str | None] | None = None) -> 
     return wanted
 
 
+@sealed
 def update_env_file(
     path: str | os.PathLike[str],
     updates: Mapping[str, str | None],
@@ -492,6 +499,7 @@ class EnvFileStore(TokenStore):
         real = os.path.realpath(self.path)
         return InodeJournal(real) if self.in_place else Journal(real)
 
+    @sealed  # recovery reads the journal's raw answers
     def transaction(self, *, login: bool = False) -> RefreshTransaction:
         """A journaled transaction (or the one of the store the tokens moved to)."""
         moved = self._follow() if self._moved is not None else None
@@ -525,6 +533,7 @@ class EnvFileStore(TokenStore):
     def __repr__(self) -> str:
         return f"EnvFileStore({self.path!r})"
 
+    @sealed
     def _follow(self, values: Mapping[str, str | None] | None = None) -> TokenStore | None:
         """The store the tokens moved to, if the file says they moved; raise if unusable."""
         if self._moved is None:
@@ -577,6 +586,7 @@ class EnvFileStore(TokenStore):
             return (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
         return (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size)
 
+    @sealed
     def load(self) -> tuple[TokenSet, Hashable]:
         stamp = self.stamp()  # before the read: a write in between then shows as a change
         moved = self._follow() if self._moved is not None else None
@@ -612,6 +622,7 @@ class EnvFileStore(TokenStore):
                 f"{fix_for(exc)}"
             ) from exc
 
+    @sealed
     def save(self, tokens: TokenSet, *, replaces: Hashable | None = None) -> Hashable:
         """Write the token keys; ``replaces`` is not checked: the file lock is the fence."""
         # Under the lock the file was re-read, so a move is known by now; look once more
@@ -698,6 +709,7 @@ class EnvFileStore(TokenStore):
             return moved.wait_unlocked(timeout)
         return self._lock.wait_released(timeout)
 
+    @sealed  # the journal's raw answers
     def status_details(self) -> list[tuple[str, str]]:
         """``mlauth status`` rows: how the file is written when it is not the usual way,
         refresh answers the journal holds that the file does not have yet, and an answer with

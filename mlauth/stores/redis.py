@@ -51,6 +51,7 @@ from mlauth.errors import (
     RefreshError,
     StaleCommitError,
     StoreError,
+    sealed,
 )
 from mlauth.secret import Secret, fingerprint, quotes_url_secret, redact_url, url_scheme
 from mlauth.tokens import LATEST_TIME, TokenSet, this_process, token_problem
@@ -376,6 +377,9 @@ class RedisStore(TokenStore):
             return None
         return (chain, _generation(cast("str | None", gen), self._key(), self.location))
 
+    # Sealed (mlauth.errors.sealed): the hash's values (the tokens) and the raw answer kept
+    # beside them are locals here and below, on the traceback of any error raised through.
+    @sealed
     def load(self) -> tuple[TokenSet, Hashable]:
         key = self._key()
         self._local.answer = None
@@ -494,6 +498,7 @@ class RedisStore(TokenStore):
             doing = "reach" if held is None else "renew the refresh lock at"
             raise self._unreachable(exc, doing) from None
 
+    @sealed  # the script's arguments are the tokens
     def save(self, tokens: TokenSet, *, replaces: Hashable | None = None) -> Hashable:
         """Commit over the version ``replaces`` (as :meth:`load` returned it); raise
         :class:`StaleCommitError` if a peer committed since.
@@ -520,6 +525,7 @@ class RedisStore(TokenStore):
         self._remember(tokens, chain, new)
         return (chain, new)
 
+    @sealed
     def seed(self, tokens: TokenSet, *, replace: bool = False) -> Hashable:
         """Start a chain here (a migration): only into an empty key unless ``replace``.
 
@@ -563,9 +569,11 @@ class RedisStore(TokenStore):
         except RedisError as exc:
             raise self._unreachable(exc, "read the refresh lock at") from None
 
+    @sealed  # recovery reads the raw answer kept in the hash
     def transaction(self, *, login: bool = False) -> RefreshTransaction:
         return RedisRefresh(self, login=login)
 
+    @sealed
     def status_details(self) -> list[tuple[str, str]]:
         """Rows for ``mlauth status``: the key, the chain's generation last read, and a raw
         answer the hash keeps (one to replay, or one with no usable refresh token)."""

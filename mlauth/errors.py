@@ -9,8 +9,9 @@ safe to print: the HTTP status, the provider's error code and its description.
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, ParamSpec, TypeVar
 
 import requests
@@ -30,6 +31,7 @@ __all__ = [
     "StoreError",
     "StoreMovedError",
     "UnexpectedError",
+    "masked",
     "scrub",
     "sealed",
 ]
@@ -69,6 +71,21 @@ def scrub(error: MLAuthError, secrets: Iterable[Secret | None]) -> None:
     for name, value in list(vars(error).items()):
         if isinstance(value, str):
             setattr(error, name, mask(value, known))
+
+
+@contextlib.contextmanager
+def masked(secrets: Iterable[Secret | None]) -> Iterator[None]:
+    """An MLAuthError raised in the block leaves with ``secrets`` masked in its text.
+
+    For code that checks values read beside secrets and quotes a value it refuses: a token
+    or the client secret pasted under the wrong key of a ``.env`` must not be quoted back
+    into a log or a terminal.
+    """
+    try:
+        yield
+    except MLAuthError as exc:
+        scrub(exc, secrets)
+        raise
 
 
 _P = ParamSpec("_P")

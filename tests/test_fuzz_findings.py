@@ -197,3 +197,42 @@ def test_host_rules_that_fail_to_build_can_be_shown_with_their_frames(tmp_path: 
     error = outcome(lambda: mlauth.MLAuth("1234567890", "a-secret", store, hosts=["bad host!"]))
     assert isinstance(error, mlauth.ConfigError), repr(error)
     assert "HostRules([])" in everything_said(error)
+
+
+# -- a secret where another value belongs ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("key", "token"),
+    [
+        ("ML_TOKEN_EXPIRES_AT", "old access"),
+        ("ML_TOKEN_URL", "old refresh"),
+        ("ML_API_HOSTS", "old refresh"),
+        ("ML_TOKEN_LOCK_TIMEOUT", "old access"),
+    ],
+)
+def test_a_token_pasted_under_another_key_is_not_quoted_in_the_error(
+    key: str, token: str, tmp_path: Path
+) -> None:
+    stub = TokenStub(Issuer("ml", 9))
+    env = write_env(tmp_path, stub, expired=False)
+    value = stub.access if token == "old access" else stub.live
+    store = "ML_TOKEN_STORE=redis://127.0.0.1:1/0\n" if key == "ML_TOKEN_LOCK_TIMEOUT" else ""
+    with env.open("a") as handle:
+        handle.write(f"{store}{key}= {value}+\n")  # not a valid value: refused, quoted
+    error = outcome(lambda: mlauth.MLAuth.from_env(env))
+    assert isinstance(error, mlauth.ConfigError), repr(error)
+    assert key in str(error)
+    assert_nothing_secret(everything_said(error), [ODD_SECRET, *stub.issuer.issued], "the error")
+
+
+def test_status_shows_a_token_pasted_where_another_value_belongs_as_its_fingerprint(
+    tmp_path: Path,
+) -> None:
+    stub = TokenStub(Issuer("opaque", 10))
+    env = write_env(tmp_path, stub, expired=False)
+    with env.open("a") as handle:
+        handle.write(f"ML_TOKEN_REFRESHED_AT=1700000000\nML_TOKEN_REFRESHED_BY={stub.live}\n")
+    shown = status_output(env)
+    assert mlauth.fingerprint(stub.live) in shown
+    assert_nothing_secret(shown, [ODD_SECRET, *stub.issuer.issued], "mlauth status")

@@ -24,7 +24,7 @@ from collections.abc import Hashable, Iterator, Mapping
 from dotenv import dotenv_values
 from dotenv.parser import parse_stream
 
-from mlauth.errors import ConfigError, StoreError, StoreMovedError, sealed
+from mlauth.errors import ConfigError, StoreError, StoreMovedError, masked, sealed
 from mlauth.secret import Secret, fingerprint
 from mlauth.tokens import LATEST_TIME, TokenSet, token_problem
 
@@ -49,7 +49,7 @@ from .mounted import (
 from .private import check_folder, temp_beside
 from .select import STORE_KEY, shared_store
 
-__all__ = ["EnvFileStore", "read_env_file", "update_env_file"]
+__all__ = ["EnvFileStore", "read_env_file", "secrets_of", "update_env_file"]
 
 log = logging.getLogger("mlauth")
 
@@ -59,6 +59,7 @@ EXPIRES_KEY = "ML_TOKEN_EXPIRES_AT"
 REFRESHED_AT_KEY = "ML_TOKEN_REFRESHED_AT"
 REFRESHED_BY_KEY = "ML_TOKEN_REFRESHED_BY"
 TOKEN_KEYS = (ACCESS_KEY, REFRESH_KEY, EXPIRES_KEY, REFRESHED_AT_KEY, REFRESHED_BY_KEY)
+SECRET_KEYS = ("ML_CLIENT_SECRET", ACCESS_KEY, REFRESH_KEY)
 # How the file is written: "auto" (in place when it is a mount point, else replaced) or
 # "in-place" (for a host process sharing a file that containers mount alone).
 WRITE_KEY = "ML_ENV_WRITE"
@@ -203,6 +204,14 @@ def _refuse_duplicates(text: str, path: str) -> None:
         first_line[key] = line
 
 
+def secrets_of(values: Mapping[str, str | None]) -> list[Secret]:
+    """The secrets among a ``.env``'s values (the client secret, the tokens), as written and
+    stripped: masked in the messages about the file's other values (:func:`masked`), which
+    quote what they refuse, and a token pasted under another key would be quoted whole."""
+    found = [value for key in SECRET_KEYS if (value := values.get(key))]
+    return [Secret(text) for value in found for text in {value, value.strip()} if text]
+
+
 @sealed
 def in_place_mode(path: str, values: Mapping[str, str | None] | None = None) -> bool:
     """Whether ``path`` is written in place and locked on itself (see :mod:`mlauth.stores.mounted`).
@@ -213,12 +222,14 @@ def in_place_mode(path: str, values: Mapping[str, str | None] | None = None) -> 
     real = os.path.realpath(path)
     if values is None:
         values = read_env_file(real)
-    mode = (values.get(WRITE_KEY) or "auto").strip().lower()
-    if mode not in ("auto", "in-place"):
-        raise ConfigError(
-            f"{path}: {WRITE_KEY}={mode!r} is not a write mode; write in-place (a file that "
-            "containers mount alone and host processes share) or delete the line"
-        )
+    written = values.get(WRITE_KEY) or "auto"
+    if written.strip().lower() not in ("auto", "in-place"):
+        with masked(secrets_of(values)):
+            raise ConfigError(
+                f"{path}: {WRITE_KEY}={written.strip()!r} is not a write mode; write in-place (a "
+                "file that containers mount alone and host processes share) or delete the line"
+            )
+    mode = written.strip().lower()
     # The mark: a process that found the file mounted alone wrote it in place, so this one
     # (a host process, say) must do the same or leave the containers on a dead inode.
     wanted = mode == "in-place" or is_mount_point(real) or marked_in_place(real)
@@ -593,10 +604,11 @@ class EnvFileStore(TokenStore):
         if moved is not None:
             return moved.load()
         values = read_env_file(self.path)
-        moved = self._follow(values)
-        if moved is not None:
-            return moved.load()
-        return tokens_from_values(values, self.path), stamp
+        with masked(secrets_of(values)):  # a token pasted under another key is not quoted
+            moved = self._follow(values)
+            if moved is not None:
+                return moved.load()
+            return tokens_from_values(values, self.path), stamp
 
     def check_writable(self) -> None:
         moved = self._follow() if self._moved is not None else None

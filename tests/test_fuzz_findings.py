@@ -20,6 +20,7 @@ from mlauth.stores.envfile import read_env_file
 from mlauth.tokens import TokenSet
 from tests.fuzz_support import (
     AUTH_OPTIONS,
+    CLIENT_ID,
     NATURAL,
     Answer,
     ErrorBody,
@@ -236,3 +237,32 @@ def test_status_shows_a_token_pasted_where_another_value_belongs_as_its_fingerpr
     shown = status_output(env)
     assert mlauth.fingerprint(stub.live) in shown
     assert_nothing_secret(shown, [ODD_SECRET, *stub.issuer.issued], "mlauth status")
+
+
+# -- the .env a refresh writes -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ending", ["\r", "\r\n"], ids=["CR", "CRLF"])
+def test_a_token_line_rewritten_whole_keeps_its_line_ending(ending: str, tmp_path: Path) -> None:
+    # A token line the writer cannot edit in place (here: a comment glued to a quoted value)
+    # is written anew; it kept its ending only if it was LF. With old Mac endings (CR) the
+    # next line was glued to it: ML_REFRESH_TOKEN became part of the access token's value,
+    # and the new refresh token was lost. With CRLF the line lost its CR.
+    stub = TokenStub(Issuer("ml", 11))
+    lines = [
+        f"ML_CLIENT_ID={CLIENT_ID}",
+        f"ML_CLIENT_SECRET={ODD_SECRET}",
+        f"ML_ACCESS_TOKEN='{stub.access}'#set by hand",
+        f"ML_REFRESH_TOKEN={stub.live}",
+        "ML_TOKEN_EXPIRES_AT=1000000000",
+    ]
+    env = tmp_path / ".env"
+    env.write_bytes("".join(line + ending for line in lines).encode())
+    env.chmod(0o600)
+    auth = mlauth.MLAuth.from_env(env, **AUTH_OPTIONS)
+    stub.mount_on(auth)
+    auth.refresh()
+    assert read_env_file(env)["ML_REFRESH_TOKEN"] == stub.live
+    assert read_env_file(env)["ML_ACCESS_TOKEN"] == stub.access
+    written = env.read_bytes().decode()
+    assert f"ML_ACCESS_TOKEN={stub.access}{ending}ML_REFRESH_TOKEN=" in written

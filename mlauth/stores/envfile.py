@@ -74,6 +74,7 @@ _LINE = re.compile(
         (?P<end>\r\n|\n|\r|)\Z""",
     re.VERBOSE,
 )
+_ENDING = re.compile(r"(?:\r\n|\n|\r)\Z")
 _BARE_SAFE = re.compile(r"[A-Za-z0-9_.:/@+\-]*\Z")
 BOM = "\ufeff"
 
@@ -125,8 +126,10 @@ def render_update(text: str, updates: Mapping[str, str | None]) -> str:
             )
         else:
             lead = original[: len(original) - len(original.lstrip())]
-            ending = "\n" if original.endswith("\n") else ""
-            out.append(f"{lead}{key}={_quote(value, '')}{ending}")
+            # The line's own ending, whichever it is: without a lone CR (a file saved with
+            # old Mac endings) the next line would be glued to this one, and its key lost.
+            ending = _ENDING.search(original)
+            out.append(f"{lead}{key}={_quote(value, '')}{ending.group() if ending else ''}")
     result = "".join(out)
     missing = [k for k, v in updates.items() if k not in done and v is not None]
     if missing:

@@ -454,9 +454,10 @@ KNOWN = ("old access", "old refresh", "secret", *ECHOES)
 
 
 @st.composite
-def mangled(draw: st.DrawFn, kind: str) -> Val:
-    """A token with a character (or a run of them) put in, somewhere."""
-    insert = draw(st.one_of(CHARS, TEXT.filter(bool)))
+def mangled(draw: st.DrawFn, kind: str, chars: st.SearchStrategy[str] | None = None) -> Val:
+    """A token with a character (or a run of them, of ``chars``) put in, somewhere."""
+    chars = CHARS if chars is None else chars
+    insert = draw(st.one_of(chars, st.text(chars, min_size=1, max_size=30)))
     return Val(kind, insert=insert, at=draw(st.integers(0, 100)))
 
 
@@ -831,7 +832,7 @@ def env_context(stub: TokenStub) -> Context:
 # A .env is text: no lone surrogate here (its bytes would be no UTF-8, which one extra line
 # below makes happen now and then), and no line break within a line.
 ENV_CHARS = st.one_of(
-    st.characters(exclude_characters="\r\n"),
+    st.characters(codec="utf-8", exclude_characters="\r\n"),
     st.sampled_from(list("\x00\t \x1b\x7f\x85\u2028\ufeff+/=~.-_%&\"\\'#@$`{}é中")),
 )
 LINE_TEXT = st.text(ENV_CHARS, max_size=30)
@@ -913,7 +914,8 @@ def env_values(draw: st.DrawFn, key: str) -> Val:
     if roll < 2:
         return Val(draw(st.sampled_from(("old access", "old refresh", "secret"))))
     if roll == 2:
-        return draw(mangled(draw(st.sampled_from(("old access", "old refresh", "secret")))))
+        kind = draw(st.sampled_from(("old access", "old refresh", "secret")))
+        return draw(mangled(kind, ENV_CHARS | st.just("\n")))
     return Val("text", draw(st.one_of(LINE_TEXT, LINE_TEXT, st.text(ENV_CHARS | st.just("\n")))))
 
 

@@ -266,3 +266,50 @@ def test_a_token_line_rewritten_whole_keeps_its_line_ending(ending: str, tmp_pat
     assert read_env_file(env)["ML_ACCESS_TOKEN"] == stub.access
     written = env.read_bytes().decode()
     assert f"ML_ACCESS_TOKEN={stub.access}{ending}ML_REFRESH_TOKEN=" in written
+
+
+def test_keys_added_to_a_env_ending_in_an_unclosed_quote_read_back_and_are_added_once(
+    tmp_path: Path,
+) -> None:
+    # They were appended after the unclosed quote, which took them into its value: unread,
+    # so the access token was missing at every start and the keys were added again at every
+    # save, the .env growing by four lines per refresh.
+    stub = TokenStub(Issuer("ml", 12))
+    env = tmp_path / ".env"
+    env.write_text(
+        f"ML_CLIENT_ID={CLIENT_ID}\nML_CLIENT_SECRET={ODD_SECRET}\n"
+        f'ML_REFRESH_TOKEN={stub.live}\nNOTE="ask Ana about this\n'
+    )
+    env.chmod(0o600)
+    for _ in range(2):
+        auth = mlauth.MLAuth.from_env(env, **AUTH_OPTIONS)
+        stub.mount_on(auth)
+        auth.refresh()
+        values = read_env_file(env)
+        assert (values["ML_ACCESS_TOKEN"], values["ML_REFRESH_TOKEN"]) == (stub.access, stub.live)
+        assert values["ML_TOKEN_REFRESHED_BY"] is not None
+    assert len(env.read_text().splitlines()) == 4 + 4  # the four added keys, once
+    assert env.read_text().endswith('NOTE="ask Ana about this\n')
+
+
+def test_a_save_an_unclosed_quote_would_swallow_is_refused_before_the_token_is_spent(
+    tmp_path: Path,
+) -> None:
+    # An unclosed quote above the token lines swallowed everything up to the next quote once
+    # a save quoted a value (a token with '~' or '='): ML_REFRESH_TOKEN went unread, and the
+    # new refresh token with it.
+    stub = TokenStub(Issuer("opaque", 13))
+    env = tmp_path / ".env"
+    env.write_text(
+        f'ML_CLIENT_ID={CLIENT_ID}\nML_CLIENT_SECRET={ODD_SECRET}\nNOTE="unfinished\n'
+        f"ML_ACCESS_TOKEN={stub.access}\nML_REFRESH_TOKEN={stub.live}\n"
+    )
+    env.chmod(0o600)
+    before = env.read_bytes()
+    auth = mlauth.MLAuth.from_env(env, **AUTH_OPTIONS)
+    stub.mount_on(auth)
+    error = outcome(auth.refresh)
+    assert isinstance(error, mlauth.StoreError), repr(error)
+    assert "line 3" in str(error) and "Refusing to spend" in str(error)
+    assert stub.sent == []  # nothing spent
+    assert env.read_bytes() == before

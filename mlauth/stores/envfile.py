@@ -20,6 +20,7 @@ import re
 import stat
 import threading
 from collections.abc import Hashable, Iterator, Mapping
+from pathlib import Path
 
 from dotenv import dotenv_values
 from dotenv.parser import parse_stream
@@ -94,6 +95,12 @@ def _newline_of(text: str) -> str:
     return "\r\n" if text.count("\r\n") * 2 > text.count("\n") else "\n"
 
 
+def _values(text: str) -> dict[str, str | None]:
+    """What python-dotenv reads from ``text`` (as dotenv_values, without its warnings)."""
+    lines = parse_stream(io.StringIO(text.removeprefix(BOM)))
+    return {binding.key: binding.value for binding in lines if binding.key is not None}
+
+
 def render_update(text: str, updates: Mapping[str, str | None]) -> str:
     """``text`` with the keys of ``updates`` set (or removed, for None); all else unchanged."""
     if text.startswith(BOM):
@@ -102,9 +109,12 @@ def render_update(text: str, updates: Mapping[str, str | None]) -> str:
         return BOM + render_update(text[len(BOM) :], updates)
     out: list[str] = []
     done: set[str] = set()
+    unread: int | None = None  # where in ``out`` the first line python-dotenv could not read is
     for binding in parse_stream(io.StringIO(text)):
         original = binding.original.string
         key = binding.key
+        if binding.error and unread is None:
+            unread = len(out)
         if binding.error or key is None or key not in updates:
             out.append(original)
             continue
@@ -130,14 +140,70 @@ def render_update(text: str, updates: Mapping[str, str | None]) -> str:
             # old Mac endings) the next line would be glued to this one, and its key lost.
             ending = _ENDING.search(original)
             out.append(f"{lead}{key}={_quote(value, '')}{ending.group() if ending else ''}")
-    result = "".join(out)
-    missing = [k for k, v in updates.items() if k not in done and v is not None]
-    if missing:
-        newline = _newline_of(text)
-        if result and not result.endswith(("\n", "\r")):
-            result += newline
-        result += "".join(f"{k}={_quote(updates[k] or '', '')}{newline}" for k in missing)
-    return result
+    missing = {k: v for k, v in updates.items() if k not in done and v is not None}
+    if not missing:
+        return "".join(out)
+    newline = _newline_of(text)
+    at_end = _added(out, len(out), missing, newline)
+    if unread is None or all(_values(at_end).get(k) == v for k, v in missing.items()):
+        return at_end
+    # A line python-dotenv cannot read may hold an unclosed quote (NOTE="...) that takes
+    # the added keys into its value, unread (and added again at every save): before it, then.
+    return _added(out, unread, missing, newline)
+
+
+def _added(out: list[str], at: int, keys: Mapping[str, str], newline: str) -> str:
+    """The pieces of ``out`` with lines for ``keys`` put before piece number ``at``."""
+    head, tail = "".join(out[:at]), "".join(out[at:])
+    if head and not head.endswith(("\n", "\r")):
+        head += newline
+    return head + "".join(f"{k}={_quote(v, '')}{newline}" for k, v in keys.items()) + tail
+
+
+def read_back_problem(text: str, new: str, updates: Mapping[str, str | None]) -> str | None:
+    """Why ``new`` (``text`` with ``updates``, :func:`render_update`) would not read back as
+    meant, or None.
+
+    A line python-dotenv cannot read may hold an unclosed quote (NOTE="...), which takes
+    everything up to the next quote into its value: a value the save quotes (a token with a
+    '~' or '=', refreshed_by, which has a space) can then swallow the lines in between,
+    token lines among them. Checked before anything is written, and before a refresh token
+    is spent (:meth:`EnvFileStore.check_writable`).
+    """
+    old, now = _values(text), _values(new)
+    changed = [key for key, value in updates.items() if now.get(key) != value]
+    changed += [key for key in old.keys() - updates.keys() if now.get(key) != old[key]]
+    if not changed:
+        return None
+    lines = parse_stream(io.StringIO(text.removeprefix(BOM)))
+    bad = next((binding.original.line for binding in lines if binding.error), None)
+    return (
+        f"{', '.join(sorted(map(str, changed)))} would not read back as written: "
+        f"{'a line' if bad is None else f'line {bad}'} cannot be read (an unclosed quote?) "
+        "and would take in what follows it. Fix or delete that line"
+    )
+
+
+# What a save writes, in the forms that take every quote a real one may need: a file that
+# reads these back reads back any save.
+_SAVE_PROBE = {
+    ACCESS_KEY: "probe~=",
+    REFRESH_KEY: "probe~=",
+    EXPIRES_KEY: "1.5",
+    REFRESHED_AT_KEY: "1.5",
+    REFRESHED_BY_KEY: "pid 1@probe",
+}
+
+
+@sealed
+def save_problem(real: str, *, in_place: bool) -> str | None:
+    """Why a save to ``real`` would not read back (:func:`read_back_problem`), or None."""
+    raw = read_locked(real) if in_place else Path(real).read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return "it is not UTF-8 text; save it as UTF-8"
+    return read_back_problem(text, render_update(text, _SAVE_PROBE), _SAVE_PROBE)
 
 
 # Sealed (mlauth.errors.sealed), here and on the methods below that read or write the file:
@@ -277,7 +343,11 @@ def update_env_file(
         text = raw.decode("utf-8")  # \r\n stays as it is, so untouched lines stay byte for byte
     except UnicodeDecodeError as exc:
         raise StoreError(f"{real} is not UTF-8 text ({exc.reason}); save it as UTF-8.") from None
-    data = render_update(text, updates).encode("utf-8")
+    new = render_update(text, updates)
+    problem = read_back_problem(text, new, updates)
+    if problem is not None:
+        raise StoreError(f"cannot save to {real}: {problem}. Nothing was written.")
+    data = new.encode("utf-8")
     if in_place:
         try:
             write_in_place(real, data)
@@ -630,12 +700,17 @@ class EnvFileStore(TokenStore):
             else:
                 _drop_stale_aliases(real)
                 _probe_replace(real)
+            problem = save_problem(real, in_place=self.in_place)
         except OSError as exc:
             why = why_unsaved(exc, in_place=self.in_place)
             raise StoreError(
                 f"cannot save tokens to {real}: {why}. Refusing to spend the refresh token: "
                 f"{fix_for(exc)}"
             ) from exc
+        if problem is not None:
+            raise StoreError(
+                f"cannot save tokens to {real}: {problem}. Refusing to spend the refresh token."
+            )
 
     @sealed
     def save(self, tokens: TokenSet, *, replaces: Hashable | None = None) -> Hashable:

@@ -721,12 +721,12 @@ _LINE = re.compile(r"[^\r\n]*(?:\r\n|\r|\n)|[^\r\n]+\Z")
 
 def other_lines(text: str) -> list[str]:
     """The lines of ``text``, with their endings, that no token key's binding touches (the
-    blank lines python-dotenv counts as the start of a binding are other lines)."""
+    blank or white lines python-dotenv counts as the start of a binding are other lines)."""
     spans, at = [], 0
     for binding in parse_stream(io.StringIO(text)):
         original = binding.original.string
         if binding.key in TOKEN_KEYS:
-            spans.append((at + len(original) - len(original.lstrip("\r\n")), at + len(original)))
+            spans.append((at + len(original) - len(original.lstrip()), at + len(original)))
         at += len(original)
     assert at == len(text), "python-dotenv did not read the whole text"
     return [
@@ -815,14 +815,20 @@ class EnvFile:
         return (("\ufeff" if self.bom else "") + text).encode("utf-8", "surrogatepass")
 
     def secrets(self, ctx: Context) -> list[str]:
-        """What the file holds as secrets: the values of ML_CLIENT_SECRET, ML_ACCESS_TOKEN
-        and ML_REFRESH_TOKEN made from a token or the secret, mangled ones too, as written.
-        (A mangled token under another key is no secret: nothing says it is one.)"""
-        return [
-            line.value.raw(ctx)
-            for line in self.lines
-            if line.key in SECRET_KEYS and line.value.secret
+        """What the file holds as secrets: the values python-dotenv reads for
+        ML_CLIENT_SECRET, ML_ACCESS_TOKEN and ML_REFRESH_TOKEN (a comment glued to a bare
+        value is part of it), as read and stripped. A secret only under another key is
+        none: nothing says it is one. A file that is no UTF-8 declares nothing."""
+        try:
+            text = self.render(ctx).decode("utf-8").removeprefix("\ufeff")
+        except UnicodeDecodeError:
+            return []
+        found = [
+            binding.value
+            for binding in parse_stream(io.StringIO(text))
+            if binding.key in SECRET_KEYS and binding.value
         ]
+        return [text for value in found for text in {value, value.strip()} if text]
 
 
 def env_context(stub: TokenStub) -> Context:

@@ -313,3 +313,19 @@ def test_a_save_an_unclosed_quote_would_swallow_is_refused_before_the_token_is_s
     assert "line 3" in str(error) and "Refusing to spend" in str(error)
     assert stub.sent == []  # nothing spent
     assert env.read_bytes() == before
+
+
+def test_a_secret_under_ml_token_store_is_not_logged_when_the_store_cannot_follow(
+    tmp_path: Path,
+) -> None:
+    # The store logs (once, at ERROR) why it cannot follow the tokens to the store the file
+    # names; that line quoted the value the masked error did not.
+    stub = TokenStub(Issuer("opaque", 14))
+    env = write_env(tmp_path, stub, expired=False)
+    with env.open("a") as handle:
+        handle.write(f"ML_TOKEN_STORE={stub.live}\n")
+    with every_log_record() as records:
+        error = outcome(mlauth.EnvFileStore(env).load)
+    assert isinstance(error, mlauth.StoreMovedError), repr(error)
+    assert any(record.levelno == logging.ERROR for record in records)
+    assert_nothing_secret(said(error, records), [ODD_SECRET, *stub.issuer.issued], "the log")

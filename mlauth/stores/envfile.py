@@ -628,7 +628,8 @@ class EnvFileStore(TokenStore):
             with self._follow_lock:
                 if self._moved is None:
                     try:
-                        self._moved = shared_store(values, self.path)
+                        with masked(secrets_of(values)):  # logged and kept: quoted nowhere
+                            self._moved = shared_store(values, self.path)
                     except ConfigError as exc:
                         self._moved = StoreMovedError(
                             f"{self.path}: the tokens moved out of this file ({STORE_KEY} is "

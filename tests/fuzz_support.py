@@ -15,6 +15,7 @@ each property runs the short count it names, for ``make test``.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import dataclasses
 import io
@@ -38,6 +39,7 @@ from hypothesis import strategies as st
 
 import mlauth
 from mlauth.cli.commands import main as cli_main
+from mlauth.secret import fingerprint
 from mlauth.stores.envfile import SECRET_KEYS, TOKEN_KEYS
 from tests.secrets_support import ODD_SECRET, everything_said, logged, spellings
 
@@ -988,3 +990,182 @@ def env_files(draw: st.DrawFn) -> EnvFile:
         bom=draw(st.integers(0, 7)) == 0,
         final_newline=draw(st.integers(0, 5)) != 0,
     )
+
+
+# -- strategies: what a Redis hash may hold -------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class AnswerRecord:
+    """The raw answer a refresher keeps in the hash's ``answer`` field before reading it.
+
+    ``body`` is what the token endpoint sent it (its status is not kept); ``follows`` names
+    the version the hash holds (else an older one); ``spent`` names the stored refresh token
+    (else another); ``fields`` are JSON texts put over the record's own; ``whole``, when set,
+    is the field's text instead of a record.
+    """
+
+    body: Answer
+    follows: bool = True
+    spent: bool = True
+    b64: bool = False
+    fields: tuple[tuple[str, str], ...] = ()
+    whole: str | None = None
+
+    def render(self, ctx: Context, chain: str, generation: int) -> str:
+        if self.whole is not None:
+            return self.whole
+        raw = self.body.render(ctx)
+        record: dict[str, object] = {
+            "kind": "raw",
+            "spent": fingerprint(ctx.old_refresh if self.spent else ctx.old_access),
+            "grant": "refresh_token",
+            "started": 1_700_000_000.0,
+            "at": 1_700_000_001.0,
+            "by": "pid 1@host",
+            "size": len(raw),
+            "chain": chain if self.follows else chain + "0",
+            "generation": generation,
+        }
+        try:
+            if self.b64:
+                raise UnicodeDecodeError("utf-8", raw, 0, 0, "asked for base64")
+            record["body"] = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            record["body_b64"] = base64.b64encode(raw).decode("ascii")
+        text = json.dumps(record)[:-1]
+        return text + "".join(f", {json.dumps(k)}: {v}" for k, v in self.fields) + "}"
+
+    def delivers(self, ctx: Context) -> object:
+        """What the replayed answer gives as the refresh token: as Answer.refresh_field, and
+        ``...`` when the record itself cannot be read as written."""
+        if self.whole is not None or self.fields:
+            return ...
+        return self.body.refresh_field(ctx)
+
+
+@dataclasses.dataclass(frozen=True)
+class RedisHash:
+    """A hash for the tokens: its fields (a :class:`Val`, or bytes that are no UTF-8), and a
+    raw answer in its ``answer`` field. ``chain`` and ``generation`` are the version the
+    fields name when they are as mlauth writes them."""
+
+    fields: tuple[tuple[str, Val | bytes], ...]
+    chain: str
+    generation: int
+    answer: AnswerRecord | None = None
+
+    def mapping(self, ctx: Context) -> dict[str, str | bytes]:
+        found: dict[str, str | bytes] = {
+            name: value if isinstance(value, bytes) else value.raw(ctx).encode("utf-8")
+            for name, value in self.fields
+        }
+        if self.answer is not None:
+            found["answer"] = self.answer.render(ctx, self.chain, self.generation).encode(
+                "utf-8", "surrogatepass"
+            )
+        return found
+
+    def field(self, name: str) -> Val | bytes | None:
+        return dict(self.fields).get(name)
+
+    @property
+    def readable(self) -> bool:
+        """Whether the version is as mlauth writes it and the refresh token as mlauth wrote
+        it (or gone), so that a record that follows is replayed as the answer reads."""
+        return (
+            self.field("chain") == Val("text", self.chain)
+            and self.field("generation") == Val("text", str(self.generation))
+            and self.field("refresh_token") in (Val("old refresh"), None)
+        )
+
+
+HASH_TEXT = st.text(ENV_CHARS | st.just("\n"), max_size=30)
+GENERATIONS = st.sampled_from(["", "-1", "1.5", "1e3", "abc", "9" * 16, " 1", "007", "\u0661"])
+# Bytes that are no UTF-8: a stray byte, a cut sequence, an encoded surrogate.
+NOT_UTF8 = st.one_of(
+    st.sampled_from([b"\x80", b"\xff\xfe", b"abc\xc3", b"\xed\xa0\x80"]),
+    st.binary(max_size=8).map(lambda data: data + b"\xff"),
+)
+
+
+@st.composite
+def hash_fields(
+    draw: st.DrawFn, chain: str, generation: int
+) -> tuple[tuple[str, Val | bytes], ...]:
+    natural: dict[str, Val] = {
+        "chain": Val("text", chain),
+        "generation": Val("text", str(generation)),
+        "access_token": Val("old access"),
+        "refresh_token": Val("old refresh"),
+        "expires_at": Val("text", "1000000000.5"),
+        "refreshed_at": Val("text", "999978400.5"),
+        "refreshed_by": Val("text", "pid 1@host"),
+    }
+    odd: dict[str, st.SearchStrategy[str]] = {
+        "generation": GENERATIONS,
+        "expires_at": TIMES,
+        "refreshed_at": TIMES,
+        "refreshed_by": SETTINGS["ML_TOKEN_REFRESHED_BY"],
+    }
+    fields: list[tuple[str, Val | bytes]] = []
+    for name, val in natural.items():
+        roll = draw(st.integers(0, 30))
+        value: Val | bytes = val
+        if roll == 0:
+            continue
+        if roll == 1:
+            value = Val("text", draw(odd.get(name, HASH_TEXT)))
+        elif roll == 2:
+            value = draw(NOT_UTF8)
+        elif roll == 3 and name.endswith("_token"):
+            kind = draw(st.sampled_from(("old access", "old refresh", "secret")))
+            value = draw(mangled(kind, ENV_CHARS | st.just("\n")))
+        fields.append((name, value))
+    for _ in range(draw(st.integers(0, 2))):
+        fields.append(
+            (draw(st.from_regex(r"[a-z_]{1,12}", fullmatch=True)), Val("text", draw(HASH_TEXT)))
+        )
+    return tuple(fields)
+
+
+@st.composite
+def answer_records(draw: st.DrawFn) -> AnswerRecord:
+    roll = draw(st.integers(0, 9))
+    if roll == 0:
+        whole = draw(st.one_of(HASH_TEXT, JSON_TEXT.filter(lambda text: not text.startswith("{"))))
+        return AnswerRecord(GOOD, whole=whole)
+    body = GOOD if roll < 4 else draw(answers(status=st.just(200)))
+    fields: tuple[tuple[str, str], ...] = ()
+    if draw(st.integers(0, 5)) == 0:
+        names = st.sampled_from(
+            [
+                "kind",
+                "spent",
+                "grant",
+                "started",
+                "at",
+                "by",
+                "chain",
+                "generation",
+                "body",
+                "body_b64",
+                "trimmed",
+            ]
+        )
+        fields = tuple(draw(st.lists(st.tuples(names, JSON_TEXT), min_size=1, max_size=3)))
+    return AnswerRecord(
+        body,
+        follows=draw(st.integers(0, 3)) != 0,
+        spent=draw(st.integers(0, 3)) != 0,
+        b64=draw(st.booleans()),
+        fields=fields,
+    )
+
+
+@st.composite
+def redis_hashes(draw: st.DrawFn) -> RedisHash:
+    chain = draw(st.from_regex(r"[0-9a-f]{16}", fullmatch=True))
+    generation = draw(st.integers(1, 10**6))
+    answer = draw(answer_records()) if draw(st.booleans()) else None
+    return RedisHash(draw(hash_fields(chain, generation)), chain, generation, answer)

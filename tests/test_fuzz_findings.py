@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import redis
 
 import mlauth
 from benchmarks.redis_server import RedisServer
@@ -329,3 +330,33 @@ def test_a_secret_under_ml_token_store_is_not_logged_when_the_store_cannot_follo
     assert isinstance(error, mlauth.StoreMovedError), repr(error)
     assert any(record.levelno == logging.ERROR for record in records)
     assert_nothing_secret(said(error, records), [ODD_SECRET, *stub.issuer.issued], "the log")
+
+
+# -- the Redis hash ------------------------------------------------------------------------------
+
+
+def redis_env(folder: Path, url: str, key: str) -> Path:
+    env = folder / ".env"
+    env.write_text(
+        f"ML_CLIENT_ID={CLIENT_ID}\nML_CLIENT_SECRET={ODD_SECRET}\n"
+        f"ML_TOKEN_STORE={url}\nML_TOKEN_KEY={key}\n"
+    )
+    env.chmod(0o600)
+    return env
+
+
+def test_a_redis_value_that_is_no_utf8_is_a_store_error_and_spends_nothing(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    # redis-py decodes every value it reads: a UnicodeDecodeError left the library, from
+    # from_env, a request and `mlauth status`.
+    stub = TokenStub(Issuer("ml", 15))
+    hash_ = {"chain": "c0ffee", "generation": "1", "refresh_token": stub.live}
+    with redis.Redis.from_url(redis_server.url) as client:
+        client.hset("fuzz:tokens", mapping={**hash_, "refreshed_by": b"pid 1@\xff"})
+    env = redis_env(tmp_path, redis_server.url, "fuzz:tokens")
+    error = outcome(lambda: mlauth.MLAuth.from_env(env, **AUTH_OPTIONS))
+    assert isinstance(error, mlauth.StoreError), repr(error)
+    assert "no UTF-8 text" in str(error) and "HDEL fuzz:tokens" in str(error)
+    assert "no UTF-8 text" in status_output(env)
+    assert stub.sent == []

@@ -146,6 +146,19 @@ def _odd(key: str, where: str, field: str, problem: str, fix: str) -> StoreError
     )
 
 
+def _not_text(key: str, where: str) -> StoreError:
+    # redis-py decodes every value it reads (decode_responses): one that is no UTF-8 fails
+    # the whole read, and which field it was is not known.
+    return _odd(
+        key,
+        where,
+        "field",
+        "is no UTF-8 text",
+        f"Find it with HGETALL {key} and delete it (HDEL {key} FIELD), or move the tokens "
+        "there again with `mlauth migrate --to URL --force`.",
+    )
+
+
 def _generation(raw: str | None, key: str, where: str) -> int:
     """The hash's generation (0 when it has none); StoreError for anything else."""
     if not raw:
@@ -363,6 +376,8 @@ class RedisStore(TokenStore):
         self._checked_at = now
         try:
             chain, gen = self._probe.hmget(self._key(), ["chain", "generation"])
+        except UnicodeDecodeError:
+            raise _not_text(self._key(), self.location) from None
         except RedisError as exc:
             # Back off: a Redis that hangs would otherwise cost every check its timeout. A
             # successful load() (a 401 or an expiry re-reads under the lock) ends this early.
@@ -389,6 +404,8 @@ class RedisStore(TokenStore):
             self._local.answer = values.get(ANSWER_FIELD)
             if not values.get("chain") or self._behind(values):
                 values = self._put_back(key)
+        except UnicodeDecodeError:
+            raise _not_text(key, self.location) from None
         except RedisError as exc:
             raise self._unreachable(exc, "read the tokens from") from None
         chain, gen = values["chain"], _generation(values.get("generation"), key, self.location)
@@ -583,6 +600,8 @@ class RedisStore(TokenStore):
             rows.append(("generation", f"{seen[1]} (chain {seen[0]})"))
         try:
             raw = cast("str | None", self._client.hget(self._key(), ANSWER_FIELD))
+        except UnicodeDecodeError:
+            raise _not_text(self._key(), self.location) from None
         except RedisError as exc:
             raise self._unreachable(exc, "read") from None
         record = _answer_record(raw, self.location)

@@ -360,3 +360,20 @@ def test_a_redis_value_that_is_no_utf8_is_a_store_error_and_spends_nothing(
     assert "no UTF-8 text" in str(error) and "HDEL fuzz:tokens" in str(error)
     assert "no UTF-8 text" in status_output(env)
     assert stub.sent == []
+
+
+def test_an_empty_redis_generation_is_a_store_error_and_spends_nothing(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    # It read as generation 0, but the commit script cannot compare it: the refresh spent the
+    # token and its commit failed, and the next process spent the dead token (invalid_grant).
+    stub = TokenStub(Issuer("ml", 16))
+    with redis.Redis.from_url(redis_server.url) as client:
+        client.hset(
+            "fuzz:tokens", mapping={"chain": "c0ffee", "generation": "", "refresh_token": stub.live}
+        )
+    env = redis_env(tmp_path, redis_server.url, "fuzz:tokens")
+    error = outcome(lambda: mlauth.MLAuth.from_env(env, **AUTH_OPTIONS).refresh())
+    assert isinstance(error, mlauth.StoreError), repr(error)
+    assert "generation" in str(error)
+    assert stub.sent == []

@@ -160,8 +160,9 @@ def _not_text(key: str, where: str) -> StoreError:
 
 
 def _generation(raw: str | None, key: str, where: str) -> int:
-    """The hash's generation (0 when it has none); StoreError for anything else."""
-    if not raw:
+    """The hash's generation (0 when it has none); StoreError for anything else (an empty
+    one too: the commit script cannot compare it, so no commit would ever land)."""
+    if raw is None:
         return 0
     if _GENERATION.fullmatch(raw) is None:
         raise _odd(

@@ -6,6 +6,7 @@ the properties may stop finding it once the strategies change; these never stop 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Callable
@@ -18,6 +19,7 @@ import mlauth
 from benchmarks.redis_server import RedisServer
 from mlauth.secret import Secret
 from mlauth.stores.envfile import read_env_file
+from mlauth.stores.redis import RedisStore
 from mlauth.tokens import TokenSet
 from tests.fuzz_support import (
     AUTH_OPTIONS,
@@ -377,3 +379,47 @@ def test_an_empty_redis_generation_is_a_store_error_and_spends_nothing(
     assert isinstance(error, mlauth.StoreError), repr(error)
     assert "generation" in str(error)
     assert stub.sent == []
+
+
+def test_a_kept_answer_that_cannot_be_committed_stops_the_refresh_before_spending(
+    tmp_path: Path, redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A refresher died after keeping its answer; the stored token was spent for it. When the
+    # replay failed, the refresh went on and sent the spent token (invalid_grant), and the
+    # answer's live token was lost with the next commit.
+    stub = TokenStub(Issuer("ml", 17))
+    spent, (access, live) = stub.live, stub.issuer.pair()
+    answer = {"access_token": access, "refresh_token": live, "expires_in": 21600}
+    record = {
+        "kind": "raw",
+        "spent": mlauth.fingerprint(spent),
+        "grant": "refresh_token",
+        "started": 1_700_000_000.0,
+        "at": 1_700_000_001.0,
+        "by": "pid 1@host",
+        "size": 1,
+        "body": json.dumps(answer),
+        "chain": "c0ffee",
+        "generation": 1,
+    }
+    mapping = {"chain": "c0ffee", "generation": "1", "refresh_token": spent}
+    with redis.Redis.from_url(redis_server.url) as client:
+        client.hset("fuzz:tokens", mapping={**mapping, "answer": json.dumps(record)})
+    stub.live = live  # the server rotated when the refresher that died spent the token
+    env = redis_env(tmp_path, redis_server.url, "fuzz:tokens")
+
+    def refused(self: RedisStore, tokens: TokenSet, *, replaces: object = None) -> object:
+        raise mlauth.StoreError("the commit failed")
+
+    monkeypatch.setattr(RedisStore, "save", refused)
+    auth = mlauth.MLAuth.from_env(env, **AUTH_OPTIONS)
+    stub.mount_on(auth)
+    error = outcome(auth.refresh)
+    assert isinstance(error, mlauth.StoreError), repr(error)
+    assert "nothing was sent" in str(error)
+    assert stub.sent == []
+    monkeypatch.undo()
+    auth = mlauth.MLAuth.from_env(env, **AUTH_OPTIONS)  # the commit works again: replayed
+    stub.mount_on(auth)
+    auth.refresh()
+    assert stub.sent == [live]

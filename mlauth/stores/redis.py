@@ -711,7 +711,8 @@ class RedisRefresh(RefreshTransaction):
 
     Opening it finishes what a holder that died left: a raw answer that follows the version
     read is committed over it with the fence (a usable one), or kept and shown (one with no
-    usable refresh token: the stored token is then tried once).
+    usable refresh token: the stored token is then tried once). A usable one that cannot be
+    committed stops the refresh: the stored token was spent for it.
     """
 
     def __init__(self, store: RedisStore, *, login: bool = False) -> None:
@@ -728,9 +729,9 @@ class RedisRefresh(RefreshTransaction):
         self._follows_token: str | None = None
         self._raw_kept: bool | None = None
         self.kept: str | None = None
-        self._recover(store.answer_read())
+        self._recover(store.answer_read(), login=login)
 
-    def _recover(self, record: dict[str, Any] | None) -> None:
+    def _recover(self, record: dict[str, Any] | None, *, login: bool) -> None:
         version = self.version if isinstance(self.version, tuple) else None
         if record is None or _follows(record) != version:
             return  # none, or one the chain moved past (the next commit clears it)
@@ -744,8 +745,17 @@ class RedisRefresh(RefreshTransaction):
         try:
             self.version = self._store.save(found, replaces=self.version)
         except StoreError as exc:  # a peer committed (stale), or Redis failed: it stays there
-            log.error("could not replay the raw answer kept in %s yet: %s", self._store.key, exc)
-            return
+            if login:  # replaced by the login's own tokens anyway
+                log.error("could not replay the raw answer kept in %s: %s", self._store.key, exc)
+                return
+            # The stored refresh token was spent for this answer: sending it again could
+            # only earn invalid_grant, and the answer's token would be lost for good.
+            raise StoreError(
+                f"{self._store.key} at {self._store.location} keeps the answer of a refresh "
+                f"that was not committed, and it could not be written back ({exc}); the "
+                "refresh token the hash holds was spent for it, so nothing was sent. The next "
+                "refresh tries again."
+            ) from None
         self.tokens = found
         log.warning(
             "recovered a refresh that was not committed (a holder that died): wrote %s to %s",

@@ -29,6 +29,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
+from unittest import mock
 from urllib.parse import parse_qsl, quote
 
 import requests
@@ -680,6 +681,29 @@ def status_output(env: Path) -> str:
 # examples run in seconds; else the default temporary folder.
 _SHM = "/dev/shm"
 EXAMPLES_ROOT = _SHM if os.path.isdir(_SHM) and os.access(_SHM, os.W_OK) else None
+
+
+@contextlib.contextmanager
+def closing_redis_clients() -> Iterator[None]:
+    """Close, at the end of the block, every Redis client a RedisStore made in it: an example
+    makes several (from_env, the CLI, a store's own load), and a socket left to the garbage
+    collector warns (an error under this suite's filterwarnings) wherever it is collected."""
+    from mlauth.stores.redis import RedisStore
+
+    opened: list[Any] = []
+    connect = RedisStore._connect
+
+    def recording(store: RedisStore, url: str, timeout: float) -> Any:
+        clients = connect(store, url, timeout)
+        opened.extend(clients)
+        return clients
+
+    with mock.patch.object(RedisStore, "_connect", recording):
+        try:
+            yield
+        finally:
+            for client in opened:
+                client.close()
 
 
 @contextlib.contextmanager

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -33,6 +33,7 @@ from tests.fuzz_support import (
     TokenStub,
     Val,
     assert_nothing_secret,
+    closing_redis_clients,
     every_log_record,
     outcome,
     said,
@@ -337,6 +338,12 @@ def test_a_secret_under_ml_token_store_is_not_logged_when_the_store_cannot_follo
 # -- the Redis hash ------------------------------------------------------------------------------
 
 
+@pytest.fixture
+def closed_redis() -> Iterator[None]:
+    with closing_redis_clients():
+        yield
+
+
 def redis_env(folder: Path, url: str, key: str) -> Path:
     env = folder / ".env"
     env.write_text(
@@ -347,6 +354,7 @@ def redis_env(folder: Path, url: str, key: str) -> Path:
     return env
 
 
+@pytest.mark.usefixtures("closed_redis")
 def test_a_redis_value_that_is_no_utf8_is_a_store_error_and_spends_nothing(
     tmp_path: Path, redis_server: RedisServer
 ) -> None:
@@ -364,6 +372,7 @@ def test_a_redis_value_that_is_no_utf8_is_a_store_error_and_spends_nothing(
     assert stub.sent == []
 
 
+@pytest.mark.usefixtures("closed_redis")
 def test_an_empty_redis_generation_is_a_store_error_and_spends_nothing(
     tmp_path: Path, redis_server: RedisServer
 ) -> None:
@@ -381,6 +390,7 @@ def test_an_empty_redis_generation_is_a_store_error_and_spends_nothing(
     assert stub.sent == []
 
 
+@pytest.mark.usefixtures("closed_redis")
 def test_a_kept_answer_that_cannot_be_committed_stops_the_refresh_before_spending(
     tmp_path: Path, redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -18,6 +18,7 @@ import redis
 import mlauth
 from benchmarks.redis_server import RedisServer
 from mlauth.secret import Secret
+from mlauth.stores import store_from_env
 from mlauth.stores.envfile import read_env_file
 from mlauth.stores.redis import RedisStore
 from mlauth.tokens import TokenSet
@@ -433,3 +434,32 @@ def test_a_kept_answer_that_cannot_be_committed_stops_the_refresh_before_spendin
     stub.mount_on(auth)
     auth.refresh()
     assert stub.sent == [live]
+
+
+def test_a_secret_under_refreshed_by_shows_as_its_fingerprint_in_frames(tmp_path: Path) -> None:
+    # Found by the long run of the .env property: the tokens read from the file (TokenSet,
+    # whose repr shows refreshed_by) were a local of the frames of the error about the
+    # missing refresh token, and ML_TOKEN_REFRESHED_BY held the client secret's value.
+    stub = TokenStub(Issuer("opaque", 18))
+    env = tmp_path / ".env"
+    env.write_text(
+        f"ML_CLIENT_ID={CLIENT_ID}\nML_CLIENT_SECRET={stub.access}\n"
+        f"ML_TOKEN_REFRESHED_BY={stub.access}\n"
+    )
+    env.chmod(0o600)
+    error = outcome(lambda: mlauth.MLAuth.from_env(env))
+    assert isinstance(error, mlauth.ConfigError), repr(error)
+    assert mlauth.fingerprint(stub.access) in everything_said(error)
+    assert_nothing_secret(everything_said(error), [stub.access], "the error")
+
+
+@pytest.mark.usefixtures("closed_redis")
+def test_a_token_under_redis_refreshed_by_shows_as_its_fingerprint(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    stub = TokenStub(Issuer("opaque", 19))
+    mapping = {"chain": "c0ffee", "generation": "1", "refresh_token": stub.live}
+    with redis.Redis.from_url(redis_server.url) as client:
+        client.hset("fuzz:tokens", mapping={**mapping, "refreshed_by": f"by {stub.live}"})
+    tokens, _ = store_from_env(redis_env(tmp_path, redis_server.url, "fuzz:tokens")).load()
+    assert tokens.refreshed_by == f"by {mlauth.fingerprint(stub.live)}"

@@ -26,7 +26,7 @@ from dotenv import dotenv_values
 from dotenv.parser import parse_stream
 
 from mlauth.errors import ConfigError, StoreError, StoreMovedError, masked, sealed
-from mlauth.secret import Secret, fingerprint
+from mlauth.secret import Secret, fingerprint, mask
 from mlauth.tokens import LATEST_TIME, TokenSet, token_problem
 
 from .base import RefreshTransaction, TokenStore, savable
@@ -437,12 +437,15 @@ def tokens_from_values(values: Mapping[str, str | None], path: str) -> TokenSet:
             "not shown). Put the refresh token back exactly as MercadoLibre gave it, on one "
             "line, or run `mlauth login` to authorize again."
         )
+    # Shown by status, and by the repr of these tokens in any frame that holds them: a secret
+    # of the file there (pasted under the wrong key) shows as its fingerprint.
+    by = values.get(REFRESHED_BY_KEY)
     return TokenSet(
         access_token=Secret(access) if access else None,
         refresh_token=Secret(refresh) if refresh else None,
         expires_at=_number(values, EXPIRES_KEY, path),
         refreshed_at=_number(values, REFRESHED_AT_KEY, path),
-        refreshed_by=(values.get(REFRESHED_BY_KEY) or None),
+        refreshed_by=mask(by, secrets_of(values)) if by else None,
     )
 
 

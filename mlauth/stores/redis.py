@@ -53,7 +53,7 @@ from mlauth.errors import (
     StoreError,
     sealed,
 )
-from mlauth.secret import Secret, fingerprint, quotes_url_secret, redact_url, url_scheme
+from mlauth.secret import Secret, fingerprint, mask, quotes_url_secret, redact_url, url_scheme
 from mlauth.tokens import LATEST_TIME, TokenSet, this_process, token_problem
 
 from .base import NOT_LOCAL, RefreshTransaction, TokenStore, savable
@@ -199,6 +199,15 @@ def _float(values: dict[str, str], field: str, key: str, where: str) -> float | 
 _warned_access: set[tuple[str, str]] = set()
 
 
+def _masked_by(values: dict[str, str]) -> str | None:
+    by = values.get("refreshed_by")
+    if not by:
+        return None
+    return mask(
+        by, [Secret(values[name]) for name in ("access_token", "refresh_token") if values.get(name)]
+    )
+
+
 def tokens_of_hash(values: dict[str, str], key: str, where: str) -> TokenSet:
     """The tokens a hash holds; StoreError for a field mlauth cannot have written.
 
@@ -235,7 +244,9 @@ def tokens_of_hash(values: dict[str, str], key: str, where: str) -> TokenSet:
         refresh_token=Secret(refresh) if refresh else None,
         expires_at=_float(values, "expires_at", key, where),
         refreshed_at=_float(values, "refreshed_at", key, where),
-        refreshed_by=values.get("refreshed_by") or None,
+        # Shown by status, and by the repr of these tokens in any frame: a token there shows
+        # as its fingerprint.
+        refreshed_by=_masked_by(values),
     )
 
 

@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck redis-server bench clean
+.PHONY: demo test lint typecheck redis-server bench fuzz clean
 
 $(STAMP): pyproject.toml setup.cfg
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,15 @@ redis-server:
 
 test: lint typecheck redis-server
 	$(PY) -m pytest
+
+# The fuzz properties (tests/test_fuzz_*.py) at full length: FUZZ_EXAMPLES examples each, where
+# make test runs a short pass of each (docs/testing.md). Their statistics are printed at the end.
+# pytest's log capture is off: it would keep every DEBUG record of every example in memory
+# (the properties read the records themselves).
+FUZZ_EXAMPLES ?= 20000
+fuzz: $(STAMP) redis-server
+	MLAUTH_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -p no:logging --hypothesis-show-statistics \
+		tests/test_fuzz_answers.py tests/test_fuzz_env.py tests/test_fuzz_redis.py
 
 # Full-size runs of every benchmark; rewrites benchmarks/results/ (tables, JSON, plots).
 # The storm's `mlauth (redis)` row starts its own redis-server.

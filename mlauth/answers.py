@@ -37,6 +37,7 @@ __all__ = [
     "Reading",
     "answer_of",
     "essentials",
+    "parse_body",
     "parse_expires_in",
     "raw_of",
     "raw_record",
@@ -172,12 +173,20 @@ def parse_expires_in(value: object) -> tuple[float | None, str | None]:
     return seconds, None
 
 
+# The registered token types other than bearer (RFC 6749's registry, RFC 9449's DPoP): the
+# only values a warning quotes. Any other string may be a token a confused server or proxy put
+# there (the new access token, say), and the warning goes to logs.
+_OTHER_TYPES = frozenset({"mac", "dpop", "n_a", "pop", "basic"})
+
+
 def _token_type_oddity(value: object) -> str | None:
     if value is None or (isinstance(value, str) and value.lower() == "bearer"):
         return None  # ML sends bearer or Bearer; a missing one means bearer (RFC 6749)
-    if isinstance(value, str) and len(value) <= 20 and value.isascii() and value.isprintable():
+    if isinstance(value, str) and value.lower() in _OTHER_TYPES:
         return f"token_type is {value!r}, not bearer"
-    return f"token_type is {json_kind(value)} of no known type, not bearer"
+    if isinstance(value, str):
+        return f"token_type is a string of {len(value)} characters, not bearer"
+    return f"token_type is {json_kind(value)}, not bearer"
 
 
 @dataclasses.dataclass(frozen=True)

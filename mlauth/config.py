@@ -7,10 +7,10 @@ import os
 from collections.abc import Mapping
 from urllib.parse import urlsplit
 
-from .errors import ConfigError
+from .errors import ConfigError, masked, sealed
 from .hosts import HostRules
-from .secret import Secret
-from .stores.envfile import read_env_file
+from .secret import Secret, mask
+from .stores.envfile import read_env_file, secrets_of
 from .urls import LOOPBACK, configured_target, is_loopback
 
 __all__ = [
@@ -112,6 +112,7 @@ def hosts_warning(rules: HostRules, token_url: str) -> str | None:
     )
 
 
+@sealed  # the .env's values are locals
 def token_hosts_row(path: str | os.PathLike[str]) -> str:
     """What ``mlauth status`` shows for the hosts that get the token. Never raises: a bad
     value is reported by the checks that follow the rows."""
@@ -121,6 +122,10 @@ def token_hosts_row(path: str | os.PathLike[str]) -> str:
         rules = check_hosts(listed or list(DEFAULT_HOSTS), "ML_API_HOSTS")
     except ConfigError:
         return "unknown (ML_API_HOSTS is not valid)"
+    return mask(_hosts_row(values, rules, listed), secrets_of(values))
+
+
+def _hosts_row(values: Mapping[str, str | None], rules: HostRules, listed: str) -> str:
     shown = rules.shown() + ("" if listed else " (the default)")
     try:
         url = check_token_url(values.get("ML_TOKEN_URL") or DEFAULT_TOKEN_URL, "ML_TOKEN_URL")
@@ -148,20 +153,25 @@ def _required(values: Mapping[str, str | None], key: str, path: str, fix: str) -
 _SETTINGS = frozenset({"ML_CLIENT_ID", "ML_CLIENT_SECRET", "ML_TOKEN_URL", "ML_API_HOSTS"})
 
 
+@sealed  # the .env's values, the client secret among them, are locals here and below
 def env_settings(path: str | os.PathLike[str]) -> dict[str, object]:
     """The MLAuth arguments a ``.env`` defines (credentials, token URL, hosts), checked.
 
-    The client secret comes as a :class:`Secret`, and the file's tokens are not kept: a
-    caller's frame (on the traceback of a ConfigError) holds only what it needs.
+    The client secret comes as a :class:`Secret`. A ConfigError leaves without the frames
+    that held the file's values, and quotes none of its secrets.
     """
     where = os.fspath(path)
-    values = {key: value for key, value in read_env_file(where).items() if key in _SETTINGS}
+    read = read_env_file(where)
+    with masked(secrets_of(read)):  # a token pasted under another key is not quoted
+        return _settings(where, {key: value for key, value in read.items() if key in _SETTINGS})
+
+
+def _settings(where: str, values: dict[str, str | None]) -> dict[str, object]:
     creds = "copy it from your app in the MercadoLibre developer panel"
     settings: dict[str, object] = {
         "client_id": _required(values, "ML_CLIENT_ID", where, creds),
         "client_secret": Secret(_required(values, "ML_CLIENT_SECRET", where, creds)),
     }
-    del values["ML_CLIENT_SECRET"]
     if (values.get("ML_TOKEN_URL") or "").strip():
         settings["token_url"] = check_token_url(
             values["ML_TOKEN_URL"] or "", f"{where}: ML_TOKEN_URL"

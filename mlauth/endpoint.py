@@ -7,13 +7,12 @@ import email.utils
 import logging
 import random
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterable
 
 import requests
 import urllib3.exceptions
 
-from .answers import answer_of, read_answer
+from .answers import answer_of, parse_body, read_answer
 from .errors import REAUTHORIZE, InvalidGrantError, RefreshError, scrub
 from .secret import Secret, SecretForm
 from .tokens import TokenAnswer
@@ -123,11 +122,10 @@ _NEVER_SENT = (
 
 
 def _error_fields(response: requests.Response) -> tuple[str | None, str | None]:
-    try:
-        body: Any = response.json()
-    except ValueError:
-        return None, None
-    if not isinstance(body, dict):
+    # Read as leniently as a 2xx answer: response.json() raises RecursionError (no ValueError)
+    # on a body nested too deeply, and a stray byte that is no UTF-8 spoils only its string.
+    body, _ = parse_body(response.content)
+    if body is None:
         return None, None
     error = body.get("error")
     # The text is under error_description in the docs and under message in some answers.
@@ -242,6 +240,7 @@ class TokenEndpoint:
         attempts: int | None = None,
         before_attempt: Callable[[], None] | None = None,
         on_answer: Callable[[bytes, float], None] | None = None,
+        known: Iterable[Secret | None] = (),
     ) -> TokenAnswer:
         """Spend ``refresh_token`` for a new token pair, in at most ``attempts`` tries.
 
@@ -249,6 +248,8 @@ class TokenEndpoint:
         the token is presented again (a store renews its lock there, or finds it lost).
         ``on_answer`` gets the raw bytes of a 2xx answer and their arrival time before
         anything reads them (the store journals them: they hold the only live refresh token).
+        ``known``: the other secrets the caller holds (its access token), masked like the
+        form's in whatever the server's answers put into logs, the journal and errors.
         """
         form = SecretForm(
             {
@@ -256,7 +257,8 @@ class TokenEndpoint:
                 "client_id": self.client_id,
                 "client_secret": self._client_secret,
                 "refresh_token": refresh_token,
-            }
+            },
+            unsent=known,
         )
         return self._call(form, attempts or self.max_attempts, before_attempt, on_answer=on_answer)
 

@@ -34,7 +34,7 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Callable, Hashable, Iterator
+from collections.abc import Callable, Hashable, Iterable, Iterator
 from typing import Protocol
 
 from .errors import (
@@ -84,6 +84,7 @@ class TokenClient(Protocol):
         attempts: int | None = None,
         before_attempt: Callable[[], None] | None = None,
         on_answer: Callable[[bytes, float], None] | None = None,
+        known: Iterable[Secret | None] = (),
     ) -> TokenAnswer: ...
 
     def reset_session(self) -> None: ...
@@ -543,6 +544,7 @@ class RefreshEngine:
                 before_attempt=txn.before_attempt,
                 # The raw answer goes to the store before anything reads it.
                 on_answer=lambda raw, at: txn.answered(raw, started=started, at=at),
+                known=self._known(),  # what the answer may quote: masked before it is logged
             )
         except RefreshError as exc:
             if isinstance(exc, InvalidGrantError) and self._rotated_outside(txn, spent):

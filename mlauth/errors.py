@@ -9,8 +9,10 @@ safe to print: the HTTP status, the provider's error code and its description.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import Any
+import contextlib
+import functools
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, ParamSpec, TypeVar
 
 import requests
 
@@ -29,7 +31,9 @@ __all__ = [
     "StoreError",
     "StoreMovedError",
     "UnexpectedError",
+    "masked",
     "scrub",
+    "sealed",
 ]
 
 
@@ -67,6 +71,49 @@ def scrub(error: MLAuthError, secrets: Iterable[Secret | None]) -> None:
     for name, value in list(vars(error).items()):
         if isinstance(value, str):
             setattr(error, name, mask(value, known))
+
+
+@contextlib.contextmanager
+def masked(secrets: Iterable[Secret | None]) -> Iterator[None]:
+    """An MLAuthError raised in the block leaves with ``secrets`` masked in its text.
+
+    For code that checks values read beside secrets and quotes a value it refuses: a token
+    or the client secret pasted under the wrong key of a ``.env`` must not be quoted back
+    into a log or a terminal.
+    """
+    try:
+        yield
+    except MLAuthError as exc:
+        scrub(exc, secrets)
+        raise
+
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def sealed(function: Callable[_P, _R]) -> Callable[_P, _R]:
+    """``function``, whose errors leave without its frames and the frames below it, and
+    without the exceptions they were raised while handling.
+
+    For code that holds secrets in plain text in its locals: the text of a ``.env`` and the
+    values read from it, a Redis hash, the values a save writes. Crash reporters (Sentry's
+    Python SDK by default) send every frame's locals and every chained exception (and a
+    UnicodeDecodeError carries the very bytes it could not decode). The frame that raises
+    the error again holds only the arguments: seal functions whose arguments hold no secret
+    in plain text. An error keeps its message, which for mlauth's own names the file, the
+    key and the fix; what is lost is only where below the seal it was raised.
+    """
+
+    @functools.wraps(function)
+    def run(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        try:
+            return function(*args, **kwargs)
+        except BaseException as exc:  # noqa: BLE001 (raised again, trimmed)
+            exc.__cause__ = exc.__context__ = None
+            raise exc.with_traceback(None)  # noqa: B904 (the same exception, not a new one)
+
+    return run
 
 
 def rebuilt(cls: type[MLAuthError], args: tuple[Any, ...], state: dict[str, Any]) -> MLAuthError:

@@ -97,7 +97,10 @@ class HostRules:
         self._seen_parts: dict[tuple[str, str, int | None], bool] = {}  # see allows_parts()
 
     def __repr__(self) -> str:
-        return f"HostRules({[_entry(name, port) for name, port in self.entries]!r})"
+        # Also of an object whose __init__ failed on a bad entry: tracebacks that show locals
+        # (pytest -l, capture_locals, crash reporters) call it on that frame's ``self``.
+        entries = vars(self).get("entries", ())
+        return f"HostRules({[_entry(name, port) for name, port in entries]!r})"
 
     def shown(self) -> str:
         """The entries as ``ML_API_HOSTS`` takes them: ``api.mercadolibre.com, [::1]:8080``."""

@@ -187,10 +187,15 @@ class SecretForm:
     only as the bytes :meth:`encode` makes for the wire.
     """
 
-    __slots__ = ("_fields",)
+    __slots__ = ("_fields", "_unsent")
 
-    def __init__(self, fields: Mapping[str, str | Secret | None]) -> None:
+    def __init__(
+        self, fields: Mapping[str, str | Secret | None], *, unsent: Iterable[Secret | None] = ()
+    ) -> None:
         self._fields = tuple((name, value) for name, value in fields.items() if value is not None)
+        # Secrets the sender holds beside the form's own (the access token in use): a server
+        # or a proxy may quote those too, and its answer goes into logs and the journal.
+        self._unsent = tuple(secret for secret in unsent if secret is not None)
 
     def encode(self) -> bytes:
         """The body to send, encoded as requests encodes a ``data=`` dict."""
@@ -200,7 +205,9 @@ class SecretForm:
 
     @property
     def secrets(self) -> tuple[Secret, ...]:
-        return tuple(value for _, value in self._fields if isinstance(value, Secret))
+        """What an answer to this form must never be quoted with: its secrets, and the
+        ones its sender holds beside them."""
+        return (*(value for _, value in self._fields if isinstance(value, Secret)), *self._unsent)
 
     def mask(self, text: str) -> str:
         """``text`` (a server's answer to this form, say) with this form's secrets masked."""

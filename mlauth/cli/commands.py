@@ -37,10 +37,10 @@ from mlauth.errors import ConfigError, InvalidGrantError, MLAuthError, StoreErro
 from mlauth.integrations.requests_auth import MLAuth
 from mlauth.logs import LEVEL_VARIABLE, OFF, level_from_environment, show_on_stderr
 from mlauth.preflight import refresh_problem
-from mlauth.secret import Secret, redact_url, url_scheme
+from mlauth.secret import Secret, mask, redact_url, url_scheme
 from mlauth.stores import store_from_env
 from mlauth.stores.base import TokenStore
-from mlauth.stores.envfile import read_env_file
+from mlauth.stores.envfile import read_env_file, secrets_of
 from mlauth.stores.select import STORE_KEY
 from mlauth.terminal import printable
 from mlauth.tokens import TokenSet
@@ -178,10 +178,13 @@ def _cmd_status(args: argparse.Namespace) -> int:
     rows.append(("refresh running", {True: "yes (lock held)", False: "no", None: "unknown"}[busy]))
     rows.append(("token sent to", token_hosts_row(args.env)))
     rows += store.status_details()
+    # A token or the secret where another value belongs (pasted under the wrong key, say) is
+    # shown as its fingerprint, like the tokens' own rows.
+    known = [tokens.access_token, tokens.refresh_token, *secrets_of(read_env_file(args.env))]
     for label, value in rows:
         # Values come from the store (a Redis hash, the .env, the journal): whoever can write
         # there must not be able to drive the terminal of whoever runs status.
-        print(printable(f"{label + ':':<18}{value}"))
+        print(printable(mask(f"{label + ':':<18}{value}", known)))
     sys.stdout.flush()  # the rows first, then the problem on stderr, in a terminal too
     env_settings(args.env)  # a missing secret or bad ML_API_HOSTS fails every refresh: exit 1
     if tokens.refresh_token is None:
@@ -241,17 +244,19 @@ def _cmd_refresh(args: argparse.Namespace) -> int:
 def _cmd_login(args: argparse.Namespace) -> int:
     store = store_from_env(args.env)
     values = read_env_file(args.env)
+    redirect_uri = args.redirect_uri or (values.get("ML_REDIRECT_URI") or "").strip()
+    auth_url = args.auth_url or values.get("ML_AUTH_URL")
+    del values  # the whole .env (secret, tokens): not a local of the errors raised below
     # Everything the exchange will need is checked before the seller is sent to authorize:
     # a code pasted into a login that then fails on configuration is wasted effort.
     settings = env_settings(args.env)  # credentials, ML_TOKEN_URL, ML_API_HOSTS
     client_id = str(settings["client_id"])
-    redirect_uri = args.redirect_uri or (values.get("ML_REDIRECT_URI") or "").strip()
     if not redirect_uri:
         raise ConfigError(
             "no redirect URI: pass --redirect-uri with the one registered for your app, or "
             f"set ML_REDIRECT_URI in {args.env}"
         )
-    base = authorization_base(args.site, args.auth_url or values.get("ML_AUTH_URL"))
+    base = authorization_base(args.site, auth_url)
     store.check_writable()  # the .env's folder is writable; a Redis store is reachable
     if args.code is not None:
         code, state = parse_pasted(args.code)

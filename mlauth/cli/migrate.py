@@ -12,11 +12,12 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from mlauth.errors import AUTHORIZE, ConfigError, MLAuthError
+from mlauth.errors import AUTHORIZE, ConfigError, MLAuthError, masked, sealed
 from mlauth.stores.envfile import (
     TOKEN_KEYS,
     EnvFileStore,
     read_env_file,
+    secrets_of,
     tokens_from_values,
     update_env_file,
 )
@@ -47,6 +48,7 @@ class MigrationResult:
         )
 
 
+@sealed  # the .env's values and the tokens are locals here and below
 def migrate_to_redis(
     env_path: str | os.PathLike[str],
     url: str,
@@ -67,7 +69,8 @@ def migrate_to_redis(
             f"{path} already keeps its tokens in {redact_url(current)} ({STORE_KEY}); there is "
             "nothing left in the file to move"
         )
-    target = shared_store({**values, STORE_KEY: url}, path)
+    with masked(secrets_of(values)):  # a token pasted under another key is not quoted
+        target = shared_store({**values, STORE_KEY: url}, path)
     assert isinstance(target, RedisStore)
     source = EnvFileStore(path)
     # The file lock is taken directly, not through EnvFileStore.lock(): once the file names

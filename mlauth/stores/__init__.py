@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import os
 
+from mlauth.errors import masked, sealed
+
 from .base import RefreshTransaction, TokenStore
-from .envfile import EnvFileStore, read_env_file
+from .envfile import EnvFileStore, read_env_file, secrets_of
 from .select import shared_store
 
 __all__ = ["EnvFileStore", "RefreshTransaction", "TokenStore", "store_from_env"]
 
 
+@sealed  # the .env's values are an argument below
 def store_from_env(path: str | os.PathLike[str]) -> TokenStore:
     """The token store a ``.env`` selects: the one ``ML_TOKEN_STORE`` names, else the file.
 
@@ -24,4 +27,6 @@ def store_from_env(path: str | os.PathLike[str]) -> TokenStore:
     :func:`~mlauth.stores.select.shared_store`.
     """
     where = os.fspath(path)
-    return shared_store(read_env_file(where), where) or EnvFileStore(where)
+    values = read_env_file(where)
+    with masked(secrets_of(values)):  # a token pasted under another key is not quoted
+        return shared_store(values, where) or EnvFileStore(where)

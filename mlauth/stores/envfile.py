@@ -20,12 +20,13 @@ import re
 import stat
 import threading
 from collections.abc import Hashable, Iterator, Mapping
+from pathlib import Path
 
 from dotenv import dotenv_values
 from dotenv.parser import parse_stream
 
-from mlauth.errors import ConfigError, StoreError, StoreMovedError
-from mlauth.secret import Secret, fingerprint
+from mlauth.errors import ConfigError, StoreError, StoreMovedError, masked, sealed
+from mlauth.secret import Secret, fingerprint, mask
 from mlauth.tokens import LATEST_TIME, TokenSet, token_problem
 
 from .base import RefreshTransaction, TokenStore, savable
@@ -49,7 +50,7 @@ from .mounted import (
 from .private import check_folder, temp_beside
 from .select import STORE_KEY, shared_store
 
-__all__ = ["EnvFileStore", "read_env_file", "update_env_file"]
+__all__ = ["EnvFileStore", "read_env_file", "secrets_of", "update_env_file"]
 
 log = logging.getLogger("mlauth")
 
@@ -59,6 +60,7 @@ EXPIRES_KEY = "ML_TOKEN_EXPIRES_AT"
 REFRESHED_AT_KEY = "ML_TOKEN_REFRESHED_AT"
 REFRESHED_BY_KEY = "ML_TOKEN_REFRESHED_BY"
 TOKEN_KEYS = (ACCESS_KEY, REFRESH_KEY, EXPIRES_KEY, REFRESHED_AT_KEY, REFRESHED_BY_KEY)
+SECRET_KEYS = ("ML_CLIENT_SECRET", ACCESS_KEY, REFRESH_KEY)
 # How the file is written: "auto" (in place when it is a mount point, else replaced) or
 # "in-place" (for a host process sharing a file that containers mount alone).
 WRITE_KEY = "ML_ENV_WRITE"
@@ -73,6 +75,7 @@ _LINE = re.compile(
         (?P<end>\r\n|\n|\r|)\Z""",
     re.VERBOSE,
 )
+_ENDING = re.compile(r"(?:\r\n|\n|\r)\Z")
 _BARE_SAFE = re.compile(r"[A-Za-z0-9_.:/@+\-]*\Z")
 BOM = "\ufeff"
 
@@ -92,6 +95,12 @@ def _newline_of(text: str) -> str:
     return "\r\n" if text.count("\r\n") * 2 > text.count("\n") else "\n"
 
 
+def _values(text: str) -> dict[str, str | None]:
+    """What python-dotenv reads from ``text`` (as dotenv_values, without its warnings)."""
+    lines = parse_stream(io.StringIO(text.removeprefix(BOM)))
+    return {binding.key: binding.value for binding in lines if binding.key is not None}
+
+
 def render_update(text: str, updates: Mapping[str, str | None]) -> str:
     """``text`` with the keys of ``updates`` set (or removed, for None); all else unchanged."""
     if text.startswith(BOM):
@@ -100,9 +109,12 @@ def render_update(text: str, updates: Mapping[str, str | None]) -> str:
         return BOM + render_update(text[len(BOM) :], updates)
     out: list[str] = []
     done: set[str] = set()
+    unread: int | None = None  # where in ``out`` the first line python-dotenv could not read is
     for binding in parse_stream(io.StringIO(text)):
         original = binding.original.string
         key = binding.key
+        if binding.error and unread is None:
+            unread = len(out)
         if binding.error or key is None or key not in updates:
             out.append(original)
             continue
@@ -124,18 +136,81 @@ def render_update(text: str, updates: Mapping[str, str | None]) -> str:
             )
         else:
             lead = original[: len(original) - len(original.lstrip())]
-            ending = "\n" if original.endswith("\n") else ""
-            out.append(f"{lead}{key}={_quote(value, '')}{ending}")
-    result = "".join(out)
-    missing = [k for k, v in updates.items() if k not in done and v is not None]
-    if missing:
-        newline = _newline_of(text)
-        if result and not result.endswith(("\n", "\r")):
-            result += newline
-        result += "".join(f"{k}={_quote(updates[k] or '', '')}{newline}" for k in missing)
-    return result
+            # The line's own ending, whichever it is: without a lone CR (a file saved with
+            # old Mac endings) the next line would be glued to this one, and its key lost.
+            ending = _ENDING.search(original)
+            out.append(f"{lead}{key}={_quote(value, '')}{ending.group() if ending else ''}")
+    missing = {k: v for k, v in updates.items() if k not in done and v is not None}
+    if not missing:
+        return "".join(out)
+    newline = _newline_of(text)
+    at_end = _added(out, len(out), missing, newline)
+    if unread is None or all(_values(at_end).get(k) == v for k, v in missing.items()):
+        return at_end
+    # A line python-dotenv cannot read may hold an unclosed quote (NOTE="...) that takes
+    # the added keys into its value, unread (and added again at every save): before it, then.
+    return _added(out, unread, missing, newline)
 
 
+def _added(out: list[str], at: int, keys: Mapping[str, str], newline: str) -> str:
+    """The pieces of ``out`` with lines for ``keys`` put before piece number ``at``."""
+    head, tail = "".join(out[:at]), "".join(out[at:])
+    if head and not head.endswith(("\n", "\r")):
+        head += newline
+    return head + "".join(f"{k}={_quote(v, '')}{newline}" for k, v in keys.items()) + tail
+
+
+def read_back_problem(text: str, new: str, updates: Mapping[str, str | None]) -> str | None:
+    """Why ``new`` (``text`` with ``updates``, :func:`render_update`) would not read back as
+    meant, or None.
+
+    A line python-dotenv cannot read may hold an unclosed quote (NOTE="...), which takes
+    everything up to the next quote into its value: a value the save quotes (a token with a
+    '~' or '=', refreshed_by, which has a space) can then swallow the lines in between,
+    token lines among them. Checked before anything is written, and before a refresh token
+    is spent (:meth:`EnvFileStore.check_writable`).
+    """
+    old, now = _values(text), _values(new)
+    changed = [key for key, value in updates.items() if now.get(key) != value]
+    changed += [key for key in old.keys() - updates.keys() if now.get(key) != old[key]]
+    if not changed:
+        return None
+    lines = parse_stream(io.StringIO(text.removeprefix(BOM)))
+    bad = next((binding.original.line for binding in lines if binding.error), None)
+    return (
+        f"{', '.join(sorted(map(str, changed)))} would not read back as written: "
+        f"{'a line' if bad is None else f'line {bad}'} cannot be read (an unclosed quote?) "
+        "and would take in what follows it. Fix or delete that line"
+    )
+
+
+# What a save writes, in the forms that take every quote a real one may need: a file that
+# reads these back reads back any save.
+_SAVE_PROBE = {
+    ACCESS_KEY: "probe~=",
+    REFRESH_KEY: "probe~=",
+    EXPIRES_KEY: "1.5",
+    REFRESHED_AT_KEY: "1.5",
+    REFRESHED_BY_KEY: "pid 1@probe",
+}
+
+
+@sealed
+def save_problem(real: str, *, in_place: bool) -> str | None:
+    """Why a save to ``real`` would not read back (:func:`read_back_problem`), or None."""
+    raw = read_locked(real) if in_place else Path(real).read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return "it is not UTF-8 text; save it as UTF-8"
+    return read_back_problem(text, render_update(text, _SAVE_PROBE), _SAVE_PROBE)
+
+
+# Sealed (mlauth.errors.sealed), here and on the methods below that read or write the file:
+# their locals hold its text or its values, the client secret and the tokens among them, and
+# an error raised through them (a bad value, an unreadable or unwritable file) must not carry
+# those frames to a crash reporter.
+@sealed
 def read_env_file(path: str | os.PathLike[str]) -> dict[str, str | None]:
     """The file's keys and values as python-dotenv reads them; ConfigError if it is missing.
 
@@ -198,6 +273,15 @@ def _refuse_duplicates(text: str, path: str) -> None:
         first_line[key] = line
 
 
+def secrets_of(values: Mapping[str, str | None]) -> list[Secret]:
+    """The secrets among a ``.env``'s values (the client secret, the tokens), as written and
+    stripped: masked in the messages about the file's other values (:func:`masked`), which
+    quote what they refuse, and a token pasted under another key would be quoted whole."""
+    found = [value for key in SECRET_KEYS if (value := values.get(key))]
+    return [Secret(text) for value in found for text in {value, value.strip()} if text]
+
+
+@sealed
 def in_place_mode(path: str, values: Mapping[str, str | None] | None = None) -> bool:
     """Whether ``path`` is written in place and locked on itself (see :mod:`mlauth.stores.mounted`).
 
@@ -207,12 +291,14 @@ def in_place_mode(path: str, values: Mapping[str, str | None] | None = None) -> 
     real = os.path.realpath(path)
     if values is None:
         values = read_env_file(real)
-    mode = (values.get(WRITE_KEY) or "auto").strip().lower()
-    if mode not in ("auto", "in-place"):
-        raise ConfigError(
-            f"{path}: {WRITE_KEY}={mode!r} is not a write mode; write in-place (a file that "
-            "containers mount alone and host processes share) or delete the line"
-        )
+    written = values.get(WRITE_KEY) or "auto"
+    if written.strip().lower() not in ("auto", "in-place"):
+        with masked(secrets_of(values)):
+            raise ConfigError(
+                f"{path}: {WRITE_KEY}={written.strip()!r} is not a write mode; write in-place (a "
+                "file that containers mount alone and host processes share) or delete the line"
+            )
+    mode = written.strip().lower()
     # The mark: a process that found the file mounted alone wrote it in place, so this one
     # (a host process, say) must do the same or leave the containers on a dead inode.
     wanted = mode == "in-place" or is_mount_point(real) or marked_in_place(real)
@@ -224,6 +310,7 @@ def in_place_mode(path: str, values: Mapping[str, str | None] | None = None) -> 
     return wanted
 
 
+@sealed
 def update_env_file(
     path: str | os.PathLike[str],
     updates: Mapping[str, str | None],
@@ -256,7 +343,11 @@ def update_env_file(
         text = raw.decode("utf-8")  # \r\n stays as it is, so untouched lines stay byte for byte
     except UnicodeDecodeError as exc:
         raise StoreError(f"{real} is not UTF-8 text ({exc.reason}); save it as UTF-8.") from None
-    data = render_update(text, updates).encode("utf-8")
+    new = render_update(text, updates)
+    problem = read_back_problem(text, new, updates)
+    if problem is not None:
+        raise StoreError(f"cannot save to {real}: {problem}. Nothing was written.")
+    data = new.encode("utf-8")
     if in_place:
         try:
             write_in_place(real, data)
@@ -346,12 +437,15 @@ def tokens_from_values(values: Mapping[str, str | None], path: str) -> TokenSet:
             "not shown). Put the refresh token back exactly as MercadoLibre gave it, on one "
             "line, or run `mlauth login` to authorize again."
         )
+    # Shown by status, and by the repr of these tokens in any frame that holds them: a secret
+    # of the file there (pasted under the wrong key) shows as its fingerprint.
+    by = values.get(REFRESHED_BY_KEY)
     return TokenSet(
         access_token=Secret(access) if access else None,
         refresh_token=Secret(refresh) if refresh else None,
         expires_at=_number(values, EXPIRES_KEY, path),
         refreshed_at=_number(values, REFRESHED_AT_KEY, path),
-        refreshed_by=(values.get(REFRESHED_BY_KEY) or None),
+        refreshed_by=mask(by, secrets_of(values)) if by else None,
     )
 
 
@@ -492,6 +586,7 @@ class EnvFileStore(TokenStore):
         real = os.path.realpath(self.path)
         return InodeJournal(real) if self.in_place else Journal(real)
 
+    @sealed  # recovery reads the journal's raw answers
     def transaction(self, *, login: bool = False) -> RefreshTransaction:
         """A journaled transaction (or the one of the store the tokens moved to)."""
         moved = self._follow() if self._moved is not None else None
@@ -525,6 +620,7 @@ class EnvFileStore(TokenStore):
     def __repr__(self) -> str:
         return f"EnvFileStore({self.path!r})"
 
+    @sealed
     def _follow(self, values: Mapping[str, str | None] | None = None) -> TokenStore | None:
         """The store the tokens moved to, if the file says they moved; raise if unusable."""
         if self._moved is None:
@@ -535,7 +631,8 @@ class EnvFileStore(TokenStore):
             with self._follow_lock:
                 if self._moved is None:
                     try:
-                        self._moved = shared_store(values, self.path)
+                        with masked(secrets_of(values)):  # logged and kept: quoted nowhere
+                            self._moved = shared_store(values, self.path)
                     except ConfigError as exc:
                         self._moved = StoreMovedError(
                             f"{self.path}: the tokens moved out of this file ({STORE_KEY} is "
@@ -577,16 +674,18 @@ class EnvFileStore(TokenStore):
             return (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
         return (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size)
 
+    @sealed
     def load(self) -> tuple[TokenSet, Hashable]:
         stamp = self.stamp()  # before the read: a write in between then shows as a change
         moved = self._follow() if self._moved is not None else None
         if moved is not None:
             return moved.load()
         values = read_env_file(self.path)
-        moved = self._follow(values)
-        if moved is not None:
-            return moved.load()
-        return tokens_from_values(values, self.path), stamp
+        with masked(secrets_of(values)):  # a token pasted under another key is not quoted
+            moved = self._follow(values)
+            if moved is not None:
+                return moved.load()
+            return tokens_from_values(values, self.path), stamp
 
     def check_writable(self) -> None:
         moved = self._follow() if self._moved is not None else None
@@ -605,13 +704,19 @@ class EnvFileStore(TokenStore):
             else:
                 _drop_stale_aliases(real)
                 _probe_replace(real)
+            problem = save_problem(real, in_place=self.in_place)
         except OSError as exc:
             why = why_unsaved(exc, in_place=self.in_place)
             raise StoreError(
                 f"cannot save tokens to {real}: {why}. Refusing to spend the refresh token: "
                 f"{fix_for(exc)}"
             ) from exc
+        if problem is not None:
+            raise StoreError(
+                f"cannot save tokens to {real}: {problem}. Refusing to spend the refresh token."
+            )
 
+    @sealed
     def save(self, tokens: TokenSet, *, replaces: Hashable | None = None) -> Hashable:
         """Write the token keys; ``replaces`` is not checked: the file lock is the fence."""
         # Under the lock the file was re-read, so a move is known by now; look once more
@@ -698,6 +803,7 @@ class EnvFileStore(TokenStore):
             return moved.wait_unlocked(timeout)
         return self._lock.wait_released(timeout)
 
+    @sealed  # the journal's raw answers
     def status_details(self) -> list[tuple[str, str]]:
         """``mlauth status`` rows: how the file is written when it is not the usual way,
         refresh answers the journal holds that the file does not have yet, and an answer with

@@ -51,8 +51,9 @@ from mlauth.errors import (
     RefreshError,
     StaleCommitError,
     StoreError,
+    sealed,
 )
-from mlauth.secret import Secret, fingerprint, quotes_url_secret, redact_url, url_scheme
+from mlauth.secret import Secret, fingerprint, mask, quotes_url_secret, redact_url, url_scheme
 from mlauth.tokens import LATEST_TIME, TokenSet, this_process, token_problem
 
 from .base import NOT_LOCAL, RefreshTransaction, TokenStore, savable
@@ -145,9 +146,23 @@ def _odd(key: str, where: str, field: str, problem: str, fix: str) -> StoreError
     )
 
 
+def _not_text(key: str, where: str) -> StoreError:
+    # redis-py decodes every value it reads (decode_responses): one that is no UTF-8 fails
+    # the whole read, and which field it was is not known.
+    return _odd(
+        key,
+        where,
+        "field",
+        "is no UTF-8 text",
+        f"Find it with HGETALL {key} and delete it (HDEL {key} FIELD), or move the tokens "
+        "there again with `mlauth migrate --to URL --force`.",
+    )
+
+
 def _generation(raw: str | None, key: str, where: str) -> int:
-    """The hash's generation (0 when it has none); StoreError for anything else."""
-    if not raw:
+    """The hash's generation (0 when it has none); StoreError for anything else (an empty
+    one too: the commit script cannot compare it, so no commit would ever land)."""
+    if raw is None:
         return 0
     if _GENERATION.fullmatch(raw) is None:
         raise _odd(
@@ -182,6 +197,15 @@ def _float(values: dict[str, str], field: str, key: str, where: str) -> float | 
 
 
 _warned_access: set[tuple[str, str]] = set()
+
+
+def _masked_by(values: dict[str, str]) -> str | None:
+    by = values.get("refreshed_by")
+    if not by:
+        return None
+    return mask(
+        by, [Secret(values[name]) for name in ("access_token", "refresh_token") if values.get(name)]
+    )
 
 
 def tokens_of_hash(values: dict[str, str], key: str, where: str) -> TokenSet:
@@ -220,7 +244,9 @@ def tokens_of_hash(values: dict[str, str], key: str, where: str) -> TokenSet:
         refresh_token=Secret(refresh) if refresh else None,
         expires_at=_float(values, "expires_at", key, where),
         refreshed_at=_float(values, "refreshed_at", key, where),
-        refreshed_by=values.get("refreshed_by") or None,
+        # Shown by status, and by the repr of these tokens in any frame: a token there shows
+        # as its fingerprint.
+        refreshed_by=_masked_by(values),
     )
 
 
@@ -362,6 +388,8 @@ class RedisStore(TokenStore):
         self._checked_at = now
         try:
             chain, gen = self._probe.hmget(self._key(), ["chain", "generation"])
+        except UnicodeDecodeError:
+            raise _not_text(self._key(), self.location) from None
         except RedisError as exc:
             # Back off: a Redis that hangs would otherwise cost every check its timeout. A
             # successful load() (a 401 or an expiry re-reads under the lock) ends this early.
@@ -376,6 +404,9 @@ class RedisStore(TokenStore):
             return None
         return (chain, _generation(cast("str | None", gen), self._key(), self.location))
 
+    # Sealed (mlauth.errors.sealed): the hash's values (the tokens) and the raw answer kept
+    # beside them are locals here and below, on the traceback of any error raised through.
+    @sealed
     def load(self) -> tuple[TokenSet, Hashable]:
         key = self._key()
         self._local.answer = None
@@ -385,6 +416,8 @@ class RedisStore(TokenStore):
             self._local.answer = values.get(ANSWER_FIELD)
             if not values.get("chain") or self._behind(values):
                 values = self._put_back(key)
+        except UnicodeDecodeError:
+            raise _not_text(key, self.location) from None
         except RedisError as exc:
             raise self._unreachable(exc, "read the tokens from") from None
         chain, gen = values["chain"], _generation(values.get("generation"), key, self.location)
@@ -494,6 +527,7 @@ class RedisStore(TokenStore):
             doing = "reach" if held is None else "renew the refresh lock at"
             raise self._unreachable(exc, doing) from None
 
+    @sealed  # the script's arguments are the tokens
     def save(self, tokens: TokenSet, *, replaces: Hashable | None = None) -> Hashable:
         """Commit over the version ``replaces`` (as :meth:`load` returned it); raise
         :class:`StaleCommitError` if a peer committed since.
@@ -520,6 +554,7 @@ class RedisStore(TokenStore):
         self._remember(tokens, chain, new)
         return (chain, new)
 
+    @sealed
     def seed(self, tokens: TokenSet, *, replace: bool = False) -> Hashable:
         """Start a chain here (a migration): only into an empty key unless ``replace``.
 
@@ -563,9 +598,11 @@ class RedisStore(TokenStore):
         except RedisError as exc:
             raise self._unreachable(exc, "read the refresh lock at") from None
 
+    @sealed  # recovery reads the raw answer kept in the hash
     def transaction(self, *, login: bool = False) -> RefreshTransaction:
         return RedisRefresh(self, login=login)
 
+    @sealed
     def status_details(self) -> list[tuple[str, str]]:
         """Rows for ``mlauth status``: the key, the chain's generation last read, and a raw
         answer the hash keeps (one to replay, or one with no usable refresh token)."""
@@ -575,6 +612,8 @@ class RedisStore(TokenStore):
             rows.append(("generation", f"{seen[1]} (chain {seen[0]})"))
         try:
             raw = cast("str | None", self._client.hget(self._key(), ANSWER_FIELD))
+        except UnicodeDecodeError:
+            raise _not_text(self._key(), self.location) from None
         except RedisError as exc:
             raise self._unreachable(exc, "read") from None
         record = _answer_record(raw, self.location)
@@ -683,7 +722,8 @@ class RedisRefresh(RefreshTransaction):
 
     Opening it finishes what a holder that died left: a raw answer that follows the version
     read is committed over it with the fence (a usable one), or kept and shown (one with no
-    usable refresh token: the stored token is then tried once).
+    usable refresh token: the stored token is then tried once). A usable one that cannot be
+    committed stops the refresh: the stored token was spent for it.
     """
 
     def __init__(self, store: RedisStore, *, login: bool = False) -> None:
@@ -700,9 +740,9 @@ class RedisRefresh(RefreshTransaction):
         self._follows_token: str | None = None
         self._raw_kept: bool | None = None
         self.kept: str | None = None
-        self._recover(store.answer_read())
+        self._recover(store.answer_read(), login=login)
 
-    def _recover(self, record: dict[str, Any] | None) -> None:
+    def _recover(self, record: dict[str, Any] | None, *, login: bool) -> None:
         version = self.version if isinstance(self.version, tuple) else None
         if record is None or _follows(record) != version:
             return  # none, or one the chain moved past (the next commit clears it)
@@ -716,8 +756,17 @@ class RedisRefresh(RefreshTransaction):
         try:
             self.version = self._store.save(found, replaces=self.version)
         except StoreError as exc:  # a peer committed (stale), or Redis failed: it stays there
-            log.error("could not replay the raw answer kept in %s yet: %s", self._store.key, exc)
-            return
+            if login:  # replaced by the login's own tokens anyway
+                log.error("could not replay the raw answer kept in %s: %s", self._store.key, exc)
+                return
+            # The stored refresh token was spent for this answer: sending it again could
+            # only earn invalid_grant, and the answer's token would be lost for good.
+            raise StoreError(
+                f"{self._store.key} at {self._store.location} keeps the answer of a refresh "
+                f"that was not committed, and it could not be written back ({exc}); the "
+                "refresh token the hash holds was spent for it, so nothing was sent. The next "
+                "refresh tries again."
+            ) from None
         self.tokens = found
         log.warning(
             "recovered a refresh that was not committed (a holder that died): wrote %s to %s",

@@ -29,7 +29,7 @@ import re
 from typing import Any
 
 from .secret import Secret
-from .tokens import MAX_TOKEN_LENGTH, TokenAnswer, TokenSet, json_kind, token_problem
+from .tokens import LATEST_TIME, MAX_TOKEN_LENGTH, TokenAnswer, TokenSet, json_kind, token_problem
 
 __all__ = [
     "ANSWER_FIELDS",
@@ -329,11 +329,21 @@ def raw_of(record: dict[str, Any]) -> bytes | None:
     return None
 
 
-def _number(record: dict[str, Any], key: str) -> float | None:
+def _time(record: dict[str, Any], key: str) -> float | None:
+    """The record's ``key`` if it is a unix time mlauth could have written, else None.
+
+    The record is read back from places others may write (a journal, a Redis hash), so its
+    own fields are input too: a huge integer must not raise (``float(10**400)`` does), and a
+    time past year 9999 must not become an ``expires_at`` the store then refuses to read.
+    """
     value = record.get(key)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
-    return float(value) if math.isfinite(value) else None
+    try:
+        seconds = float(value)
+    except OverflowError:
+        return None
+    return seconds if 0 <= seconds <= LATEST_TIME else None
 
 
 def tokens_of(record: dict[str, Any], spent: Secret | None) -> TokenSet | str:
@@ -354,12 +364,17 @@ def tokens_of(record: dict[str, Any], spent: Secret | None) -> TokenSet | str:
     if refresh is None:
         return "there is no refresh_token"
     by = record.get("by")
-    started = _number(record, "started")
+    # The expiry counts from before the POST; a record without a usable start counts from
+    # the answer's arrival (later by one round trip: the refresh margin covers that).
+    started = _time(record, "started")
+    if started is None:
+        started = _time(record, "at")
     lifetime = answer.expires_in
+    expires_at = None if started is None or lifetime is None else started + lifetime
     return TokenSet(
         access_token=answer.access_token,
         refresh_token=refresh,
-        expires_at=None if started is None or lifetime is None else started + lifetime,
+        expires_at=expires_at if expires_at is None or expires_at <= LATEST_TIME else None,
         refreshed_at=started,
         refreshed_by=by if isinstance(by, str) else None,
     )

@@ -17,10 +17,13 @@ def mlauth_cli(
     return subprocess.run(
         [sys.executable, "-m", "mlauth", *args],
         input=input,
+        # No input: a prompt must not wait on the terminal pytest was started from.
+        stdin=subprocess.DEVNULL if input is None else None,
         capture_output=True,
         text=True,
         timeout=60,
         cwd=cwd,
+        check=False,
     )
 
 

@@ -25,9 +25,11 @@ import requests
 
 import mlauth
 import mlauth.endpoint
+from mlauth.answers import tokens_of
 from mlauth.stores.envfile import read_env_file
 from mlauth.stores.journal import Journal
 from mlauth.testing import FakeMercadoLibre
+from mlauth.tokens import LATEST_TIME, TokenSet
 from tests.hostile_support import (
     BAD_TOKENS,
     DELETE,
@@ -384,3 +386,47 @@ def test_a_raw_answer_left_by_a_refresher_is_replayed_through_the_same_reading(
     assert fake_ml.stats()["refreshes"] == 1 and fake_ml.stats()["invalid_grant"] == 0
     assert Path(journal.path).read_bytes() == b""
     assert_next_refresh_spends_the_new_token(fake_ml, env)
+
+
+# -- a kept record's own fields are input too (a journal line, a Redis hash's answer field) --
+
+RECORD_BODY = json.dumps(
+    {
+        "access_token": "APP_USR-1234567890123456-010101-fakerecordaccess0000-8035443",
+        "refresh_token": "TG-fakerecordrefresh000000000-8035443",
+        "expires_in": 21600,
+    }
+)
+
+
+@pytest.mark.parametrize(
+    "started",
+    [10**400, 1e300, -1e300, -5, float("nan"), "1700000000", True, None],
+    ids=["huge-int", "huge", "negative-huge", "negative", "nan", "string", "bool", "null"],
+)
+def test_a_records_start_that_is_no_time_counts_the_expiry_from_its_arrival(
+    started: object,
+) -> None:
+    at = 1_700_000_000.0
+    record = {"kind": "raw", "grant": "refresh_token", "body": RECORD_BODY, "at": at}
+    record["started"] = started
+    found = tokens_of(record, None)
+    assert isinstance(found, TokenSet)
+    assert (found.refreshed_at, found.expires_at) == (at, at + 21600)
+
+
+@pytest.mark.parametrize("at", [10**400, 1e300, None], ids=["huge-int", "huge", "null"])
+def test_a_record_with_no_usable_time_at_all_gives_an_unknown_expiry(at: object) -> None:
+    record = {"kind": "raw", "grant": "refresh_token", "body": RECORD_BODY}
+    record.update(started=at, at=at)
+    found = tokens_of(record, None)
+    assert isinstance(found, TokenSet) and found.access_token is not None
+    assert found.expires_at is None and found.refreshed_at is None
+
+
+def test_an_expiry_past_the_latest_time_a_store_keeps_is_unknown() -> None:
+    record = {"kind": "raw", "grant": "refresh_token", "body": RECORD_BODY}
+    record.update(started=LATEST_TIME - 1, at=LATEST_TIME - 1)
+    found = tokens_of(record, None)
+    assert isinstance(found, TokenSet)
+    assert found.refreshed_at == LATEST_TIME - 1 and found.expires_at is None

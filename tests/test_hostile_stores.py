@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import time
 from collections.abc import Hashable
 from pathlib import Path
@@ -31,6 +29,7 @@ from mlauth.stores.envfile import read_env_file
 from mlauth.stores.mounted import JOURNAL_ATTR, JOURNAL_BUDGET, InodeJournal
 from mlauth.testing import FakeMercadoLibre
 from mlauth.tokens import TokenSet
+from tests.cli_support import mlauth_cli as cli
 from tests.hostile_support import DELETE, Mangle, assert_not_in, fields, raw
 
 REDIRECT = "https://example.com/callback"
@@ -38,16 +37,6 @@ REDIRECT = "https://example.com/callback"
 
 def get(fake: FakeMercadoLibre, auth: mlauth.MLAuth) -> requests.Response:
     return requests.get(f"{fake.base_url}/users/me", auth=auth, timeout=30)
-
-
-def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "mlauth", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
 
 
 # -- Redis -----------------------------------------------------------------------------------
@@ -144,7 +133,12 @@ def test_redis_keeps_an_answer_without_a_usable_refresh_token_and_status_shows_i
 
 
 def put_raw_answer(
-    server: RedisServer, fake: FakeMercadoLibre, env: Path, *, generation_offset: int = 0
+    server: RedisServer,
+    fake: FakeMercadoLibre,
+    env: Path,
+    *,
+    generation_offset: int = 0,
+    started: float | None = None,
 ) -> dict[str, object]:
     """What a holder killed after keeping its answer leaves in the hash; returns the answer."""
     values = stored(server, fake)
@@ -163,7 +157,7 @@ def put_raw_answer(
         "kind": "raw",
         "spent": Secret(spent).fingerprint,
         "grant": "refresh_token",
-        "started": time.time(),
+        "started": time.time() if started is None else started,
         "at": time.time(),
         "by": "pid 1@killed",
         "body": json.dumps({**answer, "expires_in": "odd"}),
@@ -199,6 +193,59 @@ def test_redis_never_replays_an_answer_to_an_older_generation(
     with pytest.raises(mlauth.InvalidGrantError):
         get(fake_ml, mlauth.MLAuth.from_env(redis_env))
     assert stored(redis_server, fake_ml)["refresh_token"] == before
+
+
+@pytest.mark.parametrize("peer", ["committed", "lost the key"])
+def test_a_holder_whose_chain_moved_on_never_writes_its_raw_answer_into_the_hash(
+    fake_ml: FakeMercadoLibre,
+    redis_env: Path,
+    redis_server: RedisServer,
+    caplog: pytest.LogCaptureFixture,
+    peer: str,
+) -> None:
+    store = store_from_env(redis_env)
+    store.bind_client(fake_ml.client_id)
+    transaction = store.transaction()
+    refresh = transaction.tokens.refresh_token
+    assert refresh is not None
+    transaction.begin(refresh)
+    # Meanwhile (this holder's lock lapsed while its POST hung) a peer moved the chain on and
+    # keeps its own answer in the hash, or Redis lost the key.
+    key = f"mlauth:{fake_ml.client_id}:tokens"
+    with redis_server.client() as client:
+        if peer == "committed":
+            client.hincrby(key, "generation", 1)
+            client.hset(key, "answer", '{"kind": "raw", "by": "the peer"}')
+        else:
+            client.delete(key)
+    before = stored(redis_server, fake_ml)
+    with caplog.at_level("ERROR", logger="mlauth"):
+        transaction.answered(b'{"access_token": "late"}', started=time.time(), at=time.time())
+    assert stored(redis_server, fake_ml) == before
+    assert "moved on while the token endpoint answered" in caplog.text
+    assert transaction.answer_kept is None
+
+
+def test_a_kept_answer_with_a_huge_start_is_replayed_and_the_hash_stays_readable(
+    fake_ml: FakeMercadoLibre, redis_env: Path, redis_server: RedisServer
+) -> None:
+    answer = put_raw_answer(redis_server, fake_ml, redis_env, started=1e300)
+    response = get(fake_ml, mlauth.MLAuth.from_env(redis_env))
+    assert response.request.headers["Authorization"] == f"Bearer {answer['access_token']}"
+    values = stored(redis_server, fake_ml)
+    # Counted from the answer's arrival ("at"); its expires_in is odd: an unknown expiry.
+    assert 0 < float(values["refreshed_at"]) <= time.time() and values["expires_at"] == ""
+    mlauth.MLAuth.from_env(redis_env).refresh()  # the hash reads back, and the chain lives
+    assert fake_ml.stats()["invalid_grant"] == 0
+
+
+def test_an_odd_hash_field_is_named_with_its_article(
+    fake_ml: FakeMercadoLibre, redis_env: Path, redis_server: RedisServer
+) -> None:
+    with redis_server.client() as client:
+        client.hset(f"mlauth:{fake_ml.client_id}:tokens", "expires_at", "1e300")
+    with pytest.raises(mlauth.StoreError, match="has an expires_at that "):
+        mlauth.MLAuth.from_env(redis_env)
 
 
 # -- a .env written in place: the journal in an extended attribute --------------------------

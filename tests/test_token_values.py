@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import subprocess
-import sys
 import time
 from collections.abc import Hashable
 from pathlib import Path
@@ -30,6 +28,7 @@ from mlauth.stores import store_from_env
 from mlauth.stores.envfile import read_env_file
 from mlauth.testing import FakeMercadoLibre
 from mlauth.tokens import MAX_TOKEN_LENGTH, token_problem
+from tests.cli_support import mlauth_cli as cli
 from tests.hostile_support import BAD_TOKEN_STRINGS, assert_not_in, assert_valid_bearer
 
 BAD = BAD_TOKEN_STRINGS
@@ -60,16 +59,6 @@ def env_with(fake: FakeMercadoLibre, folder: Path, key: str, value: str) -> Path
     path.write_bytes(("\n".join(lines) + "\n").encode("utf-8"))
     assert read_env_file(path)[key] == value  # the file really holds the bad value
     return path
-
-
-def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "mlauth", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
 
 
 # -- the one check -------------------------------------------------------------------------

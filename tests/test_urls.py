@@ -9,8 +9,6 @@ way, and compare it with what mlauth decided.
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -27,6 +25,7 @@ from mlauth.hosts import HostRules
 from mlauth.httpx import HttpxAuth
 from mlauth.stores.envfile import read_env_file
 from mlauth.testing import FakeMercadoLibre
+from tests.cli_support import mlauth_cli as run_cli
 from tests.conftest import env_text
 from tests.url_support import Destination, HttpxRecorder, RequestsRecorder, listener
 
@@ -35,16 +34,6 @@ def set_key(env: Path, key: str, value: str) -> None:
     lines = env.read_text().splitlines(keepends=True)
     env.write_text(
         "".join(f"{key}={value}\n" if line.startswith(f"{key}=") else line for line in lines)
-    )
-
-
-def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "mlauth", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        stdin=subprocess.DEVNULL,
     )
 
 

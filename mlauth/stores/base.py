@@ -22,10 +22,12 @@ import dataclasses
 import enum
 from collections.abc import Hashable, Iterator
 from contextlib import AbstractContextManager, contextmanager
+from typing import Any
 
+from mlauth.answers import RAW_LIMIT, raw_record
 from mlauth.errors import ConfigError, InvalidGrantError, RefreshError, StoreError
-from mlauth.secret import Secret
-from mlauth.tokens import TokenSet, token_problem
+from mlauth.secret import Secret, fingerprint
+from mlauth.tokens import TokenSet, this_process, token_problem
 
 __all__ = ["NOT_LOCAL", "RefreshTransaction", "TokenStore", "savable"]
 
@@ -245,3 +247,81 @@ class RefreshTransaction:
     def refused(self, spent: Secret) -> InvalidGrantError | None:
         """An error at once if ``spent`` is already known dead (nothing is sent), else None."""
         return None
+
+
+def with_note(error: RefreshError, note: str) -> RefreshError:
+    """A copy of ``error`` (same class and fields) whose message ends with ``note``."""
+    copy = type(error)(
+        f"{error} {note}",
+        status_code=error.status_code,
+        error=error.error,
+        description=error.description,
+    )
+    copy.retry_after = error.retry_after
+    copy.possibly_spent = error.possibly_spent
+    return copy
+
+
+class KeptAnswerRefresh(RefreshTransaction):
+    """A refresh transaction whose store keeps the raw answer before it is read (a journal,
+    a Redis hash): what is the same in all of them, the record and what an error says of it.
+
+    A subclass names the place (:attr:`raw_place`, :attr:`raw_limit`) and writes the record
+    (:meth:`keep_raw`).
+    """
+
+    #: The largest body kept whole (a record over it keeps the answer's essentials).
+    raw_limit = RAW_LIMIT
+
+    def __init__(self, store: TokenStore, *, login: bool = False) -> None:
+        super().__init__(store, login=login)
+        # The fingerprint the answer follows and its grant, once begun.
+        self._follows: str | None = None
+        self._grant = "refresh_token"
+        self._raw_kept: bool | None = None  # None: no raw answer was offered
+
+    @property
+    def raw_place(self) -> str:
+        """Where a raw answer is kept, for messages ("the refresh journal /srv/.env.journal")."""
+        raise NotImplementedError
+
+    def keep_raw(self, record: dict[str, Any]) -> bool:
+        """Write the record durably; False (having logged an ERROR) if it could not be."""
+        raise NotImplementedError
+
+    def begin(self, spent: Secret) -> None:
+        super().begin(spent)
+        self._follows = spent.fingerprint
+
+    def begin_login(self) -> None:
+        super().begin_login()
+        stored = self.tokens.refresh_token
+        self._follows = fingerprint(stored.reveal() if stored else None)
+        self._grant = "authorization_code"
+
+    def answered(self, raw: bytes, *, started: float, at: float) -> None:
+        assert self._follows is not None, "begin() first"
+        record = raw_record(
+            raw,
+            replaces=self._follows,
+            grant=self._grant,
+            started=started,
+            at=at,
+            by=this_process(),
+            limit=self.raw_limit,
+        )
+        self._raw_kept = self.keep_raw(record)
+        if self._raw_kept:
+            self.answer_kept = self.raw_place
+
+    def raw_note(self, error: RefreshError, *, where: str, until: str) -> RefreshError:
+        """``error``, told where the raw answer of the failed refresh is (if one came)."""
+        if self._raw_kept is None:
+            return error
+        if not self._raw_kept:
+            return with_note(error, "Its raw bytes could not be kept (see the error logged).")
+        return with_note(
+            error,
+            f"Its raw bytes are kept in {where} for you to inspect (a proxy or a changed "
+            f"endpoint in between? check ML_TOKEN_URL); `mlauth status` shows them {until}.",
+        )

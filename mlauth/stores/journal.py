@@ -47,10 +47,10 @@ from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import Any
 
-from mlauth.answers import RAW_LIMIT, raw_record, tokens_of
+from mlauth.answers import RAW_LIMIT, tokens_of
 from mlauth.errors import REAUTHORIZE, InvalidGrantError, RefreshError, StoreError
 from mlauth.secret import Secret, fingerprint
-from mlauth.stores.base import RefreshTransaction, TokenStore
+from mlauth.stores.base import KeptAnswerRefresh, TokenStore, with_note
 from mlauth.tokens import TokenSet, this_process
 
 from .durable import fsync_dir
@@ -551,20 +551,7 @@ def _replay(
     return newest, stamp, Recovery(replayed=newest)
 
 
-def with_note(error: RefreshError, note: str) -> RefreshError:
-    """A copy of ``error`` (same class and fields) whose message ends with ``note``."""
-    copy = type(error)(
-        f"{error} {note}",
-        status_code=error.status_code,
-        error=error.error,
-        description=error.description,
-    )
-    copy.retry_after = error.retry_after
-    copy.possibly_spent = error.possibly_spent
-    return copy
-
-
-class JournaledRefresh(RefreshTransaction):
+class JournaledRefresh(KeptAnswerRefresh):
     """The refresh transaction of a store with a journal: each step is on disk before the next.
 
     Opening it recovers what a dead refresher left (:func:`recover`); :meth:`begin` writes the
@@ -576,13 +563,17 @@ class JournaledRefresh(RefreshTransaction):
     def __init__(self, store: TokenStore, journal: Journal, *, login: bool = False) -> None:
         super().__init__(store, login=login)
         self.journal = journal
+        self.raw_limit = journal.raw_limit
         self.tokens, self.version, found = recover(journal, store, self.tokens, self.version)
         self.possibly_spent = found.died
         self._spent: Secret | None = None
-        # The fingerprint the answer follows and its grant, once begun.
-        self._follows: str | None = None
-        self._grant = "refresh_token"
-        self._raw_kept: bool | None = None  # None: no raw answer was offered
+
+    @property
+    def raw_place(self) -> str:
+        return f"the refresh journal {self.journal.path}"
+
+    def keep_raw(self, record: dict[str, Any]) -> bool:
+        return self.journal.raw(record)
 
     def begin(self, spent: Secret) -> None:
         message = self.journal.reauthorization(spent)
@@ -591,35 +582,13 @@ class JournaledRefresh(RefreshTransaction):
         super().begin(spent)
         self.possibly_spent = self.journal.intent(spent)
         self._spent = spent
-        self._follows = spent.fingerprint
-
-    def begin_login(self) -> None:
-        super().begin_login()
-        stored = self.tokens.refresh_token
-        self._follows = fingerprint(stored.reveal() if stored else None)
-        self._grant = "authorization_code"
-
-    def answered(self, raw: bytes, *, started: float, at: float) -> None:
-        assert self._follows is not None, "begin() first"
-        record = raw_record(
-            raw,
-            replaces=self._follows,
-            grant=self._grant,
-            started=started,
-            at=at,
-            by=this_process(),
-            limit=self.journal.raw_limit,
-        )
-        self._raw_kept = self.journal.raw(record)
-        if self._raw_kept:
-            self.answer_kept = f"the refresh journal {self.journal.path}"
 
     def commit(self, tokens: TokenSet) -> Hashable:
         # A token client that hands over no raw answer (a custom one): the parsed answer is
         # journaled instead, first, so a crash from here loses nothing.
         offered = self._raw_kept is not None
         if not offered and self._spent is not None and self.journal.answer(self._spent, tokens):
-            self.answer_kept = f"the refresh journal {self.journal.path}"
+            self.answer_kept = self.raw_place
         version = super().commit(tokens)
         self.journal.commit()
         return version
@@ -629,15 +598,8 @@ class JournaledRefresh(RefreshTransaction):
             if isinstance(error, InvalidGrantError):
                 return self.journal.refused(spent, error, self.possibly_spent)
             self.journal.abort(spent, unanswered=error.possibly_spent)
-        if self._raw_kept is None:
-            return error
-        if not self._raw_kept:
-            return with_note(error, "Its raw bytes could not be kept (see the error logged).")
-        return with_note(
-            error,
-            f"Its raw bytes are kept in {self.journal.path} for you to inspect (a proxy or a "
-            "changed endpoint in between? check ML_TOKEN_URL); `mlauth status` shows them "
-            "until the store holds another refresh token.",
+        return self.raw_note(
+            error, where=str(self.journal.path), until="until the store holds another refresh token"
         )
 
     def settle(self, tokens: TokenSet) -> Hashable:

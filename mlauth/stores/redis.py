@@ -43,7 +43,7 @@ except ImportError:  # pragma: no cover (exercised in a test by hiding the packa
         "mlauth's Redis store needs the redis package: pip install 'mlauth[redis]'"
     ) from None
 
-from mlauth.answers import raw_record, tokens_of
+from mlauth.answers import tokens_of
 from mlauth.errors import (
     ConfigError,
     LockLostError,
@@ -54,10 +54,10 @@ from mlauth.errors import (
     sealed,
 )
 from mlauth.secret import Secret, fingerprint, mask, quotes_url_secret, redact_url, url_scheme
-from mlauth.tokens import LATEST_TIME, TokenSet, this_process, token_problem
+from mlauth.tokens import LATEST_TIME, TokenSet, token_problem
 
-from .base import NOT_LOCAL, RefreshTransaction, TokenStore, savable
-from .journal import kept_note, with_note
+from .base import NOT_LOCAL, KeptAnswerRefresh, RefreshTransaction, TokenStore, savable
+from .journal import kept_note
 from .lock import POLL_INTERVAL
 
 __all__ = ["RedisRefresh", "RedisStore", "redact_url"]
@@ -111,6 +111,23 @@ redis.call('HSET', KEYS[1], 'chain', ARGV[1], 'generation', ARGV[2], unpack(ARGV
 return 1
 """
 
+# Keep a raw answer in the hash, fenced like a commit: only over the version the refresh read
+# (ARGV[1] chain, ARGV[2] generation; an empty chain for a login into an empty key). A holder
+# whose lock lapsed while its POST hung must not overwrite the answer of the peer that holds
+# the lock now (its only copy until it commits), nor create a hash of an answer alone where
+# Redis lost the tokens. Returns 1 when it wrote.
+_KEEP = """
+local chain = redis.call('HGET', KEYS[1], 'chain')
+if ARGV[1] == '' then
+  if chain then return 0 end
+elseif chain ~= ARGV[1]
+    or tonumber(redis.call('HGET', KEYS[1], 'generation') or '') ~= tonumber(ARGV[2]) then
+  return 0
+end
+redis.call('HSET', KEYS[1], ARGV[3], ARGV[4])
+return 1
+"""
+
 # Start a chain (a migration): into an empty key, or over anything when ARGV[2] is '1'. The
 # generation goes on from the old one, so no process takes the new chain for an older link.
 # Returns the new generation, or -1 when a chain is there and replacing was not asked. The
@@ -138,11 +155,15 @@ ANSWER_FIELD = "answer"  # the raw answer of a refresh that has not committed ye
 _GENERATION = re.compile(r"[0-9]{1,15}")  # what the scripts write; Lua counts in doubles
 
 
+def _article(word: str) -> str:
+    return "an" if word[:1] in ("a", "e", "i", "o", "u") else "a"
+
+
 def _odd(key: str, where: str, field: str, problem: str, fix: str) -> StoreError:
     return StoreError(
-        f"Redis at {where}: the hash {key!r} has a {field} that {problem}, which mlauth never "
-        f"writes (edited by hand, or another program uses the key?); its value is not shown. "
-        f"{fix}"
+        f"Redis at {where}: the hash {key!r} has {_article(field)} {field} that {problem}, "
+        f"which mlauth never writes (edited by hand, or another program uses the key?); its "
+        f"value is not shown. {fix}"
     )
 
 
@@ -293,6 +314,7 @@ class RedisStore(TokenStore):
         self._commit = client.register_script(_COMMIT)
         self._reseed = client.register_script(_RESEED)
         self._seed = client.register_script(_SEED)
+        self._keep = client.register_script(_KEEP)
         self.key = ""
         if key is not None:
             self.key = key
@@ -430,20 +452,30 @@ class RedisStore(TokenStore):
         return _answer_record(getattr(self._local, "answer", None), self.location)
 
     def keep_answer(self, record: dict[str, Any]) -> bool:
-        """Put a raw answer record in the hash before it is read; False (and an ERROR) if
-        Redis refused: the answer is read and committed all the same."""
+        """Put a raw answer record in the hash before it is read, if the hash still holds the
+        version the record follows (its ``chain`` and ``generation``; see ``_KEEP``). False,
+        and an ERROR, if Redis refused or the chain moved on: the answer is read and
+        committed all the same (a commit over a moved chain is refused as stale)."""
+        chain, gen = record.get("chain"), record.get("generation")
+        fence: list[str | int] = ["", 0]  # a login into an empty key
+        if isinstance(chain, str) and isinstance(gen, int):
+            fence = [chain, gen]
         try:
-            self._client.hset(self._key(), ANSWER_FIELD, json.dumps(record))
+            kept = self._keep(keys=[self._key()], args=[*fence, ANSWER_FIELD, json.dumps(record)])
         except RedisError as exc:
-            log.error(
-                "could not keep the raw token answer in %s at %s (%s); reading it all the "
-                "same, but a crash before the commit would lose it",
-                self._key(),
-                self.location,
-                exc,
-            )
-            return False
-        return True
+            problem = str(exc)
+        else:
+            if kept == 1:
+                return True
+            problem = "the tokens there moved on while the token endpoint answered"
+        log.error(
+            "could not keep the raw token answer in %s at %s (%s); reading it all the "
+            "same, but a crash before the commit would lose it",
+            self._key(),
+            self.location,
+            problem,
+        )
+        return False
 
     def _read(self, key: str) -> dict[str, str]:
         return cast("dict[str, str]", self._client.hgetall(key))  # decode_responses=True
@@ -716,7 +748,7 @@ def _follows(record: dict[str, Any]) -> tuple[str, int] | None:
     return (chain, gen)
 
 
-class RedisRefresh(RefreshTransaction):
+class RedisRefresh(KeptAnswerRefresh):
     """The refresh transaction of the Redis store: the raw answer in the hash, then the
     fenced commit (which clears it).
 
@@ -736,9 +768,6 @@ class RedisRefresh(RefreshTransaction):
                 raise
             super().__init__(store, login=True)
         self._store = store
-        self._grant = "refresh_token"
-        self._follows_token: str | None = None
-        self._raw_kept: bool | None = None
         self.kept: str | None = None
         self._recover(store.answer_read(), login=login)
 
@@ -774,40 +803,18 @@ class RedisRefresh(RefreshTransaction):
             self._store.location,
         )
 
-    def begin(self, spent: Secret) -> None:
-        super().begin(spent)
-        self._follows_token = spent.fingerprint
+    @property
+    def raw_place(self) -> str:
+        return f"the {ANSWER_FIELD} field of {self._store.key}"
 
-    def begin_login(self) -> None:
-        super().begin_login()
-        stored = self.tokens.refresh_token
-        self._follows_token = fingerprint(stored.reveal() if stored else None)
-        self._grant = "authorization_code"
-
-    def answered(self, raw: bytes, *, started: float, at: float) -> None:
-        assert self._follows_token is not None, "begin() first"
-        record = raw_record(
-            raw,
-            replaces=self._follows_token,
-            grant=self._grant,
-            started=started,
-            at=at,
-            by=this_process(),
-        )
+    def keep_raw(self, record: dict[str, Any]) -> bool:
         version = self.version if isinstance(self.version, tuple) else (None, None)
         record["chain"], record["generation"] = version
-        self._raw_kept = self._store.keep_answer(record)
-        if self._raw_kept:
-            self.answer_kept = f"the {ANSWER_FIELD} field of {self._store.key}"
+        return self._store.keep_answer(record)
 
     def abort(self, spent: Secret, error: RefreshError) -> RefreshError:
-        if self._raw_kept is None:
-            return error
-        if not self._raw_kept:
-            return with_note(error, "Its raw bytes could not be kept (see the error logged).")
-        return with_note(
+        return self.raw_note(
             error,
-            f"Its raw bytes are kept in the {ANSWER_FIELD} field of {self._store.key} at "
-            f"{self._store.location} for you to inspect (a proxy or a changed endpoint in "
-            "between? check ML_TOKEN_URL); `mlauth status` shows them until the next commit.",
+            where=f"the {ANSWER_FIELD} field of {self._store.key} at {self._store.location}",
+            until="until the next commit",
         )

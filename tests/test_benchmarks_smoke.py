@@ -212,3 +212,26 @@ def test_run_all_replaces_only_the_marked_blocks() -> None:
     )
     with pytest.raises(ValueError, match="bench:scale"):
         replace_block(doc, "scale", "x")
+
+
+def test_refresh_cost_runs_from_its_file_and_counts_each_forced_refresh() -> None:
+    # Run by path, as from another checkout's interpreter: it must need nothing but mlauth.
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "refresh_cost.py"),
+            "--refreshes",
+            "3",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT / "tests",
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    data = json.loads(done.stdout)
+    assert data["refreshes_seen_by_fake"] == 3  # each forced refresh reached the fake once
+    assert len(data["refresh_ms"]) == len(data["post_ms"]) == 3
+    # A .env refresh is journaled and saved durably: every one of them fsyncs something.
+    assert len(data["fsyncs_per_refresh"]) == 3 and min(data["fsyncs_per_refresh"]) > 0

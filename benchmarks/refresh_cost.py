@@ -8,6 +8,10 @@ refresh can take). Counted per refresh: the ``os.fsync``/``os.fdatasync`` calls 
 (the functions are wrapped for the run; ``strace -f -c -e trace=fsync,fdatasync`` on this
 script shows the same at the system-call level).
 
+With ``--redis URL`` the tokens are moved to that Redis first (what ``mlauth migrate --to``
+does; start a server yourself, e.g. ``redis-server --port 6399 --save ''``), and the refresh
+is the Redis store's (its lock, the raw answer kept in the hash, the fenced commit).
+
 Imports only mlauth, requests and the standard library, so any checkout's interpreter can
 run it from another one's file, to compare two versions side by side:
 
@@ -79,11 +83,15 @@ def bare_post_ms(fake: FakeMercadoLibre, session: requests.Session, chain: dict[
     return spent
 
 
-def measure(refreshes: int) -> dict[str, Any]:
+def measure(refreshes: int, redis_url: str | None = None) -> dict[str, Any]:
     logging.disable(logging.WARNING)  # the fake's own access log, and nothing else is wanted
     with tempfile.TemporaryDirectory() as tmp, FakeMercadoLibre() as fake:
         env = Path(tmp) / ".env"
         fake.write_env(env)
+        if redis_url is not None:
+            from mlauth.cli.migrate import migrate_to_redis
+
+            migrate_to_redis(env, redis_url, force=True)  # a previous run's chain is replaced
         auth = MLAuth.from_env(env)
         auth.refresh()  # warm-up: imports, first-call paths, the journal file created
         chain = fake.issue_tokens()
@@ -102,6 +110,7 @@ def measure(refreshes: int) -> dict[str, Any]:
                 post_ms.append(bare_post_ms(fake, session, chain))
             made = fake.stats()["refreshes"] - before
     return {
+        "store": type(auth.store).__name__,
         "refreshes": refreshes,
         "refreshes_seen_by_fake": made - refreshes,  # the bare POSTs are refreshes too
         "refresh_ms": refresh_ms,
@@ -117,7 +126,8 @@ def summary(data: dict[str, Any]) -> str:
     syncs = sorted(set(data["fsyncs_per_refresh"]))
     return "\n".join(
         [
-            f"{data['refreshes']} forced refreshes (the fake saw {data['refreshes_seen_by_fake']})",
+            f"{data['refreshes']} forced refreshes on the {data['store']} "
+            f"(the fake saw {data['refreshes_seen_by_fake']})",
             f"- mlauth refresh: median {statistics.median(refresh):.2f} ms, "
             f"min {min(refresh):.2f}, max {max(refresh):.2f}",
             f"- bare POST:      median {statistics.median(post):.2f} ms, "
@@ -131,9 +141,10 @@ def summary(data: dict[str, Any]) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--refreshes", type=int, default=40)
+    parser.add_argument("--redis", metavar="URL", help="keep the tokens in this Redis")
     parser.add_argument("--json", action="store_true", help="print the raw figures as JSON")
     args = parser.parse_args(argv)
-    data = measure(args.refreshes)
+    data = measure(args.refreshes, args.redis)
     print(json.dumps(data) if args.json else summary(data))
     return 0
 

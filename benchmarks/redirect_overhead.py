@@ -1,6 +1,6 @@
 """What the redirect of a legacy refresh function costs a program under ``mlauth run``.
 
-Two scripts, each importing a dozen standard-library modules first (what a pipeline does
+Two scripts, each importing ten standard-library modules first (what a pipeline does
 before its functions are defined, and the worst case for the watch of ``script.py`` on
 Python 3.10/3.11, whose trace function sees every call until the ``def`` has run), then a
 CPU-bound loop of a million Python calls:
@@ -33,10 +33,12 @@ from pathlib import Path
 from mlauth.testing import FakeMercadoLibre
 
 FIRST = "import json, time\nFIRST_LINE = time.process_time()\n"
-# None of them imported by mlauth or requests already: each import runs its module's code.
+# None of them imported already by the time the script starts under `mlauth run` (mlauth,
+# requests and their imports; csv, decimal and difflib are among those), so each import runs
+# its module's code.
 IMPORTS = (
-    "import asyncio, csv, decimal, difflib, fractions, sqlite3, statistics, tarfile\n"
-    "import unittest, xml.etree.ElementTree\n"
+    "import asyncio, configparser, fractions, plistlib, pprint, sqlite3, statistics\n"
+    "import tarfile, unittest, xml.etree.ElementTree\n"
 )
 DEF = "def refresh_ml_token(force=False):\n    return True\n"
 REPORT = """\

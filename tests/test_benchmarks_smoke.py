@@ -11,9 +11,11 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from benchmarks.redis_server import RedisServer
 from benchmarks.run_all import replace_block
 
 pytestmark = pytest.mark.processes
@@ -212,3 +214,37 @@ def test_run_all_replaces_only_the_marked_blocks() -> None:
     )
     with pytest.raises(ValueError, match="bench:scale"):
         replace_block(doc, "scale", "x")
+
+
+def refresh_cost(*args: str) -> dict[str, Any]:
+    # Run by path, as from another checkout's interpreter: it must need nothing but mlauth.
+    script = str(ROOT / "benchmarks" / "refresh_cost.py")
+    done = subprocess.run(
+        [sys.executable, script, *args, "--json"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT / "tests",
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    data: dict[str, Any] = json.loads(done.stdout)
+    assert data["refreshes_seen_by_fake"] == 3  # each forced refresh reached the fake once
+    assert len(data["refresh_ms"]) == len(data["post_ms"]) == 3
+    assert len(data["fsyncs_per_refresh"]) == 3
+    return data
+
+
+def test_refresh_cost_runs_from_its_file_and_counts_each_forced_refresh() -> None:
+    data = refresh_cost("--refreshes", "3")
+    assert data["store"] == "EnvFileStore"
+    # A .env refresh is journaled and saved durably: every one of them fsyncs something.
+    assert min(data["fsyncs_per_refresh"]) > 0
+
+
+def test_refresh_cost_on_redis_refreshes_through_the_redis_store(
+    redis_server: RedisServer,
+) -> None:
+    data = refresh_cost("--refreshes", "3", "--redis", redis_server.url)
+    assert data["store"] == "RedisStore"
+    with redis_server.client() as client:  # the script moved the chain into that Redis
+        assert [key for key in client.keys("mlauth:*") if client.hget(key, "refresh_token")]

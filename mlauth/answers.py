@@ -329,6 +329,9 @@ def raw_of(record: dict[str, Any]) -> bytes | None:
     return None
 
 
+_MAX_WHO = 300  # "pid N@" and a host name of at most 253 characters
+
+
 def _time(record: dict[str, Any], key: str) -> float | None:
     """The record's ``key`` if it is a unix time mlauth could have written, else None.
 
@@ -344,6 +347,15 @@ def _time(record: dict[str, Any], key: str) -> float | None:
     except OverflowError:
         return None
     return seconds if 0 <= seconds <= LATEST_TIME else None
+
+
+def writer_of(value: object) -> str | None:
+    """The record's ``by`` if it can be what mlauth writes there (``pid N@host``): it is saved
+    beside the tokens and shown, so a control character (a CR would end a ``.env`` line) or a
+    whole page of text planted in a record is dropped."""
+    if isinstance(value, str) and value.isprintable() and 0 < len(value) <= _MAX_WHO:
+        return value
+    return None
 
 
 def tokens_of(record: dict[str, Any], spent: Secret | None) -> TokenSet | str:
@@ -376,5 +388,5 @@ def tokens_of(record: dict[str, Any], spent: Secret | None) -> TokenSet | str:
         refresh_token=refresh,
         expires_at=expires_at if expires_at is None or expires_at <= LATEST_TIME else None,
         refreshed_at=started,
-        refreshed_by=by if isinstance(by, str) else None,
+        refreshed_by=writer_of(by),
     )

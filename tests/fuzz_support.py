@@ -58,6 +58,9 @@ def fuzz_settings(short: int) -> settings:
     raw = os.environ.get(EXAMPLES_VARIABLE, "").strip()
     return settings(
         max_examples=int(raw) if raw else short,
+        # make test's short pass is a gate: the same examples on every run and every machine,
+        # so it never fails on a clone for an example nobody has seen; make fuzz explores.
+        derandomize=not raw,
         deadline=None,  # a loaded machine is no failure
         suppress_health_check=[
             HealthCheck.too_slow,
@@ -666,6 +669,21 @@ def every_log_record() -> Iterator[list[logging.LogRecord]]:
 def said(error: BaseException | None, records: list[logging.LogRecord]) -> str:
     """Everything an error and the log records could show (secrets_support.everything_said)."""
     return (everything_said(error) if error is not None else "") + "\n" + logged(records)
+
+
+def use_requests_auth(entry: str, env: Path, stub: TokenStub) -> None:
+    """One use of the chain through :class:`mlauth.MLAuth`: ``refresh``, ``valid_tokens`` or
+    an API call (``requests``). No token is a local here (this frame is on the traceback)."""
+    auth = mlauth.MLAuth.from_env(env, **AUTH_OPTIONS)
+    stub.mount_on(auth)
+    if entry == "refresh":
+        auth.refresh()
+    elif entry == "valid_tokens":
+        auth.valid_tokens()
+    else:
+        with requests.Session() as session:
+            session.mount("https://", ApiStub(stub.access))
+            session.get(f"{API}/users/me", auth=auth, timeout=5).close()
 
 
 def status_output(env: Path) -> str:

@@ -24,7 +24,6 @@ import asyncio
 from pathlib import Path
 
 import httpx
-import requests
 from hypothesis import event, given
 from hypothesis import strategies as st
 
@@ -35,7 +34,6 @@ from tests.fuzz_support import (
     AUTH_OPTIONS,
     STYLES,
     Answer,
-    ApiStub,
     Issuer,
     TokenStub,
     answers,
@@ -48,6 +46,7 @@ from tests.fuzz_support import (
     outcome,
     said,
     status_output,
+    use_requests_auth,
     write_env,
 )
 from tests.secrets_support import ODD_SECRET
@@ -85,16 +84,7 @@ def use(entry: str, env: Path, stub: TokenStub) -> None:
 
         asyncio.run(main())
         return
-    mlauth_auth = mlauth.MLAuth.from_env(env, **AUTH_OPTIONS)
-    stub.mount_on(mlauth_auth)
-    if entry == "refresh":
-        mlauth_auth.refresh()
-    elif entry == "valid_tokens":
-        mlauth_auth.valid_tokens()
-    else:
-        with requests.Session() as session:
-            session.mount("https://", ApiStub(stub.access))
-            session.get(f"{API}/users/me", auth=mlauth_auth, timeout=5).close()
+    use_requests_auth(entry, env, stub)
 
 
 @fuzz_settings(short=200)

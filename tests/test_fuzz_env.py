@@ -21,16 +21,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import requests
 from hypothesis import event, given
 from hypothesis import strategies as st
 
 import mlauth
 from tests.fuzz_support import (
-    API,
-    AUTH_OPTIONS,
     STYLES,
-    ApiStub,
     EnvFile,
     Issuer,
     TokenStub,
@@ -45,6 +41,7 @@ from tests.fuzz_support import (
     outcome,
     said,
     status_output,
+    use_requests_auth,
 )
 
 USES = ("refresh", "valid_tokens", "requests", "load", "status")
@@ -58,16 +55,7 @@ def use(entry: str, env: Path, stub: TokenStub) -> None:
     if entry == "status":
         status_output(env)
         return
-    auth = mlauth.MLAuth.from_env(env, **AUTH_OPTIONS)
-    stub.mount_on(auth)
-    if entry == "refresh":
-        auth.refresh()
-    elif entry == "valid_tokens":
-        auth.valid_tokens()
-    else:
-        with requests.Session() as session:
-            session.mount("https://", ApiStub(stub.access))
-            session.get(f"{API}/users/me", auth=auth, timeout=5).close()
+    use_requests_auth(entry, env, stub)
 
 
 @fuzz_settings(short=250)

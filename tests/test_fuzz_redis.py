@@ -25,7 +25,6 @@ from pathlib import Path
 
 import pytest
 import redis
-import requests
 from hypothesis import event, given
 from hypothesis import strategies as st
 
@@ -33,11 +32,8 @@ import mlauth
 from benchmarks.redis_server import RedisServer
 from mlauth.stores import store_from_env
 from tests.fuzz_support import (
-    API,
-    AUTH_OPTIONS,
     CLIENT_ID,
     STYLES,
-    ApiStub,
     Context,
     Issuer,
     RedisHash,
@@ -54,6 +50,7 @@ from tests.fuzz_support import (
     said,
     status_output,
     usable,
+    use_requests_auth,
 )
 from tests.secrets_support import ODD_SECRET
 
@@ -88,16 +85,7 @@ def use(entry: str, env: Path, stub: TokenStub) -> None:
     if entry == "status":
         status_output(env)
         return
-    auth = mlauth.MLAuth.from_env(env, **AUTH_OPTIONS)
-    stub.mount_on(auth)
-    if entry == "refresh":
-        auth.refresh()
-    elif entry == "valid_tokens":
-        auth.valid_tokens()
-    else:
-        with requests.Session() as session:
-            session.mount("https://", ApiStub(stub.access))
-            session.get(f"{API}/users/me", auth=auth, timeout=5).close()
+    use_requests_auth(entry, env, stub)
 
 
 def expect_replay(plan: RedisHash, ctx: Context, stub: TokenStub) -> None:

@@ -430,3 +430,20 @@ def test_an_expiry_past_the_latest_time_a_store_keeps_is_unknown() -> None:
     found = tokens_of(record, None)
     assert isinstance(found, TokenSet)
     assert found.refreshed_at == LATEST_TIME - 1 and found.expires_at is None
+
+
+@pytest.mark.parametrize(
+    "by",
+    ["pid 1@host\rML_REFRESH_TOKEN=planted", "pid 1\n", "\x1b[2J", "x" * 301, 7, ""],
+    ids=["cr", "lf", "escape", "long", "number", "empty"],
+)
+def test_a_records_writer_that_no_process_could_be_is_not_saved(by: object) -> None:
+    record = {"kind": "raw", "grant": "refresh_token", "body": RECORD_BODY, "by": by}
+    found = tokens_of(record, None)
+    assert isinstance(found, TokenSet) and found.refreshed_by is None
+
+
+def test_a_records_writer_is_saved_as_who_refreshed() -> None:
+    record = {"kind": "raw", "grant": "refresh_token", "body": RECORD_BODY, "by": "pid 7@web-1"}
+    found = tokens_of(record, None)
+    assert isinstance(found, TokenSet) and found.refreshed_by == "pid 7@web-1"

@@ -248,6 +248,50 @@ def test_an_odd_hash_field_is_named_with_its_article(
         mlauth.MLAuth.from_env(redis_env)
 
 
+def test_a_hash_without_a_generation_still_keeps_the_raw_answer_before_it_is_read(
+    fake_ml: FakeMercadoLibre,
+    redis_env: Path,
+    redis_server: RedisServer,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # load() reads a missing generation as 0 and the commit lands on it: the fence must too.
+    with redis_server.client() as client:
+        client.hdel(f"mlauth:{fake_ml.client_id}:tokens", "generation")
+    seen: list[dict[str, str]] = []
+    original = mlauth.endpoint.read_answer
+
+    def reading(body: bytes) -> object:
+        seen.append(stored(redis_server, fake_ml))
+        return original(body)
+
+    monkeypatch.setattr(mlauth.endpoint, "read_answer", reading)
+    with caplog.at_level("ERROR", logger="mlauth"):
+        assert get(fake_ml, mlauth.MLAuth.from_env(redis_env)).status_code == 200
+    assert "could not keep the raw token answer" not in caplog.text
+    (at_reading,) = seen
+    assert "answer" in at_reading, "the raw answer was not in the hash when it was read"
+
+
+def test_a_generation_that_cannot_grow_is_refused_before_anything_is_spent_or_seeded(
+    fake_ml: FakeMercadoLibre, redis_env: Path, redis_server: RedisServer
+) -> None:
+    # A commit writes generation + 1: from 15 nines that has 16 digits, which no read accepts.
+    key = f"mlauth:{fake_ml.client_id}:tokens"
+    with redis_server.client() as client:
+        client.hset(key, "generation", "9" * 15)
+    before = stored(redis_server, fake_ml)
+    fake_ml.reset_stats()
+    with pytest.raises(mlauth.StoreError, match=rf"nothing was sent\. .*HSET {key} generation N"):
+        mlauth.MLAuth.from_env(redis_env).refresh()
+    assert fake_ml.stats()["token_requests"] == 0
+    store = store_from_env(redis_env)  # what `mlauth migrate --force` seeds through
+    store.bind_client(fake_ml.client_id)
+    with pytest.raises(mlauth.StoreError, match="nothing was written"):
+        store.seed(TokenSet(None, Secret("TG-fake-seeded-0000")), replace=True)
+    assert stored(redis_server, fake_ml) == before
+
+
 # -- a .env written in place: the journal in an extended attribute --------------------------
 
 

@@ -47,7 +47,7 @@ from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import Any
 
-from mlauth.answers import RAW_LIMIT, tokens_of
+from mlauth.answers import RAW_LIMIT, tokens_of, writer_of
 from mlauth.errors import REAUTHORIZE, InvalidGrantError, RefreshError, StoreError
 from mlauth.secret import Secret, fingerprint
 from mlauth.stores.base import KeptAnswerRefresh, TokenStore, with_note
@@ -417,7 +417,8 @@ def _when(at: object) -> str:
 def kept_note(record: dict[str, Any], why: str, where: str) -> str:
     """How an answer with no usable refresh token is described, wherever it is kept."""
     return (
-        f"an answer from {record.get('by') or 'an unknown process'} at {_when(record.get('at'))} "
+        f"an answer from {writer_of(record.get('by')) or 'an unknown process'} at "
+        f"{_when(record.get('at'))} "
         f"with no usable refresh token ({why}), kept in {where}"
     )
 
@@ -467,11 +468,11 @@ def _open_intents(records: list[dict[str, Any]]) -> dict[str, str]:
         spent = str(record.get("spent"))
         kind = record.get("kind")
         if kind == "intent":
-            intents[spent] = f"{record.get('by')} sent it and died before the answer was saved"
+            who = writer_of(record.get("by")) or "a process"
+            intents[spent] = f"{who} sent it and died before the answer was saved"
         elif kind == "unanswered":  # the request may have reached the server: still open
-            intents[spent] = f"{record.get('by')} sent it and got no usable answer " + (
-                f"({record.get('why')})"
-            )
+            who = writer_of(record.get("by")) or "a process"
+            intents[spent] = f"{who} sent it and got no usable answer " + (f"({record.get('why')})")
         else:
             intents.pop(spent, None)
     return intents

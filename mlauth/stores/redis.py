@@ -112,7 +112,8 @@ return 1
 """
 
 # Keep a raw answer in the hash, fenced like a commit: only over the version the refresh read
-# (ARGV[1] chain, ARGV[2] generation; an empty chain for a login into an empty key). A holder
+# (ARGV[1] chain, ARGV[2] generation, a missing one read as 0 like _generation does; an empty
+# chain for a login into an empty key). A holder
 # whose lock lapsed while its POST hung must not overwrite the answer of the peer that holds
 # the lock now (its only copy until it commits), nor create a hash of an answer alone where
 # Redis lost the tokens. Returns 1 when it wrote.
@@ -121,7 +122,7 @@ local chain = redis.call('HGET', KEYS[1], 'chain')
 if ARGV[1] == '' then
   if chain then return 0 end
 elseif chain ~= ARGV[1]
-    or tonumber(redis.call('HGET', KEYS[1], 'generation') or '') ~= tonumber(ARGV[2]) then
+    or tonumber(redis.call('HGET', KEYS[1], 'generation') or '0') ~= tonumber(ARGV[2]) then
   return 0
 end
 redis.call('HSET', KEYS[1], ARGV[3], ARGV[4])
@@ -130,7 +131,8 @@ return 1
 
 # Start a chain (a migration): into an empty key, or over anything when ARGV[2] is '1'. The
 # generation goes on from the old one, so no process takes the new chain for an older link.
-# Returns the new generation, or -1 when a chain is there and replacing was not asked. The
+# Returns the new generation, -1 when a chain is there and replacing was not asked, or -2 when
+# the old generation is no number or could not grow (ARGV[3], MAX_GENERATION). The
 # chain id is new with each call, so finding it means a re-sent script: the seed landed.
 _SEED = """
 if redis.call('HGET', KEYS[1], 'chain') == ARGV[1] then
@@ -140,9 +142,13 @@ local old = redis.call('HGET', KEYS[1], 'generation')
 if old and ARGV[2] ~= '1' then
   return -1
 end
-local new = tonumber(old or '0') + 1
+local previous = tonumber(old or '0')
+if previous == nil or previous >= tonumber(ARGV[3]) then
+  return -2
+end
+local new = previous + 1
 redis.call('DEL', KEYS[1])
-redis.call('HSET', KEYS[1], 'chain', ARGV[1], 'generation', new, unpack(ARGV, 3))
+redis.call('HSET', KEYS[1], 'chain', ARGV[1], 'generation', new, unpack(ARGV, 4))
 return new
 """
 
@@ -153,6 +159,9 @@ def _fmt(value: float | None) -> str:
 
 ANSWER_FIELD = "answer"  # the raw answer of a refresh that has not committed yet
 _GENERATION = re.compile(r"[0-9]{1,15}")  # what the scripts write; Lua counts in doubles
+# A commit writes generation + 1, which from here would have 16 digits: a refresh from it is
+# refused before anything is spent (a generation this large was set by hand).
+MAX_GENERATION = 10**15 - 1
 
 
 def _article(word: str) -> str:
@@ -195,6 +204,14 @@ def _generation(raw: str | None, key: str, where: str) -> int:
             "or move the tokens there again with `mlauth migrate --to URL --force`.",
         )
     return int(raw)
+
+
+def _generation_at_limit(key: str, where: str, done: str) -> StoreError:
+    return StoreError(
+        f"Redis at {where}: the hash {key!r} has a generation that is no number or is the "
+        f"largest mlauth counts to ({MAX_GENERATION}; set by hand?), so the next one could not "
+        f"be read back; {done}. Set it back to the generation it had (HSET {key} generation N)."
+    )
 
 
 def _float(values: dict[str, str], field: str, key: str, where: str) -> float | None:
@@ -596,11 +613,13 @@ class RedisStore(TokenStore):
         """
         key = self._key()
         chain = secrets.token_hex(8)
-        args = [chain, "1" if replace else "0", *self._pairs(tokens)]
+        args = [chain, "1" if replace else "0", MAX_GENERATION, *self._pairs(tokens)]
         try:
             gen = int(self._seed(keys=[key], args=args))
         except RedisError as exc:
             raise self._unreachable(exc, "write the tokens to") from None
+        if gen == -2:
+            raise _generation_at_limit(key, self.location, "nothing was written")
         if gen < 0:
             raise StaleCommitError(f"{self.location} already holds tokens under {key!r}")
         self._remember(tokens, chain, gen)
@@ -802,6 +821,18 @@ class RedisRefresh(KeptAnswerRefresh):
             found.describe(),
             self._store.location,
         )
+
+    def begin(self, spent: Secret) -> None:
+        self._check_generation()
+        super().begin(spent)
+
+    def begin_login(self) -> None:
+        self._check_generation()
+        super().begin_login()
+
+    def _check_generation(self) -> None:
+        if isinstance(self.version, tuple) and self.version[1] >= MAX_GENERATION:
+            raise _generation_at_limit(self._store.key, self._store.location, "nothing was sent")
 
     @property
     def raw_place(self) -> str:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import html
 import json
 import re
 from collections.abc import Iterable, Mapping
@@ -48,6 +47,10 @@ def fingerprint(value: str | None) -> str:
 def _spellings(value: str) -> set[str]:
     """How ``value`` may come back in someone else's text: as it is, form- or URL-encoded
     (a server or proxy that echoes the request body), JSON- or HTML-escaped."""
+    # Imported here: html loads html.entities (thousands of entries, a few ms), and this
+    # runs only when a message is masked, never on import or on a plain request.
+    import html
+
     escaped = {json.dumps(value)[1:-1], json.dumps(value, ensure_ascii=False)[1:-1]}
     escaped |= {text.replace("/", "\\/") for text in escaped}  # some encoders escape '/'
     encoded = {quote_plus(value), quote(value, safe=""), quote(value)}

@@ -206,6 +206,33 @@ def test_redirect_overhead_reports_both_scripts_both_ways() -> None:
         assert [len(cell.split(" / ")) for cell in table[name][1:]] == [2, 2, 2], done.stdout
 
 
+def test_startup_cost_reports_every_row_for_every_checkout_and_the_pairs() -> None:
+    checkouts = ["--checkout", f"a={ROOT}", "--checkout", f"b={ROOT}"]
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.startup_cost",
+            "--runs",
+            "2",
+            "--no-bytecode",
+            *checkouts,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("2 rounds from "), done.stdout
+    for row in ("import", "python -c", "mlauth run", "import, no bytecode"):
+        for label in ("a       ", "b       ", "b - a:"):
+            found = [line for line in lines if line.startswith(f"{row:20} {label}")]
+            assert len(found) == 1, (row, label, done.stdout)
+            assert "quartiles" in found[0]
+
+
 def test_run_all_replaces_only_the_marked_blocks() -> None:
     doc = "intro\n<!-- bench:storm -->\nold table\n<!-- /bench:storm -->\nprose stays\n"
     new = replace_block(doc, "storm", "| new | table |\n")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib
 import multiprocessing.spawn
 import os
+import subprocess
 import sys
 import time
 import traceback
@@ -274,6 +275,38 @@ def test_install_without_redirect_leaves_everything_alone(app: Path, due_env: Pa
     # A later install() for the same .env may still name functions: they are added.
     mlauth.install(due_env, redirect="plain_mod:refresh_ml_token")
     assert module.refresh_ml_token() is True
+
+
+# Run in a fresh interpreter: this process imported the redirect with the tests above.
+IMPORTED_LAZILY = """\
+import sys
+import mlauth, mlauth.cli
+
+def loaded():
+    return "mlauth.integrations.redirect" in sys.modules
+
+print(loaded())
+mlauth.install(sys.argv[1], redirect=False)
+print(loaded())
+mlauth.uninstall()
+mlauth.install(sys.argv[1])
+print(loaded())
+"""
+
+
+def test_the_redirect_is_imported_only_when_something_is_redirected(due_env: Path) -> None:
+    # ``import mlauth`` (and the `mlauth` command, the first interpreter of `mlauth run`)
+    # would otherwise pay for the import hook, ast and the script watch in every process.
+    result = subprocess.run(
+        [sys.executable, "-c", IMPORTED_LAZILY, str(due_env)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    # import mlauth, install(redirect=False): not imported; install() (redirect=True): imported.
+    assert result.stdout.split() == ["False", "False", "True"], result.stdout
 
 
 def test_a_named_function_its_module_lacks_is_warned_about_once(

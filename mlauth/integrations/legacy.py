@@ -19,7 +19,6 @@ from mlauth.tokens import TokenSet
 
 from . import patch
 from .globals_writer import GlobalsWriter, register
-from .redirect import functions
 from .requests_auth import MLAuth
 
 __all__ = ["keep_globals_current", "redirect_refresh"]
@@ -91,6 +90,10 @@ def redirect_refresh(
     :func:`mlauth.install` redirects ``refresh_ml_token`` by default, and others named in its
     ``redirect=``: this is for a module object at hand, or an auth of its own.
     """
+    # Imported here, not with mlauth: the redirect package is imported only when something
+    # is redirected (see mlauth.integrations.patch).
+    from .redirect import functions
+
     auth = _auth_or_installed(auth)
     namespace = _namespace(target)
     original: object = namespace.get(name)

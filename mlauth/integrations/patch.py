@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import threading
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import requests
@@ -27,9 +28,10 @@ from mlauth.hosts import DEFAULT_PORTS
 from mlauth.logs import level_from_environment, show_on_stderr
 from mlauth.stores import store_from_env
 
-from . import redirect as _redirect
-from .redirect.unlocked import token_endpoint_called
 from .requests_auth import MLAuth
+
+if TYPE_CHECKING:
+    from .redirect import Redirect
 
 __all__ = ["install", "installed", "uninstall"]
 
@@ -59,6 +61,25 @@ _after_request: list[Callable[[MLAuth], None]] = []
 # Session.request(self, method, url, params, data, headers, cookies, files, auth, ...):
 # the index of ``auth`` among the positional arguments after ``url``.
 _AUTH_POSITION = 5
+
+# The legacy redirect (mlauth.integrations.redirect, with ast, the import hook and the script
+# watch) is imported only when something is redirected: ``import mlauth`` and install(
+# redirect=False) do without it, and `mlauth run` pays for it once per interpreter, not twice.
+_REDIRECT = "mlauth.integrations.redirect"
+# Whether install() started the redirect (False under install(redirect=False)).
+_redirecting = False
+
+
+def _redirect_more(auth: MLAuth, more: Redirect) -> None:
+    """A later install() for the same .env: add the functions it names (the redirect is
+    started first, as it was before it was imported lazily, if install() had redirect=False)."""
+    global _redirecting
+    from . import redirect
+
+    if not _redirecting:
+        redirect.start(auth, redirect.plan_for(False))
+        _redirecting = True
+    redirect.add(more)
 
 
 def _request(
@@ -104,6 +125,8 @@ def _gets_token(auth: MLAuth, url: str) -> bool:
         return False
     target = _endpoint(url)
     if target is not None and target == _endpoint(auth.token_url):
+        from .redirect.unlocked import token_endpoint_called  # rare: a legacy refresh POST
+
         token_endpoint_called(auth.token_url)  # never mlauth's own: say who, and the fix
         return False
     return True
@@ -137,12 +160,13 @@ def install(
     ``.env`` it raises :class:`ConfigError`, since one process cannot sensibly send two token
     chains to the same hosts: call :func:`uninstall` first to switch.
     """
-    global _state, _original, _patched
+    global _state, _original, _patched, _redirecting
     real = os.path.realpath(os.fspath(path))
     with _lock:
         if _state is not None:
             if _state[0] == real:
-                _redirect.add(redirect)
+                if not isinstance(redirect, bool):  # True or False here changes nothing
+                    _redirect_more(_state[1], redirect)
                 return _state[1]
             raise ConfigError(
                 f"mlauth is already installed for {_state[0]}; call mlauth.uninstall() before "
@@ -151,7 +175,11 @@ def install(
         # Before anything can log: a legacy script never set up logging, and mlauth's
         # NullHandler would hide even the ERROR that says its tokens could not be saved.
         show_on_stderr(level_from_environment())
-        plan = _redirect.plan_for(redirect)  # a malformed MODULE:FUNCTION: before any change
+        plan = None  # redirect=False: the redirect is not even imported
+        if redirect is not False:
+            from .redirect import plan_for, start
+
+            plan = plan_for(redirect)  # a malformed MODULE:FUNCTION: before any change
         kwargs.setdefault("store", store_from_env(path))
         auth = MLAuth.from_env(path, **kwargs)
         if not _patched:
@@ -159,7 +187,9 @@ def install(
             requests.Session.request = _request  # type: ignore[method-assign]
             _patched = True
         _state = (real, auth)
-        _redirect.start(auth, plan)
+        if plan is not None:
+            start(auth, plan)
+            _redirecting = True
         log.debug("installed mlauth into requests for %s", real)
         return auth
 
@@ -171,11 +201,14 @@ def uninstall() -> None:
     If something else patched ``Session.request`` on top of ours, that patch is kept and ours
     becomes a pass-through. Calling it when nothing is installed does nothing.
     """
-    global _state, _patched
+    global _state, _patched, _redirecting
     with _lock:
         _state = None
+        _redirecting = False
         _after_request.clear()
-        _redirect.stop()
+        redirect = sys.modules.get(_REDIRECT)
+        if redirect is not None:  # never imported: nothing was redirected, nothing to undo
+            redirect.stop()
         if not _patched or _original is None:
             return
         if requests.Session.request is _request:

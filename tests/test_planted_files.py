@@ -29,6 +29,8 @@ from tests.planting_support import (
     NOBODY,
     SharedFolders,
     Snapshot,
+    as_nobody,
+    bind_folder,
     plant_file,
     plant_link,
     shared_folders,
@@ -269,6 +271,26 @@ def test_a_sticky_world_writable_folder_is_accepted_silently(
     assert [r.getMessage() for r in caplog.records] == []
 
 
+def test_a_sticky_folder_another_user_owns_gets_one_warning(
+    fake_ml: FakeMercadoLibre, shared: SharedFolders, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The sticky bit keeps others from renaming this user's files, never the folder's owner.
+    folder = shared.attacker / "drop"
+    as_nobody("mkdir", "-m", "1777", str(folder))
+    env = stale_env(fake_ml, folder)
+    with caplog.at_level(logging.WARNING, logger="mlauth"):
+        assert call_api(fake_ml, env).status_code == 200
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{folder} (mode 1777) can be written by its owner, nobody (uid {NOBODY.pw_uid}): "
+        "they can replace the .env and its refresh lock, so they hold its tokens as much as "
+        f"this user does. If they should not, give it to this user (`chown {os.geteuid()} "
+        f"{folder}`) or keep the .env in a folder of this user's."
+    ]
+    # Not a false alarm: nobody can do it.
+    as_nobody("mv", str(env), str(shared.attacker / "taken"))
+    assert not env.exists()
+
+
 def test_a_folder_a_group_may_write_gets_one_warning_per_process(
     fake_ml: FakeMercadoLibre, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -300,3 +322,121 @@ def test_a_folder_writable_by_the_owners_private_group_is_no_one_else(
     with caplog.at_level(logging.WARNING, logger="mlauth"):
         assert call_api(fake_ml, env).status_code == 200
     assert [r.getMessage() for r in caplog.records] == []
+
+
+# -- who else may write the folders above it -------------------------------------------------
+# Whoever may write a folder above the .env's can rename the folder below it away and put one
+# of theirs, with a .env of theirs, in its place: OpenSSH's StrictModes checks every folder up
+# to / (or the home folder) for that reason, and so does mlauth, up to /.
+
+
+def nested_env(fake_ml: FakeMercadoLibre, top: Path, *below: str) -> Path:
+    """A stale .env in ``top/below...``, every folder this user's (root's on CI), mode 0700."""
+    folder = top.joinpath(*below)
+    folder.mkdir(mode=0o700, parents=True)
+    return stale_env(fake_ml, folder)
+
+
+def test_a_world_writable_folder_above_is_refused_before_spending(
+    fake_ml: FakeMercadoLibre, tmp_path: Path
+) -> None:
+    shared = tmp_path / "shared"
+    env = nested_env(fake_ml, tmp_path, "shared", "team", "project")
+    shared.chmod(0o777)  # two levels above the .env's folder, which is private
+    message = refused(fake_ml, env)
+    assert f"every user of this machine may write {shared} (mode 0777)" in message
+    assert f"rename {shared / 'team'} away" in message
+    assert f"`chmod o-w {shared}`" in message and f"`chmod +t {shared}`" in message
+    problem = refresh_problem(mlauth.EnvFileStore(env))
+    assert problem is not None and f"`chmod o-w {shared}`" in problem
+    # The fix works in the running process.
+    shared.chmod(0o755)
+    assert call_api(fake_ml, env).status_code == 200
+
+
+def test_a_sticky_world_writable_folder_above_is_silent(
+    fake_ml: FakeMercadoLibre, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # /tmp itself, and pytest's tmp_path under it: nobody else may rename this user's folder.
+    env = nested_env(fake_ml, tmp_path, "scratch", "project")
+    (tmp_path / "scratch").chmod(0o1777)
+    with caplog.at_level(logging.WARNING, logger="mlauth"):
+        assert call_api(fake_ml, env).status_code == 200
+    assert fake_ml.stats()["refreshes"] == 1
+    assert [r.getMessage() for r in caplog.records] == []
+
+
+def test_a_folder_above_owned_by_another_user_gets_one_warning_naming_it(
+    fake_ml: FakeMercadoLibre, shared: SharedFolders, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A container running as root, the .env in a folder of root's on a volume the host's
+    # user owns: that user can swap the folder, and is named once.
+    volume = shared.attacker  # nobody's, 0755
+    env = nested_env(fake_ml, volume, "state")
+    with caplog.at_level(logging.WARNING, logger="mlauth"):
+        assert call_api(fake_ml, env).status_code == 200
+        fake_ml.write_env(env, expires_at=time.time() - 10)  # stale again: refresh again
+        assert call_api(fake_ml, env).status_code == 200
+    assert fake_ml.stats()["refreshes"] == 2  # a warning, never a refusal
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{volume} (mode 0755), a folder above {env.parent}, can be written by its owner, "
+        f"nobody (uid {NOBODY.pw_uid}): they can rename {env.parent} away and put a folder of "
+        f"theirs in its place, so they hold the tokens of the .env there as much as this user "
+        f"does. If they should not, give it to this user (`chown {os.geteuid()} {volume}`) "
+        "or keep the .env in a folder whose parents are this user's or root's."
+    ]
+    # Not a false alarm: nobody can do it.
+    as_nobody("mv", str(env.parent), str(volume / "moved"))
+    assert not env.exists()
+
+
+def test_a_folder_above_a_group_may_write_is_named_once_for_all_below(
+    fake_ml: FakeMercadoLibre, shared: SharedFolders, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A setgid team folder (shared.project, 2770 root:nogroup) holding two private projects.
+    team = shared.project
+    first = nested_env(fake_ml, team, "first")
+    second = nested_env(fake_ml, team, "second")
+    with caplog.at_level(logging.WARNING, logger="mlauth"):
+        assert call_api(fake_ml, first).status_code == 200
+        assert call_api(fake_ml, second).status_code == 200
+    assert fake_ml.stats()["refreshes"] == 2
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 1, messages
+    assert messages[0].startswith(
+        f"{team} (mode 2770), a folder above {first.parent}, can be written by the members "
+        f"of group nogroup: they can rename {first.parent} away"
+    )
+    assert f"(`chmod g-w {team}`, or `chown` it), or add the sticky bit" in messages[0]
+
+
+def test_a_folder_above_adds_no_warning_for_writers_already_named(
+    fake_ml: FakeMercadoLibre, shared: SharedFolders, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A volume bind-mounted from the host, owned by the host's user (nobody here) down to the
+    # .env's folder, in a container running as root: one warning, for the folder itself.
+    volume = shared.attacker
+    state = volume / "state"
+    as_nobody("mkdir", "-m", "0755", str(state))
+    env = stale_env(fake_ml, state)
+    with caplog.at_level(logging.WARNING, logger="mlauth"):
+        assert call_api(fake_ml, env).status_code == 200
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 1, messages
+    assert messages[0].startswith(f"{state} (mode 0755) can be written by its owner, nobody")
+
+
+def test_a_bind_mounted_volume_of_another_user_is_checked_through_the_mount(
+    fake_ml: FakeMercadoLibre, shared: SharedFolders, caplog: pytest.LogCaptureFixture
+) -> None:
+    # docker run -v /srv/volume:/data: the mount point shows the host folder's owner.
+    data = shared.project.parent / "data"
+    with bind_folder(shared.attacker, data):
+        env = nested_env(fake_ml, data, "mlauth")
+        with caplog.at_level(logging.WARNING, logger="mlauth"):
+            assert call_api(fake_ml, env).status_code == 200
+        messages = [r.getMessage() for r in caplog.records]
+        assert len(messages) == 1, messages
+        assert messages[0].startswith(
+            f"{data} (mode 0755), a folder above {env.parent}, can be written by its owner, nobody"
+        )

@@ -20,8 +20,9 @@ is spent (:meth:`EnvFileStore.check_writable <mlauth.stores.envfile.EnvFileStore
 The ``.env`` itself is the user's and may be a symbolic link (Kubernetes, dotfile managers):
 it is followed to its real path, and these files live beside that.
 
-:func:`check_folder` is the rule for the folder itself (see its docstring and
-``docs/deployments.md``). Cost: a few system calls per refresh, none per request.
+:func:`check_folder` is the rule for the folder itself and every folder above it (see its
+docstring and ``docs/deployments.md``). Cost: a few system calls per refresh, and one ``stat``
+per folder above; none per request.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import pwd
 import stat
 import tempfile
 from collections.abc import Iterator
+from typing import NamedTuple
 
 from mlauth.errors import StoreError
 
@@ -214,11 +216,18 @@ def write_replacing(path: str, data: bytes) -> None:
     fsync_dir(os.path.dirname(path))
 
 
-# -- the folder ------------------------------------------------------------------------------
+# -- the folder, and the folders above it ---------------------------------------------------
 
-# Folder -> (mode, owner, group) when it was last judged: the group lookup (which may
-# enumerate every user) and the warning happen once per process, and again only on a change.
-_judged_folders: dict[str, tuple[int, int, int]] = {}
+
+class _Verdict(NamedTuple):
+    seen: tuple[int, int, int]  # (mode, owner, group) when judged
+    others: str | None  # who besides this user and root may replace what is in it
+    warned: bool
+
+
+# Folder -> its verdict: the group lookup (which may enumerate every user) and the warning
+# happen once per process for each folder, and again only on a change of mode or owner.
+_judged_folders: dict[str, _Verdict] = {}
 
 
 def _group_is_private(gid: int, owner: int) -> bool:
@@ -238,10 +247,19 @@ def _group_is_private(gid: int, owner: int) -> bool:
 
 
 def _other_writers(info: os.stat_result) -> str | None:
-    """Who besides this user and root can replace files in the folder; None if nobody."""
+    """Who besides this user and root can rename what the folder holds; None if nobody.
+
+    The sticky bit keeps the group (and everyone) from renaming this user's entries, never
+    the folder's owner.
+    """
     if info.st_uid not in (os.geteuid(), 0):
         return f"its owner, {_user(info.st_uid)}"
-    if info.st_mode & stat.S_IWGRP and not _group_is_private(info.st_gid, info.st_uid):
+    sticky = info.st_mode & stat.S_ISVTX
+    if (
+        info.st_mode & stat.S_IWGRP
+        and not sticky
+        and not _group_is_private(info.st_gid, info.st_uid)
+    ):
         try:
             group = grp.getgrgid(info.st_gid).gr_name
         except KeyError:
@@ -250,48 +268,102 @@ def _other_writers(info: os.stat_result) -> str | None:
     return None
 
 
+def _everyone_writes(folder: str, path: str, below: str, mode: int) -> StoreError:
+    if path == folder:
+        where = f"every user of this machine may write that folder (mode {mode:04o})"
+        what = "replace the .env, its lock or its journal"
+    else:
+        where = f"every user of this machine may write {path} (mode {mode:04o}), a folder above it"
+        what = f"rename {below} away and put a folder of theirs, with their own .env, in its place"
+    return StoreError(
+        f"refusing to spend the refresh token in {folder}: {where}, so anyone could {what} "
+        f"and take or break the token chain. Make it writable only by its owner (`chmod o-w "
+        f"{path}`), or add the sticky bit (`chmod +t {path}`) if other users must create files "
+        "there."
+    )
+
+
+def _warn(folder: str, path: str, below: str, info: os.stat_result, others: str) -> None:
+    """The WARNING that ``others`` may write ``path``: the .env's folder or one above it."""
+    mode = stat.S_IMODE(info.st_mode)
+    if path == folder:
+        where = f"{path} (mode {mode:04o})"
+        what = "replace the .env and its refresh lock, so they hold its tokens"
+        elsewhere = "a folder of this user's"
+    else:
+        where = f"{path} (mode {mode:04o}), a folder above {folder},"
+        what = (
+            f"rename {below} away and put a folder of theirs in its place, so they hold the "
+            "tokens of the .env there"
+        )
+        elsewhere = "a folder whose parents are this user's or root's"
+    if info.st_uid not in (os.geteuid(), 0):  # the sticky bit does not stop a folder's owner
+        fix = (
+            f"give it to this user (`chown {os.geteuid()} {path}`) or keep the .env in {elsewhere}"
+        )
+    else:
+        fix = (
+            f"make it writable only by this user (`chmod g-w {path}`, or `chown` it), or add "
+            f"the sticky bit (`chmod +t {path}`)"
+        )
+    log.warning(
+        "%s can be written by %s: they can %s as much as this user does. If they should not, %s.",
+        where,
+        others,
+        what,
+        fix,
+    )
+
+
+def _judge(folder: str, path: str, below: str, info: os.stat_result, named: set[str]) -> str | None:
+    """Who else may write ``path`` (cached); warns once, unless a folder below named them."""
+    seen = (info.st_mode, info.st_uid, info.st_gid)
+    verdict = _judged_folders.get(path)
+    if verdict is None or verdict.seen != seen:
+        verdict = _Verdict(seen, _other_writers(info), warned=False)
+        _judged_folders[path] = verdict
+    if verdict.others is not None and not verdict.warned and verdict.others not in named:
+        _warn(folder, path, below, info, verdict.others)
+        _judged_folders[path] = verdict._replace(warned=True)
+    return verdict.others
+
+
 def check_folder(folder: str) -> None:
     """The rule for the folder that holds the ``.env`` and mlauth's files beside it.
+
+    ``folder`` is a real path (no symbolic link in it): the caller resolved the ``.env``'s.
 
     - Writable by every user, without the sticky bit: StoreError. Anyone on the machine
       could replace the ``.env`` (pointing ``ML_TOKEN_URL`` at a server of theirs) or the
       lock (two lock files, two refreshers, a spent chain); nothing mlauth checks can help.
-    - With the sticky bit (``/tmp``-like): fine. Nobody else can rename or remove this
-      user's files there, and a name planted in advance is refused by :func:`open_own`.
+    - With the sticky bit (``/tmp``-like): fine. Nobody else but the folder's owner can
+      rename or remove this user's files there, and a name planted in advance is refused by
+      :func:`open_own`.
     - Writable by a group (a setgid project folder, umask 002) or owned by another user:
       one WARNING per process. They can replace the ``.env`` as they can the code that runs
       with it, so refusing would protect nothing the folder's owner has not shared already.
       A group whose only member is the folder's owner (a user-private group) is no one else.
+
+    The same rule holds for every folder above it, up to ``/`` (OpenSSH's ``StrictModes``):
+    whoever may write one can rename the folder below it away and put one of theirs in its
+    place. A folder above adds no warning for writers a folder below it already named (a
+    volume owned by one user down to the ``.env``'s folder is named once). Each folder is
+    ``stat``-ed on every call, so a refusal is never cached; a warning is.
     """
-    try:
-        info = os.stat(folder)
-    except OSError as exc:
-        raise StoreError(f"cannot inspect {folder}: {exc.strerror or exc}") from exc
-    mode = stat.S_IMODE(info.st_mode)
-    if mode & stat.S_ISVTX:
-        return
-    if mode & stat.S_IWOTH:
-        raise StoreError(
-            f"refusing to spend the refresh token in {folder}: every user of this machine may "
-            f"write that folder (mode {mode:04o}), so anyone could replace the .env, its lock "
-            "or its journal and take or break the token chain. Make it writable only by its "
-            f"owner (`chmod o-w {folder}`), or add the sticky bit (`chmod +t {folder}`) if "
-            "other users must create files there."
-        )
-    seen = (mode, info.st_uid, info.st_gid)
-    if _judged_folders.get(folder) == seen:
-        return
-    _judged_folders[folder] = seen
-    others = _other_writers(info)
-    if others is not None:
-        log.warning(
-            "%s (mode %04o) can be written by %s: they can replace the .env and its refresh "
-            "lock, so they hold its tokens as much as this user does. If they should not, "
-            "make it writable only by this user (`chmod g-w %s`, or `chown` it), or add the "
-            "sticky bit (`chmod +t %s`).",
-            folder,
-            mode,
-            others,
-            folder,
-            folder,
-        )
+    named: set[str] = set()  # who else may write, as warned about (or not) below
+    path, below = folder, folder
+    while True:
+        try:
+            info = os.stat(path)
+        except OSError as exc:
+            raise StoreError(f"cannot inspect {path}: {exc.strerror or exc}") from exc
+        mode = stat.S_IMODE(info.st_mode)
+        if mode & stat.S_IWOTH and not mode & stat.S_ISVTX:
+            raise _everyone_writes(folder, path, below, mode)
+        others = _judge(folder, path, below, info, named)
+        if others is not None:
+            named.add(others)
+        parent = os.path.dirname(path)
+        if parent == path:
+            return
+        path, below = parent, path

@@ -65,9 +65,9 @@ def _run_by_python() -> list[str]:
 
 def _script_stem() -> str | None:
     argv0 = sys.argv[0] if sys.argv else ""
-    if argv0 in ("", "-", "-c", "-m") or not argv0.endswith(".py"):
+    if argv0 in ("", "-", "-c", "-m"):
         return None
-    return os.path.splitext(os.path.basename(argv0))[0]
+    return os.path.splitext(os.path.basename(argv0))[0]  # as plan.script_aliases names it
 
 
 def _spec(name: str, folders: Sequence[str]) -> ModuleSpec | None:

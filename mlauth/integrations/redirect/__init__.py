@@ -15,8 +15,8 @@ of it:
 - in modules imported before: at once.
 
 A name given with ``--redirect`` that its module does not define gets a warning
-(``missing.py``). :func:`mlauth.uninstall` removes the hook and the watch and puts the
-original functions back.
+(``missing.py``), and so does a module the program does not have (``absent.py``).
+:func:`mlauth.uninstall` removes the hook and the watch and puts the original functions back.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import sys
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
-from . import functions, workers
+from . import absent, functions, workers
 from .defs import read_defs
 from .imports import RedirectFinder
 from .missing import warn_unless_defined
@@ -70,6 +70,7 @@ def start(auth: AuthAdapter, plan: Plan) -> None:
     try:
         _redirect_imported(plan, _own)
         _watch = watch_script(plan, _own)
+        absent.check(plan, _own)
     except Exception as exc:  # noqa: BLE001 (install() itself must not fail for this)
         log.warning("could not look for legacy refresh functions to redirect: %r", exc)
 
@@ -83,6 +84,7 @@ def add(redirect: Redirect) -> None:
     if _finder is None:
         _start_finder(_plan, _own)
     _redirect_imported(_plan, _own)
+    absent.check(_plan, _own)
 
 
 def _start_finder(plan: Plan, own: OwnFiles) -> None:
@@ -99,6 +101,7 @@ def stop() -> None:
     if _watch is not None:
         _watch.stop()
     workers.stop()
+    absent.stop()
     _plan = _finder = _watch = None
     functions.use_auth(None)
     functions.restore_all()

@@ -35,6 +35,7 @@ import types
 from collections.abc import Callable, Mapping, Sequence
 from importlib.machinery import ModuleSpec
 
+from . import absent
 from .defs import module_level_blocks, parse, top_level_defs
 from .missing import warn_unless_defined
 from .own import OwnFiles
@@ -157,6 +158,9 @@ class RedirectFinder(importlib.abc.MetaPathFinder):
     """First on ``sys.meta_path``: finds modules as the finders after it do, and rewrites
     the few that define a function to redirect (see the module docstring)."""
 
+    # absent.py looks modules up without this finder: asking it reads and rewrites.
+    mlauth_skip_in_lookups = True
+
     def __init__(self, plan: Plan, own: OwnFiles, patches: Patches | None = None) -> None:
         self.plan = plan
         self.own = own
@@ -169,6 +173,8 @@ class RedirectFinder(importlib.abc.MetaPathFinder):
         target: types.ModuleType | None = None,
     ) -> ModuleSpec | None:
         spec = self._find_after_us(fullname, path, target)
+        if spec is not None and absent.waiting():
+            absent.importing(fullname)  # a module that looks like a misspelt --redirect one
         if spec is not None and self.plan:
             try:
                 self._rewrite(fullname, spec)

@@ -69,5 +69,12 @@ class Plan:
         named = self._named
         return [(module, name) for module in modules for name in sorted(named.get(module, ()))]
 
+    def by_module(self) -> dict[str, list[str]]:
+        """Each named module's ``MODULE:FUNCTION`` pairs, as given."""
+        return {
+            module: [f"{module}:{name}" for name in sorted(names)]
+            for module, names in self._named.items()
+        }
+
     def __bool__(self) -> bool:
         return self.default or bool(self._named)

@@ -1,4 +1,4 @@
-"""Review 3: the folders above the ``.env``'s (mlauth/stores/private.py check_folder) on a
+"""The folders above the ``.env``'s (mlauth/stores/private.py check_folder) on a
 layout where nobody else can write them (real subprocesses in a user namespace).
 """
 

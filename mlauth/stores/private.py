@@ -28,6 +28,7 @@ per folder above; none per request.
 from __future__ import annotations
 
 import contextlib
+import functools
 import grp
 import logging
 import os
@@ -246,13 +247,30 @@ def _group_is_private(gid: int, owner: int) -> bool:
     return all(user.pw_uid == owner for user in pwd.getpwall() if user.pw_gid == gid)
 
 
+@functools.cache
+def _unmapped_owner() -> int | None:
+    """The uid a file shows when its owner is outside this user namespace, or None outside
+    one. In a rootless container (``unshare -r``, podman, bubblewrap) everything the host's
+    root owns shows as that uid (65534): nobody can act as it, inside or out, and no chown
+    from inside could change it, so it is the host's, like root's."""
+    try:
+        with open("/proc/self/uid_map") as handle:
+            mapping = handle.read().split()
+        if mapping == ["0", "0", "4294967295"]:
+            return None  # the initial namespace: 65534 is a real user there (nobody)
+        with open("/proc/sys/kernel/overflowuid") as handle:
+            return int(handle.read())
+    except (OSError, ValueError):
+        return None
+
+
 def _other_writers(info: os.stat_result) -> str | None:
     """Who besides this user and root can rename what the folder holds; None if nobody.
 
     The sticky bit keeps the group (and everyone) from renaming this user's entries, never
     the folder's owner.
     """
-    if info.st_uid not in (os.geteuid(), 0):
+    if info.st_uid not in (os.geteuid(), 0) and info.st_uid != _unmapped_owner():
         return f"its owner, {_user(info.st_uid)}"
     sticky = info.st_mode & stat.S_ISVTX
     if (

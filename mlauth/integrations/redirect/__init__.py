@@ -84,7 +84,10 @@ def add(redirect: Redirect) -> None:
     if _finder is None:
         _start_finder(_plan, _own)
     _redirect_imported(_plan, _own)
-    absent.check(_plan, _own)
+    try:
+        absent.check(_plan, _own)
+    except Exception as exc:  # noqa: BLE001 (install() itself must not fail for a warning)
+        log.warning("could not look for the modules named to redirect: %r", exc)
 
 
 def _start_finder(plan: Plan, own: OwnFiles) -> None:

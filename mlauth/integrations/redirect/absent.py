@@ -34,6 +34,7 @@ import sys
 from collections.abc import Iterable, Sequence
 from importlib.machinery import ModuleSpec, PathFinder
 
+from .defs import read_defs
 from .own import OwnFiles
 from .plan import MAIN, MP_MAIN, Plan
 
@@ -48,6 +49,7 @@ SKIP_FINDER = "mlauth_skip_in_lookups"
 # Module -> (its MODULE:FUNCTION pairs, the program's modules that look like it).
 _pending: dict[str, tuple[list[str], list[str]]] = {}
 _registered = False
+_forked = False  # this process is a child of os.fork since check() found something pending
 
 
 def _run_by_python() -> list[str]:
@@ -58,7 +60,10 @@ def _run_by_python() -> list[str]:
     if main is None or "__file__" in vars(main) or getattr(sys.flags, "safe_path", False):
         return []
     if argv0 in ("", "-", "-c", "-m"):
-        return [os.getcwd()]
+        try:
+            return [os.getcwd()]
+        except OSError:  # the working folder was removed: Python puts nothing there either
+            return []
     # Python resolves the script's symbolic link; the link's own folder costs nothing.
     return [os.path.dirname(os.path.abspath(argv0)), os.path.dirname(os.path.realpath(argv0))]
 
@@ -150,12 +155,20 @@ def check(plan: Plan, own: OwnFiles) -> None:
                 program.add(stem)
         similar = lookalikes(module, program)
         _pending[module] = (pairs, similar)
-        here = [name for name in similar if name in sys.modules or name == stem]
-        if here:
-            _verdict(module, here[0])
+        for name in similar:
+            if name == stem and sys.argv:
+                origin: object = os.path.abspath(sys.argv[0])
+            elif name in sys.modules:
+                origin = getattr(sys.modules[name], "__file__", None)
+            else:
+                continue  # not here yet: the import hook asks when it comes
+            if _defines(origin, pairs):
+                _verdict(module, name)
+                break
     if _pending and not _registered:
         _registered = True
         atexit.register(_at_exit)
+        os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def waiting() -> bool:
@@ -163,17 +176,34 @@ def waiting() -> bool:
     return bool(_pending)
 
 
-def importing(fullname: str) -> None:
-    """The import hook found ``fullname``, about to be imported: warn for a pending module
-    that it looks like, unless the named one can now be found (the program fixed its path)."""
-    for module, (_, similar) in list(_pending.items()):
-        if fullname in similar:
+def importing(fullname: str, origin: str | None) -> None:
+    """The import hook found ``fullname`` (its source at ``origin``), about to be imported:
+    warn for a pending module that it looks like and that defines the function named with
+    it, unless the named one can now be found (the program fixed its path)."""
+    for module, (pairs, similar) in list(_pending.items()):
+        if fullname in similar and _defines(origin, pairs):
             _verdict(module, fullname)
+
+
+def _defines(origin: object, pairs: list[str]) -> bool:
+    """Whether the source at ``origin`` defines, at its top level, a function some
+    ``MODULE:FUNCTION`` pair names: only then is it evidence of a misspelt module (a launcher
+    script named like the module it imports is not)."""
+    if not isinstance(origin, str) or not origin.endswith(".py"):
+        return False
+    defs = read_defs(origin)
+    names = {node.name for node in defs or ()}
+    return any(pair.partition(":")[2] in names for pair in pairs)
 
 
 def _verdict(module: str, seen: str | None) -> None:
     entry = _pending.pop(module, None)
     if entry is None or findable(module) or _worker():
+        return
+    parent = module.rpartition(".")[0]
+    if seen is None and parent and parent not in sys.modules:
+        # Its package never ran, so nothing of it could have; and where the package's
+        # __init__ would look for it (pkgutil.extend_path) is known only once it runs.
         return
     pairs, similar = entry
     if seen is not None:
@@ -197,10 +227,18 @@ def _verdict(module: str, seen: str | None) -> None:
 
 
 def _worker() -> bool:
-    """A multiprocessing worker (its parent warned already)."""
+    """A multiprocessing worker, or a child of ``os.fork`` (a pre-fork server's worker): its
+    parent warns (at exit, if nothing looking like the module ran there)."""
+    if _forked:
+        return True
     multiprocessing = sys.modules.get("multiprocessing")
     parent = getattr(multiprocessing, "parent_process", None)
     return callable(parent) and parent() is not None
+
+
+def _after_fork_in_child() -> None:
+    global _forked
+    _forked = True
 
 
 def _at_exit() -> None:

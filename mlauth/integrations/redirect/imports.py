@@ -174,7 +174,7 @@ class RedirectFinder(importlib.abc.MetaPathFinder):
     ) -> ModuleSpec | None:
         spec = self._find_after_us(fullname, path, target)
         if spec is not None and absent.waiting():
-            absent.importing(fullname)  # a module that looks like a misspelt --redirect one
+            absent.importing(fullname, spec.origin)  # looks like a misspelt --redirect one?
         if spec is not None and self.plan:
             try:
                 self._rewrite(fullname, spec)

@@ -112,6 +112,8 @@ def test_a_missing_env_is_one_line_naming_the_path(tmp_path: Path) -> None:
         done = mlauth_cli(command, "--env", str(missing), input="")
         assert_clean_failure(done, 1)
         assert str(missing) in done.stderr and "no such .env file" in done.stderr
+        # A first login needs only the app's credentials: it writes the refresh token.
+        assert "ML_REFRESH_TOKEN unless `mlauth login` is to write one" in done.stderr
     assert not missing.exists()
 
 

@@ -230,8 +230,9 @@ def read_env_file(path: str | os.PathLike[str]) -> dict[str, str | None]:
                 ".env that holds ML_CLIENT_ID, ML_CLIENT_SECRET and ML_REFRESH_TOKEN."
             )
         raise ConfigError(
-            f"{path}: no such .env file. Create it with ML_CLIENT_ID, ML_CLIENT_SECRET and "
-            "ML_REFRESH_TOKEN, or pass the right path (mlauth never creates it silently)."
+            f"{path}: no such .env file. Create it with ML_CLIENT_ID and ML_CLIENT_SECRET, and "
+            "ML_REFRESH_TOKEN unless `mlauth login` is to write one; or pass the right path "
+            "(mlauth never creates it silently)."
         )
     try:
         # Under a shared lock on the content: a write in place (a mounted .env) is never seen

@@ -8,16 +8,16 @@ else as JSON. Each mangle records the answer it was given, so a test knows the l
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import re
-import shutil
-import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import requests
+
+from mlauth.testing import FakeMercadoLibre
 
 DELETE = object()  # a field value that removes the field
 
@@ -114,22 +114,16 @@ def journal_records(path: str | Path) -> list[dict[str, object]]:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
-MOUNT, UMOUNT = shutil.which("mount"), shutil.which("umount")
-
-
-@contextlib.contextmanager
-def bind_file(source: Path, target: Path) -> Iterator[Path]:
-    """``target`` (created empty) becomes a bind mount of the file ``source``."""
-    if MOUNT is None or UMOUNT is None:
-        pytest.skip("environment limit: no mount/umount command on PATH")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    target.touch()
-    done = subprocess.run(
-        [MOUNT, "--bind", str(source), str(target)], capture_output=True, text=True, check=False
+def spend_outside(fake: FakeMercadoLibre, refresh_token: str) -> requests.Response:
+    """Spend ``refresh_token`` at the fake's token endpoint as a program without mlauth
+    would (a refresher that died after its POST, a legacy script): the fake rotates it."""
+    return requests.post(
+        fake.token_url,
+        data={
+            "grant_type": "refresh_token",
+            "client_id": fake.client_id,
+            "client_secret": fake.client_secret,
+            "refresh_token": refresh_token,
+        },
+        timeout=30,
     )
-    if done.returncode != 0:
-        pytest.skip(f"environment limit: cannot bind-mount here (needs root): {done.stderr}")
-    try:
-        yield target
-    finally:
-        subprocess.run([UMOUNT, str(target)], check=True)

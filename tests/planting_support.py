@@ -19,8 +19,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import pytest
-
 NOBODY = pwd.getpwnam("nobody")
 
 
@@ -96,21 +94,3 @@ def shared_folders() -> Iterator[SharedFolders]:
         yield SharedFolders(project, elsewhere, attacker)
     finally:
         shutil.rmtree(root)
-
-
-@contextmanager
-def bind_folder(source: Path, target: Path) -> Iterator[Path]:
-    """``target`` (created) becomes a bind mount of the folder ``source``, as a volume is."""
-    mount, umount = shutil.which("mount"), shutil.which("umount")
-    if mount is None or umount is None:
-        pytest.skip("environment limit: no mount/umount command on PATH")
-    target.mkdir()
-    done = subprocess.run(
-        [mount, "--bind", str(source), str(target)], capture_output=True, text=True, check=False
-    )
-    if done.returncode != 0:
-        pytest.skip(f"environment limit: cannot bind-mount here (needs root): {done.stderr}")
-    try:
-        yield target
-    finally:
-        subprocess.run([umount, str(target)], check=True)

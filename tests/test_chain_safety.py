@@ -20,6 +20,7 @@ from mlauth.stores.lock import ProcessLock
 from mlauth.testing import FakeMercadoLibre
 from mlauth.tokens import Freshness
 from tests.conftest import refresh_turn_is_free, run_threads
+from tests.hostile_support import spend_outside
 
 DEAD_ACCESS = "APP_USR-1234-010101-deadbeef-8035443"
 
@@ -133,15 +134,7 @@ def test_unsaved_tokens_that_die_are_not_resent_and_nothing_is_spent_blind(
     # Somebody spends the unsaved refresh token: the server kills the unsaved access token.
     unsaved = auth.tokens.refresh_token
     assert unsaved is not None
-    rotated = requests.post(
-        fake_ml.token_url,
-        data={
-            "grant_type": "refresh_token",
-            "client_id": fake_ml.client_id,
-            "client_secret": fake_ml.client_secret,
-            "refresh_token": unsaved.reveal(),
-        },
-    )
+    rotated = spend_outside(fake_ml, unsaved.reveal())
     assert rotated.status_code == 200
     token_calls = fake_ml.stats()["token_requests"]
     with pytest.raises(mlauth.StoreError, match="disk still full"):

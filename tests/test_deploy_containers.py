@@ -27,35 +27,13 @@ import mlauth
 from mlauth.stores.envfile import read_env_file
 from mlauth.stores.mounted import JOURNAL_ATTR, is_mount_point
 from mlauth.testing import FakeMercadoLibre
+from tests.mount_support import bind_file
 from tests.test_faults_kill import assert_chain_lives, kill_after_the_rotation, kill_at, peer
 from tests.test_processes import LIFETIME, check_storm, result_of, worker
 
 pytestmark = pytest.mark.processes
 
-MOUNT, UMOUNT, CHATTR = shutil.which("mount"), shutil.which("umount"), shutil.which("chattr")
-
-
-@contextlib.contextmanager
-def bind_file(source: Path, target: Path, *, read_only: bool = False) -> Iterator[Path]:
-    """``target`` (created empty) becomes a bind mount of ``source``, a file or a folder."""
-    if MOUNT is None or UMOUNT is None:
-        pytest.skip("environment limit: no mount/umount command on PATH")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    if source.is_dir():
-        target.mkdir(exist_ok=True)
-    else:
-        target.touch()
-    done = subprocess.run(
-        [MOUNT, "--bind", str(source), str(target)], capture_output=True, text=True, check=False
-    )
-    if done.returncode != 0:
-        pytest.skip(f"environment limit: cannot bind-mount here (needs root): {done.stderr}")
-    try:
-        if read_only:
-            subprocess.run([MOUNT, "-o", "remount,bind,ro", str(target)], check=True)
-        yield target
-    finally:
-        subprocess.run([UMOUNT, str(target)], check=True)
+CHATTR = shutil.which("chattr")
 
 
 def assert_run_refuses(env: Path, tmp_path: Path, *needles: str) -> None:

@@ -27,7 +27,7 @@ from benchmarks.redis_server import RedisServer
 from mlauth import EnvFileStore, MLAuth
 from mlauth.cli.migrate import migrate_to_redis
 from mlauth.testing import FakeMercadoLibre
-from tests.test_deploy_containers import bind_file
+from tests.mount_support import bind_file
 from tests.test_processes import LIFETIME, check_storm, wait_for_line
 
 pytestmark = pytest.mark.processes

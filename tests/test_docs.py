@@ -44,7 +44,7 @@ from benchmarks.redis_server import RedisServer
 from mlauth.cli.migrate import migrate_to_redis
 from mlauth.stores.envfile import read_env_file
 from mlauth.testing import FakeMercadoLibre
-from tests.test_deploy_containers import bind_file
+from tests.mount_support import bind_file
 
 pytestmark = pytest.mark.processes
 

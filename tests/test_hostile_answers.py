@@ -39,6 +39,7 @@ from tests.hostile_support import (
     fields,
     journal_records,
     raw,
+    spend_outside,
     warnings_about,
 )
 
@@ -355,16 +356,7 @@ def test_a_raw_answer_left_by_a_refresher_is_replayed_through_the_same_reading(
 ) -> None:
     # What a refresher killed right after journaling an odd answer leaves behind.
     spent = mlauth.Secret(str(read_env_file(env)["ML_REFRESH_TOKEN"]))
-    answer = requests.post(
-        fake_ml.token_url,
-        data={
-            "grant_type": "refresh_token",
-            "client_id": fake_ml.client_id,
-            "client_secret": fake_ml.client_secret,
-            "refresh_token": spent.reveal(),
-        },
-        timeout=30,
-    ).json()
+    answer = spend_outside(fake_ml, spent.reveal()).json()
     answer.update(expires_in="abc", token_type="mac", access_token=["not", "usable"])
     journal = Journal(os.path.realpath(env))
     journal.intent(spent)

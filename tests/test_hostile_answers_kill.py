@@ -26,7 +26,8 @@ from mlauth.cli.migrate import migrate_to_redis
 from mlauth.stores.envfile import read_env_file
 from mlauth.stores.mounted import JOURNAL_ATTR
 from mlauth.testing import FakeMercadoLibre
-from tests.hostile_support import DELETE, Mangle, bind_file, fields
+from tests.hostile_support import DELETE, Mangle, fields
+from tests.mount_support import bind_file
 
 pytestmark = pytest.mark.processes
 

@@ -30,7 +30,7 @@ from mlauth.stores.mounted import JOURNAL_ATTR, JOURNAL_BUDGET, InodeJournal
 from mlauth.testing import FakeMercadoLibre
 from mlauth.tokens import TokenSet
 from tests.cli_support import mlauth_cli as cli
-from tests.hostile_support import DELETE, Mangle, assert_not_in, fields, raw
+from tests.hostile_support import DELETE, Mangle, assert_not_in, fields, raw, spend_outside
 
 REDIRECT = "https://example.com/callback"
 
@@ -143,16 +143,7 @@ def put_raw_answer(
     """What a holder killed after keeping its answer leaves in the hash; returns the answer."""
     values = stored(server, fake)
     spent = values["refresh_token"]
-    answer: dict[str, object] = requests.post(
-        fake.token_url,
-        data={
-            "grant_type": "refresh_token",
-            "client_id": fake.client_id,
-            "client_secret": fake.client_secret,
-            "refresh_token": spent,
-        },
-        timeout=30,
-    ).json()
+    answer: dict[str, object] = spend_outside(fake, spent).json()
     record = {
         "kind": "raw",
         "spent": Secret(spent).fingerprint,

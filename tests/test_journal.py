@@ -18,6 +18,7 @@ from mlauth.stores.envfile import read_env_file, update_env_file
 from mlauth.stores.journal import Journal, recover
 from mlauth.testing import FakeMercadoLibre
 from mlauth.tokens import TokenSet
+from tests.hostile_support import spend_outside
 
 DEAD_ACCESS = "APP_USR-1234-010101-deadbeef-8035443"
 
@@ -94,15 +95,7 @@ def test_recovery_replays_an_answer_the_store_never_got(
 ) -> None:
     # A refresher spent the stored token, journaled the answer and died before the save.
     spent = mlauth.Secret(str(read_env_file(stale_env)["ML_REFRESH_TOKEN"]))
-    rotated = requests.post(
-        fake_ml.token_url,
-        data={
-            "grant_type": "refresh_token",
-            "client_id": fake_ml.client_id,
-            "client_secret": fake_ml.client_secret,
-            "refresh_token": spent.reveal(),
-        },
-    ).json()
+    rotated = spend_outside(fake_ml, spent.reveal()).json()
     journal = journal_for(stale_env)
     journal.intent(spent)
     journal.answer(spent, answer_tokens(rotated))

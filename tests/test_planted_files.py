@@ -25,12 +25,12 @@ import mlauth.stores.private
 from mlauth.preflight import refresh_problem
 from mlauth.stores.envfile import read_env_file
 from mlauth.testing import FakeMercadoLibre
+from tests.mount_support import bind_file
 from tests.planting_support import (
     NOBODY,
     SharedFolders,
     Snapshot,
     as_nobody,
-    bind_folder,
     plant_file,
     plant_link,
     shared_folders,
@@ -431,7 +431,7 @@ def test_a_bind_mounted_volume_of_another_user_is_checked_through_the_mount(
 ) -> None:
     # docker run -v /srv/volume:/data: the mount point shows the host folder's owner.
     data = shared.project.parent / "data"
-    with bind_folder(shared.attacker, data):
+    with bind_file(shared.attacker, data):
         env = nested_env(fake_ml, data, "mlauth")
         with caplog.at_level(logging.WARNING, logger="mlauth"):
             assert call_api(fake_ml, env).status_code == 200

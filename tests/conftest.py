@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 import mlauth
-from benchmarks.redis_server import RedisServer
+from mlauth.testing.redis_server import RedisServer
 
 TOKEN_URL = "https://api.mercadolibre.com/oauth/token"
 API = "https://api.mercadolibre.com"

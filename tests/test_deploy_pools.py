@@ -23,10 +23,10 @@ from pathlib import Path
 import pytest
 import requests
 
-from benchmarks.redis_server import RedisServer
 from mlauth import EnvFileStore, MLAuth
 from mlauth.cli.migrate import migrate_to_redis
 from mlauth.testing import FakeMercadoLibre
+from mlauth.testing.redis_server import RedisServer
 from tests.mount_support import bind_file
 from tests.test_processes import LIFETIME, check_storm, wait_for_line
 

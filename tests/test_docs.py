@@ -40,10 +40,10 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.redis_server import RedisServer
 from mlauth.cli.migrate import migrate_to_redis
 from mlauth.stores.envfile import read_env_file
 from mlauth.testing import FakeMercadoLibre
+from mlauth.testing.redis_server import RedisServer
 from tests.mount_support import bind_file
 
 pytestmark = pytest.mark.processes

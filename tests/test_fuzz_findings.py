@@ -16,11 +16,11 @@ import pytest
 import redis
 
 import mlauth
-from benchmarks.redis_server import RedisServer
 from mlauth.secret import Secret
 from mlauth.stores import store_from_env
 from mlauth.stores.envfile import read_env_file
 from mlauth.stores.redis import RedisStore
+from mlauth.testing.redis_server import RedisServer
 from mlauth.tokens import TokenSet
 from tests.fuzz_support import (
     AUTH_OPTIONS,

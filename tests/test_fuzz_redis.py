@@ -29,8 +29,8 @@ from hypothesis import event, given
 from hypothesis import strategies as st
 
 import mlauth
-from benchmarks.redis_server import RedisServer
 from mlauth.stores import store_from_env
+from mlauth.testing.redis_server import RedisServer
 from tests.fuzz_support import (
     CLIENT_ID,
     STYLES,

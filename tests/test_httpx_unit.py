@@ -20,13 +20,13 @@ import requests
 import requests_mock
 
 import mlauth
-from benchmarks.redis_server import RedisServer
 from mlauth.cli.migrate import migrate_to_redis
 from mlauth.httpx import HttpxAuth
 from mlauth.stores.base import NOT_LOCAL
 from mlauth.stores.envfile import EnvFileStore, read_env_file
 from mlauth.stores.lock import ProcessLock
 from mlauth.stores.redis import RedisStore
+from mlauth.testing.redis_server import RedisServer
 from tests.conftest import (
     ACCESS_1,
     ACCESS_2,

@@ -19,7 +19,7 @@ from mlauth.stores.envfile import STORE_KEY, TOKEN_KEYS, read_env_file
 from mlauth.stores.redis import RedisStore
 from mlauth.testing import FakeMercadoLibre
 from mlauth.testing.redis_server import RedisServer, free_port
-from tests.test_cli import REDIRECT, assert_clean_failure, mlauth_cli
+from tests.support.cli import REDIRECT, assert_clean_failure, mlauth_cli
 
 pytestmark = pytest.mark.processes
 

@@ -22,7 +22,7 @@ from mlauth.stores.envfile import read_env_file
 from mlauth.stores.journal import Journal
 from mlauth.testing import FakeMercadoLibre
 from mlauth.testing.redis_server import RedisServer
-from tests.test_cli import REDIRECT, assert_clean_failure, assert_no_secret, mlauth_cli
+from tests.support.cli import REDIRECT, assert_clean_failure, assert_no_secret, mlauth_cli
 
 pytestmark = pytest.mark.processes
 

@@ -29,8 +29,8 @@ from mlauth.stores.mounted import JOURNAL_ATTR, JOURNAL_BUDGET, InodeJournal
 from mlauth.testing import FakeMercadoLibre
 from mlauth.testing.redis_server import RedisServer
 from mlauth.tokens import TokenSet
-from tests.cli_support import mlauth_cli as cli
-from tests.hostile_support import DELETE, Mangle, assert_not_in, fields, raw, spend_outside
+from tests.support.cli import mlauth_cli as cli
+from tests.support.hostile_answers import DELETE, Mangle, assert_not_in, fields, raw, spend_outside
 
 REDIRECT = "https://example.com/callback"
 

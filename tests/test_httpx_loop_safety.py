@@ -35,7 +35,7 @@ from mlauth.stores.envfile import EnvFileStore
 from mlauth.stores.redis import RedisStore
 from mlauth.testing import FakeMercadoLibre
 from mlauth.testing.redis_server import RedisServer
-from tests.httpx_support import wait_until
+from tests.support.httpx_calls import wait_until
 
 DEADLINE = 60.0
 BACKENDS = ["asyncio", "trio"]

@@ -15,7 +15,7 @@ from mlauth.cli.migrate import migrate_to_redis
 from mlauth.stores.envfile import read_env_file
 from mlauth.testing import FakeMercadoLibre
 from mlauth.testing.redis_server import RedisServer
-from tests.test_processes import LIFETIME, check_storm, kill_holder_mid_post, result_of
+from tests.support.demo_workers import LIFETIME, check_storm, kill_holder_mid_post, result_of
 
 pytestmark = pytest.mark.processes
 

@@ -24,7 +24,7 @@ import mlauth
 from benchmarks.redis_server import RedisServer
 from mlauth.cli.migrate import migrate_to_redis
 from mlauth.stores.envfile import read_env_file
-from mlauth.stores.mounted import JOURNAL_ATTR
+from mlauth.stores.xattr_journal import JOURNAL_ATTR
 from mlauth.testing import FakeMercadoLibre
 from tests.hostile_support import DELETE, Mangle, fields
 from tests.mount_support import bind_file

@@ -23,14 +23,14 @@ from collections.abc import Callable, Hashable, Iterator, Mapping
 from dotenv import dotenv_values
 from dotenv.parser import parse_stream
 
-from mlauth.errors import ConfigError, StoreError, masked, sealed
+from mlauth.errors import ConfigError, MLAuthError, StoreError, masked, sealed
 from mlauth.secret import Secret, fingerprint, mask
 from mlauth.tokens import LATEST_TIME, TokenSet, token_problem
 
 from .base import RefreshTransaction, TokenStore, savable
 from .journal import Journal, JournaledRefresh, pending
 from .lock import fork_bound
-from .moved import follow, names_a_store
+from .moved import follow
 from .ofd import read_fenced
 from .parts import WRITE_KEY, Parts, parts_for, wants_in_place, writer_for
 from .private import check_folder
@@ -187,13 +187,6 @@ _SAVE_PROBE = {
 }
 
 
-@sealed
-def save_problem(text: str) -> str | None:
-    """Why a save to a file holding ``text`` would not read back (:func:`read_back_problem`),
-    or None."""
-    return read_back_problem(text, render_update(text, _SAVE_PROBE), _SAVE_PROBE)
-
-
 @dataclasses.dataclass(frozen=True, repr=False)  # no repr: it holds the file's secrets
 class Reading:
     """One read of the ``.env``: what a load, a save's render and the save probe all use."""
@@ -204,8 +197,27 @@ class Reading:
     stamp: Hashable
 
 
-def _missing(path: str) -> ConfigError:
-    """The error for a ``.env`` that is not there to read (or is a folder)."""
+def _same_content(info: os.stat_result, path: str) -> bool:
+    """Whether ``path`` still holds the content a read found with ``info``: same inode, size
+    and mtime (not ctime: the journal's extended attributes and the save probe's hard link
+    change it, and neither changes a byte)."""
+    try:
+        now = os.stat(path)
+    except OSError:
+        return False
+    return (now.st_dev, now.st_ino, now.st_mtime_ns, now.st_size) == (
+        info.st_dev,
+        info.st_ino,
+        info.st_mtime_ns,
+        info.st_size,
+    )
+
+
+def _unreadable(path: str, exc: OSError) -> MLAuthError:
+    """The error for a ``.env`` that could not be read: ConfigError if it is not there to
+    read (or is a folder), else StoreError."""
+    if os.path.isfile(path):
+        return StoreError(f"cannot read {path}: {exc.strerror or exc}")
     if os.path.isdir(path):
         return ConfigError(
             f"{path} is a directory, not a .env file; pass the file's path "
@@ -222,19 +234,6 @@ def _missing(path: str) -> ConfigError:
         "ML_REFRESH_TOKEN unless `mlauth login` is to write one; or pass the right path "
         "(mlauth never creates it silently)."
     )
-
-
-@sealed
-def _read_raw(
-    path: str, read: Callable[[str], tuple[bytes, os.stat_result]]
-) -> tuple[bytes, os.stat_result]:
-    """``read(path)``; ConfigError if the file is missing, StoreError if it cannot be read."""
-    try:
-        return read(path)
-    except OSError as exc:
-        if not os.path.isfile(path):
-            raise _missing(path) from None
-        raise StoreError(f"cannot read {path}: {exc.strerror or exc}") from exc
 
 
 @sealed
@@ -266,7 +265,10 @@ def read_env_file(path: str | os.PathLike[str]) -> dict[str, str | None]:
     never be seen half done. A store reads as its writer needs.
     """
     path = os.fspath(path)
-    raw, _ = _read_raw(path, read_fenced)
+    try:
+        raw, _ = read_fenced(path)
+    except OSError as exc:
+        raise _unreadable(path, exc) from None
     return _parse(raw, path)[1]
 
 
@@ -492,7 +494,10 @@ class EnvFile(TokenStore):
 
     @sealed
     def _read(self) -> Reading:
-        raw, info = _read_raw(self.path, self.writer.read)
+        try:
+            raw, info = self.writer.read(self.path)
+        except OSError as exc:
+            raise _unreadable(self.path, exc) from None
         text, values = _parse(raw, self.path)
         return Reading(text, values, info, self.writer.stamp_of(info))
 
@@ -500,7 +505,7 @@ class EnvFile(TokenStore):
         """The read taken under this thread's lock while the file has not changed since;
         else a new one."""
         held: Reading | None = getattr(self._held, "reading", None)
-        if held is not None and self.stamp() == held.stamp:
+        if held is not None and _same_content(held.info, self.path):
             return held
         reading = self._read()
         if held is not None:
@@ -514,7 +519,8 @@ class EnvFile(TokenStore):
 
     def _target(self, reading: Reading) -> TokenStore | None:
         """The store the tokens moved to, if this read says they did."""
-        return self._moved(reading.values) if names_a_store(reading.values) else None
+        moved = (reading.values.get(STORE_KEY) or "").strip()
+        return self._moved(reading.values) if moved else None
 
     def stamp(self) -> Hashable:
         try:
@@ -525,7 +531,6 @@ class EnvFile(TokenStore):
     def local_stamp(self) -> Hashable:
         return self.stamp()  # a stat
 
-    @sealed
     def load(self) -> tuple[TokenSet, Hashable]:
         reading = self._reading()
         target = self._target(reading)
@@ -551,13 +556,14 @@ class EnvFile(TokenStore):
                 f"({exc.strerror or exc}). Refusing to spend the refresh token: "
                 f"{self.writer.fix(exc)}"
             ) from exc
-        problem = save_problem(reading.text)
+        problem = read_back_problem(
+            reading.text, render_update(reading.text, _SAVE_PROBE), _SAVE_PROBE
+        )
         if problem is not None:
             raise StoreError(
                 f"cannot save tokens to {real}: {problem}. Refusing to spend the refresh token."
             )
 
-    @sealed
     def save(self, tokens: TokenSet, *, replaces: Hashable | None = None) -> Hashable:
         """Write the token keys; ``replaces`` is not checked: the file lock is the fence."""
         reading = self._reading()
@@ -583,8 +589,12 @@ class EnvFile(TokenStore):
         if getattr(self._held, "reading", None) is not None:
             # What the file holds now, without reading it back: _render proved every value
             # reads back as written and every other key as it was.
-            values = {**reading.values, **updates}
-            values = {k: v for k, v in values.items() if k not in updates or v is not None}
+            values = dict(reading.values)
+            for key, value in updates.items():
+                if value is None:
+                    values.pop(key, None)
+                else:
+                    values[key] = value
             self._held.reading = Reading(
                 data.decode("utf-8"), values, info, self.writer.stamp_of(info)
             )
@@ -593,9 +603,9 @@ class EnvFile(TokenStore):
     # -- the lock --------------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def _hold(self, timeout: float) -> Iterator[TokenStore | None]:
-        """This file's lock, and the one read under it; yields the store the tokens moved
-        to, if that read says they did (then let go of this lock and take that one's)."""
+    def lock(self, timeout: float) -> Iterator[None]:
+        """This file's lock, and the one read under it that everything until it is let go
+        uses; or, if that read says the tokens moved, the lock of the store they moved to."""
         with self.file_lock.hold(timeout):
             self.writer.check_peers(self.real)
             before = getattr(self._held, "reading", None)
@@ -603,20 +613,15 @@ class EnvFile(TokenStore):
             try:
                 # A migration holds this lock while it moves the tokens: whoever gets it next
                 # must look before deciding anything from the file.
-                yield self._target(self._held.reading)
+                target = self._target(self._held.reading)
+                if target is None:
+                    yield
+                    return
             finally:
                 self._held.reading = before
-
-    @contextlib.contextmanager
-    def lock(self, timeout: float) -> Iterator[None]:
-        with self._hold(timeout) as target:
-            if target is None:
-                yield
-                return
         with target.lock(timeout):
             yield
 
-    @sealed  # recovery reads the journal's raw answers
     def transaction(self, *, login: bool = False) -> RefreshTransaction:
         return _FileRefresh(self, login=login)
 
@@ -643,7 +648,6 @@ class EnvFile(TokenStore):
     def clear_reauthorization(self) -> None:
         self.journal.clear_reauthorization()
 
-    @sealed  # the journal's raw answers
     def status_details(self) -> list[tuple[str, str]]:
         reading = self._reading()
         target = self._target(reading)
@@ -712,6 +716,8 @@ class EnvFileStore(TokenStore):
         return self._file.file_lock.hold(timeout)
 
     # -- the contract, answered by the current store ---------------------------------------
+    # Sealed (mlauth.errors.sealed) where the file's methods below hold its text, its values
+    # or the journal's raw answers in their locals.
     # refresh() is the contract's own: this store's lock() (the file's, which reads the file
     # once and finds a migration there), then transaction() on the store that answers then.
 
@@ -721,18 +727,22 @@ class EnvFileStore(TokenStore):
     def local_stamp(self) -> Hashable:
         return self._current.local_stamp()
 
+    @sealed
     def load(self) -> tuple[TokenSet, Hashable]:
         return self._current.load()
 
+    @sealed
     def save(self, tokens: TokenSet, *, replaces: Hashable | None = None) -> Hashable:
         return self._current.save(tokens, replaces=replaces)
 
+    @sealed
     def check_writable(self) -> None:
         self._current.check_writable()
 
     def lock(self, timeout: float) -> contextlib.AbstractContextManager[None]:
         return self._current.lock(timeout)
 
+    @sealed  # recovery reads the journal's raw answers
     def transaction(self, *, login: bool = False) -> RefreshTransaction:
         return self._current.transaction(login=login)
 
@@ -746,6 +756,7 @@ class EnvFileStore(TokenStore):
         """
         return self._current.wait_unlocked(timeout)
 
+    @sealed
     def reauthorization_required(self) -> str | None:
         """Why the seller must authorize again, from the journal's marker; takes no lock."""
         return self._current.reauthorization_required()
@@ -758,6 +769,7 @@ class EnvFileStore(TokenStore):
         """Whether some process holds the refresh lock now."""
         return self._current.refresh_in_progress()
 
+    @sealed  # the journal's raw answers
     def status_details(self) -> list[tuple[str, str]]:
         """``mlauth status`` rows: how the file is written when it is not the usual way,
         refresh answers the journal holds that the file does not have yet, and an answer with

@@ -19,14 +19,9 @@ from mlauth.tokens import TokenSet
 from .base import RefreshTransaction, TokenStore
 from .select import STORE_KEY, shared_store
 
-__all__ = ["Unfollowable", "follow", "names_a_store"]
+__all__ = ["Unfollowable", "follow"]
 
 log = logging.getLogger("mlauth")
-
-
-def names_a_store(values: Mapping[str, str | None]) -> bool:
-    """Whether these ``.env`` values say the tokens moved to another store."""
-    return bool((values.get(STORE_KEY) or "").strip())
 
 
 def follow(values: Mapping[str, str | None], path: str, secrets: list[Secret]) -> TokenStore:

@@ -37,11 +37,6 @@ TEMP_SUFFIX = ".mlauth-tmp"
 LINK_SUFFIX = ".link" + TEMP_SUFFIX
 
 
-def _temps(real: str, suffix: str) -> list[str]:
-    folder, name = os.path.split(real)
-    return glob.glob(os.path.join(glob.escape(folder), f".{glob.escape(name)}.*{suffix}"))
-
-
 class ReplaceWriter(Writer):
     """Writes a temporary file and renames it over the ``.env``; reads it plainly."""
 
@@ -148,8 +143,11 @@ class ReplaceWriter(Writer):
         They hold live tokens (mode 0600, but still a copy nobody needs). Only old ones go: a
         program calling ``update_env_file`` without our lock may be writing one right now.
         """
+        folder, name = os.path.split(real)
         now = time.time()
-        for path in _temps(real, TEMP_SUFFIX):
+        for path in glob.glob(
+            os.path.join(glob.escape(folder), f".{glob.escape(name)}.*{TEMP_SUFFIX}")
+        ):
             with contextlib.suppress(OSError):
                 # lstat: a link planted under such a name is removed, its target never looked at.
                 if now - os.lstat(path).st_mtime > STALE_TEMP_AGE:
@@ -163,7 +161,10 @@ def _drop_stale_aliases(real: str) -> None:
     Each is a second name of an earlier ``.env`` (tokens and secret). One still naming the
     current file may belong to a probe running now, so it waits for the next save.
     """
-    for alias in _temps(real, LINK_SUFFIX):
+    folder, name = os.path.split(real)
+    for alias in glob.glob(
+        os.path.join(glob.escape(folder), f".{glob.escape(name)}.*{LINK_SUFFIX}")
+    ):
         with contextlib.suppress(OSError):
             # lstat: a link planted under such a name is removed, never followed.
             if not os.path.samestat(os.lstat(alias), os.stat(real)):

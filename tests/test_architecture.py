@@ -184,3 +184,81 @@ def test_no_fixture_or_support_module_imports_the_benchmarks() -> None:
         if name.split(".")[0] == "benchmarks" and "." not in name.partition(".")[2]
     ]
     assert found == []
+
+
+def _class(module: str, name: str) -> ast.ClassDef:
+    tree = ast.parse((PACKAGE / module).read_text())
+    (found,) = [n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == name]
+    return found
+
+
+def _names_write_mode(node: ast.AST) -> bool:
+    """Whether ``node`` mentions the write mode (``in_place``, a mount, the in-place mark)."""
+    words = ("in_place", "mount_point", "marked_in_place")
+    return any(word in ast.unparse(node) for word in words)
+
+
+def test_the_env_store_never_branches_on_the_write_mode() -> None:
+    # The way the file is written, locked and journaled is chosen once (mlauth.stores.parts)
+    # and composed: nothing in the .env store's module asks again which way it is.
+    tree = ast.parse((PACKAGE / "stores/envfile.py").read_text())
+    branches = [
+        f"line {node.lineno}: {ast.unparse(node.test)}"
+        for node in ast.walk(tree)
+        if isinstance(node, (ast.If, ast.IfExp, ast.While)) and _names_write_mode(node.test)
+    ]
+    passed = [
+        f"line {node.lineno}: {ast.unparse(node)}"
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call) and any(k.arg == "in_place" for k in node.keywords)
+    ]
+    parameters = [
+        f"line {node.lineno}: {node.name}"
+        for node in ast.walk(tree)
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+        and any(a.arg == "in_place" for a in [*node.args.args, *node.args.kwonlyargs])
+    ]
+    assert (branches, passed, parameters) == ([], [], [])
+
+
+def test_the_env_store_forwards_without_a_guard_on_each_method() -> None:
+    # A migration swaps, once, the store that answers; the public methods call it and
+    # decide nothing (no per-method "have the tokens moved?" check, no write-mode branch).
+    store = _class("stores/envfile.py", "EnvFileStore")
+    contract = {
+        "stamp",
+        "local_stamp",
+        "load",
+        "save",
+        "check_writable",
+        "lock",
+        "refresh",
+        "transaction",
+        "wait_unlocked",
+        "reauthorization_required",
+        "clear_reauthorization",
+        "refresh_in_progress",
+        "status_details",
+    }
+    methods = {
+        node.name: node
+        for node in store.body
+        if isinstance(node, ast.FunctionDef) and node.name in contract
+    }
+    assert {"stamp", "load", "save", "check_writable", "lock"} <= methods.keys()
+    guarded = {
+        name: ast.unparse(branch).splitlines()[0]
+        for name, method in methods.items()
+        for branch in ast.walk(method)
+        if isinstance(branch, (ast.If, ast.IfExp, ast.BoolOp, ast.Try, ast.While, ast.Match))
+    }
+    assert guarded == {}
+    # Each is one statement: a call on the store that answers now.
+    assert {name: len(method.body) - _docstring(method) for name, method in methods.items()} == (
+        dict.fromkeys(methods, 1)
+    )
+
+
+def _docstring(function: ast.FunctionDef) -> int:
+    first = function.body[0]
+    return int(isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant))

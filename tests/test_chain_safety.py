@@ -14,7 +14,7 @@ import requests
 import mlauth
 import mlauth.engine
 import mlauth.integrations.requests_auth
-import mlauth.stores.envfile
+import mlauth.stores.replace
 from mlauth.stores.envfile import read_env_file, update_env_file
 from mlauth.stores.lock import ProcessLock
 from mlauth.testing import FakeMercadoLibre
@@ -151,7 +151,7 @@ def test_folder_fsync_failure_after_the_rename_counts_as_saved(
     def fsync_fails(folder: str) -> None:
         raise OSError(5, "Input/output error")
 
-    monkeypatch.setattr(mlauth.stores.envfile, "fsync_dir", fsync_fails)
+    monkeypatch.setattr(mlauth.stores.replace, "fsync_dir", fsync_fails)
     update_env_file(path, {"ML_REFRESH_TOKEN": "TG-new"})
     assert read_env_file(path)["ML_REFRESH_TOKEN"] == "TG-new"
     assert "could not fsync its folder" in caplog.text

@@ -25,7 +25,8 @@ import pytest
 
 import mlauth
 from mlauth.stores.envfile import read_env_file
-from mlauth.stores.mounted import JOURNAL_ATTR, is_mount_point
+from mlauth.stores.inplace import is_mount_point
+from mlauth.stores.xattr_journal import JOURNAL_ATTR
 from mlauth.testing import FakeMercadoLibre
 from tests.support.demo_workers import LIFETIME, check_storm, result_of, worker
 from tests.support.fault_kills import assert_chain_lives, kill_after_the_rotation, kill_at, peer
@@ -155,7 +156,7 @@ WRITER = textwrap.dedent(
     """
     import os, sys, time
     import mlauth
-    import mlauth.stores.mounted
+    import mlauth.stores.inplace
     from mlauth.secret import Secret
 
     real_pwrite, splits = os.pwrite, 0
@@ -170,7 +171,7 @@ WRITER = textwrap.dedent(
         time.sleep(float(sys.argv[3]))  # widens the window a lock-free reader would hit
         return done + real_pwrite(fd, data[half:], offset + half)
 
-    mlauth.stores.mounted.os.pwrite = pwrite_in_two_halves
+    mlauth.stores.inplace.os.pwrite = pwrite_in_two_halves
     store = mlauth.EnvFileStore(sys.argv[1])
     assert store.in_place
     for i in range(int(sys.argv[2])):

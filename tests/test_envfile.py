@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -228,3 +231,65 @@ def test_values_round_trip_through_python_dotenv(tmp_path: Path, value: str) -> 
 
 def test_removing_a_key_keeps_the_rest() -> None:
     assert render_update("A=1\nK=2\n\nB=3\n", {"K": None}) == "A=1\n\nB=3\n"
+
+
+# A refresh transaction on the store, as the engine drives it, in a process of its own (an
+# audit hook cannot be removed): every open of the .env and every rename onto it is counted.
+_ONE_REFRESH = """
+import json, os, sys
+from mlauth.secret import Secret
+from mlauth.stores.envfile import EnvFileStore
+from mlauth.tokens import TokenSet
+
+path = sys.argv[1]
+real = os.path.realpath(path)
+seen = {"read": 0, "write": 0, "replace": 0}
+
+def audit(event, args):
+    if event == "open" and isinstance(args[0], (str, bytes)):
+        if os.path.realpath(os.fsdecode(args[0])) == real:
+            mode, flags = args[1] or "", args[2] or 0
+            writes = any(c in mode for c in "wa+") or flags & (os.O_WRONLY | os.O_RDWR)
+            seen["write" if writes else "read"] += 1
+    elif event in ("os.rename", "os.replace"):
+        if os.path.realpath(os.fsdecode(args[1])) == real:
+            seen["replace"] += 1
+
+store = EnvFileStore(path)
+sys.addaudithook(audit)
+with store.refresh(5.0) as txn:
+    txn.begin(txn.tokens.refresh_token)
+    txn.before_attempt()
+    txn.commit(TokenSet(Secret("APP_USR-next-access-fake"), Secret("TG-next-refresh-fake"),
+                        expires_at=1900000000.0, refreshed_at=1899990000.0))
+print(json.dumps(seen))
+"""
+
+
+@pytest.mark.parametrize("write", ["auto", "in-place"])
+def test_a_refresh_reads_the_env_once_under_the_lock_and_writes_it_once(
+    tmp_path: Path, write: str
+) -> None:
+    # The read under the lock serves the move check, the tokens, the save probe and the
+    # save's render; the save writes once (a rename, or one descriptor written in place).
+    path = tmp_path / ".env"
+    path.write_text(f"ML_ENV_WRITE={write}\n{ORIGINAL}\n")
+    path.chmod(0o600)
+    done = subprocess.run(
+        [sys.executable, "-c", _ONE_REFRESH, str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    seen = json.loads(done.stdout)
+    if write == "auto":
+        assert seen == {"read": 1, "write": 0, "replace": 1}
+    else:
+        # Written in place: the inode's lock, the save probe (a read-only mount refuses it)
+        # and the write open it for writing; besides the one read, the journal in its
+        # attributes fsyncs the inode through a descriptor of its own after each record
+        # (intent, answer) and at the commit.
+        assert seen == {"read": 1 + 3, "write": 3, "replace": 0}
+    assert read_env_file(path)["ML_REFRESH_TOKEN"] == "TG-next-refresh-fake"

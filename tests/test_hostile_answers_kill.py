@@ -23,7 +23,7 @@ import pytest
 import mlauth
 from mlauth.cli.migrate import migrate_to_redis
 from mlauth.stores.envfile import read_env_file
-from mlauth.stores.mounted import JOURNAL_ATTR
+from mlauth.stores.xattr_journal import JOURNAL_ATTR
 from mlauth.testing import FakeMercadoLibre
 from mlauth.testing.redis_server import RedisServer
 from tests.support import SCRIPTS

@@ -25,7 +25,7 @@ from mlauth.cli.migrate import migrate_to_redis
 from mlauth.secret import Secret
 from mlauth.stores import store_from_env
 from mlauth.stores.envfile import read_env_file
-from mlauth.stores.mounted import JOURNAL_ATTR, JOURNAL_BUDGET, InodeJournal
+from mlauth.stores.xattr_journal import JOURNAL_ATTR, JOURNAL_BUDGET, InodeJournal
 from mlauth.testing import FakeMercadoLibre
 from mlauth.testing.redis_server import RedisServer
 from mlauth.tokens import TokenSet

@@ -28,7 +28,7 @@ import pytest
 import mlauth
 from mlauth.stores.envfile import EnvFileStore, update_env_file
 from mlauth.stores.lock import ProcessLock
-from mlauth.stores.mounted import InodeLock, ofd_supported
+from mlauth.stores.ofd import InodeLock, ofd_supported
 from mlauth.testing import FakeMercadoLibre
 from tests.support import SCRIPTS
 

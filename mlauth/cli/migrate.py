@@ -121,7 +121,7 @@ def _settled_tokens(source: EnvFileStore, values: dict[str, str | None], path: s
         elif found.kept is not None:
             what = f"its refresh token may have been spent for {found.kept}"
         else:
-            what = f"{journal.path} holds tokens that could not be written back"
+            what = f"{journal.where} holds tokens that could not be written back"
         raise ConfigError(
             f"{path}: not migrated, {what}. Run any API call or `mlauth refresh` with this "
             "`.env` first so the refresh is settled, then migrate again; nothing was changed."

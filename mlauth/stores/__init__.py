@@ -1,8 +1,11 @@
 """Where the tokens live between processes: the store contract and its two stores.
 
-:mod:`.base` holds the contract, :mod:`.envfile` the ``.env`` store (with its lock in
-:mod:`.lock`, its journal in :mod:`.journal`, and single-file mounts in :mod:`.mounted`),
-:mod:`.redis` the Redis store, and :mod:`.select` the one place a store is chosen.
+:mod:`.base` holds the contract, :mod:`.envfile` the ``.env`` store, made of parts chosen
+once per file in :mod:`.parts`: a writer (:mod:`.replace`, or :mod:`.inplace` for a file
+mounted alone), a lock (:mod:`.lock`, or :mod:`.ofd` on the inode) and a journal
+(:mod:`.journal`, or :mod:`.xattr_journal` in the inode's attributes); :mod:`.moved` is where
+tokens a migration moved are followed, :mod:`.redis` the Redis store, and :mod:`.select` the
+one place a store is chosen.
 """
 
 from __future__ import annotations

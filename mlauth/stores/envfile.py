@@ -10,8 +10,7 @@ its own prefix, quoting style and inline comment; only the value changes. python
 from __future__ import annotations
 
 import contextlib
-import errno
-import glob
+import dataclasses
 import io
 import logging
 import math
@@ -19,38 +18,34 @@ import os
 import re
 import stat
 import threading
-from collections.abc import Hashable, Iterator, Mapping
-from pathlib import Path
+from collections.abc import Callable, Hashable, Iterator, Mapping
 
 from dotenv import dotenv_values
 from dotenv.parser import parse_stream
 
-from mlauth.errors import ConfigError, StoreError, StoreMovedError, masked, sealed
+from mlauth.errors import ConfigError, MLAuthError, StoreError, masked, sealed
 from mlauth.secret import Secret, fingerprint, mask
 from mlauth.tokens import LATEST_TIME, TokenSet, token_problem
 
 from .base import RefreshTransaction, TokenStore, savable
-from .durable import fsync_dir
 from .journal import Journal, JournaledRefresh, pending
-from .lock import ProcessLock, fork_bound
-from .mounted import (
-    SAVE_FIX,
-    InodeJournal,
-    InodeLock,
-    fix_for,
-    is_mount_point,
-    mark_in_place,
-    marked_in_place,
-    ofd_supported,
-    probe_in_place,
-    read_locked,
-    why_unsaved,
-    write_in_place,
-)
-from .private import check_folder, temp_beside
-from .select import STORE_KEY, shared_store
+from .lock import fork_bound
+from .moved import follow
+from .ofd import read_fenced
+from .parts import WRITE_KEY, Parts, parts_for, wants_in_place, writer_for
+from .private import check_folder
+from .select import STORE_KEY
+from .writer import Writer
 
-__all__ = ["EnvFileStore", "read_env_file", "secrets_of", "update_env_file"]
+__all__ = [
+    "STORE_KEY",
+    "WRITE_KEY",
+    "EnvFile",
+    "EnvFileStore",
+    "read_env_file",
+    "secrets_of",
+    "update_env_file",
+]
 
 log = logging.getLogger("mlauth")
 
@@ -61,9 +56,6 @@ REFRESHED_AT_KEY = "ML_TOKEN_REFRESHED_AT"
 REFRESHED_BY_KEY = "ML_TOKEN_REFRESHED_BY"
 TOKEN_KEYS = (ACCESS_KEY, REFRESH_KEY, EXPIRES_KEY, REFRESHED_AT_KEY, REFRESHED_BY_KEY)
 SECRET_KEYS = ("ML_CLIENT_SECRET", ACCESS_KEY, REFRESH_KEY)
-# How the file is written: "auto" (in place when it is a mount point, else replaced) or
-# "in-place" (for a host process sharing a file that containers mount alone).
-WRITE_KEY = "ML_ENV_WRITE"
 
 # One assignment line: leading blank lines/space, optional export, key, '=', the value (single
 # or double quoted, or bare), then an optional inline comment and the line end. A line that
@@ -195,15 +187,68 @@ _SAVE_PROBE = {
 }
 
 
-@sealed
-def save_problem(real: str, *, in_place: bool) -> str | None:
-    """Why a save to ``real`` would not read back (:func:`read_back_problem`), or None."""
-    raw = read_locked(real) if in_place else Path(real).read_bytes()
+@dataclasses.dataclass(frozen=True, repr=False)  # no repr: it holds the file's secrets
+class Reading:
+    """One read of the ``.env``: what a load, a save's render and the save probe all use."""
+
+    text: str  # as written (a BOM kept: a save keeps it)
+    values: dict[str, str | None]
+    info: os.stat_result  # fstat of what was read, before the read
+    stamp: Hashable
+
+
+def _same_content(info: os.stat_result, path: str) -> bool:
+    """Whether ``path`` still holds the content a read found with ``info``: same inode, size
+    and mtime (not ctime: the journal's extended attributes and the save probe's hard link
+    change it, and neither changes a byte)."""
     try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        return "it is not UTF-8 text; save it as UTF-8"
-    return read_back_problem(text, render_update(text, _SAVE_PROBE), _SAVE_PROBE)
+        now = os.stat(path)
+    except OSError:
+        return False
+    return (now.st_dev, now.st_ino, now.st_mtime_ns, now.st_size) == (
+        info.st_dev,
+        info.st_ino,
+        info.st_mtime_ns,
+        info.st_size,
+    )
+
+
+def _unreadable(path: str, exc: OSError) -> MLAuthError:
+    """The error for a ``.env`` that could not be read: ConfigError if it is not there to
+    read (or is a folder), else StoreError."""
+    if os.path.isfile(path):
+        return StoreError(f"cannot read {path}: {exc.strerror or exc}")
+    if os.path.isdir(path):
+        return ConfigError(
+            f"{path} is a directory, not a .env file; pass the file's path "
+            f"(e.g. --env {os.path.join(path, '.env')})"
+        )
+    if os.path.islink(path):
+        return ConfigError(
+            f"{path} is a symlink to {os.path.realpath(path)}, which does not exist; "
+            "restore that file (a moved or unmounted folder?) or point the link at the "
+            ".env that holds ML_CLIENT_ID, ML_CLIENT_SECRET and ML_REFRESH_TOKEN."
+        )
+    return ConfigError(
+        f"{path}: no such .env file. Create it with ML_CLIENT_ID and ML_CLIENT_SECRET, and "
+        "ML_REFRESH_TOKEN unless `mlauth login` is to write one; or pass the right path "
+        "(mlauth never creates it silently)."
+    )
+
+
+@sealed
+def _parse(raw: bytes, path: str) -> tuple[str, dict[str, str | None]]:
+    """The text and the values python-dotenv reads from it; ConfigError if not UTF-8 or if an
+    ``ML_`` key is set twice (see _refuse_duplicates)."""
+    try:
+        text = raw.decode("utf-8")  # \r\n stays as it is, so untouched lines stay byte for byte
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path} is not UTF-8 text ({exc.reason}); save it as UTF-8.") from exc
+    # Without the BOM some Windows editors write: python-dotenv 1.0.0 would read it as part
+    # of the first key's name, and that key would look missing.
+    body = text.removeprefix(BOM)
+    _refuse_duplicates(body, path)
+    return text, dict(dotenv_values(stream=io.StringIO(body), interpolate=False))
 
 
 # Sealed (mlauth.errors.sealed), here and on the methods below that read or write the file:
@@ -215,39 +260,16 @@ def read_env_file(path: str | os.PathLike[str]) -> dict[str, str | None]:
     """The file's keys and values as python-dotenv reads them; ConfigError if it is missing.
 
     A UTF-8 BOM is dropped, and an ``ML_`` key set twice is refused (see _refuse_duplicates).
+    Read under a shared lock on the content (:func:`~mlauth.stores.ofd.read_fenced`): the
+    way the file is written is not known here, and a write in place (a mounted .env) must
+    never be seen half done. A store reads as its writer needs.
     """
     path = os.fspath(path)
-    if os.path.isdir(path):
-        raise ConfigError(
-            f"{path} is a directory, not a .env file; pass the file's path "
-            f"(e.g. --env {os.path.join(path, '.env')})"
-        )
-    if not os.path.isfile(path):
-        if os.path.islink(path):
-            raise ConfigError(
-                f"{path} is a symlink to {os.path.realpath(path)}, which does not exist; "
-                "restore that file (a moved or unmounted folder?) or point the link at the "
-                ".env that holds ML_CLIENT_ID, ML_CLIENT_SECRET and ML_REFRESH_TOKEN."
-            )
-        raise ConfigError(
-            f"{path}: no such .env file. Create it with ML_CLIENT_ID and ML_CLIENT_SECRET, and "
-            "ML_REFRESH_TOKEN unless `mlauth login` is to write one; or pass the right path "
-            "(mlauth never creates it silently)."
-        )
     try:
-        # Under a shared lock on the content: a write in place (a mounted .env) is never seen
-        # half done. A replaced file needs none, and its lock costs one fcntl.
-        raw = read_locked(path)
+        raw, _ = read_fenced(path)
     except OSError as exc:
-        raise StoreError(f"cannot read {path}: {exc.strerror or exc}") from exc
-    try:
-        # utf-8-sig drops the BOM some Windows editors write: python-dotenv 1.0.0 would read
-        # it as part of the first key's name, and that key would look missing.
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{path} is not UTF-8 text ({exc.reason}); save it as UTF-8.") from exc
-    _refuse_duplicates(text, path)
-    return dict(dotenv_values(stream=io.StringIO(text), interpolate=False))
+        raise _unreadable(path, exc) from None
+    return _parse(raw, path)[1]
 
 
 def _refuse_duplicates(text: str, path: str) -> None:
@@ -284,31 +306,21 @@ def secrets_of(values: Mapping[str, str | None]) -> list[Secret]:
 
 @sealed
 def in_place_mode(path: str, values: Mapping[str, str | None] | None = None) -> bool:
-    """Whether ``path`` is written in place and locked on itself (see :mod:`mlauth.stores.mounted`).
-
-    Yes when it is a mount point (a file bind-mounted alone) or its ``ML_ENV_WRITE`` says
-    ``in-place``; ConfigError for another value, or where the platform cannot do it.
-    """
+    """Whether ``path`` is written in place and locked on itself (:mod:`mlauth.stores.parts`)."""
     real = os.path.realpath(path)
     if values is None:
         values = read_env_file(real)
-    written = values.get(WRITE_KEY) or "auto"
-    if written.strip().lower() not in ("auto", "in-place"):
-        with masked(secrets_of(values)):
-            raise ConfigError(
-                f"{path}: {WRITE_KEY}={written.strip()!r} is not a write mode; write in-place (a "
-                "file that containers mount alone and host processes share) or delete the line"
-            )
-    mode = written.strip().lower()
-    # The mark: a process that found the file mounted alone wrote it in place, so this one
-    # (a host process, say) must do the same or leave the containers on a dead inode.
-    wanted = mode == "in-place" or is_mount_point(real) or marked_in_place(real)
-    if wanted and not ofd_supported():
-        raise ConfigError(
-            f"{path} is mounted as a single file (or {WRITE_KEY}=in-place), which needs Linux "
-            "open-file-description locks; mount the folder instead"
-        )
-    return wanted
+    with masked(secrets_of(values)):
+        return wants_in_place(real, values)
+
+
+def _render(real: str, text: str, updates: Mapping[str, str | None]) -> bytes:
+    """``text`` with ``updates`` (:func:`render_update`); StoreError if it would not read back."""
+    new = render_update(text, updates)
+    problem = read_back_problem(text, new, updates)
+    if problem is not None:
+        raise StoreError(f"cannot save to {real}: {problem}. Nothing was written.")
+    return new.encode("utf-8")
 
 
 @sealed
@@ -316,26 +328,22 @@ def update_env_file(
     path: str | os.PathLike[str],
     updates: Mapping[str, str | None],
     *,
-    in_place: bool | None = None,
+    writer: Writer | None = None,
 ) -> None:
     """Set (or, for None, remove) keys in an existing ``.env``, atomically and durably.
 
-    The new content goes to a temporary file in the same folder, is fsynced, takes the old
-    file's mode and owner, replaces the file with ``os.replace`` (readers see the old or the
-    new file, never half of one) and the folder is fsynced so the rename survives a crash. A
-    symlinked ``.env`` is followed: its target is replaced and the link stays.
-
-    A file mounted alone (or with ``ML_ENV_WRITE=in-place``; ``in_place`` None decides by
-    :func:`in_place_mode`) cannot be replaced: it is written in place, fenced from readers by
-    its content lock (:func:`mlauth.stores.mounted.write_in_place`).
+    ``writer`` None: the way the file is written is found out (:func:`in_place_mode`). A
+    file in a folder is replaced (:class:`~mlauth.stores.replace.ReplaceWriter`): readers
+    see the old or the new file, never half of one, and a symlinked ``.env`` is followed (its
+    target is replaced and the link stays). A file mounted alone (or with
+    ``ML_ENV_WRITE=in-place``) cannot be replaced: it is written in place, fenced from
+    readers by its content lock (:class:`~mlauth.stores.inplace.InPlaceWriter`).
     """
     real = os.path.realpath(os.fspath(path))
-    if in_place is None:
-        in_place = os.path.isfile(real) and in_place_mode(real)
+    if writer is None:
+        writer = writer_for(os.path.isfile(real) and in_place_mode(real))
     try:
-        with open(real, "rb") as handle:
-            before = os.fstat(handle.fileno())
-            raw = read_locked(real) if in_place else handle.read()
+        raw, info = writer.read(real)
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such .env file; mlauth never creates it silently.") from None
     except OSError as exc:
@@ -344,45 +352,7 @@ def update_env_file(
         text = raw.decode("utf-8")  # \r\n stays as it is, so untouched lines stay byte for byte
     except UnicodeDecodeError as exc:
         raise StoreError(f"{real} is not UTF-8 text ({exc.reason}); save it as UTF-8.") from None
-    new = render_update(text, updates)
-    problem = read_back_problem(text, new, updates)
-    if problem is not None:
-        raise StoreError(f"cannot save to {real}: {problem}. Nothing was written.")
-    data = new.encode("utf-8")
-    if in_place:
-        try:
-            write_in_place(real, data)
-        except OSError as exc:
-            raise StoreError(
-                f"cannot write {real} in place: {exc.strerror or exc}. {SAVE_FIX}"
-            ) from exc
-        return
-    _replace(real, data, before)
-
-
-def _replace(real: str, data: bytes, before: os.stat_result) -> None:
-    """Replace ``real`` with ``data`` atomically and durably, keeping its mode and owner."""
-    try:
-        with temp_beside(real) as (fd, tmp):
-            os.fchmod(fd, stat.S_IMODE(before.st_mode))
-            with contextlib.suppress(PermissionError):
-                os.fchown(fd, before.st_uid, before.st_gid)
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-            os.replace(tmp, real)
-    except OSError as exc:
-        raise StoreError(
-            f"cannot write {real}: {exc.strerror or exc}. The folder must be writable by this "
-            "user and the disk must have space; the file was left as it was."
-        ) from exc
-    try:
-        fsync_dir(os.path.dirname(real))
-    except OSError as exc:
-        # The new file is in place and readable by every process: reporting the save as
-        # failed now would make the caller treat saved tokens as unsaved.
-        log.warning("saved %s, but could not fsync its folder: %s", real, exc)
+    writer.write(real, _render(real, text, updates), info)
 
 
 def _number(values: Mapping[str, str | None], key: str, path: str) -> float | None:
@@ -476,101 +446,245 @@ def _fmt_time(value: float | None) -> str | None:
     return None if value is None else f"{value:.3f}".rstrip("0").rstrip(".")
 
 
-def _may_link(real: str) -> bool:
-    """Whether ``fs.protected_hardlinks`` lets this user link ``real``."""
-    info = os.stat(real)
-    if os.geteuid() in (0, info.st_uid):
-        return True
-    # The kernel decides by the effective ids (fsuid), as a setuid or seteuid process has them.
-    effective = os.access in os.supports_effective_ids
-    return os.access(real, os.R_OK | os.W_OK, effective_ids=effective) and not info.st_mode & (
-        stat.S_ISUID | stat.S_ISGID
-    )
+class _FileRefresh(JournaledRefresh):
+    """The ``.env``'s refresh transaction: journaled, on the read taken under the lock."""
+
+    def __init__(self, file: EnvFile, *, login: bool = False) -> None:
+        # Through the store the program holds (whose methods a subclass or a test may wrap),
+        # which answers from this file while the transaction runs.
+        super().__init__(file.front, file.journal, login=login)
+        self._file = file
+
+    def reload(self) -> TokenSet:
+        self._file.reread()  # a writer that takes no lock may have rotated it: a new read
+        return super().reload()
 
 
-def _drop_stale_aliases(real: str) -> None:
-    """Remove hard links a probe killed between its link and unlink left beside the file.
+class EnvFile(TokenStore):
+    """The tokens in the ``.env`` itself, as its parts (:mod:`.parts`) write, lock and journal it.
 
-    Each is a second name of an earlier ``.env`` (tokens and secret). One still naming the
-    current file may belong to a probe running now, so it waits for the next save.
+    Under its lock (:meth:`lock`, :meth:`refresh`) the file is read once; the transaction's
+    load, the save probe and the save's render all use that read, unless the file changed
+    since (a writer that takes no lock), which a ``stat`` tells. Values that name another
+    store (a migration) are handed to ``moved``, once, and whatever it returns answers from
+    then on. ``front`` is the store the program holds, which its transactions call back.
     """
-    folder, name = os.path.split(real)
-    pattern = os.path.join(glob.escape(folder), f".{glob.escape(name)}.*.link.mlauth-tmp")
-    for alias in glob.glob(pattern):
-        with contextlib.suppress(OSError):
-            # lstat: a link planted under such a name is removed, never followed.
-            if not os.path.samestat(os.lstat(alias), os.stat(real)):
-                os.unlink(alias)
 
+    def __init__(
+        self,
+        path: str,
+        parts: Parts,
+        moved: Callable[[Mapping[str, str | None]], TokenStore],
+        front: TokenStore,
+    ) -> None:
+        self.path = path
+        self.location = path
+        self.real = os.path.realpath(path)
+        self.writer = parts.writer
+        self.file_lock = parts.lock
+        self.journal = parts.journal
+        self._moved = moved
+        self.front = front
+        self._held = threading.local()  # .reading: the read taken under this thread's lock
 
-def _probe_replace(real: str) -> None:
-    """Do what a save does (temp file, fsync, rename over the file) without touching the file.
+    def __repr__(self) -> str:
+        return f"EnvFile({self.path!r})"
 
-    A temp file alone proves only that the folder takes new files; an immutable or
-    append-only ``.env`` (``chattr``) or a sticky folder refuse the rename itself, and would be
-    found out only after the refresh token was spent. So the temp file is renamed over a
-    second name of the same inode (a hard link): the kernel checks exactly what it checks for
-    the real rename (the target inode's flags and owner, the folder's), while the ``.env``
-    itself is never rewritten, so no peer's save can be undone by this check. Linking an
-    immutable or append-only file is refused too (EPERM), which says the same thing.
-    """
-    with open(real, "rb") as handle:
-        before = os.fstat(handle.fileno())
-    with temp_beside(real) as (fd, tmp):
-        os.fchmod(fd, stat.S_IMODE(before.st_mode))
-        # As many bytes as the new file will need, plus room for longer values, so a nearly
-        # full disk is found out now rather than after the token is spent.
-        os.write(fd, b"\0" * (before.st_size + 1024))
-        os.fsync(fd)
-        # Named like a temp file, so recovery removes one left by a process killed here.
-        alias = tmp.removesuffix(".mlauth-tmp") + ".link.mlauth-tmp"
+    # -- reading ---------------------------------------------------------------------------
+
+    @sealed
+    def _read(self) -> Reading:
         try:
-            os.link(real, alias)
+            raw, info = self.writer.read(self.path)
         except OSError as exc:
-            if exc.errno == errno.EPERM and _may_link(real):
-                raise  # immutable or append-only
-            # No hard links on this filesystem, or fs.protected_hardlinks refuses a link to
-            # a file this user neither owns nor may write, though a rename over it in a
-            # writable folder works: the temp file is all that can be proved.
-            return
+            raise _unreadable(self.path, exc) from None
+        text, values = _parse(raw, self.path)
+        return Reading(text, values, info, self.writer.stamp_of(info))
+
+    def _reading(self) -> Reading:
+        """The read taken under this thread's lock while the file has not changed since;
+        else a new one."""
+        held: Reading | None = getattr(self._held, "reading", None)
+        if held is not None and _same_content(held.info, self.path):
+            return held
+        reading = self._read()
+        if held is not None:
+            self._held.reading = reading
+        return reading
+
+    def reread(self) -> None:
+        """Forget the read taken under the lock: the next one reads the file."""
+        if getattr(self._held, "reading", None) is not None:
+            self._held.reading = self._read()
+
+    def _target(self, reading: Reading) -> TokenStore | None:
+        """The store the tokens moved to, if this read says they did."""
+        moved = (reading.values.get(STORE_KEY) or "").strip()
+        return self._moved(reading.values) if moved else None
+
+    def stamp(self) -> Hashable:
         try:
-            os.replace(tmp, alias)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(alias)
+            return self.writer.stamp_of(os.stat(self.path))
+        except OSError:
+            return None
+
+    def local_stamp(self) -> Hashable:
+        return self.stamp()  # a stat
+
+    def load(self) -> tuple[TokenSet, Hashable]:
+        reading = self._reading()
+        target = self._target(reading)
+        if target is not None:
+            return target.load()
+        with masked(secrets_of(reading.values)):  # a token pasted under another key
+            return tokens_from_values(reading.values, self.path), reading.stamp
+
+    # -- writing ---------------------------------------------------------------------------
+
+    def check_writable(self) -> None:
+        real = self.real
+        # mlauth's own files beside it, and who else may write there (mlauth.stores.private);
+        # a single-file mount keeps none (its lock and journal are on the inode).
+        check_folder(os.path.dirname(real))
+        self.journal.check_files()
+        reading = self._reading()
+        try:
+            self.writer.probe(real, reading.info)
+        except OSError as exc:
+            raise StoreError(
+                f"cannot save tokens to {real}: {self.writer.reason(exc)} "
+                f"({exc.strerror or exc}). Refusing to spend the refresh token: "
+                f"{self.writer.fix(exc)}"
+            ) from exc
+        problem = read_back_problem(
+            reading.text, render_update(reading.text, _SAVE_PROBE), _SAVE_PROBE
+        )
+        if problem is not None:
+            raise StoreError(
+                f"cannot save tokens to {real}: {problem}. Refusing to spend the refresh token."
+            )
+
+    def save(self, tokens: TokenSet, *, replaces: Hashable | None = None) -> Hashable:
+        """Write the token keys; ``replaces`` is not checked: the file lock is the fence."""
+        reading = self._reading()
+        # Under the lock the move is known by now; outside it this read tells: tokens
+        # written into a file that no longer holds the chain would fork it.
+        target = self._target(reading)
+        if target is not None:
+            return target.save(tokens, replaces=replaces)
+        tokens = savable(tokens, self.path)
+        updates: dict[str, str | None] = {
+            ACCESS_KEY: tokens.access_token.reveal() if tokens.access_token else None,
+            REFRESH_KEY: tokens.refresh_token.reveal() if tokens.refresh_token else None,
+            EXPIRES_KEY: _fmt_time(tokens.expires_at),
+            REFRESHED_AT_KEY: _fmt_time(tokens.refreshed_at),
+            REFRESHED_BY_KEY: tokens.refreshed_by,
+        }
+        data = _render(self.real, reading.text, updates)
+        self.writer.write(self.real, data, reading.info)
+        try:
+            info = os.stat(self.path)
+        except OSError:
+            return None
+        if getattr(self._held, "reading", None) is not None:
+            # What the file holds now, without reading it back: _render proved every value
+            # reads back as written and every other key as it was.
+            values = dict(reading.values)
+            for key, value in updates.items():
+                if value is None:
+                    values.pop(key, None)
+                else:
+                    values[key] = value
+            self._held.reading = Reading(
+                data.decode("utf-8"), values, info, self.writer.stamp_of(info)
+            )
+        return self.writer.stamp_of(info)
+
+    # -- the lock --------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def lock(self, timeout: float) -> Iterator[None]:
+        """This file's lock, and the one read under it that everything until it is let go
+        uses; or, if that read says the tokens moved, the lock of the store they moved to."""
+        with self.file_lock.hold(timeout):
+            self.writer.check_peers(self.real)
+            before = getattr(self._held, "reading", None)
+            self._held.reading = self._read()
+            try:
+                # A migration holds this lock while it moves the tokens: whoever gets it next
+                # must look before deciding anything from the file.
+                target = self._target(self._held.reading)
+                if target is None:
+                    yield
+                    return
+            finally:
+                self._held.reading = before
+        with target.lock(timeout):
+            yield
+
+    def transaction(self, *, login: bool = False) -> RefreshTransaction:
+        return _FileRefresh(self, login=login)
+
+    def wait_unlocked(self, timeout: float) -> bool:
+        return self.file_lock.wait_released(timeout)
+
+    def refresh_in_progress(self) -> bool | None:
+        return self.file_lock.busy()
+
+    # -- the journal -----------------------------------------------------------------------
+
+    def reauthorization_required(self) -> str | None:
+        # The marker before the tokens: a login saves the new chain, then removes the marker,
+        # so a marker gone by now means the tokens read next are the new ones.
+        marker = self.journal.marker()
+        reading = self._reading()
+        target = self._target(reading)
+        if target is not None:
+            return target.reauthorization_required()
+        with masked(secrets_of(reading.values)):
+            stored = tokens_from_values(reading.values, self.path).refresh_token
+        return self.journal.reauthorization_from(marker, stored)
+
+    def clear_reauthorization(self) -> None:
+        self.journal.clear_reauthorization()
+
+    def status_details(self) -> list[tuple[str, str]]:
+        reading = self._reading()
+        target = self._target(reading)
+        if target is not None:
+            return target.status_details()
+        with masked(secrets_of(reading.values)):
+            stored = tokens_from_values(reading.values, self.path).refresh_token
+        return self.writer.status_rows() + [
+            ("journal", row) for row in pending(self.journal, stored)
+        ]
 
 
 class EnvFileStore(TokenStore):
     """Tokens in a ``.env`` file, refreshes serialized by a sibling ``<file>.lock``.
 
     The lock sits next to the *target* of a symlinked ``.env``, so every process that reaches
-    the same file through any link takes the same lock.
+    the same file through any link takes the same lock. A file bind-mounted alone is written
+    in place and locked on its inode instead (:mod:`.parts` chooses, once).
 
-    When the tokens move out of the file while a process runs (a migration writes
-    ``ML_TOKEN_STORE`` and removes the token keys, under this file's lock), the store notices
-    at its next read or lock and from then on forwards everything to the store named there;
-    it never writes tokens into the file again. If that store cannot be reached from here
-    (the extra is not installed), every use raises :class:`~mlauth.StoreMovedError`.
+    Every call goes to the store that holds the tokens: the file (:class:`EnvFile`) until a
+    read of it finds that they moved out (a migration writes ``ML_TOKEN_STORE`` and removes
+    the token keys, under this file's lock); from then on the store named there, and tokens
+    are never written into the file again. If that store cannot be reached from here (the
+    extra is not installed), every use raises :class:`~mlauth.StoreMovedError`.
     """
 
     def __init__(self, path: str | os.PathLike[str] = ".env") -> None:
         self.path = os.path.abspath(os.fspath(path))
         self.location = self.path
         real = os.path.realpath(self.path)
-        # A file mounted alone shares only its inode with the other containers: lock that,
-        # and write in place (mlauth.stores.mounted). A missing file gets its error at the
-        # first read.
-        self.in_place = os.path.isfile(real) and in_place_mode(real)
-        self._lock: ProcessLock | InodeLock
-        if self.in_place:
-            self.lock_path = real
-            self._lock = InodeLock(real)
-            with contextlib.suppress(OSError):  # the save probe reports why, before spending
-                mark_in_place(real)
-        else:
-            self.lock_path = real + ".lock"
-            self._lock = ProcessLock(self.lock_path)
-        self._moved: TokenStore | StoreMovedError | None = None
+        # A missing file gets its error at the first read.
+        parts = parts_for(real, os.path.isfile(real) and in_place_mode(real))
+        self._file = EnvFile(self.path, parts, self._moved_to, self)
+        #: The store that answers: the file, or where a migration moved the tokens.
+        self._current: TokenStore = self._file
+        self.lock_path = parts.lock_path
+        self.in_place = parts.writer.in_place  # for messages and tests; nothing branches on it
         # Threads that notice the move together must all follow one store object: its lock
         # and the version a thread read are kept on it.
         self._follow_lock = threading.Lock()
@@ -582,212 +696,55 @@ class EnvFileStore(TokenStore):
         # objects rebuild themselves (they are in fork_bound too).
         self._follow_lock = threading.Lock()
 
-    def journal(self) -> Journal:
-        """The write-ahead refresh journal beside the file (see :mod:`mlauth.stores.journal`)."""
-        real = os.path.realpath(self.path)
-        return InodeJournal(real) if self.in_place else Journal(real)
-
-    @sealed  # recovery reads the journal's raw answers
-    def transaction(self, *, login: bool = False) -> RefreshTransaction:
-        """A journaled transaction (or the one of the store the tokens moved to)."""
-        moved = self._follow() if self._moved is not None else None
-        if moved is not None:
-            return moved.transaction(login=login)
-        return JournaledRefresh(self, self.journal(), login=login)
-
-    def reauthorization_required(self) -> str | None:
-        """Why the seller must authorize again, from the journal's marker; takes no lock."""
-        moved = self._follow() if self._moved is not None else None
-        if moved is not None:
-            return moved.reauthorization_required()
-        journal = self.journal()
-        # The marker before the tokens: a login saves the new chain, then removes the marker,
-        # so a marker gone by now means the tokens read next are the new ones.
-        marker = journal.marker()
-        tokens, _ = self.load()
-        moved = self._follow() if self._moved is not None else None
-        if moved is not None:
-            return moved.reauthorization_required()
-        return journal.reauthorization_from(marker, tokens.refresh_token)
-
-    def clear_reauthorization(self) -> None:
-        """A new chain is saved (``mlauth login``, under the lock): remove the dead one's marker."""
-        moved = self._follow() if self._moved is not None else None
-        if moved is not None:
-            moved.clear_reauthorization()
-            return
-        self.journal().clear_reauthorization()
+    @sealed
+    def _moved_to(self, values: Mapping[str, str | None]) -> TokenStore:
+        """A read of the file found the tokens moved: answer from their new store, from now on."""
+        with self._follow_lock:
+            if self._current is self._file:
+                self._current = follow(values, self.path, secrets_of(values))
+            return self._current
 
     def __repr__(self) -> str:
         return f"EnvFileStore({self.path!r})"
 
-    @sealed
-    def _follow(self, values: Mapping[str, str | None] | None = None) -> TokenStore | None:
-        """The store the tokens moved to, if the file says they moved; raise if unusable."""
-        if self._moved is None:
-            if values is None:
-                values = read_env_file(self.path)
-            if not (values.get(STORE_KEY) or "").strip():
-                return None
-            with self._follow_lock:
-                if self._moved is None:
-                    try:
-                        with masked(secrets_of(values)):  # logged and kept: quoted nowhere
-                            self._moved = shared_store(values, self.path)
-                    except ConfigError as exc:
-                        self._moved = StoreMovedError(
-                            f"{self.path}: the tokens moved out of this file ({STORE_KEY} is "
-                            f"set) and this process cannot follow them: {exc}. Fix that and "
-                            "restart it; it will not refresh into the file."
-                        )
-                    if isinstance(self._moved, StoreMovedError):
-                        log.error("%s", self._moved)
-                    else:
-                        log.warning(
-                            "%s: tokens moved to %s; following them", self.path, self._moved
-                        )
-        if isinstance(self._moved, StoreMovedError):
-            # A new object each time: one exception raised in several threads would mix
-            # their tracebacks.
-            raise StoreMovedError(str(self._moved))
-        return self._moved
-
-    def local_stamp(self) -> Hashable:
-        # A stat, unless the tokens moved to a store whose stamp may be a round trip.
-        moved = self._follow() if self._moved is not None else None
-        return self._file_stamp() if moved is None else moved.local_stamp()
-
-    def stamp(self) -> Hashable:
-        moved = self._follow() if self._moved is not None else None
-        return self._file_stamp() if moved is None else moved.stamp()
-
-    def _file_stamp(self) -> Hashable:
-        # Rotated tokens have the same length, so the size alone would not tell; os.replace
-        # gives a new inode on every save, and mtime_ns catches an in-place edit.
-        # A write in place keeps the inode; its mtime and ctime move.
-        try:
-            st = os.stat(self.path)
-        except OSError:
-            return None
-        if not self.in_place:
-            # Not ctime: the save probe's hard link changes it before every refresh, and every
-            # process would re-read the file then for nothing.
-            return (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
-        return (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size)
-
-    @sealed
-    def load(self) -> tuple[TokenSet, Hashable]:
-        stamp = self.stamp()  # before the read: a write in between then shows as a change
-        moved = self._follow() if self._moved is not None else None
-        if moved is not None:
-            return moved.load()
-        values = read_env_file(self.path)
-        with masked(secrets_of(values)):  # a token pasted under another key is not quoted
-            moved = self._follow(values)
-            if moved is not None:
-                return moved.load()
-            return tokens_from_values(values, self.path), stamp
-
-    def check_writable(self) -> None:
-        moved = self._follow() if self._moved is not None else None
-        if moved is not None:
-            moved.check_writable()
-            return
-        real = os.path.realpath(self.path)
-        # mlauth's own files beside it, and who else may write there (mlauth.stores.private);
-        # a single-file mount keeps none (its lock and journal are on the inode).
-        check_folder(os.path.dirname(real))
-        if not self.in_place:
-            self.journal().check_files()
-        try:
-            if self.in_place:
-                probe_in_place(real)
-            else:
-                _drop_stale_aliases(real)
-                _probe_replace(real)
-            problem = save_problem(real, in_place=self.in_place)
-        except OSError as exc:
-            why = why_unsaved(exc, in_place=self.in_place)
-            raise StoreError(
-                f"cannot save tokens to {real}: {why}. Refusing to spend the refresh token: "
-                f"{fix_for(exc)}"
-            ) from exc
-        if problem is not None:
-            raise StoreError(
-                f"cannot save tokens to {real}: {problem}. Refusing to spend the refresh token."
-            )
-
-    @sealed
-    def save(self, tokens: TokenSet, *, replaces: Hashable | None = None) -> Hashable:
-        """Write the token keys; ``replaces`` is not checked: the file lock is the fence."""
-        # Under the lock the file was re-read, so a move is known by now; look once more
-        # anyway: tokens written into a file that no longer holds the chain would fork it.
-        moved = self._follow()
-        if moved is not None:
-            return moved.save(tokens, replaces=replaces)
-        tokens = savable(tokens, self.path)
-        updates: dict[str, str | None] = {
-            ACCESS_KEY: tokens.access_token.reveal() if tokens.access_token else None,
-            REFRESH_KEY: tokens.refresh_token.reveal() if tokens.refresh_token else None,
-            EXPIRES_KEY: _fmt_time(tokens.expires_at),
-            REFRESHED_AT_KEY: _fmt_time(tokens.refreshed_at),
-            REFRESHED_BY_KEY: tokens.refreshed_by,
-        }
-        update_env_file(self.path, updates, in_place=self.in_place)
-        return self.stamp()
-
-    def lock(self, timeout: float) -> contextlib.AbstractContextManager[None]:
-        return self._hold(timeout)
-
-    def _check_mode(self) -> None:
-        """StoreError if this process and its peers no longer agree on how the file is saved.
-
-        Called under the lock, before anything is decided or spent. Two ways they part:
-        a container started after this (host) process and now writes the file in place,
-        locking its inode, which this process's sibling lock file does not exclude; or, seen
-        from inside a container, the host replaced the file (an editor, a process without
-        the in-place mode), and the mount still shows the old inode, now unlinked, whose
-        refresh token the host has spent.
-        """
-        real = os.path.realpath(self.path)
-        if not self.in_place and marked_in_place(real):
-            raise StoreError(
-                f"{real} is now also written in place by a process that mounts it as a single "
-                "file (a container), and this process, started before that, saves it another "
-                "way: refusing to refresh so the two cannot split the token chain. Restart "
-                "this process (it will follow), or mount the folder in the containers."
-            )
-        if self.in_place:
-            try:
-                replaced = os.stat(real).st_nlink == 0
-            except OSError:
-                replaced = False  # a missing file gets its own error at the read
-            if replaced:
-                raise StoreError(
-                    f"{real} was replaced on the host (by an editor, or a process that does "
-                    "not write it in place), and this mount still shows the old file: "
-                    "refusing to refresh from it. Restart the container; on the host, edit "
-                    f"the file in place and put {WRITE_KEY}=in-place in it."
-                )
+    def journal(self) -> Journal:
+        """The write-ahead refresh journal of the file (see :mod:`mlauth.stores.journal`)."""
+        return self._file.journal
 
     def file_lock(self, timeout: float) -> contextlib.AbstractContextManager[None]:
         """This file's own refresh lock, even after the tokens moved (for ``migrate``)."""
-        return self._lock.hold(timeout)
+        return self._file.file_lock.hold(timeout)
 
-    @contextlib.contextmanager
-    def _hold(self, timeout: float) -> Iterator[None]:
-        moved = self._follow() if self._moved is not None else None
-        if moved is None:
-            with self._lock.hold(timeout):
-                self._check_mode()
-                # A migration holds this lock while it moves the tokens: whoever gets it next
-                # must look before deciding anything from the file.
-                moved = self._follow()
-                if moved is None:
-                    yield
-                    return
-        with moved.lock(timeout):
-            yield
+    # -- the contract, answered by the current store ---------------------------------------
+    # Sealed (mlauth.errors.sealed) where the file's methods below hold its text, its values
+    # or the journal's raw answers in their locals.
+    # refresh() is the contract's own: this store's lock() (the file's, which reads the file
+    # once and finds a migration there), then transaction() on the store that answers then.
+
+    def stamp(self) -> Hashable:
+        return self._current.stamp()
+
+    def local_stamp(self) -> Hashable:
+        return self._current.local_stamp()
+
+    @sealed
+    def load(self) -> tuple[TokenSet, Hashable]:
+        return self._current.load()
+
+    @sealed
+    def save(self, tokens: TokenSet, *, replaces: Hashable | None = None) -> Hashable:
+        return self._current.save(tokens, replaces=replaces)
+
+    @sealed
+    def check_writable(self) -> None:
+        self._current.check_writable()
+
+    def lock(self, timeout: float) -> contextlib.AbstractContextManager[None]:
+        return self._current.lock(timeout)
+
+    @sealed  # recovery reads the journal's raw answers
+    def transaction(self, *, login: bool = False) -> RefreshTransaction:
+        return self._current.transaction(login=login)
 
     def wait_unlocked(self, timeout: float) -> bool:
         """Wait until no process holds the refresh lock, without taking it (optional method).
@@ -796,34 +753,25 @@ class EnvFileStore(TokenStore):
         seconds. Every waiter of every process wakes together when the holder lets go, and
         none of them polls or queues (:meth:`~mlauth.stores.lock.ReleaseWatch.wait_released`).
         It decides nothing: the store is then re-read, and a refresh still needs the lock.
-
-        After the tokens moved to another store, that store's ``wait_unlocked`` answers.
         """
-        moved = self._follow() if self._moved is not None else None
-        if moved is not None:
-            return moved.wait_unlocked(timeout)
-        return self._lock.wait_released(timeout)
+        return self._current.wait_unlocked(timeout)
+
+    @sealed
+    def reauthorization_required(self) -> str | None:
+        """Why the seller must authorize again, from the journal's marker; takes no lock."""
+        return self._current.reauthorization_required()
+
+    def clear_reauthorization(self) -> None:
+        """A new chain is saved (``mlauth login``, under the lock): remove the dead one's marker."""
+        self._current.clear_reauthorization()
+
+    def refresh_in_progress(self) -> bool | None:
+        """Whether some process holds the refresh lock now."""
+        return self._current.refresh_in_progress()
 
     @sealed  # the journal's raw answers
     def status_details(self) -> list[tuple[str, str]]:
         """``mlauth status`` rows: how the file is written when it is not the usual way,
         refresh answers the journal holds that the file does not have yet, and an answer with
         no usable refresh token that it keeps for a human."""
-        moved = self._follow() if self._moved is not None else None
-        if moved is not None:
-            return moved.status_details()
-        rows = []
-        if self.in_place:
-            rows.append(
-                ("written", "in place, for single-file mounts; lock and journal on its inode")
-            )
-        stored = self.load()[0].refresh_token
-        rows += [("journal", row) for row in pending(self.journal(), stored)]
-        return rows
-
-    def refresh_in_progress(self) -> bool | None:
-        """Whether some process holds the refresh lock now (the new store's answer after a move)."""
-        moved = self._follow() if self._moved is not None else None
-        if moved is not None:
-            return moved.refresh_in_progress()
-        return self._lock.busy()
+        return self._current.status_details()

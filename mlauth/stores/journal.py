@@ -38,12 +38,11 @@ store); a store with its own crash safety (Redis, with a fenced commit) has none
 from __future__ import annotations
 
 import contextlib
-import glob
 import json
 import logging
 import os
 import time
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,6 +58,10 @@ from .private import check_own_file, open_own, write_replacing
 __all__ = ["Journal", "JournaledRefresh", "Recovery", "pending", "recover", "with_note"]
 
 log = logging.getLogger("mlauth")
+
+
+def _nothing() -> None:
+    pass
 
 
 def _read_own(path: str, what: str) -> bytes | None:
@@ -128,6 +131,11 @@ class Journal:
         self.store_path = real_path
         self.path = real_path + ".journal"
         self.reauth_path = real_path + ".reauth"
+        # Where they are, for messages (the attributes of a file, for a .env mounted alone).
+        self.where, self.reauth_where = self.path, self.reauth_path
+        #: Removes what a writer killed mid-save left beside the store (its writer's
+        #: temporary files); asked by :func:`recover` when the journal is not empty.
+        self.tidy: Callable[[], None] = _nothing
         # What to do when the journal cannot be written, for the error that refuses a refresh.
         self.write_fix = "fix the folder's permissions or free disk space, then try again."
 
@@ -191,7 +199,7 @@ class Journal:
         except StoreError:
             raise  # it names the file and the fix
         except OSError as exc:
-            raise StoreError(f"cannot read the refresh journal {self.path}: {exc}") from exc
+            raise StoreError(f"cannot read the refresh journal {self.where}: {exc}") from exc
         out: list[dict[str, Any]] = []
         for line in raw.split(b"\n"):
             if not line.strip():
@@ -199,7 +207,7 @@ class Journal:
             try:
                 record = json.loads(line)
             except ValueError:  # a writer killed mid-append; _append ends it with a newline
-                log.warning("ignoring a torn record in the refresh journal %s", self.path)
+                log.warning("ignoring a torn record in the refresh journal %s", self.where)
                 continue
             if isinstance(record, dict):
                 out.append(record)
@@ -224,7 +232,7 @@ class Journal:
             )
         except OSError as exc:
             raise StoreError(
-                f"cannot write the refresh journal {self.path} ({exc.strerror or exc}). "
+                f"cannot write the refresh journal {self.where} ({exc.strerror or exc}). "
                 f"Refusing to spend the refresh token: {self.write_fix}"
             ) from exc
         return orphan
@@ -244,7 +252,7 @@ class Journal:
         try:
             self._append(record)
         except OSError as exc:
-            log.warning("could not write to the refresh journal %s: %s", self.path, exc)
+            log.warning("could not write to the refresh journal %s: %s", self.where, exc)
 
     def answer(self, spent: Secret, tokens: TokenSet) -> bool:
         """Record the answer that replaced ``spent``; False (and an error log) if it failed."""
@@ -252,7 +260,7 @@ class Journal:
         try:
             self._append(record)
         except OSError as exc:
-            log.error("could not write the token answer to the journal %s: %s", self.path, exc)
+            log.error("could not write the token answer to the journal %s: %s", self.where, exc)
             return False
         return True
 
@@ -265,7 +273,7 @@ class Journal:
             log.error(
                 "could not write the raw token answer to the journal %s (%s); reading it all "
                 "the same, but a crash before the save would lose it",
-                self.path,
+                self.where,
                 exc,
             )
             return False
@@ -278,14 +286,14 @@ class Journal:
         except FileNotFoundError:
             return
         except OSError as exc:
-            log.warning("could not empty the refresh journal %s: %s", self.path, exc)
+            log.warning("could not empty the refresh journal %s: %s", self.where, exc)
             return
         try:
             os.ftruncate(fd, 0)
             os.fsync(fd)
         except OSError as exc:
             # Harmless: recovery finds the store already holds the answer and empties it then.
-            log.warning("could not empty the refresh journal %s: %s", self.path, exc)
+            log.warning("could not empty the refresh journal %s: %s", self.where, exc)
         finally:
             os.close(fd)
 
@@ -330,7 +338,9 @@ class Journal:
         try:
             self._write_marker(json.dumps(record).encode("utf-8"))
         except OSError as exc:
-            log.warning("could not write the re-authorization marker %s: %s", self.reauth_path, exc)
+            log.warning(
+                "could not write the re-authorization marker %s: %s", self.reauth_where, exc
+            )
 
     def marker(self) -> dict[str, Any] | None:
         """The marker's record; None if there is none (or it is unreadable, logged)."""
@@ -340,7 +350,7 @@ class Journal:
                 return None
             data = json.loads(raw)
         except (OSError, ValueError) as exc:
-            log.warning("ignoring unreadable marker %s: %s", self.reauth_path, exc)
+            log.warning("ignoring unreadable marker %s: %s", self.reauth_where, exc)
             return None
         return data if isinstance(data, dict) else None
 
@@ -363,7 +373,7 @@ class Journal:
         try:
             self._remove_marker()
         except OSError as exc:
-            log.warning("could not remove the stale marker %s: %s", self.reauth_path, exc)
+            log.warning("could not remove the stale marker %s: %s", self.reauth_where, exc)
 
     def reauthorization(self, stored: Secret | None) -> str | None:
         """The re-authorization message if the marker names the stored refresh token."""
@@ -447,7 +457,7 @@ def _answers(
 def pending(journal: Journal, stored: Secret | None) -> list[str]:
     """What the journal holds for the stored refresh token, in words (``mlauth status``)."""
     start = fingerprint(stored.reveal() if stored else None)
-    answers, kept = _answers(journal.records(), stored, journal.path)
+    answers, kept = _answers(journal.records(), stored, journal.where)
     rows = [
         f"an unsaved answer for token {spent}, replayed at the next refresh"
         for spent in answers
@@ -478,26 +488,6 @@ def _open_intents(records: list[dict[str, Any]]) -> dict[str, str]:
     return intents
 
 
-# A temporary .env older than this, found under the lock, was left by a writer that died.
-STALE_TEMP_AGE = 60.0
-
-
-def _drop_stale_temps(store_path: str) -> None:
-    """Delete temporary copies of the .env that a writer killed mid-save left behind.
-
-    They hold live tokens (mode 0600, but still a copy nobody needs). Only old ones go: a
-    program calling ``update_env_file`` without our lock may be writing one right now.
-    """
-    folder, name = os.path.split(store_path)
-    now = time.time()
-    for path in glob.glob(os.path.join(glob.escape(folder), f".{glob.escape(name)}.*.mlauth-tmp")):
-        with contextlib.suppress(OSError):
-            # lstat: a link planted under such a name is removed, its target never looked at.
-            if now - os.lstat(path).st_mtime > STALE_TEMP_AGE:
-                os.unlink(path)
-                log.info("removed %s, left by a writer that died mid-save", path)
-
-
 def recover(
     journal: Journal, store: TokenStore, tokens: TokenSet, stamp: Hashable
 ) -> tuple[TokenSet, Hashable, Recovery]:
@@ -509,9 +499,9 @@ def recover(
     records = journal.records()
     if not records:
         return tokens, stamp, Recovery()
-    _drop_stale_temps(journal.store_path)
+    journal.tidy()
     stored = fingerprint(tokens.refresh_token.reveal() if tokens.refresh_token else None)
-    answers, kept = _answers(records, tokens.refresh_token, journal.path)
+    answers, kept = _answers(records, tokens.refresh_token, journal.where)
     chain = _chain(stored, answers)
     if chain:
         return _replay(journal, store, tokens, stamp, chain[-1])
@@ -540,7 +530,7 @@ def _replay(
             "could not replay the journaled tokens into %s yet (%s); kept in %s",
             journal.store_path,
             exc,
-            journal.path,
+            journal.where,
         )
         return tokens, stamp, Recovery()
     log.warning(
@@ -571,7 +561,7 @@ class JournaledRefresh(KeptAnswerRefresh):
 
     @property
     def raw_place(self) -> str:
-        return f"the refresh journal {self.journal.path}"
+        return f"the refresh journal {self.journal.where}"
 
     def keep_raw(self, record: dict[str, Any]) -> bool:
         return self.journal.raw(record)
@@ -600,7 +590,7 @@ class JournaledRefresh(KeptAnswerRefresh):
                 return self.journal.refused(spent, error, self.possibly_spent)
             self.journal.abort(spent, unanswered=error.possibly_spent)
         return self.raw_note(
-            error, where=str(self.journal.path), until="until the store holds another refresh token"
+            error, where=self.journal.where, until="until the store holds another refresh token"
         )
 
     def settle(self, tokens: TokenSet) -> Hashable:

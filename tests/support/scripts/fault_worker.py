@@ -30,8 +30,9 @@ import requests
 import mlauth
 import mlauth.endpoint
 import mlauth.stores.envfile
+import mlauth.stores.inplace
 import mlauth.stores.journal
-import mlauth.stores.mounted
+import mlauth.stores.xattr_journal
 from mlauth.cli.login import complete_login
 from mlauth.stores import store_from_env
 
@@ -107,13 +108,13 @@ def install_pause(phase: str, env: str) -> None:
             written = pwrite(fd, data, offset)
             answered = any(
                 r.get("kind") in ("answer", "raw")
-                for r in mlauth.stores.mounted.InodeJournal(real_env).records()
+                for r in mlauth.stores.xattr_journal.InodeJournal(real_env).records()
             )
             if os.path.samestat(os.fstat(fd), os.stat(real_env)) and answered:
                 pause(phase)
             return written
 
-        mlauth.stores.mounted.os.pwrite = paused_pwrite  # type: ignore[assignment]
+        mlauth.stores.inplace.os.pwrite = paused_pwrite  # type: ignore[assignment]
     elif phase == "after-write":
         commit = mlauth.stores.journal.Journal.commit
 
@@ -122,13 +123,13 @@ def install_pause(phase: str, env: str) -> None:
             commit(self)
 
         mlauth.stores.journal.Journal.commit = paused_commit  # type: ignore[method-assign]
-        inode_commit = mlauth.stores.mounted.InodeJournal.commit
+        inode_commit = mlauth.stores.xattr_journal.InodeJournal.commit
 
-        def paused_inode_commit(self: mlauth.stores.mounted.InodeJournal) -> None:
+        def paused_inode_commit(self: mlauth.stores.xattr_journal.InodeJournal) -> None:
             pause(phase)
             inode_commit(self)
 
-        mlauth.stores.mounted.InodeJournal.commit = paused_inode_commit  # type: ignore[method-assign]
+        mlauth.stores.xattr_journal.InodeJournal.commit = paused_inode_commit  # type: ignore[method-assign]
     else:
         raise SystemExit(f"unknown phase {phase!r}")
 

@@ -2,7 +2,7 @@
 
 Run by tests/test_lock_wait.py as ``python lock_agent.py KIND PATH`` where KIND is ``file``
 (:class:`~mlauth.stores.lock.ProcessLock` on PATH) or ``inode``
-(:class:`~mlauth.stores.mounted.InodeLock` on PATH). It prints ``ready``, then reads one
+(:class:`~mlauth.stores.ofd.InodeLock` on PATH). It prints ``ready``, then reads one
 command a line from stdin and answers each with one JSON line on stdout:
 
 - ``take SECONDS``: take the lock (waiting up to SECONDS) and keep it; ``{"took": bool}``.
@@ -31,7 +31,8 @@ import time
 from contextlib import AbstractContextManager
 
 from mlauth.stores.lock import ProcessLock
-from mlauth.stores.mounted import REFRESH_BYTE, InodeLock, _lock
+from mlauth.stores.ofd import REFRESH_BYTE, InodeLock
+from mlauth.stores.ofd import lock_range as _lock
 
 WATCH_THREAD = "mlauth-wait-released"
 

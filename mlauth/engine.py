@@ -158,14 +158,10 @@ class _Unsaved:
     """
 
     def __init__(self) -> None:
-        # (the tokens, the refresh token the store still holds), swapped whole.
+        # (the tokens, the refresh token the store still holds), swapped whole; None once
+        # they are saved, or a peer's tokens replaced them.
         self.held: tuple[TokenSet, Secret] | None = None
         self._retry_at = 0.0  # monotonic
-
-    @property
-    def tokens(self) -> TokenSet | None:
-        held = self.held
-        return None if held is None else held[0]
 
     def base(self, spent: Secret) -> Secret:
         """What the store holds: the spent token, or (while ours are unsaved) an older one."""
@@ -175,9 +171,6 @@ class _Unsaved:
     def keep(self, tokens: TokenSet, base: Secret, now: float) -> None:
         self.held = (tokens, base)
         self.postpone(now)
-
-    def forget(self) -> None:
-        self.held = None
 
     def due(self, now: float) -> bool:
         return now >= self._retry_at
@@ -312,8 +305,8 @@ class RefreshEngine:
     @property
     def tokens(self) -> TokenSet:
         """The tokens this process uses now."""
-        unsaved = self._unsaved.tokens
-        return unsaved if unsaved is not None else self._cache[0]
+        held = self._unsaved.held
+        return held[0] if held is not None else self._cache[0]
 
     def token_for_request(self) -> Secret:
         """The access token to send now: a peer's newer one, refreshed if due."""
@@ -397,7 +390,7 @@ class RefreshEngine:
         now = self._clock.wall()
         if tokens is cached and now < fresh_until:
             return tokens  # FRESH, the common case: one comparison
-        state = tokens.freshness(self.refresh_margin, now)
+        state = tokens.freshness(self._refresh_margin, now)
         if state is Freshness.FRESH:
             return tokens
         if state is Freshness.STALE:
@@ -434,7 +427,7 @@ class RefreshEngine:
         elif tokens.expires_at is None:
             fresh_until = math.inf  # an unknown expiry counts as valid until its 401
         else:
-            fresh_until = tokens.expires_at - tokens.margin(self.refresh_margin)
+            fresh_until = tokens.expires_at - tokens.margin(self._refresh_margin)
         self._cache = (tokens, version, fresh_until)
         return tokens
 
@@ -444,9 +437,9 @@ class RefreshEngine:
         Unsaved tokens come first: they are the newest link of the chain, and saving them is
         retried now and then.
         """
-        unsaved = self._unsaved.tokens
-        if unsaved is not None and not self._retry_persist():
-            return unsaved
+        held = self._unsaved.held
+        if held is not None and not self._retry_persist():
+            return held[0]
         tokens, version, _ = self._cache
         if self.store.stamp() != version:
             tokens = self._keep(*self.store.load())
@@ -471,7 +464,7 @@ class RefreshEngine:
                 self._peer_wait_after = clock.monotonic() + min(ADVISORY_RETRY_DELAY, left / 4)
                 return tokens
             current = self._sync()
-            if current.freshness(self.refresh_margin, clock.wall()) is Freshness.FRESH:
+            if current.freshness(self._refresh_margin, clock.wall()) is Freshness.FRESH:
                 return current
             refreshed = self._single_flight(Need.ahead())
         except LockTimeoutError:
@@ -496,7 +489,7 @@ class RefreshEngine:
 
     def _answers(self, tokens: TokenSet, need: Need) -> bool:
         """Whether ``tokens`` already meet ``need`` (:func:`mlauth.decide.answers`)."""
-        return answers(tokens, need, self._clock.wall(), self.refresh_margin)
+        return answers(tokens, need, self._clock.wall(), self._refresh_margin)
 
     def _single_flight(self, need: Need) -> TokenSet | None:
         """Refresh at most once for all threads and processes; return the tokens to use.
@@ -567,7 +560,7 @@ class RefreshEngine:
                     tokens,
                     found,
                     self._clock.wall(),
-                    refresh_margin=self.refresh_margin,
+                    refresh_margin=self._refresh_margin,
                     min_token_age=self.min_token_age,
                 )
                 if decision is Decision.ADOPT:
@@ -626,7 +619,7 @@ class RefreshEngine:
                 "keeping the current one"
             )
         new = TokenSet.from_answer(answer, spent, started, refreshed_by=this_process())
-        committed = self._commit(txn, new, base=self._unsaved.base(spent), reason=need.reason)
+        committed = self._commit(txn, new, spent, reason=need.reason)
         if committed.access_token is None:
             # Saved: the next refresh spends the new refresh token, never the old one.
             raise RefreshError(
@@ -661,22 +654,23 @@ class RefreshEngine:
             return False
         log.info("refresh token was rotated outside the lock; adopting the new one")
         self._keep(stored, txn.version)
-        self._unsaved.forget()
+        self._unsaved.held = None
         return True
 
     def _commit(
-        self, txn: RefreshTransaction, new: TokenSet, *, base: Secret, reason: str
+        self, txn: RefreshTransaction, new: TokenSet, spent: Secret, *, reason: str
     ) -> TokenSet:
-        """Persist ``new`` before anything uses it: the old refresh token is dead."""
+        """Persist ``new``, which follows ``spent``, before anything uses it: the old refresh
+        token is dead."""
         try:
             version = txn.commit(new)
         except StaleCommitError as exc:  # our lock lapsed and a peer committed since
             tokens = self._keep(txn.reload(), txn.version)
-            self._unsaved.forget()
+            self._unsaved.held = None
             log.warning("%s; using %s", exc, tokens.describe())
             return tokens
         except Exception as exc:  # noqa: BLE001 (whatever failed, `new` is the live link)
-            self._unsaved.keep(new, base, self._clock.monotonic())
+            self._unsaved.keep(new, self._unsaved.base(spent), self._clock.monotonic())
             kept = (
                 f"{txn.answer_kept} holds them for any process that takes the lock"
                 if txn.answer_kept
@@ -693,7 +687,7 @@ class RefreshEngine:
             )
             return new
         self._keep(new, version)
-        self._unsaved.forget()
+        self._unsaved.held = None
         log.info(
             "refreshed MercadoLibre token (%s) in pid %d: %s", reason, os.getpid(), new.describe()
         )
@@ -704,7 +698,8 @@ class RefreshEngine:
     def _settle(self, txn: RefreshTransaction) -> TokenSet:
         """The tokens to decide on, under the lock: the store's, after saving unsaved ones
         over the refresh token they replaced (:meth:`_Unsaved.settle`)."""
-        held = self._unsaved.settle(txn, self.store.location)
+        unsaved = self._unsaved
+        held = None if unsaved.held is None else unsaved.settle(txn, self.store.location)
         return held if held is not None else self._keep(txn.tokens, txn.version)
 
     def _retry_persist(self) -> bool:
@@ -764,7 +759,8 @@ class RefreshEngine:
         """The client secret and every token this process holds, to mask in the text of
         errors it raises or logs (which may quote a server's answer or someone's exception)."""
         known: list[Secret | None] = list(self._secrets)
-        for tokens in (self._cache[0], self._unsaved.tokens):
+        held = self._unsaved.held
+        for tokens in (self._cache[0], held[0] if held is not None else None):
             if tokens is not None:
                 known += [tokens.access_token, tokens.refresh_token]
         return known

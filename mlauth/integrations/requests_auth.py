@@ -60,6 +60,8 @@ class MLAuth(AuthAdapter, requests.auth.AuthBase):
     # -- after the response: ask the engine, re-send once --------------------------------------
 
     def _handle_401(self, r: requests.Response, **kwargs: Any) -> requests.Response:
+        if r.status_code != 401:
+            return r  # most answers: one comparison here, not a call into the gate
         request = r.request
         # Hooks run on every redirect hop: the gate checks the hop's own URL and header.
         failed = self._failed_token(r.status_code, request.url, request.headers)

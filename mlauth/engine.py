@@ -443,7 +443,7 @@ class RefreshEngine:
         tokens, version, _ = self._cache
         if self.store.stamp() != version:
             tokens = self._keep(*self.store.load())
-            log.debug("store changed; picked up %s", tokens.describe())
+            log.debug("store changed; picked up %s", tokens)
         return tokens
 
     def _refresh_ahead(self, tokens: TokenSet) -> TokenSet:
@@ -567,7 +567,7 @@ class RefreshEngine:
                     log.debug(
                         "adopted a token refreshed by %s (%s)",
                         tokens.refreshed_by,
-                        tokens.describe(),
+                        tokens,
                     )
                     return tokens, False
                 if decision is Decision.RETURN_401:
@@ -688,9 +688,7 @@ class RefreshEngine:
             return new
         self._keep(new, version)
         self._unsaved.held = None
-        log.info(
-            "refreshed MercadoLibre token (%s) in pid %d: %s", reason, os.getpid(), new.describe()
-        )
+        log.info("refreshed MercadoLibre token (%s) in pid %d: %s", reason, os.getpid(), new)
         return new
 
     # -- tokens whose save failed ------------------------------------------------------------

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import doctest
 import logging
+import socket
 import threading
+import time
 
 import pytest
 
@@ -44,6 +46,17 @@ WAIT = 10.0  # the longest a test waits for a thread it started (never reached w
 @pytest.fixture
 def clock() -> FakeClock:
     return FakeClock()
+
+
+@pytest.fixture(autouse=True)
+def _no_sleep_no_network(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What these tests promise: time moves only with the fake clock, nothing goes out."""
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("an engine test slept or opened a connection")
+
+    monkeypatch.setattr(time, "sleep", refuse)
+    monkeypatch.setattr(socket.socket, "connect", refuse)
 
 
 # -- the decision, by table ---------------------------------------------------------------
@@ -167,6 +180,33 @@ def test_a_failed_refresh_ahead_keeps_the_token_and_backs_off(
     clock.advance(2)
     assert engine.token_for_request() == access(2)
     assert client.sent == [refresh(1), refresh(1)]
+
+
+def test_a_stale_token_is_sent_while_a_peer_holds_the_lock(clock: FakeClock) -> None:
+    store = MemoryStore(link(1, clock))
+    client = FakeTokenClient(clock, answer(2))
+    engine = engine_on(store, client)
+    clock.advance(LIFETIME - 3600 - 0.02)  # 20 ms left: the wait for the peer is 10 ms
+    with store.lock(0.0):
+        assert engine.token_for_request() == access(1)
+        assert engine.token_for_request() == access(1)  # and again: nothing is spent meanwhile
+    assert client.calls == []
+    assert engine.token_for_request() == access(2)  # the lock is free: refreshed ahead
+
+
+def test_a_failure_is_remembered_as_long_as_retry_after_asked(clock: FakeClock) -> None:
+    store = MemoryStore(link(1, clock))
+    limited = RefreshError("429 from the fake", status_code=429, error="local_rate_limited")
+    limited.retry_after = 20.0
+    client = FakeTokenClient(clock, limited, answer(2))
+    engine = engine_on(store, client)
+    with pytest.raises(RefreshError, match="429 from the fake"):
+        engine.after_401(access(1))
+    clock.advance(19)
+    with pytest.raises(RefreshError, match="not retried"):
+        engine.after_401(access(1))
+    clock.advance(1)
+    assert engine.after_401(access(1)) == access(2)
 
 
 # -- adopting a peer's token ------------------------------------------------------------------

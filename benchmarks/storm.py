@@ -52,9 +52,9 @@ from benchmarks.contenders import (
     json_token,
     save_json_token,
 )
-from benchmarks.redis_server import RedisServer, unavailable
 from benchmarks.worker import SECRET_ENV
 from mlauth.testing import FakeMercadoLibre
+from mlauth.testing.redis_server import RedisServer, unavailable
 from mlauth.tokens import MAX_MARGIN_SHARE
 
 # The storm's default line-up: mlauth on each of its stores, then the peers.

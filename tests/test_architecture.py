@@ -125,3 +125,63 @@ def test_no_store_is_probed_with_getattr() -> None:
             ):
                 probes.append(f"{path.relative_to(PACKAGE)}:{node.lineno}")
     assert probes == []
+
+
+# -- the tests' own layout ---------------------------------------------------------------------
+
+TESTS = PACKAGE.parent / "tests"
+
+
+def imported_by(path: Path) -> set[str]:
+    """Every module ``path`` imports, spelled from the repository root: ``tests.test_cli``
+    for ``from tests.test_cli import x``, and ``tests.conftest`` for ``from tests import
+    conftest`` too (relative imports resolved), at module level or inside functions."""
+    parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = parts[: len(parts) - node.level] if node.level else []
+            target = ".".join([*base, *([node.module] if node.module else [])])
+            found |= {target, *(f"{target}.{alias.name}" for alias in node.names)}
+    return found
+
+
+def shared_and_test_files() -> list[Path]:
+    """The test modules, conftest.py and every helper module the tests share."""
+    return sorted(
+        [*TESTS.glob("test_*.py"), TESTS / "conftest.py", *TESTS.rglob("support/**/*.py")]
+    )
+
+
+def is_test_module(name: str) -> bool:
+    """``tests.test_x`` or ``tests.conftest`` (or a name inside one)."""
+    parts = name.split(".")
+    return parts[0] == "tests" and len(parts) > 1 and parts[1].startswith(("test_", "conftest"))
+
+
+def test_no_test_module_imports_another_test_module_or_conftest() -> None:
+    # Helpers the tests share live in tests/support/ (fixtures in conftest.py): a helper kept
+    # in a test module ties every module that imports it to that module's imports and
+    # set-up, and the test module can no longer be split, renamed or deleted on its own.
+    found = [
+        f"{path.relative_to(TESTS)} imports {name}"
+        for path in shared_and_test_files()
+        for name in sorted(imported_by(path))
+        if is_test_module(name) and not is_test_module(name.rpartition(".")[0])
+    ]
+    assert found == []
+
+
+def test_no_fixture_or_support_module_imports_the_benchmarks() -> None:
+    # The Redis launcher both use is mlauth.testing.redis_server; only the tests of the
+    # benchmarks themselves import benchmarks/.
+    shared = [TESTS / "conftest.py", *TESTS.rglob("support/**/*.py")]
+    found = [
+        f"{path.relative_to(TESTS)} imports {name}"
+        for path in shared
+        for name in sorted(imported_by(path))
+        if name.split(".")[0] == "benchmarks" and "." not in name.partition(".")[2]
+    ]
+    assert found == []

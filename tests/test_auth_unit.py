@@ -18,7 +18,7 @@ import requests_mock
 import mlauth
 from mlauth.stores.envfile import EnvFileStore, read_env_file
 from mlauth.stores.lock import ProcessLock
-from tests.conftest import (
+from tests.support.fake_tokens import (
     ACCESS_1,
     ACCESS_2,
     API,

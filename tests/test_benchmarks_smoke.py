@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 
-from benchmarks.redis_server import RedisServer
 from benchmarks.run_all import replace_block
+from mlauth.testing.redis_server import RedisServer
 
 pytestmark = pytest.mark.processes
 

@@ -19,8 +19,8 @@ from mlauth.stores.envfile import read_env_file, update_env_file
 from mlauth.stores.lock import ProcessLock
 from mlauth.testing import FakeMercadoLibre
 from mlauth.tokens import Freshness
-from tests.conftest import refresh_turn_is_free, run_threads
-from tests.hostile_support import spend_outside
+from tests.support.hostile_answers import spend_outside
+from tests.support.threads import refresh_turn_is_free, run_threads
 
 DEAD_ACCESS = "APP_USR-1234-010101-deadbeef-8035443"
 

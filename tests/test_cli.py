@@ -20,13 +20,14 @@ import mlauth
 from mlauth.cli.login import AUTH_HOSTS, LoginRequest, authorization_base, parse_pasted
 from mlauth.stores.envfile import read_env_file
 from mlauth.testing import FakeMercadoLibre
-from tests.cli_support import (
+from tests.support.cli import (
     REDIRECT,
     assert_clean_failure,
     assert_no_secret,
     mlauth_cli,
 )
-from tests.test_public_refresh import lock_held_by_another_process
+from tests.support.lock_holder import lock_held_by_another_process
+from tests.support.mounts import remount_read_only, tmpfs
 
 # -- status -------------------------------------------------------------------------------
 
@@ -450,8 +451,6 @@ def test_login_checks_the_configuration_before_printing_the_url(
 def test_login_into_a_read_only_folder_fails_before_printing_the_url(
     fake_ml: FakeMercadoLibre, tmp_path: Path
 ) -> None:
-    from tests.test_faults_store import remount_read_only, tmpfs
-
     with tmpfs(tmp_path / "ro", "1m") as folder:
         env = folder / ".env"
         env.write_text(

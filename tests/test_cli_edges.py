@@ -20,13 +20,13 @@ import redis
 import requests
 
 import mlauth
-from benchmarks.redis_server import RedisServer
 from mlauth.cli.login import complete_login
 from mlauth.cli.migrate import migrate_to_redis
 from mlauth.stores.envfile import read_env_file
 from mlauth.stores.journal import Journal
 from mlauth.testing import FakeMercadoLibre
-from tests.cli_support import REDIRECT, assert_clean_failure, assert_no_secret, mlauth_cli
+from mlauth.testing.redis_server import RedisServer
+from tests.support.cli import REDIRECT, assert_clean_failure, assert_no_secret, mlauth_cli
 
 # What a terminal acts on: C0 (but the line feeds between rows), DEL and C1 (ESC and CSI
 # among them), bidi overrides, line separators.

@@ -14,12 +14,12 @@ import redis
 import requests
 
 import mlauth
-from benchmarks.redis_server import RedisServer, free_port
 from mlauth.cli.migrate import migrate_to_redis
 from mlauth.stores.envfile import STORE_KEY, TOKEN_KEYS, read_env_file
 from mlauth.stores.redis import RedisStore
 from mlauth.testing import FakeMercadoLibre
-from tests.test_cli import REDIRECT, assert_clean_failure, mlauth_cli
+from mlauth.testing.redis_server import RedisServer, free_port
+from tests.support.cli import REDIRECT, assert_clean_failure, mlauth_cli
 
 pytestmark = pytest.mark.processes
 

@@ -8,7 +8,7 @@ import pytest
 
 import mlauth
 from mlauth.tokens import Freshness
-from tests.conftest import env_text
+from tests.support.fake_tokens import env_text
 
 
 def write(tmp_path: Path, text: str) -> Path:

@@ -18,11 +18,11 @@ import pytest
 import requests
 
 import mlauth
-from benchmarks.redis_server import RedisServer
 from mlauth.stores.envfile import read_env_file
 from mlauth.stores.journal import Journal
 from mlauth.testing import FakeMercadoLibre
-from tests.test_cli import REDIRECT, assert_clean_failure, assert_no_secret, mlauth_cli
+from mlauth.testing.redis_server import RedisServer
+from tests.support.cli import REDIRECT, assert_clean_failure, assert_no_secret, mlauth_cli
 
 pytestmark = pytest.mark.processes
 

@@ -27,9 +27,10 @@ import mlauth
 from mlauth.stores.envfile import read_env_file
 from mlauth.stores.mounted import JOURNAL_ATTR, is_mount_point
 from mlauth.testing import FakeMercadoLibre
-from tests.mount_support import bind_file
-from tests.test_faults_kill import assert_chain_lives, kill_after_the_rotation, kill_at, peer
-from tests.test_processes import LIFETIME, check_storm, result_of, worker
+from tests.support.demo_workers import LIFETIME, check_storm, result_of, worker
+from tests.support.fault_kills import assert_chain_lives, kill_after_the_rotation, kill_at, peer
+from tests.support.mounts import bind_file
+from tests.support.pools import run_pool
 
 pytestmark = pytest.mark.processes
 
@@ -392,8 +393,6 @@ def test_the_lost_answer_window_stops_every_container_with_the_fix(
 
 
 def test_a_fork_pool_on_a_mounted_env_shares_the_chain(tmp_path: Path) -> None:
-    from tests.test_deploy_pools import _run
-
     with FakeMercadoLibre(token_lifetime=LIFETIME, kill_old_access_on_refresh=True) as fake:
         host_env = tmp_path / "host" / ".env"
         host_env.parent.mkdir()
@@ -401,7 +400,7 @@ def test_a_fork_pool_on_a_mounted_env_shares_the_chain(tmp_path: Path) -> None:
         with bind_file(host_env, tmp_path / "c1" / ".env") as env:
             assert mlauth.EnvFileStore(env).in_place
             # The inode lock's descriptors are process-bound too: rebuilt in every child.
-            _run("fork", fake, env, " (a .env mounted alone)")
+            run_pool("fork", fake, env, " (a .env mounted alone)")
         assert fake.is_live(read_env_file(host_env)["ML_REFRESH_TOKEN"])
 
 

@@ -19,7 +19,8 @@ import pytest
 from mlauth.stores.envfile import read_env_file
 from mlauth.stores.journal import Journal
 from mlauth.testing import FakeMercadoLibre
-from tests.test_cli import assert_clean_failure, mlauth_cli
+from tests.support.cli import assert_clean_failure, mlauth_cli
+from tests.support.lock_holder import lock_held_by_another_process
 
 pytestmark = pytest.mark.processes
 
@@ -111,8 +112,6 @@ def test_run_refuses_before_starting_when_the_refresh_lock_cannot_be_taken(
 
 
 def test_run_starts_while_a_peer_holds_the_refresh_lock(fake_ml_env: Path) -> None:
-    from tests.test_public_refresh import lock_held_by_another_process
-
     with lock_held_by_another_process(fake_ml_env):
         done = mlauth_cli("run", "--env", str(fake_ml_env), "--", sys.executable, "-c", "print(1)")
     assert (done.returncode, done.stdout, done.stderr) == (0, "1\n", "")

@@ -6,7 +6,6 @@ expiries against the loopback fake, which kills the old access token at each rot
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import json
 import multiprocessing
@@ -15,7 +14,6 @@ import pickle
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,56 +21,16 @@ from pathlib import Path
 import pytest
 import requests
 
-from benchmarks.redis_server import RedisServer
 from mlauth import EnvFileStore, MLAuth
 from mlauth.cli.migrate import migrate_to_redis
 from mlauth.testing import FakeMercadoLibre
-from tests.mount_support import bind_file
-from tests.test_processes import LIFETIME, check_storm, wait_for_line
+from mlauth.testing.redis_server import RedisServer
+from tests.support import SCRIPTS
+from tests.support.demo_workers import LIFETIME, wait_for_line
+from tests.support.mounts import bind_file
+from tests.support.pools import run_pool
 
 pytestmark = pytest.mark.processes
-
-SECONDS = 6.0  # three token lifetimes
-WORKERS = 3
-
-# What a worker calls through. Set in the parent before a fork pool starts (the workers
-# inherit them), or by _build_in_worker in each spawn/forkserver worker.
-_AUTH: MLAuth | None = None
-_SESSION: requests.Session | None = None
-
-
-def _build_in_worker(env: str) -> None:
-    global _AUTH, _SESSION
-    _AUTH = MLAuth.from_env(env)
-    _SESSION = requests.Session()
-    _SESSION.auth = _AUTH
-
-
-def _calls(url: str, seconds: float, session: requests.Session | None = None) -> dict[str, object]:
-    """Call the API until the deadline, half through the session, half with ``auth=``."""
-    session = session or _SESSION
-    assert _AUTH is not None and session is not None
-    totals: dict[str, object] = {"calls": 0, "failed": 0, "absorbed_401": 0, "errors": []}
-    calls = failed = absorbed = 0
-    errors: list[str] = []
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        calls += 1
-        try:
-            if calls % 2:
-                response = session.get(f"{url}/users/me", timeout=30)
-            else:
-                response = requests.get(f"{url}/users/me", auth=_AUTH, timeout=30)
-            absorbed += sum(1 for r in response.history if r.status_code == 401)
-            if response.status_code != 200:
-                failed += 1
-                errors.append(f"HTTP {response.status_code}")
-        except Exception as exc:  # noqa: BLE001 - every kind counts: a RuntimeError was the bug
-            failed += 1
-            errors.append(f"{type(exc).__name__}: {exc}"[:300])
-    totals.update(calls=calls, failed=failed, absorbed_401=absorbed, errors=errors[:5])
-    totals["pid"] = os.getpid()
-    return totals
 
 
 @pytest.fixture
@@ -83,72 +41,11 @@ def fake_env(tmp_path: Path) -> Iterator[tuple[FakeMercadoLibre, Path]]:
         yield fake, env
 
 
-def _run(kind: str, fake: FakeMercadoLibre, env: Path, label: str = "") -> None:
-    global _AUTH, _SESSION
-    # Built, and used, in the parent before any worker exists: what a pipeline's module-level
-    # setup does before a Pool, a ProcessPoolExecutor or a prefork server starts.
-    _AUTH = MLAuth.from_env(env)
-    _SESSION = requests.Session()
-    _SESSION.auth = _AUTH
-    # The auth is used before the fork, the session is not: a Session that has sent a request
-    # keeps a pooled socket that forked children would share with it and with each other
-    # (answers cross between processes). That is requests' state, not the auth's; the README
-    # says to create or close sessions in the worker.
-    assert requests.get(f"{fake.base_url}/users/me", auth=_AUTH, timeout=30).status_code == 200
-    fake.reset_stats()  # count from here: the call above may have refreshed nothing or one
-
-    if kind == "executor-fork":
-        context = multiprocessing.get_context("fork")
-        pool: object = concurrent.futures.ProcessPoolExecutor(WORKERS, mp_context=context)
-    elif kind == "fork":
-        pool = multiprocessing.get_context("fork").Pool(WORKERS)
-    else:  # spawn, forkserver: nothing is inherited, each worker builds its own from the .env
-        context = multiprocessing.get_context(kind)
-        pool = context.Pool(WORKERS, initializer=_build_in_worker, initargs=(str(env),))
-
-    started = time.time()
-    parent: list[dict[str, object]] = []
-    # The parent keeps calling meanwhile through the same auth (its own session), as a
-    # server's master or a pipeline's driver does.
-    own = requests.Session()
-    own.auth = _AUTH
-    caller = threading.Thread(target=lambda: parent.append(_calls(fake.base_url, SECONDS, own)))
-    args = [(fake.base_url, SECONDS)] * WORKERS
-    if isinstance(pool, concurrent.futures.ProcessPoolExecutor):
-        with pool:
-            futures = [pool.submit(_calls, *a) for a in args]
-            caller.start()
-            results = [f.result(timeout=120) for f in futures]
-    else:
-        assert isinstance(pool, multiprocessing.pool.Pool)
-        with pool:
-            pending = pool.starmap_async(_calls, args, chunksize=1)
-            caller.start()
-            results = pending.get(timeout=120)
-    caller.join()
-    own.close()
-    span = time.time() - started
-    stats, refresh_times = fake.stats(), fake.refresh_times()
-
-    assert len({r["pid"] for r in results}) > 1, "the tasks did not spread over the workers"
-    label = f"{kind} pool{label}, {WORKERS} workers + parent"
-    print(f"\n[figures] {label}: {span / LIFETIME:.1f} token lifetimes crossed")
-    check_storm(
-        label,
-        results + parent,
-        stats,
-        refresh_times,
-        seconds=SECONDS,
-        span=span,
-        threads=WORKERS + 1,
-    )
-
-
 @pytest.mark.parametrize("kind", ["fork", "executor-fork", "forkserver", "spawn"])
 def test_pool_workers_share_the_chain_through_expiries(
     kind: str, fake_env: tuple[FakeMercadoLibre, Path]
 ) -> None:
-    _run(kind, *fake_env)
+    run_pool(kind, *fake_env)
 
 
 def test_fork_pool_workers_share_a_redis_chain_through_expiries(
@@ -157,7 +54,7 @@ def test_fork_pool_workers_share_a_redis_chain_through_expiries(
     # redis-py's pools notice the new pid and reconnect; the store keeps no other socket.
     fake, env = fake_env
     migrate_to_redis(env, redis_server.url)
-    _run("fork", fake, env, " (Redis store)")
+    run_pool("fork", fake, env, " (Redis store)")
 
 
 def test_pickling_an_auth_or_its_session_says_to_build_one_per_worker(
@@ -182,7 +79,7 @@ def _start_holder(
 ) -> tuple[subprocess.Popen[str], int, Path, Path]:
     log, result = tmp_path / "child.log", tmp_path / "child.json"
     log.touch()  # wait_for_line reads it before the child opens it
-    script = str(Path(__file__).with_name("fork_lock_holder.py"))
+    script = str(SCRIPTS / "fork_lock_holder.py")
     holder = subprocess.Popen(
         [sys.executable, script, str(env), fake.base_url, str(log), str(result)],
         stdin=subprocess.PIPE,

@@ -10,11 +10,8 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import shutil
-import subprocess
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -27,6 +24,7 @@ from mlauth.stores.envfile import read_env_file
 from mlauth.stores.journal import Journal
 from mlauth.stores.lock import ProcessLock
 from mlauth.testing import FakeMercadoLibre
+from tests.support.mounts import remount_read_only, tmpfs
 
 
 def call(fake: FakeMercadoLibre, auth: mlauth.MLAuth) -> requests.Response:
@@ -139,35 +137,6 @@ def test_a_lock_held_past_the_timeout_fails_clearly_and_spends_nothing(
 
 
 # -- real read-only folder and full disk -------------------------------------------------------
-
-
-MOUNT, UMOUNT = shutil.which("mount"), shutil.which("umount")
-
-
-@contextlib.contextmanager
-def tmpfs(where: Path, size: str) -> Iterator[Path]:
-    where.mkdir()
-    if MOUNT is None or UMOUNT is None:
-        pytest.skip("environment limit: no mount/umount command on PATH")
-    done = subprocess.run(
-        [MOUNT, "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(where)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if done.returncode != 0:
-        pytest.skip(
-            "environment limit: cannot mount a tmpfs here (needs root or CAP_SYS_ADMIN): "
-            + done.stderr.strip()
-        )
-    try:
-        yield where
-    finally:
-        subprocess.run([UMOUNT, "-l", str(where)], check=False)
-
-
-def remount_read_only(where: Path) -> None:
-    subprocess.run([MOUNT, "-o", "remount,ro", str(where)], check=True)
 
 
 def test_read_only_folder_refuses_before_spending_and_keeps_working(

@@ -15,7 +15,7 @@ meets it (a requests or httpx request, expired or answered 401, ``refresh()``,
 - when the server rotated and its answer held a usable refresh token (or it did not rotate),
   the chain survives: the next refresh, in a new process's auth, presents the live token.
 
-``MLAUTH_FUZZ_EXAMPLES`` sets the number of examples (tests/fuzz_support.py).
+``MLAUTH_FUZZ_EXAMPLES`` sets the number of examples (tests/support/fuzz.py).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from hypothesis import strategies as st
 
 import mlauth
 from mlauth.httpx import HttpxAuth
-from tests.fuzz_support import (
+from tests.support.fuzz import (
     API,
     AUTH_OPTIONS,
     STYLES,
@@ -49,7 +49,7 @@ from tests.fuzz_support import (
     use_requests_auth,
     write_env,
 )
-from tests.secrets_support import ODD_SECRET
+from tests.support.leaks import ODD_SECRET
 
 ENTRIES = ("requests", "httpx", "httpx async", "refresh", "valid_tokens")
 

@@ -14,7 +14,7 @@ request, ``valid_tokens()``, the store's ``load``, ``mlauth status``):
   other line stays byte for byte;
 - a refresh that succeeded left the live refresh token where the next reader finds it.
 
-``MLAUTH_FUZZ_EXAMPLES`` sets the number of examples (tests/fuzz_support.py).
+``MLAUTH_FUZZ_EXAMPLES`` sets the number of examples (tests/support/fuzz.py).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from hypothesis import event, given
 from hypothesis import strategies as st
 
 import mlauth
-from tests.fuzz_support import (
+from tests.support.fuzz import (
     STYLES,
     EnvFile,
     Issuer,

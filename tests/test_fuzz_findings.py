@@ -16,13 +16,13 @@ import pytest
 import redis
 
 import mlauth
-from benchmarks.redis_server import RedisServer
 from mlauth.secret import Secret
 from mlauth.stores import store_from_env
 from mlauth.stores.envfile import read_env_file
 from mlauth.stores.redis import RedisStore
+from mlauth.testing.redis_server import RedisServer
 from mlauth.tokens import TokenSet
-from tests.fuzz_support import (
+from tests.support.fuzz import (
     AUTH_OPTIONS,
     CLIENT_ID,
     NATURAL,
@@ -41,7 +41,7 @@ from tests.fuzz_support import (
     status_output,
     write_env,
 )
-from tests.secrets_support import ODD_SECRET, everything_said
+from tests.support.leaks import ODD_SECRET, everything_said
 
 
 def test_an_access_token_the_token_endpoint_quotes_is_masked_in_logs_journal_and_status(

@@ -14,7 +14,7 @@ all. For each, whichever way it is used (``from_env`` and a refresh, a request,
   refresh token, or the server did not rotate), the next refresh presents the live token.
 
 One redis-server serves the module; each example has a key of its own.
-``MLAUTH_FUZZ_EXAMPLES`` sets the number of examples (tests/fuzz_support.py).
+``MLAUTH_FUZZ_EXAMPLES`` sets the number of examples (tests/support/fuzz.py).
 """
 
 from __future__ import annotations
@@ -29,9 +29,9 @@ from hypothesis import event, given
 from hypothesis import strategies as st
 
 import mlauth
-from benchmarks.redis_server import RedisServer
 from mlauth.stores import store_from_env
-from tests.fuzz_support import (
+from mlauth.testing.redis_server import RedisServer
+from tests.support.fuzz import (
     CLIENT_ID,
     STYLES,
     Context,
@@ -52,7 +52,7 @@ from tests.fuzz_support import (
     usable,
     use_requests_auth,
 )
-from tests.secrets_support import ODD_SECRET
+from tests.support.leaks import ODD_SECRET
 
 USES = ("refresh", "valid_tokens", "requests", "load", "status")
 _keys = itertools.count()

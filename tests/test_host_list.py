@@ -18,7 +18,7 @@ import pytest
 
 import mlauth
 from mlauth.testing import FakeMercadoLibre
-from tests.conftest import env_text
+from tests.support.fake_tokens import env_text
 
 HOSTS_WARNING = "the hosts that get the token"
 

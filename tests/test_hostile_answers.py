@@ -30,7 +30,7 @@ from mlauth.stores.envfile import read_env_file
 from mlauth.stores.journal import Journal
 from mlauth.testing import FakeMercadoLibre
 from mlauth.tokens import LATEST_TIME, TokenSet
-from tests.hostile_support import (
+from tests.support.hostile_answers import (
     BAD_TOKENS,
     DELETE,
     Mangle,

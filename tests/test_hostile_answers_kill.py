@@ -3,8 +3,8 @@
 The server has rotated; the raw bytes are the only copy of the new refresh token. A peer
 process (in another container, on another machine with Redis) must find them, read them as
 the refresher would have (odd fields and all) and carry the chain on, spending nothing twice.
-Each victim is a real process (tests/fault_worker.py, phase ``after-raw``) killed with
-SIGKILL, against the loopback FakeMercadoLibre.
+Each victim is a real process (tests/support/scripts/fault_worker.py, phase ``after-raw``)
+killed with SIGKILL, against the loopback FakeMercadoLibre.
 """
 
 from __future__ import annotations
@@ -21,17 +21,18 @@ from pathlib import Path
 import pytest
 
 import mlauth
-from benchmarks.redis_server import RedisServer
 from mlauth.cli.migrate import migrate_to_redis
 from mlauth.stores.envfile import read_env_file
 from mlauth.stores.mounted import JOURNAL_ATTR
 from mlauth.testing import FakeMercadoLibre
-from tests.hostile_support import DELETE, Mangle, fields
-from tests.mount_support import bind_file
+from mlauth.testing.redis_server import RedisServer
+from tests.support import SCRIPTS
+from tests.support.hostile_answers import DELETE, Mangle, fields
+from tests.support.mounts import bind_file
 
 pytestmark = pytest.mark.processes
 
-WORKER = Path(__file__).with_name("fault_worker.py")
+WORKER = SCRIPTS / "fault_worker.py"
 REDIRECT = "https://example.com/callback"
 
 

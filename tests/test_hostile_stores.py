@@ -20,7 +20,6 @@ import requests
 
 import mlauth
 import mlauth.endpoint
-from benchmarks.redis_server import RedisServer
 from mlauth.cli.login import complete_login
 from mlauth.cli.migrate import migrate_to_redis
 from mlauth.secret import Secret
@@ -28,9 +27,10 @@ from mlauth.stores import store_from_env
 from mlauth.stores.envfile import read_env_file
 from mlauth.stores.mounted import JOURNAL_ATTR, JOURNAL_BUDGET, InodeJournal
 from mlauth.testing import FakeMercadoLibre
+from mlauth.testing.redis_server import RedisServer
 from mlauth.tokens import TokenSet
-from tests.cli_support import mlauth_cli as cli
-from tests.hostile_support import DELETE, Mangle, assert_not_in, fields, raw, spend_outside
+from tests.support.cli import mlauth_cli as cli
+from tests.support.hostile_answers import DELETE, Mangle, assert_not_in, fields, raw, spend_outside
 
 REDIRECT = "https://example.com/callback"
 

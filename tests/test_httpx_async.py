@@ -25,10 +25,11 @@ from mlauth.httpx import HttpxAuth
 from mlauth.integrations.httpx_auth import _hops
 from mlauth.stores.envfile import read_env_file
 from mlauth.testing import FakeMercadoLibre
-from tests.conftest import refresh_turn_is_free
-from tests.httpx_support import wait_until
+from tests.support import SCRIPTS
+from tests.support.httpx_calls import wait_until
+from tests.support.threads import refresh_turn_is_free
 
-WORKER = Path(__file__).resolve().parent / "httpx_worker.py"
+WORKER = SCRIPTS / "httpx_worker.py"
 DEADLINE = 60.0  # for any poll or answer; generous, the machine is shared and noisy
 PERIOD = 0.005  # the probe's sleep
 REFRESH_DELAY = 1.0  # the token endpoint's delay in the lag tests

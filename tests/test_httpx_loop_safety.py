@@ -34,8 +34,8 @@ from mlauth.stores.base import NOT_LOCAL, TokenStore
 from mlauth.stores.envfile import EnvFileStore
 from mlauth.stores.redis import RedisStore
 from mlauth.testing import FakeMercadoLibre
-from tests.conftest import RedisServer
-from tests.httpx_support import wait_until
+from mlauth.testing.redis_server import RedisServer
+from tests.support.httpx_calls import wait_until
 
 DEADLINE = 60.0
 BACKENDS = ["asyncio", "trio"]

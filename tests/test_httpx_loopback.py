@@ -20,7 +20,7 @@ import trio
 from mlauth.httpx import HttpxAuth
 from mlauth.stores.envfile import read_env_file, update_env_file
 from mlauth.testing import FakeMercadoLibre
-from tests.httpx_support import MODES, Hop, Mode, request
+from tests.support.httpx_calls import MODES, Hop, Mode, request
 
 DEAD_ACCESS = "APP_USR-1234-010101-deadbeef-8035443"
 PAYLOAD = b"line one\nline two \xe2\x9c\x93\n" * 50

@@ -1,11 +1,11 @@
 """HttpxAuth in real processes sharing one .env with each other and with MLAuth.
 
-Every worker (tests/httpx_worker.py) builds its auths, says it is ready and waits on its
-stdin; the test releases them all with one ``go`` line each, so they start calling together.
-The tokens live a few seconds on a real loopback FakeMercadoLibre that kills the old access
-token at each rotation, so a run crosses several lifetimes. The first token is already dead
-on the server while the .env says it lives for an hour: every process starts on the 401 path
-(``after_401``), and then refreshes ahead of expiry.
+Every worker (tests/support/scripts/httpx_worker.py) builds its auths, says it is ready and
+waits on its stdin; the test releases them all with one ``go`` line each, so they start
+calling together. The tokens live a few seconds on a real loopback FakeMercadoLibre that kills
+the old access token at each rotation, so a run crosses several lifetimes. The first token is
+already dead on the server while the .env says it lives for an hour: every process starts on
+the 401 path (``after_401``), and then refreshes ahead of expiry.
 """
 
 from __future__ import annotations
@@ -24,10 +24,11 @@ import pytest
 from mlauth.cli.demo import total
 from mlauth.stores.envfile import read_env_file
 from mlauth.testing import FakeMercadoLibre
+from tests.support import SCRIPTS
 
 pytestmark = pytest.mark.processes
 
-WORKER = Path(__file__).resolve().parent / "httpx_worker.py"
+WORKER = SCRIPTS / "httpx_worker.py"
 LIFETIME = 5.0  # seconds a token lives on the server
 SECONDS = 10.0  # calling time of every worker: two lifetimes
 # Seconds between one task's (or thread's) calls. Unpaced, 160 tasks keep the test server

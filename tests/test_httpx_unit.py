@@ -20,14 +20,14 @@ import requests
 import requests_mock
 
 import mlauth
-from benchmarks.redis_server import RedisServer
 from mlauth.cli.migrate import migrate_to_redis
 from mlauth.httpx import HttpxAuth
 from mlauth.stores.base import NOT_LOCAL
 from mlauth.stores.envfile import EnvFileStore, read_env_file
 from mlauth.stores.lock import ProcessLock
 from mlauth.stores.redis import RedisStore
-from tests.conftest import (
+from mlauth.testing.redis_server import RedisServer
+from tests.support.fake_tokens import (
     ACCESS_1,
     ACCESS_2,
     API,
@@ -39,7 +39,7 @@ from tests.conftest import (
     env_text,
     token_answer,
 )
-from tests.httpx_support import MODES, Mode, ScriptedApi, request
+from tests.support.httpx_calls import MODES, Mode, ScriptedApi, request
 
 ME = f"{API}/users/me"
 INVALID_GRANT = {

@@ -14,8 +14,8 @@ from requests_mock import ANY, Mocker
 
 import mlauth
 from mlauth.testing import FakeMercadoLibre
-from tests.conftest import run_threads
-from tests.legacy_support import RecordingServer
+from tests.support.legacy_apps import RecordingServer
+from tests.support.threads import run_threads
 
 ORIGINAL = requests.Session.request
 

@@ -18,7 +18,7 @@ from mlauth.stores.envfile import read_env_file, update_env_file
 from mlauth.stores.journal import Journal, recover
 from mlauth.testing import FakeMercadoLibre
 from mlauth.tokens import TokenSet
-from tests.hostile_support import spend_outside
+from tests.support.hostile_answers import spend_outside
 
 DEAD_ACCESS = "APP_USR-1234-010101-deadbeef-8035443"
 

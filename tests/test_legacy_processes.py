@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from mlauth.testing import FakeMercadoLibre
-from tests.legacy_support import (
+from tests.support.legacy_apps import (
     PYTHON,
     RecordingServer,
     legacy_env,

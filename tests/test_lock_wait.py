@@ -30,6 +30,7 @@ from mlauth.stores.envfile import EnvFileStore, update_env_file
 from mlauth.stores.lock import ProcessLock
 from mlauth.stores.mounted import InodeLock, ofd_supported
 from mlauth.testing import FakeMercadoLibre
+from tests.support import SCRIPTS
 
 pytestmark = [
     pytest.mark.processes,
@@ -39,13 +40,14 @@ pytestmark = [
     ),
 ]
 
-AGENT = Path(__file__).resolve().parent / "lock_agent.py"
+AGENT = SCRIPTS / "lock_agent.py"
 WAITERS = 4
 DEADLINE = 60.0  # for a poll or an answer; generous, the machine is shared and noisy
 
 
 class Agent:
-    """A tests/lock_agent.py process: one command a line in, one JSON answer a line out."""
+    """A tests/support/scripts/lock_agent.py process: one command a line in, one JSON answer a
+    line out."""
 
     def __init__(self, kind: str, path: Path) -> None:
         self.proc = subprocess.Popen(

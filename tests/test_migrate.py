@@ -9,7 +9,6 @@ import pytest
 import requests
 
 import mlauth
-from benchmarks.redis_server import RedisServer
 from mlauth.cli.migrate import ChainConflictError, migrate_to_redis
 from mlauth.stores.envfile import (
     STORE_KEY,
@@ -20,6 +19,7 @@ from mlauth.stores.envfile import (
 )
 from mlauth.stores.redis import RedisStore
 from mlauth.testing import FakeMercadoLibre
+from mlauth.testing.redis_server import RedisServer
 
 
 def key_of(env: Path) -> str:

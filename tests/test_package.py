@@ -2,8 +2,8 @@
 metadata, the Pythons it claims and CI tests, and a clone that `make clean` leaves clean.
 
 The wheel itself is built, installed on every claimed Python and smoke-tested by
-``.ci/wheel-matrix``; here ``tests/wheel_smoke.py`` (what it runs there) runs against this
-install, so a broken smoke is seen before CI.
+``.ci/wheel-matrix``; here ``tests/support/scripts/wheel_smoke.py`` (what it runs there) runs
+against this install, so a broken smoke is seen before CI.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 
 import mlauth
-from tests.package_support import ROOT, classified_pythons, pyproject
+from tests.support import SCRIPTS
+from tests.support.project_metadata import ROOT, classified_pythons, pyproject
 
 BIN = Path(sys.executable).parent
 MATRIX = ROOT / ".ci" / "wheel-matrix"
@@ -133,7 +134,7 @@ def test_ci_runs_the_readme_test_command_then_the_wheel_matrix() -> None:
 def test_the_wheel_smoke_passes_against_this_install(tmp_path: Path) -> None:
     # From another folder, as .ci/wheel-matrix runs it (there with --installed as well).
     done = subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "wheel_smoke.py")],
+        [sys.executable, str(SCRIPTS / "wheel_smoke.py")],
         cwd=tmp_path,
         capture_output=True,
         text=True,

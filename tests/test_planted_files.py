@@ -2,7 +2,7 @@
 user's, never a name someone predicted: a file planted under one of them is refused, with the
 fix, before a refresh token is spent, and whatever it points at is left as it was.
 
-The attacker is another local user (``nobody``, real subprocesses; tests/planting_support.py)
+The attacker is another local user (``nobody``, real subprocesses; tests/support/planting.py)
 who can write the ``.env``'s folder; where who plants does not matter (a hard link, a FIFO),
 the test plants as itself. The folder rule (who else may write the folder) is tested last.
 """
@@ -25,8 +25,8 @@ import mlauth.stores.private
 from mlauth.preflight import refresh_problem
 from mlauth.stores.envfile import read_env_file
 from mlauth.testing import FakeMercadoLibre
-from tests.mount_support import bind_file
-from tests.planting_support import (
+from tests.support.mounts import bind_file
+from tests.support.planting import (
     NOBODY,
     SharedFolders,
     Snapshot,

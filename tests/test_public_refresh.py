@@ -3,11 +3,7 @@ store's "refresh in progress" probe, against the loopback fake."""
 
 from __future__ import annotations
 
-import contextlib
-import subprocess
-import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,6 +13,7 @@ from mlauth.endpoint import TokenEndpoint
 from mlauth.secret import Secret
 from mlauth.stores.envfile import read_env_file
 from mlauth.testing import FakeMercadoLibre
+from tests.support.lock_holder import lock_held_by_another_process
 
 
 def test_forced_refresh_spends_a_fresh_token_and_persists_it(
@@ -93,31 +90,6 @@ def test_exchange_code_gets_a_token_pair(fake_ml: FakeMercadoLibre, pkce: bool) 
     assert fake_ml.stats()["code_exchanges"] == 1
     with pytest.raises(mlauth.InvalidGrantError):  # single use
         endpoint.exchange_code(Secret(code), "https://example.test/cb")
-
-
-@contextlib.contextmanager
-def lock_held_by_another_process(env: Path) -> Iterator[None]:
-    """A real process holds ``env``'s refresh lock for the duration of the block."""
-    holder = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "import sys, mlauth\n"
-            f"with mlauth.EnvFileStore({str(env)!r}).lock(5):\n"
-            "    print('held', flush=True)\n"
-            "    sys.stdin.readline()\n",
-        ],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert holder.stdout is not None
-    try:
-        assert holder.stdout.readline().strip() == "held"
-        yield
-    finally:
-        holder.communicate("done\n", timeout=30)
-    assert holder.returncode == 0
 
 
 def test_refresh_in_progress_sees_another_process_holding_the_lock(fake_ml_env: Path) -> None:

@@ -1,6 +1,6 @@
 """Every code block of the README, and of the package index's page, runs here as written.
 
-Python blocks and shell sessions run in the project folder of ``tests/test_docs.py`` (a
+Python blocks and shell sessions run in the project folder of ``tests/support/doc_blocks.py`` (a
 ``.env`` with an expired token, the legacy ``main2.py``, ``api.mercadolibre.com`` answered by
 a fake MercadoLibre, a real ``redis-server`` for the documented Redis URL). The set-up block's
 ``make`` targets are checked with ``make -n``; the ``pip install`` lines against the package's
@@ -18,17 +18,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.package_support import pyproject
-from tests.test_docs import (
+from tests.support.doc_blocks import (
     CODE,
     LINK,
-    ROOT,
     block_id,
     check_prints,
     is_session,
     page_blocks,
     run_in_project,
 )
+from tests.support.project_metadata import ROOT, pyproject
 
 pytestmark = pytest.mark.processes
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from mlauth.integrations.redirect import absent
-from tests.redirect_support import mlauth_run, run_program
+from tests.support.redirect_programs import mlauth_run, run_program
 
 pytestmark = pytest.mark.processes
 

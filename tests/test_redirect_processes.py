@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from mlauth.testing import FakeMercadoLibre
-from tests.legacy_support import legacy_env
-from tests.redirect_support import (
+from tests.support.legacy_apps import legacy_env
+from tests.support.redirect_programs import (
     NOT_WATCHED,
     REPORTING_SCRIPT,
     REPORTING_TAIL,

@@ -10,12 +10,12 @@ from typing import IO
 
 import pytest
 
-from benchmarks.redis_server import RedisServer
 from mlauth.cli.demo import total
 from mlauth.cli.migrate import migrate_to_redis
 from mlauth.stores.envfile import read_env_file
 from mlauth.testing import FakeMercadoLibre
-from tests.test_processes import LIFETIME, check_storm, kill_holder_mid_post, result_of
+from mlauth.testing.redis_server import RedisServer
+from tests.support.demo_workers import LIFETIME, check_storm, kill_holder_mid_post, result_of
 
 pytestmark = pytest.mark.processes
 

@@ -14,13 +14,13 @@ import redis
 import requests
 
 import mlauth
-from benchmarks.redis_server import RedisServer
 from mlauth import Secret
 from mlauth.cli.migrate import migrate_to_redis
 from mlauth.stores import store_from_env
 from mlauth.stores.envfile import STORE_KEY, TOKEN_KEYS, read_env_file, update_env_file
 from mlauth.stores.redis import RedisStore, redact_url
 from mlauth.testing import FakeMercadoLibre
+from mlauth.testing.redis_server import RedisServer
 from mlauth.tokens import TokenSet
 
 

@@ -15,7 +15,7 @@ from requests.adapters import HTTPAdapter
 import mlauth
 from mlauth.stores.envfile import read_env_file, update_env_file
 from mlauth.testing import FakeMercadoLibre
-from tests.conftest import refresh_turn_is_free
+from tests.support.threads import refresh_turn_is_free
 
 
 @pytest.fixture

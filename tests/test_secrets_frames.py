@@ -29,7 +29,7 @@ from mlauth.cli.login import complete_login
 from mlauth.httpx import HttpxAuth
 from mlauth.stores.envfile import update_env_file
 from mlauth.testing import FakeMercadoLibre
-from tests.secrets_support import (
+from tests.support.leaks import (
     BROKEN_200,
     FAILURES,
     NEW_ACCESS,

@@ -11,7 +11,7 @@ import requests
 import mlauth
 from mlauth.stores.envfile import update_env_file
 from mlauth.testing import FakeMercadoLibre
-from tests.conftest import run_threads
+from tests.support.threads import run_threads
 
 
 def test_twenty_threads_hitting_401_together_cause_one_refresh(

@@ -22,14 +22,14 @@ import requests
 
 import mlauth
 import mlauth.httpx
-from benchmarks.redis_server import RedisServer
 from mlauth.cli.migrate import migrate_to_redis
 from mlauth.stores import store_from_env
 from mlauth.stores.envfile import read_env_file
 from mlauth.testing import FakeMercadoLibre
+from mlauth.testing.redis_server import RedisServer
 from mlauth.tokens import MAX_TOKEN_LENGTH, token_problem
-from tests.cli_support import mlauth_cli as cli
-from tests.hostile_support import BAD_TOKEN_STRINGS, assert_not_in, assert_valid_bearer
+from tests.support.cli import mlauth_cli as cli
+from tests.support.hostile_answers import BAD_TOKEN_STRINGS, assert_not_in, assert_valid_bearer
 
 BAD = BAD_TOKEN_STRINGS
 

@@ -22,7 +22,7 @@ import mlauth.cli.commands
 from mlauth.cli.migrate import migrate_to_redis
 from mlauth.stores.envfile import update_env_file
 from mlauth.stores.redis import RedisStore, redact_url
-from tests.conftest import env_text
+from tests.support.fake_tokens import env_text
 
 # Pieces of it that a parser may split off: each would be a leak on its own.
 PASSWORD = "hunter2/xyzzy#plugh?frob@nitz:quux"

@@ -25,9 +25,9 @@ from mlauth.hosts import HostRules
 from mlauth.httpx import HttpxAuth
 from mlauth.stores.envfile import read_env_file
 from mlauth.testing import FakeMercadoLibre
-from tests.cli_support import mlauth_cli as run_cli
-from tests.conftest import env_text
-from tests.url_support import Destination, HttpxRecorder, RequestsRecorder, listener
+from tests.support.cli import mlauth_cli as run_cli
+from tests.support.destinations import Destination, HttpxRecorder, RequestsRecorder, listener
+from tests.support.fake_tokens import env_text
 
 
 def set_key(env: Path, key: str, value: str) -> None:

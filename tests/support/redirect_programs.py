@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tests.legacy_support import ENV_GLOBALS
+from tests.support.legacy_apps import ENV_GLOBALS
 
 # The legacy client of ML-FACTS.md: the .env read into globals at import, HEADERS with the
 # token, and a refresh function with no lock that POSTs the refresh grant with requests and

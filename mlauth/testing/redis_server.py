@@ -1,9 +1,17 @@
-"""A real redis-server for the tests and the storm benchmark: a free loopback port, its own
-folder, stopped at the end.
+"""A throwaway ``redis-server`` for tests: a free loopback port, its own folder, stopped at the
+end. mlauth's own tests and its storm benchmark start theirs with it; your tests can too::
 
-It lives in benchmarks/ (which the tests already import) so both use one copy. redis-py is
-imported only when a server is used: the benchmarks run without the ``redis`` extra and then
-report the Redis row as not run (see :func:`unavailable`).
+    server = RedisServer(tmp_path).start()
+    try:
+        auth = mlauth.MLAuth(client_id, client_secret, mlauth.RedisStore(server.url))
+        ...
+    finally:
+        server.stop()
+
+It needs the ``redis-server`` program (Debian's ``redis-server`` package) and, to start one,
+redis-py (``pip install 'mlauth[redis]'``). redis-py is imported only when a server is
+started or a client asked for, so this module imports without it: :func:`unavailable` says
+what is missing (the benchmarks then report their Redis row as not run).
 """
 
 from __future__ import annotations
@@ -19,7 +27,9 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import redis
 
-INSTALL_SERVER = "install Debian's redis-server package (`make test` does)"
+__all__ = ["RedisServer", "free_port", "unavailable"]
+
+INSTALL_SERVER = "install Debian's redis-server package (mlauth's `make test` does)"
 INSTALL_CLIENT = "pip install 'mlauth[redis]'"
 
 
@@ -33,6 +43,7 @@ def unavailable() -> str | None:
 
 
 def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port: int = probe.getsockname()[1]
@@ -75,7 +86,9 @@ class RedisServer:
             *("--daemonize", "no", "--save", "", "--logfile", str(self.folder / "redis.log")),
             *(durability if self.persistent else ["--appendonly", "no"]),
         ]
-        self.proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.proc = subprocess.Popen(  # noqa: S603 (the redis-server on PATH, our own arguments)
+            command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
         deadline = time.monotonic() + 20
         with self.client() as probe:
             while True:

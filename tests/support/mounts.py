@@ -1,5 +1,5 @@
-"""Bind mounts, as Docker and Kubernetes give a container its ``.env`` or its volume (the
-tests that use them run as root, as CI does)."""
+"""Bind mounts, as Docker and Kubernetes give a container its ``.env`` or its volume, and a
+small tmpfs to fill or remount read-only (the tests that use them run as root, as CI does)."""
 
 from __future__ import annotations
 
@@ -35,3 +35,29 @@ def bind_file(source: Path, target: Path, *, read_only: bool = False) -> Iterato
         yield target
     finally:
         subprocess.run([UMOUNT, str(target)], check=True)
+
+
+@contextlib.contextmanager
+def tmpfs(where: Path, size: str) -> Iterator[Path]:
+    where.mkdir()
+    if MOUNT is None or UMOUNT is None:
+        pytest.skip("environment limit: no mount/umount command on PATH")
+    done = subprocess.run(
+        [MOUNT, "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(where)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        pytest.skip(
+            "environment limit: cannot mount a tmpfs here (needs root or CAP_SYS_ADMIN): "
+            + done.stderr.strip()
+        )
+    try:
+        yield where
+    finally:
+        subprocess.run([UMOUNT, "-l", str(where)], check=False)
+
+
+def remount_read_only(where: Path) -> None:
+    subprocess.run([MOUNT, "-o", "remount,ro", str(where)], check=True)

@@ -1,6 +1,7 @@
 """A process that makes one API call through MLAuth, and can be frozen at a refresh phase.
 
-Run as ``python tests/fault_worker.py ENV URL``; prints one JSON line with the outcome. With
+Run as ``python tests/support/scripts/fault_worker.py ENV URL``; prints one JSON line with the
+outcome. With
 ``--login CODE REDIRECT_URI`` in place of ``URL`` it runs ``mlauth login``'s code exchange. With
 ``MLAUTH_TEST_PAUSE_AT=<phase>`` and ``MLAUTH_TEST_PAUSE_MARKER=<path>`` it creates the marker
 file when it reaches the phase and then waits to be killed (the fault-injection tests send

@@ -42,7 +42,7 @@ import mlauth
 from mlauth.cli.commands import main as cli_main
 from mlauth.secret import fingerprint
 from mlauth.stores.envfile import SECRET_KEYS, TOKEN_KEYS
-from tests.secrets_support import ODD_SECRET, everything_said, logged, spellings
+from tests.support.leaks import ODD_SECRET, everything_said, logged, spellings
 
 EXAMPLES_VARIABLE = "MLAUTH_FUZZ_EXAMPLES"
 CLIENT_ID = "1234567890123456"
@@ -667,7 +667,7 @@ def every_log_record() -> Iterator[list[logging.LogRecord]]:
 
 
 def said(error: BaseException | None, records: list[logging.LogRecord]) -> str:
-    """Everything an error and the log records could show (secrets_support.everything_said)."""
+    """Everything an error and the log records could show (leaks.everything_said)."""
     return (everything_said(error) if error is not None else "") + "\n" + logged(records)
 
 

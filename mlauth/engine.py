@@ -20,7 +20,12 @@ the store does the storing, journaling and fencing inside its refresh transactio
 
 Nothing per request is kept on the instance: one engine serves every thread of a process. Its
 shared state is the cached ``(tokens, version)`` pair, swapped whole, plus the rarely used
-``_unsaved`` pair for tokens whose save failed.
+memory of tokens whose save failed (:class:`_Unsaved`) and of the last failed refresh
+(:class:`_FailureMemory`).
+
+Whether to adopt the tokens at hand, return a 401 or spend the refresh token is
+:func:`mlauth.decide.decide`, a pure function of the tokens, the :class:`~mlauth.decide.Need`
+and the time; the engine reads the time from the :class:`~mlauth.decide.Clock` it was given.
 """
 
 from __future__ import annotations
@@ -32,11 +37,11 @@ import logging
 import math
 import os
 import threading
-import time
 import weakref
 from collections.abc import Callable, Hashable, Iterable, Iterator
 from typing import Protocol
 
+from .decide import REAL_CLOCK, Clock, Decision, Need, answers, decide, other_than
 from .errors import (
     AUTHORIZE,
     REAUTHORIZE,
@@ -52,7 +57,7 @@ from .errors import (
 )
 from .secret import Secret, mask
 from .stores.base import NOT_LOCAL, RefreshTransaction, TokenStore
-from .tokens import MAX_MARGIN_SHARE, Freshness, TokenAnswer, TokenSet, this_process, token_problem
+from .tokens import Freshness, TokenAnswer, TokenSet, this_process, token_problem
 
 __all__ = ["RefreshEngine", "TokenClient"]
 
@@ -128,20 +133,73 @@ class _FailureMemory:
         # (when, retry not before (monotonic), the token, the error)
         self._last: tuple[float, float, Secret, RefreshError] | None = None
 
-    def check(self, spent: Secret) -> None:
-        """Raise the remembered error if ``spent`` just failed (or is dead)."""
+    def check(self, spent: Secret, now: float) -> None:
+        """Raise the remembered error if ``spent`` just failed (or is dead); ``now`` is
+        monotonic."""
         last = self._last
         if last is None or last[2] != spent:
             return
         failed_at, not_before, _, error = last
-        if isinstance(error, InvalidGrantError) or time.monotonic() < not_before:
-            ago = time.monotonic() - failed_at
+        if isinstance(error, InvalidGrantError) or now < not_before:
+            ago = now - failed_at
             raise _fresh(error, f"not retried: this refresh token failed {ago:.1f}s ago: {error}")
 
-    def remember(self, spent: Secret, error: RefreshError) -> None:
+    def remember(self, spent: Secret, error: RefreshError, now: float) -> None:
         wait = error.retry_after if error.retry_after is not None else FAILURE_COOLDOWN
-        now = time.monotonic()
         self._last = (now, now + min(wait, MAX_FAILURE_MEMORY), spent, _fresh(error, str(error)))
+
+
+class _Unsaved:
+    """Refreshed tokens whose save failed: the only live copy of the chain's newest link
+    besides the journal's answer, used from memory until a save lands.
+
+    They are written only over the refresh token they replaced (``base``, compare and set),
+    and saving them is retried at most every PERSIST_RETRY_DELAY seconds.
+    """
+
+    def __init__(self) -> None:
+        # (the tokens, the refresh token the store still holds), swapped whole; None once
+        # they are saved, or a peer's tokens replaced them.
+        self.held: tuple[TokenSet, Secret] | None = None
+        self._retry_at = 0.0  # monotonic
+
+    def base(self, spent: Secret) -> Secret:
+        """What the store holds: the spent token, or (while ours are unsaved) an older one."""
+        held = self.held
+        return spent if held is None else held[1]
+
+    def keep(self, tokens: TokenSet, base: Secret, now: float) -> None:
+        self.held = (tokens, base)
+        self.postpone(now)
+
+    def due(self, now: float) -> bool:
+        return now >= self._retry_at
+
+    def postpone(self, now: float) -> None:
+        self._retry_at = now + PERSIST_RETRY_DELAY
+
+    def settle(self, txn: RefreshTransaction, where: str) -> TokenSet | None:
+        """Save them under the lock if the store still holds their base; return them if they
+        are still the ones to use (the save failed again), None if the store's are now.
+
+        If the store holds anything else, either our save landed after all (or the
+        journal's replay wrote them) or a peer moved the chain on: the store's tokens win.
+        """
+        held = self.held
+        if held is None:
+            return None
+        tokens, base = held
+        try:
+            if txn.tokens.refresh_token == base:
+                txn.settle(tokens)
+                log.info("saved the refreshed tokens to %s at last", where)
+            elif txn.tokens.refresh_token != tokens.refresh_token:
+                log.warning("%s moved on while our tokens were unsaved; using its tokens", where)
+        except Exception as exc:  # noqa: BLE001 (keep the live link in memory, whatever failed)
+            log.error("still cannot save refreshed tokens to %s: %s", where, exc)
+            return tokens
+        self.held = None
+        return None
 
 
 def _check_contract(store: TokenStore) -> None:
@@ -165,7 +223,8 @@ class RefreshEngine:
     lifetime); ``lock_timeout``: how long to wait for the cross-process lock;
     ``min_token_age``: a 401 on a token refreshed more recently than this (capped likewise)
     is not an expiry; ``on_refresh``: called with the new tokens after each refresh this
-    process made, outside the locks.
+    process made, outside the locks; ``clock``: where the time is read (tests pass a fake
+    one, as botocore's ``time_fetcher``).
     """
 
     def __init__(
@@ -178,8 +237,10 @@ class RefreshEngine:
         min_token_age: float,
         on_refresh: Callable[[TokenSet], None] | None = None,
         secrets: tuple[Secret, ...] = (),
+        clock: Clock = REAL_CLOCK,
     ) -> None:
         _check_contract(store)
+        self._clock = clock
         self.store = store
         self._endpoint = endpoint
         self._refresh_margin = refresh_margin
@@ -194,13 +255,12 @@ class RefreshEngine:
         # arithmetic on every request.
         self._cache: tuple[TokenSet, Hashable, float] = (tokens, version, -math.inf)
         self._keep(tokens, version)
-        # Tokens whose save failed (the only live copy besides the journal's answer), and the
-        # refresh token the store still holds.
-        self._unsaved: tuple[TokenSet, Secret] | None = None
+        self._unsaved = _Unsaved()
         self._failures = _FailureMemory()
+        # Monotonic times: no refresh ahead of expiry is tried before the first (after one
+        # failed), and a STALE token waits for a peer's refresh only from the second on.
         self._advisory_retry_at = 0.0
-        self._peer_wait_after = 0.0  # a STALE token waits for a peer's refresh from then on
-        self._persist_retry_at = 0.0
+        self._peer_wait_after = 0.0
         _engines.add(self)
 
     def _first_load(self) -> tuple[TokenSet, Hashable]:
@@ -245,8 +305,8 @@ class RefreshEngine:
     @property
     def tokens(self) -> TokenSet:
         """The tokens this process uses now."""
-        unsaved = self._unsaved
-        return unsaved[0] if unsaved is not None else self._cache[0]
+        held = self._unsaved.held
+        return held[0] if held is not None else self._cache[0]
 
     def token_for_request(self) -> Secret:
         """The access token to send now: a peer's newer one, refreshed if due."""
@@ -270,7 +330,7 @@ class RefreshEngine:
         read, a refresh, unsaved tokens, a stamp that is a round trip): ask it from a worker
         thread.
         """
-        if self._unsaved is not None:
+        if self._unsaved.held is not None:
             return None
         try:
             stamp = self.store.local_stamp()
@@ -279,9 +339,21 @@ class RefreshEngine:
         except Exception as exc:
             raise self.unexpected(exc, "getting a token for the request") from exc
         tokens, version, fresh_until = self._cache
-        if stamp is NOT_LOCAL or stamp != version or time.time() >= fresh_until:
+        if stamp is NOT_LOCAL or stamp != version or self._clock.wall() >= fresh_until:
             return None
         return tokens.access_token
+
+    def resend_at_hand(self, failed: Secret, offered: Secret | None = None) -> Secret | None:
+        """After ``failed`` got a 401: a token to re-send with that needs no wait, else None
+        (ask :meth:`after_401`, from a worker thread on an event loop).
+
+        ``offered``: what another caller's :meth:`after_401` just returned, if anything. It,
+        or the FRESH token, answers only if it is not the one that failed.
+        """
+        if other_than(offered, failed):
+            return offered
+        token = self.fresh_token()
+        return token if other_than(token, failed) else None
 
     def valid_tokens(self) -> TokenSet:
         """The tokens with the access token the next request would send."""
@@ -291,10 +363,11 @@ class RefreshEngine:
     def after_401(self, failed: Secret) -> Secret | None:
         """The token to re-send with after ``failed`` got a 401, or None to return the 401."""
         with self._guard("recovering from a 401"):
+            need = Need.after_401(failed)
             current = self._sync()  # another thread may have moved on already
-            if self._answers(current, failed):
+            if self._answers(current, need):
                 return current.access_token
-            tokens = self._single_flight(failed, "401", mandatory=True)
+            tokens = self._single_flight(need)
             return None if tokens is None else tokens.access_token
 
     def refresh(self, *, force: bool = True) -> TokenSet:
@@ -305,9 +378,8 @@ class RefreshEngine:
         or one refreshed less than ``min_token_age`` ago, is returned and nothing is spent.
         """
         with self._guard("refreshing"):
-            failed = None if force else self._sync().access_token
-            reason = "forced" if force else "requested"
-            tokens = self._single_flight(failed, reason, mandatory=True, force=force)
+            need = Need.forced_refresh() if force else Need.requested(self._sync().access_token)
+            tokens = self._single_flight(need)
             return self.tokens if tokens is None else tokens
 
     # -- before a request ------------------------------------------------------------------
@@ -315,14 +387,15 @@ class RefreshEngine:
     def _current(self) -> TokenSet:
         tokens = self._sync()
         cached, _, fresh_until = self._cache
-        if tokens is cached and time.time() < fresh_until:
+        now = self._clock.wall()
+        if tokens is cached and now < fresh_until:
             return tokens  # FRESH, the common case: one comparison
-        state = tokens.freshness(self.refresh_margin)
+        state = tokens.freshness(self._refresh_margin, now)
         if state is Freshness.FRESH:
             return tokens
         if state is Freshness.STALE:
             return self._refresh_ahead(tokens)
-        refreshed = self._single_flight(None, "expired", mandatory=True)
+        refreshed = self._single_flight(Need.expired())
         assert refreshed is not None  # only a 401 can end without tokens
         return refreshed
 
@@ -354,7 +427,7 @@ class RefreshEngine:
         elif tokens.expires_at is None:
             fresh_until = math.inf  # an unknown expiry counts as valid until its 401
         else:
-            fresh_until = tokens.expires_at - tokens.margin(self.refresh_margin)
+            fresh_until = tokens.expires_at - tokens.margin(self._refresh_margin)
         self._cache = (tokens, version, fresh_until)
         return tokens
 
@@ -364,35 +437,36 @@ class RefreshEngine:
         Unsaved tokens come first: they are the newest link of the chain, and saving them is
         retried now and then.
         """
-        unsaved = self._unsaved
-        if unsaved is not None and not self._retry_persist():
-            return unsaved[0]
+        held = self._unsaved.held
+        if held is not None and not self._retry_persist():
+            return held[0]
         tokens, version, _ = self._cache
         if self.store.stamp() != version:
             tokens = self._keep(*self.store.load())
-            log.debug("store changed; picked up %s", tokens.describe())
+            log.debug("store changed; picked up %s", tokens)
         return tokens
 
     def _refresh_ahead(self, tokens: TokenSet) -> TokenSet:
         """STALE: the current token still works, so never fail, and wait only briefly for a
         peer that is refreshing now."""
-        if time.monotonic() < self._advisory_retry_at:
+        clock = self._clock
+        if clock.monotonic() < self._advisory_retry_at:
             return tokens  # a recent attempt failed; don't hammer the endpoint
         try:
             # A peer refreshing now will kill this token (ML does not say the old one lives
             # on): wait briefly for its token rather than send this one into a 401.
-            left = tokens.expires_in() or 0.0
-            if time.monotonic() >= self._peer_wait_after and not self.store.wait_unlocked(
+            left = tokens.expires_in(clock.wall()) or 0.0
+            if clock.monotonic() >= self._peer_wait_after and not self.store.wait_unlocked(
                 min(STALE_PEER_WAIT, left / 2)
             ):
                 # Still refreshing (a slow endpoint, a dead holder): use the current token,
                 # and do not wait again for a while; every request would pay the wait.
-                self._peer_wait_after = time.monotonic() + min(ADVISORY_RETRY_DELAY, left / 4)
+                self._peer_wait_after = clock.monotonic() + min(ADVISORY_RETRY_DELAY, left / 4)
                 return tokens
             current = self._sync()
-            if current.freshness(self.refresh_margin) is Freshness.FRESH:
+            if current.freshness(self._refresh_margin, clock.wall()) is Freshness.FRESH:
                 return current
-            refreshed = self._single_flight(None, "ahead of expiry", mandatory=False)
+            refreshed = self._single_flight(Need.ahead())
         except LockTimeoutError:
             log.debug("another process is refreshing; sending the current token meanwhile")
             return tokens
@@ -403,8 +477,8 @@ class RefreshEngine:
                 else self.unexpected(caught, "refreshing ahead of expiry")
             )
             scrub(exc, self._known())
-            left = tokens.expires_in() or 0.0
-            self._advisory_retry_at = time.monotonic() + min(ADVISORY_RETRY_DELAY, left / 4)
+            left = tokens.expires_in(clock.wall()) or 0.0
+            self._advisory_retry_at = clock.monotonic() + min(ADVISORY_RETRY_DELAY, left / 4)
             bad = isinstance(exc, (InvalidGrantError, UnexpectedError))
             level = logging.ERROR if bad else logging.WARNING
             log.log(level, "refresh ahead of expiry failed; using the current token: %s", exc)
@@ -413,39 +487,20 @@ class RefreshEngine:
 
     # -- the single flight -----------------------------------------------------------------
 
-    def _answers(self, tokens: TokenSet, failed: Secret | None) -> bool:
-        """Whether ``tokens`` already meet the need, so no refresh token is spent.
+    def _answers(self, tokens: TokenSet, need: Need) -> bool:
+        """Whether ``tokens`` already meet ``need`` (:func:`mlauth.decide.answers`)."""
+        return answers(tokens, need, self._clock.wall(), self._refresh_margin)
 
-        After a 401 the failed token never does; another only while FRESH: after a long wait
-        for the lock, a peer's token may be near expiry, and the re-sent request would meet a
-        second 401. A token a peer refreshed moments ago is far from it.
-        """
-        if tokens.access_token is None or tokens.access_token == failed:
-            return False
-        return tokens.freshness(self.refresh_margin) is Freshness.FRESH
-
-    def _young(self, tokens: TokenSet) -> bool:
-        """Refreshed so recently that a 401 on it cannot be expiry (the genuine-401 rule)."""
-        age = tokens.age()
-        if age is None:
-            return False
-        lifetime = tokens.lifetime
-        window = self.min_token_age
-        if lifetime is not None:
-            window = min(window, lifetime * MAX_MARGIN_SHARE)
-        return 0 <= age < window
-
-    def _single_flight(
-        self, failed: Secret | None, reason: str, *, mandatory: bool, force: bool = False
-    ) -> TokenSet | None:
+    def _single_flight(self, need: Need) -> TokenSet | None:
         """Refresh at most once for all threads and processes; return the tokens to use.
 
-        Not ``mandatory`` (STALE): neither lock is waited for; None means another thread holds
-        the mutex, LockTimeoutError that another process holds the lock. Mandatory: None
-        means ``failed`` got a genuine 401.
+        Not ``need.mandatory`` (STALE): neither lock is waited for; None means another thread
+        holds the mutex, LockTimeoutError that another process holds the lock. Mandatory:
+        None means ``need.failed`` got a genuine 401.
         """
-        if mandatory and not force:
-            adopted = self._await_peer(failed)
+        mandatory = need.mandatory
+        if mandatory and not need.forced:
+            adopted = self._await_peer(need)
             if adopted is not None:
                 return adopted
         if not self._mutex.acquire(mandatory, self._mutex_timeout if mandatory else -1):
@@ -457,21 +512,23 @@ class RefreshEngine:
                 lock_path="<in-process>",
             )
         try:
-            tokens, spent = self._turn(failed, reason, mandatory=mandatory, force=force)
+            tokens, spent = self._turn(need)
         finally:
             self._mutex.release()
         if spent:
             self._notify(tokens)  # outside both locks: a slow callback stalls nobody
         return tokens
 
-    def _await_peer(self, failed: Secret | None) -> TokenSet | None:
+    def _await_peer(self, need: Need) -> TokenSet | None:
         """Wait for a process holding the lock to let go, and adopt the token it saved.
 
         A holder is most likely refreshing this very token. Waiting for it without queueing
-        for the lock (every waiter of every process wakes at once, none polls) and re-reading
-        the store is all most waiters need; the lock is taken only if that is not enough.
-        Before the mutex: the threads of a process share one wait. Returns at once if the
-        lock is free.
+        for the lock (every waiter of every process wakes at once, none polls) and looking
+        at the store's stamp is all most waiters need: one ``load()``, only if the stamp
+        changed. A store whose stamp is coarse makes its next stamp a real look when its
+        ``wait_unlocked`` returns (the store contract). The lock is taken only if that is
+        not enough. Before the mutex: the threads of a process share one wait. Returns at
+        once if the lock is free.
         """
         # As long as a thread of ours would wait for the mutex: the holder may be one.
         if not self.store.wait_unlocked(self._mutex_timeout):
@@ -485,58 +542,59 @@ class RefreshEngine:
                     lock_path=exc.lock_path,
                 ) from None
         tokens = self._sync()
-        if not self._answers(tokens, failed) and self._unsaved is None:
-            # A store whose stamp is rate-limited (Redis) may not show the change yet.
-            tokens = self._keep(*self.store.load())
-        if not self._answers(tokens, failed):
+        if not self._answers(tokens, need):
             return None
         log.debug("adopted a token refreshed by %s without the lock", tokens.refreshed_by)
         return tokens
 
-    def _turn(
-        self, failed: Secret | None, reason: str, *, mandatory: bool, force: bool
-    ) -> tuple[TokenSet | None, bool]:
+    def _turn(self, need: Need) -> tuple[TokenSet | None, bool]:
         """One thread's turn under the mutex: (tokens to use, whether it spent a token)."""
         current = self._sync()
-        if not force and self._answers(current, failed):
+        if self._answers(current, need):
             return current, False  # a thread of ours refreshed while we waited
-        with self.store.refresh(self.lock_timeout if mandatory else 0.0) as txn:
+        with self.store.refresh(self.lock_timeout if need.mandatory else 0.0) as txn:
+            tokens = self._settle(txn)
+            found = need.found(tokens)  # a forced refresh spends what it found here
             for _ in range(2):  # a second round only after a lock-free writer rotated it
-                tokens = self._settle(txn)
-                if not force and self._answers(tokens, failed):
+                decision = decide(
+                    tokens,
+                    found,
+                    self._clock.wall(),
+                    refresh_margin=self._refresh_margin,
+                    min_token_age=self.min_token_age,
+                )
+                if decision is Decision.ADOPT:
                     log.debug(
                         "adopted a token refreshed by %s (%s)",
                         tokens.refreshed_by,
-                        tokens.describe(),
+                        tokens,
                     )
                     return tokens, False
-                if not force and failed is not None and self._young(tokens):
+                if decision is Decision.RETURN_401:
                     log.debug("401 on a token refreshed %.1fs ago: not an expiry", tokens.age())
                     return None, False
-                new = self._spend(txn, tokens, reason, mandatory=mandatory)
+                new = self._spend(txn, tokens, found)
                 if new is not None:
                     return new, True
-                force = False  # what a peer rotated is as good as what we would have
+                tokens = self._settle(txn)  # what the lock-free writer left
         raise RefreshError(
             "a process that takes no lock rotated the refresh token twice during this refresh; "
             "nothing more was sent. Stop it, or make it use mlauth (docs/legacy.md)"
         )
 
-    def _spend(
-        self, txn: RefreshTransaction, tokens: TokenSet, reason: str, *, mandatory: bool
-    ) -> TokenSet | None:
+    def _spend(self, txn: RefreshTransaction, tokens: TokenSet, need: Need) -> TokenSet | None:
         """Spend the refresh token and commit its successor; None if the store moved on."""
         spent = self._spendable(tokens.refresh_token)
-        if mandatory:
-            self._failures.check(spent)
+        if need.mandatory:
+            self._failures.check(spent, self._clock.monotonic())
         txn.begin(spent)  # writable? known dead? the intent on disk before the POST
         # Expiry counts from just before the first POST, not from the answer, nor from before
         # the store's check (an fsync, or a Redis round trip, that can take a good part of a
         # second under load).
-        started = time.time()
+        started = self._clock.wall()
         # A token possibly spent by a dead or failed refresher is tried exactly once, and so
         # is the STALE path's, which must not hold up its own request.
-        once = not mandatory or txn.possibly_spent is not None
+        once = not need.mandatory or txn.possibly_spent is not None
         try:
             answer = self._endpoint.refresh(
                 spent,
@@ -550,8 +608,8 @@ class RefreshEngine:
             if isinstance(exc, InvalidGrantError) and self._rotated_outside(txn, spent):
                 return None
             error = txn.abort(spent, exc)
-            if mandatory or isinstance(error, InvalidGrantError):  # one STALE try says little
-                self._failures.remember(spent, error)
+            if need.mandatory or isinstance(error, InvalidGrantError):  # one STALE try says little
+                self._failures.remember(spent, error, self._clock.monotonic())
             if error is exc:
                 raise
             raise error from None
@@ -561,7 +619,7 @@ class RefreshEngine:
                 "keeping the current one"
             )
         new = TokenSet.from_answer(answer, spent, started, refreshed_by=this_process())
-        committed = self._commit(txn, new, base=self._base(spent), reason=reason)
+        committed = self._commit(txn, new, spent, reason=need.reason)
         if committed.access_token is None:
             # Saved: the next refresh spends the new refresh token, never the old one.
             raise RefreshError(
@@ -589,32 +647,30 @@ class RefreshEngine:
         """After invalid_grant: whether a writer that takes no lock (a legacy script) rotated
         the token meanwhile; its tokens are then adopted."""
         stored = txn.reload()
-        if stored.refresh_token is None or stored.refresh_token in (spent, self._base(spent)):
+        if stored.refresh_token is None or stored.refresh_token in (
+            spent,
+            self._unsaved.base(spent),
+        ):
             return False
         log.info("refresh token was rotated outside the lock; adopting the new one")
         self._keep(stored, txn.version)
-        self._unsaved = None
+        self._unsaved.held = None
         return True
 
-    def _base(self, spent: Secret) -> Secret:
-        """What the store holds: the spent token, or (while ours are unsaved) an older one."""
-        unsaved = self._unsaved
-        return unsaved[1] if unsaved is not None else spent
-
     def _commit(
-        self, txn: RefreshTransaction, new: TokenSet, *, base: Secret, reason: str
+        self, txn: RefreshTransaction, new: TokenSet, spent: Secret, *, reason: str
     ) -> TokenSet:
-        """Persist ``new`` before anything uses it: the old refresh token is dead."""
+        """Persist ``new``, which follows ``spent``, before anything uses it: the old refresh
+        token is dead."""
         try:
             version = txn.commit(new)
         except StaleCommitError as exc:  # our lock lapsed and a peer committed since
             tokens = self._keep(txn.reload(), txn.version)
-            self._unsaved = None
+            self._unsaved.held = None
             log.warning("%s; using %s", exc, tokens.describe())
             return tokens
         except Exception as exc:  # noqa: BLE001 (whatever failed, `new` is the live link)
-            self._unsaved = (new, base)
-            self._persist_retry_at = time.monotonic() + PERSIST_RETRY_DELAY
+            self._unsaved.keep(new, self._unsaved.base(spent), self._clock.monotonic())
             kept = (
                 f"{txn.answer_kept} holds them for any process that takes the lock"
                 if txn.answer_kept
@@ -631,57 +687,38 @@ class RefreshEngine:
             )
             return new
         self._keep(new, version)
-        self._unsaved = None
-        log.info(
-            "refreshed MercadoLibre token (%s) in pid %d: %s", reason, os.getpid(), new.describe()
-        )
+        self._unsaved.held = None
+        log.info("refreshed MercadoLibre token (%s) in pid %d: %s", reason, os.getpid(), new)
         return new
 
     # -- tokens whose save failed ------------------------------------------------------------
 
     def _settle(self, txn: RefreshTransaction) -> TokenSet:
-        """The tokens to decide on, under the lock: the store's, after saving unsaved ones.
-
-        Unsaved tokens are written only over the refresh token they replaced (compare and
-        set). If the store holds anything else, either our save landed after all (or the
-        journal's replay wrote them) or a peer moved the chain on: the store's tokens win.
-        """
+        """The tokens to decide on, under the lock: the store's, after saving unsaved ones
+        over the refresh token they replaced (:meth:`_Unsaved.settle`)."""
         unsaved = self._unsaved
-        if unsaved is None:
-            return self._keep(txn.tokens, txn.version)
-        tokens, base = unsaved
-        try:
-            if txn.tokens.refresh_token == base:
-                txn.settle(tokens)
-                log.info("saved the refreshed tokens to %s at last", self.store.location)
-            elif txn.tokens.refresh_token != tokens.refresh_token:
-                log.warning(
-                    "%s moved on while our tokens were unsaved; using its tokens",
-                    self.store.location,
-                )
-        except Exception as exc:  # noqa: BLE001 (keep the live link in memory, whatever failed)
-            log.error("still cannot save refreshed tokens to %s: %s", self.store.location, exc)
-            return tokens
-        self._unsaved = None
-        return self._keep(txn.tokens, txn.version)
+        held = None if unsaved.held is None else unsaved.settle(txn, self.store.location)
+        return held if held is not None else self._keep(txn.tokens, txn.version)
 
     def _retry_persist(self) -> bool:
         """Now and then, try again to save unsaved tokens, without waiting for any lock.
 
         Returns whether they are settled; False keeps using them from memory.
         """
-        if time.monotonic() < self._persist_retry_at or not self._mutex.acquire(blocking=False):
-            return self._unsaved is None
+        unsaved = self._unsaved
+        now = self._clock.monotonic()
+        if not unsaved.due(now) or not self._mutex.acquire(blocking=False):
+            return unsaved.held is None
         try:
-            self._persist_retry_at = time.monotonic() + PERSIST_RETRY_DELAY
-            if self._unsaved is not None:
+            unsaved.postpone(now)
+            if unsaved.held is not None:
                 with self.store.refresh(0.0) as txn:
                     self._settle(txn)
         except MLAuthError as exc:  # the lock is busy or cannot be opened: try again later
             log.debug("could not retry saving the refreshed tokens yet: %s", exc)
         finally:
             self._mutex.release()
-        return self._unsaved is None
+        return unsaved.held is None
 
     # -- the edges ---------------------------------------------------------------------------
 
@@ -720,7 +757,8 @@ class RefreshEngine:
         """The client secret and every token this process holds, to mask in the text of
         errors it raises or logs (which may quote a server's answer or someone's exception)."""
         known: list[Secret | None] = list(self._secrets)
-        for tokens in (self._cache[0], self._unsaved[0] if self._unsaved else None):
+        held = self._unsaved.held
+        for tokens in (self._cache[0], held[0] if held is not None else None):
             if tokens is not None:
                 known += [tokens.access_token, tokens.refresh_token]
         return known

@@ -31,6 +31,7 @@ __all__ = [
     "StoreError",
     "StoreMovedError",
     "UnexpectedError",
+    "as_client_error",
     "masked",
     "scrub",
     "sealed",
@@ -199,3 +200,68 @@ class UnexpectedError(MLAuthError):
 
 class InvalidGrantError(RefreshError):
     """The refresh token is dead (used, expired or revoked): the seller must authorize again."""
+
+
+# -- errors that are also an HTTP client's -------------------------------------------------
+# Raised while a request is being sent, an mlauth error is one of the HTTP client's errors as
+# much as ours: httpx's code catches httpx.HTTPError. Its class is made here, at run time,
+# from the client's error class handed in, so this module imports no HTTP client.
+
+_flavours: dict[tuple[type[MLAuthError], type[Exception]], type[MLAuthError]] = {}
+# Per made class: the instance keys the client's fields were stored under (httpx keeps
+# ``.request`` as ``_request``), which a pickle or a copy to another process leaves out.
+_client_keys: dict[type[MLAuthError], frozenset[str]] = {}
+
+
+def _reduce_to_plain(error: MLAuthError) -> tuple[Any, ...]:
+    """Pickle a made error as the plain mlauth error, without the client's fields.
+
+    Its class is made at run time, so pickle could not find it by name; and httpx's request
+    carries the ``Authorization`` header, which must not travel to a pool's parent or a broker.
+    """
+    plain = type(error).__mro__[1]
+    dropped = _client_keys.get(type(error), frozenset())
+    state = {key: value for key, value in vars(error).items() if key not in dropped}
+    return (rebuilt, (plain, error.args, state))
+
+
+def _copy(error: MLAuthError, memo: object = None) -> MLAuthError:
+    """copy.copy and copy.deepcopy keep the made class and the client's fields, which the
+    pickling rule above drops."""
+    return rebuilt(type(error), error.args, vars(error))
+
+
+def _flavoured(cls: type[MLAuthError], base: type[Exception]) -> type[MLAuthError]:
+    """``cls`` that is also a ``base``, named and shown as ``cls``."""
+    made = _flavours.get((cls, base))
+    if made is None:
+        namespace = {
+            "__module__": cls.__module__,
+            "__qualname__": cls.__qualname__,
+            "__doc__": cls.__doc__,
+            "__reduce__": _reduce_to_plain,
+            "__copy__": _copy,
+            "__deepcopy__": _copy,
+        }
+        made = type(cls.__name__, (cls, base), namespace)
+        _flavours[(cls, base)] = made  # one class per pair; a race makes two, no harm
+    return made
+
+
+def as_client_error(exc: MLAuthError, base: type[Exception], **fields: object) -> MLAuthError:
+    """The same error, also catchable as ``base`` (an HTTP client's error class), with the
+    client's ``fields`` set (httpx's ``request``: the API request that failed, never the
+    token POST). Raise it ``from exc.__cause__``: an :class:`UnexpectedError` keeps its
+    original there. Pickled, it is the plain error without those fields.
+    """
+    cls = _flavoured(type(exc), base)
+    # Not cls(...): each error class has its own constructor. OSError (the base of requests'
+    # errors) takes its args in __init__ when a subclass has one, so they are set here.
+    converted = cls.__new__(cls)
+    converted.args = exc.args
+    converted.__dict__.update(exc.__dict__)
+    before = set(vars(converted))
+    for name, value in fields.items():
+        setattr(converted, name, value)
+    _client_keys[cls] = _client_keys.get(cls, frozenset()) | (set(vars(converted)) - before)
+    return converted.with_traceback(exc.__traceback__)

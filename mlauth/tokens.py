@@ -190,10 +190,14 @@ class TokenSet:
             return None
         return (time.time() if now is None else now) - self.refreshed_at
 
-    def describe(self) -> str:
+    def describe(self, now: float | None = None) -> str:
         """A loggable summary: fingerprints and times, never a token."""
         access = self.access_token.fingerprint if self.access_token else "<none>"
         refresh = self.refresh_token.fingerprint if self.refresh_token else "<none>"
-        left = self.expires_in()
+        left = self.expires_in(now)
         expiry = "unknown expiry" if left is None else f"expires in {left:.0f}s"
         return f"access={access} refresh={refresh} {expiry}"
+
+    def __str__(self) -> str:
+        # A log call given the tokens formats them only if the record is emitted.
+        return self.describe()

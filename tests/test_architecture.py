@@ -12,6 +12,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "mlauth"
 # The modules a refresh runs through, from the adapter down to the disk or Redis.
 REFRESH_PATH = [
     "engine.py",
+    "decide.py",
     "endpoint.py",
     "answers.py",
     "tokens.py",

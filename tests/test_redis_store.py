@@ -14,12 +14,14 @@ import redis
 import requests
 
 import mlauth
+from mlauth import Secret
 from mlauth.cli.migrate import migrate_to_redis
 from mlauth.stores import store_from_env
 from mlauth.stores.envfile import STORE_KEY, TOKEN_KEYS, read_env_file, update_env_file
 from mlauth.stores.redis import RedisStore, redact_url
 from mlauth.testing import FakeMercadoLibre
 from mlauth.testing.redis_server import RedisServer
+from mlauth.tokens import TokenSet
 
 
 def redis_env(
@@ -491,3 +493,20 @@ def test_wait_unlocked_returns_when_the_holder_lets_go_without_taking_the_lock(
     thread.join()
     with waiter.lock(0.0):  # it never took the lock: free for the next taker at once
         pass
+
+
+def test_the_first_stamp_after_wait_unlocked_is_a_real_look(redis_server: RedisServer) -> None:
+    # The engine's waiter adopts what the lock's holder saved only through the stamp (it
+    # loads only when the stamp changed): a coarse stamp must look again once the lock is free.
+    waiter = RedisStore(redis_server.url, key="k", check_interval=3600.0)
+    writer = RedisStore(redis_server.url, key="k")
+    first = TokenSet(Secret("APP_USR-fake-1"), Secret("TG-fake-1"))
+    with writer.lock(5):
+        writer.save(first, replaces=None)
+    _, before = waiter.load()
+    with writer.lock(5):
+        writer.save(TokenSet(Secret("APP_USR-fake-2"), Secret("TG-fake-2")), replaces=before)
+    assert waiter.stamp() == before  # coarse: no look for an hour on its own
+    assert waiter.wait_unlocked(5.0) is True
+    assert waiter.stamp() != before
+    assert waiter.load()[0].access_token == Secret("APP_USR-fake-2")

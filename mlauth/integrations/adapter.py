@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TypeVar
 
 from mlauth.config import (
@@ -244,6 +244,25 @@ class AuthAdapter:
     @on_refresh.setter
     def on_refresh(self, callback: Callable[[TokenSet], None] | None) -> None:
         self._engine.on_refresh = callback
+
+    def _allows(self, url: Any) -> bool:
+        """Whether the token goes to ``url`` (as the HTTP client parsed it, if it did)."""
+        return self._hosts.allows(url)
+
+    def _failed_token(
+        self, status_code: int, url: Any, headers: Mapping[str, str | bytes]
+    ) -> Secret | None:
+        """The token a response to ``url``, sent with ``headers``, answered with a 401, if
+        that 401 is ours to handle; else None.
+
+        The one gate of every adapter: a 401 (403 is about permissions, never about expiry),
+        from a host we send the token to (hooks and flows see every redirect hop, and another
+        host's 401 is none of our business), on a request that carried our bearer token (one
+        whose header the client stripped on a redirect did not). Whether that token is still
+        the one in use is the engine's question."""
+        if status_code != 401 or not self._allows(url):
+            return None
+        return bearer(headers.get("Authorization"))
 
     def handles(self, url: str) -> bool:
         """Whether a request to ``url`` would carry the token (an allowed host, https)."""

@@ -29,10 +29,10 @@ import httpx
 from anyio.lowlevel import RunVar
 
 from mlauth.engine import RefreshEngine
-from mlauth.errors import MLAuthError, rebuilt
+from mlauth.errors import MLAuthError, as_client_error, rebuilt
 from mlauth.secret import Secret
 
-from .adapter import AuthAdapter, bearer, warn_not_resent
+from .adapter import AuthAdapter, warn_not_resent
 
 try:  # private, and only used to tell whether a multipart body can be sent again
     from httpx._multipart import FileField, MultipartStream
@@ -84,60 +84,13 @@ def _seekable(file: object) -> bool:
         return False
 
 
-_http_error_classes: dict[type[MLAuthError], type[MLAuthError]] = {}
-
-
-def _reduce_to_plain(error: MLAuthError) -> tuple[Any, ...]:
-    """Pickle an httpx-flavoured error as the plain mlauth error, without ``.request``.
-
-    Its class is made at run time, so pickle could not find it by name; and the request
-    carries the ``Authorization`` header, which must not travel to a pool's parent or a broker.
-    """
-    plain = type(error).__mro__[1]
-    state = {key: value for key, value in vars(error).items() if key != "_request"}
-    return (rebuilt, (plain, error.args, state))
-
-
-def _copy(error: MLAuthError, memo: object = None) -> MLAuthError:
-    """copy.copy and copy.deepcopy keep the httpx-flavoured class and ``.request``, which the
-    pickling rule above drops."""
-    return rebuilt(type(error), error.args, vars(error))
-
-
-def _http_error_class(cls: type[MLAuthError]) -> type[MLAuthError]:
-    """``cls`` that is also an :class:`httpx.HTTPError`, named and shown as ``cls``."""
-    made = _http_error_classes.get(cls)
-    if made is None:
-        namespace = {
-            "__module__": cls.__module__,
-            "__qualname__": cls.__qualname__,
-            "__doc__": cls.__doc__,
-            "__reduce__": _reduce_to_plain,
-            "__copy__": _copy,
-            "__deepcopy__": _copy,
-        }
-        made = type(cls.__name__, (cls, httpx.HTTPError), namespace)
-        _http_error_classes[cls] = made  # one class per error class; a race makes two, no harm
-    return made
-
-
 def _as_http_error(exc: MLAuthError, request: httpx.Request) -> MLAuthError:
     """The same error, also catchable as :class:`httpx.HTTPError`, with ``.request`` set.
 
-    Raised while a request was being sent, it is one of httpx's errors as much as ours: an
-    ``except httpx.HTTPError`` around a call catches it, ``except httpx.TransportError``
-    (which retry helpers use) does not. Raise it ``from exc.__cause__``: an
-    :class:`~mlauth.UnexpectedError` keeps its original there.
+    An ``except httpx.HTTPError`` around a call catches it, ``except httpx.TransportError``
+    (which retry helpers use) does not (:func:`mlauth.errors.as_client_error`).
     """
-    cls = _http_error_class(type(exc))
-    # Not cls(...): each error class has its own constructor. OSError (the base of requests'
-    # errors) takes its args in __init__ when a subclass has one, so they are set here.
-    converted = cls.__new__(cls)
-    converted.args = exc.args
-    converted.__dict__.update(exc.__dict__)
-    # httpx.HTTPError.request: the API request that failed, never the token POST.
-    cast(Any, converted).request = request
-    return converted.with_traceback(exc.__traceback__)
+    return as_client_error(exc, httpx.HTTPError, request=request)
 
 
 class _Hops:
@@ -157,9 +110,9 @@ class _Hops:
         # or the error it raised.
         self.outcome: Secret | MLAuthError | None = None
 
-    def settled(self, before: int, failed: Secret | None) -> Secret | None:
+    def settled(self, before: int) -> Secret | None:
         """What a trip that ended while this task waited (``done`` moved past ``before``)
-        brought back, if it answers this task too: a token other than ``failed``, or its
+        brought back: a token (whether it answers this task is the engine's to say), or its
         error raised again. None: look for yourself."""
         if self.done == before:
             return None
@@ -167,7 +120,7 @@ class _Hops:
         if isinstance(outcome, MLAuthError):
             # A copy per task: one exception raised in several tasks would mix tracebacks.
             raise rebuilt(type(outcome), outcome.args, vars(outcome)) from outcome.__cause__
-        return outcome if outcome != failed else None
+        return outcome
 
     async def trip(self, call: Callable[..., Secret | None], *args: Any) -> Secret | None:
         """``call(*args)`` in a worker thread; its outcome is kept for the tasks queued."""
@@ -224,19 +177,6 @@ class HttpxAuth(AuthAdapter, httpx.Auth):
         error = self._engine.unexpected(exc, "sending a request through httpx")
         raise _as_http_error(error, request) from exc
 
-    def _failed_token(self, response: httpx.Response) -> Secret | None:
-        """The token a 401 answered, if it is ours to handle; else None.
-
-        ``response.request`` is the last hop's: after a redirect to another host httpx has
-        stripped our header, and that host's 401 is none of our business.
-        """
-        if response.status_code != 401:
-            return None  # 403 is about permissions, never about expiry
-        sent = response.request
-        if not self._allows(sent.url):
-            return None
-        return bearer(sent.headers.get("Authorization"))
-
     def _resend(
         self, request: httpx.Request, rewind: Callable[[], None] | None, new: Secret | None
     ) -> bool:
@@ -266,7 +206,12 @@ class HttpxAuth(AuthAdapter, httpx.Auth):
         # Replaces whatever the caller set: legacy code passes stale headers.
         request.headers["Authorization"] = f"Bearer {token.reveal()}"
         response = yield request
-        failed = self._failed_token(response)
+        if response.status_code != 401:
+            return  # most answers: one comparison here, not a call into the gate
+        # response.request is the last hop's: after a redirect to another host httpx has
+        # stripped our header.
+        sent = response.request
+        failed = self._failed_token(response.status_code, sent.url, sent.headers)
         if failed is None:
             return
         try:
@@ -293,7 +238,12 @@ class HttpxAuth(AuthAdapter, httpx.Auth):
             self._fail(exc, request)
         request.headers["Authorization"] = f"Bearer {token.reveal()}"
         response = yield request
-        failed = self._failed_token(response)
+        if response.status_code != 401:
+            return  # most answers: one comparison here, not a call into the gate
+        # response.request is the last hop's: after a redirect to another host httpx has
+        # stripped our header.
+        sent = response.request
+        failed = self._failed_token(response.status_code, sent.url, sent.headers)
         if failed is None:
             return
         try:
@@ -309,7 +259,7 @@ class HttpxAuth(AuthAdapter, httpx.Auth):
         hops = _hops(self._engine)
         before = hops.done
         async with hops.lock:
-            token = hops.settled(before, None) or self._engine.fresh_token()
+            token = hops.settled(before) or self._engine.fresh_token()
             if token is None:
                 token = await hops.trip(self._engine.token_for_request)
             assert token is not None  # token_for_request always returns one
@@ -320,10 +270,10 @@ class HttpxAuth(AuthAdapter, httpx.Auth):
         hops = _hops(self._engine)
         before = hops.done
         async with hops.lock:
-            # What after_401 answers first, without a trip: a FRESH token that is not the one
-            # that failed (another task's trip, or a peer, has moved on already).
-            token = hops.settled(before, failed) or self._engine.fresh_token()
-            if token is not None and token != failed:
+            # What after_401 answers first, without a trip: another task's trip, or a peer,
+            # may have moved on already.
+            token = self._engine.resend_at_hand(failed, hops.settled(before))
+            if token is not None:
                 return token
             return await hops.trip(self._engine.after_401, failed)
 

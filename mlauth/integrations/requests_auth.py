@@ -17,7 +17,7 @@ import requests
 from requests.cookies import extract_cookies_to_jar
 from requests.utils import rewind_body
 
-from .adapter import AuthAdapter, bearer, warn_not_resent
+from .adapter import AuthAdapter, warn_not_resent
 
 __all__ = ["MLAuth"]
 
@@ -61,13 +61,10 @@ class MLAuth(AuthAdapter, requests.auth.AuthBase):
 
     def _handle_401(self, r: requests.Response, **kwargs: Any) -> requests.Response:
         if r.status_code != 401:
-            return r  # 403 is about permissions, never about expiry
+            return r  # most answers: one comparison here, not a call into the gate
         request = r.request
-        # Hooks run on every redirect hop: another host's 401 is none of our business, and
-        # a request whose header requests stripped on a redirect did not carry our token.
-        if not self._hosts.allows(request.url):
-            return r
-        failed = bearer(request.headers.get("Authorization"))
+        # Hooks run on every redirect hop: the gate checks the hop's own URL and header.
+        failed = self._failed_token(r.status_code, request.url, request.headers)
         if failed is None:
             return r
         try:

@@ -73,6 +73,11 @@ class TokenStore(abc.ABC):
 
         Called before every request, so it must cost next to nothing (the ``.env`` store: one
         ``stat``); when it differs from the version :meth:`load` returned, a peer wrote.
+
+        A stamp may be coarse (Redis looks at most once a ``check_interval`` and reports
+        the version last seen in between); such a store makes the first stamp after
+        :meth:`wait_unlocked` returns True a real look, because a waiter adopts what the
+        lock's holder saved only through it (it loads only when the stamp changed).
         """
 
     def local_stamp(self) -> Hashable:
@@ -137,8 +142,10 @@ class TokenStore(abc.ABC):
     def wait_unlocked(self, timeout: float) -> bool:
         """Return once no process holds the refresh lock (True), or after ``timeout`` (False).
 
-        For a waiter that only needs the holder's outcome: it re-reads the store afterwards
-        instead of queueing for the lock. The default takes the lock and lets it go.
+        For a waiter that only needs the holder's outcome: it compares :meth:`stamp`
+        afterwards (and loads only if it changed) instead of queueing for the lock, so a store
+        with a coarse stamp must make its next stamp a real look before returning True. The
+        default takes the lock and lets it go.
         """
         try:
             with self.lock(timeout):

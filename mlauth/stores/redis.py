@@ -684,20 +684,24 @@ class RedisStore(TokenStore):
 
     def wait_unlocked(self, timeout: float) -> bool:
         """Poll (every 5 ms, like the lock) until nobody holds the refresh lock, without
-        taking it; False after ``timeout``. Redis has no blocking wait for a key to go."""
+        taking it; False after ``timeout``. Redis has no blocking wait for a key to go.
+
+        Its stamp is coarse (one look per ``check_interval``): once the lock is free, the
+        next :meth:`stamp` looks at Redis again, so a waiter sees what the holder saved (the
+        store contract, :meth:`~mlauth.stores.base.TokenStore.wait_unlocked`)."""
         deadline = time.monotonic() + max(timeout, 0.0)
         try:
-            if not self._client.exists(self.lock_key):
-                return True
-            log.debug(
-                "waiting for refresh lock %s at %s to be released", self.lock_key, self.location
-            )
+            if self._client.exists(self.lock_key):
+                log.debug(
+                    "waiting for refresh lock %s at %s to be released", self.lock_key, self.location
+                )
             while self._client.exists(self.lock_key):
                 if time.monotonic() >= deadline:
                     return False
                 time.sleep(POLL_INTERVAL)
         except RedisError as exc:
             raise self._unreachable(exc, "read the refresh lock at") from None
+        self._checked_at = -float("inf")  # the next stamp() is a real look
         return True
 
     # -- the lock --------------------------------------------------------------------------

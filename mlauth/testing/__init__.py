@@ -37,7 +37,9 @@ from collections.abc import Callable, Iterable, Mapping
 from types import TracebackType
 from typing import Any, Literal
 
-__all__ = ["FakeMercadoLibre"]
+from .memory import MemoryStore
+
+__all__ = ["FakeMercadoLibre", "MemoryStore"]
 
 log = logging.getLogger("mlauth.testing")
 

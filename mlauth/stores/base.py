@@ -281,7 +281,7 @@ class KeptAnswerRefresh(RefreshTransaction):
     a Redis hash): what is the same in all of them, the record and what an error says of it.
 
     A subclass names the place (:attr:`raw_place`, :attr:`raw_limit`) and writes the record
-    (:meth:`keep_raw`).
+    (:meth:`keep_raw`, which says where it went).
     """
 
     #: The largest body kept whole (a record over it keeps the answer's essentials).
@@ -292,8 +292,9 @@ class KeptAnswerRefresh(RefreshTransaction):
         """Where a raw answer is kept, for messages ("the refresh journal /srv/.env.journal")."""
         raise NotImplementedError
 
-    def keep_raw(self, record: dict[str, Any]) -> bool:
-        """Write the record durably; False (having logged an ERROR) if it could not be."""
+    def keep_raw(self, record: dict[str, Any]) -> str | None:
+        """Write the record durably and return where it is (:attr:`raw_place`); None (having
+        logged an ERROR) if it could not be written."""
         raise NotImplementedError
 
     def begin_login(self) -> None:
@@ -313,9 +314,10 @@ class KeptAnswerRefresh(RefreshTransaction):
             by=this_process(),
             limit=self.raw_limit,
         )
-        self._raw_kept = self.keep_raw(record)
-        if self._raw_kept:
-            self.answer_kept = self.raw_place
+        kept = self.keep_raw(record)
+        self._raw_kept = kept is not None
+        if kept is not None:
+            self.answer_kept = kept
 
     def raw_note(self, error: RefreshError, *, where: str, until: str) -> RefreshError:
         """``error``, told where the raw answer of the failed refresh is (if one came)."""

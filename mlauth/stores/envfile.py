@@ -597,6 +597,7 @@ class EnvFile(TokenStore):
             info = os.stat(self.path)
         except OSError:
             return None
+        stamp = self.writer.stamp_of(info)
         if getattr(self._held, "reading", None) is not None:
             # What the file holds now, without reading it back: _render proved every value
             # reads back as written and every other key as it was.
@@ -606,10 +607,8 @@ class EnvFile(TokenStore):
                     values.pop(key, None)
                 else:
                     values[key] = value
-            self._held.reading = Reading(
-                data.decode("utf-8"), values, info, self.writer.stamp_of(info)
-            )
-        return self.writer.stamp_of(info)
+            self._held.reading = Reading(data.decode("utf-8"), values, info, stamp)
+        return stamp
 
     # -- the lock --------------------------------------------------------------------------
 

@@ -549,6 +549,9 @@ def _replay(
     return newest, stamp, Recovery(replayed=newest)
 
 
+_RAW_PLACE = "the refresh journal {}"
+
+
 class JournaledRefresh(KeptAnswerRefresh):
     """The refresh transaction of a store with a journal: each step is on disk before the next.
 
@@ -569,11 +572,11 @@ class JournaledRefresh(KeptAnswerRefresh):
 
     @property
     def raw_place(self) -> str:
-        return f"the refresh journal {self.journal.where}"
+        return _RAW_PLACE.format(self.journal.where)
 
-    def keep_raw(self, record: dict[str, Any]) -> bool:
+    def keep_raw(self, record: dict[str, Any]) -> str | None:
         self._records = None
-        return self.journal.raw(record)
+        return _RAW_PLACE.format(self.journal.where) if self.journal.raw(record) else None
 
     def begin(self, spent: Secret) -> None:
         message = self.journal.reauthorization(spent)

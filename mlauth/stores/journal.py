@@ -381,10 +381,6 @@ class Journal:
         except OSError as exc:
             log.warning("could not remove the stale marker %s: %s", self.reauth_where, exc)
 
-    def reauthorization(self, stored: Secret | None) -> str | None:
-        """The re-authorization message if the marker names the stored refresh token."""
-        return self.reauthorization_from(self.marker(), stored)
-
     def reauthorization_from(
         self, data: dict[str, Any] | None, stored: Secret | None
     ) -> str | None:
@@ -579,7 +575,7 @@ class JournaledRefresh(KeptAnswerRefresh):
         return _RAW_PLACE.format(self.journal.where) if self.journal.raw(record) else None
 
     def begin(self, spent: Secret) -> None:
-        message = self.journal.reauthorization(spent)
+        message = self.journal.reauthorization_from(self.journal.marker(), spent)
         if message is not None:  # known dead: not sent again
             raise InvalidGrantError(f"not sent: {message}", status_code=400, error="invalid_grant")
         super().begin(spent)

@@ -515,7 +515,7 @@ class RefreshEngine:
             tokens, spent = self._turn(need)
         finally:
             self._mutex.release()
-        if spent:
+        if spent and self.on_refresh is not None:
             self._notify(tokens)  # outside both locks: a slow callback stalls nobody
         return tokens
 

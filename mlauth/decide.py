@@ -93,7 +93,7 @@ class Need:
 def other_than(token: Secret | None, failed: Secret | None) -> bool:
     """Whether ``token`` can be re-sent after ``failed`` got a 401: there is one, and it is
     not the one that failed. The one place this rule is written."""
-    return token is not None and token != failed
+    return token is not None and token is not failed and token != failed
 
 
 def answers(tokens: TokenSet, need: Need, now: float, refresh_margin: float) -> bool:

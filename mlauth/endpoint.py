@@ -260,7 +260,9 @@ class TokenEndpoint:
             },
             unsent=known,
         )
-        return self._call(form, attempts or self.max_attempts, before_attempt, on_answer=on_answer)
+        return self._series(
+            form, attempts or self.max_attempts, before_attempt, on_answer=on_answer
+        )
 
     def exchange_code(
         self,
@@ -287,7 +289,7 @@ class TokenEndpoint:
                 "code_verifier": code_verifier,  # left out when None
             }
         )
-        return self._call(
+        return self._series(
             form, self.max_attempts, before_attempt, what=_CODE_EXCHANGE, on_answer=on_answer
         )
 
@@ -302,59 +304,49 @@ class TokenEndpoint:
         """The longest one attempt can take: its connect plus its read timeout."""
         return sum(self.timeout) if isinstance(self.timeout, tuple) else 2 * self.timeout
 
-    def _call(
-        self,
-        form: SecretForm,
-        attempts: int,
-        before_attempt: Callable[[], None] | None = None,
-        *,
-        what: str = "token refresh",
-        on_answer: Callable[[bytes, float], None] | None = None,
-    ) -> TokenAnswer:
-        try:
-            return self._series(form, attempts, before_attempt, what, on_answer)
-        except RefreshError as exc:
-            _scrub(exc, form)
-            raise
-
     def _series(
         self,
         form: SecretForm,
         attempts: int,
         before_attempt: Callable[[], None] | None,
-        what: str,
+        *,
+        what: str = "token refresh",
         on_answer: Callable[[bytes, float], None] | None,
     ) -> TokenAnswer:
         failure = _Failure()
         give_up_at = time.monotonic() + self.budget
         attempt = 0
-        while True:
-            attempt += 1
-            if before_attempt is not None:
-                before_attempt()  # outside the try: its errors are not the endpoint's
-            answer = self._attempt(form, failure, what, on_answer)
-            if answer is not None:
-                return answer
-            delay = self._delay(attempt, failure.retry_after)
-            if attempt >= attempts:
-                break
-            if time.monotonic() + delay + self.attempt_time > give_up_at:
-                failure.stop = (
-                    f" (the server asked to wait {failure.retry_after:g}s; another attempt "
-                    f"after that would not end within the {self.budget:g}s retry budget)"
-                    if failure.retry_after is not None
-                    else f" (another attempt would not end within the {self.budget:g}s budget)"
+        try:
+            while True:
+                attempt += 1
+                if before_attempt is not None:
+                    before_attempt()  # outside the attempt: its errors are not the endpoint's
+                answer = self._attempt(form, failure, what, on_answer)
+                if answer is not None:
+                    return answer
+                delay = self._delay(attempt, failure.retry_after)
+                if attempt >= attempts:
+                    break
+                if time.monotonic() + delay + self.attempt_time > give_up_at:
+                    failure.stop = (
+                        f" (the server asked to wait {failure.retry_after:g}s; another attempt "
+                        f"after that would not end within the {self.budget:g}s retry budget)"
+                        if failure.retry_after is not None
+                        else f" (another attempt would not end within the {self.budget:g}s budget)"
+                    )
+                    break
+                log.debug(
+                    "token endpoint attempt %d/%d failed (%s); retrying in %.2fs",
+                    attempt,
+                    attempts,
+                    failure.last,
+                    delay,
                 )
-                break
-            log.debug(
-                "token endpoint attempt %d/%d failed (%s); retrying in %.2fs",
-                attempt,
-                attempts,
-                failure.last,
-                delay,
-            )
-            self._sleep(delay)
-        raise failure.error(what, attempt)
+                self._sleep(delay)
+            raise failure.error(what, attempt)
+        except RefreshError as exc:
+            _scrub(exc, form)  # whatever the server's words put in it (before_attempt's too)
+            raise
 
     def _attempt(
         self,

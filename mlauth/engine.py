@@ -363,9 +363,13 @@ class RefreshEngine:
     def after_401(self, failed: Secret) -> Secret | None:
         """The token to re-send with after ``failed`` got a 401, or None to return the 401."""
         with self._guard("recovering from a 401"):
-            need = Need.after_401(failed)
             current = self._sync()  # another thread may have moved on already
-            if self._answers(current, need):
+            held = current.access_token
+            # Most often the token held is the one that failed: the need then names this copy,
+            # so the checks before the locks find it by identity, and compare values only
+            # with what the store holds under the lock.
+            need = Need.after_401(held if held is not None and held == failed else failed)
+            if answers(current, need, self._clock.wall(), self._refresh_margin):
                 return current.access_token
             tokens = self._single_flight(need)
             return None if tokens is None else tokens.access_token
@@ -487,10 +491,6 @@ class RefreshEngine:
 
     # -- the single flight -----------------------------------------------------------------
 
-    def _answers(self, tokens: TokenSet, need: Need) -> bool:
-        """Whether ``tokens`` already meet ``need`` (:func:`mlauth.decide.answers`)."""
-        return answers(tokens, need, self._clock.wall(), self._refresh_margin)
-
     def _single_flight(self, need: Need) -> TokenSet | None:
         """Refresh at most once for all threads and processes; return the tokens to use.
 
@@ -515,7 +515,7 @@ class RefreshEngine:
             tokens, spent = self._turn(need)
         finally:
             self._mutex.release()
-        if spent:
+        if spent and self.on_refresh is not None:
             self._notify(tokens)  # outside both locks: a slow callback stalls nobody
         return tokens
 
@@ -542,16 +542,19 @@ class RefreshEngine:
                     lock_path=exc.lock_path,
                 ) from None
         tokens = self._sync()
-        if not self._answers(tokens, need):
+        if not answers(tokens, need, self._clock.wall(), self._refresh_margin):
             return None
         log.debug("adopted a token refreshed by %s without the lock", tokens.refreshed_by)
         return tokens
 
     def _turn(self, need: Need) -> tuple[TokenSet | None, bool]:
         """One thread's turn under the mutex: (tokens to use, whether it spent a token)."""
-        current = self._sync()
-        if self._answers(current, need):
-            return current, False  # a thread of ours refreshed while we waited
+        # A thread of ours that refreshed while we waited left its tokens here; a peer
+        # process's are read under the lock below, so the store's stamp is not asked again.
+        held = self._unsaved.held
+        current = held[0] if held is not None else self._cache[0]
+        if answers(current, need, self._clock.wall(), self._refresh_margin):
+            return current, False
         with self.store.refresh(self.lock_timeout if need.mandatory else 0.0) as txn:
             tokens = self._settle(txn)
             found = need.found(tokens)  # a forced refresh spends what it found here

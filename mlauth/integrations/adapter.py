@@ -48,7 +48,8 @@ def bearer(header: str | bytes | None) -> Secret | None:
         header = header.decode("latin-1")
     if not header or header[:7].lower() != "bearer ":
         return None
-    return Secret(header[7:].strip()) or None
+    token = header[7:].strip()
+    return Secret(token) if token else None
 
 
 def warn_not_resent(method: str, path: str) -> None:

@@ -208,6 +208,12 @@ class RefreshTransaction:
         #: for the message when the save itself fails; None if nowhere.
         self.answer_kept: str | None = None
         self._attempts = 0
+        # The fingerprint the answer follows and its grant, once begun, and whether its raw
+        # bytes were kept (None: no raw answer was offered); a store that keeps raw answers
+        # (:class:`KeptAnswerRefresh`) records them with it.
+        self._follows: str | None = None
+        self._grant = "refresh_token"
+        self._raw_kept: bool | None = None
 
     def reload(self) -> TokenSet:
         """Read the store again (after a writer that takes no lock may have rotated it)."""
@@ -217,6 +223,7 @@ class RefreshTransaction:
     def begin(self, spent: Secret) -> None:
         """About to spend ``spent``: raise unless its successor could be saved."""
         self.store.check_writable()
+        self._follows = spent.fingerprint
 
     def begin_login(self) -> None:
         """About to exchange an authorization code (``mlauth login``) for tokens that replace
@@ -274,31 +281,21 @@ class KeptAnswerRefresh(RefreshTransaction):
     a Redis hash): what is the same in all of them, the record and what an error says of it.
 
     A subclass names the place (:attr:`raw_place`, :attr:`raw_limit`) and writes the record
-    (:meth:`keep_raw`).
+    (:meth:`keep_raw`, which says where it went).
     """
 
     #: The largest body kept whole (a record over it keeps the answer's essentials).
     raw_limit = RAW_LIMIT
-
-    def __init__(self, store: TokenStore, *, login: bool = False) -> None:
-        super().__init__(store, login=login)
-        # The fingerprint the answer follows and its grant, once begun.
-        self._follows: str | None = None
-        self._grant = "refresh_token"
-        self._raw_kept: bool | None = None  # None: no raw answer was offered
 
     @property
     def raw_place(self) -> str:
         """Where a raw answer is kept, for messages ("the refresh journal /srv/.env.journal")."""
         raise NotImplementedError
 
-    def keep_raw(self, record: dict[str, Any]) -> bool:
-        """Write the record durably; False (having logged an ERROR) if it could not be."""
+    def keep_raw(self, record: dict[str, Any]) -> str | None:
+        """Write the record durably and return where it is (:attr:`raw_place`); None (having
+        logged an ERROR) if it could not be written."""
         raise NotImplementedError
-
-    def begin(self, spent: Secret) -> None:
-        super().begin(spent)
-        self._follows = spent.fingerprint
 
     def begin_login(self) -> None:
         super().begin_login()
@@ -317,9 +314,10 @@ class KeptAnswerRefresh(RefreshTransaction):
             by=this_process(),
             limit=self.raw_limit,
         )
-        self._raw_kept = self.keep_raw(record)
-        if self._raw_kept:
-            self.answer_kept = self.raw_place
+        kept = self.keep_raw(record)
+        self._raw_kept = kept is not None
+        if kept is not None:
+            self.answer_kept = kept
 
     def raw_note(self, error: RefreshError, *, where: str, until: str) -> RefreshError:
         """``error``, told where the raw answer of the failed refresh is (if one came)."""

@@ -236,7 +236,8 @@ def _unreadable(path: str, exc: OSError) -> MLAuthError:
     )
 
 
-@sealed
+# Not sealed itself: its callers are (read_env_file, EnvFile._read), and a seal inside a seal
+# trims nothing more.
 def _parse(raw: bytes, path: str) -> tuple[str, dict[str, str | None]]:
     """The text and the values python-dotenv reads from it; ConfigError if not UTF-8 or if an
     ``ML_`` key is set twice (see _refuse_duplicates)."""
@@ -300,8 +301,17 @@ def secrets_of(values: Mapping[str, str | None]) -> list[Secret]:
     """The secrets among a ``.env``'s values (the client secret, the tokens), as written and
     stripped: masked in the messages about the file's other values (:func:`masked`), which
     quote what they refuse, and a token pasted under another key would be quoted whole."""
-    found = [value for key in SECRET_KEYS if (value := values.get(key))]
-    return [Secret(text) for value in found for text in {value, value.strip()} if text]
+    return list(_secrets_in(values))
+
+
+def _secrets_in(values: Mapping[str, str | None]) -> Iterator[Secret]:
+    """:func:`secrets_of`, built only when iterated: what :func:`masked` is handed on every
+    read of the file, and needs only if the read is refused."""
+    for key in SECRET_KEYS:
+        value = values.get(key)
+        for text in {value, value.strip()} if value else ():
+            if text:
+                yield Secret(text)
 
 
 @sealed
@@ -536,7 +546,7 @@ class EnvFile(TokenStore):
         target = self._target(reading)
         if target is not None:
             return target.load()
-        with masked(secrets_of(reading.values)):  # a token pasted under another key
+        with masked(_secrets_in(reading.values)):  # a token pasted under another key
             return tokens_from_values(reading.values, self.path), reading.stamp
 
     # -- writing ---------------------------------------------------------------------------
@@ -574,8 +584,9 @@ class EnvFile(TokenStore):
             return target.save(tokens, replaces=replaces)
         tokens = savable(tokens, self.path)
         updates: dict[str, str | None] = {
-            ACCESS_KEY: tokens.access_token.reveal() if tokens.access_token else None,
-            REFRESH_KEY: tokens.refresh_token.reveal() if tokens.refresh_token else None,
+            # savable() left no empty token: None is the only value without one.
+            ACCESS_KEY: None if tokens.access_token is None else tokens.access_token.reveal(),
+            REFRESH_KEY: None if tokens.refresh_token is None else tokens.refresh_token.reveal(),
             EXPIRES_KEY: _fmt_time(tokens.expires_at),
             REFRESHED_AT_KEY: _fmt_time(tokens.refreshed_at),
             REFRESHED_BY_KEY: tokens.refreshed_by,
@@ -586,6 +597,7 @@ class EnvFile(TokenStore):
             info = os.stat(self.path)
         except OSError:
             return None
+        stamp = self.writer.stamp_of(info)
         if getattr(self._held, "reading", None) is not None:
             # What the file holds now, without reading it back: _render proved every value
             # reads back as written and every other key as it was.
@@ -595,10 +607,8 @@ class EnvFile(TokenStore):
                     values.pop(key, None)
                 else:
                     values[key] = value
-            self._held.reading = Reading(
-                data.decode("utf-8"), values, info, self.writer.stamp_of(info)
-            )
-        return self.writer.stamp_of(info)
+            self._held.reading = Reading(data.decode("utf-8"), values, info, stamp)
+        return stamp
 
     # -- the lock --------------------------------------------------------------------------
 
@@ -641,7 +651,7 @@ class EnvFile(TokenStore):
         target = self._target(reading)
         if target is not None:
             return target.reauthorization_required()
-        with masked(secrets_of(reading.values)):
+        with masked(_secrets_in(reading.values)):
             stored = tokens_from_values(reading.values, self.path).refresh_token
         return self.journal.reauthorization_from(marker, stored)
 
@@ -653,7 +663,7 @@ class EnvFile(TokenStore):
         target = self._target(reading)
         if target is not None:
             return target.status_details()
-        with masked(secrets_of(reading.values)):
+        with masked(_secrets_in(reading.values)):
             stored = tokens_from_values(reading.values, self.path).refresh_token
         return self.writer.status_rows() + [
             ("journal", row) for row in pending(self.journal, stored)

@@ -115,6 +115,9 @@ class Recovery:
     possibly_spent: str | None = None  # fingerprint of the stored token sent without an answer
     died: str | None = None  # who sent it and what became of the request, for the message
     kept: str | None = None  # an answer with no usable refresh token, kept for a human
+    #: The records the journal still holds, when recovery wrote nothing to it (None: read
+    #: it again): the intent written next under the same lock needs no second read.
+    left: list[dict[str, Any]] | None = None
 
 
 class Journal:
@@ -213,14 +216,17 @@ class Journal:
                 out.append(record)
         return out
 
-    def intent(self, spent: Secret) -> str | None:
+    def intent(self, spent: Secret, records: list[dict[str, Any]] | None = None) -> str | None:
         """Record that ``spent`` is about to be sent. Raises StoreError if it cannot be.
 
         Returns how it was sent before without a usable answer (the token is then *possibly
         spent*): "pid N@host sent it and died ..." or "... got no usable answer (why)"; or
-        None.
+        None. ``records``: what the journal holds, if read under this lock since its last
+        write (:attr:`Recovery.left`); else it is read.
         """
-        orphan = _open_intents(self.records()).get(spent.fingerprint)
+        if records is None:
+            records = self.records()
+        orphan = _open_intents(records).get(spent.fingerprint) if records else None
         try:
             self._append(
                 {
@@ -375,10 +381,6 @@ class Journal:
         except OSError as exc:
             log.warning("could not remove the stale marker %s: %s", self.reauth_where, exc)
 
-    def reauthorization(self, stored: Secret | None) -> str | None:
-        """The re-authorization message if the marker names the stored refresh token."""
-        return self.reauthorization_from(self.marker(), stored)
-
     def reauthorization_from(
         self, data: dict[str, Any] | None, stored: Secret | None
     ) -> str | None:
@@ -498,7 +500,7 @@ def recover(
     """
     records = journal.records()
     if not records:
-        return tokens, stamp, Recovery()
+        return tokens, stamp, Recovery(left=records)
     journal.tidy()
     stored = fingerprint(tokens.refresh_token.reveal() if tokens.refresh_token else None)
     answers, kept = _answers(records, tokens.refresh_token, journal.where)
@@ -510,10 +512,11 @@ def recover(
         # The last refresher sent (or was about to send) the stored token and died before its
         # answer reached the journal, or got no usable one. Keep the intent: the next
         # refresh tries the token once.
-        return tokens, stamp, Recovery(possibly_spent=stored, died=intents[stored], kept=kept)
+        found = Recovery(possibly_spent=stored, died=intents[stored], kept=kept, left=records)
+        return tokens, stamp, found
     if kept is not None:
         # Nothing to do with it but show it, until the store holds another refresh token.
-        return tokens, stamp, Recovery(kept=kept)
+        return tokens, stamp, Recovery(kept=kept, left=records)
     # Everything in the journal is older than the stored tokens: they were saved.
     journal.commit()
     return tokens, stamp, Recovery()
@@ -542,6 +545,9 @@ def _replay(
     return newest, stamp, Recovery(replayed=newest)
 
 
+_RAW_PLACE = "the refresh journal {}"
+
+
 class JournaledRefresh(KeptAnswerRefresh):
     """The refresh transaction of a store with a journal: each step is on disk before the next.
 
@@ -558,20 +564,23 @@ class JournaledRefresh(KeptAnswerRefresh):
         self.tokens, self.version, found = recover(journal, store, self.tokens, self.version)
         self.possibly_spent = found.died
         self._spent: Secret | None = None
+        self._records = found.left  # None once anything was written to the journal
 
     @property
     def raw_place(self) -> str:
-        return f"the refresh journal {self.journal.where}"
+        return _RAW_PLACE.format(self.journal.where)
 
-    def keep_raw(self, record: dict[str, Any]) -> bool:
-        return self.journal.raw(record)
+    def keep_raw(self, record: dict[str, Any]) -> str | None:
+        self._records = None
+        return _RAW_PLACE.format(self.journal.where) if self.journal.raw(record) else None
 
     def begin(self, spent: Secret) -> None:
-        message = self.journal.reauthorization(spent)
+        message = self.journal.reauthorization_from(self.journal.marker(), spent)
         if message is not None:  # known dead: not sent again
             raise InvalidGrantError(f"not sent: {message}", status_code=400, error="invalid_grant")
         super().begin(spent)
-        self.possibly_spent = self.journal.intent(spent)
+        records, self._records = self._records, None
+        self.possibly_spent = self.journal.intent(spent, records)
         self._spent = spent
 
     def commit(self, tokens: TokenSet) -> Hashable:
@@ -581,10 +590,12 @@ class JournaledRefresh(KeptAnswerRefresh):
         if not offered and self._spent is not None and self.journal.answer(self._spent, tokens):
             self.answer_kept = self.raw_place
         version = super().commit(tokens)
+        self._records = None
         self.journal.commit()
         return version
 
     def abort(self, spent: Secret, error: RefreshError) -> RefreshError:
+        self._records = None
         if self._grant == "refresh_token":
             if isinstance(error, InvalidGrantError):
                 return self.journal.refused(spent, error, self.possibly_spent)
@@ -595,5 +606,6 @@ class JournaledRefresh(KeptAnswerRefresh):
 
     def settle(self, tokens: TokenSet) -> Hashable:
         version = super().commit(tokens)
+        self._records = None
         self.journal.commit()  # nothing is left to replay
         return version

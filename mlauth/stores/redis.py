@@ -842,10 +842,10 @@ class RedisRefresh(KeptAnswerRefresh):
     def raw_place(self) -> str:
         return f"the {ANSWER_FIELD} field of {self._store.key}"
 
-    def keep_raw(self, record: dict[str, Any]) -> bool:
+    def keep_raw(self, record: dict[str, Any]) -> str | None:
         version = self.version if isinstance(self.version, tuple) else (None, None)
         record["chain"], record["generation"] = version
-        return self._store.keep_answer(record)
+        return self.raw_place if self._store.keep_answer(record) else None
 
     def abort(self, spent: Secret, error: RefreshError) -> RefreshError:
         return self.raw_note(

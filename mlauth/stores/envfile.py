@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import glob
 import io
 import logging
@@ -49,6 +50,7 @@ from .mounted import (
 )
 from .private import check_folder, temp_beside
 from .select import STORE_KEY, shared_store
+from .watch import COUNTER_SUFFIX, StampWatch, file_stamp
 
 __all__ = ["EnvFileStore", "read_env_file", "secrets_of", "update_env_file"]
 
@@ -570,6 +572,10 @@ class EnvFileStore(TokenStore):
         else:
             self.lock_path = real + ".lock"
             self._lock = ProcessLock(self.lock_path)
+        # Peers' saves show through a counter in shared memory, not a stat per request
+        # (mlauth.stores.watch); a file mounted alone shares no folder to keep one in.
+        counter = None if self.in_place else real + COUNTER_SUFFIX
+        self._watch = StampWatch(functools.partial(file_stamp, self.path, self.in_place), counter)
         self._moved: TokenStore | StoreMovedError | None = None
         # Threads that notice the move together must all follow one store object: its lock
         # and the version a thread read are kept on it.
@@ -653,27 +659,14 @@ class EnvFileStore(TokenStore):
         return self._moved
 
     def local_stamp(self) -> Hashable:
-        # A stat, unless the tokens moved to a store whose stamp may be a round trip.
+        # From memory while no save was counted and the stat interval runs (a stat for a
+        # file mounted alone), unless the tokens moved to a store whose stamp is its own.
         moved = self._follow() if self._moved is not None else None
-        return self._file_stamp() if moved is None else moved.local_stamp()
+        return self._watch.quick() if moved is None else moved.local_stamp()
 
     def stamp(self) -> Hashable:
         moved = self._follow() if self._moved is not None else None
-        return self._file_stamp() if moved is None else moved.stamp()
-
-    def _file_stamp(self) -> Hashable:
-        # Rotated tokens have the same length, so the size alone would not tell; os.replace
-        # gives a new inode on every save, and mtime_ns catches an in-place edit.
-        # A write in place keeps the inode; its mtime and ctime move.
-        try:
-            st = os.stat(self.path)
-        except OSError:
-            return None
-        if not self.in_place:
-            # Not ctime: the save probe's hard link changes it before every refresh, and every
-            # process would re-read the file then for nothing.
-            return (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
-        return (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size)
+        return self._watch.precise() if moved is None else moved.stamp()
 
     @sealed
     def load(self) -> tuple[TokenSet, Hashable]:
@@ -734,6 +727,7 @@ class EnvFileStore(TokenStore):
             REFRESHED_BY_KEY: tokens.refreshed_by,
         }
         update_env_file(self.path, updates, in_place=self.in_place)
+        self._watch.bump()  # after the file: a peer that sees the count sees the new file
         return self.stamp()
 
     def lock(self, timeout: float) -> contextlib.AbstractContextManager[None]:

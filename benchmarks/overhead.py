@@ -15,9 +15,10 @@ reversed from turn to turn, so that the machine's drifts in speed (other work, t
 the VM) hit them all alike. Each contender's figure for a round is compared with the floor's
 for the same round.
 
-"static AuthBase + os.stat" is the floor plus the one ``os.stat`` of the ``.env`` that mlauth
-makes per request (how it notices a peer's refresh without reading the file): what that
-system call costs on requests' real path, next to what it costs in a loop of its own.
+"static AuthBase + os.stat" is the floor plus one ``os.stat`` of the ``.env``, which mlauth
+made per request before issue 19 (to notice a peer's refresh without reading the file; it
+now reads a save counter in shared memory, and still stats a ``.env`` mounted alone): what
+that system call costs on requests' real path, next to what it costs in a loop of its own.
 
 "mlauth pickup" is the path right after another process refreshed: before each of its calls
 (outside the timed part) a new ``.env`` is put in place with ``os.replace`` (a new inode, the
@@ -129,7 +130,7 @@ class StubAdapter(BaseAdapter):
 
 
 class StatBearer(StaticBearer):
-    """The floor plus the one ``os.stat`` of the ``.env`` that mlauth makes per request."""
+    """The floor plus one ``os.stat`` of the ``.env`` per request (mlauth's before issue 19)."""
 
     def __init__(self, token: str, path: Path) -> None:
         super().__init__(token)

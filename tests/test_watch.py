@@ -192,9 +192,13 @@ def test_a_planted_counter_is_refused_and_every_check_stats(
         first = reader.quick()
         replace(env, "ML_ACCESS_TOKEN=two\n")
         assert reader.quick() != first  # a stat per check: nothing missed
+        clock.now += STAT_INTERVAL  # looked at again: refused again, said once
+        reader.quick()
         reader.bump()  # refused too, with a warning: never written through
-    assert stamps.taken == 2
-    assert counter(env) in caplog.text
+    assert stamps.taken == 3
+    refusals = [r for r in caplog.records if "a stat per request instead" in r.getMessage()]
+    assert len(refusals) == 1 and counter(env) in refusals[0].getMessage()
+    assert "could not bump the save counter" in caplog.text
     elsewhere = env.with_name("elsewhere")
     if elsewhere.exists():
         assert elsewhere.read_bytes() == b"\0" * 8

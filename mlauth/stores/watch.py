@@ -36,9 +36,7 @@ from __future__ import annotations
 import logging
 import mmap
 import os
-import stat
 import struct
-import threading
 import time
 from collections.abc import Callable, Hashable
 
@@ -63,6 +61,7 @@ _SIZE = _COUNT.size
 # may be answered from memory if the count has not moved.
 _Seen = tuple[memoryview, int, Hashable, float]
 _Mapped = tuple[memoryview, int, int]  # the cell, and the (device, inode) it maps
+_refused: set[str] = set()  # counter files refused as planted, warned about once
 
 
 def file_stamp(path: str, in_place: bool) -> Hashable:
@@ -93,7 +92,10 @@ def _map(path: str) -> _Mapped | None:
     try:
         fd = open_own(path, os.O_RDONLY, _WHAT)
     except StoreError as exc:  # planted: a link, another user's file, two names, a FIFO
-        log.warning("%s; peers' saves are noticed by a stat per request instead", exc)
+        # Looked at again every interval: said once per process and file, not each time.
+        if path not in _refused:
+            _refused.add(path)
+            log.warning("%s; peers' saves are noticed by a stat per request instead", exc)
         return None
     except OSError as exc:  # missing (no save yet), or not readable by this user
         log.debug("no save counter to map at %s: %s", path, exc)
@@ -134,7 +136,6 @@ class StampWatch:
         self._seen: _Seen | None = None
         self._mapped: _Mapped | None = None
         self._looked_until = -float("inf")  # when the counter's name is looked at again
-        self._mapping = threading.Lock()
 
     def quick(self) -> Hashable:
         """The stamp, from memory while the counter has not moved and the interval runs."""
@@ -186,19 +187,14 @@ class StampWatch:
         mapped = self._mapped
         if now < self._looked_until:
             return None if mapped is None else mapped[0]
-        with self._mapping:
-            self._looked_until = now + self.interval
-            try:
-                info = os.lstat(self.counter_path)
-            except OSError:
-                info = None
-            same = (
-                mapped is not None
-                and info is not None
-                and stat.S_ISREG(info.st_mode)
-                and info.st_size >= _SIZE
-                and (info.st_dev, info.st_ino) == mapped[1:]
-            )
-            if not same:
-                mapped = self._mapped = _map(self.counter_path)
+        # No lock: two threads that look at once map twice, and one mapping is dropped. (A
+        # lock held by another thread at a fork would stay held in the child for ever.)
+        self._looked_until = now + self.interval
+        try:
+            info = os.lstat(self.counter_path)
+        except OSError:
+            mapped = self._mapped = None  # no save made it yet, or it was deleted
+            return None
+        if mapped is None or (info.st_dev, info.st_ino) != mapped[1:] or info.st_size < _SIZE:
+            mapped = self._mapped = _map(self.counter_path)
         return None if mapped is None else mapped[0]

@@ -41,7 +41,10 @@ class Stamps:
 
     def __call__(self) -> Hashable:
         self.taken += 1
-        st = os.stat(self.path)
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return None
         return (st.st_ino, st.st_mtime_ns, st.st_size)
 
 
@@ -105,22 +108,27 @@ def test_the_precise_stamp_sees_an_uncounted_change_at_once(env: Path) -> None:
     assert reader.precise() != first  # what the engine asks after a 401 and under the lock
 
 
-def test_until_the_first_save_every_check_is_a_stat_and_nothing_is_created(env: Path) -> None:
+def test_the_first_reader_makes_the_counter_and_a_save_shows_through_it(env: Path) -> None:
     clock = FakeClock()
     reader, stamps = watching(env, clock)
+    first = reader.quick()  # finds no counter: makes it, and maps it at the next look
+    assert os.path.getsize(counter(env)) == 8
+    assert os.stat(counter(env)).st_mode & 0o777 == 0o600
+    assert reader.quick() == first and stamps.taken == 2  # the count is read before the stat
     for _ in range(5):
-        reader.quick()
-    assert stamps.taken == 5
-    assert not os.path.exists(counter(env))  # a reader creates nothing
+        assert reader.quick() == first
+    assert stamps.taken == 2  # from memory
     replace(env, "ML_ACCESS_TOKEN=two\n")
     watching(env, clock)[0].bump()
-    before = stamps.taken
-    assert reader.quick() == Stamps(env)()  # a stat: nothing missed meanwhile
-    clock.now += STAT_INTERVAL  # the counter's name is looked at again
+    assert reader.quick() != first and stamps.taken == 3
+
+
+def test_a_missing_store_gets_no_counter(env: Path) -> None:
+    env.unlink()
+    reader, stamps = watching(env, FakeClock())
     reader.quick()
-    taken = stamps.taken
     reader.quick()
-    assert stamps.taken == taken > before  # now mapped: from memory
+    assert stamps.taken == 2 and not os.path.exists(counter(env))
 
 
 def test_without_a_counter_path_every_check_is_a_stat(env: Path) -> None:

@@ -82,12 +82,37 @@ def file_stamp(path: str, in_place: bool) -> Hashable:
     return (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size)
 
 
+def _make(path: str | None) -> bool:
+    """Make the counter file (0600, one count of zero) beside a store that exists; whether
+    it is there now. A read-only folder, or one this user may not write, gets none."""
+    if path is None:
+        return False
+    try:
+        fd = open_own(path, os.O_RDWR, _WHAT, create=True)
+    except StoreError:
+        return False  # planted meanwhile: _map says so when it looks
+    except OSError as exc:
+        log.debug("cannot make the save counter %s: %s", path, exc)
+        return False
+    try:
+        # Allocated, not truncated to size: a hole in a file on tmpfs gets its page only
+        # when first touched, and a mapping that touches it on a full tmpfs gets SIGBUS.
+        # fallocate never overwrites: a save's count written since the open is kept.
+        os.posix_fallocate(fd, 0, _SIZE)
+    except OSError as exc:
+        log.debug("cannot size the save counter %s: %s", path, exc)
+        return False
+    finally:
+        os.close(fd)
+    return True
+
+
 def _map(path: str) -> _Mapped | None:
     """The counter file mapped read-only, or None (every check is then a ``stat``).
 
-    Readers never create it (a missing ``.env`` gets nothing beside it) and never write it:
-    the first save makes it, and until then each check is a ``stat``, which misses nothing.
-    A file shorter than a count is left for the next save to rewrite.
+    Readers never write it (:func:`_make` only creates it, beside a ``.env`` that exists); a
+    file shorter than a count is left for the next save to rewrite, and until then each
+    check is a ``stat``, which misses nothing.
     """
     try:
         fd = open_own(path, os.O_RDONLY, _WHAT)
@@ -136,6 +161,7 @@ class StampWatch:
         self._seen: _Seen | None = None
         self._mapped: _Mapped | None = None
         self._looked_until = -float("inf")  # when the counter's name is looked at again
+        self._absent = False  # no file has the counter's name (at the last look)
 
     def quick(self) -> Hashable:
         """The stamp, from memory while the counter has not moved and the interval runs."""
@@ -151,6 +177,8 @@ class StampWatch:
         cell = self._counter(now)
         count = cell[0] if cell is not None else 0  # read before the stamp: see the module
         stamp = self._stamp()
+        if cell is None and self._absent and stamp is not None and _make(self.counter_path):
+            self._looked_until = now  # made it: mapped at the next look, the count read first
         self._seen = None if cell is None else (cell, count, stamp, now + self.interval)
         return stamp
 
@@ -192,9 +220,11 @@ class StampWatch:
         self._looked_until = now + self.interval
         try:
             info = os.lstat(self.counter_path)
-        except OSError:
-            mapped = self._mapped = None  # no save made it yet, or it was deleted
+        except OSError as exc:
+            self._absent = isinstance(exc, FileNotFoundError)  # new here, or deleted
+            mapped = self._mapped = None
             return None
+        self._absent = False
         if mapped is None or (info.st_dev, info.st_ino) != mapped[1:] or info.st_size < _SIZE:
             mapped = self._mapped = _map(self.counter_path)
         return None if mapped is None else mapped[0]

@@ -23,9 +23,12 @@ another user, a link, one with two names; :func:`mlauth.stores.private.open_own`
 Why a file of its own: a mapped file that another opener shrinks kills the reader with
 ``SIGBUS`` on its next read. The lock file is opened by filelock (older versions truncate it)
 and the ``.env`` by everyone; the counter file is opened only here, never truncated, and only
-its owner or root could shrink it. A counter file that is deleted (or replaced) while mapped
-splits nobody for long: the name is looked at again with every :data:`STAT_INTERVAL` ``stat``
-and mapped anew.
+its owner or root could shrink it (don't, while processes run: they would crash). It is
+made allocated (``posix_fallocate``), never as a hole: on a full tmpfs, the first touch of a
+hole through a mapping is ``SIGBUS`` too. The first process that finds the ``.env`` and no
+counter makes it; a missing ``.env`` gets nothing beside it. A counter file that is deleted
+(or replaced) while mapped splits nobody for long: the name is looked at again with every
+:data:`STAT_INTERVAL` ``stat`` and mapped anew.
 
 A forked child inherits the shared mapping and the last look, both still right: nothing is
 rebuilt after ``fork``. ``time.monotonic`` is a vDSO call on Linux, not a system call.

@@ -65,6 +65,7 @@ _SIZE = _COUNT.size
 _Seen = tuple[memoryview, int, Hashable, float]
 _Mapped = tuple[memoryview, int, int]  # the cell, and the (device, inode) it maps
 _refused: set[str] = set()  # counter files refused as planted, warned about once
+_fallocate: Callable[[int, int, int], None] | None = getattr(os, "posix_fallocate", None)
 
 
 def file_stamp(path: str, in_place: bool) -> Hashable:
@@ -88,8 +89,8 @@ def file_stamp(path: str, in_place: bool) -> Hashable:
 def _make(path: str | None) -> bool:
     """Make the counter file (0600, one count of zero) beside a store that exists; whether
     it is there now. A read-only folder, or one this user may not write, gets none."""
-    if path is None:
-        return False
+    if path is None or _fallocate is None:
+        return False  # (macOS has no posix_fallocate: there the first save makes it)
     try:
         fd = open_own(path, os.O_RDWR, _WHAT, create=True)
     except StoreError:
@@ -101,7 +102,7 @@ def _make(path: str | None) -> bool:
         # Allocated, not truncated to size: a hole in a file on tmpfs gets its page only
         # when first touched, and a mapping that touches it on a full tmpfs gets SIGBUS.
         # fallocate never overwrites: a save's count written since the open is kept.
-        os.posix_fallocate(fd, 0, _SIZE)
+        _fallocate(fd, 0, _SIZE)
     except OSError as exc:
         log.debug("cannot size the save counter %s: %s", path, exc)
         return False

@@ -44,7 +44,7 @@ class StaticHttpxBearer(httpx.Auth):
 
 
 class StatHttpxBearer(StaticHttpxBearer):
-    """The floor plus the one ``os.stat`` of the ``.env`` that mlauth makes per request."""
+    """The floor plus one ``os.stat`` of the ``.env`` per request (mlauth's before issue 19)."""
 
     def __init__(self, token: str, path: Path) -> None:
         super().__init__(token)

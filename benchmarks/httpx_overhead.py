@@ -5,8 +5,8 @@ which answers a canned 200 at once, so a call measures httpx plus the auth layer
 else (no socket, no server). Each kind of client has its own floor: a client whose auth is an
 ``httpx.Auth`` setting one constant header.
 
-- ``httpx.Client``: the floor, the floor plus the one ``os.stat`` of the ``.env`` that mlauth
-  makes per request, ``HttpxAuth`` and Authlib's ``OAuth2Client``;
+- ``httpx.Client``: the floor, the floor plus one ``os.stat`` of the ``.env`` per request
+  (what mlauth made before issue 19), ``HttpxAuth`` and Authlib's ``OAuth2Client``;
 - ``httpx.AsyncClient``: the same with the same ``HttpxAuth`` object type (its async flow)
   and Authlib's ``AsyncOAuth2Client``.
 

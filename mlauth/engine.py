@@ -312,7 +312,10 @@ class RefreshEngine:
         """The access token to send now: a peer's newer one, refreshed if due."""
         # Before every request: a plain try costs nothing, a context manager a microsecond.
         try:
-            token = self._current().access_token
+            # The store's quick stamp first: no system call while nothing changed.
+            token = self._fresh()
+            if token is None:
+                token = self._current().access_token
         except MLAuthError as exc:
             scrub(exc, self._known())
             raise
@@ -324,20 +327,24 @@ class RefreshEngine:
     def fresh_token(self) -> Secret | None:
         """The access token to send now if that needs no wait and no network; else None.
 
-        For an event loop: it only compares the store's stamp, when the store has it at hand
-        (:meth:`~mlauth.stores.base.TokenStore.local_stamp`: a ``stat`` for the ``.env``), and
-        the cached expiry. None means :meth:`token_for_request` may block (a peer's token to
-        read, a refresh, unsaved tokens, a stamp that is a round trip): ask it from a worker
-        thread.
+        For an event loop (and the first thing :meth:`token_for_request` tries): it only
+        compares the store's stamp, when the store has it at hand
+        (:meth:`~mlauth.stores.base.TokenStore.local_stamp`: a memory read for the ``.env``,
+        a ``stat`` at most every half second), and the cached expiry. None means
+        :meth:`token_for_request` may block (a peer's token to read, a refresh, unsaved
+        tokens, a stamp that is a round trip): ask it from a worker thread.
         """
-        if self._unsaved.held is not None:
-            return None
         try:
-            stamp = self.store.local_stamp()
+            return self._fresh()
         except MLAuthError:
             raise
         except Exception as exc:
             raise self.unexpected(exc, "getting a token for the request") from exc
+
+    def _fresh(self) -> Secret | None:
+        if self._unsaved.held is not None:
+            return None
+        stamp = self.store.local_stamp()
         tokens, version, fresh_until = self._cache
         if stamp is NOT_LOCAL or stamp != version or self._clock.wall() >= fresh_until:
             return None

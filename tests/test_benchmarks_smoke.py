@@ -206,6 +206,27 @@ def test_redirect_overhead_reports_both_scripts_both_ways() -> None:
         assert [len(cell.split(" / ")) for cell in table[name][1:]] == [2, 2, 2], done.stdout
 
 
+def test_watch_cost_times_every_way_of_checking_side_by_side() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.watch_cost", "--number", "200", "--repeat", "2"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    table = rows(done.stdout)
+    for name in (
+        "os.stat(path)",
+        "os.fstat(kept fd)",
+        "mapped counter read + compare",
+        "StampWatch.quick(), counter mapped",
+        "EnvFileStore.local_stamp()",
+        "StampWatch.bump() (per save, not per request)",
+    ):
+        assert float(table[name][1]) > 0, done.stdout
+
+
 def test_startup_cost_reports_every_row_for_every_checkout_and_the_pairs() -> None:
     checkouts = ["--checkout", f"a={ROOT}", "--checkout", f"b={ROOT}"]
     done = subprocess.run(

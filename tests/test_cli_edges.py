@@ -440,7 +440,12 @@ def test_demo_serve_prints_its_counters_and_removes_only_its_own_files(
         out,
         re.M,
     ), out
-    assert sorted(os.listdir(tmp_path)) == [".env.copy", ".env.copy.journal", ".env.copy.lock"]
+    assert sorted(os.listdir(tmp_path)) == [
+        ".env.copy",
+        ".env.copy.generation",
+        ".env.copy.journal",
+        ".env.copy.lock",
+    ]
 
 
 def test_a_stopping_demo_server_leaves_the_files_of_one_that_took_its_path_over(

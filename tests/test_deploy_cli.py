@@ -20,6 +20,7 @@ import requests
 import mlauth
 from mlauth.stores.envfile import read_env_file
 from mlauth.stores.journal import Journal
+from mlauth.stores.watch import COUNTER_SUFFIX
 from mlauth.testing import FakeMercadoLibre
 from mlauth.testing.redis_server import RedisServer
 from tests.support.cli import REDIRECT, assert_clean_failure, assert_no_secret, mlauth_cli
@@ -241,6 +242,7 @@ def test_the_readme_gitignore_keeps_every_file_mlauth_writes_out_of_git(tmp_path
         env,
         str(tmp_path / ".env.demo"),
         env + ".lock",
+        env + COUNTER_SUFFIX,
         journal.path,
         journal.reauth_path,
         str(tmp_path / ".env.abc123.mlauth-tmp"),  # a save's temporary file, left by a crash

@@ -77,6 +77,7 @@ def test_sigkilled_refresher_frees_the_lock_and_a_peer_proceeds(tmp_path: Path) 
     # The holder's intent was left in the journal; the peer's refresh settled and emptied it.
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         ".env",
+        ".env.generation",
         ".env.journal",
         ".env.lock",
         "peer.log",

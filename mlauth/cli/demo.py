@@ -29,6 +29,7 @@ from mlauth.integrations.requests_auth import MLAuth
 from mlauth.stores.envfile import read_env_file
 from mlauth.stores.lock import ProcessLock
 from mlauth.stores.private import write_replacing
+from mlauth.stores.watch import COUNTER_SUFFIX
 from mlauth.testing import FakeMercadoLibre
 from mlauth.tokens import MAX_MARGIN_SHARE
 
@@ -342,7 +343,8 @@ def _remove_own_files(env: str, token_url: str) -> str | None:
     real = os.path.realpath(env)
     try:
         with ProcessLock(f"{real}.lock").hold(LOCK_WAIT):
-            for path in (env, f"{real}.journal", f"{real}.reauth", f"{real}.lock"):
+            counter = f"{real}{COUNTER_SUFFIX}"
+            for path in (env, f"{real}.journal", f"{real}.reauth", counter, f"{real}.lock"):
                 with contextlib.suppress(FileNotFoundError):
                     os.remove(path)
     except MLAuthError as exc:  # a process refreshing (against a server now gone) holds it

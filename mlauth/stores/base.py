@@ -71,8 +71,10 @@ class TokenStore(abc.ABC):
     def stamp(self) -> Hashable:
         """A cheap identity of the stored version, without reading the tokens.
 
-        Called before every request, so it must cost next to nothing (the ``.env`` store: one
-        ``stat``); when it differs from the version :meth:`load` returned, a peer wrote.
+        When it differs from the version :meth:`load` returned, someone wrote. Asked after a
+        401, under the lock, and before every request whose :meth:`local_stamp` cannot
+        answer; the ``.env`` store takes it with one ``stat``, so a change by any writer shows
+        at once.
 
         A stamp may be coarse (Redis looks at most once a ``check_interval`` and reports
         the version last seen in between); such a store makes the first stamp after
@@ -81,13 +83,19 @@ class TokenStore(abc.ABC):
         """
 
     def local_stamp(self) -> Hashable:
-        """What :meth:`stamp` would return, if it can answer without waiting on anything
-        (the network, a lock); else :data:`NOT_LOCAL`.
+        """The stamp at hand: answered without waiting on anything (the network, a lock),
+        and where the store can, without a system call; else :data:`NOT_LOCAL`.
 
-        An event loop calls this before each request and asks :meth:`stamp` from a worker
-        thread only when it gets :data:`NOT_LOCAL`. One call, not a "may I?" and then
-        :meth:`stamp`: between two such calls the answer could change. The default is
-        :data:`NOT_LOCAL`: a custom store whose stamp is a round trip is never asked on a loop.
+        Asked before every request (the engine's fast path, and an event loop, which asks
+        :meth:`stamp` from a worker thread only when it gets :data:`NOT_LOCAL`). It may lag
+        :meth:`stamp`, but never for a save through this store's :meth:`save` by any process
+        that shares the store: that shows at the next call. A writer outside that contract
+        (an editor, a legacy script, an older mlauth) may show only after a bound the store
+        documents (the ``.env``: :data:`~mlauth.stores.watch.STAT_INTERVAL`; Redis: its
+        ``check_interval``), and shows in :meth:`stamp` at once, which the engine asks after
+        a 401. One call, not a "may I?" and then :meth:`stamp`: between two such calls the
+        answer could change. The default is :data:`NOT_LOCAL`: a custom store whose stamp
+        is a round trip is never asked on a loop, and its :meth:`stamp` is asked instead.
         """
         return NOT_LOCAL
 

@@ -35,6 +35,7 @@ from .ofd import read_fenced
 from .parts import WRITE_KEY, Parts, parts_for, wants_in_place, writer_for
 from .private import check_folder
 from .select import STORE_KEY
+from .watch import StampWatch
 from .writer import Writer
 
 __all__ = [
@@ -493,6 +494,8 @@ class EnvFile(TokenStore):
         self.writer = parts.writer
         self.file_lock = parts.lock
         self.journal = parts.journal
+        # Peers' saves show through a counter in shared memory, not a stat per request.
+        self._watch = StampWatch(self._stat_stamp, parts.counter_path)
         self._moved = moved
         self.front = front
         self._held = threading.local()  # .reading: the read taken under this thread's lock
@@ -532,14 +535,18 @@ class EnvFile(TokenStore):
         moved = (reading.values.get(STORE_KEY) or "").strip()
         return self._moved(reading.values) if moved else None
 
-    def stamp(self) -> Hashable:
+    def _stat_stamp(self) -> Hashable:
         try:
             return self.writer.stamp_of(os.stat(self.path))
         except OSError:
             return None
 
+    def stamp(self) -> Hashable:
+        return self._watch.precise()  # a stat
+
     def local_stamp(self) -> Hashable:
-        return self.stamp()  # a stat
+        # From memory while no save was counted and the stat interval runs (mlauth.stores.watch)
+        return self._watch.quick()
 
     def load(self) -> tuple[TokenSet, Hashable]:
         reading = self._reading()
@@ -593,6 +600,7 @@ class EnvFile(TokenStore):
         }
         data = _render(self.real, reading.text, updates)
         self.writer.write(self.real, data, reading.info)
+        self._watch.bump()  # after the file: a peer that sees the count sees the new file
         try:
             info = os.stat(self.path)
         except OSError:

@@ -22,6 +22,7 @@ from .journal import Journal
 from .lock import ProcessLock
 from .ofd import InodeLock, ofd_supported
 from .replace import ReplaceWriter
+from .watch import COUNTER_SUFFIX
 from .writer import Writer
 from .xattr_journal import InodeJournal
 
@@ -38,6 +39,9 @@ class Parts(NamedTuple):
     #: The path the lock is taken on (the sibling lock file, or the file itself).
     lock_path: str
     journal: Journal
+    #: The save counter beside the file (:mod:`.watch`), or None where the processes that
+    #: share the file share no folder to keep one in (a file mounted alone).
+    counter_path: str | None
 
 
 def wants_in_place(real: str, values: Mapping[str, str | None]) -> bool:
@@ -75,8 +79,8 @@ def parts_for(real: str, in_place: bool) -> Parts:
     if in_place:
         with contextlib.suppress(OSError):  # the save probe reports why, before spending
             mark_in_place(real)
-        return Parts(writer, InodeLock(real), real, InodeJournal(real))
+        return Parts(writer, InodeLock(real), real, InodeJournal(real), None)
     journal = Journal(real)
     journal.tidy = lambda: writer.tidy(real)
     lock_path = real + ".lock"
-    return Parts(writer, ProcessLock(lock_path), lock_path, journal)
+    return Parts(writer, ProcessLock(lock_path), lock_path, journal, real + COUNTER_SUFFIX)

@@ -1,0 +1,394 @@
+"""No system call per request: a peer's save shows through the save counter in shared memory,
+any other writer's change within the stat interval or at its first 401
+(mlauth.stores.watch)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+from collections.abc import Hashable
+from pathlib import Path
+
+import pytest
+import requests
+
+import mlauth
+from mlauth.stores.envfile import EnvFileStore, read_env_file
+from mlauth.stores.watch import COUNTER_SUFFIX, STAT_INTERVAL, StampWatch
+from mlauth.testing import FakeMercadoLibre
+from tests.support.mounts import bind_file
+from tests.support.save_counter import (
+    FakeClock,
+    counted_stats,
+    frozen,
+    make_counter,
+    refresh_in_another_process,
+    sent_token,
+    watch_of,
+    write_like_a_legacy_script,
+)
+
+# -- the watch alone: a stamp function that counts, a clock moved by hand -------------------
+
+
+class Stamps:
+    """The precise stamp of a file (inode, mtime, size), counting how often it is taken."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.taken = 0
+
+    def __call__(self) -> Hashable:
+        self.taken += 1
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return None
+        return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> Path:
+    path = tmp_path / ".env"
+    path.write_text("ML_ACCESS_TOKEN=one\n")
+    return path
+
+
+def counter(env: Path) -> str:
+    return f"{env}{COUNTER_SUFFIX}"
+
+
+def replace(env: Path, text: str) -> None:
+    staging = env.with_name("staging")
+    staging.write_text(text)
+    os.replace(staging, env)
+
+
+def watching(env: Path, clock: FakeClock) -> tuple[StampWatch, Stamps]:
+    stamps = Stamps(env)
+    return StampWatch(stamps, counter(env), clock=clock), stamps
+
+
+def test_a_counted_save_shows_at_the_next_check_and_nothing_else_stats(env: Path) -> None:
+    clock = FakeClock()
+    saver, _ = watching(env, clock)
+    saver.bump()  # the first save makes the counter
+    reader, stamps = watching(env, clock)
+    first = reader.precise()
+    for _ in range(100):
+        assert reader.quick() == first
+    assert stamps.taken == 1  # answered from memory
+    replace(env, "ML_ACCESS_TOKEN=two\n")
+    saver.bump()
+    after = reader.quick()  # the clock has not moved: only the counter can tell
+    assert after != first and stamps.taken == 2
+    assert reader.quick() == after and stamps.taken == 2
+
+
+def test_a_writer_that_does_not_count_shows_within_the_interval(env: Path) -> None:
+    clock = FakeClock()
+    watching(env, clock)[0].bump()
+    reader, stamps = watching(env, clock)
+    first = reader.precise()
+    replace(env, "ML_ACCESS_TOKEN=two, by an editor\n")
+    clock.now += STAT_INTERVAL * 0.9
+    assert reader.quick() == first  # not yet: this is the window the interval allows
+    clock.now += STAT_INTERVAL * 0.2
+    assert reader.quick() != first
+    assert stamps.taken == 2
+
+
+def test_the_precise_stamp_sees_an_uncounted_change_at_once(env: Path) -> None:
+    clock = FakeClock()
+    watching(env, clock)[0].bump()
+    reader, _ = watching(env, clock)
+    first = reader.precise()
+    replace(env, "ML_ACCESS_TOKEN=two, by a legacy script\n")
+    assert reader.precise() != first  # what the engine asks after a 401 and under the lock
+
+
+def test_the_first_reader_makes_the_counter_and_a_save_shows_through_it(env: Path) -> None:
+    clock = FakeClock()
+    reader, stamps = watching(env, clock)
+    first = reader.quick()  # finds no counter: makes it, and maps it at the next look
+    assert os.path.getsize(counter(env)) == 8
+    assert os.stat(counter(env)).st_mode & 0o777 == 0o600
+    assert reader.quick() == first and stamps.taken == 2  # the count is read before the stat
+    for _ in range(5):
+        assert reader.quick() == first
+    assert stamps.taken == 2  # from memory
+    replace(env, "ML_ACCESS_TOKEN=two\n")
+    watching(env, clock)[0].bump()
+    assert reader.quick() != first and stamps.taken == 3
+
+
+def test_a_missing_store_gets_no_counter(env: Path) -> None:
+    env.unlink()
+    reader, stamps = watching(env, FakeClock())
+    reader.quick()
+    reader.quick()
+    assert stamps.taken == 2 and not os.path.exists(counter(env))
+
+
+def test_without_a_counter_path_every_check_is_a_stat(env: Path) -> None:
+    stamps = Stamps(env)
+    reader = StampWatch(stamps, None, clock=FakeClock())
+    for _ in range(3):
+        reader.quick()
+    reader.bump()
+    assert stamps.taken == 3
+
+
+def test_a_counter_deleted_and_made_again_is_followed_within_the_interval(env: Path) -> None:
+    clock = FakeClock()
+    saver, _ = watching(env, clock)
+    saver.bump()
+    reader, stamps = watching(env, clock)
+    first = reader.precise()
+    os.unlink(counter(env))
+    saver.bump()  # a new file: the reader still maps the old one
+    clock.now += STAT_INTERVAL
+    assert reader.quick() == first  # looked again, and mapped the new file
+    replace(env, "ML_ACCESS_TOKEN=two\n")
+    saver.bump()
+    taken = stamps.taken
+    assert reader.quick() != first and stamps.taken == taken + 1  # through the new counter
+
+
+# -- planted, odd or damaged counter files: refused or ignored, never a crash ----------------
+
+
+def plant_symlink(env: Path) -> None:
+    target = env.with_name("elsewhere")
+    target.write_bytes(b"\0" * 8)
+    os.symlink(target, counter(env))
+
+
+def plant_hard_link(env: Path) -> None:
+    Path(counter(env)).write_bytes(b"\0" * 8)
+    os.link(counter(env), env.with_name("second-name"))
+
+
+def plant_fifo(env: Path) -> None:
+    os.mkfifo(counter(env))
+
+
+def plant_directory(env: Path) -> None:
+    os.mkdir(counter(env))
+
+
+def plant_other_users_file(env: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("environment limit: giving a file to another user needs root")
+    Path(counter(env)).write_bytes(b"\0" * 8)
+    os.chown(counter(env), 65534, 65534)
+
+
+@pytest.mark.parametrize(
+    "plant",
+    [plant_symlink, plant_hard_link, plant_fifo, plant_directory, plant_other_users_file],
+)
+def test_a_planted_counter_is_refused_and_every_check_stats(
+    env: Path, plant: object, caplog: pytest.LogCaptureFixture
+) -> None:
+    assert callable(plant)
+    plant(env)
+    clock = FakeClock()
+    reader, stamps = watching(env, clock)
+    with caplog.at_level(logging.WARNING, logger="mlauth"):
+        first = reader.quick()
+        replace(env, "ML_ACCESS_TOKEN=two\n")
+        assert reader.quick() != first  # a stat per check: nothing missed
+        clock.now += STAT_INTERVAL  # looked at again: refused again, said once
+        reader.quick()
+        reader.bump()  # refused too, with a warning: never written through
+    assert stamps.taken == 3
+    refusals = [r for r in caplog.records if "a stat per request instead" in r.getMessage()]
+    assert len(refusals) == 1 and counter(env) in refusals[0].getMessage()
+    assert "could not bump the save counter" in caplog.text
+    elsewhere = env.with_name("elsewhere")
+    if elsewhere.exists():
+        assert elsewhere.read_bytes() == b"\0" * 8
+
+
+@pytest.mark.parametrize("size", [0, 3])
+def test_a_short_counter_is_not_mapped_until_a_save_rewrites_it(env: Path, size: int) -> None:
+    Path(counter(env)).write_bytes(b"\1" * size)
+    clock = FakeClock()
+    reader, stamps = watching(env, clock)
+    reader.quick()
+    reader.quick()
+    assert stamps.taken == 2  # not mapped: a read past its end would be SIGBUS
+    watching(env, clock)[0].bump()
+    assert os.path.getsize(counter(env)) == 8
+    clock.now += STAT_INTERVAL
+    reader.quick()
+    taken = stamps.taken
+    reader.quick()
+    assert stamps.taken == taken
+
+
+def test_a_forked_child_keeps_seeing_saves_through_the_inherited_mapping(env: Path) -> None:
+    clock = FakeClock()
+    saver, _ = watching(env, clock)
+    saver.bump()
+    reader, stamps = watching(env, clock)
+    first = reader.precise()
+    ready_r, ready_w = os.pipe()
+    go_r, go_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: frozen clock, so only the counter can show the save
+        code = 1
+        try:
+            os.write(ready_w, b"r")
+            select.select([go_r], [], [], 30)
+            taken = stamps.taken
+            seen = reader.quick()
+            code = 0 if seen != first and stamps.taken == taken + 1 else 2
+        finally:
+            os._exit(code)
+    os.read(ready_r, 1)
+    replace(env, "ML_ACCESS_TOKEN=two\n")
+    saver.bump()
+    os.write(go_w, b"g")
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    for fd in (ready_r, ready_w, go_r, go_w):
+        os.close(fd)
+
+
+# -- end to end: MLAuth on a .env, peers in real processes -----------------------------------
+
+
+def session_of(auth: mlauth.MLAuth) -> requests.Session:
+    session = requests.Session()
+    session.trust_env = False
+    session.auth = auth
+    return session
+
+
+def test_a_peer_process_save_is_sent_on_the_next_request_without_a_stat(
+    fake_ml: FakeMercadoLibre, fake_ml_env: Path
+) -> None:
+    auth = mlauth.MLAuth.from_env(fake_ml_env)
+    session = session_of(auth)
+    url = f"{fake_ml.base_url}/users/me"
+    first = sent_token(lambda: session.get(url, timeout=30))
+    refresh_in_another_process(fake_ml_env)  # makes the counter, on its first save
+    assert sent_token(lambda: session.get(url, timeout=30)) != first  # (a stat per request)
+    frozen(auth)  # from here the stat interval never runs out
+    with counted_stats(fake_ml_env) as stats:
+        for _ in range(20):
+            token = sent_token(lambda: session.get(url, timeout=30))
+    assert stats == []  # no system call on the common path
+    refresh_in_another_process(fake_ml_env)  # a real refresh: spends, saves, counts
+    new = read_env_file(fake_ml_env)["ML_ACCESS_TOKEN"]
+    assert new != token
+    # The clock is frozen and no request stats: only the counter can have told.
+    assert sent_token(lambda: session.get(url, timeout=30)) == new
+    with counted_stats(fake_ml_env) as stats:
+        for _ in range(5):
+            assert sent_token(lambda: session.get(url, timeout=30)) == new
+    assert stats == []
+    assert fake_ml.stats()["api_401"] == 0  # seen before the request, not after its 401
+    assert fake_ml.stats()["refreshes"] == 2
+
+
+def test_a_legacy_writer_is_seen_within_the_interval(
+    fake_ml: FakeMercadoLibre, fake_ml_env: Path
+) -> None:
+    make_counter(fake_ml_env)
+    auth = mlauth.MLAuth.from_env(fake_ml_env)
+    session = session_of(auth)
+    url = f"{fake_ml.base_url}/users/me"
+    first = sent_token(lambda: session.get(url, timeout=30))
+    clock = frozen(auth)
+    other = fake_ml.issue_tokens()  # a script that logs in on its own: both chains live
+    write_like_a_legacy_script(
+        fake_ml_env, str(other["access_token"]), str(other["refresh_token"]), replace=False
+    )
+    assert sent_token(lambda: session.get(url, timeout=30)) == first  # inside the window
+    clock.now += STAT_INTERVAL
+    assert sent_token(lambda: session.get(url, timeout=30)) == other["access_token"]
+    assert fake_ml.stats()["refreshes"] == 0
+
+
+def test_a_legacy_refresh_is_adopted_at_its_first_401(
+    fake_ml: FakeMercadoLibre, fake_ml_env: Path
+) -> None:
+    make_counter(fake_ml_env)
+    auth = mlauth.MLAuth.from_env(fake_ml_env)
+    session = session_of(auth)
+    url = f"{fake_ml.base_url}/users/me"
+    sent_token(lambda: session.get(url, timeout=30))
+    frozen(auth)  # the interval cannot help: only the 401 can
+    refresh = read_env_file(fake_ml_env)["ML_REFRESH_TOKEN"]
+    answer = requests.post(  # a legacy script refreshes without mlauth: the old token dies
+        fake_ml.token_url,
+        data={
+            "grant_type": "refresh_token",
+            "client_id": fake_ml.client_id,
+            "client_secret": fake_ml.client_secret,
+            "refresh_token": refresh,
+        },
+        timeout=30,
+    ).json()
+    write_like_a_legacy_script(
+        fake_ml_env, answer["access_token"], answer["refresh_token"], replace=True
+    )
+    response = session.get(url, timeout=30)
+    assert response.status_code == 200
+    assert [r.status_code for r in response.history] == [401]
+    assert response.request.headers["Authorization"] == f"Bearer {answer['access_token']}"
+    assert fake_ml.stats()["refreshes"] == 1  # the script's: adopted, nothing spent
+    assert fake_ml.is_live(answer["refresh_token"])
+
+
+@pytest.mark.processes
+def test_a_env_mounted_alone_sees_a_containers_save_before_its_next_request(
+    fake_ml: FakeMercadoLibre, tmp_path: Path
+) -> None:
+    host = tmp_path / "host" / ".env"
+    host.parent.mkdir()
+    fake_ml.write_env(host)
+    with (
+        bind_file(host, tmp_path / "c1" / ".env") as one,
+        bind_file(host, tmp_path / "c2" / ".env") as two,
+    ):
+        auth = mlauth.MLAuth.from_env(one)
+        assert isinstance(auth._engine.store, EnvFileStore) and auth._engine.store.in_place
+        assert watch_of(auth).counter_path is None  # each container's folder is its own
+        session = session_of(auth)
+        url = f"{fake_ml.base_url}/users/me"
+        first = sent_token(lambda: session.get(url, timeout=30))
+        frozen(auth)
+        with counted_stats(one) as stats:
+            sent_token(lambda: session.get(url, timeout=30))
+            assert len(stats) == 1  # this shape keeps its stat per request
+            refresh_in_another_process(two)  # "another container" saves, in place
+            new = read_env_file(host)["ML_ACCESS_TOKEN"]
+            assert new != first
+            assert sent_token(lambda: session.get(url, timeout=30)) == new
+        assert fake_ml.stats()["api_401"] == 0
+        for folder in (host.parent, one.parent, two.parent):
+            assert not list(folder.glob(f"*{COUNTER_SUFFIX}"))
+
+
+def test_a_save_in_this_process_needs_no_counter_look_to_show(env: Path) -> None:
+    env.write_text(
+        "ML_CLIENT_ID=1\nML_CLIENT_SECRET=fake\nML_ACCESS_TOKEN=fake-one\nML_REFRESH_TOKEN=TG-fake-1\n"
+    )
+    store = EnvFileStore(env)
+    tokens, version = store.load()
+    saved = store.save(tokens, replaces=version)
+    assert saved != version and store.local_stamp() == saved == store.stamp()
+    assert os.path.getsize(counter(env)) == 8
+
+
+def test_a_missing_env_gets_no_counter(tmp_path: Path) -> None:
+    store = EnvFileStore(tmp_path / ".env")
+    assert store.local_stamp() is None
+    with pytest.raises(mlauth.ConfigError):
+        store.load()
+    assert list(tmp_path.iterdir()) == []

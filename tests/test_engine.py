@@ -5,11 +5,13 @@ botocore tests ``RefreshableCredentials`` with ``refresh_using`` and ``time_fetc
 
 from __future__ import annotations
 
+import contextlib
 import doctest
 import logging
 import socket
 import threading
 import time
+from collections.abc import Iterator
 
 import pytest
 
@@ -187,7 +189,7 @@ def test_a_stale_token_is_sent_while_a_peer_holds_the_lock(clock: FakeClock) -> 
     client = FakeTokenClient(clock, answer(2))
     engine = engine_on(store, client)
     clock.advance(LIFETIME - 3600 - 0.02)  # 20 ms left: the wait for the peer is 10 ms
-    with store.lock(0.0):
+    with held_by_another_thread(store):
         assert engine.token_for_request() == access(1)
         assert engine.token_for_request() == access(1)  # and again: nothing is spent meanwhile
     assert client.calls == []
@@ -551,6 +553,27 @@ def test_memory_store_fences_times_out_and_tells_a_lapsed_holder(clock: FakeCloc
     assert not store.refresh_in_progress() and store.wait_unlocked(0.0)
 
 
+@contextlib.contextmanager
+def held_by_another_thread(store: MemoryStore) -> Iterator[None]:
+    """The store's lock held by a peer (another thread: the lock is re-entrant for its own
+    holder) until the block ends."""
+    taken, done = threading.Event(), threading.Event()
+
+    def peer() -> None:
+        with store.lock(WAIT):
+            taken.set()
+            done.wait(WAIT)
+
+    thread = threading.Thread(target=peer)
+    thread.start()
+    assert taken.wait(WAIT)
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join(WAIT)
+
+
 def _try_lock(store: MemoryStore, errors: list[BaseException]) -> None:
     try:
         with store.lock(0.0):
@@ -563,3 +586,15 @@ def test_memory_store_docstring_example_runs() -> None:
     result = doctest.testmod(mlauth.testing.memory, optionflags=doctest.ELLIPSIS)
     assert (result.failed, result.attempted) == (0, result.attempted)
     assert result.attempted > 0
+
+
+def test_memory_store_lock_is_reentrant_for_its_holder_as_the_file_lock_is() -> None:
+    # Code inside `with store.lock()` that calls the API (a login, a migration) must not wait
+    # for itself.
+    store = MemoryStore(TokenSet(Secret("APP_USR-not-real"), Secret("TG-not-real-1")))
+    with store.lock(1.0):
+        assert store.wait_unlocked(0.0)
+        with store.lock(0.0):
+            assert store.refresh_in_progress()
+        assert store.refresh_in_progress()  # the inner hold let go of nothing
+    assert not store.refresh_in_progress()

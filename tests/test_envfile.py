@@ -7,6 +7,7 @@ import os
 import stat
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ import pytest
 import mlauth
 from mlauth.secret import Secret
 from mlauth.stores.envfile import EnvFileStore, read_env_file, render_update, update_env_file
+from mlauth.testing import FakeMercadoLibre
 from mlauth.tokens import TokenSet
 
 NEW = TokenSet(
@@ -268,11 +270,13 @@ print(json.dumps(seen))
 
 
 @pytest.mark.parametrize("write", ["auto", "in-place"])
-def test_a_refresh_reads_the_env_once_under_the_lock_and_writes_it_once(
+def test_a_refresh_reads_the_env_twice_under_the_lock_and_writes_it_once(
     tmp_path: Path, write: str
 ) -> None:
-    # The read under the lock serves the move check, the tokens, the save probe and the
-    # save's render; the save writes once (a rename, or one descriptor written in place).
+    # The read the lock begins with serves the move check, the tokens and the save probe; the
+    # save reads again for its render (a lock-free writer's edit since, invisible to a stat on
+    # coarse timestamps, must not be undone) and writes once (a rename, or one descriptor
+    # written in place).
     path = tmp_path / ".env"
     path.write_text(f"ML_ENV_WRITE={write}\n{ORIGINAL}\n")
     path.chmod(0o600)
@@ -286,11 +290,72 @@ def test_a_refresh_reads_the_env_once_under_the_lock_and_writes_it_once(
     assert done.returncode == 0, done.stderr
     seen = json.loads(done.stdout)
     if write == "auto":
-        assert seen == {"read": 1, "write": 0, "replace": 1}
+        assert seen == {"read": 2, "write": 0, "replace": 1}
     else:
         # Written in place: the inode's lock, the save probe (a read-only mount refuses it)
-        # and the write open it for writing; besides the one read, the journal in its
+        # and the write open it for writing; besides the two reads, the journal in its
         # attributes fsyncs the inode through a descriptor of its own after each record
         # (intent, answer) and at the commit.
-        assert seen == {"read": 1 + 3, "write": 3, "replace": 0}
+        assert seen == {"read": 2 + 3, "write": 3, "replace": 0}
     assert read_env_file(path)["ML_REFRESH_TOKEN"] == "TG-next-refresh-fake"
+
+
+# -- what the read under the lock must not hide (review of issue 19) --------------------------
+
+
+def test_a_symlink_pointed_elsewhere_while_running_refuses_to_refresh(
+    fake_ml: FakeMercadoLibre, tmp_path: Path
+) -> None:
+    # Its lock, journal and writes are beside the old target: a refresh would spend the new
+    # target's token and save the successor into the old file, and the chain would split.
+    first, second = tmp_path / "a.env", tmp_path / "b.env"
+    fake_ml.write_env(first)
+    fake_ml.write_env(second)
+    link = tmp_path / ".env"
+    link.symlink_to(first)
+    auth = mlauth.MLAuth.from_env(link)
+    link.unlink()
+    link.symlink_to(second)
+    before = second.read_bytes(), first.read_bytes()
+    with pytest.raises(mlauth.StoreError, match=r"now points to .*b\.env.*Restart"):
+        auth.refresh()
+    assert fake_ml.stats()["refreshes"] == 0
+    assert (second.read_bytes(), first.read_bytes()) == before
+
+
+def test_a_chmod_during_the_refresh_is_kept_by_its_save(
+    fake_ml: FakeMercadoLibre, fake_ml_env: Path
+) -> None:
+    fake_ml_env.chmod(0o644)
+    auth = mlauth.MLAuth.from_env(fake_ml_env)
+    fake_ml.token_delay = 0.5  # the POST is in flight while the user tightens the file
+
+    def tighten() -> None:
+        assert fake_ml.token_requests_in_flight.wait(10)
+        fake_ml_env.chmod(0o600)
+
+    user = threading.Thread(target=tighten)
+    user.start()
+    auth.refresh()
+    user.join()
+    assert fake_ml.stats()["refreshes"] == 1
+    assert stat.S_IMODE(fake_ml_env.stat().st_mode) == 0o600
+
+
+def test_a_save_under_the_lock_keeps_an_edit_a_stat_cannot_see(tmp_path: Path) -> None:
+    # A writer that takes no lock rewrites the file in place at the same size within one
+    # timestamp tick (coarse timestamps: older kernels, FAT, NFS): inode, size and mtime are
+    # as the lock's read found them. The save must not render over that read.
+    path = tmp_path / ".env"
+    path.write_text(ORIGINAL + "\nOTHER=A\n")
+    store = EnvFileStore(path)
+    with store.lock(5.0):
+        store.load()
+        before = path.stat()
+        with open(path, "r+b") as handle:  # in place: same inode, same size
+            handle.write(path.read_bytes().replace(b"OTHER=A", b"OTHER=B"))
+        os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+        assert path.stat().st_mtime_ns == before.st_mtime_ns
+        store.save(NEW)
+    assert read_env_file(path)["OTHER"] == "B"
+    assert read_env_file(path)["ML_REFRESH_TOKEN"] == "TG-new-refresh-fake"

@@ -36,4 +36,4 @@ def test_soak_smoke_rotates_with_no_failed_call_and_no_invalid_grant(tmp_path: P
     assert summary["refreshes"] == summary["token_requests"]  # none wasted
     for process in summary["per_process"]:
         assert process["samples"] >= 3 and process["fds_last"] > 0
-    assert summary["files_left"] == [".env", ".env.journal", ".env.lock"]
+    assert summary["files_left"] == [".env", ".env.generation", ".env.journal", ".env.lock"]

@@ -392,3 +392,36 @@ def test_a_missing_env_gets_no_counter(tmp_path: Path) -> None:
     with pytest.raises(mlauth.ConfigError):
         store.load()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_counter_that_cannot_be_made_is_tried_once_per_look(
+    env: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A folder this user may not write refuses the counter every time: one failed try per
+    # interval, not one per request.
+    from mlauth.stores import watch
+
+    tries: list[str | None] = []
+    monkeypatch.setattr(watch, "_make", lambda path: tries.append(path) or False)
+    clock = FakeClock()
+    reader, stamps = watching(env, clock)
+    for _ in range(20):
+        reader.quick()
+    assert len(tries) == 1 and stamps.taken == 20
+    clock.now += STAT_INTERVAL
+    for _ in range(20):
+        reader.quick()
+    assert len(tries) == 2
+
+
+def test_a_sparse_counter_is_not_mapped(env: Path) -> None:
+    # Eight bytes long and no block behind them (`truncate -s 8`, `cp --sparse`): on a full
+    # tmpfs the mapping's first read would have no page to fill, and the reader dies (SIGBUS).
+    with open(counter(env), "wb") as handle:
+        handle.truncate(8)
+    assert os.stat(counter(env)).st_blocks == 0
+    clock = FakeClock()
+    reader, stamps = watching(env, clock)
+    reader.quick()
+    reader.quick()
+    assert stamps.taken == 2  # not mapped: every check is a stat

@@ -583,7 +583,11 @@ class EnvFile(TokenStore):
 
     def save(self, tokens: TokenSet, *, replaces: Hashable | None = None) -> Hashable:
         """Write the token keys; ``replaces`` is not checked: the file lock is the fence."""
-        reading = self._reading()
+        # Read again, not the read the lock began with: a writer that takes no lock (an
+        # editor, a legacy script) may have changed the file since, in a way a stat cannot
+        # tell on coarse timestamps, and rendering over an old read would undo its edit (and
+        # restore a mode a `chmod 600` just took away).
+        reading = self._read()
         # Under the lock the move is known by now; outside it this read tells: tokens
         # written into a file that no longer holds the chain would fork it.
         target = self._target(reading)
@@ -626,6 +630,7 @@ class EnvFile(TokenStore):
         uses; or, if that read says the tokens moved, the lock of the store they moved to."""
         with self.file_lock.hold(timeout):
             self.writer.check_peers(self.real)
+            self._check_link()
             before = getattr(self._held, "reading", None)
             self._held.reading = self._read()
             try:
@@ -636,9 +641,24 @@ class EnvFile(TokenStore):
                     yield
                     return
             finally:
-                self._held.reading = before
+                # Leaving a hold inside another of this thread's: the outer one goes on with
+                # the newer read (the inner may have saved), never the one it began with.
+                if before is None:
+                    self._held.reading = None
         with target.lock(timeout):
             yield
+
+    def _check_link(self) -> None:
+        """StoreError if a symlinked ``.env`` now points elsewhere than when this process
+        began: its lock, journal and writes are beside the old target, and a refresh would
+        spend the new target's token and save its successor into the old one."""
+        now = os.path.realpath(self.path)
+        if now != self.real and os.path.lexists(self.path):
+            raise StoreError(
+                f"{self.path} now points to {now}, but this process locks, journals and saves "
+                f"beside {self.real}, where it pointed when the process started: refusing to "
+                "refresh so the token chain cannot split. Restart the process."
+            )
 
     def transaction(self, *, login: bool = False) -> RefreshTransaction:
         return _FileRefresh(self, login=login)

@@ -113,8 +113,10 @@ def _map(path: str) -> _Mapped | None:
         return None
     try:
         info = os.fstat(fd)
-        if info.st_size < _SIZE:
-            return None  # mapped, its missing page would kill the reader (SIGBUS)
+        if info.st_size < _SIZE or info.st_blocks == 0:
+            # Mapped, a missing page (a short file), or a hole a full tmpfs cannot fill (a
+            # sparse copy: `truncate -s`, `cp --sparse`), would kill the reader (SIGBUS).
+            return None
         view = mmap.mmap(fd, _SIZE, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
     except (OSError, ValueError) as exc:  # a filesystem that cannot map files
         log.debug("cannot map the save counter %s: %s", path, exc)
@@ -163,8 +165,11 @@ class StampWatch:
         cell = self._counter(now)
         count = cell[0] if cell is not None else 0  # read before the stamp: see the module
         stamp = self._stamp()
-        if cell is None and self._absent and stamp is not None and _make(self.counter_path):
-            self._looked_until = now  # made it: mapped at the next look, the count read first
+        if cell is None and self._absent and stamp is not None:
+            # Tried once per look: a folder this user may not write refuses it every time.
+            self._absent = False
+            if _make(self.counter_path):
+                self._looked_until = now  # made: mapped at the next look, the count read first
         self._seen = None if cell is None else (cell, count, stamp, now + self.interval)
         return stamp
 

@@ -114,8 +114,15 @@ class MemoryStore(TokenStore):
     def lock(self, timeout: float) -> AbstractContextManager[None]:
         return self._hold(timeout)
 
+    def _held_here(self) -> bool:
+        mine = getattr(self._mine, "hold", None)
+        return mine is not None and self._holder is mine
+
     @contextmanager
     def _hold(self, timeout: float) -> Iterator[None]:
+        if self._held_here():
+            yield  # re-entrant for its holder, as the .env store's lock is
+            return
         me = object()
         with self._cond:
             if not self._wait_free(timeout):
@@ -136,6 +143,8 @@ class MemoryStore(TokenStore):
                     self._cond.notify_all()
 
     def wait_unlocked(self, timeout: float) -> bool:
+        if self._held_here():
+            return True  # its holder would wait for itself
         with self._cond:
             return self._wait_free(timeout)
 

@@ -33,21 +33,31 @@ class FakeClock:
 
 @contextlib.contextmanager
 def counted_stats(path: Path) -> Iterator[list[str]]:
-    """Every ``os.stat`` of ``path`` in this process while inside, as a growing list."""
+    """Every file system call of this process about ``path``'s folder while inside, as a
+    growing list: ``stat``/``lstat``/``open`` of any file in it (the ``.env``, its counter,
+    its lock), and every ``fstat``/``pread`` of any descriptor (which cannot be told apart)."""
     seen: list[str] = []
-    real = os.stat
-    target = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path)) + os.sep
+    patched = {name: getattr(os, name) for name in ("stat", "lstat", "open", "fstat", "pread")}
 
-    def counting(name: Any, *args: Any, **kwargs: Any) -> os.stat_result:
-        if isinstance(name, (str, os.PathLike)) and os.fspath(name) == target:
-            seen.append(target)
-        return real(name, *args, **kwargs)
+    def counting(name: str) -> Callable[..., Any]:
+        real = patched[name]
 
-    os.stat = counting  # type: ignore[assignment]
+        def call(target: Any, *args: Any, **kwargs: Any) -> Any:
+            # abspath, not realpath: realpath itself calls os.lstat.
+            if isinstance(target, int) or os.path.abspath(os.fspath(target)).startswith(folder):
+                seen.append(f"{name}({target!r})")
+            return real(target, *args, **kwargs)
+
+        return call
+
+    for name in patched:
+        setattr(os, name, counting(name))
     try:
         yield seen
     finally:
-        os.stat = real
+        for name, real in patched.items():
+            setattr(os, name, real)
 
 
 def watch_of(auth: mlauth.MLAuth) -> StampWatch:

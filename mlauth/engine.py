@@ -241,6 +241,7 @@ class RefreshEngine:
     ) -> None:
         _check_contract(store)
         self._clock = clock
+        self._wall = clock.wall  # bound once: read before every request
         self.store = store
         self._endpoint = endpoint
         self._refresh_margin = refresh_margin
@@ -346,7 +347,7 @@ class RefreshEngine:
             return None
         stamp = self.store.local_stamp()
         tokens, version, fresh_until = self._cache
-        if stamp is NOT_LOCAL or stamp != version or self._clock.wall() >= fresh_until:
+        if stamp is NOT_LOCAL or stamp != version or self._wall() >= fresh_until:
             return None
         return tokens.access_token
 

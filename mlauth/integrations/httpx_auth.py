@@ -39,6 +39,25 @@ try:  # private, and only used to tell whether a multipart body can be sent agai
 except ImportError:  # pragma: no cover - a future httpx: multipart bodies are not re-sent
     FileField = MultipartStream = None  # type: ignore[assignment,misc]
 
+
+def _parsed() -> bool:
+    """Whether an httpx.URL keeps its parse where :meth:`HttpxAuth._allows` reads it in one
+    go (private, so checked: url.scheme, .raw_host and .port each read it, and raw_host
+    encodes a str only to be decoded back), with the same values as the public properties."""
+    url = httpx.URL("https://[::1]:8443/x")
+    parts = getattr(url, "_uri_reference", None)
+    try:
+        return (parts.scheme, parts.host, parts.port) == (  # type: ignore[union-attr]
+            url.scheme,
+            url.raw_host.decode("ascii"),
+            url.port,
+        )
+    except AttributeError:  # pragma: no cover - a future httpx
+        return False
+
+
+_PARSED = _parsed()
+
 __all__ = ["HttpxAuth"]
 
 log = logging.getLogger("mlauth")
@@ -163,7 +182,11 @@ class HttpxAuth(AuthAdapter, httpx.Auth):
     requires_response_body = False
 
     def _allows(self, url: httpx.URL) -> bool:
-        # httpx has parsed the URL: check what it will connect to, not a string of it.
+        # httpx has parsed the URL: check what it will connect to, not a string of it. Read
+        # from its parse directly where it can be (see _parsed): this runs on every request.
+        if _PARSED:
+            parts = url._uri_reference
+            return self._hosts.allows_parts(parts.scheme, parts.host, parts.port)
         return self._hosts.allows_parts(url.scheme, url.raw_host.decode("ascii"), url.port)
 
     def _fail(self, exc: Exception, request: httpx.Request) -> NoReturn:
@@ -200,7 +223,8 @@ class HttpxAuth(AuthAdapter, httpx.Auth):
             return
         try:
             token = self._engine.token_for_request()
-            rewind = _rewinder(request)
+            # Most bodies are bytes held in memory (no body included): no call for them.
+            rewind = _keep if type(request.stream) is httpx.ByteStream else _rewinder(request)
         except Exception as exc:  # noqa: BLE001 (_fail raises it as an MLAuthError)
             self._fail(exc, request)
         # Replaces whatever the caller set: legacy code passes stale headers.
@@ -230,10 +254,10 @@ class HttpxAuth(AuthAdapter, httpx.Auth):
             yield request
             return
         try:
-            token = self._engine.fresh_token()  # on the loop: a stat and a comparison
+            token = self._engine.fresh_token()  # on the loop: a memory read, a comparison
             if token is None:
                 token = await self._token_off_loop()
-            rewind = _rewinder(request)
+            rewind = _keep if type(request.stream) is httpx.ByteStream else _rewinder(request)
         except Exception as exc:  # noqa: BLE001 (cancellation is a BaseException: not here)
             self._fail(exc, request)
         request.headers["Authorization"] = f"Bearer {token.reveal()}"

@@ -154,9 +154,12 @@ class StampWatch:
     def quick(self) -> Hashable:
         """The stamp, from memory while the counter has not moved and the interval runs."""
         seen = self._seen
-        # The clock first: past the interval the counter's file is looked at before it is read.
-        if seen is not None and self.clock() < seen[3] and seen[0][0] == seen[1]:
-            return seen[2]
+        if seen is not None:
+            cell, count, stamp, until = seen
+            # The clock first: past the interval the counter's file is looked at before it
+            # is read.
+            if self.clock() < until and cell[0] == count:
+                return stamp
         return self.precise()
 
     def precise(self) -> Hashable:

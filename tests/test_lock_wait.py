@@ -383,3 +383,18 @@ def test_a_token_in_need_adopts_a_peers_refresh_without_taking_the_lock(
     assert got and got[0].access_token == mlauth.Secret(str(new["access_token"]))
     assert fake_ml.stats()["token_requests"] == 0  # nothing spent by this process
     assert "took refresh lock" not in caplog.text  # nor did it queue for the lock
+
+
+def test_a_nested_hold_released_inside_another_leaves_the_holder_unblocked(
+    tmp_path: Path,
+) -> None:
+    # The thread still holds the lock after an inner hold (or a busy() look) lets go: asking
+    # whether the lock is free must not make it wait for itself.
+    lock = ProcessLock(str(tmp_path / ".env.lock"))
+    with lock.hold(1.0):
+        with lock.hold(0.0):
+            pass
+        assert lock.wait_released(0.0)
+        lock.busy()
+        assert lock.wait_released(0.0)
+    assert lock.wait_released(0.0) and not lock.busy()

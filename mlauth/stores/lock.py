@@ -331,8 +331,9 @@ class ProcessLock(ReleaseWatch):
             raise why_refused(self.path, "refresh lock") or StoreError(
                 f"cannot open the refresh lock {self.path}: {exc}"
             ) from exc
-        self._held.pop(threading.get_ident(), None)
         self._lock.release()
+        if not self._lock.is_locked:  # not if this very thread holds it (a nested look)
+            self._held.pop(threading.get_ident(), None)
         return False
 
     @contextmanager
@@ -368,5 +369,8 @@ class ProcessLock(ReleaseWatch):
         try:
             yield
         finally:
-            self._held.pop(threading.get_ident(), None)
             self._lock.release()
+            # Only when this thread's outermost hold let go: a nested hold released inside
+            # another must leave the record, or the holder would wait for itself.
+            if not self._lock.is_locked:
+                self._held.pop(threading.get_ident(), None)

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 import time
 from pathlib import Path
-from typing import IO
+from typing import Any
 
 import pytest
 
@@ -15,7 +14,13 @@ from mlauth.cli.migrate import migrate_to_redis
 from mlauth.stores.envfile import read_env_file
 from mlauth.testing import FakeMercadoLibre
 from mlauth.testing.redis_server import RedisServer
-from tests.support.demo_workers import LIFETIME, check_storm, kill_holder_mid_post, result_of
+from tests.support.demo_workers import (
+    LIFETIME,
+    check_storm,
+    kill_holder_mid_post,
+    result_of,
+    worker,
+)
 
 pytestmark = pytest.mark.processes
 
@@ -46,30 +51,10 @@ def machines(
     return folders
 
 
-def worker(
-    folder: Path,
-    url: str,
-    *,
-    threads: int,
-    seconds: float,
-    requests: int | None = None,
-    debug: bool = False,
-    stderr: IO[str] | int = subprocess.PIPE,
-) -> subprocess.Popen[str]:
-    command = [sys.executable, "-m", "mlauth.cli.demo", "--worker", "--env", ".env", "--url", url]
-    command += ["--threads", str(threads), "--seconds", str(seconds)]
-    if requests is not None:
-        command += ["--requests", str(requests)]
-    if debug:
-        command += ["--log-level", "DEBUG"]
-    # The working folder is the machine's own: it shares nothing with its peers but Redis.
-    return subprocess.Popen(
-        command,
-        cwd=folder,
-        stdout=subprocess.PIPE,
-        stderr=stderr,
-        text=True,
-    )
+def machine(folder: Path, url: str, **options: Any) -> subprocess.Popen[str]:
+    """A demo worker whose working folder is the machine's own: it shares nothing with its
+    peers but Redis."""
+    return worker(Path(".env"), url, cwd=folder, **options)
 
 
 def stored(server: RedisServer, folder: Path) -> dict[str, str]:
@@ -88,7 +73,7 @@ def test_several_machines_share_one_chain_through_redis_without_a_failed_call(
             fake, redis_server.url, tmp_path, count, expires_at=time.time() + LIFETIME
         )
         started = time.time()
-        procs = [worker(f, fake.base_url, threads=threads, seconds=seconds) for f in folders]
+        procs = [machine(f, fake.base_url, threads=threads, seconds=seconds) for f in folders]
         results = [result_of(proc) for proc in procs]
         span = time.time() - started  # longer than `seconds` when starting processes is slow
         stats = fake.stats()
@@ -123,8 +108,8 @@ def test_killed_lock_holder_blocks_peers_only_until_the_lock_times_out(
         before = stored(redis_server, holder_dir)
         result, killed_at = kill_holder_mid_post(
             fake,
-            lambda: worker(holder_dir, fake.base_url, threads=1, seconds=60, requests=1),
-            lambda log: worker(
+            lambda: machine(holder_dir, fake.base_url, threads=1, seconds=60, requests=1),
+            lambda log: machine(
                 peer_dir, fake.base_url, threads=1, seconds=60, requests=1, debug=True, stderr=log
             ),
             tmp_path / "peer.log",
@@ -151,7 +136,7 @@ def test_a_run_continues_across_a_redis_restart_with_persistence(
         folders = machines(
             fake, persistent_redis.url, tmp_path, count, expires_at=time.time() + lifetime
         )
-        procs = [worker(f, fake.base_url, threads=threads, seconds=seconds) for f in folders]
+        procs = [machine(f, fake.base_url, threads=threads, seconds=seconds) for f in folders]
         deadline = time.monotonic() + 30
         while fake.stats()["refreshes"] < 1:  # mid-run: after the first rotation
             assert time.monotonic() < deadline, "no refresh happened"
@@ -186,7 +171,7 @@ def test_processes_running_on_a_env_follow_a_migration_mid_run(
             env, expires_at=issued + LIFETIME, extra={"ML_TOKEN_REFRESHED_AT": str(issued)}
         )
         procs = [
-            worker(tmp_path, fake.base_url, threads=threads, seconds=seconds) for _ in range(count)
+            machine(tmp_path, fake.base_url, threads=threads, seconds=seconds) for _ in range(count)
         ]
         deadline = time.monotonic() + 30
         while fake.stats()["refreshes"] < 1:  # mid-run: after a refresh into the file

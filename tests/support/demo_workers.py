@@ -29,14 +29,16 @@ def worker(
     requests: int | None = None,
     debug: bool = False,
     stderr: IO[str] | int = subprocess.PIPE,
+    cwd: Path | None = None,
 ) -> subprocess.Popen[str]:
+    """A demo worker process on ``env`` (relative to ``cwd``, if given)."""
     command = [sys.executable, "-m", "mlauth.cli.demo", "--worker", "--env", str(env), "--url", url]
     command += ["--threads", str(threads), "--seconds", str(seconds)]
     if requests is not None:
         command += ["--requests", str(requests)]
     if debug:
         command += ["--log-level", "DEBUG"]
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr, text=True)
+    return subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=stderr, text=True)
 
 
 def result_of(proc: subprocess.Popen[str], timeout: float = 120) -> dict[str, object]:

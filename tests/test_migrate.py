@@ -20,6 +20,7 @@ from mlauth.stores.envfile import (
 from mlauth.stores.redis import RedisStore
 from mlauth.testing import FakeMercadoLibre
 from mlauth.testing.redis_server import RedisServer
+from tests.support.save_counter import frozen, watch_of
 
 
 def key_of(env: Path) -> str:
@@ -188,3 +189,22 @@ def test_migration_refuses_a_token_a_dead_refresher_possibly_spent(
     assert env.read_text() == before
     with redis_server.client() as client:
         assert not client.exists(key_of(env))
+
+
+def test_a_running_process_sees_the_migration_at_its_next_request(
+    fake_ml: FakeMercadoLibre, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    env = tmp_path / ".env"
+    fake_ml.write_env(env, expires_at=time.time() + 3600)
+    auth = mlauth.MLAuth.from_env(env)
+    assert requests.get(f"{fake_ml.base_url}/users/me", auth=auth).ok
+    watch = watch_of(auth)
+    frozen(auth)  # the stat interval never runs out: only the save counter can tell
+    before = watch.quick()
+
+    migrate_to_redis(env, redis_server.url)
+
+    # What the engine asks before the next request: the file changed (its stamp moved), so
+    # that request reads it and follows the tokens to Redis.
+    assert watch.quick() != before
+    assert watch.quick() == watch.precise()

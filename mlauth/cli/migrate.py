@@ -19,7 +19,6 @@ from mlauth.stores.envfile import (
     read_env_file,
     secrets_of,
     tokens_from_values,
-    update_env_file,
 )
 from mlauth.stores.journal import recover
 from mlauth.stores.redis import RedisStore, redact_url
@@ -97,7 +96,7 @@ def migrate_to_redis(
             )
         if not same:
             target.seed(tokens, replace=force)
-        update_env_file(path, {**dict.fromkeys(TOKEN_KEYS), STORE_KEY: url})
+        source.update_file({**dict.fromkeys(TOKEN_KEYS), STORE_KEY: url})
     return MigrationResult(path, target.location, target.key, tokens)
 
 

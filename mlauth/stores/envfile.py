@@ -753,6 +753,13 @@ class EnvFileStore(TokenStore):
         """This file's own refresh lock, even after the tokens moved (for ``migrate``)."""
         return self._file.file_lock.hold(timeout)
 
+    def update_file(self, updates: Mapping[str, str | None]) -> None:
+        """Set (None: remove) keys of the file itself, as a migration does, under
+        :meth:`file_lock`, which the caller holds; every process watching the file sees the
+        change at its next request, as it sees a save (:mod:`mlauth.stores.watch`)."""
+        update_env_file(self.path, updates, writer=self._file.writer)
+        self._file._watch.bump()  # after the file, as save() does
+
     # -- the contract, answered by the current store ---------------------------------------
     # Sealed (mlauth.errors.sealed) where the file's methods below hold its text, its values
     # or the journal's raw answers in their locals.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -20,7 +22,7 @@ from mlauth.stores.envfile import (
 from mlauth.stores.redis import RedisStore
 from mlauth.testing import FakeMercadoLibre
 from mlauth.testing.redis_server import RedisServer
-from tests.support.save_counter import frozen, watch_of
+from tests.support.save_counter import frozen, refresh_in_another_process, sent_token
 
 
 def key_of(env: Path) -> str:
@@ -191,20 +193,33 @@ def test_migration_refuses_a_token_a_dead_refresher_possibly_spent(
         assert not client.exists(key_of(env))
 
 
-def test_a_running_process_sees_the_migration_at_its_next_request(
+def test_a_process_running_on_the_env_sees_the_migration_at_its_next_request(
     fake_ml: FakeMercadoLibre, redis_server: RedisServer, tmp_path: Path
 ) -> None:
+    # The migration rewrites the .env: like every save by mlauth, it must show through the
+    # save counter at the next request, not only once the stat interval runs out.
     env = tmp_path / ".env"
     fake_ml.write_env(env, expires_at=time.time() + 3600)
     auth = mlauth.MLAuth.from_env(env)
-    assert requests.get(f"{fake_ml.base_url}/users/me", auth=auth).ok
-    watch = watch_of(auth)
-    frozen(auth)  # the stat interval never runs out: only the save counter can tell
-    before = watch.quick()
+    session = requests.Session()
+    session.trust_env = False
+    session.auth = auth
+    url = f"{fake_ml.base_url}/users/me"
+    refresh_in_another_process(env)  # makes the save counter, as any save does
+    assert sent_token(lambda: session.get(url, timeout=30)) == read_env_file(env)["ML_ACCESS_TOKEN"]
+    frozen(auth)  # from here a change shows only through the save counter
+    done = subprocess.run(
+        [sys.executable, "-m", "mlauth", "migrate", "--env", str(env), "--to", redis_server.url],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    refresh_in_another_process(env)  # on Redis now: kills the access token the file had
 
-    migrate_to_redis(env, redis_server.url)
-
-    # What the engine asks before the next request: the file changed (its stamp moved), so
-    # that request reads it and follows the tokens to Redis.
-    assert watch.quick() != before
-    assert watch.quick() == watch.precise()
+    with redis_server.client() as client:
+        new = client.hget(key_of(env), "access_token")
+    assert sent_token(lambda: session.get(url, timeout=30)) == new
+    assert fake_ml.stats()["api_401"] == 0  # the move was seen before the request, not after
+    assert fake_ml.stats()["invalid_grant"] == 0

@@ -19,7 +19,10 @@ from tests.support.refresh_trace import trace_401_refresh
 FUNCTIONS_BEFORE = 151
 HOPS_BEFORE = 143
 MAX_FUNCTIONS = 158
-MAX_HOPS = 119
+# 119, and one more since the save counter is read-only between saves: its bump opens it a
+# second time, writable, for its one write (mlauth.stores.watch._MODE: a copy over it by its
+# owner must fail, not kill every process that maps it).
+MAX_HOPS = 120
 
 
 def test_one_401_refresh_stays_within_its_ceilings(tmp_path: Path) -> None:

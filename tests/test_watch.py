@@ -7,7 +7,8 @@ from __future__ import annotations
 import logging
 import os
 import select
-from collections.abc import Hashable
+import sys
+from collections.abc import Hashable, Iterator
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ from mlauth.stores.envfile import EnvFileStore, read_env_file
 from mlauth.stores.watch import COUNTER_SUFFIX, STAT_INTERVAL, StampWatch
 from mlauth.testing import FakeMercadoLibre
 from tests.support.mounts import bind_file
+from tests.support.planting import NOBODY, in_child_as_nobody, run_as_nobody, shared_folders
 from tests.support.save_counter import (
     FakeClock,
     counted_stats,
@@ -113,7 +115,7 @@ def test_the_first_reader_makes_the_counter_and_a_save_shows_through_it(env: Pat
     reader, stamps = watching(env, clock)
     first = reader.quick()  # finds no counter: makes it, and maps it at the next look
     assert os.path.getsize(counter(env)) == 8
-    assert os.stat(counter(env)).st_mode & 0o777 == 0o600
+    assert os.stat(counter(env)).st_mode & 0o777 == 0o400  # read-only between saves
     assert reader.quick() == first and stamps.taken == 2  # the count is read before the stat
     for _ in range(5):
         assert reader.quick() == first
@@ -425,3 +427,74 @@ def test_a_sparse_counter_is_not_mapped(env: Path) -> None:
     reader.quick()
     reader.quick()
     assert stamps.taken == 2  # not mapped: every check is a stat
+
+
+# -- a copy over the counter: it would truncate a file every process maps -------------------
+
+
+def count_in(path: str) -> int:
+    with open(path, "rb") as file:
+        return int.from_bytes(file.read(), sys.byteorder)
+
+
+def test_a_save_leaves_the_counter_counted_and_read_only(env: Path) -> None:
+    watch, _ = watching(env, FakeClock())
+    for expected in (1, 2, 3):
+        watch.bump()
+        assert count_in(counter(env)) == expected
+        assert os.stat(counter(env)).st_mode & 0o777 == 0o400
+
+
+@pytest.fixture
+def nobodys_env() -> Iterator[Path]:
+    """A .env in a folder of nobody's, both nobody's, with a counter nobody's mlauth made."""
+    if os.geteuid() != 0:
+        pytest.skip("environment limit: acting as another user (nobody) needs root")
+    with shared_folders() as folders:
+        env = folders.attacker / ".env"
+        env.write_text("ML_ACCESS_TOKEN=one\n")
+        os.chown(env, NOBODY.pw_uid, NOBODY.pw_gid)
+
+        def two_saves() -> None:
+            watch = StampWatch(lambda: None, counter(env))
+            watch.bump()
+            watch.bump()
+            assert count_in(counter(env)) == 2  # the owner's saves write it, mode or not
+
+        assert in_child_as_nobody(two_saves) == 0
+        yield env
+
+
+def test_the_owner_keeps_counting_a_counter_that_is_read_only(nobodys_env: Path) -> None:
+    path = counter(nobodys_env)
+    assert os.stat(path).st_uid == NOBODY.pw_uid
+    assert os.stat(path).st_mode & 0o777 == 0o400
+
+    def one_more() -> None:
+        StampWatch(lambda: None, path).bump()
+
+    assert in_child_as_nobody(one_more) == 0
+    assert count_in(path) == 3
+
+
+def test_a_copy_over_the_counter_by_its_owner_fails_and_leaves_it_whole(
+    nobodys_env: Path,
+) -> None:
+    # `cp -a backup/. app/` while processes run: cp truncates an existing file in place, and
+    # every process that maps the counter would die of SIGBUS at its next request.
+    path = counter(nobodys_env)
+    backup = nobodys_env.with_name("backup.generation")
+    backup.write_bytes((7).to_bytes(8, sys.byteorder))
+    os.chown(backup, NOBODY.pw_uid, NOBODY.pw_gid)
+    before = os.stat(path)
+
+    for copy in (
+        ["cp", str(backup), path],
+        ["sh", "-c", 'cat "$1" > "$2"', "sh", str(backup), path],
+    ):
+        done = run_as_nobody(*copy)
+        assert done.returncode != 0, copy
+        assert b"Permission denied" in done.stderr, done.stderr
+    after = os.stat(path)
+    assert (after.st_ino, after.st_size) == (before.st_ino, before.st_size)
+    assert count_in(path) == 2

@@ -22,8 +22,11 @@ another user, a link, one with two names; :func:`mlauth.stores.private.open_own`
 
 Why a file of its own: a mapped file that another opener shrinks kills the reader with
 ``SIGBUS`` on its next read. The lock file is opened by filelock (older versions truncate it)
-and the ``.env`` by everyone; the counter file is opened only here, never truncated, and only
-its owner or root could shrink it (don't, while processes run: they would crash). It is
+and the ``.env`` by everyone; the counter file is opened only here and never truncated. It is
+also read-only (0400) between saves, each save making it writable for its one write: a copy
+over it (``cp -a backup/. app/``, ``rsync --inplace``), which truncates in place, then fails
+for its owner instead of crashing every process that maps it. Root ignores the mode: as
+root, stop the processes before restoring the folder over itself. It is
 made allocated (``posix_fallocate``), never as a hole: on a full tmpfs, the first touch of a
 hole through a mapping is ``SIGBUS`` too. The first process that finds the ``.env`` and no
 counter makes it; a missing ``.env`` gets nothing beside it. A counter file that is deleted
@@ -39,6 +42,7 @@ from __future__ import annotations
 import logging
 import mmap
 import os
+import stat
 import struct
 import time
 from collections.abc import Callable, Hashable
@@ -58,6 +62,11 @@ COUNTER_SUFFIX = ".generation"
 _WHAT = "save counter"
 _COUNT = struct.Struct("=Q")  # native order: every process on one kernel shares it
 _SIZE = _COUNT.size
+#: The counter file's mode between saves: read-only even for its owner, so that a copy over
+#: it (``cp``, ``rsync --inplace``, a shell's ``>``), which would truncate it in place and
+#: kill every process that maps it (SIGBUS), fails instead. Root bypasses modes: see the
+#: module's docstring.
+_MODE = stat.S_IRUSR
 
 # The counter as mapped (a memoryview of one native unsigned 64-bit cell), the count read
 # from it, the precise stamp taken after that read, and until when (monotonic) the stamp
@@ -69,22 +78,24 @@ _fallocate: Callable[[int, int, int], None] | None = getattr(os, "posix_fallocat
 
 
 def _make(path: str | None) -> bool:
-    """Make the counter file (0600, one count of zero) beside a store that exists; whether
-    it is there now. A read-only folder, or one this user may not write, gets none."""
+    """Make the counter file (read-only, :data:`_MODE`; one count of zero) beside a store
+    that exists; whether it is there now. A read-only folder, or one this user may not
+    write, gets none."""
     if path is None or _fallocate is None:
         return False  # (macOS has no posix_fallocate: there the first save makes it)
     try:
         fd = open_own(path, os.O_RDWR, _WHAT, create=True)
     except StoreError:
         return False  # planted meanwhile: _map says so when it looks
-    except OSError as exc:
+    except OSError as exc:  # also one made read-only by another process meanwhile: it is there
         log.debug("cannot make the save counter %s: %s", path, exc)
-        return False
+        return os.path.isfile(path)
     try:
         # Allocated, not truncated to size: a hole in a file on tmpfs gets its page only
         # when first touched, and a mapping that touches it on a full tmpfs gets SIGBUS.
         # fallocate never overwrites: a save's count written since the open is kept.
         _fallocate(fd, 0, _SIZE)
+        os.fchmod(fd, _MODE)
     except OSError as exc:
         log.debug("cannot size the save counter %s: %s", path, exc)
         return False
@@ -185,11 +196,19 @@ class StampWatch:
         if path is None:
             return
         try:
-            fd = open_own(path, os.O_RDWR, _WHAT, create=True)
+            fd = open_own(path, os.O_RDONLY, _WHAT, create=True)
             try:
                 old = os.pread(fd, _SIZE, 0)
                 count = _COUNT.unpack(old)[0] + 1 if len(old) == _SIZE else 1
-                os.pwrite(fd, _COUNT.pack(count % (1 << 64)), 0)
+                os.fchmod(fd, _MODE | stat.S_IWUSR)  # writable for this one write (see _MODE)
+                try:
+                    writable = open_own(path, os.O_WRONLY, _WHAT)
+                    try:
+                        os.pwrite(writable, _COUNT.pack(count % (1 << 64)), 0)
+                    finally:
+                        os.close(writable)
+                finally:
+                    os.fchmod(fd, _MODE)
             finally:
                 os.close(fd)
         except (OSError, StoreError) as exc:

@@ -15,7 +15,7 @@ import shutil
 import stat
 import subprocess
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -28,9 +28,9 @@ def _become_nobody() -> None:
     os.setuid(NOBODY.pw_uid)
 
 
-def as_nobody(*argv: str, stdin: bytes = b"") -> None:
-    """Run ``argv`` as ``nobody``; AssertionError (with its stderr) unless it succeeds."""
-    done = subprocess.run(
+def run_as_nobody(*argv: str, stdin: bytes = b"") -> subprocess.CompletedProcess[bytes]:
+    """Run ``argv`` as ``nobody``, whatever it answers."""
+    return subprocess.run(
         list(argv),
         input=stdin,
         capture_output=True,
@@ -38,7 +38,28 @@ def as_nobody(*argv: str, stdin: bytes = b"") -> None:
         timeout=30,
         check=False,
     )
+
+
+def as_nobody(*argv: str, stdin: bytes = b"") -> None:
+    """Run ``argv`` as ``nobody``; AssertionError (with its stderr) unless it succeeds."""
+    done = run_as_nobody(*argv, stdin=stdin)
     assert done.returncode == 0, done.stderr.decode(errors="replace")
+
+
+def in_child_as_nobody(action: Callable[[], None]) -> int:
+    """Run ``action`` in a forked child that became ``nobody``: its exit status (0 if it
+    returned, 1 if it raised, the raw status if it died of a signal)."""
+    pid = os.fork()
+    if pid == 0:  # the child: never back into pytest
+        code = 1
+        try:
+            _become_nobody()
+            action()
+            code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
 
 
 def plant_link(link: Path, target: Path) -> None:

@@ -10,11 +10,13 @@ import select
 import sys
 from collections.abc import Hashable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
 
 import mlauth
+from mlauth.stores import watch as watch_module
 from mlauth.stores.envfile import EnvFileStore, read_env_file
 from mlauth.stores.watch import COUNTER_SUFFIX, STAT_INTERVAL, StampWatch
 from mlauth.testing import FakeMercadoLibre
@@ -475,6 +477,30 @@ def test_the_owner_keeps_counting_a_counter_that_is_read_only(nobodys_env: Path)
 
     assert in_child_as_nobody(one_more) == 0
     assert count_in(path) == 3
+
+
+def test_a_save_that_races_a_peer_making_the_counter_is_counted(nobodys_env: Path) -> None:
+    # The first save and another process's first look at once: the look finds no counter
+    # and makes one while the save, which made it a moment before, holds it writable for its
+    # write. The maker must not make it read-only under the save (root ignores modes: as
+    # nobody).
+    path = counter(nobodys_env)
+    os.remove(path)
+
+    def save_with_a_peer_making_it_meanwhile() -> None:
+        own = watch_module.open_own
+
+        def open_own(name: str, flags: int, what: str, **kwargs: Any) -> int:
+            if flags == os.O_WRONLY:  # the save's write, between its two chmods
+                assert watch_module._make(name)  # the peer: it is there
+            return own(name, flags, what, **kwargs)
+
+        watch_module.open_own = open_own  # in this child only
+        StampWatch(lambda: None, path).bump()
+
+    assert in_child_as_nobody(save_with_a_peer_making_it_meanwhile) == 0
+    assert count_in(path) == 1  # the save's count, not lost to a refused write
+    assert os.stat(path).st_mode & 0o777 == 0o400
 
 
 def test_a_copy_over_the_counter_by_its_owner_fails_and_leaves_it_whole(

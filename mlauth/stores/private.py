@@ -144,17 +144,17 @@ def why_refused(path: str, what: str) -> StoreError | None:
     return None
 
 
-def open_own(path: str, flags: int, what: str, *, create: bool = False) -> int:
+def open_own(path: str, flags: int, what: str, *, create: bool = False, mode: int = 0o600) -> int:
     """Open mlauth's own file ``path`` (``what`` names it in errors) and check it.
 
-    Never through a link; ``create`` makes it (0600) if it is missing. Raises
+    Never through a link; ``create`` makes it (``mode``, 0600 unless told) if it is missing. Raises
     FileNotFoundError if it is missing and not to be created, StoreError if it is not fit
     (:func:`check_own_fd`), OSError otherwise.
     """
     if create:
         flags |= os.O_CREAT
     try:
-        fd = os.open(path, flags | _OPEN_FLAGS, 0o600)
+        fd = os.open(path, flags | _OPEN_FLAGS, mode)
     except FileNotFoundError:
         raise
     except OSError:

@@ -84,7 +84,10 @@ def _make(path: str | None) -> bool:
     if path is None or _fallocate is None:
         return False  # (macOS has no posix_fallocate: there the first save makes it)
     try:
-        fd = open_own(path, os.O_RDWR, _WHAT, create=True)
+        # Born read-only (the open that creates it may still write it), never chmod-ed here:
+        # a peer's save may be between its two chmods on a file that came meanwhile, and a
+        # chmod back to read-only would refuse that save's write.
+        fd = open_own(path, os.O_RDWR, _WHAT, create=True, mode=_MODE)
     except StoreError:
         return False  # planted meanwhile: _map says so when it looks
     except OSError as exc:  # also one made read-only by another process meanwhile: it is there
@@ -95,7 +98,6 @@ def _make(path: str | None) -> bool:
         # when first touched, and a mapping that touches it on a full tmpfs gets SIGBUS.
         # fallocate never overwrites: a save's count written since the open is kept.
         _fallocate(fd, 0, _SIZE)
-        os.fchmod(fd, _MODE)
     except OSError as exc:
         log.debug("cannot size the save counter %s: %s", path, exc)
         return False

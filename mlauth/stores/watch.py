@@ -24,9 +24,10 @@ Why a file of its own: a mapped file that another opener shrinks kills the reade
 ``SIGBUS`` on its next read. The lock file is opened by filelock (older versions truncate it)
 and the ``.env`` by everyone; the counter file is opened only here and never truncated. It is
 also read-only (0400) between saves, each save making it writable for its one write: a copy
-over it (``cp -a backup/. app/``, ``rsync --inplace``), which truncates in place, then fails
-for its owner instead of crashing every process that maps it. Root ignores the mode: as
-root, stop the processes before restoring the folder over itself. It is
+over it by its owner that truncates in place (``cp -a backup/. app/``, a shell's ``>``) then
+fails instead of crashing every process that maps it. Not every copy: ``rsync --inplace``
+makes a read-only file writable for its write, and root ignores the mode; stop the processes
+before restoring the folder over itself. It is
 made allocated (``posix_fallocate``), never as a hole: on a full tmpfs, the first touch of a
 hole through a mapping is ``SIGBUS`` too. The first process that finds the ``.env`` and no
 counter makes it; a missing ``.env`` gets nothing beside it. A counter file that is deleted
@@ -63,9 +64,9 @@ _WHAT = "save counter"
 _COUNT = struct.Struct("=Q")  # native order: every process on one kernel shares it
 _SIZE = _COUNT.size
 #: The counter file's mode between saves: read-only even for its owner, so that a copy over
-#: it (``cp``, ``rsync --inplace``, a shell's ``>``), which would truncate it in place and
-#: kill every process that maps it (SIGBUS), fails instead. Root bypasses modes: see the
-#: module's docstring.
+#: it (``cp``, a shell's ``>``), which would truncate it in place and kill every process that
+#: maps it (SIGBUS), fails instead. Root and ``rsync --inplace`` get past it: see the module's
+#: docstring.
 _MODE = stat.S_IRUSR
 
 # The counter as mapped (a memoryview of one native unsigned 64-bit cell), the count read

@@ -20,6 +20,7 @@ from mlauth.stores import watch as watch_module
 from mlauth.stores.envfile import EnvFileStore, read_env_file
 from mlauth.stores.watch import COUNTER_SUFFIX, STAT_INTERVAL, StampWatch
 from mlauth.testing import FakeMercadoLibre
+from tests.support.hostile_answers import spend_outside
 from tests.support.mounts import bind_file
 from tests.support.planting import NOBODY, in_child_as_nobody, run_as_nobody, shared_folders
 from tests.support.save_counter import (
@@ -328,16 +329,7 @@ def test_a_legacy_refresh_is_adopted_at_its_first_401(
     sent_token(lambda: session.get(url, timeout=30))
     frozen(auth)  # the interval cannot help: only the 401 can
     refresh = read_env_file(fake_ml_env)["ML_REFRESH_TOKEN"]
-    answer = requests.post(  # a legacy script refreshes without mlauth: the old token dies
-        fake_ml.token_url,
-        data={
-            "grant_type": "refresh_token",
-            "client_id": fake_ml.client_id,
-            "client_secret": fake_ml.client_secret,
-            "refresh_token": refresh,
-        },
-        timeout=30,
-    ).json()
+    answer = spend_outside(fake_ml, refresh).json()  # a legacy refresh: the old token dies
     write_like_a_legacy_script(
         fake_ml_env, answer["access_token"], answer["refresh_token"], replace=True
     )

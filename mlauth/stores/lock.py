@@ -17,7 +17,7 @@ import filelock
 
 from mlauth.errors import LockTimeoutError, StoreError
 
-from .private import check_own_fd, open_own, why_refused
+from .private import check_own_fd, denied, open_own, why_refused
 
 __all__ = ["ProcessLock", "ReleaseWatch", "fork_bound"]
 
@@ -266,7 +266,8 @@ class ProcessLock(ReleaseWatch):
         # Checked on the descriptor filelock locked (opened with O_NOFOLLOW): a lock file
         # planted by another user could be swapped for a second inode while held, and two
         # processes would refresh at once. Raising here makes filelock let go of it.
-        info = check_own_fd(fd, self.path, "refresh lock")
+        # created: filelock may have just made it (run as root: the .env's owner locks it next)
+        info = check_own_fd(fd, self.path, "refresh lock", created=True)
         self._held[threading.get_ident()] = (fd, info.st_dev, info.st_ino)
 
     def _after_fork_in_child(self) -> None:
@@ -328,8 +329,10 @@ class ProcessLock(ReleaseWatch):
         except StoreError:
             raise  # refused by _note_held: it names the file and the fix
         except OSError as exc:
-            raise why_refused(self.path, "refresh lock") or StoreError(
-                f"cannot open the refresh lock {self.path}: {exc}"
+            raise (
+                why_refused(self.path, "refresh lock")
+                or denied(self.path, "refresh lock", exc)
+                or StoreError(f"cannot open the refresh lock {self.path}: {exc}")
             ) from exc
         self._lock.release()
         if not self._lock.is_locked:  # not if this very thread holds it (a nested look)
@@ -353,7 +356,10 @@ class ProcessLock(ReleaseWatch):
         except StoreError:
             raise  # refused by _note_held: it names the file and the fix
         except OSError as exc:
-            refused = why_refused(self.path, "refresh lock")  # a link planted under its name
+            # A link planted under its name, or a lock file a run as root left
+            refused = why_refused(self.path, "refresh lock") or denied(
+                self.path, "refresh lock", exc
+            )
             if refused is not None:
                 raise refused from exc
             raise StoreError(

@@ -12,8 +12,9 @@ turns it on.
 So every such file is opened here and nowhere else: with ``O_NOFOLLOW`` (a link is refused by
 the kernel, not by a check that could race it), ``O_NONBLOCK`` (a planted FIFO cannot hang the
 open), and then checked on the open descriptor (``fstat``: no window between the check and the
-use) to be a regular file with one name, owned by this user or root. A file mlauth creates
-under a name of its own choosing gets a random one with ``O_EXCL``. Anything else is a
+use) to be a regular file with one name, owned by this user or root (or, for root, by the
+``.env``'s owner, to whom root gives what it creates: :func:`check_own_fd`). A file mlauth
+creates under a name of its own choosing gets a random one with ``O_EXCL``. Anything else is a
 :class:`~mlauth.StoreError` that names the file and the fix, asked for before a refresh token
 is spent (:meth:`EnvFileStore.check_writable <mlauth.stores.envfile.EnvFileStore.check_writable>`).
 
@@ -46,6 +47,7 @@ __all__ = [
     "check_folder",
     "check_own_fd",
     "check_own_file",
+    "denied",
     "open_own",
     "temp_beside",
     "why_refused",
@@ -92,17 +94,35 @@ def _remove(path: str, mode: int = stat.S_IFREG) -> str:
     return f"Remove it (`{command} {path}`): mlauth creates the file itself"
 
 
-def check_own_fd(fd: int, path: str, what: str) -> os.stat_result:
+def check_own_fd(fd: int, path: str, what: str, *, created: bool = False) -> os.stat_result:
     """The open file's status; StoreError unless it is fit to hold what mlauth keeps there.
 
     Fit: a regular file, with one name (a second one is a hard link someone else may read or
     have planted), owned by this user or root (an owner who is neither could read and forge
-    it).
+    it); run as root, also one owned by the owner of the store it serves.
+
+    ``created``: the open may have made the file. Run as root, a file of root's beside a
+    store another user owns (``<store>.lock``, ``<store>.journal``, ...) is then given to
+    that user. A pipeline's ``.env`` is its user's, but root runs mlauth on it too: ``sudo``,
+    a root cron job, a container running as root on the bind-mounted folder. Left root's
+    (0600), the lock and the journal would refuse the user's next run; given to the owner of
+    the tokens, they hold nothing that user could not read already. Beside a ``.env`` of
+    root's, or one that is not a regular file now, they stay root's.
     """
     info = os.fstat(fd)
     if not stat.S_ISREG(info.st_mode):
         raise _planted(what, path, f"it is {_kind(info.st_mode)}", _remove(path, info.st_mode))
     me = os.geteuid()
+    if me == 0 and (info.st_uid != 0 or created):
+        owner = _store_owner(path)
+        if owner is not None and info.st_uid == 0:
+            try:
+                os.fchown(fd, *owner)
+                info = os.fstat(fd)
+            except OSError as exc:  # a user namespace where that owner is not mapped
+                log.debug("could not give %s to uid %d: %s", path, owner[0], exc)
+        if owner is not None and info.st_uid == owner[0]:
+            me = owner[0]  # the store's owner, given the file by root now or earlier
     if info.st_uid not in (me, 0):
         raise _planted(
             what,
@@ -121,6 +141,18 @@ def check_own_fd(fd: int, path: str, what: str) -> os.stat_result:
             f"did not make them, this one (`rm {path}`: mlauth creates the file itself)",
         )
     return info
+
+
+def _store_owner(path: str) -> tuple[int, int] | None:
+    """The owner and group of the store that mlauth's file ``path`` serves (``<store>.lock``,
+    ``<store>.journal``, ...), if the store is a regular file of a user other than root."""
+    try:
+        info = os.lstat(os.path.splitext(path)[0])
+    except OSError:
+        return None
+    if not stat.S_ISREG(info.st_mode) or info.st_uid == 0:
+        return None
+    return info.st_uid, info.st_gid
 
 
 def why_refused(path: str, what: str) -> StoreError | None:
@@ -149,7 +181,8 @@ def open_own(path: str, flags: int, what: str, *, create: bool = False, mode: in
 
     Never through a link; ``create`` makes it (``mode``, 0600 unless told) if it is missing. Raises
     FileNotFoundError if it is missing and not to be created, StoreError if it is not fit
-    (:func:`check_own_fd`), OSError otherwise.
+    (:func:`check_own_fd`, which gives a file root made to the store's owner), OSError
+    otherwise.
     """
     if create:
         flags |= os.O_CREAT
@@ -157,17 +190,37 @@ def open_own(path: str, flags: int, what: str, *, create: bool = False, mode: in
         fd = os.open(path, flags | _OPEN_FLAGS, mode)
     except FileNotFoundError:
         raise
-    except OSError:
-        refused = why_refused(path, what)
+    except OSError as exc:
+        refused = why_refused(path, what) or denied(path, what, exc)
         if refused is not None:
             raise refused from None
         raise
     try:
-        check_own_fd(fd, path, what)
+        check_own_fd(fd, path, what, created=create)
     except BaseException:
         os.close(fd)
         raise
     return fd
+
+
+def denied(path: str, what: str, exc: OSError) -> StoreError | None:
+    """The StoreError an open refused for lack of permission deserves when another user
+    (root, as a rule) owns the file; None for any other failure."""
+    if not isinstance(exc, PermissionError):
+        return None
+    try:
+        owner = os.lstat(path).st_uid
+    except OSError:
+        return None
+    me = os.geteuid()
+    if owner == me:
+        return None
+    return StoreError(
+        f"cannot open the {what} {path}: it belongs to {_user(owner)}, and this user "
+        f"({_user(me)}) may not open it; a run as that user left it. Give it to this user "
+        f"(`chown {me} {path}`) or, while no mlauth process runs, remove it (`rm {path}`: "
+        "mlauth creates the file itself)."
+    )
 
 
 def check_own_file(path: str, what: str) -> None:
@@ -209,6 +262,7 @@ def write_replacing(path: str, data: bytes) -> None:
     Raises OSError.
     """
     with temp_beside(path) as (fd, tmp):
+        check_own_fd(fd, path, "temporary file", created=True)  # run as root: whose it is
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view) :]

@@ -106,8 +106,9 @@ def test_files_a_run_as_root_left_get_an_error_naming_the_fix(
 ) -> None:
     env = _users_env(fake_ml, folder)
     before = env.read_bytes()
-    for name in (".env.lock", ".env.journal"):  # what an older mlauth run as root left
-        (folder / name).touch(mode=0o600)
+    left = [folder / ".env.lock", folder / ".env.journal"]  # what an older run as root left
+    for path in left:
+        path.touch(mode=0o600)
     code, said = _as_user(_refresh(env))
     assert code == 1
     assert said.startswith("StoreError: cannot open the refresh lock"), said
@@ -115,12 +116,63 @@ def test_files_a_run_as_root_left_get_an_error_naming_the_fix(
     # Refused before anything was spent: the chain and the file are as they were.
     assert fake_ml.stats()["token_requests"] == 0
     assert env.read_bytes() == before
-    # A run as root now gives those files to the .env's owner, and the user goes on.
+    # Root gives away only files it makes itself, never one it finds under the name.
     mlauth.MLAuth.from_env(env).refresh()
-    assert (folder / ".env.lock").stat().st_uid == NOBODY.pw_uid
-    assert (folder / ".env.journal").stat().st_uid == NOBODY.pw_uid
+    assert [path.stat().st_uid for path in left] == [0, 0]
+    for path in left:  # the fix the message gives
+        os.chown(path, NOBODY.pw_uid, NOBODY.pw_gid)
     assert _as_user(_refresh(env)) == (0, "ok")
     assert fake_ml.stats()["refreshes"] == 2
+
+
+def test_a_file_of_roots_renamed_beside_the_env_is_not_given_away(
+    fake_ml: FakeMercadoLibre, folder: Path
+) -> None:
+    # Root's own .env in the user's folder; the user renames it to the lock's name and puts
+    # a .env of its own in its place. Root's next run must not hand its tokens over.
+    roots = folder / "roots.env"
+    fake_ml.write_env(roots)
+    secret = roots.read_bytes()
+    os.rename(roots, folder / ".env.lock")  # the folder's owner may rename anything in it
+    env = _users_env(fake_ml, folder)
+    mlauth.MLAuth.from_env(env).refresh()
+    lock = folder / ".env.lock"
+    assert (lock.stat().st_uid, lock.stat().st_mode & 0o777, lock.read_bytes()) == (
+        0,
+        0o600,
+        secret,
+    )
+
+
+def test_a_hard_link_beside_the_env_is_refused_before_anything_is_given(
+    fake_ml: FakeMercadoLibre, folder: Path
+) -> None:
+    # A root file elsewhere on the same file system, linked under the counter's name (made
+    # here as root: fs.protected_hardlinks would stop nobody, but not every kernel sets it).
+    victim_folder = Path(tempfile.mkdtemp(prefix="mlauth-victim-"))
+    try:
+        victim = victim_folder / "shadow"
+        victim.write_bytes(b"root's own secret\n")
+        victim.chmod(0o600)
+        env = _users_env(fake_ml, folder)
+        os.link(victim, folder / ".env.generation")
+        mlauth.MLAuth.from_env(env).refresh()  # the counter is refused; the refresh goes on
+        assert (victim.stat().st_uid, victim.stat().st_mode & 0o777) == (0, 0o600)
+        assert victim.read_bytes() == b"root's own secret\n"
+    finally:
+        shutil.rmtree(victim_folder)
+
+
+def test_nothing_is_given_in_a_folder_others_may_write(
+    fake_ml: FakeMercadoLibre, folder: Path
+) -> None:
+    # A group-writable team folder: a member other than the .env's owner could swap the .env
+    # for one of theirs and be given root's files, so nothing is given.
+    folder.chmod(0o770)
+    env = _users_env(fake_ml, folder)
+    mlauth.MLAuth.from_env(env).refresh()
+    for name in SIBLINGS:
+        assert (folder / name).stat().st_uid == 0, name
 
 
 def test_the_marker_root_writes_is_readable_by_the_env_owner(

@@ -266,8 +266,7 @@ class ProcessLock(ReleaseWatch):
         # Checked on the descriptor filelock locked (opened with O_NOFOLLOW): a lock file
         # planted by another user could be swapped for a second inode while held, and two
         # processes would refresh at once. Raising here makes filelock let go of it.
-        # created: filelock may have just made it (run as root: the .env's owner locks it next)
-        info = check_own_fd(fd, self.path, "refresh lock", created=True)
+        info = check_own_fd(fd, self.path, "refresh lock")
         self._held[threading.get_ident()] = (fd, info.st_dev, info.st_ino)
 
     def _after_fork_in_child(self) -> None:
@@ -339,10 +338,20 @@ class ProcessLock(ReleaseWatch):
             self._held.pop(threading.get_ident(), None)
         return False
 
+    def _make(self) -> None:
+        """Make the missing lock file here rather than in filelock: made by mlauth's own
+        exclusive open, it is given to the ``.env``'s owner when root makes it
+        (:func:`~mlauth.stores.private.check_own_fd`). Any failure is left to filelock's
+        own open, which reports it."""
+        with contextlib.suppress(StoreError, OSError):
+            os.close(open_own(self.path, os.O_RDONLY, "refresh lock", create=True))
+
     @contextmanager
     def hold(self, timeout: float) -> Iterator[None]:
         started = time.monotonic()
         log.debug("waiting for refresh lock %s (pid %d)", self.path, os.getpid())
+        if not os.path.lexists(self.path):
+            self._make()
         try:
             self._lock.acquire(timeout=timeout, poll_interval=POLL_INTERVAL)
         except filelock.Timeout:

@@ -99,39 +99,21 @@ def check_own_fd(fd: int, path: str, what: str, *, created: bool = False) -> os.
 
     Fit: a regular file, with one name (a second one is a hard link someone else may read or
     have planted), owned by this user or root (an owner who is neither could read and forge
-    it); run as root, also one owned by the owner of the store it serves.
+    it); run as root, also one owned by the ``.env``'s owner in that user's own folder
+    (:func:`_given_to`).
 
-    ``created``: the open may have made the file. Run as root, a file of root's beside a
-    store another user owns (``<store>.lock``, ``<store>.journal``, ...) is then given to
-    that user. A pipeline's ``.env`` is its user's, but root runs mlauth on it too: ``sudo``,
-    a root cron job, a container running as root on the bind-mounted folder. Left root's
-    (0600), the lock and the journal would refuse the user's next run; given to the owner of
-    the tokens, they hold nothing that user could not read already. Beside a ``.env`` of
-    root's, or one that is not a regular file now, they stay root's.
+    ``created``: this very open made the file (``O_EXCL``). Run as root, it is then given to
+    the ``.env``'s owner under the same rule. A pipeline's ``.env`` is its user's, but root
+    runs mlauth on it too: ``sudo``, a root cron job, a container running as root on the
+    bind-mounted folder. Left root's (0600), the lock and the journal would refuse the user's
+    next run. Only a file this open made is given: a file of root's found under the name (one
+    an older run left, or one renamed there) keeps its owner, and the user gets
+    :func:`denied`'s ``chown`` fix.
     """
     info = os.fstat(fd)
     if not stat.S_ISREG(info.st_mode):
         raise _planted(what, path, f"it is {_kind(info.st_mode)}", _remove(path, info.st_mode))
-    me = os.geteuid()
-    if me == 0 and (info.st_uid != 0 or created):
-        owner = _store_owner(path)
-        if owner is not None and info.st_uid == 0:
-            try:
-                os.fchown(fd, *owner)
-                info = os.fstat(fd)
-            except OSError as exc:  # a user namespace where that owner is not mapped
-                log.debug("could not give %s to uid %d: %s", path, owner[0], exc)
-        if owner is not None and info.st_uid == owner[0]:
-            me = owner[0]  # the store's owner, given the file by root now or earlier
-    if info.st_uid not in (me, 0):
-        raise _planted(
-            what,
-            path,
-            f"it belongs to {_user(info.st_uid)}, not to this user ({_user(me)}) or root",
-            f"If an earlier run as that user left it, give it to this one (`chown {me} "
-            f"{path}`); otherwise {_remove(path).lower()}",
-        )
-    if info.st_nlink != 1:
+    if info.st_nlink != 1:  # before anything is given: a link would give its target away
         raise _planted(
             what,
             path,
@@ -140,17 +122,45 @@ def check_own_fd(fd: int, path: str, what: str, *, created: bool = False) -> os.
             f"Remove the other names (`find / -xdev -samefile {path}` lists them) or, if you "
             f"did not make them, this one (`rm {path}`: mlauth creates the file itself)",
         )
+    me = os.geteuid()
+    if me == 0 and (info.st_uid != 0 or created):
+        owner = _given_to(path)
+        if owner is not None and created:
+            try:
+                os.fchown(fd, *owner)
+                info = os.fstat(fd)
+            except OSError as exc:  # a user namespace where that owner is not mapped
+                log.debug("could not give %s to uid %d: %s", path, owner[0], exc)
+        if owner is not None and info.st_uid == owner[0]:
+            me = owner[0]  # the .env's owner, given the file by root now or earlier
+    if info.st_uid not in (me, 0):
+        raise _planted(
+            what,
+            path,
+            f"it belongs to {_user(info.st_uid)}, not to this user ({_user(me)}) or root",
+            f"If an earlier run as that user left it, give it to this one (`chown {me} "
+            f"{path}`); otherwise {_remove(path).lower()}",
+        )
     return info
 
 
-def _store_owner(path: str) -> tuple[int, int] | None:
-    """The owner and group of the store that mlauth's file ``path`` serves (``<store>.lock``,
-    ``<store>.journal``, ...), if the store is a regular file of a user other than root."""
+def _given_to(path: str) -> tuple[int, int] | None:
+    """Whom root gives mlauth's file ``path`` beside a store (``<store>.lock``,
+    ``<store>.journal``, ...): the store's owner and group, if the store is a regular file of
+    a user other than root, in a folder of that user's that no group or other may write.
+
+    No third user can then plant or swap anything there; the owner could already replace
+    every file in it. A ``.env`` of root's, or in a shared or sticky folder, gets nothing.
+    """
+    store = os.path.splitext(path)[0]
     try:
-        info = os.lstat(os.path.splitext(path)[0])
+        info = os.lstat(store)
+        folder = os.stat(os.path.dirname(store))
     except OSError:
         return None
-    if not stat.S_ISREG(info.st_mode) or info.st_uid == 0:
+    if not stat.S_ISREG(info.st_mode) or info.st_uid in (0, _unmapped_owner()):
+        return None
+    if folder.st_uid != info.st_uid or folder.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
         return None
     return info.st_uid, info.st_gid
 
@@ -179,15 +189,21 @@ def why_refused(path: str, what: str) -> StoreError | None:
 def open_own(path: str, flags: int, what: str, *, create: bool = False, mode: int = 0o600) -> int:
     """Open mlauth's own file ``path`` (``what`` names it in errors) and check it.
 
-    Never through a link; ``create`` makes it (``mode``, 0600 unless told) if it is missing. Raises
-    FileNotFoundError if it is missing and not to be created, StoreError if it is not fit
-    (:func:`check_own_fd`, which gives a file root made to the store's owner), OSError
+    Never through a link; ``create`` makes it (``mode``, 0600 unless told) if it is missing.
+    Raises FileNotFoundError if it is missing and not to be created, StoreError if it is not
+    fit (:func:`check_own_fd`, which gives a file root made to the ``.env``'s owner), OSError
     otherwise.
     """
-    if create:
-        flags |= os.O_CREAT
+    created = False
     try:
-        fd = os.open(path, flags | _OPEN_FLAGS, mode)
+        if create:
+            try:  # made by this open, or found: only a file it made may be given away
+                fd = os.open(path, flags | os.O_CREAT | os.O_EXCL | _OPEN_FLAGS, mode)
+                created = True
+            except FileExistsError:
+                fd = os.open(path, flags | os.O_CREAT | _OPEN_FLAGS, mode)
+        else:
+            fd = os.open(path, flags | _OPEN_FLAGS, mode)
     except FileNotFoundError:
         raise
     except OSError as exc:
@@ -196,7 +212,7 @@ def open_own(path: str, flags: int, what: str, *, create: bool = False, mode: in
             raise refused from None
         raise
     try:
-        check_own_fd(fd, path, what, created=create)
+        check_own_fd(fd, path, what, created=created)
     except BaseException:
         os.close(fd)
         raise
@@ -262,7 +278,7 @@ def write_replacing(path: str, data: bytes) -> None:
     Raises OSError.
     """
     with temp_beside(path) as (fd, tmp):
-        check_own_fd(fd, path, "temporary file", created=True)  # run as root: whose it is
+        check_own_fd(fd, path, "temporary file", created=True)  # run as root: given to whom
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view) :]

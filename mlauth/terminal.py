@@ -11,12 +11,17 @@ from __future__ import annotations
 
 import unicodedata
 
-__all__ = ["printable"]
+__all__ = ["is_unsafe", "printable"]
 
 # C0, DEL and C1 (Cc); bidi overrides and zero-width marks (Cf), which reorder or hide what
 # follows; line and paragraph separators, which some terminals break lines on; surrogates
 # (undecodable bytes of a path), private-use and unassigned code points.
 _UNSAFE = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"})
+
+
+def is_unsafe(char: str) -> bool:
+    """Whether a terminal (or a reader splitting lines) may act on ``char``."""
+    return unicodedata.category(char) in _UNSAFE
 
 
 def printable(text: str) -> str:
@@ -27,6 +32,4 @@ def printable(text: str) -> str:
     """
     if text.isprintable():  # the common case, in one pass
         return text
-    return "".join(
-        ascii(char)[1:-1] if unicodedata.category(char) in _UNSAFE else char for char in text
-    )
+    return "".join(ascii(char)[1:-1] if is_unsafe(char) else char for char in text)

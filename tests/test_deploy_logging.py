@@ -7,6 +7,9 @@ read-only bind mount, and the unusable lock a lock path that is a directory.
 from __future__ import annotations
 
 import contextlib
+import json
+import os
+import re
 import shutil
 import subprocess
 import sys
@@ -166,32 +169,69 @@ def assert_warning_and_error_once(stderr: str, env: Path) -> None:
         assert secret not in stderr
 
 
+def json_lines(stderr: str) -> list[dict[str, object]]:
+    """Each stderr line as the JSON object it must be (a line that is not one fails)."""
+    objects = [json.loads(line) for line in stderr.splitlines()]
+    assert all(isinstance(found, dict) for found in objects), stderr
+    return objects
+
+
+def assert_shown_as(log_format: str, stderr: str, level: str, message: str) -> None:
+    """``message`` at ``level`` shown once by mlauth's fallback, in ``log_format``."""
+    if log_format == "text":
+        assert stderr.count(f"mlauth: {level}: {message}") == 1, stderr
+        return
+    (found,) = [line for line in json_lines(stderr) if message in str(line["message"])]
+    assert (found["level"], found["logger"]) == (level, "mlauth")
+    assert isinstance(found["pid"], int) and str(found["message"]).startswith(message)
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", str(found["time"]))
+
+
+@pytest.mark.parametrize("log_format", ["text", "json"])
 @pytest.mark.parametrize("how", ["mlauth run", "install()"])
 def test_a_script_without_logging_shows_the_mode_warning_and_the_unsaved_tokens_error(
-    fake_ml: FakeMercadoLibre, tmp_path: Path, how: str
+    fake_ml: FakeMercadoLibre, tmp_path: Path, how: str, log_format: str
 ) -> None:
     env = loose_expired_env(fake_ml, tmp_path)
     script = FAILING_SAVE + api_call(fake_ml)
+    environ = {"MLAUTH_LOG_FORMAT": log_format}
     if how == "mlauth run":
-        done = mlauth_cli("run", "--env", str(env), "--", sys.executable, "-c", script)
+        command = ("run", "--env", str(env), "--", sys.executable, "-c", script)
+        done = mlauth_cli(*command, environ=environ)
     else:
-        done = run_python("-c", f"import mlauth\nmlauth.install({str(env)!r})\n" + script)
+        install = f"import mlauth\nmlauth.install({str(env)!r})\n"
+        done = run_python("-c", install + script, env={**os.environ, **environ})
     assert (done.returncode, done.stdout) == (0, "200\n"), done.stderr
     assert_warning_and_error_once(done.stderr, env)
-    assert "mlauth: ERROR: refreshed tokens could not be saved" in done.stderr
+    assert_shown_as(log_format, done.stderr, "ERROR", "refreshed tokens could not be saved")
+    assert_shown_as(log_format, done.stderr, "WARNING", f"{env} holds tokens")
 
 
+@pytest.mark.parametrize("log_format", ["text", "json"])
 def test_a_script_that_configures_logging_itself_gets_each_line_once(
-    fake_ml: FakeMercadoLibre, tmp_path: Path
+    fake_ml: FakeMercadoLibre, tmp_path: Path, log_format: str
 ) -> None:
     env = loose_expired_env(fake_ml, tmp_path)
     # basicConfig runs after the sitecustomize installed mlauth: from then on the app's
-    # handler prints mlauth's lines, and only it.
+    # handler prints mlauth's lines, and only it, in the app's own format.
     script = "import logging\nlogging.basicConfig()\n" + FAILING_SAVE + api_call(fake_ml)
-    done = mlauth_cli("run", "--env", str(env), "--", sys.executable, "-c", script)
+    done = mlauth_cli(
+        "run",
+        "--env",
+        str(env),
+        "--",
+        sys.executable,
+        "-c",
+        script,
+        environ={"MLAUTH_LOG_FORMAT": log_format},
+    )
     assert (done.returncode, done.stdout) == (0, "200\n"), done.stderr
     assert_warning_and_error_once(done.stderr, env)
     assert "ERROR:mlauth:refreshed tokens could not be saved" in done.stderr  # basicConfig's
+    # The mode warning came before basicConfig: mlauth's fallback showed it, in its format.
+    before, _, after = done.stderr.partition("ERROR:mlauth:refreshed tokens could not be saved")
+    assert_shown_as(log_format, before, "WARNING", f"{env} holds tokens")
+    assert "mlauth: " not in after and '"level"' not in after
 
 
 def test_quiet_and_the_environment_variable_silence_mlauth_and_verbose_shows_info(
@@ -227,3 +267,54 @@ def test_status_warns_about_a_loose_env_file(fake_ml_env: Path) -> None:
         f"mlauth: WARNING: {fake_ml_env} holds tokens but is readable by other users "
         f"(mode 0644); fix with: chmod 600 {fake_ml_env}\n"
     )
+
+
+# -- MLAUTH_LOG_FORMAT=json -------------------------------------------------------------------
+
+
+def test_json_lines_of_a_debug_refresh_hold_no_token_or_secret(
+    fake_ml: FakeMercadoLibre, tmp_path: Path
+) -> None:
+    """The command and a script under `mlauth run` each refresh; every line is an object."""
+    environ = {"MLAUTH_LOG_LEVEL": "debug", "MLAUTH_LOG_FORMAT": "json"}
+    env = loose_expired_env(fake_ml, tmp_path)
+    env.chmod(0o600)
+    secrets = secrets_of(env)  # the tokens the command spends, and the secret
+    forced = mlauth_cli("refresh", "--env", str(env), environ=environ)
+    assert forced.returncode == 0, forced.stderr
+    (tmp_path / "script.py").write_text(api_call(fake_ml))
+    fake_ml.write_env(env, expires_at=time.time() - 10)  # due again, for the script
+    secrets += secrets_of(env)
+    run = mlauth_cli(
+        "run", "--env", str(env), "--", sys.executable, str(tmp_path / "script.py"),
+        environ=environ,
+    )  # fmt: skip
+    assert (run.returncode, run.stdout) == (0, "200\n"), run.stderr
+    assert fake_ml.stats()["refreshes"] == 2
+    secrets += secrets_of(env)  # what the script's refresh saved
+    for done in (forced, run):
+        messages = [str(line["message"]) for line in json_lines(done.stderr)]
+        assert any(m.startswith("refreshed MercadoLibre token") for m in messages), messages
+        assert {"DEBUG", "INFO"} <= {line["level"] for line in json_lines(done.stderr)}
+        for secret in secrets:
+            assert secret not in done.stderr
+            assert json.dumps(secret)[1:-1] not in done.stderr
+
+
+def test_a_bad_log_format_is_said_once_in_one_line_and_text_is_written(
+    fake_ml: FakeMercadoLibre, tmp_path: Path
+) -> None:
+    env = loose_expired_env(fake_ml, tmp_path)
+    environ = {"MLAUTH_LOG_FORMAT": "xml"}
+    status = mlauth_cli("status", "--env", str(env), environ=environ)
+    run = mlauth_cli(
+        "run", "--env", str(env), "--", sys.executable, "-c", api_call(fake_ml), environ=environ
+    )
+    for done in (status, run):  # run: said by the script's install(), not again by mlauth run
+        assert done.returncode == 0, done.stderr
+        assert done.stderr.splitlines()[0] == (
+            "mlauth: WARNING: MLAUTH_LOG_FORMAT='xml' is not a log format; use text or json "
+            "(writing text)"
+        )
+        assert done.stderr.count("MLAUTH_LOG_FORMAT") == 1
+        assert f"mlauth: WARNING: {env} holds tokens" in done.stderr  # still shown, as text

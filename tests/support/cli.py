@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 from mlauth.stores.envfile import read_env_file
@@ -12,8 +14,12 @@ REDIRECT = "https://example.test/callback"
 
 
 def mlauth_cli(
-    *args: str, input: str | None = None, cwd: Path | None = None
+    *args: str,
+    input: str | None = None,
+    cwd: Path | None = None,
+    environ: Mapping[str, str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
+    """``mlauth ARGS`` in this environment, with ``environ``'s variables set on top."""
     return subprocess.run(
         [sys.executable, "-m", "mlauth", *args],
         input=input,
@@ -23,6 +29,7 @@ def mlauth_cli(
         text=True,
         timeout=60,
         cwd=cwd,
+        env=None if environ is None else {**os.environ, **environ},
         check=False,
     )
 

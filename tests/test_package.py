@@ -141,8 +141,9 @@ def test_the_wheel_smoke_passes_against_this_install(tmp_path: Path) -> None:
         timeout=300,
     )
     assert done.returncode == 0, done.stdout + done.stderr
-    assert done.stdout.count("\nok: ") == 6, done.stdout
+    assert done.stdout.count("\nok: ") == 7, done.stdout
     assert "legacy scripts under mlauth run" in done.stdout  # the redirect, on each Python
+    assert "ok: mlauth status --json" in done.stdout  # the schema is in the wheel
     assert done.stdout.rstrip().endswith("wheel smoke: all checks passed")
 
 

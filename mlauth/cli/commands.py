@@ -11,7 +11,8 @@ bad or mismatched authorization code, ``migrate`` finding another chain without 
 or the ``redis`` extra missing); 2 a usage error; 3 re-authorization required (the refresh
 token is missing or dead, or an earlier ``invalid_grant`` marked it dead: run ``mlauth
 login``; ``mlauth token`` still prints an access token of a dead chain that has not expired,
-saying on stderr for how long it works); 130 interrupted. ``mlauth run`` exits like the
+saying on stderr for how long it works); 4 ``mlauth check`` found the chain degraded
+(:mod:`.health` says what that means); 130 interrupted. ``mlauth run`` exits like the
 others until the command starts, then with the command's own code (127 if it was not found,
 126 if it could not be executed, 1 if it is a Python that cannot import mlauth). Expected
 failures print one line naming the problem and the fix on stderr, never a traceback; no
@@ -45,9 +46,11 @@ from mlauth.stores.select import STORE_KEY
 from mlauth.terminal import printable
 from mlauth.tokens import TokenSet
 
+from .health import DEGRADED, OK, REAUTHORIZE, examine
 from .login import AUTH_HOSTS, LoginRequest, authorization_base, complete_login, parse_pasted
 
 __all__ = [
+    "EXIT_DEGRADED",
     "EXIT_ERROR",
     "EXIT_OK",
     "EXIT_REAUTHORIZE",
@@ -60,6 +63,9 @@ EXIT_OK = 0
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_REAUTHORIZE = 3
+# Only `mlauth check`: 1-3 already mean error, usage and re-authorization for every command,
+# and a probe or cron job tells "look soon" from "log in now" by the code alone.
+EXIT_DEGRADED = 4
 
 
 class ReauthorizationRequired(MLAuthError):
@@ -160,6 +166,8 @@ def _auth(args: argparse.Namespace, store: TokenStore | None = None) -> MLAuth:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
+    if args.json:
+        return _status_json(args)
     store = store_from_env(args.env)
     tokens, _ = store.load()
     busy = store.refresh_in_progress()
@@ -191,6 +199,38 @@ def _cmd_status(args: argparse.Namespace) -> int:
         raise AuthorizationRequired(f"{store.location} holds no refresh token")
     _check_reauthorization(store)
     return EXIT_OK
+
+
+def _status_json(args: argparse.Namespace) -> int:
+    """The status as one JSON document (mlauth/schemas/status.schema.json) on stdout; exit 3
+    with the usual lines on stderr when re-authorization is required, else 0 (degraded too:
+    ``mlauth check`` is the command that judges)."""
+    health = examine(args.env)
+    print(health.render(), flush=True)
+    reason = health.reason(REAUTHORIZE)
+    if reason is not None:
+        error_class = AuthorizationRequired if reason.first else ReauthorizationRequired
+        raise error_class(reason.message)
+    return EXIT_OK
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    """One line and an exit code for a cron job or a probe: 0 ok, 4 degraded, 3 log in."""
+    health = examine(args.env)
+    if health.state == OK:
+        assert health.tokens is not None
+        print(printable(f"mlauth: ok: {_summary(health.tokens)}"))
+        return EXIT_OK
+    if health.state == DEGRADED:
+        why = "; ".join(reason.message for reason in health.reasons)
+        print(printable(f"mlauth: degraded: {why}"), file=sys.stderr)
+        return EXIT_DEGRADED
+    reason = health.reason(REAUTHORIZE)
+    assert reason is not None
+    what = "authorization required" if reason.first else "re-authorization required"
+    fix = _login_hint(args.env, again=not reason.first)
+    print(printable(f"mlauth: {what}: {reason.message}; fix: {fix}"), file=sys.stderr)
+    return EXIT_REAUTHORIZE
 
 
 def _cmd_token(args: argparse.Namespace) -> int:
@@ -468,7 +508,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="mlauth",
         description="MercadoLibre OAuth tokens for pipelines.",
         epilog="exit codes: 0 ok, 1 error (the message says how to fix it), 2 usage, "
-        "3 (re-)authorization required (run `mlauth login`); `run` exits with the command's code",
+        "3 (re-)authorization required (run `mlauth login`), 4 degraded (`check` only); `run` "
+        "exits with the command's code",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -481,10 +522,24 @@ def build_parser() -> argparse.ArgumentParser:
         sub.set_defaults(handler=handler)
         return sub
 
-    command(
+    status = command(
         "status",
         _cmd_status,
         "show the store, token fingerprints, expiry, last refresh, and whether one is running",
+    )
+    status.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON document (schema mlauth-status/1, shipped as "
+        "mlauth/schemas/status.schema.json) with an overall state: ok, degraded or "
+        "reauthorization_required",
+    )
+    command(
+        "check",
+        _cmd_check,
+        "one line on the chain's state and an exit code for cron jobs and probes: 0 ok, "
+        "4 degraded (look soon), 3 re-authorization required (run `mlauth login`), 1 a "
+        "configuration error",
     )
     command(
         "token",

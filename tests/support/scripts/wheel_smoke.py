@@ -250,6 +250,29 @@ def check_httpx_async(fake: FakeMercadoLibre, env: Path) -> None:
     print("ok: ten concurrent httpx.AsyncClient calls on an expired token, one refresh")
 
 
+def check_status_json(fake: FakeMercadoLibre, env: Path) -> None:
+    """The schema is in the wheel, and `mlauth status --json` gives every field it requires."""
+    from mlauth.schemas import status_schema
+
+    schema = status_schema()
+    fake.write_env(env, expires_at=time.time() + 3600)
+    script = Path(sys.executable).parent / "mlauth"
+    done = subprocess.run(
+        [str(script), "status", "--json", "--env", str(env)],
+        capture_output=True,
+        text=True,
+        timeout=DEADLINE,
+        check=False,
+    )
+    check(done.returncode == 0, f"mlauth status --json exited {done.returncode}: {done.stderr}")
+    document = json.loads(done.stdout)
+    missing = set(schema["required"]) - set(document)
+    check(not missing, f"mlauth status --json lacks {sorted(missing)}")
+    check(document["schema"] == schema["properties"]["schema"]["const"], f"{document['schema']}")
+    check(document["state"] == "ok", f"mlauth status --json: {document['reasons']}")
+    print(f"ok: mlauth status --json ({document['schema']}) and its schema from the wheel")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -261,7 +284,7 @@ def main() -> int:
         if args.installed:
             check_installed()
         check_version()
-        loopback = (check_session_mount, check_401_resent, check_httpx_async)
+        loopback = (check_session_mount, check_401_resent, check_httpx_async, check_status_json)
         with tempfile.TemporaryDirectory() as tmp:
             for number, smoke in enumerate(loopback):
                 with FakeMercadoLibre() as fake:

@@ -13,6 +13,7 @@ import os
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TypeVar
 
+from mlauth import events
 from mlauth.config import (
     DEFAULT_HOSTS,
     DEFAULT_TOKEN_URL,
@@ -264,6 +265,18 @@ class AuthAdapter:
         if status_code != 401 or not self._allows(url):
             return None
         return bearer(headers.get("Authorization"))
+
+    def _told_401(self, method: str, host: str, returned: str | None) -> None:
+        """The event of a 401 this adapter handled: sent again (``returned`` None) or
+        returned to the caller, and why (:class:`mlauth.events.UnauthorizedReturned`)."""
+        store = self._engine.store.location
+        if returned is None:
+            events.emit(events.UnauthorizedAbsorbed(store=store, method=method, host=host))
+        else:
+            event = events.UnauthorizedReturned(
+                store=store, method=method, host=host, reason=returned
+            )
+            events.emit(event)
 
     def handles(self, url: str) -> bool:
         """Whether a request to ``url`` would carry the token (an allowed host, https)."""

@@ -798,9 +798,12 @@ class RefreshEngine:
         """The events an error that leaves the engine stands for, each told once."""
         if isinstance(exc, InvalidGrantError) and not self._dead_told:
             self._dead_told = True
+            dead = self.tokens.refresh_token
             events.emit(
                 events.ReauthorizationRequired(
-                    store=self.store.location, reason=mask(str(exc), self._known())
+                    store=self.store.location,
+                    reason=mask(str(exc), self._known()),
+                    chain=dead.fingerprint if dead is not None else "<none>",
                 )
             )
         elif isinstance(exc, StoreError) and not isinstance(exc, StaleCommitError):

@@ -151,6 +151,7 @@ class ReauthorizationRequired(Event):
 
     kind: ClassVar[str] = "reauthorization_required"
     reason: str
+    chain: str  # the dead refresh token's fingerprint (``sha256:1a2b3c4d``): which chain died
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

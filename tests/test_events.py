@@ -265,7 +265,8 @@ def test_two_processes_meeting_one_dead_token_each_say_so(
     url = f"{fake_ml.base_url}/users/me"
     found = [report(proc) for proc in [worker(client, env, url, 2) for _ in range(2)]]
     assert [f["statuses"] for f in found] == [["InvalidGrantError"] * 2] * 2
-    said = [[event["kind"] for event in f["events"]] for f in found]
+    # Whether one waits for the other's lock depends on timing: that event is not the point.
+    said = [[e["kind"] for e in f["events"] if e["kind"] != "lock_waited"] for f in found]
     # One POST for both (the marker stops the other), and each process says once that the
     # seller must authorize again.
     assert sorted(said) == [

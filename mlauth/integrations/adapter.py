@@ -13,7 +13,8 @@ import os
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TypeVar
 
-from mlauth import events
+from mlauth import alerts, events
+from mlauth.alerts import DEFAULT_FAILING_MINUTES
 from mlauth.config import (
     DEFAULT_HOSTS,
     DEFAULT_TOKEN_URL,
@@ -123,6 +124,8 @@ class AuthAdapter:
         max_attempts: int = 3,
         backoff: float = 0.5,
         on_refresh: Callable[[TokenSet], None] | None = None,
+        alert_command: str | None = None,
+        alert_failing_minutes: float = DEFAULT_FAILING_MINUTES,
     ) -> None:
         # Wrapped at once and the plain str let go: this frame is on the traceback of any
         # error raised below (a store that cannot be read, no refresh token), and crash
@@ -158,6 +161,10 @@ class AuthAdapter:
             on_refresh=on_refresh,
             secrets=(secret,),
         )
+        if alert_command:
+            alerts.watch(
+                alert_command, store.location, store.incidents(), alert_failing_minutes * 60
+            )
 
     @classmethod
     def from_env(

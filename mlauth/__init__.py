@@ -17,6 +17,7 @@ from .errors import (
     StoreMovedError,
     UnexpectedError,
 )
+from .events import Event, subscribe
 from .integrations.legacy import keep_globals_current, redirect_refresh
 from .integrations.patch import install, installed, uninstall
 from .integrations.requests_auth import MLAuth
@@ -35,6 +36,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ConfigError",
     "EnvFileStore",
+    "Event",
     "InvalidGrantError",
     "LockLostError",
     "LockTimeoutError",
@@ -55,6 +57,7 @@ __all__ = [
     "keep_globals_current",
     "reauthorization_required",
     "redirect_refresh",
+    "subscribe",
     "uninstall",
 ]
 

@@ -150,7 +150,16 @@ def _required(values: Mapping[str, str | None], key: str, path: str, fix: str) -
     return value
 
 
-_SETTINGS = frozenset({"ML_CLIENT_ID", "ML_CLIENT_SECRET", "ML_TOKEN_URL", "ML_API_HOSTS"})
+_SETTINGS = frozenset(
+    {
+        "ML_CLIENT_ID",
+        "ML_CLIENT_SECRET",
+        "ML_TOKEN_URL",
+        "ML_API_HOSTS",
+        "ML_ALERT_COMMAND",
+        "ML_ALERT_FAILING_MINUTES",
+    }
+)
 
 
 @sealed  # the .env's values, the client secret among them, are locals here and below
@@ -181,4 +190,19 @@ def _settings(where: str, values: dict[str, str | None]) -> dict[str, object]:
         settings["hosts"] = tuple(
             h.strip() for h in (values["ML_API_HOSTS"] or "").split(",") if h.strip()
         )
+    # The alert command: the process's environment first (`mlauth run --alert` sets it there).
+    command = os.environ.get("ML_ALERT_COMMAND") or values.get("ML_ALERT_COMMAND") or ""
+    if command.strip():
+        settings["alert_command"] = command.strip()
+    minutes = (values.get("ML_ALERT_FAILING_MINUTES") or "").strip()
+    if minutes:
+        try:
+            settings["alert_failing_minutes"] = float(minutes)
+        except ValueError:
+            settings["alert_failing_minutes"] = -1.0  # refused below, with the key named
+        if not 0 <= settings["alert_failing_minutes"] < float("inf"):  # type: ignore[operator]
+            raise ConfigError(
+                f"{where}: ML_ALERT_FAILING_MINUTES={minutes!r} is not a number of minutes; "
+                "write how long refreshes may fail before the alert, e.g. 10"
+            )
     return settings

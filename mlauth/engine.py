@@ -41,6 +41,7 @@ import weakref
 from collections.abc import Callable, Hashable, Iterable, Iterator
 from typing import Protocol
 
+from . import events
 from .decide import REAL_CLOCK, Clock, Decision, Need, answers, decide, other_than
 from .errors import (
     AUTHORIZE,
@@ -262,6 +263,10 @@ class RefreshEngine:
         # failed), and a STALE token waits for a peer's refresh only from the second on.
         self._advisory_retry_at = 0.0
         self._peer_wait_after = 0.0
+        # For the events: since when the store has been failing (monotonic), and whether
+        # this chain's death was told already (once per process and dead chain).
+        self._store_down_since: float | None = None
+        self._dead_told = False
         _engines.add(self)
 
     def _first_load(self) -> tuple[TokenSet, Hashable]:
@@ -319,6 +324,7 @@ class RefreshEngine:
                 token = self._current().access_token
         except MLAuthError as exc:
             scrub(exc, self._known())
+            self._told(exc)
             raise
         except Exception as exc:
             raise self.unexpected(exc, "getting a token for the request") from exc
@@ -434,6 +440,7 @@ class RefreshEngine:
         """Cache the store's tokens and version, and until when the tokens are FRESH; return
         the tokens as cached (an unusable access token dropped)."""
         tokens = self._usable(tokens)
+        self._note_adopted(self._cache[0], tokens)
         if tokens.access_token is None:
             fresh_until = -math.inf
         elif tokens.expires_at is None:
@@ -456,6 +463,8 @@ class RefreshEngine:
         if self.store.stamp() != version:
             tokens = self._keep(*self.store.load())
             log.debug("store changed; picked up %s", tokens)
+        if self._store_down_since is not None:
+            self._store_back()
         return tokens
 
     def _refresh_ahead(self, tokens: TokenSet) -> TokenSet:
@@ -468,7 +477,7 @@ class RefreshEngine:
             # A peer refreshing now will kill this token (ML does not say the old one lives
             # on): wait briefly for its token rather than send this one into a 401.
             left = tokens.expires_in(clock.wall()) or 0.0
-            if clock.monotonic() >= self._peer_wait_after and not self.store.wait_unlocked(
+            if clock.monotonic() >= self._peer_wait_after and not self._wait_unlocked(
                 min(STALE_PEER_WAIT, left / 2)
             ):
                 # Still refreshing (a slow endpoint, a dead holder): use the current token,
@@ -489,6 +498,7 @@ class RefreshEngine:
                 else self.unexpected(caught, "refreshing ahead of expiry")
             )
             scrub(exc, self._known())
+            self._told(exc)
             left = tokens.expires_in(clock.wall()) or 0.0
             self._advisory_retry_at = clock.monotonic() + min(ADVISORY_RETRY_DELAY, left / 4)
             bad = isinstance(exc, (InvalidGrantError, UnexpectedError))
@@ -539,7 +549,7 @@ class RefreshEngine:
         once if the lock is free.
         """
         # As long as a thread of ours would wait for the mutex: the holder may be one.
-        if not self.store.wait_unlocked(self._mutex_timeout):
+        if not self._wait_unlocked(self._mutex_timeout):
             try:  # the store's own error names its lock and the fix
                 with self.store.lock(0.0):
                     return None  # let go just now: the turn takes it again
@@ -621,6 +631,7 @@ class RefreshEngine:
             error = txn.abort(spent, exc)
             if need.mandatory or isinstance(error, InvalidGrantError):  # one STALE try says little
                 self._failures.remember(spent, error, self._clock.monotonic())
+            self._refresh_failed(error, tokens, need)
             if error is exc:
                 raise
             raise error from None
@@ -630,6 +641,14 @@ class RefreshEngine:
                 "keeping the current one"
             )
         new = TokenSet.from_answer(answer, spent, started, refreshed_by=this_process())
+        events.emit(
+            events.Refreshed(
+                store=self.store.location,
+                duration_s=round(self._clock.wall() - started, 6),
+                reason=need.reason,
+                by=new.refreshed_by or "",
+            )
+        )
         committed = self._commit(txn, new, spent, reason=need.reason)
         if committed.access_token is None:
             # Saved: the next refresh spends the new refresh token, never the old one.
@@ -682,6 +701,7 @@ class RefreshEngine:
             return tokens
         except Exception as exc:  # noqa: BLE001 (whatever failed, `new` is the live link)
             self._unsaved.keep(new, self._unsaved.base(spent), self._clock.monotonic())
+            self._store_failed(exc)
             kept = (
                 f"{txn.answer_kept} holds them for any process that takes the lock"
                 if txn.answer_kept
@@ -700,6 +720,8 @@ class RefreshEngine:
         self._keep(new, version)
         self._unsaved.held = None
         log.info("refreshed MercadoLibre token (%s) in pid %d: %s", reason, os.getpid(), new)
+        if self._store_down_since is not None:
+            self._store_back()
         return new
 
     # -- tokens whose save failed ------------------------------------------------------------
@@ -731,6 +753,80 @@ class RefreshEngine:
             self._mutex.release()
         return unsaved.held is None
 
+    # -- events (mlauth.events): none per request ------------------------------------------
+
+    def _wait_unlocked(self, timeout: float) -> bool:
+        """The store's ``wait_unlocked``; a wait of a millisecond or more is an event."""
+        started = self._clock.monotonic()
+        free = self.store.wait_unlocked(timeout)
+        waited_ms = (self._clock.monotonic() - started) * 1000
+        if waited_ms >= 1:
+            events.emit(events.LockWaited(store=self.store.location, waited_ms=round(waited_ms, 3)))
+        return free
+
+    def _note_adopted(self, before: TokenSet, tokens: TokenSet) -> None:
+        """An event when the tokens cached now are another process's (or a lock-free
+        writer's) newer ones; a new chain also makes a dead one's death worth telling again."""
+        if tokens.refresh_token != before.refresh_token:
+            self._dead_told = False
+        if tokens.access_token is None or tokens.access_token == before.access_token:
+            return
+        if before.access_token is None and before.refresh_token is None:
+            return  # the first load: nothing adopted
+        if tokens.refreshed_by != this_process():
+            events.emit(events.Adopted(store=self.store.location, by=tokens.refreshed_by))
+
+    def _refresh_failed(self, error: RefreshError, tokens: TokenSet, need: Need) -> None:
+        wall = self._clock.wall()
+        if isinstance(error, InvalidGrantError):
+            retry_at = None
+        elif need.mandatory:
+            wait = error.retry_after if error.retry_after is not None else FAILURE_COOLDOWN
+            retry_at = wall + min(wait, MAX_FAILURE_MEMORY)
+        else:
+            retry_at = wall + min(ADVISORY_RETRY_DELAY, (tokens.expires_in(wall) or 0.0) / 4)
+        events.emit(
+            events.RefreshFailed(
+                store=self.store.location,
+                error=type(error).__name__,
+                reason=mask(str(error), self._known()),
+                retry_at=retry_at,
+            )
+        )
+
+    def _told(self, exc: MLAuthError) -> None:
+        """The events an error that leaves the engine stands for, each told once."""
+        if isinstance(exc, InvalidGrantError) and not self._dead_told:
+            self._dead_told = True
+            dead = self.tokens.refresh_token
+            events.emit(
+                events.ReauthorizationRequired(
+                    store=self.store.location,
+                    reason=mask(str(exc), self._known()),
+                    chain=dead.fingerprint if dead is not None else "<none>",
+                )
+            )
+        elif isinstance(exc, StoreError) and not isinstance(exc, StaleCommitError):
+            self._store_failed(exc)
+
+    def _store_failed(self, exc: BaseException) -> None:
+        if self._store_down_since is not None:
+            return
+        self._store_down_since = self._clock.monotonic()
+        events.emit(
+            events.StoreUnavailable(
+                store=self.store.location,
+                error=type(exc).__name__,
+                reason=mask(str(exc), self._known()),
+            )
+        )
+
+    def _store_back(self) -> None:
+        down_since, self._store_down_since = self._store_down_since, None
+        if down_since is not None:
+            down_s = round(self._clock.monotonic() - down_since, 3)
+            events.emit(events.StoreBack(store=self.store.location, down_s=down_s))
+
     # -- the edges ---------------------------------------------------------------------------
 
     def _notify(self, tokens: TokenSet | None) -> None:
@@ -748,6 +844,7 @@ class RefreshEngine:
             yield
         except MLAuthError as exc:
             scrub(exc, self._known())
+            self._told(exc)
             raise
         except Exception as exc:
             raise self.unexpected(exc, doing) from exc

@@ -31,6 +31,7 @@ from mlauth.stores.lock import ProcessLock
 from mlauth.stores.ofd import InodeLock, ofd_supported
 from mlauth.testing import FakeMercadoLibre
 from tests.support import SCRIPTS
+from tests.support.kernel_locks import DEADLINE, blocked_readers, locks_on, poll_until
 
 pytestmark = [
     pytest.mark.processes,
@@ -42,7 +43,6 @@ pytestmark = [
 
 AGENT = SCRIPTS / "lock_agent.py"
 WAITERS = 4
-DEADLINE = 60.0  # for a poll or an answer; generous, the machine is shared and noisy
 
 
 class Agent:
@@ -118,34 +118,6 @@ def lock_target(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[str, Pa
     env = tmp_path / ".env"
     env.write_text("ML_CLIENT_ID=1\n")
     return "inode", env
-
-
-def locks_on(path: Path) -> list[tuple[bool, str, str]]:
-    """``/proc/locks`` entries on ``path``'s inode: (blocked waiter?, FLOCK/OFDLCK, READ/WRITE)."""
-    info = os.stat(path)
-    device = f"{os.major(info.st_dev):02x}:{os.minor(info.st_dev):02x}:{info.st_ino}"
-    found = []
-    for line in Path("/proc/locks").read_text().splitlines():
-        fields = line.split()[1:]  # drop "N:"
-        blocked = fields[0] == "->"
-        if blocked:
-            fields = fields[1:]
-        # kind, ADVISORY, READ/WRITE, pid, maj:min:inode, start, end
-        if len(fields) >= 5 and fields[4] == device:
-            found.append((blocked, fields[0], fields[2]))
-    return found
-
-
-def poll_until(what: str, check: Callable[[], bool]) -> None:
-    """Poll ``check`` until it holds; fail after DEADLINE. Observes, never synchronizes."""
-    deadline = time.monotonic() + DEADLINE
-    while not check():
-        assert time.monotonic() < deadline, f"never happened: {what}"
-        time.sleep(0.01)
-
-
-def blocked_readers(path: Path) -> int:
-    return sum(1 for blocked, _, mode in locks_on(path) if blocked and mode == "READ")
 
 
 def test_every_waiter_sleeps_on_a_shared_lock_and_wakes_when_the_holder_lets_go(

@@ -385,6 +385,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
         command = command[1:]
     if not command:
         raise _Usage("run: give the command after --, e.g. mlauth run -- python main.py")
+    if args.alert is not None:
+        if not args.alert.strip():
+            raise _Usage("run: --alert needs a command, e.g. --alert 'curl ...'")
+        os.environ["ML_ALERT_COMMAND"] = args.alert  # for this check and the command's Pythons
     auth = _auth(args)  # fail here, once, rather than in every Python the command starts
     problem = refresh_problem(auth.store)
     if problem is not None:
@@ -620,6 +624,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-redirect",
         action="store_true",
         help="leave the program's refresh functions alone (they then race other processes)",
+    )
+    run.add_argument(
+        "--alert",
+        metavar="CMD",
+        help="a shell command run once per incident (re-authorization required, refreshes "
+        "failing, store unavailable) for all processes; sets ML_ALERT_COMMAND for the command",
     )
     run.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- COMMAND ...")
 

@@ -13,6 +13,8 @@ import os
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TypeVar
 
+from mlauth import alerts, events
+from mlauth.alerts import DEFAULT_FAILING_MINUTES
 from mlauth.config import (
     DEFAULT_HOSTS,
     DEFAULT_TOKEN_URL,
@@ -122,6 +124,8 @@ class AuthAdapter:
         max_attempts: int = 3,
         backoff: float = 0.5,
         on_refresh: Callable[[TokenSet], None] | None = None,
+        alert_command: str | None = None,
+        alert_failing_minutes: float = DEFAULT_FAILING_MINUTES,
     ) -> None:
         # Wrapped at once and the plain str let go: this frame is on the traceback of any
         # error raised below (a store that cannot be read, no refresh token), and crash
@@ -157,6 +161,10 @@ class AuthAdapter:
             on_refresh=on_refresh,
             secrets=(secret,),
         )
+        if alert_command:
+            alerts.watch(
+                alert_command, store.location, store.incidents(), alert_failing_minutes * 60
+            )
 
     @classmethod
     def from_env(
@@ -264,6 +272,18 @@ class AuthAdapter:
         if status_code != 401 or not self._allows(url):
             return None
         return bearer(headers.get("Authorization"))
+
+    def _told_401(self, method: str, host: str, returned: str | None) -> None:
+        """The event of a 401 this adapter handled: sent again (``returned`` None) or
+        returned to the caller, and why (:class:`mlauth.events.UnauthorizedReturned`)."""
+        store = self._engine.store.location
+        if returned is None:
+            events.emit(events.UnauthorizedAbsorbed(store=store, method=method, host=host))
+        else:
+            event = events.UnauthorizedReturned(
+                store=store, method=method, host=host, reason=returned
+            )
+            events.emit(event)
 
     def handles(self, url: str) -> bool:
         """Whether a request to ``url`` would carry the token (an allowed host, https)."""

@@ -204,7 +204,9 @@ class HttpxAuth(AuthAdapter, httpx.Auth):
         self, request: httpx.Request, rewind: Callable[[], None] | None, new: Secret | None
     ) -> bool:
         """Set ``request`` up to go again with ``new``; False to return the 401 instead."""
+        method, host = request.method, request.url.host
         if new is None:
+            self._told_401(method, host, "genuine")
             return False  # a genuine 401: the engine spent nothing, and nothing is re-sent
         if rewind is not None:
             try:
@@ -212,9 +214,11 @@ class HttpxAuth(AuthAdapter, httpx.Auth):
             except (OSError, ValueError):  # the file was closed or cut meanwhile
                 rewind = None
         if rewind is None:
-            warn_not_resent(request.method, request.url.path)
+            warn_not_resent(method, request.url.path)
+            self._told_401(method, host, "not_resendable")
             return False
         request.headers["Authorization"] = f"Bearer {new.reveal()}"
+        self._told_401(method, host, None)
         return True
 
     def sync_auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response]:

@@ -12,6 +12,7 @@ import logging
 from collections.abc import Callable
 from http.cookiejar import CookieJar
 from typing import Any, cast
+from urllib.parse import urlsplit
 
 import requests
 from requests.cookies import extract_cookies_to_jar
@@ -72,10 +73,13 @@ class MLAuth(AuthAdapter, requests.auth.AuthBase):
         except BaseException:
             r.close()  # the caller never sees this response: give its connection back
             raise
+        method, host = str(request.method), urlsplit(request.url or "").hostname or ""
         if new is None:
+            self._told_401(method, host, "genuine")
             return r
         if not _replayable(request):
-            warn_not_resent(str(request.method), request.path_url)
+            warn_not_resent(method, request.path_url)
+            self._told_401(method, host, "not_resendable")
             return r
         # Read and release the first answer so the re-send can reuse its connection.
         r.content  # noqa: B018
@@ -90,6 +94,7 @@ class MLAuth(AuthAdapter, requests.auth.AuthBase):
         prep.headers["Authorization"] = f"Bearer {new.reveal()}"
         # The hooks dict is shared with the copy; the re-sent answer does not go through the
         # hooks again, so one 401 can never loop.
+        self._told_401(method, host, None)
         retried: requests.Response = r.connection.send(prep, **kwargs)
         retried.history.append(r)
         retried.request = prep

@@ -29,6 +29,8 @@ from mlauth.errors import ConfigError, InvalidGrantError, RefreshError, StoreErr
 from mlauth.secret import Secret, fingerprint
 from mlauth.tokens import TokenSet, this_process, token_problem
 
+from .incidents import Incidents, MemoryIncidents
+
 __all__ = ["NOT_LOCAL", "RefreshTransaction", "TokenStore", "savable"]
 
 
@@ -184,6 +186,12 @@ class TokenStore(abc.ABC):
     def status_details(self) -> list[tuple[str, str]]:
         """Extra ``mlauth status`` rows (label, value)."""
         return []
+
+    def incidents(self) -> Incidents:
+        """Where the processes on this store agree which incidents are open, for alerts
+        (:mod:`mlauth.alerts`). This default is each process's own memory: a store that
+        processes share should override it."""
+        return MemoryIncidents()
 
 
 class RefreshTransaction:

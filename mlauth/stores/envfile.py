@@ -28,6 +28,7 @@ from mlauth.secret import Secret, fingerprint, mask
 from mlauth.tokens import LATEST_TIME, TokenSet, token_problem
 
 from .base import RefreshTransaction, TokenStore, savable
+from .incidents import FileIncidents, Incidents
 from .journal import Journal, JournaledRefresh, pending
 from .lock import fork_bound
 from .moved import follow
@@ -813,6 +814,10 @@ class EnvFileStore(TokenStore):
     def refresh_in_progress(self) -> bool | None:
         """Whether some process holds the refresh lock now."""
         return self._current.refresh_in_progress()
+
+    def incidents(self) -> Incidents:
+        """Files beside the real ``.env`` (``<.env>.incident.<name>``), made with ``O_EXCL``."""
+        return FileIncidents(os.path.realpath(self.path))
 
     @sealed  # the journal's raw answers
     def status_details(self) -> list[tuple[str, str]]:

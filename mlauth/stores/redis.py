@@ -57,6 +57,7 @@ from mlauth.secret import Secret, fingerprint, mask, quotes_url_secret, redact_u
 from mlauth.tokens import LATEST_TIME, TokenSet, token_problem
 
 from .base import NOT_LOCAL, KeptAnswerRefresh, RefreshTransaction, TokenStore, savable
+from .incidents import Incidents
 from .journal import kept_note
 from .lock import POLL_INTERVAL
 
@@ -653,6 +654,11 @@ class RedisStore(TokenStore):
     def transaction(self, *, login: bool = False) -> RefreshTransaction:
         return RedisRefresh(self, login=login)
 
+    def incidents(self) -> Incidents:
+        """Keys beside the tokens' hash (``<key>:incident:<name>``), set with ``NX``: one
+        process of the whole fleet opens each incident."""
+        return _RedisIncidents(self)
+
     @sealed
     def status_details(self) -> list[tuple[str, str]]:
         """Rows for ``mlauth status``: the key, the chain's generation last read, and a raw
@@ -853,3 +859,24 @@ class RedisRefresh(KeptAnswerRefresh):
             where=f"the {ANSWER_FIELD} field of {self._store.key} at {self._store.location}",
             until="until the next commit",
         )
+
+
+class _RedisIncidents:
+    """A store's incidents as Redis keys; a Redis that cannot be reached raises (the alert
+    then falls back to this process alone: see :mod:`mlauth.alerts`)."""
+
+    def __init__(self, store: RedisStore) -> None:
+        self._store = store
+
+    def _name(self, name: str) -> str:
+        return f"{self._store._key()}:incident:{name}"
+
+    def open(self, name: str, value: str) -> tuple[bool, str]:
+        client = self._store._client
+        if client.set(self._name(name), value, nx=True):
+            return True, value
+        held = client.get(self._name(name))
+        return False, value if held is None else str(held)
+
+    def close(self, name: str) -> None:
+        self._store._client.delete(self._name(name))

@@ -263,9 +263,7 @@ class RefreshEngine:
         # failed), and a STALE token waits for a peer's refresh only from the second on.
         self._advisory_retry_at = 0.0
         self._peer_wait_after = 0.0
-        # For the events: since when the store has been failing (monotonic), and whether
-        # this chain's death was told already (once per process and dead chain).
-        self._store_down_since: float | None = None
+        # For the events: whether this chain's death was told (once per process and chain).
         self._dead_told = False
         _engines.add(self)
 
@@ -463,8 +461,6 @@ class RefreshEngine:
         if self.store.stamp() != version:
             tokens = self._keep(*self.store.load())
             log.debug("store changed; picked up %s", tokens)
-        if self._store_down_since is not None:
-            self._store_back()
         return tokens
 
     def _refresh_ahead(self, tokens: TokenSet) -> TokenSet:
@@ -701,7 +697,7 @@ class RefreshEngine:
             return tokens
         except Exception as exc:  # noqa: BLE001 (whatever failed, `new` is the live link)
             self._unsaved.keep(new, self._unsaved.base(spent), self._clock.monotonic())
-            self._store_failed(exc)
+            events.store_failed(self.store.location, exc, mask(str(exc), self._known()))
             kept = (
                 f"{txn.answer_kept} holds them for any process that takes the lock"
                 if txn.answer_kept
@@ -720,8 +716,7 @@ class RefreshEngine:
         self._keep(new, version)
         self._unsaved.held = None
         log.info("refreshed MercadoLibre token (%s) in pid %d: %s", reason, os.getpid(), new)
-        if self._store_down_since is not None:
-            self._store_back()
+        events.store_answered(self.store.location)  # a save went through: it is back
         return new
 
     # -- tokens whose save failed ------------------------------------------------------------
@@ -807,25 +802,7 @@ class RefreshEngine:
                 )
             )
         elif isinstance(exc, StoreError) and not isinstance(exc, StaleCommitError):
-            self._store_failed(exc)
-
-    def _store_failed(self, exc: BaseException) -> None:
-        if self._store_down_since is not None:
-            return
-        self._store_down_since = self._clock.monotonic()
-        events.emit(
-            events.StoreUnavailable(
-                store=self.store.location,
-                error=type(exc).__name__,
-                reason=mask(str(exc), self._known()),
-            )
-        )
-
-    def _store_back(self) -> None:
-        down_since, self._store_down_since = self._store_down_since, None
-        if down_since is not None:
-            down_s = round(self._clock.monotonic() - down_since, 3)
-            events.emit(events.StoreBack(store=self.store.location, down_s=down_s))
+            events.store_failed(self.store.location, exc, mask(str(exc), self._known()))
 
     # -- the edges ---------------------------------------------------------------------------
 

@@ -53,6 +53,8 @@ __all__ = [
     "dropped",
     "emit",
     "flush",
+    "store_answered",
+    "store_failed",
     "subscribe",
 ]
 
@@ -303,6 +305,32 @@ def emit(event: Event) -> None:
         log.info("event %s: %s", event.kind, details, extra={"mlauth_event": fields})
     if _bus.subscriptions:
         _bus.put(event)
+
+
+# Stores this process found unavailable (location -> since, monotonic): the engines and the
+# stores that watch themselves (Redis) tell it once between them, until one sees it answer.
+_down: dict[str, float] = {}
+_down_lock = threading.Lock()
+
+
+def store_failed(store: str, error: BaseException, reason: str) -> None:
+    """:class:`StoreUnavailable` for ``store``, unless this process said so already;
+    ``reason``: the error's message with its secrets masked."""
+    with _down_lock:
+        if store in _down:
+            return
+        _down[store] = time.monotonic()
+    emit(StoreUnavailable(store=store, error=type(error).__name__, reason=reason))
+
+
+def store_answered(store: str) -> None:
+    """:class:`StoreBack` for ``store`` if it was unavailable; a dict lookup otherwise."""
+    if store not in _down:
+        return
+    with _down_lock:
+        since = _down.pop(store, None)
+    if since is not None:
+        emit(StoreBack(store=store, down_s=round(time.monotonic() - since, 3)))
 
 
 def flush(timeout: float = EXIT_FLUSH) -> bool:

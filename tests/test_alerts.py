@@ -21,8 +21,11 @@ import pytest
 
 import mlauth
 from mlauth import events
+from mlauth.cli.migrate import migrate_to_redis
 from mlauth.stores.envfile import read_env_file, update_env_file
+from mlauth.stores.redis import RedisStore
 from mlauth.testing import FakeMercadoLibre
+from mlauth.testing.redis_server import RedisServer
 from tests.support import SCRIPTS
 from tests.support.kernel_locks import DEADLINE
 from tests.support.leaks import assert_no_secret
@@ -47,6 +50,17 @@ def secrets_of(fake: FakeMercadoLibre, env: Path) -> list[str]:
     return [fake.client_secret] + [
         v for k, v in values.items() if v and k in ("ML_ACCESS_TOKEN", "ML_REFRESH_TOKEN")
     ]
+
+
+def workers_start(env: Path, url: str, out: Path) -> subprocess.Popen[str]:
+    """One process, one request through mlauth, the recorder as its alert command."""
+    return subprocess.Popen(
+        [sys.executable, str(SCRIPTS / "event_worker.py"), "requests", str(env), url],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "ML_ALERT_COMMAND": RECORDER, "MLAUTH_TEST_OUT": str(out)},
+        text=True,
+    )
 
 
 def workers(env: Path, url: str, out: Path, count: int) -> list[dict[str, Any]]:
@@ -286,3 +300,29 @@ def test_the_documented_alert_commands_send_the_message(
     else:
         assert args[-1] == "https://hooks.slack.com/services/T000/B000/fake"
         assert json.loads(stdin) == {"text": message}
+
+
+def test_processes_on_one_redis_alert_once(
+    fake_ml: FakeMercadoLibre, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    # Each process has a .env of its own (as on machines of their own), all on one Redis.
+    out = tmp_path / "alerts"
+    out.mkdir()
+    envs = []
+    for index in range(3):
+        folder = tmp_path / f"machine{index}"
+        folder.mkdir()
+        envs.append(folder / ".env")
+    fake_ml.write_env(envs[0], expires_at=time.time() - 10)
+    migrate_to_redis(envs[0], redis_server.url)
+    for env in envs[1:]:
+        env.write_text(envs[0].read_text())
+    fake_ml.revoke_refresh_tokens()
+    url = f"{fake_ml.base_url}/users/me"
+    procs = [workers_start(env, url, out) for env in envs]
+    for proc in procs:
+        _, err = proc.communicate(timeout=DEADLINE)
+        assert proc.returncode == 0, err
+    (alert,) = alerts_in(out)
+    assert alert["alert"] == "reauthorization_required"
+    assert alert["store"] == RedisStore(redis_server.url).location

@@ -21,9 +21,12 @@ import requests
 
 import mlauth
 from mlauth import events
+from mlauth.cli.migrate import migrate_to_redis
 from mlauth.httpx import HttpxAuth
 from mlauth.stores.envfile import read_env_file
+from mlauth.stores.redis import RedisStore
 from mlauth.testing import FakeMercadoLibre, MemoryStore
+from mlauth.testing.redis_server import RedisServer
 from mlauth.tokens import this_process
 from tests.support import SCRIPTS
 from tests.support.httpx_calls import request as httpx_request
@@ -204,9 +207,10 @@ def test_a_store_that_goes_down_and_comes_back(
         with pytest.raises(mlauth.StoreError):
             auth.valid_tokens()
     store.down = False
-    auth.valid_tokens()
-    assert kinds(seen) == ["store_unavailable", "store_back"]
-    down, back = seen
+    auth.valid_tokens()  # a read is not enough to say a store is back: a save is
+    auth.refresh()
+    assert kinds(seen) == ["store_unavailable", "refreshed", "store_back"]
+    down, _, back = seen
     assert down.fields()["error"] == "StoreError" and "a test's switch" in str(down.fields())
     assert isinstance(back, events.StoreBack) and back.down_s >= 0
 
@@ -274,6 +278,29 @@ def test_two_processes_meeting_one_dead_token_each_say_so(
         ["refresh_failed", "reauthorization_required"],
     ], said
     assert fake_ml.stats()["invalid_grant"] == 1
+
+
+@pytest.mark.parametrize("client", CLIENTS)
+@pytest.mark.parametrize(
+    ("refreshed_ago", "expected"),
+    [(3600, ["refreshed", "unauthorized_absorbed"]), (2, ["unauthorized_returned"])],
+    ids=["absorbed", "genuine"],
+)
+def test_a_worker_process_reports_its_401s(
+    client: str,
+    refreshed_ago: float,
+    expected: list[str],
+    fake_ml: FakeMercadoLibre,
+    tmp_path: Path,
+    seen: list[events.Event],
+) -> None:
+    env = tmp_path / ".env"
+    dead_access_env(fake_ml, env, refreshed_ago=refreshed_ago)
+    found = report(worker(client, env, f"{fake_ml.base_url}/users/me"))
+    assert found["statuses"] == [200 if expected[0] == "refreshed" else 401]
+    assert [e["kind"] for e in found["events"]] == expected
+    assert {e["pid"] for e in found["events"]} != {os.getpid()}
+    assert kinds(seen) == []  # each process reports its own events only
 
 
 # -- delivery -----------------------------------------------------------------------------
@@ -403,3 +430,34 @@ def test_no_event_without_a_refresh_or_a_401(
     for client in CLIENTS:
         assert call(client, env, f"{fake_ml.base_url}/users/me") == 200
     assert kinds(seen) == []
+
+
+@pytest.mark.parametrize("client", ["sync", "async"])
+def test_a_redis_that_goes_down_and_comes_back(
+    client: str,
+    fake_ml: FakeMercadoLibre,
+    persistent_redis: RedisServer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    seen: list[events.Event],
+) -> None:
+    # The Redis store watches itself: a look that fails while a cached token is still good
+    # says the store is down (the request goes on with that token); the next look that
+    # works says it is back.
+    monkeypatch.setattr("mlauth.stores.redis.PROBE_BACKOFF", 0.0)  # look again at once
+    env = tmp_path / ".env"
+    fake_ml.write_env(env)
+    migrate_to_redis(env, persistent_redis.url)
+    store = RedisStore(persistent_redis.url, check_interval=0.0)
+    auth = HttpxAuth.from_env(env, store=store)
+    url = f"{fake_ml.base_url}/users/me"
+    mode = "sync" if client == "sync" else "async"
+    assert httpx_request(mode, auth, "GET", url).status_code == 200
+    persistent_redis.stop()
+    assert httpx_request(mode, auth, "GET", url).status_code == 200  # the cached token
+    assert httpx_request(mode, auth, "GET", url).status_code == 200  # said once
+    persistent_redis.start()
+    assert httpx_request(mode, auth, "GET", url).status_code == 200
+    assert kinds(seen) == ["store_unavailable", "store_back"]
+    down = seen[0].fields()
+    assert down["store"] == store.location and "redis-server" in str(down["reason"])

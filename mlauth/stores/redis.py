@@ -43,6 +43,7 @@ except ImportError:  # pragma: no cover (exercised in a test by hiding the packa
         "mlauth's Redis store needs the redis package: pip install 'mlauth[redis]'"
     ) from None
 
+from mlauth import events
 from mlauth.answers import tokens_of
 from mlauth.errors import (
     ConfigError,
@@ -434,12 +435,11 @@ class RedisStore(TokenStore):
             # Back off: a Redis that hangs would otherwise cost every check its timeout. A
             # successful load() (a 401 or an expiry re-reads under the lock) ends this early.
             self._quiet_until = now + PROBE_BACKOFF
-            log.warning(
-                "%s; using the cached token, next look in %gs",
-                self._unreachable(exc, "read"),
-                PROBE_BACKOFF,
-            )
+            unreachable = self._unreachable(exc, "read")
+            log.warning("%s; using the cached token, next look in %gs", unreachable, PROBE_BACKOFF)
+            events.store_failed(self.location, exc, str(unreachable))
             return self._seen
+        events.store_answered(self.location)
         if chain is None:
             return None
         return (chain, _generation(cast("str | None", gen), self._key(), self.location))

@@ -35,10 +35,12 @@ import socket
 import subprocess
 import threading
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 from . import events
+from .secret import Secret, mask, redact_url
 from .stores.incidents import Incidents, MemoryIncidents
+from .terminal import printable
 
 __all__ = ["COMMAND_KEY", "FAILING_KEY", "watch"]
 
@@ -51,8 +53,12 @@ DEFAULT_FAILING_MINUTES = 10.0
 COMMAND_TIMEOUT = 60.0
 #: The longest a process that exits waits for its alerts to be run.
 EXIT_WAIT = 30.0
+#: An incident opened this long ago and never seen to end alerts again (once a day).
+REMIND_AFTER = 24 * 3600.0
+#: The longest value of an MLAUTH_ALERT_* variable (a server's message can be anything).
+VALUE_LIMIT = 4096
 # Removed from the command's environment: they may hold a secret.
-_SECRET_VARIABLES = ("ML_CLIENT_SECRET", "ML_ACCESS_TOKEN", "ML_REFRESH_TOKEN")
+_SECRET_VARIABLES = ("ML_CLIENT_SECRET", "ML_ACCESS_TOKEN", "ML_REFRESH_TOKEN", "ML_TOKEN_STORE")
 
 _MESSAGES = {
     "reauthorization_required": "the seller must authorize the app again: run `mlauth login`",
@@ -65,13 +71,19 @@ class _Alerter:
     """Subscribed to one store's events: opens and closes its incidents, runs the command."""
 
     def __init__(
-        self, command: str, store: str, incidents: Incidents, failing_after: float
+        self,
+        command: str,
+        store: str,
+        incidents: Incidents,
+        failing_after: float,
+        known: Callable[[], Iterable[Secret | None]],
     ) -> None:
         self.command = command
         self.store = store
         self.incidents = incidents
         self.failing_after = failing_after
-        self._me = uuid.uuid4().hex  # what this process writes when it opens an incident
+        self.known = known  # the client secret and the tokens: never in the command's input
+        self._me = uuid.uuid4().hex  # who opened an incident, beside when
         self._alone = MemoryIncidents()  # when the store cannot say (it is down)
 
     def _open(self, name: str, value: str) -> tuple[bool, str]:
@@ -95,9 +107,9 @@ class _Alerter:
             return
         kind = event.kind
         try:
-            if kind == "refreshed":
-                # A dead chain's incident is its own (named by its fingerprint): a new chain
-                # that dies alerts again, whoever saved it and whether or not it refreshed.
+            if kind in ("refreshed", "adopted"):
+                # Refreshes work again, here or in a peer. A dead chain's incident is its own
+                # (named by its fingerprint): the next chain that dies alerts again.
                 for name in ("failing", "alert.refresh_failing"):
                     self._close(name)
             elif kind == "store_back":
@@ -108,24 +120,45 @@ class _Alerter:
             elif kind == "store_unavailable":
                 self._begin(kind, event, event.at)
             elif kind == "refresh_failed":
-                _, since = self._open("failing", repr(event.at))
-                started = _number(since, event.at)
+                started = self._failing_since(event.at)
                 if event.at - started >= self.failing_after:
                     self._begin("refresh_failing", event, started)
         except Exception:  # a bug here must not stop the other subscribers
             log.warning("could not handle the incident for %s", self.store, exc_info=True)
 
+    def _failing_since(self, now: float) -> float:
+        """When refreshes began failing, as the first process to see it recorded; a record
+        older than :data:`REMIND_AFTER` is a leftover (its end went unseen) and starts over."""
+        _, since = self._open("failing", repr(now))
+        started = _number(since.split()[0] if since.strip() else "", now)
+        if now - started > REMIND_AFTER:
+            self._close("failing")
+            _, since = self._open("failing", repr(now))
+            started = _number(since.split()[0] if since.strip() else "", now)
+        return started
+
     def _begin(
         self, incident: str, event: events.Event, since: float, *, name: str | None = None
     ) -> None:
-        opened, _ = self._open(f"alert.{name or incident}", self._me)
-        if opened:
-            self.run(incident, event, since)
+        """Open the incident and alert, unless a process (this one or a peer) opened it less
+        than :data:`REMIND_AFTER` ago: an incident whose end nobody saw (a cron job that
+        exited first) reminds once a day rather than silencing every later one."""
+        key = f"alert.{name or incident}"
+        opened, held = self._open(key, f"{event.at!r} {self._me}")
+        if not opened and event.at - _number(held.split()[0] if held else "", event.at) > (
+            REMIND_AFTER
+        ):
+            self._close(key)
+            opened, _ = self._open(key, f"{event.at!r} {self._me}")
+        if opened and not self.run(incident, event, since):
+            self._close(key)  # the command could not start: the next process may try
 
-    def run(self, incident: str, event: events.Event, since: float) -> None:
+    def run(self, incident: str, event: events.Event, since: float) -> bool:
+        """Run the command for ``incident``; whether it could be started."""
         when = datetime.datetime.fromtimestamp(since, datetime.timezone.utc).isoformat()
-        message = f"mlauth: {_MESSAGES[incident].format(since=when)} ({self.store})"
-        fields = event.fields()
+        known = [secret for secret in self.known() if secret is not None]
+        message = mask(f"mlauth: {_MESSAGES[incident].format(since=when)} ({self.store})", known)
+        fields = {k: mask(v, known) if isinstance(v, str) else v for k, v in event.fields().items()}
         document: dict[str, object] = {
             "alert": incident,
             "message": message,
@@ -143,29 +176,37 @@ class _Alerter:
             "MLAUTH_ALERT_PID": str(fields["pid"]),
             "MLAUTH_ALERT_REASON": str(fields.get("reason", "")),
         }
-        environment = _environment(variables)
         try:
             done = subprocess.run(  # noqa: S603 (the user's own command, from their .env)
                 ["/bin/sh", "-c", self.command],
                 input=json.dumps(document).encode(),
-                env=environment,
+                env=_environment(variables, known),
                 capture_output=True,
                 timeout=COMMAND_TIMEOUT,
                 check=False,
             )
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            log.warning("the alert command (%s) failed: %s", COMMAND_KEY, exc)
-            return
+        except subprocess.TimeoutExpired:
+            # Not the exception's text: it quotes the command, and a webhook's URL is a secret.
+            log.warning("the alert command (%s) timed out after %gs", COMMAND_KEY, COMMAND_TIMEOUT)
+            return True
+        except (OSError, ValueError) as exc:
+            log.warning(
+                "the alert command (%s) could not start: %s",
+                COMMAND_KEY,
+                exc.strerror if isinstance(exc, OSError) else type(exc).__name__,
+            )
+            return False
         if done.returncode != 0:
-            tail = done.stderr.decode(errors="replace").strip().splitlines()[-3:]
+            tail = printable(done.stderr.decode(errors="replace").strip()).splitlines()[-3:]
             log.warning(
                 "the alert command (%s) exited with %d: %s",
                 COMMAND_KEY,
                 done.returncode,
-                " | ".join(tail) or "no output",
+                mask(" | ".join(tail), known) or "no output",
             )
         else:
             log.info("alert %s sent for %s", incident, self.store)
+        return True
 
 
 def _number(text: str, default: float) -> float:
@@ -175,9 +216,27 @@ def _number(text: str, default: float) -> float:
         return default
 
 
-def _environment(variables: Mapping[str, str]) -> dict[str, str]:
-    environment = {k: v for k, v in os.environ.items() if k not in _SECRET_VARIABLES}
-    environment.update(variables)
+def _value(text: str) -> str:
+    """An environment variable's value: no NUL (which no environment can hold), no control
+    character, at most :data:`VALUE_LIMIT` characters."""
+    text = printable(text.replace("\0", "\\x00"))
+    return text if len(text) <= VALUE_LIMIT else text[: VALUE_LIMIT - 1] + "…"
+
+
+def _environment(variables: Mapping[str, str], known: Iterable[Secret]) -> dict[str, str]:
+    """This process's environment without what may hold a secret, and the incident's
+    variables: the ``ML_*`` keys that hold credentials or a store URL, and any variable whose
+    value holds a secret this process knows or a URL with a password (a ``MELI_SECRET=`` from
+    ``docker --env-file`` is dropped as surely as ``ML_CLIENT_SECRET``)."""
+    values = [secret.reveal() for secret in known]
+    environment = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in _SECRET_VARIABLES
+        and not any(value and value in v for value in values)
+        and redact_url(v) == v
+    }
+    environment.update({k: _value(v) for k, v in variables.items()})
     return environment
 
 
@@ -185,15 +244,22 @@ _watching: dict[tuple[str, str], events.Subscription] = {}
 _watching_lock = threading.Lock()
 
 
-def watch(command: str, store: str, incidents: Incidents, failing_after: float) -> None:
+def watch(
+    command: str,
+    store: str,
+    incidents: Incidents,
+    failing_after: float,
+    known: Callable[[], Iterable[Secret | None]],
+) -> None:
     """Run ``command`` for the incidents of ``store`` (its location) from now on, once per
-    process however many auths share it."""
+    process however many auths share it; ``known`` gives the secrets to keep out of it."""
     with _watching_lock:
         if (store, command) in _watching:
             return
-        alerter = _Alerter(command, store, incidents, failing_after)
+        alerter = _Alerter(command, store, incidents, failing_after, known)
         kinds = (
             "refreshed",
+            "adopted",
             "refresh_failed",
             "reauthorization_required",
             "store_unavailable",

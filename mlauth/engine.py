@@ -637,6 +637,9 @@ class RefreshEngine:
                 "keeping the current one"
             )
         new = TokenSet.from_answer(answer, spent, started, refreshed_by=this_process())
+        committed = self._commit(txn, new, spent, reason=need.reason)
+        # Told once the new tokens are safe (saved, or held in memory if the save failed):
+        # nothing runs between the spend and the save.
         events.emit(
             events.Refreshed(
                 store=self.store.location,
@@ -645,7 +648,6 @@ class RefreshEngine:
                 by=new.refreshed_by or "",
             )
         )
-        committed = self._commit(txn, new, spent, reason=need.reason)
         if committed.access_token is None:
             # Saved: the next refresh spends the new refresh token, never the old one.
             raise RefreshError(
@@ -837,6 +839,11 @@ class RefreshEngine:
             + mask(f"{type(exc).__name__}: {exc}", self._known())
             + " (the original exception is this one's __cause__)"
         )
+
+    def known_secrets(self) -> list[Secret | None]:
+        """The client secret and every token this process holds (for what mlauth hands to
+        others, such as an alert command, to keep out)."""
+        return self._known()
 
     def _known(self) -> list[Secret | None]:
         """The client secret and every token this process holds, to mask in the text of

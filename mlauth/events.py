@@ -37,6 +37,8 @@ import time
 from collections.abc import Callable, Iterable
 from typing import ClassVar
 
+from .terminal import printable
+
 __all__ = [
     "KINDS",
     "Adopted",
@@ -298,13 +300,22 @@ def subscribe(callback: Subscriber, kinds: Iterable[str] | None = None) -> Subsc
 
 
 def emit(event: Event) -> None:
-    """Log ``event`` and queue it for the subscribers; never blocks, never raises."""
-    if log.isEnabledFor(logging.INFO):
-        fields = event.fields()
-        details = " ".join(f"{k}={v}" for k, v in fields.items() if k not in ("kind", "at"))
-        log.info("event %s: %s", event.kind, details, extra={"mlauth_event": fields})
-    if _bus.subscriptions:
-        _bus.put(event)
+    """Log ``event`` and queue it for the subscribers; never blocks, never raises.
+
+    Called where a refresh or a 401 is under way: whatever fails here (a handler, a thread
+    that cannot start at interpreter shutdown) costs the event, counted as dropped, never the
+    refresh.
+    """
+    try:
+        if log.isEnabledFor(logging.INFO):
+            fields = event.fields()
+            details = " ".join(f"{k}={v}" for k, v in fields.items() if k not in ("kind", "at"))
+            # Escaped: a reason quotes a server's text, and a handler may print it raw.
+            log.info("event %s: %s", event.kind, printable(details), extra={"mlauth_event": fields})
+        if _bus.subscriptions:
+            _bus.put(event)
+    except Exception:  # noqa: BLE001 (see above)
+        _bus.dropped += 1
 
 
 # Stores this process found unavailable (location -> since, monotonic): the engines and the

@@ -326,3 +326,81 @@ def test_processes_on_one_redis_alert_once(
     (alert,) = alerts_in(out)
     assert alert["alert"] == "reauthorization_required"
     assert alert["store"] == RedisStore(redis_server.url).location
+
+
+def test_an_odd_reason_reaches_the_command_escaped_and_cut(
+    fake_ml: FakeMercadoLibre, tmp_path: Path, out: Path
+) -> None:
+    # The server's error text goes into MLAUTH_ALERT_REASON: a NUL (no environment can hold
+    # one), CR/LF and 200,000 characters must not stop the alert.
+    env = tmp_path / ".env"
+    alerting_env(fake_ml, env, out, "10")
+    description = "bad\u0000grant\r\nline2 " + "x" * 200_000
+    body = json.dumps({"error": "invalid_grant", "error_description": description})
+    fake_ml.fail_next_token_requests(1, status=400, error="invalid_grant", body=body)
+    with pytest.raises(mlauth.InvalidGrantError):
+        mlauth.MLAuth.from_env(env).refresh()
+    assert events.flush(DEADLINE)
+    (alert,) = alerts_in(out)
+    assert alert["alert"] == "reauthorization_required"
+    (environment,) = out.glob("alert.*.env")
+    reason = [
+        line for line in environment.read_text().splitlines() if line.startswith("MLAUTH_ALERT_")
+    ]
+    (given,) = [line for line in reason if line.startswith("MLAUTH_ALERT_REASON=")]
+    assert "\\x00" in given and "\r" not in given and len(given) <= 4200
+
+
+def test_secrets_under_other_names_stay_out_of_the_commands_environment(
+    fake_ml: FakeMercadoLibre, tmp_path: Path, out: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    env = tmp_path / ".env"
+    alerting_env(fake_ml, env, out, "10")
+    monkeypatch.setenv("MELI_CLIENT_SECRET", fake_ml.client_secret)  # docker --env-file
+    monkeypatch.setenv("APP_CACHE", "redis://:hunter2-not-real@127.0.0.1:6390/0")
+    monkeypatch.setenv("MLAUTH_HARMLESS", "kept")
+    fake_ml.revoke_refresh_tokens()
+    with pytest.raises(mlauth.InvalidGrantError):
+        mlauth.MLAuth.from_env(env).refresh()
+    assert events.flush(DEADLINE)
+    (environment,) = out.glob("alert.*.env")
+    names = {line.split("=", 1)[0] for line in environment.read_text().splitlines() if "=" in line}
+    assert "MLAUTH_HARMLESS" in names
+    assert not names & {"MELI_CLIENT_SECRET", "APP_CACHE"}
+    assert_no_secret(everything_given(out), [fake_ml.client_secret, "hunter2-not-real"], "alert")
+
+
+def test_an_incident_nobody_saw_end_reminds_after_a_day(
+    fake_ml: FakeMercadoLibre, tmp_path: Path, out: Path
+) -> None:
+    env = tmp_path / ".env"
+    alerting_env(fake_ml, env, out, "0")
+    # A store outage alerted two days ago by a cron job that exited before it ended.
+    (tmp_path / ".env.incident.alert.refresh_failing").write_text(f"{time.time() - 2 * 86400!r} x")
+    fake_ml.fail_next_token_requests(2, status=503)
+    for _ in range(2):
+        with pytest.raises(mlauth.RefreshError):
+            mlauth.MLAuth.from_env(env, max_attempts=1, backoff=0.0).refresh()
+    assert events.flush(DEADLINE)
+    assert [a["alert"] for a in alerts_in(out)] == ["refresh_failing"]  # once, not twice
+
+
+def test_a_timed_out_command_is_not_quoted(
+    fake_ml: FakeMercadoLibre,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    env = tmp_path / ".env"
+    hook = "https://hooks.example.test/services/FAKE-webhook-secret"
+    command = f"sleep 30 && curl -fsS {hook}"
+    fake_ml.write_env(env, expires_at=time.time() - 10, extra={"ML_ALERT_COMMAND": f"'{command}'"})
+    assert read_env_file(env)["ML_ALERT_COMMAND"] == command
+    monkeypatch.setattr("mlauth.alerts.COMMAND_TIMEOUT", 0.5)
+    fake_ml.revoke_refresh_tokens()
+    with pytest.raises(mlauth.InvalidGrantError):
+        mlauth.MLAuth.from_env(env).refresh()
+    assert events.flush(DEADLINE)
+    said = [r.getMessage() for r in caplog.records if "alert command" in r.getMessage()]
+    assert said == ["the alert command (ML_ALERT_COMMAND) timed out after 0.5s"]
+    assert hook not in caplog.text

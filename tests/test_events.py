@@ -209,8 +209,8 @@ def test_a_store_that_goes_down_and_comes_back(
     store.down = False
     auth.valid_tokens()  # a read is not enough to say a store is back: a save is
     auth.refresh()
-    assert kinds(seen) == ["store_unavailable", "refreshed", "store_back"]
-    down, _, back = seen
+    assert kinds(seen) == ["store_unavailable", "store_back", "refreshed"]
+    down, back, _ = seen
     assert down.fields()["error"] == "StoreError" and "a test's switch" in str(down.fields())
     assert isinstance(back, events.StoreBack) and back.down_s >= 0
 
@@ -343,6 +343,26 @@ def test_a_raising_subscriber_breaks_nothing_and_is_logged_once(
         assert kinds(seen) == ["refreshed", "unauthorized_absorbed"]  # the others got all
     failures = [r for r in caplog.records if "event subscriber" in r.getMessage()]
     assert len(failures) == 1 and failures[0].exc_info is not None
+
+
+def test_an_event_that_cannot_be_queued_costs_the_event_not_the_refresh(
+    fake_ml: FakeMercadoLibre,
+    tmp_path: Path,
+    seen: list[events.Event],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # As at interpreter shutdown on Python 3.12+, where no thread can start.
+    def refuse(event: events.Event) -> None:
+        raise RuntimeError("can't create new thread at interpreter shutdown")
+
+    monkeypatch.setattr(events._bus, "put", refuse)
+    env = tmp_path / ".env"
+    fake_ml.write_env(env, expires_at=time.time() - 10)
+    before = events.dropped()
+    tokens = mlauth.MLAuth.from_env(env).refresh()
+    assert fake_ml.is_live(tokens.refresh_token.reveal() if tokens.refresh_token else None)
+    assert read_env_file(env)["ML_REFRESH_TOKEN"] == tokens.refresh_token.reveal()  # type: ignore[union-attr]
+    assert events.dropped() == before + 1
 
 
 def test_kinds_filter_and_unknown_kinds(fake_ml: FakeMercadoLibre, tmp_path: Path) -> None:

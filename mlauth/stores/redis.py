@@ -861,6 +861,9 @@ class RedisRefresh(KeptAnswerRefresh):
         )
 
 
+INCIDENT_EXPIRY = 2 * 24 * 3600  # seconds; alerts remind daily of an incident still open
+
+
 class _RedisIncidents:
     """A store's incidents as Redis keys; a Redis that cannot be reached raises (the alert
     then falls back to this process alone: see :mod:`mlauth.alerts`)."""
@@ -873,7 +876,8 @@ class _RedisIncidents:
 
     def open(self, name: str, value: str) -> tuple[bool, str]:
         client = self._store._client
-        if client.set(self._name(name), value, nx=True):
+        # Expiring, so a key whose incident nobody saw end does not outlive its reminder.
+        if client.set(self._name(name), value, nx=True, ex=INCIDENT_EXPIRY):
             return True, value
         held = client.get(self._name(name))
         return False, value if held is None else str(held)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import logging
 import os
 import sys
 import tempfile
@@ -109,6 +110,12 @@ def trace_401_refresh(folder: str) -> Trace:
             ):
                 trace.writes += 1
 
+        # The logging levels mlauth uses when nobody configured it: a level an earlier test
+        # left (an INFO logger formats each event's fields) must not change what is counted.
+        loggers = [logging.getLogger(name) for name in ("mlauth", "mlauth.events")]
+        levels = [logger.level for logger in loggers]
+        for logger, level in zip(loggers, (logging.WARNING, logging.NOTSET), strict=True):
+            logger.setLevel(level)
         active = True
         sys.addaudithook(audit)  # cannot be removed: ``active`` turns it off
         sys.setprofile(profile)
@@ -117,6 +124,8 @@ def trace_401_refresh(folder: str) -> Trace:
         finally:
             sys.setprofile(None)
             active = False
+            for logger, level in zip(loggers, levels, strict=True):
+                logger.setLevel(level)
         trace.status = response.status_code
         trace.refreshes = fake.stats()["refreshes"]
     return trace

@@ -325,3 +325,61 @@ def test_with_the_api_alone_nothing_is_recorded_until_the_app_sets_an_sdk(
     # Two refreshes, one before the SDK (a no-op) and one after, which is counted.
     assert fake_ml.stats()["refreshes"] == 2
     assert done.stdout == "mlauth.refreshes 1\n"
+
+
+EVERY_KIND = [
+    (events.Adopted(store="s", by="pid 2@host"), "mlauth.adoptions", "mlauth_adoptions_total", {}),
+    (
+        events.LockWaited(store="s", waited_ms=1500.0),
+        "mlauth.lock.wait_time",
+        "mlauth_lock_wait_seconds_sum",
+        {},
+    ),
+    (
+        events.RefreshFailed(store="s", error="RefreshError", reason="503", retry_at=None),
+        "mlauth.refresh.failures",
+        "mlauth_refresh_failures_total",
+        {"error": "RefreshError"},
+    ),
+    (
+        events.ReauthorizationRequired(store="s", reason="run mlauth login"),
+        "mlauth.reauthorizations_required",
+        "mlauth_reauthorization_required_total",
+        {},
+    ),
+    (
+        events.StoreUnavailable(store="s", error="StoreError", reason="down"),
+        "mlauth.store.unavailable",
+        "mlauth_store_unavailable_total",
+        {"error": "StoreError"},
+    ),
+    (
+        events.StoreBack(store="s", down_s=42.0),
+        "mlauth.store.outage.duration",
+        "mlauth_store_outage_seconds_sum",
+        {},
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("event", "otel_name", "prom_name", "labels"), EVERY_KIND, ids=lambda v: str(v)[:30]
+)
+def test_each_event_kind_reaches_both_backends(
+    both: tuple[InMemoryMetricReader, prometheus_client.CollectorRegistry],
+    event: events.Event,
+    otel_name: str,
+    prom_name: str,
+    labels: dict[str, str],
+) -> None:
+    reader, registry = both
+    emit_and_flush(event)
+    points = otel_points(reader)
+    (found,) = [name for name, values in points.items() if values]
+    assert found.startswith(f"{otel_name} [")
+    expected = {"lock_waited": 1.5, "store_back": 42.0}.get(event.kind, 1.0)
+    assert prom_total(prom_samples(registry), prom_name, store="s", **labels) == expected
+    attributes = {"mlauth.store": "s"}
+    if "error" in labels:
+        attributes["error.type"] = labels["error"]
+    assert otel_total(points, found, **attributes) == 1  # one count or one observation

@@ -26,6 +26,11 @@ way mlauth and its peers save) and the save counter is bumped, as a peer's save 
 every timed call notices the change and re-reads the file.
 
     python -m benchmarks.overhead --rounds 40 --calls 2000 --block 20
+
+``--otel-metrics`` first installs ``mlauth.metrics.otel`` with the OpenTelemetry API alone (no
+SDK: the global provider is the API's no-op proxy), as an application that has the extra but
+exports nothing: whatever that costs per request shows in the mlauth rows, against a run
+without the flag.
 """
 
 from __future__ import annotations
@@ -366,17 +371,39 @@ def report(
     return text, data
 
 
+def install_otel_metrics() -> None:
+    """mlauth's OpenTelemetry metrics on the API's global provider, with no SDK set."""
+    from opentelemetry import metrics
+
+    import mlauth.metrics.otel
+
+    mlauth.metrics.otel.install()
+    provider = type(metrics.get_meter_provider()).__name__
+    if provider != "_ProxyMeterProvider":  # an SDK would measure something else
+        raise SystemExit(f"an OpenTelemetry SDK is configured ({provider}): run without it")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.overhead", description=__doc__)
     add_round_arguments(parser, rounds=40, calls=2000)
     add_out_argument(parser)
+    parser.add_argument(
+        "--otel-metrics",
+        action="store_true",
+        help="install mlauth.metrics.otel (OpenTelemetry API only, no SDK) before measuring",
+    )
     args = parser.parse_args(argv)
+    if args.otel_metrics:
+        install_otel_metrics()
     with tempfile.TemporaryDirectory() as tmp:
         contenders = build(Path(tmp))
         check(contenders)
         measure(contenders, args.rounds, args.calls, args.block)
         micros = micro(Path(tmp), contenders)
     text, data = report(contenders, micros, args.rounds, args.calls, args.block)
+    data["otel_metrics"] = args.otel_metrics
+    if args.otel_metrics:
+        text += "\n\nmlauth.metrics.otel installed, OpenTelemetry API only (no SDK)."
     publish(args.out, "overhead", text, data)
     return 0
 

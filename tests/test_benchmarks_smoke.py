@@ -70,6 +70,14 @@ def test_overhead_reports_every_contender_against_the_floor(tmp_path: Path) -> N
     assert len(data["contenders"]["mlauth"]["per_round_us"]) == 2
     assert data["block"] == 7  # 20 calls in turns of 7, 7 and 6
     assert (tmp_path / "overhead.md").read_text().strip() == out.strip()
+    assert data["otel_metrics"] is False
+
+
+def test_overhead_with_otel_metrics_on_the_api_alone_says_so(tmp_path: Path) -> None:
+    out = run_script("overhead", "--rounds", "1", "--calls", "10", "--otel-metrics", out=tmp_path)
+    assert "mlauth" in rows(out), out
+    assert "mlauth.metrics.otel installed, OpenTelemetry API only (no SDK)." in out
+    assert json.loads((tmp_path / "overhead.json").read_text())["otel_metrics"] is True
 
 
 def test_storm_reports_every_library_and_mlauth_spends_no_token_twice(tmp_path: Path) -> None:

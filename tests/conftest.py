@@ -12,9 +12,22 @@ from pathlib import Path
 import pytest
 
 import mlauth
+from mlauth import alerts
 from mlauth.testing.redis_server import RedisServer
 from tests.support.fake_tokens import env_text
 from tests.support.other_host import AuthorizationRecorder
+
+
+@pytest.fixture(autouse=True)
+def _no_alert_outlives_its_test() -> Iterator[None]:
+    """The alert a test's .env set up (mlauth.alerts.watch, made by the auth itself) ends with
+    the test; subscriptions a test makes itself, it cancels itself."""
+    before = dict(alerts._watching)
+    yield
+    for key, subscription in list(alerts._watching.items()):
+        if key not in before:
+            subscription.cancel()
+            del alerts._watching[key]
 
 
 @pytest.fixture

@@ -342,7 +342,7 @@ EVERY_KIND = [
         {"error": "RefreshError"},
     ),
     (
-        events.ReauthorizationRequired(store="s", reason="run mlauth login"),
+        events.ReauthorizationRequired(store="s", reason="run mlauth login", chain="sha256:0"),
         "mlauth.reauthorizations_required",
         "mlauth_reauthorization_required_total",
         {},

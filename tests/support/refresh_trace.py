@@ -26,6 +26,7 @@ from typing import Any
 import requests
 
 import mlauth
+from mlauth import events
 from mlauth.testing import FakeMercadoLibre
 
 PACKAGE = os.path.dirname(mlauth.__file__) + os.sep
@@ -116,6 +117,9 @@ def trace_401_refresh(folder: str) -> Trace:
         levels = [logger.level for logger in loggers]
         for logger, level in zip(loggers, (logging.WARNING, logging.NOTSET), strict=True):
             logger.setLevel(level)
+        # No subscriber: the path measured is the one every program takes, whatever
+        # subscriptions earlier code in this process left.
+        subscriptions, events._bus.subscriptions = events._bus.subscriptions, ()
         active = True
         sys.addaudithook(audit)  # cannot be removed: ``active`` turns it off
         sys.setprofile(profile)
@@ -126,6 +130,7 @@ def trace_401_refresh(folder: str) -> Trace:
             active = False
             for logger, level in zip(loggers, levels, strict=True):
                 logger.setLevel(level)
+            events._bus.subscriptions = subscriptions
         trace.status = response.status_code
         trace.refreshes = fake.stats()["refreshes"]
     return trace

@@ -263,8 +263,10 @@ class RefreshEngine:
         # failed), and a STALE token waits for a peer's refresh only from the second on.
         self._advisory_retry_at = 0.0
         self._peer_wait_after = 0.0
-        # For the events: whether this chain's death was told (once per process and chain).
+        # For the events: whether this chain's death was told (once per process and chain),
+        # and the refresh token this engine itself last got (its own tokens are not adopted).
         self._dead_told = False
+        self._mine: Secret | None = None
         _engines.add(self)
 
     def _first_load(self) -> tuple[TokenSet, Hashable]:
@@ -690,6 +692,7 @@ class RefreshEngine:
     ) -> TokenSet:
         """Persist ``new``, which follows ``spent``, before anything uses it: the old refresh
         token is dead."""
+        self._mine = new.refresh_token  # cached below: ours, not adopted
         try:
             version = txn.commit(new)
         except StaleCommitError as exc:  # our lock lapsed and a peer committed since
@@ -770,7 +773,9 @@ class RefreshEngine:
             return
         if before.access_token is None and before.refresh_token is None:
             return  # the first load: nothing adopted
-        if tokens.refreshed_by != this_process():
+        if tokens.refresh_token is None or tokens.refresh_token != self._mine:
+            # Another process's, or another auth's of this one (requests and httpx on one
+            # .env), or a lock-free writer's.
             events.emit(events.Adopted(store=self.store.location, by=tokens.refreshed_by))
 
     def _refresh_failed(self, error: RefreshError, tokens: TokenSet, need: Need) -> None:

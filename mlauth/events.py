@@ -99,7 +99,8 @@ class Refreshed(Event):
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Adopted(Event):
-    """This process took up a token another process (or a lock-free writer) refreshed."""
+    """An auth took up a token it did not refresh: another process's, another auth's of this
+    process, or a lock-free writer's."""
 
     kind: ClassVar[str] = "adopted"
     by: str | None  # who refreshed it, as the store says; None if it does not say

@@ -215,6 +215,31 @@ def test_a_store_that_goes_down_and_comes_back(
     assert isinstance(back, events.StoreBack) and back.down_s >= 0
 
 
+@pytest.mark.parametrize("client", CLIENTS)
+def test_an_auth_that_waits_for_another_auths_refresh_adopts_it(
+    client: str, fake_ml: FakeMercadoLibre, tmp_path: Path, seen: list[events.Event]
+) -> None:
+    # Two auths in one process (a requests session and an httpx client on one .env): each is
+    # the other's peer, as two processes would be.
+    env = tmp_path / ".env"
+    fake_ml.write_env(env, expires_at=time.time() - 10)
+    here = mlauth.MLAuth.from_env(env)
+    answered: list[int] = []
+    with here._engine.store.lock(DEADLINE):
+        other = threading.Thread(
+            target=lambda: answered.append(call(client, env, f"{fake_ml.base_url}/users/me"))
+        )
+        other.start()
+        lock = Path(f"{env}.lock")
+        poll_until("the other auth waits for the lock", lambda: blocked_readers(lock) > 0)
+        here.refresh()  # under the lock held above
+    other.join(DEADLINE)
+    assert answered == [200]
+    assert kinds(seen) == ["refreshed", "lock_waited", "adopted"]
+    assert seen[2].fields()["by"] == this_process()
+    assert fake_ml.stats()["refreshes"] == 1
+
+
 # -- across processes ---------------------------------------------------------------------
 
 

@@ -200,7 +200,7 @@ def test_a_store_that_goes_down_and_comes_back(
     env = tmp_path / ".env"
     fake_ml.write_env(env)
     tokens = mlauth.EnvFileStore(env).load()[0]
-    store = FlakyStore(tokens)
+    store = FlakyStore(tokens, location=f"memory {tmp_path}")  # its own: "down" is per store
     auth = mlauth.MLAuth.from_env(env, store=store)
     store.down = True
     for _ in range(2):  # told once, however many requests meet it

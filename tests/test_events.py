@@ -29,12 +29,12 @@ from mlauth.testing import FakeMercadoLibre, MemoryStore
 from mlauth.testing.redis_server import RedisServer
 from mlauth.tokens import this_process
 from tests.support import SCRIPTS
+from tests.support.dead_access import DEAD_ACCESS, dead_access_env
 from tests.support.httpx_calls import request as httpx_request
 from tests.support.kernel_locks import DEADLINE, blocked_readers, poll_until
 from tests.support.leaks import assert_no_secret
 
 CLIENTS = ("requests", "sync", "async")
-DEAD_ACCESS = "APP_USR-dead-access-token-not-real"
 
 
 @pytest.fixture
@@ -59,20 +59,6 @@ def call(client: str, env: Path, url: str, **kwargs: Any) -> int:
         return session.get(url, timeout=30, **kwargs).status_code
     mode = "sync" if client == "sync" else "async"
     return httpx_request(mode, HttpxAuth.from_env(env), "GET", url, **kwargs).status_code
-
-
-def dead_access_env(fake: FakeMercadoLibre, env: Path, *, refreshed_ago: float) -> None:
-    """A .env whose access token looks FRESH to mlauth but the server does not know."""
-    now = time.time()
-    fake.write_env(
-        env,
-        include_access=False,
-        extra={
-            "ML_ACCESS_TOKEN": DEAD_ACCESS,
-            "ML_TOKEN_EXPIRES_AT": repr(now + 20000),
-            "ML_TOKEN_REFRESHED_AT": repr(now - refreshed_ago),
-        },
-    )
 
 
 def secrets_of(fake: FakeMercadoLibre, *envs: Path) -> list[str]:

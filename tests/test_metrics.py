@@ -26,6 +26,7 @@ from mlauth.metrics import otel, prometheus
 from mlauth.stores.envfile import read_env_file
 from mlauth.testing import FakeMercadoLibre
 from tests.support import SCRIPTS
+from tests.support.dead_access import DEAD_ACCESS, dead_access_env
 from tests.support.kernel_locks import DEADLINE
 from tests.support.leaks import assert_no_secret
 from tests.support.metrics import (
@@ -38,7 +39,6 @@ from tests.support.metrics import (
 )
 
 LIFETIME = 2.0
-DEAD_ACCESS = "APP_USR-dead-access-token-not-real"
 
 
 @pytest.fixture
@@ -80,20 +80,6 @@ def storm(envs: list[Path], url: str, *, threads: int, seconds: float) -> list[i
     for worker in workers:
         worker.join()
     return statuses
-
-
-def dead_access_env(fake: FakeMercadoLibre, env: Path, *, refreshed_ago: float) -> None:
-    """A .env whose access token looks fresh to mlauth but that the server does not know."""
-    now = time.time()
-    fake.write_env(
-        env,
-        include_access=False,
-        extra={
-            "ML_ACCESS_TOKEN": DEAD_ACCESS,
-            "ML_TOKEN_EXPIRES_AT": repr(now + 20000),
-            "ML_TOKEN_REFRESHED_AT": repr(now - refreshed_ago),
-        },
-    )
 
 
 def test_counters_match_the_fake_servers_counts_over_a_storm(

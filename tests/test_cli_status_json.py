@@ -17,12 +17,12 @@ import redis
 import mlauth
 from mlauth.cli.migrate import migrate_to_redis
 from mlauth.schemas import status_schema
-from mlauth.stores.journal import Journal
 from mlauth.testing import FakeMercadoLibre
 from mlauth.testing.redis_server import RedisServer, free_port
 from tests.support.cli import assert_clean_failure, mlauth_cli, secrets_in
 from tests.support.lock_holder import lock_held_by_another_process
 from tests.support.mounts import remount_read_only, tmpfs
+from tests.support.pending_answer import answer_pending
 from tests.support.status_json import VALIDATOR, assert_hides, status_json
 
 pytestmark = pytest.mark.processes
@@ -173,16 +173,7 @@ def test_a_missing_access_token_is_degraded(fake_ml: FakeMercadoLibre, tmp_path:
 
 
 def test_an_answer_the_journal_holds_and_the_env_lacks_is_degraded(fake_ml_env: Path) -> None:
-    stored = mlauth.EnvFileStore(fake_ml_env).load()[0].refresh_token
-    assert stored is not None
-    unsaved = mlauth.TokenSet(
-        access_token=mlauth.Secret("APP_USR-unsaved-access-for-status-json"),
-        refresh_token=mlauth.Secret("TG-unsaved-refresh-for-status-json"),
-        expires_at=time.time() + 21600,
-    )
-    journal = Journal(os.path.realpath(fake_ml_env))
-    journal.intent(stored)
-    journal.answer(stored, unsaved)
+    stored, unsaved = answer_pending(fake_ml_env, "status-json")
 
     done, doc = status_json(cwd=fake_ml_env.parent)
     check = mlauth_cli("check", cwd=fake_ml_env.parent)

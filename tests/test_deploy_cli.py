@@ -5,7 +5,6 @@ Each command runs as a real ``python -m mlauth`` process against the loopback fa
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import socket
@@ -17,13 +16,13 @@ from pathlib import Path
 import pytest
 import requests
 
-import mlauth
 from mlauth.stores.envfile import read_env_file
 from mlauth.stores.journal import Journal
 from mlauth.stores.watch import COUNTER_SUFFIX
 from mlauth.testing import FakeMercadoLibre
 from mlauth.testing.redis_server import RedisServer
 from tests.support.cli import REDIRECT, assert_clean_failure, assert_no_secret, mlauth_cli
+from tests.support.pending_answer import answer_pending
 
 pytestmark = pytest.mark.processes
 
@@ -207,16 +206,7 @@ def test_status_with_a_broken_configuration_exits_1_naming_it(
 
 
 def test_status_shows_a_pending_journal_answer(fake_ml_env: Path) -> None:
-    stored = mlauth.EnvFileStore(fake_ml_env).load()[0].refresh_token
-    assert stored is not None
-    new = mlauth.TokenSet(
-        access_token=mlauth.Secret("APP_USR-unsaved-access-for-status-test"),
-        refresh_token=mlauth.Secret("TG-unsaved-refresh-for-status-test"),
-        expires_at=time.time() + 21600,
-    )
-    journal = Journal(os.path.realpath(fake_ml_env))
-    journal.intent(stored)
-    journal.answer(stored, new)
+    stored, _ = answer_pending(fake_ml_env, "status-test")
     done = mlauth_cli("status", "--env", str(fake_ml_env))
     assert done.returncode == 0, done.stderr
     assert re.search(

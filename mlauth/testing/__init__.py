@@ -26,6 +26,7 @@ import itertools
 import json
 import logging
 import os
+import re
 import secrets
 import socket
 import socketserver
@@ -83,6 +84,10 @@ _UNAUTHORIZED_SHAPES: list[dict[str, object]] = [
     )
 ]
 
+# ML's list of the users who authorized an app; the id is matched as a string, so a wrong one
+# answers 404 like an unknown application rather than falling through to the echo.
+_GRANTS_PATH = re.compile(r"/applications/([^/]+)/grants/?")
+
 
 @dataclasses.dataclass(frozen=True)
 class _Fault:
@@ -99,6 +104,23 @@ class _Fault:
 class _PendingCode:
     redirect_uri: str
     code_challenge: str | None
+    user_id: int
+
+
+@dataclasses.dataclass(eq=False)
+class _Chain:
+    """One seller's token chain: whose it is, and the access tokens it has issued."""
+
+    user_id: int
+    access: list[str] = dataclasses.field(default_factory=list)
+
+
+def _check_user_id(user_id: object) -> int:
+    # ML user ids are positive integers and end every token; anything else would mint tokens
+    # no real server sends, and a test would pass on a shape that cannot happen.
+    if isinstance(user_id, bool) or not isinstance(user_id, int) or user_id <= 0:
+        raise ValueError(f"user_id must be a positive int, got {user_id!r}")
+    return user_id
 
 
 def _same(given: str | None, expected: str) -> bool:
@@ -126,6 +148,14 @@ class FakeMercadoLibre:
     ``kill_old_access_on_refresh``, ``token_delay``, ``token_answer_delay`` and ``api_delay``
     are read on every request, so a test may change them while the server runs. Every token
     chain (one per :meth:`issue_tokens` or code exchange) is independent of the others.
+
+    One fake is one app, and it serves any number of sellers (users): ``issue_tokens(
+    user_id=…)`` starts a chain for that user, whose tokens end with the id and whose token
+    answers carry it, as ML's do; the API answers each token's own user; ``GET
+    /applications/{client_id}/grants`` lists every user who authorized the app. Without
+    ``user_id`` everything is for ``user_id`` given here, as with a single seller. Every
+    lookup on the token and API paths is a dict lookup, so thousands of users cost nothing
+    per request.
 
     Example::
 
@@ -163,10 +193,16 @@ class FakeMercadoLibre:
         self._lock = threading.Lock()
         self._stats = dict.fromkeys(_STAT_NAMES, 0)
         self._refresh_times: list[float] = []
-        # Live refresh token -> the list of access tokens of its chain; a used or revoked
-        # refresh token is simply absent, which is what makes it single use.
-        self._refresh_chains: dict[str, list[str]] = {}
-        self._access_expiry: dict[str, float] = {}  # access token -> time.monotonic() deadline
+        # Live refresh token -> its chain (user and access tokens); a used or revoked refresh
+        # token is simply absent, which is what makes it single use.
+        self._refresh_chains: dict[str, _Chain] = {}
+        # Access token -> (time.monotonic() deadline, its user).
+        self._access_tokens: dict[str, tuple[float, int]] = {}
+        # Per user: the live refresh tokens (so one user is revoked without a scan), when the
+        # user first authorized the app (the grants list), and refreshes counted per user.
+        self._live_by_user: dict[int, set[str]] = {}
+        self._grants: dict[int, float] = {}
+        self._refreshes_by_user: collections.Counter[int] = collections.Counter()
         self._codes: dict[str, _PendingCode] = {}
         self._faults: collections.deque[_Fault] = collections.deque()
         self._manglers: collections.deque[tuple[int, Callable[[dict[str, object]], object]]] = (
@@ -239,25 +275,63 @@ class FakeMercadoLibre:
 
     # -- tokens ----------------------------------------------------------------------------
 
-    def issue_tokens(self, *, lifetime: float | None = None) -> dict[str, object]:
-        """Mint a new token chain, as a fresh authorization would; not counted as a refresh."""
-        with self._lock:
-            return self._mint([], lifetime)
+    def issue_tokens(
+        self, *, lifetime: float | None = None, user_id: int | None = None
+    ) -> dict[str, object]:
+        """Mint a new token chain, as a fresh authorization would; not counted as a refresh.
 
-    def issue_authorization_code(self, redirect_uri: str, code_challenge: str | None = None) -> str:
+        The chain is ``user_id``'s (default: the fake's ``user_id``), who is then listed among
+        the app's grants.
+        """
+        user = self.user_id if user_id is None else _check_user_id(user_id)
+        with self._lock:
+            return self._mint(_Chain(user), lifetime)
+
+    def issue_authorization_code(
+        self, redirect_uri: str, code_challenge: str | None = None, *, user_id: int | None = None
+    ) -> str:
         """A single-use code, as ML's authorization page would put on the redirect.
 
         With ``code_challenge`` (S256) the exchange must carry the matching ``code_verifier``.
+        The exchange starts a chain for ``user_id`` (default: the fake's ``user_id``).
         """
-        code = f"TG-{secrets.token_hex(12)}-{self.user_id}"
+        user = self.user_id if user_id is None else _check_user_id(user_id)
+        code = f"TG-{secrets.token_hex(12)}-{user}"
         with self._lock:
-            self._codes[code] = _PendingCode(redirect_uri, code_challenge)
+            self._codes[code] = _PendingCode(redirect_uri, code_challenge, user)
         return code
 
-    def revoke_refresh_tokens(self) -> None:
-        """Invalidate every refresh token, as a password change or app revocation does."""
+    def revoke_refresh_tokens(self, user_id: int | None = None) -> None:
+        """Invalidate refresh tokens, as a password change does: every user's, or one user's.
+
+        Access tokens live on until they expire, and the user stays among the app's grants
+        (see :meth:`revoke_grant` for a seller who removes the app).
+        """
         with self._lock:
-            self._refresh_chains.clear()
+            if user_id is None:
+                self._refresh_chains.clear()
+                self._live_by_user.clear()
+                return
+            for refresh in self._live_by_user.pop(user_id, set()):
+                del self._refresh_chains[refresh]
+
+    def revoke_grant(self, user_id: int) -> None:
+        """The seller removes the app: their refresh and access tokens die, and the grant goes.
+
+        Scans the access tokens once; it is not on any request's path.
+        """
+        with self._lock:
+            for refresh in self._live_by_user.pop(user_id, set()):
+                del self._refresh_chains[refresh]
+            dead = [token for token, (_, user) in self._access_tokens.items() if user == user_id]
+            for token in dead:
+                del self._access_tokens[token]
+            self._grants.pop(user_id, None)
+
+    def grants(self) -> list[int]:
+        """The users who authorized the app (and have not revoked it), oldest grant first."""
+        with self._lock:
+            return list(self._grants)
 
     def write_env(
         self,
@@ -266,13 +340,16 @@ class FakeMercadoLibre:
         expires_at: float | None = None,
         extra: Mapping[str, str] | None = None,
         include_access: bool = True,
+        user_id: int | None = None,
     ) -> dict[str, object]:
         """Issue tokens and write a complete ``.env`` for them (mode 0600). Returns the tokens.
+
+        The chain is ``user_id``'s (default: the fake's ``user_id``), as in :meth:`issue_tokens`.
 
         ``expires_at`` is only written to the file; the server keeps its own clock, so a test
         can make the file claim an expiry the server does not share.
         """
-        tokens = self.issue_tokens()
+        tokens = self.issue_tokens(user_id=user_id)
         lines = [f"ML_CLIENT_ID={self.client_id}", f"ML_CLIENT_SECRET={self.client_secret}"]
         if include_access:
             lines.append(f"ML_ACCESS_TOKEN={tokens['access_token']}")
@@ -303,6 +380,15 @@ class FakeMercadoLibre:
         with self._lock:
             self._stats = dict.fromkeys(_STAT_NAMES, 0)
             self._refresh_times.clear()
+            self._refreshes_by_user.clear()
+
+    def refreshes_by_user(self) -> dict[int, int]:
+        """Successful refreshes per user since the start or :meth:`reset_stats` (a copy).
+
+        Users with no refresh are absent; the values add up to ``stats()["refreshes"]``.
+        """
+        with self._lock:
+            return dict(self._refreshes_by_user)
 
     def is_live(self, refresh_token: str | None) -> bool:
         """Whether ``refresh_token`` is the live end of a chain (the next refresh would work)."""
@@ -394,22 +480,25 @@ class FakeMercadoLibre:
                 return self._faults.popleft()
             return None
 
-    def _mint(self, chain: list[str], lifetime: float | None = None) -> dict[str, object]:
+    def _mint(self, chain: _Chain, lifetime: float | None = None) -> dict[str, object]:
         """Issue an access + refresh pair on ``chain``. The caller holds the lock."""
         lifetime = float(self.token_lifetime if lifetime is None else lifetime)
+        user = chain.user_id
         stamp = time.strftime("%m%d%H", time.gmtime())
-        access = f"APP_USR-{self.client_id}-{stamp}-{secrets.token_hex(16)}-{self.user_id}"
-        refresh = f"TG-{secrets.token_hex(12)}-{self.user_id}"
+        access = f"APP_USR-{self.client_id}-{stamp}-{secrets.token_hex(16)}-{user}"
+        refresh = f"TG-{secrets.token_hex(12)}-{user}"
         # Monotonic, so a test (or NTP) moving the wall clock cannot revive or kill a token.
-        self._access_expiry[access] = time.monotonic() + lifetime
-        chain.append(access)
+        self._access_tokens[access] = (time.monotonic() + lifetime, user)
+        chain.access.append(access)
         self._refresh_chains[refresh] = chain
+        self._live_by_user.setdefault(user, set()).add(refresh)
+        self._grants.setdefault(user, time.time())
         return {
             "access_token": access,
             "token_type": "bearer",
             "expires_in": self._expires_in(lifetime),
             "scope": "offline_access read write",
-            "user_id": self.user_id,
+            "user_id": user,
             "refresh_token": refresh,
         }
 
@@ -437,11 +526,13 @@ class FakeMercadoLibre:
                 if chain is None:
                     self._stats["invalid_grant"] += 1
                     return 400, _INVALID_GRANT
+                self._live_by_user[chain.user_id].discard(token)
                 if self.kill_old_access_on_refresh:
-                    for access in chain:
-                        self._access_expiry.pop(access, None)
-                    chain.clear()
+                    for access in chain.access:
+                        self._access_tokens.pop(access, None)
+                    chain.access.clear()
                 self._stats["refreshes"] += 1
+                self._refreshes_by_user[chain.user_id] += 1
                 self._refresh_times.append(time.time())
                 return 200, self._mint(chain)
             if grant_type == "authorization_code":
@@ -463,11 +554,11 @@ class FakeMercadoLibre:
                 # Spent only on success, so a test can retry an exchange it got wrong.
                 del self._codes[code]
                 self._stats["code_exchanges"] += 1
-                return 200, self._mint([])
+                return 200, self._mint(_Chain(pending.user_id))
             return _error(400, "unsupported_grant_type", f"unsupported grant_type {grant_type}")
 
-    def _authorize(self, authorization: str | None, query: str) -> dict[str, object] | None:
-        """None if the request carries a live token, else the 401 body to answer."""
+    def _authorize(self, authorization: str | None, query: str) -> int | dict[str, object]:
+        """The user of the live token the request carries, else the 401 body to answer."""
         token = None
         scheme, _, value = (authorization or "").partition(" ")
         if scheme.lower() == "bearer":
@@ -475,11 +566,43 @@ class FakeMercadoLibre:
         # ML refuses a token in the query string since 2021, even next to a good header.
         in_query = "access_token" in urllib.parse.parse_qs(query, keep_blank_values=True)
         with self._lock:
-            expiry = self._access_expiry.get(token) if token else None
-            if not in_query and expiry is not None and expiry > time.monotonic():
-                return None
+            found = self._access_tokens.get(token) if token else None
+            if not in_query and found is not None and found[0] > time.monotonic():
+                return found[1]
             self._stats["api_401"] += 1
             return next(self._unauthorized_shapes)
+
+    def _grants_page(self, app_id: str, query: str) -> tuple[int, dict[str, object]]:
+        """``GET /applications/{app_id}/grants``: who authorized the app, a page at a time.
+
+        The shape follows ML's documentation: ``paging`` (``total``, ``limit``, ``offset``) and
+        one entry per user in the shape ML documents for ``/users/{id}/applications``
+        (``user_id``, ``app_id``, ``date_created``, ``scopes``).
+        """
+        if app_id != self.client_id:
+            return _error(404, "not_found", f"application {app_id} not found")
+        params = urllib.parse.parse_qs(query)
+        try:
+            offset = int(params.get("offset", ["0"])[0])
+            limit = int(params.get("limit", ["50"])[0])
+        except ValueError:
+            return _error(400, "bad_request", "offset and limit must be integers")
+        if offset < 0 or not 0 < limit <= 1000:
+            return _error(400, "bad_request", "offset must be >= 0 and limit in 1..1000")
+        app = int(self.client_id) if self.client_id.isdigit() else self.client_id
+        with self._lock:
+            granted = list(self._grants.items())
+        page = [
+            {
+                "user_id": user,
+                "app_id": app,
+                "date_created": time.strftime("%Y-%m-%dT%H:%M:%S.000+00:00", time.gmtime(when)),
+                "scopes": ["offline_access", "read", "write"],
+            }
+            for user, when in granted[offset : offset + limit]
+        ]
+        paging = {"total": len(granted), "limit": limit, "offset": offset}
+        return 200, {"paging": paging, "grants": page}
 
 
 class _Server(http.server.ThreadingHTTPServer):
@@ -673,9 +796,16 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             target = urllib.parse.parse_qs(url.query).get("to", [""])[0]
             self._send(302, b"", [("Location", target)], None)
             return
-        unauthorized = fake._authorize(self.headers.get("Authorization"), url.query)
-        if unauthorized is not None:
-            self._send(401, unauthorized)  # and no WWW-Authenticate, like ML
+        user = fake._authorize(self.headers.get("Authorization"), url.query)
+        if not isinstance(user, int):
+            self._send(401, user)  # and no WWW-Authenticate, like ML
+            return
+        grants = _GRANTS_PATH.fullmatch(url.path)
+        if grants is not None and self.command in ("GET", "HEAD"):
+            status, answer = fake._grants_page(grants.group(1), url.query)
+            if status == 200:
+                fake._count("api_ok")
+            self._send(status, answer)
             return
         if url.path == "/forbidden":
             fake._count("api_403")
@@ -688,7 +818,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         echo = {
             "method": self.command,
             "path": self.path,
-            "user_id": fake.user_id,
+            "user_id": user,
             "body_length": len(body),
             "body_sha256": hashlib.sha256(body).hexdigest(),
             "content_type": self.headers.get("Content-Type"),

@@ -5,6 +5,10 @@ storm; the textfile a cron job leaves for node_exporter; and the package without
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -225,14 +229,23 @@ def test_a_textfile_adds_each_write_once_and_keeps_what_earlier_runs_counted(
 def test_a_textfile_replaces_a_planted_symlink_and_never_writes_through_it(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    store = str(tmp_path / ".env")
+    # Valid Prometheus text of this very job: read through the link, it would be added to.
     victim = tmp_path / "victim"
-    victim.write_text("not yours\n")
+    victim.write_text(bucket_lines(store, [("+Inf", 1000)]))
+    before = victim.read_text()
     prom = tmp_path / "job.prom"
     prom.symlink_to(victim)
     registry = prometheus_client.CollectorRegistry()
-    prometheus.Textfile(prom, registry).write()
-    assert victim.read_text() == "not yours\n"
+    installed = prometheus.install(registry)
+    try:
+        emit_and_flush(refreshed(store))
+        prometheus.Textfile(prom, registry).write()
+    finally:
+        installed.cancel()
+    assert victim.read_text() == before
     assert not prom.is_symlink() and prom.is_file()
+    assert prom_file_total(prom, "mlauth_refreshes_total", store=store) == 1
     assert "its counts restart" in caplog.text
 
 
@@ -369,3 +382,351 @@ def test_each_event_kind_reaches_both_backends(
     if "error" in labels:
         attributes["error.type"] = labels["error"]
     assert otel_total(points, found, **attributes) == 1  # one count or one observation
+
+
+def prom_file_total(prom: Path, name: str, **labels: str) -> float:
+    return prom_total(samples_of(text_string_to_metric_families(prom.read_text())), name, **labels)
+
+
+def test_a_store_path_that_is_not_utf8_is_exposed_escaped_by_both_backends(
+    both: tuple[InMemoryMetricReader, prometheus_client.CollectorRegistry], tmp_path: Path
+) -> None:
+    reader, registry = both
+    # A .env in a folder named with the byte 0xE9 (Latin-1 "é"): os.fsdecode keeps the byte
+    # as a lone surrogate, which no exporter can encode.
+    folder = tmp_path / os.fsdecode(b"caf\xe9")
+    store = str(folder / ".env")
+    emit_and_flush(refreshed(store))
+    escaped = str(tmp_path / "caf\\xe9" / ".env")
+    exposed = prometheus_client.generate_latest(registry).decode()  # the whole /metrics page
+    assert f'store="{escaped}"' in exposed.replace("\\\\", "\\")
+    points = otel_points(reader)
+    assert otel_total(points, "mlauth.refreshes [{refresh}]", **{"mlauth.store": escaped}) == 1
+    prom = tmp_path / "job.prom"
+    prometheus.Textfile(prom, registry).write()
+    assert prom_file_total(prom, "mlauth_refreshes_total", store=escaped) == 1
+
+
+def test_a_failed_write_leaves_its_counts_for_the_next(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    prom, store = tmp_path / "job.prom", str(tmp_path / ".env")
+    registry = prometheus_client.CollectorRegistry()
+    installed = prometheus.install(registry)
+    try:
+        writer = prometheus.Textfile(prom, registry)
+        emit_and_flush(refreshed(store), refreshed(store), refreshed(store))
+        real_fsync = os.fsync
+
+        def full_disk(fd: int) -> None:
+            monkeypatch.setattr(os, "fsync", real_fsync)  # this once only
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        monkeypatch.setattr(os, "fsync", full_disk)
+        with pytest.raises(mlauth.StoreError, match="No space left"):
+            writer.write()
+        assert not prom.exists()
+        writer.write()
+    finally:
+        installed.cancel()
+    assert prom_file_total(prom, "mlauth_refreshes_total", store=store) == 3
+    assert prom_file_total(prom, "mlauth_refresh_duration_seconds_count") == 3
+
+
+def bucket_lines(store: str, bounds: list[tuple[str, int]]) -> str:
+    labels = f'job_name="job",store="{store}"'
+    lines = [
+        f'mlauth_refresh_duration_seconds_bucket{{{labels},le="{le}"}} {n}' for le, n in bounds
+    ]
+    total = bounds[-1][1]
+    return (
+        "# TYPE mlauth_refresh_duration_seconds histogram\n"
+        + "\n".join(lines)
+        + f"\nmlauth_refresh_duration_seconds_count{{{labels}}} {total}\n"
+        + f"mlauth_refresh_duration_seconds_sum{{{labels}}} 99.0\n"
+        + "# TYPE mlauth_refreshes_total counter\n"
+        + f'mlauth_refreshes_total{{{labels},reason="expired"}} {total}\n'
+    )
+
+
+def test_a_histogram_with_other_buckets_restarts_whole_and_counters_still_add_up(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    prom, store = tmp_path / "job.prom", str(tmp_path / ".env")
+    # An older version's file, with other bounds (0.3 is not one of ours).
+    prom.write_text(bucket_lines(store, [("0.3", 4), ("1.0", 5), ("+Inf", 5)]))
+    registry = prometheus_client.CollectorRegistry()
+    installed = prometheus.install(registry)
+    try:
+        emit_and_flush(refreshed(store))  # 0.2 s: in every bucket from 0.25 up
+        prometheus.Textfile(prom, registry).write()
+    finally:
+        installed.cancel()
+    samples = samples_of(text_string_to_metric_families(prom.read_text()))
+    buckets = [
+        (float(s.labels["le"]), s.value)
+        for s in samples
+        if s.name == "mlauth_refresh_duration_seconds_bucket"
+    ]
+    assert [le for le, _ in buckets] == [*mlauth.metrics.SECONDS, float("inf")]
+    assert [n for _, n in buckets] == [0.0 if le < 0.2 else 1.0 for le, _ in buckets]
+    assert prom_total(samples, "mlauth_refresh_duration_seconds_count") == 1
+    assert prom_total(samples, "mlauth_refresh_duration_seconds_sum") == pytest.approx(0.2)
+    assert prom_total(samples, "mlauth_refreshes_total") == 6  # the counter adds up as ever
+    (warning,) = [r for r in caplog.records if "buckets" in r.getMessage()]
+    assert "mlauth_refresh_duration_seconds" in warning.getMessage()
+    assert "0.3" not in warning.getMessage() and "99" not in warning.getMessage()
+
+
+def write_in_thread(writer: prometheus.Textfile) -> list[BaseException]:
+    """``writer.write()`` on a thread: the errors it raised (an assertion if still running
+    after DEADLINE)."""
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            writer.write()
+        except BaseException as exc:  # noqa: BLE001 - reported to the test
+            errors.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(DEADLINE)
+    if thread.is_alive():
+        errors.append(AssertionError("write() still running"))
+    return errors
+
+
+def test_a_fifo_planted_at_the_path_neither_hangs_the_writer_nor_is_read(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    prom = tmp_path / "job.prom"
+    os.mkfifo(prom)
+    try:
+        errors = write_in_thread(prometheus.Textfile(prom, prometheus_client.CollectorRegistry()))
+    finally:
+        if stat.S_ISFIFO(prom.lstat().st_mode):  # let a reader stuck in open() go
+            with contextlib.suppress(OSError):
+                os.close(os.open(prom, os.O_WRONLY | os.O_NONBLOCK))
+    assert errors == []
+    assert stat.S_ISREG(prom.lstat().st_mode)
+    assert "not a regular file" in caplog.text
+
+
+def test_a_huge_file_at_the_path_is_not_read_and_its_counts_restart(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    prom, store = tmp_path / "job.prom", str(tmp_path / ".env")
+    # Valid Prometheus text (a long comment, then a counter): read, it would be added to.
+    padding = "# " + "x" * (5 << 20) + "\n"
+    prom.write_text(padding + bucket_lines(store, [("+Inf", 1000)]))
+    registry = prometheus_client.CollectorRegistry()
+    installed = prometheus.install(registry)
+    try:
+        emit_and_flush(refreshed(store))
+        prometheus.Textfile(prom, registry).write()
+    finally:
+        installed.cancel()
+    assert prom_file_total(prom, "mlauth_refreshes_total") == 1
+    assert "larger than" in caplog.text and "xxxx" not in caplog.text
+
+
+@contextlib.contextmanager
+def flock_held_by_another_process(path: Path) -> Iterator[None]:
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import fcntl, os, sys\n"
+            f"fd = os.open({str(path)!r}, os.O_RDWR | os.O_CREAT)\n"
+            "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+            "print('held', flush=True)\n"
+            "sys.stdin.readline()\n",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert holder.stdout is not None
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        yield
+    finally:
+        holder.communicate("done\n", timeout=DEADLINE)
+
+
+@pytest.mark.processes
+def test_a_lock_held_too_long_is_a_store_error_naming_the_lock_logged_once_at_exit(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    prom = tmp_path / "job.prom"
+    lock = Path(f"{prom}.lock")
+    writer = prometheus.Textfile(prom, prometheus_client.CollectorRegistry(), lock_timeout=0.3)
+    with flock_held_by_another_process(lock):
+        (error,) = write_in_thread(writer)
+        writer.write_at_exit()
+    assert isinstance(error, mlauth.StoreError)
+    assert str(lock) in str(error)
+    (record,) = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert record.getMessage().count("could not write the metrics textfile") == 1
+    assert str(lock) in record.getMessage()
+    assert not prom.exists()
+    writer.write()  # the lock free again: written
+    assert prom.is_file()
+
+
+def test_a_lock_file_this_user_cannot_write_still_locks(tmp_path: Path) -> None:
+    prom, store = tmp_path / "job.prom", str(tmp_path / ".env")
+    lock = Path(f"{prom}.lock")
+    lock.touch()
+    if os.geteuid() == 0:  # root writes any file mode: an immutable file refuses even root
+        chattr = shutil.which("chattr") or "chattr"
+        if subprocess.run([chattr, "+i", str(lock)], capture_output=True).returncode:
+            pytest.skip("chattr +i is not supported here")
+    else:
+        lock.chmod(0o444)
+    registry = prometheus_client.CollectorRegistry()
+    installed = prometheus.install(registry)
+    try:
+        emit_and_flush(refreshed(store))
+        prometheus.Textfile(prom, registry).write()
+    finally:
+        installed.cancel()
+        if os.geteuid() == 0:
+            subprocess.run([chattr, "-i", str(lock)], check=True)
+    assert prom_file_total(prom, "mlauth_refreshes_total") == 1
+
+
+def test_temp_files_killed_writers_left_are_removed(tmp_path: Path) -> None:
+    prom = tmp_path / "job.prom"
+    old, fresh, other = (
+        tmp_path / name
+        for name in (".job.prom.k1ll3d00.tmp", ".job.prom.wr1t1ng0.tmp", ".other.prom.k1ll3d00.tmp")
+    )
+    for path in (old, fresh, other):
+        path.write_text("half a file")
+    an_hour_ago = time.time() - 3600
+    for path in (old, other):
+        os.utime(path, (an_hour_ago, an_hour_ago))
+    prometheus.Textfile(prom, prometheus_client.CollectorRegistry()).write()
+    assert not old.exists()
+    assert fresh.exists() and other.exists()  # one maybe being written; another job's
+
+
+COUNTING_WRITER = """\
+import sys
+from mlauth import events
+from mlauth.metrics import prometheus
+
+prom, store, count = sys.argv[1], sys.argv[2], int(sys.argv[3])
+writer = prometheus.textfile(prom, at_exit=False)
+print("ready", flush=True)
+sys.stdin.readline()  # all start together
+for _ in range(count):  # a write after each event: many read-modify-writes to interleave
+    events.emit(events.Refreshed(store=store, duration_s=0.2, reason="expired", by="w"))
+    writer.write()
+"""
+
+
+@pytest.mark.processes
+def test_concurrent_writers_lose_no_count(tmp_path: Path) -> None:
+    prom, store = tmp_path / "job.prom", str(tmp_path / ".env")
+    writers, count = 8, 25
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", COUNTING_WRITER, str(prom), store, str(count)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(writers)
+    ]
+    try:
+        for proc in procs:
+            assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
+        for proc in procs:
+            assert proc.stdin is not None
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+        for proc in procs:
+            _, err = proc.communicate(timeout=DEADLINE)
+            assert proc.returncode == 0, err[-2000:]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert prom_file_total(prom, "mlauth_refreshes_total", store=store) == writers * count
+    assert prom_file_total(prom, "mlauth_refresh_duration_seconds_count") == writers * count
+
+
+FORKING_JOB = """\
+import os, sys
+from prometheus_client.parser import text_string_to_metric_families
+from mlauth import events
+from mlauth.metrics import prometheus
+
+prom, store = sys.argv[1:3]
+prometheus.textfile(prom)
+
+
+def refreshed():
+    events.emit(events.Refreshed(store=store, duration_s=0.2, reason="expired", by="job"))
+    events.flush()
+
+
+def total():
+    with open(prom) as file:
+        return sum(s.value for f in text_string_to_metric_families(file.read())
+                   for s in f.samples if s.name == "mlauth_refreshes_total")
+
+
+refreshed()
+refreshed()  # not written yet when the child is forked
+pid = os.fork()
+if pid == 0:
+    refreshed()
+    sys.exit(0)  # exit handlers run: the child writes what it counted, and only that
+os.waitpid(pid, 0)
+print("after the child:", total(), flush=True)
+"""
+
+
+@pytest.mark.processes
+def test_a_forked_child_writes_only_its_own_counts(
+    tmp_path: Path,
+) -> None:
+    prom, store = tmp_path / "job.prom", str(tmp_path / ".env")
+    done = python_args(FORKING_JOB, str(prom), store)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout == "after the child: 1.0\n"
+    # The parent writes its two at exit.
+    assert prom_file_total(prom, "mlauth_refreshes_total", store=store) == 3
+
+
+TWICE = """\
+import sys
+from mlauth import events
+from mlauth.metrics import prometheus
+
+prom, store = sys.argv[1:3]
+first = prometheus.textfile(prom)  # say, in a library the job uses
+second = prometheus.textfile(prom)  # and in the job itself
+print(first is second)
+events.emit(events.Refreshed(store=store, duration_s=0.2, reason="expired", by="job"))
+"""
+
+
+@pytest.mark.processes
+def test_a_textfile_set_up_twice_in_a_process_counts_each_event_once(tmp_path: Path) -> None:
+    prom, store = tmp_path / "job.prom", str(tmp_path / ".env")
+    done = python_args(TWICE, str(prom), store)
+    assert (done.returncode, done.stdout) == (0, "True\n"), done.stderr[-2000:]
+    assert prom_file_total(prom, "mlauth_refreshes_total", store=store) == 1
+
+
+def python_args(code: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=DEADLINE
+    )

@@ -19,7 +19,7 @@ import re
 
 from mlauth import events
 
-__all__ = ["COMMON_LABELS", "SPECS", "Measurement", "Spec", "measurements"]
+__all__ = ["COMMON_LABELS", "SPECS", "Measurement", "Spec", "measurements", "printable"]
 
 #: Labels on every metric. A ``seller`` joins them when events name the seller; it is added
 #: here and in :func:`_common`, and both backends follow.
@@ -79,7 +79,17 @@ class Measurement:
 
 
 def _common(event: events.Event) -> dict[str, str]:
-    return {"store": event.store}
+    return {"store": printable(event.store)}
+
+
+def printable(text: str) -> str:
+    """``text`` as valid UTF-8: a path's undecodable bytes (``os.fsdecode`` keeps them as lone
+    surrogates) become ``\\xe9``. One such label would make Prometheus' whole exposition raise
+    ``UnicodeEncodeError`` (an app's entire /metrics page), and OTLP exporters refuse it too."""
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a surrogate no byte decoded to
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _slug(text: str) -> str:

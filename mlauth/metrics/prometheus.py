@@ -29,7 +29,8 @@ except ImportError as exc:  # pragma: no cover - exercised in a test by hiding t
     ) from exc
 
 from mlauth import events
-from mlauth.metrics import COMMON_LABELS, SPECS, measurements
+from mlauth.errors import ConfigError
+from mlauth.metrics import COMMON_LABELS, SPECS, measurements, printable
 from mlauth.metrics.textfile import Textfile
 
 __all__ = ["NAMES", "PrometheusMetrics", "Textfile", "install", "textfile"]
@@ -88,7 +89,7 @@ class PrometheusMetrics:
             _installed.pop(id(self.registry), None)
 
 
-_lock = threading.Lock()
+_lock = threading.RLock()  # textfile() installs under it
 _installed: dict[int, PrometheusMetrics] = {}
 
 
@@ -118,12 +119,30 @@ def textfile(
     file's name without ``.prom``), so two jobs on one ``.env`` never clash in the collector.
     ``registry``: where the metrics are counted; by default a new one, installed here and
     holding mlauth's metrics only (the default REGISTRY's ``process_*`` metrics would clash
-    with node_exporter's own).
+    with node_exporter's own). Once per path: a second call returns the first handle (two
+    would each add every event to the file).
     """
-    if registry is None:
-        registry = prometheus_client.CollectorRegistry()
-        install(registry)
-    writer = Textfile(path, registry, job=job)
-    if at_exit:
-        atexit.register(writer.write_at_exit)
+    where = os.path.abspath(path)
+    with _lock:
+        writer = _textfiles.get(where)
+        if writer is None:
+            if registry is None:
+                registry = prometheus_client.CollectorRegistry()
+                install(registry)
+            writer = _textfiles[where] = Textfile(path, registry, job=job)
+        elif (job is not None and printable(job) != writer.job) or registry not in (
+            None,
+            writer.registry,
+        ):
+            raise ConfigError(
+                f"{path}: prometheus.textfile() was already set up for this file with another "
+                "job or registry; one file holds one job: give the other a file of its own"
+            )
+        if at_exit and id(writer) not in _at_exit:
+            _at_exit.add(id(writer))
+            atexit.register(writer.write_at_exit)
     return writer
+
+
+_textfiles: dict[str, Textfile] = {}
+_at_exit: set[int] = set()

@@ -17,6 +17,7 @@ import pytest
 import requests
 
 from mlauth.stores.envfile import read_env_file
+from mlauth.stores.incidents import FileIncidents
 from mlauth.stores.journal import Journal
 from mlauth.stores.watch import COUNTER_SUFFIX
 from mlauth.testing import FakeMercadoLibre
@@ -239,6 +240,11 @@ def test_the_readme_gitignore_keeps_every_file_mlauth_writes_out_of_git(tmp_path
     ]
     for path in written:
         Path(path).write_text("x")
+    incidents = FileIncidents(env)  # the alerts' open incidents (mlauth.alerts)
+    for name in ("failing", "alert.reauthorization_required.sha256-1a2b3c4d"):
+        assert incidents.open(name, "x")[0]
+    written += sorted(str(path) for path in tmp_path.glob(".env.incident.*"))
+    assert len(written) == 9
     done = subprocess.run(
         [git, "-C", str(tmp_path), "check-ignore", "--no-index", *written],
         capture_output=True,

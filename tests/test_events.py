@@ -314,6 +314,34 @@ def test_a_worker_process_reports_its_401s(
     assert kinds(seen) == []  # each process reports its own events only
 
 
+@pytest.mark.parametrize("client", CLIENTS)
+def test_a_worker_process_reports_its_redis_going_down_and_back(
+    client: str, fake_ml: FakeMercadoLibre, persistent_redis: RedisServer, tmp_path: Path
+) -> None:
+    env = tmp_path / ".env"
+    fake_ml.write_env(env)
+    migrate_to_redis(env, persistent_redis.url)
+    url = f"{fake_ml.base_url}/users/me"
+    proc = subprocess.Popen(
+        [sys.executable, str(SCRIPTS / "event_worker.py"), client, str(env), url, "3"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "EVENT_WORKER_STEPS": "1", "EVENT_WORKER_REDIS": persistent_redis.url},
+        text=True,
+    )
+    assert proc.stdin is not None and proc.stdout is not None
+    for change in (persistent_redis.stop, persistent_redis.start):
+        assert proc.stdout.readline().strip() == "step"  # a request answered; the next waits
+        change()
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+    found = report(proc)
+    assert found["statuses"] == [200, 200, 200]  # the cached token while Redis was down
+    assert [e["kind"] for e in found["events"]] == ["store_unavailable", "store_back"]
+    assert {e["pid"] for e in found["events"]} == {proc.pid}
+
+
 # -- delivery -----------------------------------------------------------------------------
 
 

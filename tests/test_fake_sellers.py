@@ -19,19 +19,10 @@ import requests
 
 from mlauth.stores.envfile import read_env_file
 from mlauth.testing import FakeMercadoLibre
+from tests.support.hostile_answers import spend_outside
 
 ALICE, BOB, CAROL = 111_000_001, 222_000_002, 333_000_003
 REDIRECT = "https://example.invalid/cb"
-
-
-def refresh(fake: FakeMercadoLibre, token: object) -> requests.Response:
-    data = {
-        "grant_type": "refresh_token",
-        "client_id": fake.client_id,
-        "client_secret": fake.client_secret,
-        "refresh_token": str(token),
-    }
-    return requests.post(fake.token_url, data=data, timeout=10)
 
 
 def api(
@@ -65,7 +56,7 @@ def test_each_chain_belongs_to_its_user_from_issue_through_every_refresh(
     for _ in range(3):
         for user, tokens in chains.items():
             assert_belongs_to(tokens, user, fake_ml.client_id)
-            answer = refresh(fake_ml, tokens["refresh_token"])
+            answer = spend_outside(fake_ml, str(tokens["refresh_token"]))
             assert answer.status_code == 200
             chains[user] = answer.json()
     for user, tokens in chains.items():
@@ -94,13 +85,13 @@ def test_refreshing_one_user_never_kills_another_users_tokens(fake_ml: FakeMerca
     alice = fake_ml.issue_tokens(user_id=ALICE)
     bob = fake_ml.issue_tokens(user_id=BOB)
     for _ in range(3):
-        answer = refresh(fake_ml, alice["refresh_token"])
+        answer = spend_outside(fake_ml, str(alice["refresh_token"]))
         assert answer.status_code == 200
         alice = answer.json()
         # The rotation killed Alice's previous access token; Bob's chain is untouched.
         assert api(fake_ml, bob["access_token"]).status_code == 200
         assert fake_ml.is_live(str(bob["refresh_token"]))
-    assert refresh(fake_ml, bob["refresh_token"]).status_code == 200
+    assert spend_outside(fake_ml, str(bob["refresh_token"])).status_code == 200
 
 
 def test_users_me_answers_the_user_of_the_token_sent(fake_ml: FakeMercadoLibre) -> None:
@@ -155,7 +146,7 @@ def test_grants_of_another_app_is_404_and_without_a_live_token_401(
     assert other.json()["status"] == 404
     assert grants(fake_ml, None).status_code == 401
     assert grants(fake_ml, "APP_USR-not-a-token").status_code == 401
-    assert refresh(fake_ml, tokens["refresh_token"]).status_code == 200
+    assert spend_outside(fake_ml, str(tokens["refresh_token"])).status_code == 200
     assert grants(fake_ml, tokens["access_token"]).status_code == 401  # died at rotation
 
 
@@ -167,20 +158,22 @@ def test_revoking_one_users_refresh_tokens_leaves_the_others_alive(
     bob = fake_ml.issue_tokens(user_id=BOB)
     fake_ml.revoke_refresh_tokens(ALICE)
 
-    assert refresh(fake_ml, alice["refresh_token"]).status_code == 400
-    assert refresh(fake_ml, second_alice["refresh_token"]).status_code == 400
-    assert refresh(fake_ml, bob["refresh_token"]).status_code == 200
+    assert spend_outside(fake_ml, str(alice["refresh_token"])).status_code == 400
+    assert spend_outside(fake_ml, str(second_alice["refresh_token"])).status_code == 400
+    assert spend_outside(fake_ml, str(bob["refresh_token"])).status_code == 200
     # A password change: the access token lives until it expires, and the grant stays.
     assert api(fake_ml, alice["access_token"]).status_code == 200
     assert fake_ml.grants() == [ALICE, BOB]
     # A chain issued after the revocation works.
-    assert refresh(fake_ml, fake_ml.issue_tokens(user_id=ALICE)["refresh_token"]).ok
+    assert spend_outside(fake_ml, str(fake_ml.issue_tokens(user_id=ALICE)["refresh_token"])).ok
 
 
 def test_revoking_every_users_refresh_tokens_is_the_default(fake_ml: FakeMercadoLibre) -> None:
     chains = [fake_ml.issue_tokens(user_id=user) for user in (ALICE, BOB)]
     fake_ml.revoke_refresh_tokens()
-    assert [refresh(fake_ml, chain["refresh_token"]).status_code for chain in chains] == [400, 400]
+    assert [
+        spend_outside(fake_ml, str(chain["refresh_token"])).status_code for chain in chains
+    ] == [400, 400]
     assert fake_ml.stats()["invalid_grant"] == 2
 
 
@@ -192,7 +185,7 @@ def test_a_user_who_removes_the_app_loses_every_token_and_the_grant(
     fake_ml.revoke_grant(ALICE)
 
     assert api(fake_ml, alice["access_token"]).status_code == 401
-    assert refresh(fake_ml, alice["refresh_token"]).status_code == 400
+    assert spend_outside(fake_ml, str(alice["refresh_token"])).status_code == 400
     assert api(fake_ml, bob["access_token"]).status_code == 200
     body = grants(fake_ml, bob["access_token"]).json()
     assert [grant["user_id"] for grant in body["grants"]] == [BOB]
@@ -205,8 +198,8 @@ def test_refreshes_are_counted_per_user_and_add_up_to_the_total(
     spent = chains[ALICE]["refresh_token"]
     for user, times in ((ALICE, 3), (BOB, 1)):
         for _ in range(times):
-            chains[user] = refresh(fake_ml, chains[user]["refresh_token"]).json()
-    assert refresh(fake_ml, spent).status_code == 400  # a failed refresh counts for nobody
+            chains[user] = spend_outside(fake_ml, str(chains[user]["refresh_token"])).json()
+    assert spend_outside(fake_ml, spent).status_code == 400  # a failed refresh counts for nobody
 
     assert fake_ml.refreshes_by_user() == {ALICE: 3, BOB: 1}
     assert sum(fake_ml.refreshes_by_user().values()) == fake_ml.stats()["refreshes"] == 4
@@ -224,7 +217,7 @@ def test_concurrent_refreshes_of_many_users_never_cross_chains(
     def walk(user: int) -> None:
         tokens = first[user]
         for _ in range(4):
-            answer = refresh(fake_ml, tokens["refresh_token"])
+            answer = spend_outside(fake_ml, str(tokens["refresh_token"]))
             assert answer.status_code == 200
             tokens = answer.json()
             assert_belongs_to(tokens, user, fake_ml.client_id)

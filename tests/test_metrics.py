@@ -33,6 +33,7 @@ from tests.support import SCRIPTS
 from tests.support.dead_access import DEAD_ACCESS, dead_access_env
 from tests.support.kernel_locks import DEADLINE
 from tests.support.leaks import assert_no_secret
+from tests.support.lock_holder import flock_held_by_another_process
 from tests.support.metrics import (
     label_values,
     otel_points,
@@ -529,30 +530,6 @@ def test_a_huge_file_at_the_path_is_not_read_and_its_counts_restart(
         installed.cancel()
     assert prom_file_total(prom, "mlauth_refreshes_total") == 1
     assert "larger than" in caplog.text and "xxxx" not in caplog.text
-
-
-@contextlib.contextmanager
-def flock_held_by_another_process(path: Path) -> Iterator[None]:
-    holder = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "import fcntl, os, sys\n"
-            f"fd = os.open({str(path)!r}, os.O_RDWR | os.O_CREAT)\n"
-            "fcntl.flock(fd, fcntl.LOCK_EX)\n"
-            "print('held', flush=True)\n"
-            "sys.stdin.readline()\n",
-        ],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert holder.stdout is not None
-    try:
-        assert holder.stdout.readline().strip() == "held"
-        yield
-    finally:
-        holder.communicate("done\n", timeout=DEADLINE)
 
 
 @pytest.mark.processes

@@ -38,6 +38,7 @@ import uuid
 from collections.abc import Callable, Iterable, Mapping
 
 from . import events
+from .errors import sealed
 from .secret import Secret, mask, redact_url
 from .stores.incidents import Incidents, MemoryIncidents
 from .terminal import printable
@@ -223,6 +224,7 @@ def _value(text: str) -> str:
     return text if len(text) <= VALUE_LIMIT else text[: VALUE_LIMIT - 1] + "…"
 
 
+@sealed  # its locals hold the secrets in plain text, to compare with the environment's values
 def _environment(variables: Mapping[str, str], known: Iterable[Secret]) -> dict[str, str]:
     """This process's environment without what may hold a secret, and the incident's
     variables: the ``ML_*`` keys that hold credentials or a store URL, and any variable whose

@@ -404,3 +404,26 @@ def test_a_timed_out_command_is_not_quoted(
     said = [r.getMessage() for r in caplog.records if "alert command" in r.getMessage()]
     assert said == ["the alert command (ML_ALERT_COMMAND) timed out after 0.5s"]
     assert hook not in caplog.text
+
+
+def test_an_error_while_the_environment_is_built_carries_no_secret_in_its_frames(
+    fake_ml: FakeMercadoLibre, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The subscriber logs what it raised with its traceback; a crash reporter's logging
+    # integration sends every frame's locals. The frame that held the secrets is not there.
+    from mlauth import alerts
+
+    def broken(url: str) -> str:
+        raise RuntimeError("a bug while comparing values")
+
+    monkeypatch.setattr(alerts, "redact_url", broken)
+    secret = mlauth.Secret("fake-client-secret-in-a-frame")
+    with pytest.raises(RuntimeError) as caught:
+        alerts._environment({"MLAUTH_ALERT": "x"}, [secret])
+    frames = []
+    tb = caught.value.__traceback__
+    while tb is not None:
+        frames.append(tb.tb_frame)
+        tb = tb.tb_next
+    said = repr([frame.f_locals for frame in frames])
+    assert secret.reveal() not in said

@@ -16,6 +16,7 @@ from .errors import (
     StoreError,
     StoreMovedError,
     UnexpectedError,
+    WrongSellerError,
 )
 from .events import Event, subscribe
 from .integrations.legacy import keep_globals_current, redirect_refresh
@@ -51,6 +52,7 @@ __all__ = [
     "TokenSet",
     "TokenStore",
     "UnexpectedError",
+    "WrongSellerError",
     "fingerprint",
     "install",
     "installed",

@@ -29,7 +29,15 @@ import re
 from typing import Any
 
 from .secret import Secret
-from .tokens import LATEST_TIME, MAX_TOKEN_LENGTH, TokenAnswer, TokenSet, json_kind, token_problem
+from .tokens import (
+    LATEST_TIME,
+    MAX_TOKEN_LENGTH,
+    TokenAnswer,
+    TokenSet,
+    json_kind,
+    token_problem,
+    user_id_of,
+)
 
 __all__ = [
     "ANSWER_FIELDS",
@@ -45,8 +53,8 @@ __all__ = [
     "tokens_of",
 ]
 
-# The fields a token answer is read from; the others (scope, user_id) are not needed.
-ANSWER_FIELDS = ("access_token", "refresh_token", "expires_in", "token_type")
+# The fields a token answer is read from (user_id: the seller it is for); scope is not needed.
+ANSWER_FIELDS = ("access_token", "refresh_token", "expires_in", "token_type", "user_id")
 # ML's tokens live 6 h; a year is already absurd.
 MAX_EXPIRES_IN = 366 * 24 * 3600.0
 # A numeric string longer than this is no lifetime anyone meant (and float() of a long one
@@ -206,6 +214,8 @@ class Reading:
     refresh_absent: bool = False
     #: what is odd but costs nothing (expires_in, token_type), for one warning
     oddities: tuple[str, ...] = ()
+    #: the seller the answer is for (``user_id``: a positive int or its digits), or None
+    user_id: str | None = None
 
 
 def _field_problem(body: dict[str, Any], name: str) -> str | None:
@@ -235,6 +245,7 @@ def read_answer(raw: bytes) -> Reading:
         refresh_problem=refresh_problem,
         refresh_absent=refresh_absent,
         oddities=oddities,
+        user_id=user_id_of(body.get("user_id")),
     )
 
 
@@ -253,9 +264,10 @@ def answer_of(reading: Reading) -> TokenAnswer | str:
             refresh_token=reading.refresh_token,
             expires_in=reading.expires_in,
             access_problem=reading.access_problem,
+            user_id=reading.user_id,
         )
     if reading.refresh_absent and reading.access_token is not None:
-        return TokenAnswer(reading.access_token, None, reading.expires_in)
+        return TokenAnswer(reading.access_token, None, reading.expires_in, user_id=reading.user_id)
     refresh = reading.refresh_problem or "there is no refresh_token"
     return refresh if reading.access_problem is None else f"{refresh}, and {reading.access_problem}"
 
@@ -389,4 +401,5 @@ def tokens_of(record: dict[str, Any], spent: Secret | None) -> TokenSet | str:
         expires_at=expires_at if expires_at is None or expires_at <= LATEST_TIME else None,
         refreshed_at=started,
         refreshed_by=writer_of(by),
+        user_id=answer.user_id,
     )

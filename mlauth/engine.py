@@ -54,6 +54,7 @@ from .errors import (
     StaleCommitError,
     StoreError,
     UnexpectedError,
+    WrongSellerError,
     scrub,
 )
 from .secret import Secret, mask
@@ -626,10 +627,7 @@ class RefreshEngine:
         except RefreshError as exc:
             if isinstance(exc, InvalidGrantError) and self._rotated_outside(txn, spent):
                 return None
-            error = txn.abort(spent, exc)
-            if need.mandatory or isinstance(error, InvalidGrantError):  # one STALE try says little
-                self._failures.remember(spent, error, self._clock.monotonic())
-            self._refresh_failed(error, tokens, need)
+            error = self._failed(txn, spent, exc, tokens, need)
             if error is exc:
                 raise
             raise error from None
@@ -639,7 +637,10 @@ class RefreshEngine:
                 "keeping the current one"
             )
         new = TokenSet.from_answer(answer, spent, started, refreshed_by=this_process())
-        committed = self._commit(txn, new, spent, reason=need.reason)
+        try:
+            committed = self._commit(txn, new, spent, reason=need.reason)
+        except WrongSellerError as exc:  # the stored token was spent for another seller
+            raise self._failed(txn, spent, exc, tokens, need) from None
         # Told once the new tokens are safe (saved, or held in memory if the save failed):
         # nothing runs between the spend and the save.
         events.emit(
@@ -700,6 +701,11 @@ class RefreshEngine:
             self._unsaved.held = None
             log.warning("%s; using %s", exc, tokens.describe())
             return tokens
+        except WrongSellerError:
+            # Another seller's tokens: never this chain's, not even in memory (its requests
+            # would act as that seller). The store kept the raw answer.
+            self._mine = None
+            raise
         except Exception as exc:  # noqa: BLE001 (whatever failed, `new` is the live link)
             self._unsaved.keep(new, self._unsaved.base(spent), self._clock.monotonic())
             events.store_failed(self.store.location, exc, mask(str(exc), self._known()))
@@ -777,6 +783,23 @@ class RefreshEngine:
             # Another process's, or another auth's of this one (requests and httpx on one
             # .env), or a lock-free writer's.
             events.emit(events.Adopted(store=self.store.location, by=tokens.refreshed_by))
+
+    def _failed(
+        self,
+        txn: RefreshTransaction,
+        spent: Secret,
+        exc: RefreshError,
+        tokens: TokenSet,
+        need: Need,
+    ) -> RefreshError:
+        """A refresh that spent (or tried) ``spent`` failed: the store records it, this
+        process remembers it, subscribers hear of it; return what to raise."""
+        error = txn.abort(spent, exc)
+        # One STALE try says little; a token spent for another seller is spent all the same.
+        if need.mandatory or isinstance(error, (InvalidGrantError, WrongSellerError)):
+            self._failures.remember(spent, error, self._clock.monotonic())
+        self._refresh_failed(error, tokens, need)
+        return error
 
     def _refresh_failed(self, error: RefreshError, tokens: TokenSet, need: Need) -> None:
         wall = self._clock.wall()

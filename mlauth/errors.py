@@ -31,6 +31,7 @@ __all__ = [
     "StoreError",
     "StoreMovedError",
     "UnexpectedError",
+    "WrongSellerError",
     "as_client_error",
     "masked",
     "scrub",
@@ -200,6 +201,20 @@ class UnexpectedError(MLAuthError):
 
 class InvalidGrantError(RefreshError):
     """The refresh token is dead (used, expired or revoked): the seller must authorize again."""
+
+
+class WrongSellerError(RefreshError):
+    """The token endpoint answered for another seller than the one whose chain was refreshed
+    (a refresh token filed under the wrong seller): the answer was not saved to that chain.
+
+    ``expected`` and ``found`` are the two user ids. The raw answer stays where the store
+    keeps answers (its journal or answer field), so the other seller's new tokens are not lost.
+    """
+
+    def __init__(self, message: str, *, expected: str = "", found: str = "", **fields: Any) -> None:
+        super().__init__(message, **fields)
+        self.expected = expected
+        self.found = found
 
 
 # -- errors that are also an HTTP client's -------------------------------------------------

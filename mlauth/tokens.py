@@ -126,6 +126,8 @@ class TokenAnswer:
     refresh_token: Secret | None
     expires_in: float | None
     access_problem: str | None = None
+    #: The seller the answer is for (its ``user_id`` field), when it names one.
+    user_id: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,6 +143,10 @@ class TokenSet:
     expires_at: float | None = None
     refreshed_at: float | None = None
     refreshed_by: str | None = None
+    #: The seller whose chain this is, as the token answer said (``user_id``); None when
+    #: unknown (a ``.env`` keeps no such line: :func:`seller_of` reads the tokens' suffix).
+    #: Not part of equality: two reads of one link are equal whether or not the store keeps it.
+    user_id: str | None = dataclasses.field(default=None, compare=False)
 
     @classmethod
     def from_answer(
@@ -156,6 +162,7 @@ class TokenSet:
             expires_at=None if answer.expires_in is None else started + answer.expires_in,
             refreshed_at=started,
             refreshed_by=refreshed_by,
+            user_id=answer.user_id,
         )
 
     @property
@@ -201,3 +208,33 @@ class TokenSet:
     def __str__(self) -> str:
         # A log call given the tokens formats them only if the record is emitted.
         return self.describe()
+
+
+# MercadoLibre's tokens end with the seller's user id (APP_USR-...-123456789, TG-...-123456789).
+_USER_SUFFIX = re.compile(r"-([1-9][0-9]{0,19})\Z")
+# A user id as mlauth keeps it: the decimal digits of a positive integer.
+USER_ID = re.compile(r"[1-9][0-9]{0,19}\Z")
+
+
+def user_id_of(value: object) -> str | None:
+    """``value`` as a user id (a positive int, or a string of its digits), else None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        value = str(value)
+    if isinstance(value, str) and USER_ID.match(value):
+        return value
+    return None
+
+
+def seller_of(tokens: TokenSet) -> str | None:
+    """The seller a link belongs to: the answer's ``user_id``, else the id its tokens end
+    with (the refresh token's first), else None."""
+    if tokens.user_id is not None:
+        return tokens.user_id
+    for token in (tokens.refresh_token, tokens.access_token):
+        if token is not None:
+            match = _USER_SUFFIX.search(token.reveal())
+            if match:
+                return match.group(1)
+    return None

@@ -25,13 +25,19 @@ from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 from mlauth.answers import RAW_LIMIT, raw_record
-from mlauth.errors import ConfigError, InvalidGrantError, RefreshError, StoreError
+from mlauth.errors import (
+    ConfigError,
+    InvalidGrantError,
+    RefreshError,
+    StoreError,
+    WrongSellerError,
+)
 from mlauth.secret import Secret, fingerprint
-from mlauth.tokens import TokenSet, this_process, token_problem
+from mlauth.tokens import TokenSet, seller_of, this_process, token_problem
 
 from .incidents import Incidents, MemoryIncidents
 
-__all__ = ["NOT_LOCAL", "RefreshTransaction", "TokenStore", "savable"]
+__all__ = ["NOT_LOCAL", "RefreshTransaction", "TokenStore", "check_seller", "savable"]
 
 
 def savable(tokens: TokenSet, where: str) -> TokenSet:
@@ -53,6 +59,29 @@ def savable(tokens: TokenSet, where: str) -> TokenSet:
     return tokens
 
 
+def check_seller(store: TokenStore, tokens: TokenSet) -> None:
+    """Raise :class:`~mlauth.WrongSellerError` if ``tokens`` are another seller's than the
+    one whose chain ``store`` holds (the answer's ``user_id``, else the tokens' suffix).
+
+    Every save of a sellers store asks it first, so a refresh token filed under the wrong
+    seller never writes another seller's tokens into this one's chain. Tokens that name no
+    seller at all are taken: MercadoLibre's always do.
+    """
+    expected = store.seller
+    found = None if expected is None else seller_of(tokens)
+    if expected is None or found is None or found == expected:
+        return
+    raise WrongSellerError(
+        f"the token endpoint answered for user {found}, but the chain refreshed is seller "
+        f"{expected}'s at {store.location}: its refresh token was filed under the wrong "
+        f"seller. Nothing was saved to seller {expected}; the answer is kept where the store "
+        f"keeps answers (`mlauth status --seller {expected}`). Run `mlauth login --seller "
+        f"{expected}` to give seller {expected} its own chain again.",
+        expected=expected,
+        found=found,
+    )
+
+
 class _NotLocal(enum.Enum):
     NOT_LOCAL = "NOT_LOCAL"
 
@@ -66,6 +95,9 @@ class TokenStore(abc.ABC):
 
     #: Where the store is, for messages: a path, or a URL without credentials.
     location: str
+    #: The seller (user id) whose chain this store holds, in a store of many sellers
+    #: (:mod:`.sellers`); None for a one-seller store, which takes whoever's tokens it is given.
+    seller: str | None = None
 
     # -- what every store implements ------------------------------------------------------
 
@@ -287,8 +319,7 @@ def with_note(error: RefreshError, note: str) -> RefreshError:
         error=error.error,
         description=error.description,
     )
-    copy.retry_after = error.retry_after
-    copy.possibly_spent = error.possibly_spent
+    vars(copy).update(vars(error))  # retry_after, possibly_spent, a subclass's own fields
     return copy
 
 

@@ -304,3 +304,42 @@ def test_refresh_cost_on_redis_refreshes_through_the_redis_store(
     assert data["store"] == "RedisStore"
     with redis_server.client() as client:  # the script moved the chain into that Redis
         assert [key for key in client.keys("mlauth:*") if client.hget(key, "refresh_token")]
+
+
+def sellers_storm(tmp_path: Path, store: str, *extra: str) -> dict[str, Any]:
+    """One tiny many-sellers storm on ``store``: its table checked, its JSON record returned."""
+    out = run_script(
+        "sellers_storm",
+        *("--stores", store, "--sellers", "12", "--processes", "2", "--threads", "2"),
+        *("--seconds", "3", "--token-lifetime", "2", *extra),
+        out=tmp_path,
+    )
+    assert rows(out)["store"] == committed_columns("sellers_storm")
+    (run,) = json.loads((tmp_path / "sellers_storm.json").read_text())["runs"]
+    assert "not_run" not in run, run  # `make test` has every server the stores need
+    assert run["calls"] > 0 and run["floor_failed"] == 0, run
+    # Every expiry the calls met was crossed: a 2 s token in a 3 s storm of 12 sellers.
+    assert run["expiries_touched"] >= 1, run
+    return run  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize("store", ["env"])
+def test_sellers_storm_refreshes_each_seller_once_per_expiry_touched(
+    tmp_path: Path, store: str
+) -> None:
+    run = sellers_storm(tmp_path, store)
+    assert run["failed"] == 0, (run["errors"], run["error_samples"])
+    assert run["server"]["invalid_grant"] == 0
+    assert run["refreshes"] == run["expiries_touched"], run["off_examples"]
+    assert run["sellers_off"] == 0, run["off_examples"]
+    # Every refresh the fake saw was made by one worker, once, and reported with its time.
+    assert sum(run["refreshed_here"]) == run["refreshes"]
+
+
+def test_sellers_storm_runs_the_hand_made_peer_and_counts_what_it_does(tmp_path: Path) -> None:
+    run = sellers_storm(tmp_path, "peer")
+    assert run["label"] == "peer: tokens table + refresh on 401"
+    assert run["refreshes"] >= 1  # it refreshed on the 401s at expiry (raced or not)
+    assert run["absorbed_401"] >= 1
+    # What it raced into is reported, whatever it is: the fake's count, the callers' failures.
+    assert run["server"]["invalid_grant"] >= 0 and run["failed"] >= run["server"]["invalid_grant"]

@@ -216,7 +216,7 @@ def redis_url(folder: Path) -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def postgres_url(folder: Path, given: str | None) -> Iterator[str]:
+def postgres_url(given: str | None) -> Iterator[str]:
     """``given``, or a PostgreSQL test server started here; RuntimeError saying why not."""
     if given:
         yield given
@@ -228,7 +228,8 @@ def postgres_url(folder: Path, given: str | None) -> Iterator[str]:
     missing = module.unavailable() if hasattr(module, "unavailable") else None
     if missing is not None:
         raise RuntimeError(str(missing))
-    server = module.PostgresServer(folder)
+    # Its own folder (not ``folder``): as root it runs as nobody, who must reach it.
+    server = module.PostgresServer()
     try:
         server.start()
         yield str(server.url)
@@ -242,7 +243,7 @@ def location_for(kind: str, folder: Path, args: argparse.Namespace) -> Iterator[
         with redis_url(folder) as url:
             yield url
     elif kind == "postgresql":
-        with postgres_url(folder, args.postgres_url) as url:
+        with postgres_url(args.postgres_url) as url:
             yield url
     else:
         yield str(folder / {"env": ".env", "peer": "tokens.db", "sqlite": "sellers.db"}[kind])

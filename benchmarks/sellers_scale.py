@@ -163,7 +163,8 @@ def time_cli(fake: FakeMercadoLibre, kind: str, location: str, folder: Path, rep
         )
         times.append(time.perf_counter() - started)
         if done.returncode != 0:
-            return f"not available: exit {done.returncode}: {done.stderr.strip()[-300:]}"
+            last = (done.stderr.strip().splitlines() or [""])[-1]
+            return f"not available: exit {done.returncode}: {last[:200]}"
         lines = len(json.loads(done.stdout))
     return {"median_s": statistics.median(times), "times_s": times, "sellers_listed": lines}
 

@@ -323,11 +323,16 @@ def sellers_storm(tmp_path: Path, store: str, *extra: str) -> dict[str, Any]:
     return run  # type: ignore[no-any-return]
 
 
-@pytest.mark.parametrize("store", ["env"])
+@pytest.mark.parametrize("store", ["env", "sqlite", "postgresql", "redis"])
 def test_sellers_storm_refreshes_each_seller_once_per_expiry_touched(
-    tmp_path: Path, store: str
+    tmp_path: Path, store: str, request: pytest.FixtureRequest
 ) -> None:
-    run = sellers_storm(tmp_path, store)
+    # PostgreSQL: a fresh database on the session's server (the script could start its own,
+    # at a few seconds per run); Redis: the script starts its own redis-server.
+    extra: tuple[str, ...] = ()
+    if store == "postgresql":
+        extra = ("--postgres-url", request.getfixturevalue("postgres_url"))
+    run = sellers_storm(tmp_path, store, *extra)
     assert run["failed"] == 0, (run["errors"], run["error_samples"])
     assert run["server"]["invalid_grant"] == 0
     assert run["refreshes"] == run["expiries_touched"], run["off_examples"]
@@ -343,3 +348,22 @@ def test_sellers_storm_runs_the_hand_made_peer_and_counts_what_it_does(tmp_path:
     assert run["absorbed_401"] >= 1
     # What it raced into is reported, whatever it is: the fake's count, the callers' failures.
     assert run["server"]["invalid_grant"] >= 0 and run["failed"] >= run["server"]["invalid_grant"]
+
+
+def test_sellers_scale_loads_and_lists_every_seller_on_each_store(
+    tmp_path: Path, postgres_url: str
+) -> None:
+    out = run_script(
+        "sellers_scale",
+        *("--sellers", "120", "--repeats", "1", "--postgres-url", postgres_url),
+        out=tmp_path,
+    )
+    assert rows(out)["store"] == committed_columns("sellers_scale")
+    results = json.loads((tmp_path / "sellers_scale.json").read_text())["results"]
+    assert [r["kind"] for r in results] == ["sqlite", "postgresql", "redis"]
+    for result in results:
+        assert "not_run" not in result, result
+        # Every seller written is listed, and each load step loaded what it says.
+        assert result["rows"]["sellers_listed"] == 120
+        assert [p["loaded"] for p in result["memory"]] == [1, 100]
+        assert all(p["heap"] > 0 for p in result["memory"]), result["memory"]

@@ -163,11 +163,7 @@ class AuthAdapter:
         )
         if alert_command:
             alerts.watch(
-                alert_command,
-                store.location,
-                store.incidents(),
-                alert_failing_minutes * 60,
-                self._engine.known_secrets,
+                alert_command, store, alert_failing_minutes * 60, self._engine.known_secrets
             )
 
     @classmethod

@@ -89,6 +89,7 @@ def test_a_fresh_chain_is_ok_with_fingerprints_and_the_last_refresh(
     assert doc["env"] == str(env)
     assert doc["store"]["kind"] == {"env": "env_file", "redis": "redis"}[store]
     assert doc["store"]["readable"] is True
+    assert doc["store"]["seller"] is None  # a one-seller store's chain is nobody's in particular
     assert doc["tokens"]["access_token_fingerprint"] == tokens.access_token.fingerprint
     assert doc["tokens"]["refresh_token_fingerprint"] == tokens.refresh_token.fingerprint
     assert doc["tokens"]["expired"] is False
@@ -317,5 +318,17 @@ def test_the_schema_refuses_a_field_it_does_not_name(
     for key in where:
         part = part[key]
     part[field] = "APP_USR-1234567890123456-010101-notarealtoken-1"
+    with pytest.raises(jsonschema.ValidationError):
+        VALIDATOR.validate(doc)
+
+
+def test_the_schema_takes_a_sellers_user_id_or_null_as_the_stores_seller(
+    fake_ml_env: Path,
+) -> None:
+    _, doc = status_json(cwd=fake_ml_env.parent)
+    for seller in ("8035443", None):
+        doc["store"]["seller"] = seller
+        VALIDATOR.validate(doc)
+    doc["store"]["seller"] = 8035443  # user ids are strings, as in events and `mlauth sellers`
     with pytest.raises(jsonschema.ValidationError):
         VALIDATOR.validate(doc)

@@ -437,9 +437,9 @@ class RedisStore(TokenStore):
             self._quiet_until = now + PROBE_BACKOFF
             unreachable = self._unreachable(exc, "read")
             log.warning("%s; using the cached token, next look in %gs", unreachable, PROBE_BACKOFF)
-            events.store_failed(self.location, exc, str(unreachable))
+            events.store_failed(self.location, exc, str(unreachable), seller=self.seller)
             return self._seen
-        events.store_answered(self.location)
+        events.store_answered(self.location, seller=self.seller)
         if chain is None:
             return None
         return (chain, _generation(cast("str | None", gen), self._key(), self.location))

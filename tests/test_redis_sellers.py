@@ -21,6 +21,7 @@ from mlauth.stores.redis_sellers import ROWS_BATCH, redis_sellers_held
 from mlauth.stores.sellers import FAILING, OK, REAUTHORIZE
 from mlauth.testing import FakeMercadoLibre
 from mlauth.testing.redis_server import RedisServer
+from tests.support.hostile_answers import spend_outside
 from tests.support.redis_sellers import (
     SellerWorker,
     auth_for,
@@ -326,6 +327,33 @@ def test_an_answer_for_another_seller_is_kept_out_of_the_chain(
     assert str(B) in stored["answer"]  # kept for a human (the raw answer names user B)
     assert row.state == REAUTHORIZE and "user 2002" in (row.detail or "")
     assert fake_ml.stats()["token_requests"] == 1
+
+
+def test_a_dead_holders_answer_for_another_seller_is_never_recovered_into_the_chain(
+    fake_ml: FakeMercadoLibre, redis_server: RedisServer
+) -> None:
+    with sellers_in(redis_server.url, fake_ml) as sellers:
+        store = sellers.add(str(A), chain_of(fake_ml, A, expired=True))
+        misfiled = chain_of(fake_ml, B).refresh_token
+        assert misfiled is not None
+        with redis.Redis.from_url(redis_server.url, decode_responses=True) as client:
+            client.hset(key(fake_ml, A), "refresh_token", misfiled.reveal())  # by hand
+        # A holder that spent it, kept the raw answer (seller B's), and died before its commit.
+        with store.refresh(5.0) as txn:
+            txn.begin(misfiled)
+            answer = spend_outside(fake_ml, misfiled.reveal())
+            txn.answered(answer.content, started=time.time(), at=time.time())
+        assert str(B) in hash_of(redis_server.url, key(fake_ml, A))["answer"]
+
+        with pytest.raises(mlauth.RefreshError):
+            auth_for(fake_ml, sellers.store(str(A))).refresh()  # recovery meets it first
+        stored = hash_of(redis_server.url, key(fake_ml, A))
+        row = sellers.rows([str(A)])[0]
+
+    assert stored["refresh_token"] == misfiled.reveal()  # B's new tokens never went in
+    assert not fake_ml.is_live(stored["refresh_token"])
+    assert "answer" in stored  # kept for a human until a login
+    assert row.state == REAUTHORIZE
 
 
 # -- real processes ------------------------------------------------------------------------------

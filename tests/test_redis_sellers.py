@@ -215,6 +215,25 @@ def test_rows_read_every_seller_in_one_pipeline_per_batch_and_hold_no_token(
             assert secret is not None and secret.reveal() not in repr(row)
 
 
+def test_a_value_mlauth_never_writes_spoils_only_its_own_row(
+    fake_ml: FakeMercadoLibre, redis_server: RedisServer
+) -> None:
+    with sellers_in(redis_server.url, fake_ml) as sellers:
+        for uid in (A, B, C):
+            sellers.add(str(uid), chain_of(fake_ml, uid))
+        with redis.Redis.from_url(redis_server.url) as client:
+            client.hset(key(fake_ml, B), "refreshed_by", b"\xff\xfe by hand")
+            client.hset(key(fake_ml, C), "expires_at", "tomorrow")
+        rows = {row.user_id: row for row in sellers.rows()}
+
+    assert rows[str(A)].state == OK
+    assert rows[str(B)].state == FAILING
+    assert key(fake_ml, B) in (rows[str(B)].detail or "")
+    assert "no UTF-8" in (rows[str(B)].detail or "")
+    assert rows[str(C)].state == FAILING
+    assert "expires_at" in (rows[str(C)].detail or "")
+
+
 # -- the engine through one seller's store ------------------------------------------------------
 
 

@@ -252,7 +252,7 @@ def _odd(key: str, where: str, field: str, problem: str, fix: str) -> StoreError
     )
 
 
-def _not_text(key: str, where: str) -> StoreError:
+def not_text(key: str, where: str) -> StoreError:
     # redis-py decodes every value it reads (decode_responses): one that is no UTF-8 fails
     # the whole read, and which field it was is not known.
     return _odd(
@@ -564,7 +564,7 @@ class RedisStore(TokenStore):
         try:
             chain, gen = self._probe.hmget(self._key(), ["chain", "generation"])
         except UnicodeDecodeError:
-            raise _not_text(self._key(), self.location) from None
+            raise not_text(self._key(), self.location) from None
         except RedisError as exc:
             # Back off: a Redis that hangs would otherwise cost every check its timeout. A
             # successful load() (a 401 or an expiry re-reads under the lock) ends this early.
@@ -592,7 +592,7 @@ class RedisStore(TokenStore):
             if not values.get("chain") or self._behind(values):
                 values = self._put_back(key)
         except UnicodeDecodeError:
-            raise _not_text(key, self.location) from None
+            raise not_text(key, self.location) from None
         except RedisError as exc:
             raise self._unreachable(exc, "read the tokens from") from None
         chain, gen = values["chain"], _generation(values.get("generation"), key, self.location)
@@ -813,7 +813,7 @@ class RedisStore(TokenStore):
         try:
             raw, refresh = self._client.hmget(self._key(), [DEAD_FIELD, "refresh_token"])
         except UnicodeDecodeError:
-            raise _not_text(self._key(), self.location) from None
+            raise not_text(self._key(), self.location) from None
         except RedisError as exc:
             raise self._unreachable(exc, "read") from None
         return self.dead_note(cast("str | None", raw), cast("str | None", refresh))
@@ -864,7 +864,7 @@ class RedisStore(TokenStore):
                 self._key(), [ANSWER_FIELD, FAILING_SINCE_FIELD, FAILURE_FIELD]
             )
         except UnicodeDecodeError:
-            raise _not_text(self._key(), self.location) from None
+            raise not_text(self._key(), self.location) from None
         except RedisError as exc:
             raise self._unreachable(exc, "read") from None
         failing = failing_note(cast("str | None", since), cast("str | None", failure))

@@ -47,6 +47,7 @@ from .redis import (
     connect,
     dead_note,
     failing_note,
+    not_text,
     tokens_of_hash,
     unreachable,
 )
@@ -257,14 +258,24 @@ class RedisSellers(SellerStores):
                         pipe.hmget(self.key(user_id), list(_ROW_FIELDS))
                     answers = pipe.execute()
             except UnicodeDecodeError:
-                raise StoreError(
-                    f"Redis at {self.location}: a seller's hash holds a value that is no UTF-8 "
-                    "text, which mlauth never writes; find it with HGETALL and delete it"
-                ) from None
+                # A value mlauth never writes spoils the whole reply: that batch is read
+                # again a hash at a time, so only its row says so.
+                rows += [self._row_alone(user_id) for user_id in batch]
+                continue
             except RedisError as exc:
                 raise self._unreachable(exc, "read the sellers from") from None
             rows += [self._row(uid, answer) for uid, answer in zip(batch, answers, strict=True)]
         return rows
+
+    def _row_alone(self, user_id: str) -> SellerRow:
+        key = self.key(user_id)
+        try:
+            answer = cast("list[str | None]", self._client.hmget(key, list(_ROW_FIELDS)))
+        except UnicodeDecodeError:
+            return SellerRow(user_id, None, None, None, FAILING, str(not_text(key, self.location)))
+        except RedisError as exc:
+            raise self._unreachable(exc, "read the sellers from") from None
+        return self._row(user_id, answer)
 
     def _row(self, user_id: str, answer: list[str | None]) -> SellerRow:
         values = {field: value for field, value in zip(_ROW_FIELDS, answer, strict=True) if value}

@@ -163,11 +163,7 @@ class AuthAdapter:
         )
         if alert_command:
             alerts.watch(
-                alert_command,
-                store.location,
-                store.incidents(),
-                alert_failing_minutes * 60,
-                self._engine.known_secrets,
+                alert_command, store, alert_failing_minutes * 60, self._engine.known_secrets
             )
 
     @classmethod
@@ -280,14 +276,16 @@ class AuthAdapter:
     def _told_401(self, method: str, host: str, returned: str | None) -> None:
         """The event of a 401 this adapter handled: sent again (``returned`` None) or
         returned to the caller, and why (:class:`mlauth.events.UnauthorizedReturned`)."""
-        store = self._engine.store.location
+        store, seller = self._engine.store.location, self._engine.store.seller
         if returned is None:
-            events.emit(events.UnauthorizedAbsorbed(store=store, method=method, host=host))
+            event: events.Event = events.UnauthorizedAbsorbed(
+                store=store, seller=seller, method=method, host=host
+            )
         else:
             event = events.UnauthorizedReturned(
-                store=store, method=method, host=host, reason=returned
+                store=store, seller=seller, method=method, host=host, reason=returned
             )
-            events.emit(event)
+        events.emit(event)
 
     def handles(self, url: str) -> bool:
         """Whether a request to ``url`` would carry the token (an allowed host, https)."""

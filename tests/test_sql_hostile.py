@@ -1,0 +1,255 @@
+"""The SQL store of many sellers against hostile files and rows: a link planted where the
+database (or its -wal, -shm) goes, and rows edited by hand with values of every kind. Each
+is a StoreError (or a ConfigError) naming the file or the row and the fix; never a crash,
+never the value."""
+
+from __future__ import annotations
+
+import os
+import stat
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+
+import mlauth
+from mlauth.errors import MLAuthError, StoreError
+from mlauth.stores.sql import SqlSellers
+from mlauth.testing import FakeMercadoLibre
+from tests.support.sql_sellers import Db, seed
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeMercadoLibre]:
+    with FakeMercadoLibre(token_lifetime=3600.0) as server:
+        yield server
+
+
+@pytest.fixture(params=["sqlite"])
+def db(request: pytest.FixtureRequest, tmp_path: Path) -> Db:
+    return Db("sqlite", str(tmp_path / "sellers.db"))
+
+
+# -- files ------------------------------------------------------------------------------------
+
+
+def test_the_database_is_created_private(tmp_path: Path, fake: FakeMercadoLibre) -> None:
+    os.umask(0o022)
+    path = tmp_path / "sellers.db"
+    sellers = SqlSellers.sqlite(path, client_id=fake.client_id)
+    seed(sellers, fake, 111)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    for suffix in ("-wal", "-shm"):
+        companion = Path(f"{path}{suffix}")
+        assert not companion.exists() or stat.S_IMODE(companion.stat().st_mode) == 0o600
+    sellers.close()
+
+
+def test_a_loose_database_is_made_private_before_it_is_written(
+    tmp_path: Path, fake: FakeMercadoLibre
+) -> None:
+    path = tmp_path / "sellers.db"
+    path.touch(mode=0o644)
+    os.chmod(path, 0o644)
+    sellers = SqlSellers.sqlite(path, client_id=fake.client_id)
+    seed(sellers, fake, 111)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    sellers.close()
+
+
+@pytest.mark.parametrize("suffix", ["", "-wal", "-shm"])
+def test_a_link_planted_at_the_database_is_refused_naming_it(
+    suffix: str, tmp_path: Path, fake: FakeMercadoLibre
+) -> None:
+    path = tmp_path / "sellers.db"
+    target = tmp_path / "victim"
+    target.write_bytes(b"someone else's file")
+    os.symlink(target, f"{path}{suffix}")
+    sellers = SqlSellers.sqlite(path, client_id=fake.client_id)
+    with pytest.raises(StoreError) as caught:
+        sellers.sellers()
+    message = str(caught.value)
+    assert f"{path}{suffix}" in message and "symbolic link" in message
+    assert f"rm {path}{suffix}" in message
+    assert target.read_bytes() == b"someone else's file"
+    sellers.close()
+
+
+def test_a_link_planted_after_the_first_connection_is_refused_by_the_next(
+    tmp_path: Path, fake: FakeMercadoLibre
+) -> None:
+    path = tmp_path / "sellers.db"
+    sellers = SqlSellers.sqlite(path, client_id=fake.client_id)
+    seed(sellers, fake, 111)
+    sellers.close()
+    os.rename(path, tmp_path / "moved.db")
+    os.symlink(tmp_path / "moved.db", path)
+    again = SqlSellers.sqlite(path, client_id=fake.client_id)
+    with pytest.raises(StoreError, match="symbolic link"):
+        again.store("111")
+    again.close()
+
+
+def test_a_database_of_another_schema_version_is_refused(db: Db, fake: FakeMercadoLibre) -> None:
+    sellers = db.open(fake.client_id)
+    seed(sellers, fake, 111)
+    sellers.close()
+    db.execute("UPDATE mlauth_schema SET version = 99")
+    again = db.open(fake.client_id)
+    with pytest.raises(StoreError, match=r"schema version 99\b.*Upgrade mlauth"):
+        again.sellers()
+    again.close()
+
+
+# -- rows edited by hand ------------------------------------------------------------------------
+
+SECRETISH = "hand-typed-value-not-a-token"
+# Every kind of value a hand (or another program) can put in a column: SQL NULL, the JSON
+# types as SQLite stores them (true is 1), text that is JSON, bytes, extremes.
+ODD_VALUES: list[object] = [
+    None,
+    1,
+    0,
+    -1,
+    1.5,
+    -1e308,
+    1e308,
+    2**63 - 1,
+    "",
+    SECRETISH,
+    f"TG-{SECRETISH}\r\nX-Injected: 1",
+    "[1, 2]",
+    '{"refresh_token": "TG-x"}',
+    "null",
+    "true",
+    "NaN",
+    b"\xff\x00binary",
+]
+COLUMNS = [
+    "chain",
+    "generation",
+    "access_token",
+    "refresh_token",
+    "expires_at",
+    "refreshed_at",
+    "refreshed_by",
+    "answer",
+    "dead",
+    "failing_since",
+    "failing_reason",
+]
+
+
+def _judge(action: str, call: object) -> str | None:
+    """Run ``call``; its MLAuthError's text (None if it passed). Anything else fails."""
+    try:
+        call()  # type: ignore[operator]
+    except MLAuthError as exc:
+        return str(exc)
+    return None
+
+
+@pytest.mark.parametrize("column", COLUMNS)
+def test_a_row_edited_by_hand_is_read_or_refused_by_name_never_crashes_or_leaks(
+    column: str, db: Db, fake: FakeMercadoLibre
+) -> None:
+    sellers = db.open(fake.client_id)
+    seed(sellers, fake, 111)
+    seed(sellers, fake, 222)
+    refused = 0
+    for value in ODD_VALUES:
+        if column in ("chain", "generation") and value is None:
+            continue  # NOT NULL: the database itself refuses it
+        db.edit("111", column, value)
+        fresh = db.open(fake.client_id)  # no cached version: every read is a real look
+        store = fresh.store("111")
+        for action, call in (
+            ("load", store.load),
+            ("stamp", store.stamp),
+            ("status", store.status_details),
+            ("reauthorization", store.reauthorization_required),
+            ("rows", fresh.rows),
+        ):
+            text = _judge(action, call)
+            if text is None:
+                continue
+            refused += 1
+            assert "seller 111" in text, (action, value, text)
+            assert SECRETISH not in text, (action, value)
+        # The other seller's row is untouched and its line is whole.
+        assert [row.user_id for row in fresh.rows()] == ["111", "222"]
+        assert fresh.store("222").load()[0].refresh_token is not None
+        fresh.close()
+    if column in ("chain", "generation", "refresh_token", "expires_at", "refreshed_at"):
+        assert refused > 0  # mlauth cannot have written most of those values
+    sellers.close()
+
+
+@pytest.mark.parametrize(
+    ("column", "value"),
+    [
+        ("refresh_token", f"TG-{SECRETISH}\r\nX-Injected: 1"),
+        ("refresh_token", b"TG-binary\xff"),
+        ("generation", "twelve"),
+        ("expires_at", "tomorrow"),
+        ("chain", b"\x00\x01"),
+    ],
+)
+def test_a_request_on_a_row_edited_by_hand_fails_with_the_row_and_the_fix(
+    column: str, value: object, db: Db, fake: FakeMercadoLibre
+) -> None:
+    sellers = db.open(fake.client_id)
+    seed(sellers, fake, 111, expires_at=time.time() - 10)
+    db.edit("111", column, value)
+
+    def request() -> None:  # refused at the first load, or at the request's refresh
+        auth = mlauth.MLAuth(
+            fake.client_id,
+            fake.client_secret,
+            store=sellers.store("111"),
+            token_url=fake.token_url,
+            hosts=[fake.host],
+        )
+        requests.get(f"{fake.base_url}/users/me", auth=auth, timeout=30)
+
+    with pytest.raises(StoreError) as caught:
+        request()
+    message = str(caught.value)
+    assert f"row of seller 111 (client {fake.client_id})" in message
+    assert "never writes" in message and "value is not shown" in message
+    assert SECRETISH not in message and "X-Injected" not in message
+    assert fake.stats()["token_requests"] == 0  # nothing was spent on a row in doubt
+    sellers.close()
+
+
+def test_a_kept_answer_of_every_json_type_is_ignored_or_replayed_never_a_crash(
+    db: Db, fake: FakeMercadoLibre
+) -> None:
+    sellers = db.open(fake.client_id)
+    seed(sellers, fake, 111, expires_at=time.time() - 10)
+    auth = mlauth.MLAuth(
+        fake.client_id,
+        fake.client_secret,
+        store=sellers.store("111"),
+        token_url=fake.token_url,
+        hosts=[fake.host],
+    )
+    (chain,) = db.row("111", "chain")
+    for answer in [
+        "null",
+        "[]",
+        "7",
+        '"text"',
+        "{",
+        f'{{"chain": "{chain}", "generation": 1}}',
+        f'{{"chain": "{chain}", "generation": 1, "body": 5}}',
+        f'{{"chain": "{chain}", "generation": 1, "body": "{{}}", "spent": []}}',
+    ]:
+        db.edit("111", "answer", answer)
+        db.edit("111", "expires_at", time.time() - 10)
+        response = requests.get(f"{fake.base_url}/users/me", auth=auth, timeout=30)
+        assert response.status_code == 200, answer
+    assert fake.stats()["invalid_grant"] == 0
+    sellers.close()

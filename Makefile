@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck redis-server bench fuzz clean
+.PHONY: demo test lint typecheck redis-server postgresql bench fuzz clean
 
 $(STAMP): pyproject.toml setup.cfg
 	$(PYTHON) -m venv $(VENV)
@@ -36,7 +36,26 @@ redis-server:
 			--no-install-recommends redis-server >/dev/null || exit 1; \
 		service redis-server stop >/dev/null 2>&1 || true; }
 
-test: lint typecheck redis-server
+# The SQL store's tests run a real PostgreSQL server (Debian's postgresql package), which
+# mlauth/testing/postgres_server.py starts as `nobody` when run as root. Its programs are
+# looked for where that module looks: PATH, `pg_config --bindir`, /usr/lib/postgresql/*/bin.
+# The package starts a system cluster on port 5432 where a service manager runs; the tests
+# start their own on a free port, so it is stopped again.
+postgresql:
+	@command -v initdb >/dev/null && command -v postgres >/dev/null || \
+	{ command -v pg_config >/dev/null && [ -x "$$(pg_config --bindir)/initdb" ]; } || \
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { \
+		if [ "$$(id -u)" != 0 ]; then \
+			echo "PostgreSQL's server programs are missing and installing them needs root: run" \
+				"make test as root, or install them first (sudo apt-get install postgresql)" >&2; \
+			exit 1; \
+		fi; \
+		echo "installing postgresql (Debian package) for the PostgreSQL store tests"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+			--no-install-recommends postgresql >/dev/null || exit 1; \
+		service postgresql stop >/dev/null 2>&1 || true; }
+
+test: lint typecheck redis-server postgresql
 	$(PY) -m pytest
 
 # The fuzz properties (tests/test_fuzz_*.py) at full length: FUZZ_EXAMPLES examples each, where
@@ -49,8 +68,9 @@ fuzz: $(STAMP) redis-server
 		tests/test_fuzz_answers.py tests/test_fuzz_env.py tests/test_fuzz_redis.py
 
 # Full-size runs of every benchmark; rewrites benchmarks/results/ (tables, JSON, plots).
-# The storm's `mlauth (redis)` row starts its own redis-server.
-bench: $(STAMP) redis-server
+# The storm's `mlauth (redis)` row starts its own redis-server (and a PostgreSQL row its own
+# postgres).
+bench: $(STAMP) redis-server postgresql
 	$(PY) -m benchmarks.run_all
 
 # Everything the venv, the tools, the tests (hypothesis' example database) and a build

@@ -1,6 +1,6 @@
 """Shared fixtures (only fixtures: the helpers tests share are in tests/support/): a fake .env
-with obviously fake credentials, an MLAuth built on it, a Redis server, and another loopback
-host to redirect to."""
+with obviously fake credentials, an MLAuth built on it, a Redis server, a PostgreSQL server
+(one per session, a fresh database per test), and another loopback host to redirect to."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import pytest
 
 import mlauth
 from mlauth import alerts
+from mlauth.testing.postgres_server import PostgresServer
 from mlauth.testing.redis_server import RedisServer
 from tests.support.fake_tokens import env_text
 from tests.support.other_host import AuthorizationRecorder
@@ -69,6 +70,26 @@ def persistent_redis(tmp_path: Path) -> Iterator[RedisServer]:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """One real PostgreSQL server for the session (about 1 s to make and start), on a free
+    loopback port and a unix socket in a folder of its own; tests take a fresh database each
+    (``postgres_url``). Stopped at the end of the session (and at exit, if the session dies)."""
+    server = PostgresServer().start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def postgres_url(postgres_server: PostgresServer) -> Iterator[str]:
+    """A new, empty database on the session's server, for this test alone (its URL); dropped
+    after the test, whoever is still connected to it."""
+    with postgres_server.fresh_database() as url:
+        yield url
 
 
 @pytest.fixture

@@ -28,9 +28,9 @@ def fake() -> Iterator[FakeMercadoLibre]:
         yield server
 
 
-@pytest.fixture(params=["sqlite"])
-def db(request: pytest.FixtureRequest, tmp_path: Path) -> Db:
-    return Db("sqlite", str(tmp_path / "sellers.db"))
+@pytest.fixture
+def db(sql_db: Db) -> Db:
+    return sql_db
 
 
 @pytest.fixture

@@ -15,7 +15,13 @@ import requests
 
 import mlauth
 from mlauth import InvalidGrantError, WrongSellerError
-from mlauth.errors import ConfigError, LockLostError, LockTimeoutError, StaleCommitError
+from mlauth.errors import (
+    ConfigError,
+    LockLostError,
+    LockTimeoutError,
+    StaleCommitError,
+    StoreError,
+)
 from mlauth.stores.sellers import FAILING, OK, REAUTHORIZE, sellers_from_url, sqlite_path
 from mlauth.stores.sql import SqlSellers
 from mlauth.stores.sql_db import Database
@@ -29,9 +35,9 @@ def fake() -> Iterator[FakeMercadoLibre]:
         yield server
 
 
-@pytest.fixture(params=["sqlite"])
-def db(request: pytest.FixtureRequest, tmp_path: Path) -> Db:
-    return Db("sqlite", str(tmp_path / "sellers.db"))
+@pytest.fixture
+def db(sql_db: Db) -> Db:
+    return sql_db
 
 
 @pytest.fixture
@@ -164,13 +170,14 @@ def test_one_database_keeps_two_apps_apart(db: Db, fake: FakeMercadoLibre) -> No
         second.store("111")
     with pytest.raises(ConfigError, match="app 1111"):
         first.store("111").bind_client("2222")
-    unbound = SqlSellers.sqlite(db.spec) if db.kind == "sqlite" else None
-    if unbound is not None:
-        with pytest.raises(ConfigError, match="no client id"):
-            unbound.sellers()
-        unbound.bind_client("1111")
-        assert unbound.sellers() == ["111"]
-        unbound.close()
+    unbound = db.open(None)
+    with pytest.raises(ConfigError, match="no client id"):
+        unbound.sellers()
+    unbound.bind_client("1111")
+    assert unbound.sellers() == ["111"]
+    with pytest.raises(ConfigError, match="bound to app 1111"):
+        unbound.bind_client("2222")
+    unbound.close()
     first.close()
     second.close()
 
@@ -314,6 +321,26 @@ def test_a_store_url_never_shows_its_password(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as caught:
         SqlSellers.postgresql("redis://app:hunter2secret@db/0")
     assert "hunter2secret" not in str(caught.value)
+    # Nothing listens on port 1: the error names the database, never the password.
+    unreachable = SqlSellers.postgresql(
+        "postgresql://app:hunter2secret@127.0.0.1:1/sellers", client_id="1"
+    )
+    assert "hunter2secret" not in repr(unreachable)
+    with pytest.raises(StoreError) as failed:
+        unreachable.sellers()
+    assert "hunter2secret" not in str(failed.value)
+    assert "postgresql://app:***@127.0.0.1:1/sellers" in str(failed.value)
+
+
+def test_postgres_urls_name_the_postgresql_store(postgres_url: str, fake: FakeMercadoLibre) -> None:
+    for url in (postgres_url, postgres_url.replace("postgresql://", "postgres://", 1)):
+        stores = sellers_from_url(url, {}, "/srv/app/.env")
+        assert isinstance(stores, SqlSellers)
+        stores.bind_client(fake.client_id)
+        seed(stores, fake, 111)
+        assert stores.sellers() == ["111"]
+        stores.remove("111")
+        stores.close()
 
 
 # -- the engine through it -----------------------------------------------------------------------

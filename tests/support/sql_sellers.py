@@ -34,7 +34,7 @@ class Db:
     def __repr__(self) -> str:
         return f"Db({self.kind})"
 
-    def open(self, client_id: str, **options: Any) -> SqlSellers:
+    def open(self, client_id: str | None, **options: Any) -> SqlSellers:
         """A new SqlSellers on it: what another process of the app would make."""
         if self.kind == "sqlite":
             return SqlSellers.sqlite(self.spec, client_id=client_id, **options)
@@ -61,11 +61,23 @@ class Db:
         assert len(found) == 1, found
         return tuple(found[0])
 
-    def edit(self, user_id: str, column: str, value: object) -> None:
-        self.execute(
-            f"UPDATE mlauth_sellers SET {column} = ? WHERE user_id = ?",  # noqa: S608
-            (value, user_id),
-        )
+    def edit(self, user_id: str, column: str, value: object) -> bool:
+        """Write ``value`` into a column of a seller's row; False when the database refuses
+        it (PostgreSQL's columns are typed: no text in a number, no bytes in a text)."""
+        statement = f"UPDATE mlauth_sellers SET {column} = ? WHERE user_id = ?"  # noqa: S608
+        if self.kind == "sqlite":
+            try:
+                self.execute(statement, (value, user_id))
+            except sqlite3.IntegrityError:
+                return False  # NULL where it is NOT NULL
+            return True
+        import psycopg  # type: ignore[import-not-found,unused-ignore]
+
+        try:
+            self.execute(statement, (value, user_id))
+        except (psycopg.DataError, psycopg.ProgrammingError, psycopg.IntegrityError):
+            return False  # a type the column cannot hold, or NULL where it is NOT NULL
+        return True
 
 
 def tokens_of(issued: dict[str, object], *, expires_at: float | None = None) -> TokenSet:

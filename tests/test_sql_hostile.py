@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import stat
 import time
+import traceback
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,7 +19,7 @@ import mlauth
 from mlauth.errors import MLAuthError, StoreError
 from mlauth.stores.sql import SqlSellers
 from mlauth.testing import FakeMercadoLibre
-from tests.support.sql_sellers import Db, seed
+from tests.support.sql_sellers import Db, seed, tokens_of
 
 
 @pytest.fixture
@@ -260,3 +261,40 @@ def test_a_kept_answer_of_every_json_type_is_ignored_or_replayed_never_a_crash(
         response = requests.get(f"{fake.base_url}/users/me", auth=auth, timeout=30)
         assert response.status_code == 200, answer
     assert fake.stats()["invalid_grant"] == 0
+
+
+def test_a_database_error_on_a_save_never_quotes_the_row(db: Db, fake: FakeMercadoLibre) -> None:
+    # A rule someone added to the table refuses the save. PostgreSQL's error then carries
+    # the failing row (the tokens) in its DETAIL; SQLite's names what the rule says.
+    if db.kind == "postgresql":
+        # The user in the query: a URL's user information is masked, and so is every
+        # message that quotes it (the user "mlauth" is in the table's name), which would
+        # hide the driver's words this test is about.
+        user, _, rest = db.spec.removeprefix("postgresql://").partition("@")
+        db = Db("postgresql", f"postgresql://{rest}?user={user}")
+    sellers = db.open(fake.client_id)
+    seed(sellers, fake, 111)
+    store = sellers.store("111")
+    _, version = store.load()
+    if db.kind == "postgresql":
+        db.execute(
+            "ALTER TABLE mlauth_sellers ADD CONSTRAINT short CHECK (length(refresh_token) < 5) "
+            "NOT VALID"
+        )
+    else:
+        db.execute(
+            "CREATE TRIGGER refuse BEFORE UPDATE ON mlauth_sellers "
+            "BEGIN SELECT RAISE(ABORT, 'refused by a rule'); END"
+        )
+    new = fake.issue_tokens(user_id=111)
+    with pytest.raises(StoreError) as caught:
+        store.save(tokens_of(new), replaces=version)
+    message = str(caught.value)
+    sellers.close()
+    assert "cannot save the tokens to" in message and db.kind in message.lower()
+    assert "violates check constraint" in message or "refused by a rule" in message
+    assert str(new["refresh_token"]) not in message
+    assert str(new["access_token"]) not in message
+    # Nor do the frames a crash reporter would send (this test's own is the first).
+    frames = [frame for frame, _ in traceback.walk_tb(caught.value.__traceback__)][1:]
+    assert frames and all(str(new["refresh_token"]) not in repr(f.f_locals) for f in frames)

@@ -360,6 +360,7 @@ class SqlSellerStore(TokenStore):
         self._remember(version)
         return version
 
+    @sealed  # the record is the raw answer: the tokens
     def keep_answer(self, record: dict[str, Any]) -> bool:
         """Put a raw answer record in the row before it is read, if the row still holds the
         version it follows; False, and an ERROR, if not (it is read all the same)."""
@@ -559,6 +560,7 @@ class SqlSellerStore(TokenStore):
     def transaction(self, *, login: bool = False) -> RefreshTransaction:
         return SqlRefresh(self, login=login)
 
+    @sealed  # the row's refresh token is a local
     def reauthorization_required(self) -> str | None:
         rows, _ = self._db.run(
             "SELECT refresh_token, dead FROM mlauth_sellers WHERE client_id = ? AND user_id = ?",

@@ -33,7 +33,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from mlauth.errors import ConfigError, StoreError
-from mlauth.secret import quotes_url_secret
+from mlauth.secret import mask, quotes_url_secret
 
 from .private import check_own_file, open_own
 
@@ -117,7 +117,11 @@ class Dialect:
         return False
 
     def detail(self, exc: Exception) -> str:
-        return str(exc)
+        """The driver's words about ``exc``, fit for a message: the first line only (a
+        PostgreSQL error's DETAIL quotes the failing row, tokens and all), token-shaped
+        values masked."""
+        lines = str(exc).strip().splitlines()
+        return mask(lines[0] if lines else type(exc).__name__)
 
 
 class _SQLite(Dialect):
@@ -202,8 +206,8 @@ class _PostgreSQL(Dialect):
         return bool(connection.closed or connection.broken)
 
     def detail(self, exc: Exception) -> str:
-        text = str(exc).strip()
-        if quotes_url_secret(text, self.url):
+        text = super().detail(exc)
+        if quotes_url_secret(str(exc), self.url):
             return "not shown: it quotes the URL's credentials"
         return text
 

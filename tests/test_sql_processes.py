@@ -6,18 +6,27 @@ freezes it there)."""
 from __future__ import annotations
 
 import json
+import multiprocessing
 import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import requests
 
 import mlauth
 from mlauth.stores.sellers import OK, REAUTHORIZE
 from mlauth.testing import FakeMercadoLibre
 from tests.support.fault_kills import kill, wait_until
-from tests.support.sql_sellers import Db, finished, seed, start_worker
+from tests.support.sql_sellers import (
+    Db,
+    build_before_fork,
+    finished,
+    pool_calls,
+    seed,
+    start_worker,
+)
 
 pytestmark = pytest.mark.processes
 
@@ -195,3 +204,29 @@ def test_a_refresher_killed_after_the_rotation_marks_that_seller_alone_for_reaut
     sellers.close()
     log = tmp_path / "other.log"
     assert finished(start_worker(db, fake, 222, log), log)["statuses"] == [200]
+
+
+def test_fork_pool_workers_make_their_own_connections_and_share_the_chain(
+    db: Db, tmp_path: Path
+) -> None:
+    lifetime, seconds, workers = 2.0, 5.0, 3
+    with FakeMercadoLibre(token_lifetime=lifetime) as fake:
+        sellers = db.open(fake.client_id)
+        seed(sellers, fake, 111, expires_at=time.time() + lifetime)
+        auth = build_before_fork(sellers, fake, 111)
+        # Used before the fork: the parent's connection exists when the workers inherit it.
+        assert requests.get(f"{fake.base_url}/users/me", auth=auth, timeout=30).status_code == 200
+        with multiprocessing.get_context("fork").Pool(workers) as pool:
+            # Bounded: workers that shared the parent's PostgreSQL socket would hang.
+            calls = pool.starmap_async(pool_calls, [(fake.base_url, seconds)] * workers)
+            results = calls.get(timeout=60)
+        # The parent's own connection still works: no worker used it, or closed it.
+        assert requests.get(f"{fake.base_url}/users/me", auth=auth, timeout=30).status_code == 200
+        stats = fake.stats()
+        sellers.close()
+    print(f"\n[figures] sql {db.kind}: fork pool of {workers}, {seconds:g}s, {stats}")
+    assert len({result["pid"] for result in results}) == workers
+    assert [error for result in results for error in result["errors"]] == []
+    assert all(set(result["statuses"]) == {200} for result in results)
+    assert stats["invalid_grant"] == 0
+    assert stats["refreshes"] >= seconds / lifetime - 1  # the chain rotated along the run

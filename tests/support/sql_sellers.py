@@ -151,3 +151,43 @@ def finished(proc: subprocess.Popen[str], log: Path) -> dict[str, Any]:
     assert proc.returncode == 0, log.read_text()[-3000:]
     result: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
     return result
+
+
+# -- a fork pool on one seller --------------------------------------------------------------
+
+# Built in the parent before a fork pool starts, and used there first: what a pipeline's
+# module-level set-up does before a Pool or a prefork server forks its workers.
+_POOL_AUTH: list[Any] = []
+
+
+def build_before_fork(sellers: SqlSellers, fake: FakeMercadoLibre, user_id: int) -> Any:
+    import mlauth
+
+    auth = mlauth.MLAuth(
+        fake.client_id,
+        fake.client_secret,
+        store=sellers.store(str(user_id)),
+        token_url=fake.token_url,
+        hosts=[fake.host],
+        backoff=0.01,
+    )
+    _POOL_AUTH[:] = [auth]
+    return auth
+
+
+def pool_calls(url: str, seconds: float) -> dict[str, Any]:
+    """A fork pool worker's calls through the auth its parent built, until the deadline."""
+    import requests
+
+    (auth,) = _POOL_AUTH
+    statuses: dict[int, int] = {}
+    errors: list[str] = []
+    deadline = time.monotonic() + seconds
+    with requests.Session() as session:
+        while time.monotonic() < deadline:
+            try:
+                status = session.get(f"{url}/users/me", auth=auth, timeout=30).status_code
+                statuses[status] = statuses.get(status, 0) + 1
+            except requests.RequestException as exc:
+                errors.append(f"{type(exc).__name__}: {exc}"[:300])
+    return {"pid": os.getpid(), "statuses": statuses, "errors": errors[:5]}

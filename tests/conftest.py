@@ -1,6 +1,7 @@
 """Shared fixtures (only fixtures: the helpers tests share are in tests/support/): a fake .env
 with obviously fake credentials, an MLAuth built on it, a Redis server, a PostgreSQL server
-(one per session, a fresh database per test), and another loopback host to redirect to."""
+(one per session, a fresh database per test), the database of the SQL sellers store (SQLite
+and PostgreSQL), and another loopback host to redirect to."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from mlauth.testing.postgres_server import PostgresServer
 from mlauth.testing.redis_server import RedisServer
 from tests.support.fake_tokens import env_text
 from tests.support.other_host import AuthorizationRecorder
+from tests.support.sql_sellers import Db
 
 
 @pytest.fixture(autouse=True)
@@ -101,6 +103,15 @@ def postgres_url(postgres_server: PostgresServer) -> Iterator[str]:
     after the test, whoever is still connected to it."""
     with postgres_server.fresh_database() as url:
         yield url
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def sql_db(request: pytest.FixtureRequest, tmp_path: Path) -> Db:
+    """The database the SQL store of many sellers runs on: a SQLite file in the test's
+    folder, or a fresh PostgreSQL database on the session's server."""
+    if request.param == "sqlite":
+        return Db("sqlite", str(tmp_path / "sellers.db"))
+    return Db("postgresql", request.getfixturevalue("postgres_url"))
 
 
 @pytest.fixture

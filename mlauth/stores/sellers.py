@@ -7,22 +7,30 @@ it uses any store: single flight per seller, the genuine-401 rule, the raw answe
 it is read, fenced commits. Each seller's store has its own lock, so one seller's refresh
 never waits for another's.
 
-Three ship, chosen by ``ML_TOKEN_STORE``: SQLite
+Three ship, chosen by ``ML_TOKEN_STORE`` (:func:`sellers_from_url`): SQLite
 (``sqlite:///sellers.db``) and PostgreSQL (``postgresql://...``) in :mod:`.sql`, and Redis, a
 hash per seller, in :mod:`.redis_sellers`. A store loads only the sellers it is asked for:
-an app of 10,000 sellers whose worker touches 10 holds 10 chains.
+an app of 10,000 sellers whose worker touches 10 holds 10 chains. The contract itself is in
+:mod:`.sellers_base`.
 """
 
 from __future__ import annotations
 
-import abc
-import dataclasses
-from collections.abc import Sequence
+import os
+from collections.abc import Mapping
 
 from mlauth.errors import ConfigError
-from mlauth.tokens import USER_ID, TokenSet
+from mlauth.secret import redact_url, url_scheme
 
-from .base import TokenStore
+from .sellers_base import (
+    FAILING,
+    OK,
+    REAUTHORIZE,
+    SELLER_SCHEMES,
+    SellerRow,
+    SellerStores,
+    check_user_id,
+)
 
 __all__ = [
     "FAILING",
@@ -32,85 +40,69 @@ __all__ = [
     "SellerRow",
     "SellerStores",
     "check_user_id",
+    "sellers_from_url",
+    "sqlite_path",
 ]
 
-#: The states ``mlauth sellers`` shows.
-OK = "ok"
-FAILING = "refresh failing"
-REAUTHORIZE = "re-authorization required"
-
-#: The ``ML_TOKEN_STORE`` schemes that name a store of many sellers (Redis serves both kinds).
-SELLER_SCHEMES = ("sqlite", "postgresql", "postgres")
+_SQLITE_FORMS = (
+    "write sqlite:///sellers.db for a file beside the .env (a path relative to its folder) "
+    "or sqlite:////srv/app/sellers.db (four slashes) for an absolute path"
+)
 
 
-def check_user_id(user_id: object, where: str) -> str:
-    """``user_id`` as mlauth keeps it (the digits of a positive integer); ConfigError if it
-    cannot be one. An int is taken as well as its digits."""
-    if isinstance(user_id, int) and not isinstance(user_id, bool):
-        user_id = str(user_id)
-    if isinstance(user_id, str) and USER_ID.match(user_id):
-        return user_id
-    shown = repr(user_id) if isinstance(user_id, (str, int)) else type(user_id).__name__
-    if isinstance(user_id, str) and len(user_id) > 24:
-        shown = f"a string of {len(user_id)} characters"
+def sqlite_path(url: str, folder: str, where: str) -> str:
+    """The database file a ``sqlite:`` URL names: ``sqlite:///NAME`` is relative to
+    ``folder`` (the ``.env``'s), ``sqlite:////PATH`` absolute. ConfigError, with both forms,
+    for anything else: a host, no path, ``:memory:`` (one process's alone), a query or a
+    fragment (no options are read: better refused than silently ignored)."""
+    prefix = url[: len("sqlite:///")]
+    rest = url[len("sqlite:///") :]
+    problem = None
+    if prefix.lower() != "sqlite:///":
+        problem = "it does not start with sqlite:/// (a host, or too few slashes)"
+    elif not rest.strip("/") or rest.endswith("/"):
+        problem = "it names no file"
+    elif rest == ":memory:" or rest.startswith("file:"):
+        problem = "an in-memory database is one process's alone"
+    elif any(char in rest for char in "?#\0"):
+        problem = "it has a query, a fragment or a NUL (no options are read from it)"
+    if problem is not None:
+        raise ConfigError(
+            f"{where}: ML_TOKEN_STORE={redact_url(url)!r}: {problem}; {_SQLITE_FORMS}"
+        )
+    return os.path.join(folder, rest)  # an absolute rest ('/srv/...') ignores the folder
+
+
+def _lock_timeout(values: Mapping[str, str | None], where: str) -> float:
+    raw = (values.get("ML_TOKEN_LOCK_TIMEOUT") or "").strip()
+    try:
+        timeout = float(raw) if raw else 30.0
+    except ValueError:
+        timeout = float("nan")
+    if not 0 < timeout < float("inf"):
+        raise ConfigError(
+            f"{where}: ML_TOKEN_LOCK_TIMEOUT={raw!r} is not a number of seconds above 0"
+        )
+    return timeout
+
+
+def sellers_from_url(url: str, values: Mapping[str, str | None], where: str) -> SellerStores:
+    """The store of many sellers ``url`` (an ``ML_TOKEN_STORE`` value) names, with the
+    options of the ``.env`` values ``values``; ``where`` is that ``.env``'s path: a relative
+    SQLite path is taken from its folder. Not bound to a client id yet
+    (:meth:`SellerStores.bind_client`)."""
+    scheme = url_scheme(url)
+    lock_timeout = _lock_timeout(values, where)
+    if scheme == "sqlite":
+        from .sql import SqlSellers
+
+        folder = os.path.dirname(os.path.abspath(where))
+        return SqlSellers.sqlite(sqlite_path(url, folder, where), lock_timeout=lock_timeout)
+    if scheme in ("postgresql", "postgres"):
+        from .sql import SqlSellers
+
+        return SqlSellers.postgresql(url, lock_timeout=lock_timeout)
     raise ConfigError(
-        f"{where}: {shown} is not a seller's user id; give the number MercadoLibre calls "
-        "user_id (`mlauth sellers` lists them)"
+        f"{where}: ML_TOKEN_STORE={redact_url(url)!r} names no store of many sellers; write "
+        "sqlite:///sellers.db or postgresql://USER@HOST/DB"
     )
-
-
-@dataclasses.dataclass(frozen=True)
-class SellerRow:
-    """One line of ``mlauth sellers``: never a token."""
-
-    user_id: str
-    expires_at: float | None
-    refreshed_at: float | None
-    refreshed_by: str | None
-    #: :data:`OK`, :data:`FAILING` or :data:`REAUTHORIZE`
-    state: str
-    #: why, when the state is not OK (the error's words, with no token in them)
-    detail: str | None = None
-
-
-class SellerStores(abc.ABC):
-    """Where the chains of many sellers live, each with its own lock."""
-
-    #: Where the store is, for messages: a path, or a URL without credentials.
-    location: str
-
-    def bind_client(self, client_id: str) -> None:  # noqa: B027 (optional, no-op default)
-        """Called once with the app's client id (a shared store may name its keys after it)."""
-
-    @abc.abstractmethod
-    def sellers(self) -> list[str]:
-        """The user ids of the sellers held, sorted numerically."""
-
-    @abc.abstractmethod
-    def store(self, user_id: str) -> TokenStore:
-        """The store of one seller's chain (made once, then the same object); ConfigError
-        naming the sellers held if there is no such seller."""
-
-    @abc.abstractmethod
-    def add(self, user_id: str, tokens: TokenSet, *, replace: bool = False) -> TokenStore:
-        """Start seller ``user_id``'s chain with ``tokens`` (from ``mlauth login``, ``sellers
-        add`` or a migration) under that seller's lock; return its store.
-
-        ConfigError if the seller is held already and ``replace`` is False. Tokens that name
-        another seller (:func:`~mlauth.stores.base.check_seller`) are refused.
-        """
-
-    @abc.abstractmethod
-    def remove(self, user_id: str) -> bool:
-        """Forget seller ``user_id``'s chain, under its lock; False if it was not held."""
-
-    @abc.abstractmethod
-    def rows(self, user_ids: Sequence[str] | None = None) -> list[SellerRow]:
-        """The ``mlauth sellers`` lines of these sellers (all if None), read in as few round
-        trips as the store allows: never one per seller."""
-
-    def close(self) -> None:  # noqa: B027 (optional, no-op default)
-        """Let go of connections (a process that ends need not call it)."""
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.location!r})"

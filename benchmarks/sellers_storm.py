@@ -25,14 +25,19 @@ the refresher's clock read before its POST (what mlauth counts the new token's e
 POST). Token k, issued at T_k, is due to be replaced from its *replacement point* P_k = T_k +
 lifetime - margin on (margin: a quarter of a short token's life for mlauth, 1.25 s for 5 s
 tokens; 0 for the peer, which waits for the 401 at expiry). Token k's expiry was *touched*
-when a call to that seller started after P_k while token k was the seller's newest: for a
-token that was replaced (at T_k+1), a call started in [P_k - slack, T_k+1); for the last
-token, a call started after P_k + slack. The slack (a tenth of the lifetime, 0.5 s) absorbs
-the time between a call's start and the moment its auth looks at the clock; it only decides
-calls that close to a replacement point. A seller's expected refreshes are the tokens whose
-expiry a call touched. A refresh made early (a second refresh of one expiry; a refresh on a
-401 that a peer's rotation caused) is a refresh that touched nothing, and a touched expiry no
-refresh followed is touched but not refreshed: either makes the seller "off". Refreshes are
+when a call to that seller looked at its token after P_k while token k was the seller's
+newest. A call's auth looks at the clock somewhere between the call's start and its end
+(after loading the seller's chain, on its first call in a process), so: for a token that
+was replaced (at T_k+1), a call that started before T_k+1 and ended after P_k - slack; for
+the last token, a call that started after P_k + slack. The slack (a tenth of the lifetime,
+0.5 s) absorbs the clocks' small differences; it only decides calls that close to a
+replacement point. (A call slower than the time between a premature refresh and the next
+replacement point could hide that refresh: the table's p99 says how slow calls were; a
+second refresh of one token also shows as ``invalid_grant``.) A seller's expected refreshes
+are the tokens whose expiry a call touched. A refresh made early (a second refresh of one
+expiry; a refresh on a 401 that a peer's rotation caused) is a refresh that touched nothing,
+and a touched expiry no refresh followed is touched but not refreshed: either makes the
+seller "off". Refreshes are
 the fake's count; a seller whose refreshes the fake counted differently from the workers'
 reports is off too.
 
@@ -115,7 +120,7 @@ LABELS = {
 
 
 def touched(
-    starts: Sequence[float],
+    spans: Sequence[tuple[float, float]],
     issued: float,
     refreshes: Sequence[float],
     *,
@@ -125,19 +130,18 @@ def touched(
 ) -> int:
     """The expiries of one seller's tokens that calls touched (the module's definition).
 
-    ``starts``: the wall-clock starts of the seller's calls; ``issued``: its first token's
-    issue time; ``refreshes``: the fake's time of each refresh of its chain, in order.
+    ``spans``: the wall-clock (start, end) of the seller's calls; ``issued``: its first
+    token's issue time; ``refreshes``: when each refresh of its chain started, any order.
     """
     issues = [issued, *sorted(refreshes)]
-    ordered = sorted(starts)
     count = 0
     for k, issued_at in enumerate(issues):
         point = issued_at + lifetime - margin
         if k + 1 < len(issues):
             replaced = issues[k + 1]
-            count += any(point - slack <= c < replaced for c in ordered)
+            count += any(start < replaced and end >= point - slack for start, end in spans)
         else:
-            count += any(c >= point + slack for c in ordered)
+            count += any(start >= point + slack for start, _ in spans)
     return count
 
 
@@ -387,14 +391,14 @@ def run_kind(fake: FakeMercadoLibre, kind: str, location: str, args: argparse.Na
     for result in results:
         for user, times in result["refresh_times"].items():  # type: ignore[attr-defined]
             by_user.setdefault(int(user), []).extend(times)
-    starts: dict[int, list[float]] = {}
+    spans: dict[int, list[tuple[float, float]]] = {}
     for result in results:
-        for user, times in result["starts"].items():  # type: ignore[attr-defined]
-            starts.setdefault(int(user), []).extend(times)
+        for user, times in result["spans"].items():  # type: ignore[attr-defined]
+            spans.setdefault(int(user), []).extend((float(a), float(b)) for a, b in times)
     margin = 0.0 if kind == "peer" else lifetime * MAX_MARGIN_SHARE
     expected = {
         user: touched(
-            starts.get(user, []),
+            spans.get(user, []),
             issued[user],
             by_user.get(user, []),
             lifetime=lifetime,
@@ -436,7 +440,7 @@ def run_kind(fake: FakeMercadoLibre, kind: str, location: str, args: argparse.Na
                 "refreshes": by_user.get(user, []),
                 "server_refreshes": by_server.get(user, 0),
                 "expected": expected[user],
-                "starts": sorted(starts.get(user, [])),
+                "spans": sorted(spans.get(user, [])),
             }
             for user in off[:3]
         ],

@@ -123,19 +123,22 @@ class Caller:
             return self._env_auth
         auth = self._auths.get(user_id)
         if auth is None:
-            with self._lock:  # built once per seller, by whichever thread calls first
-                auth = self._auths.get(user_id)
-                if auth is None:
-                    assert self.sellers is not None
-                    auth = MLAuth(
-                        self.args.client_id,
-                        self.secret,
-                        self.sellers.store(user_id),
-                        token_url=self.args.token_url,
-                        hosts=[self.args.host],
-                    )
-                    auth = self._auths[user_id] = self._watched(auth, user_id)
-                    self._local.marks |= LOADED
+            # Built outside the lock, so a seller's first call never waits for another
+            # seller's; if two threads build one seller's at once, the first kept wins (the
+            # other was never used: the chain is read at the first request).
+            assert self.sellers is not None
+            built = MLAuth(
+                self.args.client_id,
+                self.secret,
+                self.sellers.store(user_id),
+                token_url=self.args.token_url,
+                hosts=[self.args.host],
+            )
+            self._watched(built, user_id)  # before any thread can use it
+            with self._lock:
+                auth = self._auths.setdefault(user_id, built)
+            if auth is built:
+                self._local.marks |= LOADED
         return auth
 
     def call(self, session: requests.Session, user_id: str) -> int:
@@ -217,7 +220,9 @@ def run(args: argparse.Namespace, secret: str) -> dict[str, object]:
     user_ids = [str(args.first_seller + n) for n in range(args.sellers)]
     floor_header = {"Authorization": f"Bearer {os.environ[FLOOR_ENV]}"}
     lock = threading.Lock()
-    starts: dict[str, list[float]] = {}  # per seller, the wall-clock start of each call
+    # Per seller, each call's wall-clock start and end: the auth looks at the clock somewhere
+    # in between (after loading the seller's chain, on its first call in this process).
+    spans: dict[str, list[tuple[float, float]]] = {}
     calls_ms: list[float] = []
     calls_cpu_us: list[float] = []
     marks: list[int] = []
@@ -248,11 +253,12 @@ def run(args: argparse.Namespace, secret: str) -> dict[str, object]:
             user_id = rng.choice(user_ids)
             started = time.time()
             status, ms, cpu = timed(functools.partial(caller.call, session, user_id))
+            ended = time.time()
             floor, fms, fcpu = timed(
                 lambda: session.get(caller.url, headers=floor_header, timeout=30).status_code
             )
             with lock:
-                starts.setdefault(user_id, []).append(started)
+                spans.setdefault(user_id, []).append((started, ended))
                 calls_ms.append(ms)
                 calls_cpu_us.append(cpu)
                 marks.append(caller.marks())
@@ -280,7 +286,9 @@ def run(args: argparse.Namespace, secret: str) -> dict[str, object]:
         "loaded_sellers": len(caller._auths) or (1 if args.kind == "env" else 0),
         "errors": errors,
         "error_samples": samples,
-        "starts": {user: [round(t, 4) for t in times] for user, times in starts.items()},
+        "spans": {
+            user: [(round(a, 4), round(b, 4)) for a, b in times] for user, times in spans.items()
+        },
         "calls_ms": [round(x, 3) for x in calls_ms],
         "calls_cpu_us": [round(x, 1) for x in calls_cpu_us],
         "marks": marks,

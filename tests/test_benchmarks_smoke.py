@@ -311,14 +311,14 @@ def sellers_storm(tmp_path: Path, store: str, *extra: str) -> dict[str, Any]:
     out = run_script(
         "sellers_storm",
         *("--stores", store, "--sellers", "12", "--processes", "2", "--threads", "2"),
-        *("--seconds", "3", "--token-lifetime", "2", *extra),
+        *("--seconds", "4", "--token-lifetime", "3", *extra),
         out=tmp_path,
     )
     assert rows(out)["store"] == committed_columns("sellers_storm")
     (run,) = json.loads((tmp_path / "sellers_storm.json").read_text())["runs"]
     assert "not_run" not in run, run  # `make test` has every server the stores need
     assert run["calls"] > 0 and run["floor_failed"] == 0, run
-    # Every expiry the calls met was crossed: a 2 s token in a 3 s storm of 12 sellers.
+    # The calls crossed expiries: 3 s tokens (replaced from 2.25 s on) in a 4 s storm.
     assert run["expiries_touched"] >= 1, run
     return run  # type: ignore[no-any-return]
 
@@ -367,3 +367,22 @@ def test_sellers_scale_loads_and_lists_every_seller_on_each_store(
         assert result["rows"]["sellers_listed"] == 120
         assert [p["loaded"] for p in result["memory"]] == [1, 100]
         assert all(p["heap"] > 0 for p in result["memory"]), result["memory"]
+
+
+def test_expiries_touched_is_one_per_replacement_point_a_call_met() -> None:
+    from benchmarks.sellers_storm import touched
+
+    # 5 s tokens replaced 1.25 s ahead; a 10 ms call every 0.5 s for 13 s, from t = 0.
+    calls = [(t / 2, t / 2 + 0.01) for t in range(27)]
+
+    def count(refreshes: list[float]) -> int:
+        return touched(calls, 0.0, refreshes, lifetime=5.0, margin=1.25, slack=0.5)
+
+    # A lazy refresher: at the first call after each replacement point (3.75, 7.75, 11.75).
+    assert count([4.0, 8.0, 12.0]) == 3
+    # The same chain, its last expiry met by no refresh: one more touched than refreshed.
+    assert count([4.0, 8.0]) == 3
+    # A second refresh right after the first touched nothing.
+    assert count([4.0, 4.01, 8.01, 12.01]) == 3
+    # Refreshed before any call reached the replacement point: touched nothing either.
+    assert count([2.0, 6.0, 10.0]) == 2

@@ -344,3 +344,18 @@ def test_a_new_connection_keeps_every_lock_this_process_holds_on_the_files(
         for _, fd in held:
             os.close(fd)
         sellers.close()
+
+
+def test_a_token_written_into_refreshed_by_is_never_shown(
+    db: Db, sellers: SqlSellers, fake: FakeMercadoLibre
+) -> None:
+    issued = seed(sellers, fake, 111)
+    token = str(issued["refresh_token"])
+    for by in (f"a script holding {token}", f"pid 12@{token}", "pid 12@worker-3"):
+        db.edit("111", "refreshed_by", by)
+        fresh = db.open(fake.client_id)
+        (row,) = fresh.rows()
+        shown = [row.refreshed_by, fresh.store("111").load()[0].refreshed_by]
+        fresh.close()
+        assert all(value is not None and token not in value for value in shown), by
+        assert by != "pid 12@worker-3" or shown == [by, by]

@@ -646,6 +646,7 @@ class RefreshEngine:
         events.emit(
             events.Refreshed(
                 store=self.store.location,
+                seller=self.store.seller,
                 duration_s=round(self._clock.wall() - started, 6),
                 reason=need.reason,
                 by=new.refreshed_by or "",
@@ -708,7 +709,9 @@ class RefreshEngine:
             raise
         except Exception as exc:  # noqa: BLE001 (whatever failed, `new` is the live link)
             self._unsaved.keep(new, self._unsaved.base(spent), self._clock.monotonic())
-            events.store_failed(self.store.location, exc, mask(str(exc), self._known()))
+            events.store_failed(
+                self.store.location, exc, mask(str(exc), self._known()), seller=self.store.seller
+            )
             kept = (
                 f"{txn.answer_kept} holds them for any process that takes the lock"
                 if txn.answer_kept
@@ -727,7 +730,8 @@ class RefreshEngine:
         self._keep(new, version)
         self._unsaved.held = None
         log.info("refreshed MercadoLibre token (%s) in pid %d: %s", reason, os.getpid(), new)
-        events.store_answered(self.store.location)  # a save went through: it is back
+        # A save went through: it is back.
+        events.store_answered(self.store.location, seller=self.store.seller)
         return new
 
     # -- tokens whose save failed ------------------------------------------------------------
@@ -767,7 +771,13 @@ class RefreshEngine:
         free = self.store.wait_unlocked(timeout)
         waited_ms = (self._clock.monotonic() - started) * 1000
         if waited_ms >= 1:
-            events.emit(events.LockWaited(store=self.store.location, waited_ms=round(waited_ms, 3)))
+            events.emit(
+                events.LockWaited(
+                    store=self.store.location,
+                    seller=self.store.seller,
+                    waited_ms=round(waited_ms, 3),
+                )
+            )
         return free
 
     def _note_adopted(self, before: TokenSet, tokens: TokenSet) -> None:
@@ -782,7 +792,11 @@ class RefreshEngine:
         if tokens.refresh_token is None or tokens.refresh_token != self._mine:
             # Another process's, or another auth's of this one (requests and httpx on one
             # .env), or a lock-free writer's.
-            events.emit(events.Adopted(store=self.store.location, by=tokens.refreshed_by))
+            events.emit(
+                events.Adopted(
+                    store=self.store.location, seller=self.store.seller, by=tokens.refreshed_by
+                )
+            )
 
     def _failed(
         self,
@@ -813,6 +827,7 @@ class RefreshEngine:
         events.emit(
             events.RefreshFailed(
                 store=self.store.location,
+                seller=self.store.seller,
                 error=type(error).__name__,
                 reason=mask(str(error), self._known()),
                 retry_at=retry_at,
@@ -827,12 +842,15 @@ class RefreshEngine:
             events.emit(
                 events.ReauthorizationRequired(
                     store=self.store.location,
+                    seller=self.store.seller,
                     reason=mask(str(exc), self._known()),
                     chain=dead.fingerprint if dead is not None else "<none>",
                 )
             )
         elif isinstance(exc, StoreError) and not isinstance(exc, StaleCommitError):
-            events.store_failed(self.store.location, exc, mask(str(exc), self._known()))
+            events.store_failed(
+                self.store.location, exc, mask(str(exc), self._known()), seller=self.store.seller
+            )
 
     # -- the edges ---------------------------------------------------------------------------
 

@@ -72,13 +72,17 @@ EXIT_FLUSH = 2.0
 class Event:
     """Something mlauth did or met on one token chain.
 
-    ``store``: where the chain is kept (the ``.env``'s path, or the Redis URL without its
-    password); ``at``: when (``time.time()``); ``pid``: which process.
+    ``store``: where the chain is kept (the ``.env``'s path, the Redis URL without its
+    password, the sellers' database); ``seller``: whose chain it is, in a store of many
+    sellers (the user id; None for a one-seller store); ``at``: when (``time.time()``);
+    ``pid``: which process.
     """
 
     kind: ClassVar[str] = "event"
 
     store: str
+    # A user id is no secret (MercadoLibre's public item data carries it as seller_id).
+    seller: str | None = None
     at: float = dataclasses.field(default_factory=time.time)
     pid: int = dataclasses.field(default_factory=os.getpid)
 
@@ -310,7 +314,12 @@ def emit(event: Event) -> None:
     try:
         if log.isEnabledFor(logging.INFO):
             fields = event.fields()
-            details = " ".join(f"{k}={v}" for k, v in fields.items() if k not in ("kind", "at"))
+            details = " ".join(
+                f"{k}={v}"
+                for k, v in fields.items()
+                # A one-seller store's lines read as they always did; JSON has seller: null.
+                if k not in ("kind", "at") and not (k == "seller" and v is None)
+            )
             # Escaped: a reason quotes a server's text, and a handler may print it raw.
             log.info("event %s: %s", event.kind, printable(details), extra={"mlauth_event": fields})
         if _bus.subscriptions:
@@ -325,24 +334,30 @@ _down: dict[str, float] = {}
 _down_lock = threading.Lock()
 
 
-def store_failed(store: str, error: BaseException, reason: str) -> None:
+def store_failed(
+    store: str, error: BaseException, reason: str, *, seller: str | None = None
+) -> None:
     """:class:`StoreUnavailable` for ``store``, unless this process said so already;
-    ``reason``: the error's message with its secrets masked."""
+    ``reason``: the error's message with its secrets masked; ``seller``: whose chain met it.
+
+    Once per store *location*, not per seller: the sellers of one database go down together,
+    and a process holding a thousand of them must say so once, not a thousand times."""
     with _down_lock:
         if store in _down:
             return
         _down[store] = time.monotonic()
-    emit(StoreUnavailable(store=store, error=type(error).__name__, reason=reason))
+    emit(StoreUnavailable(store=store, seller=seller, error=type(error).__name__, reason=reason))
 
 
-def store_answered(store: str) -> None:
-    """:class:`StoreBack` for ``store`` if it was unavailable; a dict lookup otherwise."""
+def store_answered(store: str, *, seller: str | None = None) -> None:
+    """:class:`StoreBack` for ``store`` if it was unavailable (``seller``: whose chain saw it
+    answer); a dict lookup otherwise."""
     if store not in _down:
         return
     with _down_lock:
         since = _down.pop(store, None)
     if since is not None:
-        emit(StoreBack(store=store, down_s=round(time.monotonic() - since, 3)))
+        emit(StoreBack(store=store, seller=seller, down_s=round(time.monotonic() - since, 3)))
 
 
 def flush(timeout: float = EXIT_FLUSH) -> bool:

@@ -106,10 +106,10 @@ class JsonFormatter(logging.Formatter):
     Its fields: ``time`` (ISO 8601, UTC, milliseconds: ``2026-01-02T03:04:05.678Z``),
     ``level``, ``logger``, ``message``, ``pid``, and ``exception`` (the formatted traceback)
     when the record has one, ``stack`` when it has stack information. A record that carries
-    an mlauth event (``kind``, ``at``, ``store``, ``pid`` and the kind's own fields) has those
-    fields at the top level too; one named like a field above is written as ``event_<name>``
-    (but for the event's ``pid``, which is the record's own). For an app that configures
-    logging itself::
+    an mlauth event (``kind``, ``at``, ``store``, ``seller``, ``pid`` and the kind's own
+    fields) has those fields at the top level too; one named like a field above is written
+    as ``event_<name>`` (but for the event's ``pid``, which is the record's own). For an app
+    that configures logging itself::
 
         handler = logging.StreamHandler()
         handler.setFormatter(JsonFormatter())

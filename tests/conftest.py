@@ -24,13 +24,24 @@ from tests.support.sql_sellers import Db
 @pytest.fixture(autouse=True)
 def _no_alert_outlives_its_test() -> Iterator[None]:
     """The alert a test's .env set up (mlauth.alerts.watch, made by the auth itself) ends with
-    the test; subscriptions a test makes itself, it cancels itself."""
-    before = dict(alerts._watching)
+    the test: a command's subscriber the test added goes, and so do the chains the test
+    added to one that was there; subscriptions a test makes itself, it cancels itself."""
+    before = {
+        command: (set(watching.chains), set(watching.stores))
+        for command, watching in alerts._watching.items()
+    }
     yield
-    for key, subscription in list(alerts._watching.items()):
-        if key not in before:
-            subscription.cancel()
-            del alerts._watching[key]
+    with alerts._watching_lock:
+        for command, watching in list(alerts._watching.items()):
+            if command not in before:
+                watching.subscription.cancel()
+                del alerts._watching[command]
+                continue
+            chains, stores = before[command]
+            for chain in set(watching.chains) - chains:
+                del watching.chains[chain]
+            for store in set(watching.stores) - stores:
+                del watching.stores[store]
 
 
 @pytest.fixture

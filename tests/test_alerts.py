@@ -1,8 +1,8 @@
 """The alert command (mlauth.alerts): once per incident for every process on a store, with
 the incident in its environment and on stdin, and never a secret.
 
-The command is a real ``/bin/sh -c`` that writes what it was given into a folder; the
-processes are real, against the loopback fake.
+The command is a real ``/bin/sh -c`` that writes what it was given into a folder
+(tests/support/alert_recorder.py); the processes are real, against the loopback fake.
 """
 
 from __future__ import annotations
@@ -27,22 +27,9 @@ from mlauth.stores.redis import RedisStore
 from mlauth.testing import FakeMercadoLibre
 from mlauth.testing.redis_server import RedisServer
 from tests.support import SCRIPTS
+from tests.support.alert_recorder import RECORDER, alerts_in, everything_given
 from tests.support.kernel_locks import DEADLINE
 from tests.support.leaks import assert_no_secret
-
-# Writes its stdin, its environment and its arguments, one file each, named by its pid.
-RECORDER = (
-    'cat > "$MLAUTH_TEST_OUT/alert.$$.json"; env > "$MLAUTH_TEST_OUT/alert.$$.env"; '
-    'printf "%s\\n" "$0" "$@" > "$MLAUTH_TEST_OUT/alert.$$.args"'
-)
-
-
-def alerts_in(folder: Path) -> list[dict[str, Any]]:
-    return [json.loads(path.read_text()) for path in sorted(folder.glob("alert.*.json"))]
-
-
-def everything_given(folder: Path) -> str:
-    return "\n".join(path.read_text() for path in sorted(folder.glob("alert.*")))
 
 
 def secrets_of(fake: FakeMercadoLibre, env: Path) -> list[str]:

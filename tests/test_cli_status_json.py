@@ -89,6 +89,7 @@ def test_a_fresh_chain_is_ok_with_fingerprints_and_the_last_refresh(
     assert doc["env"] == str(env)
     assert doc["store"]["kind"] == {"env": "env_file", "redis": "redis"}[store]
     assert doc["store"]["readable"] is True
+    assert doc["store"]["seller"] is None  # a one-seller store's chain is nobody's in particular
     assert doc["tokens"]["access_token_fingerprint"] == tokens.access_token.fingerprint
     assert doc["tokens"]["refresh_token_fingerprint"] == tokens.refresh_token.fingerprint
     assert doc["tokens"]["expired"] is False
@@ -229,18 +230,23 @@ def test_an_unreachable_redis_is_degraded_naming_the_url_without_its_password(
 # -- re-authorization required ----------------------------------------------------------------
 
 
+@pytest.mark.parametrize("store", ["env", "redis"])
 def test_a_dead_refresh_token_marker_is_reauthorization_required_exit_3(
-    fake_ml: FakeMercadoLibre, tmp_path: Path
+    store: str, fake_ml: FakeMercadoLibre, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
-    # The .env's marker (.env.reauth); the Redis store keeps no such marker yet, so there a
-    # dead chain shows only once a refresh fails.
-    fake_ml.write_env(tmp_path / ".env", expires_at=time.time() - 60)
+    # The .env's marker (.env.reauth), or the Redis hash's dead field: what one invalid_grant
+    # left is seen without another request.
+    url = request.getfixturevalue("redis_url") if store == "redis" else ""
+    chain_in(store, fake_ml, tmp_path, url, expires_at=time.time() - 60)
     fake_ml.revoke_refresh_tokens()
     assert_clean_failure(mlauth_cli("refresh", cwd=tmp_path), 3)  # a real invalid_grant
 
     done, doc = status_json(cwd=tmp_path)
     check = mlauth_cli("check", cwd=tmp_path)
+    again = mlauth_cli("refresh", cwd=tmp_path)
 
+    assert fake_ml.stats()["invalid_grant"] == 1  # nothing was sent again
+    assert_clean_failure(again, 3)
     assert done.returncode == 3
     assert "re-authorization required" in done.stderr
     assert doc["state"] == "reauthorization_required"
@@ -317,5 +323,17 @@ def test_the_schema_refuses_a_field_it_does_not_name(
     for key in where:
         part = part[key]
     part[field] = "APP_USR-1234567890123456-010101-notarealtoken-1"
+    with pytest.raises(jsonschema.ValidationError):
+        VALIDATOR.validate(doc)
+
+
+def test_the_schema_takes_a_sellers_user_id_or_null_as_the_stores_seller(
+    fake_ml_env: Path,
+) -> None:
+    _, doc = status_json(cwd=fake_ml_env.parent)
+    for seller in ("8035443", None):
+        doc["store"]["seller"] = seller
+        VALIDATOR.validate(doc)
+    doc["store"]["seller"] = 8035443  # user ids are strings, as in events and `mlauth sellers`
     with pytest.raises(jsonschema.ValidationError):
         VALIDATOR.validate(doc)

@@ -240,6 +240,55 @@ def test_a_lock_lost_during_retries_stops_before_the_token_is_spent_again(
     assert fake_ml.stats()["refreshes"] == 1
 
 
+def test_invalid_grant_marks_the_chain_dead_for_every_process_until_a_new_chain(
+    fake_ml: FakeMercadoLibre, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    env = redis_env(fake_ml, tmp_path, redis_server.url, expires_at=time.time() - 10)
+    fake_ml.revoke_refresh_tokens()
+    with pytest.raises(mlauth.InvalidGrantError):
+        mlauth.MLAuth.from_env(env).refresh()
+    peer = mlauth.MLAuth.from_env(env)  # another process: no memory of the failure
+    with pytest.raises(mlauth.InvalidGrantError, match="not sent"):
+        peer.refresh()
+    dead = mlauth.reauthorization_required(peer.store)
+    values = stored(redis_server, env)
+
+    fresh = fake_ml.issue_tokens()
+    peer.store.seed(  # type: ignore[attr-defined]
+        TokenSet(Secret(str(fresh["access_token"])), Secret(str(fresh["refresh_token"]))),
+        replace=True,  # a login or a migration
+    )
+
+    assert fake_ml.stats()["invalid_grant"] == 1  # sent once, by the first process only
+    assert dead is not None and "invalid_grant" in dead and "mlauth login" in dead
+    # The token named by its fingerprint, never its value.
+    assert values["refresh_token"] not in values["dead"]
+    assert mlauth.fingerprint(values["refresh_token"]) in values["dead"]
+    assert mlauth.reauthorization_required(store_from_env(env)) is None
+    assert "dead" not in stored(redis_server, env)
+
+
+def test_a_failing_refresh_is_recorded_from_its_first_failure_until_a_commit(
+    fake_ml: FakeMercadoLibre, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    env = redis_env(fake_ml, tmp_path, redis_server.url)
+    fake_ml.fail_next_token_requests(2, status=503)
+    first = time.time()
+    for _ in range(2):
+        with pytest.raises(mlauth.RefreshError):
+            mlauth.MLAuth.from_env(env, max_attempts=1).refresh()
+    failing = stored(redis_server, env)
+    details = dict(store_from_env(env).status_details())
+
+    mlauth.MLAuth.from_env(env).refresh()
+
+    assert first <= float(failing["failing_since"]) <= first + 10  # the first failure's
+    assert "HTTP 503" in failing["failure"]
+    assert "HTTP 503" in details["refresh failing"]
+    assert mlauth.reauthorization_required(store_from_env(env)) is None  # failing, not dead
+    assert not {"failing_since", "failure"} & set(stored(redis_server, env))
+
+
 def test_redis_that_lost_its_data_is_reseeded_from_memory(
     fake_ml: FakeMercadoLibre, redis_server: RedisServer, tmp_path: Path
 ) -> None:

@@ -24,6 +24,7 @@ import mlauth.cli.commands
 import mlauth.engine
 import mlauth.integrations.requests_auth
 import mlauth.stores.envfile
+from mlauth.secret import mask
 from mlauth.stores.envfile import read_env_file, update_env_file
 from mlauth.stores.journal import Journal
 from mlauth.testing import FakeMercadoLibre
@@ -237,3 +238,32 @@ def test_debug_cli_run_prints_no_secret_but_the_token_it_was_asked_for(
             assert secret not in out and secret not in err, f"mlauth {command} printed a secret"
     for secret in secrets:
         assert secret not in logs, "a whole token or the secret reached the logs"
+
+
+@pytest.mark.parametrize(
+    "echo",
+    [
+        "{secret}",
+        "refresh_token={plus}&x=1",  # form-encoded: '+' and '/' as %2B and %2F
+        "refresh_token={plus_lower}",  # the same, with lowercase escapes
+        '{{"refresh_token": "{json}"}}',
+    ],
+    ids=["plain", "form", "form-lowercase", "json"],
+)
+def test_mask_finds_a_secret_in_every_spelling_it_comes_back_in(echo: str) -> None:
+    secret = mlauth.Secret("not-a-TG-token/with+odd=chars")
+    plus = "not-a-TG-token%2Fwith%2Bodd%3Dchars"
+    text = echo.format(
+        secret=secret.reveal(),
+        plus=plus,
+        plus_lower=plus.replace("%2F", "%2f").replace("%2B", "%2b").replace("%3D", "%3d"),
+        json=secret.reveal().replace("/", "\\/"),
+    )
+    masked = mask(text, [secret])
+    assert secret.fingerprint in masked
+    assert "with" not in masked  # no piece of the secret is left
+
+
+def test_mask_leaves_a_text_that_quotes_no_secret_as_it_was() -> None:
+    text = "pid 42@worker-7 (HTTP 503 server_error)"
+    assert mask(text, [mlauth.Secret("TG-abcdefgh12345678-1"), None]) == text

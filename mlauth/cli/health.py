@@ -142,6 +142,7 @@ def examine(env: str) -> Health:
         "store": {
             "kind": _kind(store),
             "location": mask(store.location, known),  # a Redis URL's password is masked there
+            "seller": store.seller,  # the chain's, in a store of many sellers (events say it too)
             "readable": not unreadable,
             "details": [{"label": label, "value": mask(value, known)} for label, value in details],
         },

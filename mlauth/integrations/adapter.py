@@ -163,27 +163,29 @@ class AuthAdapter:
         )
         if alert_command:
             alerts.watch(
-                alert_command,
-                store.location,
-                store.incidents(),
-                alert_failing_minutes * 60,
-                self._engine.known_secrets,
+                alert_command, store, alert_failing_minutes * 60, self._engine.known_secrets
             )
 
     @classmethod
     def from_env(
-        cls: type[_Adapter], path: str | os.PathLike[str] = ".env", **kwargs: Any
+        cls: type[_Adapter],
+        path: str | os.PathLike[str] = ".env",
+        *,
+        seller: str | int | None = None,
+        **kwargs: Any,
     ) -> _Adapter:
         """Build from a ``.env``: credentials, token URL and hosts from the file, tokens in it.
 
         Keyword arguments override the file and are passed on to the constructor; ``store=``
         keeps the credentials in the file and the tokens elsewhere, as ``ML_TOKEN_STORE`` does.
+        ``seller``: the user id whose chain to use, in a store of many sellers (one holding
+        a single seller needs none; :class:`mlauth.Sellers` routes by seller).
         If a refresh could not be saved or locked (:func:`~mlauth.preflight.refresh_problem`),
         an ERROR says so now.
         """
         settings = env_settings(path)
         settings.update(kwargs)
-        store = settings.pop("store", None) or store_from_env(path)
+        store = settings.pop("store", None) or store_from_env(path, seller=seller)
         auth = cls(store=store, **settings)  # type: ignore[arg-type]
         # Said at start, not at the first refresh hours later; not raised: a pipeline whose
         # token is still valid may finish its work before a refresh is due.
@@ -280,14 +282,16 @@ class AuthAdapter:
     def _told_401(self, method: str, host: str, returned: str | None) -> None:
         """The event of a 401 this adapter handled: sent again (``returned`` None) or
         returned to the caller, and why (:class:`mlauth.events.UnauthorizedReturned`)."""
-        store = self._engine.store.location
+        store, seller = self._engine.store.location, self._engine.store.seller
         if returned is None:
-            events.emit(events.UnauthorizedAbsorbed(store=store, method=method, host=host))
+            event: events.Event = events.UnauthorizedAbsorbed(
+                store=store, seller=seller, method=method, host=host
+            )
         else:
             event = events.UnauthorizedReturned(
-                store=store, method=method, host=host, reason=returned
+                store=store, seller=seller, method=method, host=host, reason=returned
             )
-            events.emit(event)
+        events.emit(event)
 
     def handles(self, url: str) -> bool:
         """Whether a request to ``url`` would carry the token (an allowed host, https)."""

@@ -21,8 +21,12 @@ from mlauth import events
 
 __all__ = ["COMMON_LABELS", "SPECS", "Measurement", "Spec", "measurements", "printable"]
 
-#: Labels on every metric. A ``seller`` joins them when events name the seller; it is added
-#: here and in :func:`_common`, and both backends follow.
+#: Labels on every metric. Events name the seller too (:attr:`mlauth.events.Event.seller`),
+#: but it is not a label: ``store`` is the database all its sellers share, so they count in
+#: its series. A label's every value is a series of its own in every metric: 10,000 sellers
+#: would make each counter 10,000 series (times its ``reason``/``error`` values, and a
+#: histogram's buckets), held in the exporter's memory and sent at every scrape, for numbers
+#: nobody graphs per seller. The alerts say which seller needs a person.
 COMMON_LABELS: tuple[str, ...] = ("store",)
 
 # Refresh and lock-wait times: a refresh is a POST (tens of ms to seconds); the lock wait can

@@ -22,6 +22,7 @@ Needs the ``redis`` package: ``pip install 'mlauth[redis]'``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
@@ -35,7 +36,7 @@ from typing import Any, cast
 try:
     import redis
     from redis.backoff import ExponentialBackoff, NoBackoff
-    from redis.exceptions import LockError, LockNotOwnedError, RedisError
+    from redis.exceptions import LockError, LockNotOwnedError, NoScriptError, RedisError
     from redis.lock import Lock
     from redis.retry import Retry
 except ImportError:  # pragma: no cover (exercised in a test by hiding the package)
@@ -46,18 +47,28 @@ except ImportError:  # pragma: no cover (exercised in a test by hiding the packa
 from mlauth import events
 from mlauth.answers import tokens_of
 from mlauth.errors import (
+    REAUTHORIZE,
     ConfigError,
+    InvalidGrantError,
     LockLostError,
     LockTimeoutError,
     RefreshError,
     StaleCommitError,
     StoreError,
+    WrongSellerError,
     sealed,
 )
 from mlauth.secret import Secret, fingerprint, mask, quotes_url_secret, redact_url, url_scheme
-from mlauth.tokens import LATEST_TIME, TokenSet, token_problem
+from mlauth.tokens import LATEST_TIME, TokenSet, this_process, token_problem
 
-from .base import NOT_LOCAL, KeptAnswerRefresh, RefreshTransaction, TokenStore, savable
+from .base import (
+    NOT_LOCAL,
+    KeptAnswerRefresh,
+    RefreshTransaction,
+    TokenStore,
+    check_seller,
+    savable,
+)
 from .incidents import Incidents
 from .journal import kept_note
 from .lock import POLL_INTERVAL
@@ -76,13 +87,32 @@ PROBE_TIMEOUT = 1.0
 
 _FIELDS = ("access_token", "refresh_token", "expires_at", "refreshed_at", "refreshed_by")
 
+# A seller's hash in a store of many sellers (mlauth.stores.redis_sellers) comes with two more
+# keys: KEYS[2] the set that lists the sellers, KEYS[3] the mark `sellers remove` leaves. The
+# scripts that write tokens then refuse (-3) once the seller was removed, so a process still
+# holding its chain in memory cannot bring it back, and list the seller in the same step, so
+# the set and the hashes never disagree (after Redis lost both, a put-back lists it again).
+# The seller's id is the last argument: the field pairs end with ('seller', id).
+_SELLER_REMOVED = """
+if #KEYS > 1 and redis.call('EXISTS', KEYS[3]) == 1 then
+  return -3
+end
+"""
+_SELLER_LISTED = """
+if #KEYS > 1 then
+  redis.call('SADD', KEYS[2], ARGV[#ARGV])
+end
+"""
+REMOVED = -3  # what the scripts return for a seller removed from the store
+
 # Commit over the version the caller read: refused if another chain is there or a newer
 # generation of ours. A missing key or an older generation (Redis lost its data and a peer put
 # back an older link) is not a conflict: our tokens are then the newest copy of the chain, so
 # they are written as the next generation. Returns it, or -1 when somebody committed first.
 # ARGV[3] is a nonce kept in the hash: when redis-py re-sends the script after a lost reply,
 # the commit that already landed is recognized and reported, not mistaken for a peer's.
-_COMMIT = """
+_COMMIT = (
+    """
 local chain = redis.call('HGET', KEYS[1], 'chain')
 local gen = tonumber(redis.call('HGET', KEYS[1], 'generation') or '-1')
 if chain == ARGV[1] and redis.call('HGET', KEYS[1], 'commit') == ARGV[3] then
@@ -91,27 +121,40 @@ end
 if chain and (chain ~= ARGV[1] or gen > tonumber(ARGV[2])) then
   return -1
 end
+"""
+    + _SELLER_REMOVED
+    + """
 redis.call('DEL', KEYS[1])
 local new = tonumber(ARGV[2]) + 1
 redis.call('HSET', KEYS[1], 'chain', ARGV[1], 'generation', new, 'commit', ARGV[3],
   unpack(ARGV, 4))
+"""
+    + _SELLER_LISTED
+    + """
 return new
 """
+)
 
 # Put back what Redis lost: write only where the key is gone or holds an older generation
 # (a peer re-seeded an older link than ours from its memory). Generations go on across chains
 # (a migration with --force seeds the next one), so an older generation of a replaced chain
 # is overwritten too, while a newer generation of any chain is never touched. Returns 1 when
 # it wrote.
-_RESEED = """
+_RESEED = (
+    _SELLER_REMOVED
+    + """
 local gen = redis.call('HGET', KEYS[1], 'generation')
 if gen and tonumber(gen) >= tonumber(ARGV[2]) then
   return 0
 end
 redis.call('DEL', KEYS[1])
 redis.call('HSET', KEYS[1], 'chain', ARGV[1], 'generation', ARGV[2], unpack(ARGV, 3))
+"""
+    + _SELLER_LISTED
+    + """
 return 1
 """
+)
 
 # Keep a raw answer in the hash, fenced like a commit: only over the version the refresh read
 # (ARGV[1] chain, ARGV[2] generation, a missing one read as 0 like _generation does; an empty
@@ -131,12 +174,30 @@ redis.call('HSET', KEYS[1], ARGV[3], ARGV[4])
 return 1
 """
 
+# Record why refreshes of the version read (ARGV[1] chain, ARGV[2] generation) fail: the
+# field pairs from ARGV[4] on ('dead' after invalid_grant, or 'failure'), and 'failing_since'
+# (ARGV[3]) unless an earlier failure set it. Fenced like _KEEP: a commit or a seed since
+# (which replace the hash whole, so clear them) is never marked by a failure that came
+# before it. Returns 1 when it wrote.
+_MARK = """
+if redis.call('HGET', KEYS[1], 'chain') ~= ARGV[1]
+    or tonumber(redis.call('HGET', KEYS[1], 'generation') or '0') ~= tonumber(ARGV[2]) then
+  return 0
+end
+if ARGV[3] ~= '' then
+  redis.call('HSETNX', KEYS[1], 'failing_since', ARGV[3])
+end
+redis.call('HSET', KEYS[1], unpack(ARGV, 4))
+return 1
+"""
+
 # Start a chain (a migration): into an empty key, or over anything when ARGV[2] is '1'. The
 # generation goes on from the old one, so no process takes the new chain for an older link.
 # Returns the new generation, -1 when a chain is there and replacing was not asked, or -2 when
 # the old generation is no number or could not grow (ARGV[3], MAX_GENERATION). The
 # chain id is new with each call, so finding it means a re-sent script: the seed landed.
-_SEED = """
+_SEED = (
+    """
 if redis.call('HGET', KEYS[1], 'chain') == ARGV[1] then
   return tonumber(redis.call('HGET', KEYS[1], 'generation'))
 end
@@ -151,8 +212,15 @@ end
 local new = previous + 1
 redis.call('DEL', KEYS[1])
 redis.call('HSET', KEYS[1], 'chain', ARGV[1], 'generation', new, unpack(ARGV, 4))
+if #KEYS > 1 then
+  redis.call('DEL', KEYS[3])  -- a seller added again after a removal
+end
+"""
+    + _SELLER_LISTED
+    + """
 return new
 """
+)
 
 
 def _fmt(value: float | None) -> str:
@@ -160,6 +228,12 @@ def _fmt(value: float | None) -> str:
 
 
 ANSWER_FIELD = "answer"  # the raw answer of a refresh that has not committed yet
+# Why the chain is dead (invalid_grant), naming the refresh token it is about; and since when,
+# and why, refreshes fail otherwise. Every commit and seed replaces the hash, so clears them.
+DEAD_FIELD = "dead"
+FAILING_SINCE_FIELD = "failing_since"
+FAILURE_FIELD = "failure"
+FAILURE_LIMIT = 500  # characters of a failure's reason kept in the hash
 _GENERATION = re.compile(r"[0-9]{1,15}")  # what the scripts write; Lua counts in doubles
 # A commit writes generation + 1, which from here would have 16 digits: a refresh from it is
 # refused before anything is spent (a generation this large was set by hand).
@@ -178,7 +252,7 @@ def _odd(key: str, where: str, field: str, problem: str, fix: str) -> StoreError
     )
 
 
-def _not_text(key: str, where: str) -> StoreError:
+def not_text(key: str, where: str) -> StoreError:
     # redis-py decodes every value it reads (decode_responses): one that is no UTF-8 fails
     # the whole read, and which field it was is not known.
     return _odd(
@@ -234,6 +308,92 @@ def _float(values: dict[str, str], field: str, key: str, where: str) -> float | 
             f"Delete it (HDEL {key} {field}): mlauth writes it again at the next refresh.",
         )
     return value
+
+
+def url_detail(exc: Exception, url: str) -> str:
+    """redis-py's words about ``url``, unless they quote a piece of its password: one with an
+    unencoded '/', '#', '?' or '@' is cut there and read as a port or a host."""
+    if quotes_url_secret(str(exc), url):
+        return (
+            "not shown, it quotes the URL's credentials; percent-encode '/', '#', '?', "
+            "'@', ':' and '%' in a password, e.g. '/' as %2F"
+        )
+    return str(exc)
+
+
+def unreachable(exc: Exception, doing: str, url: str) -> StoreError:
+    """The error for Redis at ``url`` failing while ``doing`` something."""
+    # Only the fact and the fix: the same text reaches `mlauth token` (which then has no
+    # token to print) and a request whose token expired. Where a cached token does go on
+    # being used, the line that says so adds it (stamp(), the engine's refresh ahead).
+    return StoreError(
+        f"cannot {doing} Redis at {redact_url(url)} ({type(exc).__name__}: "
+        f"{url_detail(exc, url)}). Check that redis-server runs there and that ML_TOKEN_STORE "
+        "names it."
+    )
+
+
+def check_url(url: object) -> str:
+    """``url`` if it names Redis; ConfigError (never quoting a password) if not."""
+    if not isinstance(url, str) or url_scheme(url) not in ("redis", "rediss", "unix"):
+        shown = redact_url(url) if isinstance(url, str) else type(url).__name__
+        raise ConfigError(
+            f"{shown!r} is not a Redis URL; write redis://HOST:PORT/DB (or rediss:// for TLS)"
+        )
+    return url
+
+
+def connect(url: str, socket_timeout: float = 5.0) -> tuple[redis.Redis, redis.Redis]:
+    """The client for reads, writes and the lock, and the one the freshness check uses: each
+    a pool of connections, which every store given them shares (redis-py makes the pool
+    anew in a forked child)."""
+    try:
+        client = redis.Redis.from_url(
+            url,
+            decode_responses=True,
+            socket_timeout=socket_timeout,
+            socket_connect_timeout=socket_timeout,
+            # A restart of Redis leaves dead sockets in the pool: retry on a new one.
+            retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 3),
+        )
+        # The freshness check: a short timeout and no retry after one (see
+        # PROBE_TIMEOUT); only a pooled socket a restart closed is retried, at once.
+        probe = redis.Redis.from_url(
+            url,
+            decode_responses=True,
+            socket_timeout=min(socket_timeout, PROBE_TIMEOUT),
+            socket_connect_timeout=min(socket_timeout, PROBE_TIMEOUT),
+            retry=Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)),
+        )
+    except ValueError as exc:
+        raise ConfigError(
+            f"{redact_url(url)} is not a usable Redis URL: {url_detail(exc, url)}"
+        ) from None
+    return client, probe
+
+
+class LuaScript:
+    """A Lua script run by its SHA1 (loaded on a server that does not know it yet).
+
+    redis-py's ``register_script`` binds a script object to one client; these are made once
+    per process and run on whichever client a store has, so the stores of many sellers that
+    share a client hold no script objects of their own."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.sha = hashlib.sha1(text.encode("utf-8")).hexdigest()  # noqa: S324 (Redis's name for it)
+
+    def __call__(self, client: redis.Redis, keys: list[str], args: list[Any]) -> Any:
+        try:
+            return client.evalsha(self.sha, len(keys), *keys, *args)
+        except NoScriptError:  # a restarted server, or one this process has not used yet
+            client.script_load(self.text)
+            return client.evalsha(self.sha, len(keys), *keys, *args)
+
+
+_COMMIT_SCRIPT, _RESEED_SCRIPT, _SEED_SCRIPT, _KEEP_SCRIPT, _MARK_SCRIPT = (
+    LuaScript(text) for text in (_COMMIT, _RESEED, _SEED, _KEEP, _MARK)
+)
 
 
 _warned_access: set[tuple[str, str]] = set()
@@ -300,6 +460,11 @@ class RedisStore(TokenStore):
     longer than one token call (connect + read timeout, 20 s by default), since the lock is
     renewed before each attempt. ``check_interval`` bounds how often the store asks Redis
     whether a peer committed: reads in between cost no round trip, and a 401 re-reads anyway.
+
+    A store of many sellers (:class:`~mlauth.stores.redis_sellers.RedisSellers`) makes one per
+    seller: ``seller`` is the user id whose chain the hash holds (a save of another seller's
+    tokens is refused), ``index`` the set that lists the sellers (written with the hash, in
+    one script), and ``client`` and ``probe`` the connections all its sellers share.
     """
 
     def __init__(
@@ -312,28 +477,25 @@ class RedisStore(TokenStore):
         check_interval: float = 1.0,
         socket_timeout: float = 5.0,
         client: redis.Redis | None = None,
+        seller: str | None = None,
+        index: str | None = None,
+        probe: redis.Redis | None = None,
     ) -> None:
-        if not isinstance(url, str) or url_scheme(url) not in ("redis", "rediss", "unix"):
-            shown = redact_url(url) if isinstance(url, str) else type(url).__name__
-            raise ConfigError(
-                f"{shown!r} is not a Redis URL; write redis://HOST:PORT/DB (or rediss:// for TLS)"
-            )
+        url = check_url(url)
         if lock_timeout <= 0 or check_interval < 0:
             raise ConfigError("RedisStore: lock_timeout must be > 0 and check_interval >= 0")
+        if index is not None and (seller is None or key is None):
+            raise ConfigError("RedisStore: index= is for a seller's hash: give seller= and key=")
         self.url = url
         self.location = redact_url(url)
         self.lock_timeout = float(lock_timeout)
         self.check_interval = float(check_interval)
+        self.seller = seller
+        self.index = index
         if client is None:
             client, probe = self._connect(url, socket_timeout)
-        else:
-            probe = client
         self._client = client
-        self._probe = probe
-        self._commit = client.register_script(_COMMIT)
-        self._reseed = client.register_script(_RESEED)
-        self._seed = client.register_script(_SEED)
-        self._keep = client.register_script(_KEEP)
+        self._probe = client if probe is None else probe
         self.key = ""
         if key is not None:
             self.key = key
@@ -347,40 +509,7 @@ class RedisStore(TokenStore):
         self._quiet_until = -float("inf")  # after a failed look: no other before this time
 
     def _connect(self, url: str, socket_timeout: float) -> tuple[redis.Redis, redis.Redis]:
-        """The client for reads, writes and the lock, and the one the freshness check uses."""
-        try:
-            client = redis.Redis.from_url(
-                url,
-                decode_responses=True,
-                socket_timeout=socket_timeout,
-                socket_connect_timeout=socket_timeout,
-                # A restart of Redis leaves dead sockets in the pool: retry on a new one.
-                retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 3),
-            )
-            # The freshness check: a short timeout and no retry after one (see
-            # PROBE_TIMEOUT); only a pooled socket a restart closed is retried, at once.
-            probe = redis.Redis.from_url(
-                url,
-                decode_responses=True,
-                socket_timeout=min(socket_timeout, PROBE_TIMEOUT),
-                socket_connect_timeout=min(socket_timeout, PROBE_TIMEOUT),
-                retry=Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)),
-            )
-        except ValueError as exc:
-            raise ConfigError(
-                f"{self.location} is not a usable Redis URL: {self._detail(exc)}"
-            ) from None
-        return client, probe
-
-    def _detail(self, exc: Exception) -> str:
-        """redis-py's words about the URL, unless they quote a piece of its password: one
-        with an unencoded '/', '#', '?' or '@' is cut there and read as a port or a host."""
-        if quotes_url_secret(str(exc), self.url):
-            return (
-                "not shown, it quotes the URL's credentials; percent-encode '/', '#', '?', "
-                "'@', ':' and '%' in a password, e.g. '/' as %2F"
-            )
-        return str(exc)
+        return connect(url, socket_timeout)
 
     def bind_client(self, client_id: str) -> None:
         """Derive the default key from the app's client id (MLAuth calls this)."""
@@ -394,6 +523,18 @@ class RedisStore(TokenStore):
     def __repr__(self) -> str:
         return f"RedisStore({self.location!r}, key={self.key!r})"
 
+    def _script_keys(self) -> list[str]:
+        """The keys a script that writes tokens is given: the hash, and for a seller's hash
+        the sellers' set and the seller's removal mark (see ``_SELLER_REMOVED``)."""
+        key = self._key()
+        return [key] if self.index is None else [key, self.index, f"{key}:removed"]
+
+    def _removed(self) -> str:
+        return (
+            f"seller {self.seller} was removed from Redis at {self.location} (`mlauth sellers "
+            "remove`); add the seller again with `mlauth sellers add` or `mlauth login`"
+        )
+
     def _key(self) -> str:
         if not self.key:
             raise ConfigError(
@@ -402,14 +543,7 @@ class RedisStore(TokenStore):
         return self.key
 
     def _unreachable(self, exc: Exception, doing: str) -> StoreError:
-        # Only the fact and the fix: the same text reaches `mlauth token` (which then has no
-        # token to print) and a request whose token expired. Where a cached token does go on
-        # being used, the line that says so adds it (stamp(), the engine's refresh ahead).
-        return StoreError(
-            f"cannot {doing} Redis at {self.location} ({type(exc).__name__}: "
-            f"{self._detail(exc)}). Check that redis-server runs there and that ML_TOKEN_STORE "
-            "names it."
-        )
+        return unreachable(exc, doing, self.url)
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -430,16 +564,16 @@ class RedisStore(TokenStore):
         try:
             chain, gen = self._probe.hmget(self._key(), ["chain", "generation"])
         except UnicodeDecodeError:
-            raise _not_text(self._key(), self.location) from None
+            raise not_text(self._key(), self.location) from None
         except RedisError as exc:
             # Back off: a Redis that hangs would otherwise cost every check its timeout. A
             # successful load() (a 401 or an expiry re-reads under the lock) ends this early.
             self._quiet_until = now + PROBE_BACKOFF
             unreachable = self._unreachable(exc, "read")
             log.warning("%s; using the cached token, next look in %gs", unreachable, PROBE_BACKOFF)
-            events.store_failed(self.location, exc, str(unreachable))
+            events.store_failed(self.location, exc, str(unreachable), seller=self.seller)
             return self._seen
-        events.store_answered(self.location)
+        events.store_answered(self.location, seller=self.seller)
         if chain is None:
             return None
         return (chain, _generation(cast("str | None", gen), self._key(), self.location))
@@ -449,21 +583,26 @@ class RedisStore(TokenStore):
     @sealed
     def load(self) -> tuple[TokenSet, Hashable]:
         key = self._key()
-        self._local.answer = None
+        self._local.answer = self._local.dead = None
         try:
             values = self._read(key)
             # Kept for a refresh transaction opened on this read (RedisRefresh), per thread.
             self._local.answer = values.get(ANSWER_FIELD)
+            self._local.dead = values.get(DEAD_FIELD)
             if not values.get("chain") or self._behind(values):
                 values = self._put_back(key)
         except UnicodeDecodeError:
-            raise _not_text(key, self.location) from None
+            raise not_text(key, self.location) from None
         except RedisError as exc:
             raise self._unreachable(exc, "read the tokens from") from None
         chain, gen = values["chain"], _generation(values.get("generation"), key, self.location)
         tokens = tokens_of_hash(values, key, self.location)
         self._remember(tokens, chain, gen)
         return tokens, (chain, gen)
+
+    def dead_read(self) -> str | None:
+        """The :data:`DEAD_FIELD` the hash held at this thread's last :meth:`load`, if any."""
+        return cast("str | None", getattr(self._local, "dead", None))
 
     def answer_read(self) -> dict[str, Any] | None:
         """The raw answer record the hash held at this thread's last :meth:`load`, if any."""
@@ -479,7 +618,8 @@ class RedisStore(TokenStore):
         if isinstance(chain, str) and isinstance(gen, int):
             fence = [chain, gen]
         try:
-            kept = self._keep(keys=[self._key()], args=[*fence, ANSWER_FIELD, json.dumps(record)])
+            args = [*fence, ANSWER_FIELD, json.dumps(record)]
+            kept = _KEEP_SCRIPT(self._client, keys=[self._key()], args=args)
         except RedisError as exc:
             problem = str(exc)
         else:
@@ -521,7 +661,11 @@ class RedisStore(TokenStore):
                 "database number) and ML_TOKEN_KEY."
             )
         tokens, chain, gen = known
-        if self._reseed(keys=[key], args=[chain, gen, *self._pairs(tokens)]):
+        args = [chain, gen, *self._pairs(tokens)]
+        wrote = int(_RESEED_SCRIPT(self._client, keys=self._script_keys(), args=args))
+        if wrote == REMOVED:
+            raise ConfigError(f"{self._removed()}; its chain is not put back")
+        if wrote:
             log.warning(
                 "Redis at %s had lost the tokens or held an older generation of them "
                 "(restarted without persistence?); put back generation %d, the newest this "
@@ -552,7 +696,11 @@ class RedisStore(TokenStore):
             _fmt(tokens.refreshed_at),
             tokens.refreshed_by or "",
         )
-        return [item for pair in zip(_FIELDS, values, strict=True) for item in pair]
+        pairs = [item for pair in zip(_FIELDS, values, strict=True) for item in pair]
+        if self.seller is not None:
+            # Last: the scripts list the seller in the index under ARGV[#ARGV].
+            pairs += ["seller", self.seller]
+        return pairs
 
     def check_writable(self) -> None:
         """Renew the lock this thread holds; raise :class:`LockLostError` if it expired.
@@ -585,6 +733,7 @@ class RedisStore(TokenStore):
         ``replaces`` None (``mlauth login`` into an empty key, whose load found no tokens)
         starts a new chain, and only into an empty key.
         """
+        check_seller(self, tokens)  # another seller's tokens never reach this hash
         if replaces is None:
             return self.seed(tokens)
         if not (isinstance(replaces, tuple) and len(replaces) == 2):
@@ -593,9 +742,11 @@ class RedisStore(TokenStore):
         try:
             nonce = secrets.token_hex(8)
             args: list[str | int] = [chain, gen, nonce, *self._pairs(tokens)]
-            new = int(self._commit(keys=[self._key()], args=args))
+            new = int(_COMMIT_SCRIPT(self._client, keys=self._script_keys(), args=args))
         except RedisError as exc:
             raise self._unreachable(exc, "save the tokens to") from None
+        if new == REMOVED:
+            raise StoreError(f"{self._removed()}; its new tokens were not written")
         if new < 0:
             raise StaleCommitError(
                 f"a peer committed newer tokens to {self.location} after this process read "
@@ -612,11 +763,12 @@ class RedisStore(TokenStore):
         put its own back. Returns the stamp, or raises :class:`StaleCommitError` if a chain is
         already there and ``replace`` is False.
         """
+        check_seller(self, tokens)
         key = self._key()
         chain = secrets.token_hex(8)
         args = [chain, "1" if replace else "0", MAX_GENERATION, *self._pairs(tokens)]
         try:
-            gen = int(self._seed(keys=[key], args=args))
+            gen = int(_SEED_SCRIPT(self._client, keys=self._script_keys(), args=args))
         except RedisError as exc:
             raise self._unreachable(exc, "write the tokens to") from None
         if gen == -2:
@@ -633,6 +785,46 @@ class RedisStore(TokenStore):
         except RedisError as exc:
             raise self._unreachable(exc, "read") from None
         return self.load()[0] if exists else None
+
+    # -- what failed: read by `mlauth status`, `check` and `sellers` ---------------------------
+
+    def mark(self, version: Hashable, pairs: list[str], *, failing_since: float | None) -> bool:
+        """Write ``pairs`` (:data:`DEAD_FIELD` or :data:`FAILURE_FIELD` and its value) into
+        the hash if it still holds ``version``, and :data:`FAILING_SINCE_FIELD` unless set;
+        False, and a WARNING, if it could not (the error itself is raised all the same)."""
+        if not isinstance(version, tuple):
+            return False
+        since = "" if failing_since is None else repr(failing_since)
+        try:
+            args = [*version, since, *pairs]
+            return bool(_MARK_SCRIPT(self._client, keys=[self._key()], args=args))
+        except RedisError as exc:
+            log.warning("could not record the failed refresh in %s: %s", self.key, exc)
+            return False
+
+    def dead_note(self, raw: str | None, refresh: str | None) -> str | None:
+        """Why the chain is dead, if the :data:`DEAD_FIELD` record ``raw`` names the refresh
+        token the hash holds (``refresh``); else None."""
+        return dead_note(raw, refresh, self._key(), self.location, self.seller)
+
+    def reauthorization_required(self) -> str | None:
+        """Why the seller must authorize again: an ``invalid_grant`` (or a refresh spent for
+        another seller) marked the refresh token the hash holds; None if nothing did."""
+        try:
+            raw, refresh = self._client.hmget(self._key(), [DEAD_FIELD, "refresh_token"])
+        except UnicodeDecodeError:
+            raise not_text(self._key(), self.location) from None
+        except RedisError as exc:
+            raise self._unreachable(exc, "read") from None
+        return self.dead_note(cast("str | None", raw), cast("str | None", refresh))
+
+    def clear_reauthorization(self) -> None:
+        """A login saved a new chain: its commit replaced the hash, marker and all; this
+        removes one a hand edit may have put back."""
+        try:
+            self._client.hdel(self._key(), DEAD_FIELD)
+        except RedisError as exc:
+            log.warning("could not remove the dead-chain marker from %s: %s", self.key, exc)
 
     # -- for `mlauth status` ---------------------------------------------------------------
 
@@ -668,12 +860,17 @@ class RedisStore(TokenStore):
         if isinstance(seen, tuple):
             rows.append(("generation", f"{seen[1]} (chain {seen[0]})"))
         try:
-            raw = cast("str | None", self._client.hget(self._key(), ANSWER_FIELD))
+            raw, since, failure = self._client.hmget(
+                self._key(), [ANSWER_FIELD, FAILING_SINCE_FIELD, FAILURE_FIELD]
+            )
         except UnicodeDecodeError:
-            raise _not_text(self._key(), self.location) from None
+            raise not_text(self._key(), self.location) from None
         except RedisError as exc:
             raise self._unreachable(exc, "read") from None
-        record = _answer_record(raw, self.location)
+        failing = failing_note(cast("str | None", since), cast("str | None", failure))
+        if failing is not None:
+            rows.append(("refresh failing", failing))
+        record = _answer_record(cast("str | None", raw), self.location)
         if record is not None and isinstance(seen, tuple) and _follows(record) == seen:
             found = tokens_of(record, None)
             rows.append(
@@ -758,6 +955,52 @@ class RedisStore(TokenStore):
                 log.warning("could not release the refresh lock %s: %s", self.lock_key, exc)
 
 
+def _utc(at: float) -> str:
+    try:
+        return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(at))
+    except (OverflowError, OSError, ValueError):
+        return "an unknown time"
+
+
+def failing_note(since: str | None, failure: str | None) -> str | None:
+    """Since when and why refreshes fail, from the hash's fields; None if they do not."""
+    if not since and not failure:
+        return None
+    try:
+        at = float(since or "")
+    except ValueError:
+        at = float("nan")
+    when = f"since {_utc(at)}" if 0 <= at <= LATEST_TIME else "since an unknown time"
+    # Masked again on the way out: whoever can write the hash chooses this text.
+    return f"{when}: {mask(failure or 'no reason recorded')[:FAILURE_LIMIT]}"
+
+
+def dead_note(
+    raw: str | None, refresh: str | None, key: str, where: str, seller: str | None
+) -> str | None:
+    """Why the chain in ``key`` is dead, if the :data:`DEAD_FIELD` record ``raw`` names the
+    refresh token the hash holds (``refresh``); else None (a marker about another token is
+    moot: a new chain was saved over it)."""
+    record = _answer_record(raw, where)
+    if record is None or not refresh or record.get("refresh_token") != fingerprint(refresh):
+        return None
+    at = record.get("at")
+    when = _utc(at) if isinstance(at, (int, float)) else "an unknown time"
+    by, reason = record.get("by"), record.get("reason")
+    fix = REAUTHORIZE
+    if seller is not None:
+        fix = (
+            f"Re-authorization required: seller {seller} must authorize the app again "
+            "(`mlauth login` saves the chain of the seller who authorizes)."
+        )
+    # Masked: whoever can write the hash chooses these words.
+    return mask(
+        f"the refresh token {fingerprint(refresh)} in {key} at {where} "
+        f"{reason if isinstance(reason, str) else _REFUSED} (seen by "
+        f"{by if isinstance(by, str) else 'a process'} at {when}). {fix}"
+    )
+
+
 def _answer_record(raw: str | None, where: str) -> dict[str, Any] | None:
     if not raw:
         return None
@@ -767,6 +1010,16 @@ def _answer_record(raw: str | None, where: str) -> dict[str, Any] | None:
         log.warning("ignoring an unreadable answer field in the tokens' hash at %s", where)
         return None
     return record if isinstance(record, dict) else None
+
+
+_REFUSED = "was refused by MercadoLibre (invalid_grant)"
+
+
+def _spent_for_another(error: WrongSellerError) -> str:
+    return (
+        f"was spent for user {error.found}'s chain, not seller {error.expected}'s (filed under "
+        "the wrong seller); the answer is kept in the hash"
+    )
 
 
 def _follows(record: dict[str, Any]) -> tuple[str, int] | None:
@@ -813,6 +1066,14 @@ class RedisRefresh(KeptAnswerRefresh):
             return
         try:
             self.version = self._store.save(found, replaces=self.version)
+        except WrongSellerError as exc:
+            # Another seller's answer: never into this chain. Its refresh token was spent
+            # for it, so the chain is dead; the answer stays for a human until a login.
+            self._mark_dead(stored, _spent_for_another(exc))
+            self.kept = f"{self._store.key} {ANSWER_FIELD} holds an answer for user {exc.found}"
+            self.possibly_spent = self.kept
+            log.error("%s", exc)
+            return
         except StoreError as exc:  # a peer committed (stale), or Redis failed: it stays there
             if login:  # replaced by the login's own tokens anyway
                 log.error("could not replay the raw answer kept in %s: %s", self._store.key, exc)
@@ -834,6 +1095,13 @@ class RedisRefresh(KeptAnswerRefresh):
 
     def begin(self, spent: Secret) -> None:
         self._check_generation()
+        stored = self.tokens.refresh_token
+        if stored is not None and stored == spent:
+            message = self._store.dead_note(self._store.dead_read(), spent.reveal())
+            if message is not None:  # known dead: not sent again, by any process
+                raise InvalidGrantError(
+                    f"not sent: {message}", status_code=400, error="invalid_grant"
+                )
         super().begin(spent)
 
     def begin_login(self) -> None:
@@ -843,6 +1111,17 @@ class RedisRefresh(KeptAnswerRefresh):
     def _check_generation(self) -> None:
         if isinstance(self.version, tuple) and self.version[1] >= MAX_GENERATION:
             raise _generation_at_limit(self._store.key, self._store.location, "nothing was sent")
+
+    def _mark_dead(self, spent: Secret | None, reason: str) -> None:
+        """Record in the hash that ``spent``, the token it holds, cannot be used again: every
+        process then refuses to send it (:meth:`begin`), and status shows it."""
+        record = {
+            "refresh_token": fingerprint(spent.reveal() if spent else None),
+            "at": time.time(),
+            "by": this_process(),
+            "reason": reason,
+        }
+        self._store.mark(self.version, [DEAD_FIELD, json.dumps(record)], failing_since=None)
 
     @property
     def raw_place(self) -> str:
@@ -854,6 +1133,16 @@ class RedisRefresh(KeptAnswerRefresh):
         return self.raw_place if self._store.keep_answer(record) else None
 
     def abort(self, spent: Secret, error: RefreshError) -> RefreshError:
+        if self._grant == "refresh_token":  # a login's refused code kills no chain
+            if isinstance(error, InvalidGrantError):
+                before = f"; possibly spent before: {self.possibly_spent}"
+                self._mark_dead(spent, _REFUSED + (before if self.possibly_spent else ""))
+            elif isinstance(error, WrongSellerError):
+                self._mark_dead(spent, _spent_for_another(error))
+            else:
+                known = [spent, self.tokens.access_token, self.tokens.refresh_token]
+                failure = mask(str(error), known)[:FAILURE_LIMIT]
+                self._store.mark(self.version, [FAILURE_FIELD, failure], failing_since=time.time())
         return self.raw_note(
             error,
             where=f"the {ANSWER_FIELD} field of {self._store.key} at {self._store.location}",

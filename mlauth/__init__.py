@@ -23,6 +23,7 @@ from .integrations.legacy import keep_globals_current, redirect_refresh
 from .integrations.patch import install, installed, uninstall
 from .integrations.requests_auth import MLAuth
 from .secret import Secret, fingerprint
+from .sellers import Sellers
 from .stores.base import TokenStore
 from .stores.envfile import EnvFileStore
 from .tokens import TokenSet
@@ -46,6 +47,7 @@ __all__ = [
     "RedisStore",
     "RefreshError",
     "Secret",
+    "Sellers",
     "StaleCommitError",
     "StoreError",
     "StoreMovedError",

@@ -168,18 +168,24 @@ class AuthAdapter:
 
     @classmethod
     def from_env(
-        cls: type[_Adapter], path: str | os.PathLike[str] = ".env", **kwargs: Any
+        cls: type[_Adapter],
+        path: str | os.PathLike[str] = ".env",
+        *,
+        seller: str | int | None = None,
+        **kwargs: Any,
     ) -> _Adapter:
         """Build from a ``.env``: credentials, token URL and hosts from the file, tokens in it.
 
         Keyword arguments override the file and are passed on to the constructor; ``store=``
         keeps the credentials in the file and the tokens elsewhere, as ``ML_TOKEN_STORE`` does.
+        ``seller``: the user id whose chain to use, in a store of many sellers (one holding
+        a single seller needs none; :class:`mlauth.Sellers` routes by seller).
         If a refresh could not be saved or locked (:func:`~mlauth.preflight.refresh_problem`),
         an ERROR says so now.
         """
         settings = env_settings(path)
         settings.update(kwargs)
-        store = settings.pop("store", None) or store_from_env(path)
+        store = settings.pop("store", None) or store_from_env(path, seller=seller)
         auth = cls(store=store, **settings)  # type: ignore[arg-type]
         # Said at start, not at the first refresh hours later; not raised: a pipeline whose
         # token is still valid may finish its work before a refresh is due.

@@ -17,7 +17,7 @@ from mlauth.secret import Secret
 from mlauth.tokens import TokenSet
 
 from .base import RefreshTransaction, TokenStore
-from .select import STORE_KEY, shared_store
+from .select import STORE_KEY, seller_store, sellers_store, shared_store
 
 __all__ = ["Unfollowable", "follow"]
 
@@ -28,7 +28,11 @@ def follow(values: Mapping[str, str | None], path: str, secrets: list[Secret]) -
     """The store the tokens of ``path`` moved to, as these values name it (logged once)."""
     try:
         with masked(secrets):  # logged and kept: quoted nowhere
-            target = shared_store(values, path)
+            stores = sellers_store(values, path, wanted=False)
+            if stores is not None:  # the seller of a one-seller .env, in a store of many
+                target: TokenStore | None = seller_store(stores, None, path, values)
+            else:
+                target = shared_store(values, path)
     except ConfigError as exc:
         refusal = Unfollowable(
             f"{path}: the tokens moved out of this file ({STORE_KEY} is set) and this process "

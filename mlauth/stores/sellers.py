@@ -40,6 +40,7 @@ __all__ = [
     "SellerRow",
     "SellerStores",
     "check_user_id",
+    "lock_timeout",
     "sellers_from_url",
     "sqlite_path",
 ]
@@ -73,7 +74,7 @@ def sqlite_path(url: str, folder: str, where: str) -> str:
     return os.path.join(folder, rest)  # an absolute rest ('/srv/...') ignores the folder
 
 
-def _lock_timeout(values: Mapping[str, str | None], where: str) -> float:
+def lock_timeout(values: Mapping[str, str | None], where: str) -> float:
     raw = (values.get("ML_TOKEN_LOCK_TIMEOUT") or "").strip()
     try:
         timeout = float(raw) if raw else 30.0
@@ -92,16 +93,16 @@ def sellers_from_url(url: str, values: Mapping[str, str | None], where: str) -> 
     SQLite path is taken from its folder. Not bound to a client id yet
     (:meth:`SellerStores.bind_client`)."""
     scheme = url_scheme(url)
-    lock_timeout = _lock_timeout(values, where)
+    timeout = lock_timeout(values, where)
     if scheme == "sqlite":
         from .sql import SqlSellers
 
         folder = os.path.dirname(os.path.abspath(where))
-        return SqlSellers.sqlite(sqlite_path(url, folder, where), lock_timeout=lock_timeout)
+        return SqlSellers.sqlite(sqlite_path(url, folder, where), lock_timeout=timeout)
     if scheme in ("postgresql", "postgres"):
         from .sql import SqlSellers
 
-        return SqlSellers.postgresql(url, lock_timeout=lock_timeout)
+        return SqlSellers.postgresql(url, lock_timeout=timeout)
     raise ConfigError(
         f"{where}: ML_TOKEN_STORE={redact_url(url)!r} names no store of many sellers; write "
         "sqlite:///sellers.db or postgresql://USER@HOST/DB"

@@ -22,7 +22,6 @@ command prints a token except ``mlauth token``, whose output is the access token
 from __future__ import annotations
 
 import argparse
-import datetime
 import logging
 import math
 import os
@@ -48,6 +47,8 @@ from mlauth.tokens import TokenSet
 
 from .health import DEGRADED, OK, REAUTHORIZE, examine
 from .login import AUTH_HOSTS, LoginRequest, authorization_base, complete_login, parse_pasted
+from .times import duration as _duration
+from .times import when as _when
 
 __all__ = [
     "EXIT_DEGRADED",
@@ -89,26 +90,6 @@ def _login_hint(env: str, *, again: bool = True) -> str:
     if again:
         return f"{command} to authorize the app again"
     return f"{command} to authorize the app and save its first tokens"
-
-
-def _duration(seconds: float) -> str:
-    # Stores other than the .env may hand over any float: no traceback for a status line.
-    if not math.isfinite(seconds):
-        return "an unknown time"
-    seconds = abs(int(seconds))
-    hours, rest = divmod(seconds, 3600)
-    minutes, secs = divmod(rest, 60)
-    if hours:
-        return f"{hours}h{minutes:02d}m"
-    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
-
-
-def _when(stamp: float) -> str:
-    try:
-        utc = datetime.datetime.fromtimestamp(stamp, tz=datetime.timezone.utc)
-    except (OverflowError, OSError, ValueError):
-        return f"{stamp!r}: not a valid time"
-    return utc.strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 def _expiry(tokens: TokenSet) -> str:

@@ -22,7 +22,6 @@ fingerprints, and every string taken from the store is masked on the way out.
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import json
 import math
 import os
@@ -39,6 +38,8 @@ from mlauth.stores import store_from_env
 from mlauth.stores.base import TokenStore
 from mlauth.stores.envfile import EnvFileStore, read_env_file, secrets_of
 from mlauth.tokens import TokenSet
+
+from .times import moment
 
 __all__ = ["DEGRADED", "OK", "REAUTHORIZE", "SCHEMA", "Health", "Reason", "examine"]
 
@@ -135,7 +136,7 @@ def examine(env: str) -> Health:
     document = {
         "schema": SCHEMA,
         "mlauth_version": __version__,
-        "generated_at": _time(time.time()),
+        "generated_at": moment(time.time()),
         "env": os.path.abspath(env),
         "state": state,
         "reasons": [{"code": r.code, "state": r.state, "message": r.message} for r in reasons],
@@ -203,17 +204,6 @@ def _kind(store: TokenStore) -> str:
     return "other"
 
 
-def _time(stamp: float | None) -> dict[str, Any] | None:
-    """A moment as unix seconds and as RFC 3339 UTC text; None if unknown or impossible."""
-    if stamp is None or not math.isfinite(stamp):
-        return None
-    try:
-        utc = datetime.datetime.fromtimestamp(stamp, tz=datetime.timezone.utc)
-    except (OverflowError, OSError, ValueError):
-        return None
-    return {"unix": round(stamp, 3), "utc": utc.strftime("%Y-%m-%dT%H:%M:%SZ")}
-
-
 def _tokens(tokens: TokenSet, known: list[Secret | None]) -> dict[str, Any]:
     left = tokens.expires_in()
     seconds_left = round(left, 3) if left is not None and math.isfinite(left) else None
@@ -225,11 +215,11 @@ def _tokens(tokens: TokenSet, known: list[Secret | None]) -> dict[str, Any]:
         "refresh_token_fingerprint": (
             None if tokens.refresh_token is None else tokens.refresh_token.fingerprint
         ),
-        "expires_at": _time(tokens.expires_at),
+        "expires_at": moment(tokens.expires_at),
         "seconds_left": seconds_left,
         "expired": None if seconds_left is None else seconds_left <= 0,
         "last_refresh": {
-            "at": _time(tokens.refreshed_at),
+            "at": moment(tokens.refreshed_at),
             "by": None if by is None else mask(by, known),
         },
     }

@@ -37,8 +37,10 @@ from mlauth.secret import Secret, mask
 from mlauth.stores import store_from_env
 from mlauth.stores.base import TokenStore
 from mlauth.stores.envfile import EnvFileStore, read_env_file, secrets_of
+from mlauth.stores.select import STORE_KEY
 from mlauth.tokens import TokenSet
 
+from .sellers import store_kind
 from .times import moment
 
 __all__ = ["DEGRADED", "OK", "REAUTHORIZE", "SCHEMA", "Health", "Reason", "examine"]
@@ -80,6 +82,8 @@ class Health:
     document: dict[str, Any]
     #: What the store holds (None: it could not be read); repr shows fingerprints only.
     tokens: TokenSet | None
+    #: The seller whose chain it is, in a store of many sellers; None for a one-seller store.
+    seller: str | None = None
 
     def reason(self, state: str) -> Reason | None:
         """The first reason for ``state``, if any."""
@@ -91,16 +95,20 @@ class Health:
         return json.dumps(self.document, indent=2, allow_nan=False)
 
 
-def examine(env: str) -> Health:
-    """Read the chain ``env`` names, once, without refreshing or sending anything.
+def examine(env: str, seller: str | None = None) -> Health:
+    """Read the chain ``env`` names (``seller``'s, in a store of many sellers), once, without
+    refreshing or sending anything.
 
     Raises :class:`~mlauth.ConfigError` when the configuration itself is broken; a store that
     cannot be read is a ``degraded`` state instead (running processes keep the token they
     hold until it expires).
     """
     env_settings(env)  # credentials, ML_TOKEN_URL, ML_API_HOSTS: a refresh needs them all
-    store = store_from_env(env)
-    known: list[Secret | None] = list(secrets_of(read_env_file(env)))
+    store = store_from_env(env, seller=seller)
+    values = read_env_file(env)
+    known: list[Secret | None] = list(secrets_of(values))
+    kind = _kind(store, values.get(STORE_KEY) or "")
+    del values  # the whole .env: not a local of what is raised below
     reasons: list[Reason] = []
     unreadable: list[str] = []
 
@@ -141,7 +149,7 @@ def examine(env: str) -> Health:
         "state": state,
         "reasons": [{"code": r.code, "state": r.state, "message": r.message} for r in reasons],
         "store": {
-            "kind": _kind(store),
+            "kind": kind,
             "location": mask(store.location, known),  # a Redis URL's password is masked there
             "seller": store.seller,  # the chain's, in a store of many sellers (events say it too)
             "readable": not unreadable,
@@ -156,7 +164,7 @@ def examine(env: str) -> Health:
         "journal": None if tokens is None else {"pending": len(pending)},
         "token_sent_to": token_hosts_row(env),
     }
-    return Health(state, reasons, document, tokens)
+    return Health(state, reasons, document, tokens, store.seller)
 
 
 def _token_reasons(store: TokenStore, tokens: TokenSet, dead: str | None) -> list[Reason]:
@@ -194,9 +202,11 @@ def _worst(reasons: list[Reason]) -> str:
     return OK
 
 
-def _kind(store: TokenStore) -> str:
+def _kind(store: TokenStore, url: str) -> str:
     if isinstance(store, EnvFileStore):
         return "env_file"
+    if store.seller is not None:  # one seller's chain in a store of many
+        return store_kind(url)
     # Imported only when the extra is: a store of that class means the module is loaded.
     redis_store = sys.modules.get("mlauth.stores.redis")
     if redis_store is not None and isinstance(store, redis_store.RedisStore):

@@ -9,19 +9,26 @@ Strings that come from the store (who refreshed, why a refresh failed) are maske
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
+import shlex
+import sys
 import time
 from collections.abc import Iterable, Sequence
 from typing import Any, TextIO
 
 from mlauth import __version__
-from mlauth.errors import ConfigError
+from mlauth.errors import ConfigError, InvalidGrantError
 from mlauth.secret import Secret, mask, url_scheme
+from mlauth.sellers import Sellers
+from mlauth.stores import sellers_from_env
+from mlauth.stores.envfile import read_env_file, secrets_of
+from mlauth.stores.select import STORE_KEY
 from mlauth.stores.sellers import FAILING, OK, REAUTHORIZE, SellerRow
 from mlauth.terminal import printable
-from mlauth.tokens import token_problem
+from mlauth.tokens import TokenSet, seller_of, token_problem
 
 from .times import duration, moment, when
 
@@ -250,3 +257,103 @@ _HOW = (
     "`printenv REFRESH_TOKEN | mlauth sellers add`"
 )
 _NO_INPUT = f"nothing on standard input: give the seller's refresh token (TG-...) there. {_HOW}"
+
+
+# -- the commands ------------------------------------------------------------------------
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    """``mlauth sellers [--json]``: every seller of the store, one read; exit 0 whatever
+    their states (``mlauth check --seller ID`` judges one; the document counts them)."""
+    values = read_env_file(args.env)
+    masker = Masker(secrets_of(values))
+    kind = store_kind(values.get(STORE_KEY) or "")
+    del values  # the whole .env (secret, tokens): not a local of the errors raised below
+    stores = sellers_from_env(args.env)
+    try:
+        rows = stores.rows()
+    finally:
+        stores.close()
+    location = masker(stores.location) or ""
+    if args.json:
+        doc = document(rows, env=args.env, location=location, kind=kind, masker=masker)
+        print(render(doc))
+        return 0
+    if not rows:
+        print(
+            printable(
+                f"no sellers in {location} yet: add one with `mlauth login` (the seller "
+                "authorizes the app) or `mlauth sellers add` (a refresh token on stdin)"
+            )
+        )
+        return 0
+    lines = table(rows, masker=masker)
+    lines.append(printable(summary(rows, location)))
+    dead = sum(row.state == REAUTHORIZE for row in rows)
+    if dead:
+        lines.append(
+            f"{dead} must authorize the app again: run `mlauth login --env "
+            f"{shlex.quote(args.env)}` for each (the seller who authorizes is replaced)"
+        )
+    print("\n".join(lines))
+    return 0
+
+
+def cmd_add(args: argparse.Namespace) -> int:
+    """``mlauth sellers add``: a refresh token on stdin; refreshed once, which proves it and
+    checks the seller (the one its suffix or ``--seller`` names); saved; the user id alone on
+    stdout."""
+    token = read_refresh_token(sys.stdin)  # a terminal is refused before anything else
+    named = seller_of(TokenSet(None, token))
+    if named is not None and args.seller is not None and named != args.seller:
+        raise ConfigError(
+            f"the refresh token is seller {named}'s (it ends with that user id), not seller "
+            f"{args.seller}'s; nothing was sent or saved. Run again with --seller {named}, "
+            "or without --seller"
+        )
+    sellers = Sellers.from_env(args.env)
+    try:
+        user_id = named or args.seller
+        if user_id is not None and user_id in sellers.ids():
+            # Refused before the token is spent: Sellers.add would refuse only after.
+            raise ConfigError(
+                f"{sellers.stores.location} holds seller {user_id} already; nothing was sent "
+                f"or saved. To give them this chain instead, `mlauth sellers remove {user_id}` "
+                "first, or have the seller authorize again with `mlauth login` (which replaces "
+                "the chain)"
+            )
+        user_id = sellers.add(token, user_id=args.seller)
+    except InvalidGrantError as exc:
+        # No chain of the store died: this token was never one of them. Exit 1, not 3.
+        raise ConfigError(
+            f"MercadoLibre refused the refresh token ({exc.error}: "
+            f"{mask(exc.description or 'no detail', [token])}): it was spent already, revoked, "
+            "or is another app's. Nothing was saved. Give a live refresh token, or have the "
+            "seller authorize the app with `mlauth login`"
+        ) from None
+    finally:
+        sellers.stores.close()
+    print(user_id)
+    return 0
+
+
+def cmd_remove(args: argparse.Namespace) -> int:
+    """``mlauth sellers remove ID``: forget one seller's chain, under its lock."""
+    stores = sellers_from_env(args.env)
+    try:
+        removed = stores.remove(args.user_id)
+        location = stores.location
+    finally:
+        stores.close()
+    if not removed:
+        raise ConfigError(
+            f"seller {args.user_id} is not in {location}; nothing was removed "
+            "(`mlauth sellers` lists the sellers held)"
+        )
+    print(
+        printable(
+            f"removed seller {args.user_id} from {location}; the app's grant at MercadoLibre "
+            "stays until the seller (or you) revoke it"
+        )
+    )
+    return 0

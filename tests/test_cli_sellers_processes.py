@@ -366,6 +366,8 @@ def test_migrate_moves_every_seller_from_sqlite_to_redis(
     app.fake.revoke_refresh_tokens(CAROL)
     assert app.run("refresh", "--seller", str(CAROL)).returncode == 3
     held = {str(u): app.stored(str(u)) for u in (ALICE, BOB, CAROL)}
+    running = mlauth.Sellers.from_env(app.env)  # a process started on SQLite
+    running.auth(ALICE).valid_tokens()
 
     done = app.run("migrate", "--to", redis_server.url)
     assert done.returncode == 0, done.stderr
@@ -382,6 +384,10 @@ def test_migrate_moves_every_seller_from_sqlite_to_redis(
     old.bind_client(app.fake.client_id)
     assert old.sellers() == []  # none left behind to be refreshed there
     old.close()
+    asked = app.fake.stats()["token_requests"]
+    with pytest.raises(mlauth.MLAuthError):  # it finds its seller gone, and spends nothing
+        running.auth(ALICE).refresh()
+    assert app.fake.stats()["token_requests"] == asked
     for user_id in (ALICE, BOB):
         assert app.run("refresh", "--seller", str(user_id)).returncode == 0
     assert app.fake.stats()["invalid_grant"] == 1  # Carol's, before the move

@@ -407,3 +407,33 @@ def test_migrate_between_stores_refuses_a_conflict_before_moving_anyone(
     assert f"another chain of seller(s) {BOB}" in done.stderr
     _, doc = sellers_json("--env", str(app.env))
     assert [s["user_id"] for s in doc["sellers"]] == [str(ALICE), str(BOB)]  # nothing moved
+
+
+@pytest.mark.parametrize("kind", ["postgresql", "redis"])
+def test_migrate_moves_a_one_seller_env_into_postgresql_or_a_redis_of_many_sellers(
+    fake_ml: FakeMercadoLibre, tmp_path: Path, request: pytest.FixtureRequest, kind: str
+) -> None:
+    if kind == "postgresql":
+        url = request.getfixturevalue("postgres_url")
+    else:
+        url = request.getfixturevalue("redis_server").url
+    env = tmp_path / ".env"
+    fake_ml.write_env(env, expires_at=time.time() + 3600)
+    values = read_env_file(env)
+    secrets = [fake_ml.client_secret, *(v for k, v in values.items() if "TOKEN" in k and v)]
+    # Into Redis, --seller says "as a store of many sellers" (else the one-seller hash).
+    seller = ["--seller", str(fake_ml.user_id)] if kind == "redis" else []
+    done = mlauth_cli("migrate", "--env", str(env), "--to", url, *seller)
+    assert done.returncode == 0, done.stderr
+    assert_no_secret(done.stdout + done.stderr, secrets, "migrate")
+    after = read_env_file(env)
+    assert after["ML_TOKEN_SELLER"] == str(fake_ml.user_id) and "ML_REFRESH_TOKEN" not in after
+    listed, doc = sellers_json("--env", str(env))
+    assert_no_secret(listed.stdout, secrets, "sellers --json")
+    assert doc["store"]["kind"] == kind
+    assert [s["user_id"] for s in doc["sellers"]] == [str(fake_ml.user_id)]
+    refreshed = mlauth_cli("refresh", "--env", str(env))
+    assert refreshed.returncode == 0, refreshed.stderr
+    assert fake_ml.stats()["invalid_grant"] == 0 and fake_ml.refreshes_by_user() == {
+        fake_ml.user_id: 1
+    }

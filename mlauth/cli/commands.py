@@ -775,12 +775,6 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="ID",
         help="the seller the token must be of: the answer's user id is checked against it",
     )
-    add.add_argument(
-        "--replace",
-        action="store_true",
-        help="replace the chain of a seller held already (a dead one); without it a seller "
-        "held already is refused before the token is spent",
-    )
     add.set_defaults(handler=sellers_cli.cmd_add)
     remove = actions.add_parser(
         "remove",

@@ -223,7 +223,8 @@ class RedisSellers(SellerStores):
             except StaleCommitError:
                 raise ConfigError(
                     f"Redis at {self.location} holds seller {user_id} already; replace its "
-                    "chain with replace=True (`mlauth login`, `mlauth sellers add --replace`)"
+                    "chain with replace=True (`mlauth login` does), or remove it first "
+                    "(`mlauth sellers remove`)"
                 ) from None
         return store
 

@@ -220,7 +220,7 @@ class SqlSellerStore(TokenStore):
                 "chain",
                 "is no text",
                 "Give the seller a chain again: `mlauth login --seller "
-                f"{self.seller}`, or `mlauth sellers add` with --replace.",
+                f"{self.seller}`, or `mlauth sellers remove` it and `mlauth sellers add` it.",
             )
         if (
             not isinstance(generation, int)
@@ -586,7 +586,8 @@ class SqlSellerStore(TokenStore):
             f"{self._sellers.location} was refused by MercadoLibre ({reason or 'invalid_grant'}"
             f"; seen by {_text(record.get('by'))} at {_when(record.get('at'))}). "
             f"Re-authorization required: run `mlauth login --seller {self.seller}` (or give "
-            f"it a refresh token from a new authorization: `mlauth sellers add --replace`)."
+            f"`mlauth sellers remove {self.seller}`, then `mlauth sellers add` a refresh "
+            "token from a new authorization)."
         )
 
     def clear_reauthorization(self) -> None:
@@ -949,7 +950,8 @@ class SqlSellers(SellerStores):
             except StaleCommitError:
                 raise ConfigError(
                     f"{self.location} holds seller {user_id} already; replace its chain with "
-                    "replace=True (`mlauth sellers add --replace`), or remove it first"
+                    "replace=True (`mlauth login` does), or remove it first "
+                    "(`mlauth sellers remove`)"
                 ) from None
             if replace:
                 store.clear_reauthorization()

@@ -38,6 +38,7 @@ from pathlib import Path
 
 import pytest
 
+from mlauth.stores import sellers_from_env
 from mlauth.stores.envfile import read_env_file
 from mlauth.testing import FakeMercadoLibre
 from tests.support.doc_blocks import (
@@ -62,7 +63,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
 
 # What each block's language means here, so a new kind of block cannot go untested.
-HANDLED = {"python", "sh", "ini"}
+HANDLED = {"python", "sh", "ini", "dotenv"}
 
 
 MAIN = """\
@@ -339,6 +340,21 @@ def test_docker_block_refreshes_through_its_mount(
     assert out.strip() == "200"
     assert fake.stats()["refreshes"] == 1 and fake.stats()["invalid_grant"] == 0
     assert fake.is_live(read_env_file(env)["ML_REFRESH_TOKEN"])  # the host file has the chain
+
+
+@pytest.mark.parametrize(("page", "body"), [(p, b) for p, b, _ in blocks("dotenv")], ids=block_id)
+def test_a_documented_env_names_a_store_mlauth_opens(page: str, body: str, tmp_path: Path) -> None:
+    """A ``.env`` shown on a page is read as mlauth reads it, and the store it names opens
+    (a SQLite file is made beside it, with no seller yet)."""
+    env = tmp_path / ".env"
+    env.write_text(body)
+    env.chmod(0o600)
+    stores = sellers_from_env(env)
+    try:
+        assert stores.sellers() == [], page
+        assert (tmp_path / "sellers.db").is_file(), page
+    finally:
+        stores.close()
 
 
 def test_systemd_unit_runs_without_home_or_terminal(fake: FakeMercadoLibre, tmp_path: Path) -> None:

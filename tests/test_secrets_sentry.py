@@ -1,9 +1,10 @@
 """A real Sentry client, as a pipeline would set it up, sends no secret when a token call fails.
 
-Sentry's Python SDK sends the local variables of every frame of a captured exception (the
-default, ``include_local_variables=True``), turns log records into breadcrumbs and events,
-and records HTTP calls. Its transport here keeps the envelopes in memory: nothing leaves the
-machine. The failures are those of test_secrets_frames.py, on real loopback servers.
+Sentry's Python SDK sends the local variables of every frame of a captured exception (by
+default, in 2.x and 3.x alike), turns log records into breadcrumbs and events (with the stack
+they were logged from), and records HTTP calls; tests/support/crash_reporter.py sets that up
+as the installed major spells it. Its transport here keeps the envelopes in memory: nothing
+leaves the machine. The failures are those of test_secrets_frames.py, on real loopback servers.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ import pytest
 import requests
 import sentry_sdk
 from sentry_sdk.envelope import Envelope
-from sentry_sdk.integrations.logging import LoggingIntegration
 from sentry_sdk.transport import Transport
 
 import mlauth
@@ -30,6 +30,7 @@ from mlauth.cli.login import complete_login
 from mlauth.httpx import HttpxAuth
 from mlauth.stores.envfile import update_env_file
 from mlauth.testing import FakeMercadoLibre
+from tests.support.crash_reporter import sentry_options
 from tests.support.leaks import (
     ECHOES,
     FAILURES,
@@ -43,6 +44,7 @@ from tests.support.leaks import (
 )
 
 REDIRECT = "https://example.com/callback"
+NOT_ANSWERED = {"refused", "connect timeout", "read timeout"}  # of FAILURES
 
 
 class MemoryTransport(Transport):
@@ -74,10 +76,8 @@ def sentry() -> Iterator[MemoryTransport]:
     sentry_sdk.init(
         dsn="https://public@sentry.invalid/1",  # never contacted: the transport keeps all
         transport=transport,
-        include_local_variables=True,  # the default, said outright
-        # DEBUG lines as breadcrumbs, WARNING and above as events of their own.
-        integrations=[LoggingIntegration(level=logging.DEBUG, event_level=logging.WARNING)],
         max_breadcrumbs=500,
+        **sentry_options(),  # frame locals, log records, HTTP calls: as 2.x or 3.x spells it
     )
     try:
         yield transport
@@ -92,21 +92,48 @@ def fake() -> Iterator[FakeMercadoLibre]:
         yield server
 
 
-def frames_with_locals(event: dict[str, Any]) -> int:
-    return sum(
-        1
-        for value in (event.get("exception") or {}).get("values", [])
-        for frame in (value.get("stacktrace") or {}).get("frames", [])
-        if frame.get("vars")
-    )
+def write_env(fake: FakeMercadoLibre, env: Path, expires_at: float) -> dict[str, mlauth.Secret]:
+    """``fake.write_env``, its tokens held masked: the test's own frame is on the stack an
+    event from a log record carries, and its locals go with it."""
+    tokens = fake.write_env(env, expires_at=expires_at)
+    return {name: mlauth.Secret(str(tokens[name])) for name in ("access_token", "refresh_token")}
 
 
-def report(error: BaseException, sentry: MemoryTransport) -> list[dict[str, Any]]:
+def frames(event: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """The frames of an event's exceptions and of the stack attached to it."""
+    for key in ("exception", "threads"):
+        for value in (event.get(key) or {}).get("values", []):
+            yield from (value.get("stacktrace") or {}).get("frames", [])
+
+
+def assert_mlauth_frames_sent_with_locals(events: list[dict[str, Any]]) -> None:
+    """The control: were frame locals not collected, no secret could be found in them."""
+    sent = [f for event in events for f in frames(event) if f.get("vars")]
+    modules = {str(frame.get("module")) for frame in sent}
+    assert any(module.startswith("mlauth.") for module in modules), sorted(modules)
+
+
+def assert_breadcrumbs_sent(events: list[dict[str, Any]], *, answered: bool = True) -> None:
+    """The control: mlauth's DEBUG records were breadcrumbs, and so were the HTTP calls made
+    where an answer came (a call that got none is not recorded by every version)."""
+    crumbs = [
+        crumb for event in events for crumb in (event.get("breadcrumbs") or {}).get("values", [])
+    ]
+    kinds = {(crumb.get("type"), crumb.get("level")) for crumb in crumbs}
+    logged = {crumb.get("category") for crumb in crumbs if crumb.get("type") == "log"}
+    assert ("log", "debug") in kinds and "mlauth" in logged, (kinds, logged)
+    assert any(kind == "http" for kind, _ in kinds) or not answered, kinds
+
+
+def report(
+    error: BaseException, sentry: MemoryTransport, *, answered: bool = True
+) -> list[dict[str, Any]]:
     """Send ``error`` as a pipeline's ``except`` clause would; every event sent so far."""
     sentry_sdk.capture_exception(error)
     sentry_sdk.flush()
     events = sentry.events()
-    assert any(frames_with_locals(event) for event in events), "no frame's locals were sent"
+    assert_mlauth_frames_sent_with_locals(events)
+    assert_breadcrumbs_sent(events, answered=answered)
     return events
 
 
@@ -119,7 +146,7 @@ def test_no_secret_reaches_sentry_from_a_failed_refresh(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     env = tmp_path / ".env"
-    first = fake.write_env(env, expires_at=time.time() - 1)
+    first = write_env(fake, env, expires_at=time.time() - 1)
     caplog.set_level(logging.DEBUG)  # the records reach Sentry's handler at every level
 
     def call() -> None:
@@ -131,8 +158,8 @@ def test_no_secret_reaches_sentry_from_a_failed_refresh(
         options = arrange(how, fake, stack)
         error = failure(call)
     assert isinstance(error, mlauth.RefreshError), repr(error)
-    report(error, sentry)
-    found = [ODD_SECRET, str(first["refresh_token"]), str(first["access_token"])]
+    report(error, sentry, answered=how not in NOT_ANSWERED)
+    found = [ODD_SECRET, first["refresh_token"].reveal(), first["access_token"].reveal()]
     assert_no_secret(sentry.text(), [*found, NEW_ACCESS, NEW_REFRESH], "a Sentry event")
 
 
@@ -140,7 +167,7 @@ def test_no_secret_reaches_sentry_through_an_async_client(
     fake: FakeMercadoLibre, sentry: MemoryTransport, tmp_path: Path
 ) -> None:
     env = tmp_path / ".env"
-    first = fake.write_env(env, expires_at=time.time() - 1)
+    first = write_env(fake, env, expires_at=time.time() - 1)
     with echo_server(ECHOES["4xx echoing the body"]) as url:
         auth = HttpxAuth.from_env(env, token_url=url)
 
@@ -151,7 +178,7 @@ def test_no_secret_reaches_sentry_through_an_async_client(
         error = failure(lambda: asyncio.run(main()))
     assert isinstance(error, mlauth.RefreshError), repr(error)
     report(error, sentry)
-    found = [ODD_SECRET, str(first["refresh_token"]), str(first["access_token"])]
+    found = [ODD_SECRET, first["refresh_token"].reveal(), first["access_token"].reveal()]
     assert_no_secret(sentry.text(), found, "a Sentry event")
 
 
@@ -180,13 +207,21 @@ def test_a_warning_sent_to_sentry_holds_no_secret(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     env = tmp_path / ".env"
-    first = fake.write_env(env, expires_at=time.time() + 60)  # refreshed ahead of expiry
+    first = write_env(fake, env, expires_at=time.time() + 60)  # refreshed ahead of expiry
     caplog.set_level(logging.DEBUG)
     with echo_server(ECHOES["4xx echoing the values"]) as url:
         auth = mlauth.MLAuth.from_env(env, token_url=url)
         assert requests.get(f"{fake.base_url}/users/me", auth=auth).status_code == 200
     sentry_sdk.flush()
-    messages = [json.dumps(event.get("logentry")) for event in sentry.events()]
-    assert any("refresh ahead of expiry failed" in line for line in messages), messages
-    found = [ODD_SECRET, str(first["refresh_token"]), str(first["access_token"])]
+    events = sentry.events()
+    messages = [json.dumps(event.get("logentry")) for event in events]
+    warned = [
+        event
+        for event, line in zip(events, messages, strict=True)
+        if "ahead of expiry failed" in line
+    ]
+    assert warned, messages
+    assert_mlauth_frames_sent_with_locals(warned)  # the stack it was logged from, with locals
+    assert_breadcrumbs_sent(events)
+    found = [ODD_SECRET, first["refresh_token"].reveal(), first["access_token"].reveal()]
     assert_no_secret(sentry.text(), found, "a Sentry event")

@@ -5,8 +5,12 @@ never the value."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import stat
+import subprocess
+import sys
+import threading
 import time
 import traceback
 from collections.abc import Iterator
@@ -298,3 +302,60 @@ def test_a_database_error_on_a_save_never_quotes_the_row(db: Db, fake: FakeMerca
     # Nor do the frames a crash reporter would send (this test's own is the first).
     frames = [frame for frame, _ in traceback.walk_tb(caught.value.__traceback__)][1:]
     assert frames and all(str(new["refresh_token"]) not in repr(f.f_locals) for f in frames)
+
+
+def _locked_elsewhere(path: str, offset: int) -> bool:
+    """Whether another process finds the byte at ``offset`` of ``path`` locked (POSIX)."""
+    probe = (
+        "import fcntl, os, sys\n"
+        "fd = os.open(sys.argv[1], os.O_RDWR)\n"
+        "try:\n"
+        "    fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, int(sys.argv[2]))\n"
+        "except OSError:\n"
+        "    sys.exit(3)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe, path, str(offset)], check=False)
+    return done.returncode == 3
+
+
+def test_a_new_connection_keeps_every_lock_this_process_holds_on_the_files(
+    tmp_path: Path, fake: FakeMercadoLibre
+) -> None:
+    # SQLite's locks are POSIX locks on the database and on -shm (WAL's), which a process
+    # loses on a file when it closes any descriptor of that file. The checks made before
+    # each new connection must never open and close either. (SQLite locks nothing in -wal,
+    # and closes its own descriptor of it with the connection.)
+    path = tmp_path / "sellers.db"
+    sellers = SqlSellers.sqlite(path, client_id=fake.client_id)
+    seed(sellers, fake, 111)  # the database, -wal and -shm exist now
+    offset = 2**40  # far from the bytes SQLite locks
+    held = []
+    for name in (str(path), f"{path}-shm"):
+        fd = os.open(name, os.O_RDWR)
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, offset)
+        held.append((name, fd))
+    try:
+        assert all(_locked_elsewhere(name, offset) for name, _ in held)
+        thread = threading.Thread(target=sellers.sellers)  # a thread's first connection
+        thread.start()
+        thread.join()
+        assert [name for name, _ in held if not _locked_elsewhere(name, offset)] == []
+    finally:
+        for _, fd in held:
+            os.close(fd)
+        sellers.close()
+
+
+def test_a_token_written_into_refreshed_by_is_never_shown(
+    db: Db, sellers: SqlSellers, fake: FakeMercadoLibre
+) -> None:
+    issued = seed(sellers, fake, 111)
+    token = str(issued["refresh_token"])
+    for by in (f"a script holding {token}", f"pid 12@{token}", "pid 12@worker-3"):
+        db.edit("111", "refreshed_by", by)
+        fresh = db.open(fake.client_id)
+        (row,) = fresh.rows()
+        shown = [row.refreshed_by, fresh.store("111").load()[0].refreshed_by]
+        fresh.close()
+        assert all(value is not None and token not in value for value in shown), by
+        assert by != "pid 12@worker-3" or shown == [by, by]

@@ -4,7 +4,9 @@ files in test_sql_hostile.py."""
 
 from __future__ import annotations
 
+import gc
 import json
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -469,3 +471,39 @@ def test_a_lease_held_on_one_seller_does_not_hold_up_anothers_refresh(
         release.set()
         holder.join()
     peer.close()
+
+
+def _connections(db: Db) -> int:
+    """This process's connections to the database: SQLite's open descriptors of the file,
+    PostgreSQL's sessions on the database (the count's own included)."""
+    if db.kind == "sqlite":
+        folder = Path("/proc/self/fd")
+        targets = []
+        for fd in folder.iterdir():
+            try:
+                targets.append(os.readlink(fd))
+            except OSError:
+                continue  # the listing's own descriptor, gone by now
+        return targets.count(db.spec)
+    query = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+    ((count,),) = db.execute(query)
+    return int(count)
+
+
+def test_threads_that_come_and_go_leave_no_connection_behind(
+    db: Db, sellers: SqlSellers, fake: FakeMercadoLibre
+) -> None:
+    seed(sellers, fake, 111)
+    store = sellers.store("111")
+    store.load()
+    before = _connections(db)
+    for _ in range(20):  # a server's threads: each does one request's reads, then ends
+        thread = threading.Thread(target=lambda: (store.load(), store.check_writable()))
+        thread.start()
+        thread.join()
+    gc.collect()
+    # SQLite keeps the descriptor of one closed connection open for the next (the
+    # process's locks on the file are held through it): one more at most, not twenty.
+    assert _connections(db) <= before + (1 if db.kind == "sqlite" else 0)
+    sellers.close()
+    assert _connections(db) < before  # close() lets go of the main thread's too

@@ -47,6 +47,7 @@ __all__ = [
     "check_folder",
     "check_own_fd",
     "check_own_file",
+    "check_own_name",
     "denied",
     "open_own",
     "temp_beside",
@@ -250,6 +251,44 @@ def check_own_file(path: str, what: str) -> None:
     except OSError as exc:
         raise StoreError(f"cannot open the {what} {path}: {exc.strerror or exc}") from exc
     os.close(fd)
+
+
+def check_own_name(path: str, what: str) -> os.stat_result | None:
+    """:func:`check_own_fd`'s rules, looked at by name (``lstat``) without opening the file;
+    None if it is missing.
+
+    For files another library opens by name (SQLite's database, ``-wal`` and ``-shm``), on
+    which this process may hold POSIX locks through that library: closing any descriptor of
+    such a file drops every lock the process holds on it, so it must never be opened here.
+    """
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise StoreError(f"cannot look at the {what} {path}: {exc.strerror or exc}") from exc
+    refused = why_refused(path, what)  # a link, or not a regular file
+    if refused is not None:
+        raise refused
+    if info.st_nlink != 1:
+        raise _planted(
+            what,
+            path,
+            f"it has {info.st_nlink} names (hard links), so what mlauth writes there would "
+            "show under another name too",
+            f"Remove the other names (`find / -xdev -samefile {path}` lists them) or, if you "
+            f"did not make them, this one (`rm {path}`)",
+        )
+    me = os.geteuid()
+    if info.st_uid not in (me, 0):
+        raise _planted(
+            what,
+            path,
+            f"it belongs to {_user(info.st_uid)}, not to this user ({_user(me)}) or root",
+            f"If an earlier run as that user left it, give it to this one (`chown {me} "
+            f"{path}`); otherwise {_remove(path).lower()}",
+        )
+    return info
 
 
 @contextlib.contextmanager

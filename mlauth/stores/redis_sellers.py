@@ -52,7 +52,7 @@ from .redis import (
     unreachable,
 )
 from .redis_feed import RedisFeed
-from .sellers import FAILING, OK, REAUTHORIZE, SellerRow, SellerStores, check_user_id
+from .sellers_base import FAILING, OK, REAUTHORIZE, SellerRow, SellerStores, check_user_id
 
 __all__ = ["ROWS_BATCH", "RedisSellers", "redis_sellers_held"]
 

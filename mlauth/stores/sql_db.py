@@ -29,13 +29,14 @@ import logging
 import os
 import sqlite3
 import threading
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
 from mlauth.errors import ConfigError, StoreError
 from mlauth.secret import mask, quotes_url_secret
 
-from .private import check_own_file, open_own
+from .private import check_own_name, open_own
 
 __all__ = ["SCHEMA_VERSION", "Database", "Dialect", "postgresql", "sqlite"]
 
@@ -240,18 +241,72 @@ def check_files(path: str) -> None:
     SQLite opens the files itself, by name, and cannot be handed a descriptor opened with
     ``O_NOFOLLOW``: so they are looked at before every connection is made (one per thread),
     and the database is created here, private, rather than by SQLite with the umask's mode.
+    They are looked at by name and never opened once they exist: closing a descriptor of
+    the file would drop the POSIX locks this process's other connections hold on it (SQLite's
+    own locking, WAL's included), and a peer process could then write under their reads.
     """
-    fd = open_own(path, os.O_RDWR, "SQLite database", create=True)
-    try:
-        if os.fstat(fd).st_mode & 0o077:
+    try:  # a new database: made here, private, and given as the rules say under root
+        fd = open_own(path, os.O_RDWR | os.O_EXCL, "SQLite database", create=True)
+    except FileExistsError:
+        pass
+    else:
+        os.close(fd)  # a file this call made: no connection of this process has it open
+    for name, what in (
+        (path, "SQLite database"),
+        (f"{path}-wal", "SQLite database's wal file"),
+        (f"{path}-shm", "SQLite database's shm file"),
+    ):
+        info = check_own_name(name, what)
+        if name == path and info is not None and info.st_mode & 0o077:
             # The rows hold live tokens: a file made loose (by hand, by a tool's umask) is
-            # made private before mlauth writes any. SQLite gives its -wal and -shm files
-            # the database's mode.
-            os.fchmod(fd, 0o600)
-    finally:
-        os.close(fd)
-    for suffix in ("-wal", "-shm"):
-        check_own_file(path + suffix, "SQLite database's " + suffix[1:] + " file")
+            # made private before mlauth writes any (SQLite gives -wal and -shm its mode).
+            # By name: chmod follows a link swapped in since the look, but changes only a
+            # file of this user's, and only to make it private.
+            os.chmod(path, 0o600)
+
+
+class _Held:
+    """One thread's connection. Closed when the thread ends (CPython drops a thread's
+    ``threading.local`` values then), so a server whose threads come and go leaves no
+    connection behind; never closed in another process than the one that made it."""
+
+    __slots__ = ("__weakref__", "connection", "pid")
+
+    def __init__(self, connection: Any) -> None:
+        self.connection = connection
+        self.pid = os.getpid()
+
+    def close(self) -> None:
+        connection, self.connection = self.connection, None
+        if connection is None or self.pid != os.getpid():
+            return
+        try:
+            connection.close()
+        except Exception as exc:  # noqa: BLE001 (closing what is let go of)
+            log.debug("closing a database connection: %s", exc)
+
+    def __del__(self) -> None:
+        self.close()
+
+
+# Every Database of this process, so a forked child can set their connections aside.
+_databases: weakref.WeakSet[Database] = weakref.WeakSet()
+# A parent's connections, in a forked child: kept for ever, never used, closed or collected.
+# Closing an inherited SQLite connection would close its descriptors, and with them every
+# POSIX lock this process holds on the file, the child's own connection's included; an
+# inherited PostgreSQL socket is the parent's session.
+_inherited: list[object] = []
+
+
+def _after_fork_in_child() -> None:
+    for database in list(_databases):
+        _inherited.append((database._local, list(database._made)))
+        database._local = threading.local()
+        database._made = weakref.WeakSet()
+        database._schema_pid = None
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class Database:
@@ -262,37 +317,26 @@ class Database:
         self.dialect = dialect
         self.location = location
         self._local = threading.local()
-        self._made: list[Any] = []  # this process's connections, for close()
-        self._made_lock = threading.Lock()
+        self._made: weakref.WeakSet[_Held] = weakref.WeakSet()  # for close()
         self._schema_pid: int | None = None  # the process that made sure of the tables
+        _databases.add(self)
 
     def __repr__(self) -> str:
         return f"Database({self.dialect.name}, {self.location!r})"
 
     def _connection(self) -> Any:
-        held = getattr(self._local, "connection", None)
-        if held is not None and held[0] == os.getpid() and not self.dialect.broken(held[1]):
-            return held[1]
-        if held is not None and held[0] == os.getpid():
-            self._forget(held[1])
-        connection = self.dialect.connect()
-        self._local.connection = (os.getpid(), connection)
-        with self._made_lock:
-            if self._made and self._made[0][0] != os.getpid():
-                self._made = []  # a parent's, after fork: left open, never used
-            self._made.append((os.getpid(), connection))
+        held: _Held | None = getattr(self._local, "held", None)
+        if held is not None and held.connection is not None:
+            if not self.dialect.broken(held.connection):
+                return held.connection
+            held.close()
+        held = _Held(self.dialect.connect())
+        self._local.held = held
+        self._made.add(held)
         if self._schema_pid != os.getpid():
-            self._ensure_schema(connection)
+            self._ensure_schema(held.connection)
             self._schema_pid = os.getpid()
-        return connection
-
-    def _forget(self, connection: Any) -> None:
-        with self._made_lock:
-            self._made = [made for made in self._made if made[1] is not connection]
-        try:
-            connection.close()
-        except Exception as exc:  # noqa: BLE001 (it is broken already)
-            log.debug("closing a broken connection to %s: %s", self.location, exc)
+        return held.connection
 
     def _ensure_schema(self, connection: Any) -> None:
         dialect = self.dialect
@@ -344,10 +388,13 @@ class Database:
             raise self.failed(exc, doing) from None
 
     def failed(self, exc: Exception, doing: str) -> StoreError:
-        held = getattr(self._local, "connection", None)
-        if held is not None and held[0] == os.getpid() and self.dialect.broken(held[1]):
-            self._local.connection = None
-            self._forget(held[1])  # the next statement connects again
+        held: _Held | None = getattr(self._local, "held", None)
+        if (
+            held is not None
+            and held.connection is not None
+            and self.dialect.broken(held.connection)
+        ):
+            held.close()  # the next statement connects again
         return StoreError(
             f"cannot {doing} {self.dialect.name} at {self.location} ({type(exc).__name__}: "
             f"{self.dialect.detail(exc)}). Check that the database is there and that "
@@ -355,13 +402,7 @@ class Database:
         )
 
     def close(self) -> None:
-        """Close this process's connections (a connection another thread is using too)."""
-        with self._made_lock:
-            made, self._made = self._made, []
-        for pid, connection in made:
-            if pid == os.getpid():
-                try:
-                    connection.close()
-                except Exception as exc:  # noqa: BLE001 (closing what we let go of)
-                    log.debug("closing a connection to %s: %s", self.location, exc)
-        self._local = threading.local()
+        """Close this process's connections, every thread's (the next statement of any
+        thread connects again)."""
+        for held in list(self._made):
+            held.close()

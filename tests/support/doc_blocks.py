@@ -24,9 +24,15 @@ from pathlib import Path
 import pytest
 
 from mlauth.cli.migrate import migrate_to_redis
-from mlauth.stores.envfile import read_env_file
+from mlauth.secret import Secret
+from mlauth.stores.envfile import EnvFileStore, read_env_file
+from mlauth.stores.sql import SqlSellers
 from mlauth.testing import FakeMercadoLibre
 from mlauth.testing.redis_server import RedisServer
+from mlauth.tokens import TokenSet, seller_of
+
+# The lines of a .env's token chain, which a move into a store removes.
+TOKEN_KEYS = ("ML_ACCESS_TOKEN", "ML_REFRESH_TOKEN", "ML_TOKEN_EXPIRES_AT")
 
 BLOCK = re.compile(r"```(\w*)\n(.*?)```(?:\s*\n\s*It prints `([^`]*)`)?", re.DOTALL)
 BIN = Path(sys.executable).parent
@@ -185,6 +191,8 @@ def project(tmp_path: Path, block: str) -> Iterator[tuple[Project, str]]:
             block = block.replace(DOCUMENTED_REDIS, server.url)
             if "mlauth migrate" not in block:  # the page assumes the migration was done
                 migrate_to_redis(env, server.url)
+        elif re.search(r"Sellers\.|seller=", block) and "mlauth migrate" not in block:
+            migrate_to_sellers(env)  # the page (sellers.md) assumes the move was done
         environ = dict(
             os.environ,
             PATH=str(BIN) + os.pathsep + os.environ.get("PATH", ""),
@@ -192,6 +200,22 @@ def project(tmp_path: Path, block: str) -> Iterator[tuple[Project, str]]:
             MLAUTH_DOCS_FAKE_API=fake.base_url,
         )
         yield Project(folder, fake, environ), block
+
+
+def migrate_to_sellers(env: Path) -> None:
+    """What the sellers page assumes was done: the .env's chain moved into ``sellers.db``
+    beside it (``ML_TOKEN_STORE=sqlite:///sellers.db``), the token lines gone."""
+    values = read_env_file(env)
+    stores = SqlSellers.sqlite(str(env.parent / "sellers.db"), client_id=values["ML_CLIENT_ID"])
+    tokens = TokenSet(None, Secret(values["ML_REFRESH_TOKEN"] or ""))
+    user = seller_of(tokens)
+    assert user is not None
+    stores.add(user, tokens)
+    stores.close()
+    file = EnvFileStore(env)
+    with file.file_lock(10):
+        gone: dict[str, str | None] = dict.fromkeys(TOKEN_KEYS)
+        file.update_file({**gone, "ML_TOKEN_STORE": "sqlite:///sellers.db"})
 
 
 def uses_the_api(block: str) -> bool:

@@ -266,3 +266,38 @@ def held_transaction(store: Store) -> Iterator[Callable[[str, tuple[object, ...]
         connection.execute("COMMIT") if store.kind == "sqlite" else connection.commit()
     finally:
         connection.close()
+
+
+def test_the_first_stamp_after_wait_unlocked_looks_at_that_seller_itself(
+    store: Store, fake: FakeMercadoLibre, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A waiter adopts what the lock's holder saved only through the stamp: it must not wait
+    # for the feed's next look (the store contract, TokenStore.wait_unlocked).
+    add_all(store, fake, SELLERS[:2])
+    with opened(store, fake) as sellers:
+        x = sellers.store(SELLERS[0])
+        _, version = x.load()
+        assert x.stamp() == version
+        store.peer_commits(fake, fake.client_id, SELLERS[0])
+        assert x.stamp() == version  # the feed looked less than check_interval ago
+        assert x.wait_unlocked(5.0) is True
+        sent = store.count(monkeypatch)
+        new = x.stamp()
+        assert new != version and x.load()[1] == new
+        assert len(sent) == 2, sent  # that row or hash alone, then the load
+
+
+def test_redis_keeps_an_hour_of_changes(redis_server: RedisServer, fake: FakeMercadoLibre) -> None:
+    store = Store("redis", redis_server.url)
+    add_all(store, fake, SELLERS[:2])
+    changes = f"mlauth:{fake.client_id}:changes"
+    with redis_server.client() as client:
+        assert set(client.zrange(changes, 0, -1)) == set(SELLERS[:2])
+        (seconds, _) = client.time()
+        client.zadd(changes, {"999": (seconds - 3601) * 1000})  # a change over an hour old
+        store.peer_commits(fake, fake.client_id, SELLERS[0])
+        assert set(client.zrange(changes, 0, -1)) == set(SELLERS[:2])
+        with opened(store, fake) as sellers:
+            assert sellers.remove(SELLERS[1]) is True
+        score = client.zscore(changes, SELLERS[1])
+        assert score is not None and abs(score / 1000 - client.time()[0]) < 60

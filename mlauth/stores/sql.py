@@ -890,7 +890,15 @@ class SqlSellers(SellerStores):
         self._client_id = client_id
         self._stores: dict[str, SqlSellerStore] = {}
         self._stores_lock = threading.Lock()
-        self._feed: SqlFeed | None = None
+        #: What this process's sellers ask whether a peer committed (:mod:`.sql_feed`).
+        self.feed = SqlFeed(
+            db,
+            location,
+            self.check_interval,
+            self._stores,  # only the sellers this process holds are kept
+            client_id=lambda: self.client_id,
+            valid=_is_version,
+        )
 
     @classmethod
     def sqlite(cls, path: str | os.PathLike[str], **options: Any) -> SqlSellers:
@@ -929,24 +937,6 @@ class SqlSellers(SellerStores):
         )
         held = [row[0] for row in rows if isinstance(row[0], str) and USER_ID.match(row[0])]
         return sorted(held, key=lambda user_id: (len(user_id), user_id))
-
-    @property
-    def feed(self) -> SqlFeed:
-        """What this process's sellers ask whether a peer committed (:mod:`.sql_feed`)."""
-        feed = self._feed
-        if feed is None:
-            with self._stores_lock:
-                if self._feed is None:
-                    self._feed = SqlFeed(
-                        self.db,
-                        self.location,
-                        self.check_interval,
-                        self._stores,  # only the sellers this process holds are kept
-                        client_id=lambda: self.client_id,
-                        valid=_is_version,
-                    )
-                feed = self._feed
-        return feed
 
     def _made(self, user_id: str) -> SqlSellerStore:
         with self._stores_lock:

@@ -6,6 +6,7 @@ the sellers the process holds are kept."""
 
 from __future__ import annotations
 
+import multiprocessing
 import random
 import sqlite3
 from collections.abc import Callable, Iterator
@@ -25,7 +26,7 @@ from mlauth.stores.feed import PROBE_BACKOFF
 from mlauth.stores.sellers_base import SellerStores
 from mlauth.testing import FakeMercadoLibre
 from mlauth.testing.redis_server import RedisServer
-from tests.support.seller_feed import Clock, Store
+from tests.support.seller_feed import Clock, Store, share_with_fork, stamp_in_child
 from tests.support.sql_sellers import tokens_of
 
 SELLERS = [str(user_id) for user_id in range(5001, 5101)]  # a hundred
@@ -301,3 +302,24 @@ def test_redis_keeps_an_hour_of_changes(redis_server: RedisServer, fake: FakeMer
             assert sellers.remove(SELLERS[1]) is True
         score = client.zscore(changes, SELLERS[1])
         assert score is not None and abs(score / 1000 - client.time()[0]) < 60
+
+
+def test_a_child_forked_while_a_thread_looked_makes_its_own_looks(
+    store: Store, fake: FakeMercadoLibre
+) -> None:
+    # The lock that lets one thread look is the parent's: held by a thread that does not
+    # exist in the child, it would keep the child from ever looking again.
+    add_all(store, fake, SELLERS[:2])
+    with opened(store, fake) as sellers:
+        x = sellers.store(SELLERS[0])
+        _, version = x.load()
+        x.stamp()
+        feed = feed_of(sellers)
+        looks = feed.seq
+        share_with_fork(x)
+        with feed._lock, multiprocessing.get_context("fork").Pool(1) as pool:
+            seq, stamp = pool.apply(
+                stamp_in_child,
+                (INTERVAL * 1.5,),
+            )
+        assert (seq, stamp) == (looks + 1, version)

@@ -126,3 +126,23 @@ class Clock:
 
     def advance(self, seconds: float) -> None:
         self.ahead += seconds
+
+
+# -- a fork while another thread looks -------------------------------------------------------
+
+# The seller's store the parent made and used, for the forked child (fork copies it).
+_FORKED: list[Any] = []
+
+
+def share_with_fork(store: Any) -> None:
+    _FORKED[:] = [store]
+
+
+def stamp_in_child(advance: float) -> tuple[int, Any]:
+    """In a forked child: move the stores' clock past check_interval, ask the stamp, and
+    return how many looks the feed had begun, and the stamp."""
+    (store,) = _FORKED
+    ahead = time.monotonic() + advance
+    pytest.MonkeyPatch().setattr(time, "monotonic", lambda: ahead)
+    stamp = store.stamp()
+    return store._feed.seq, stamp

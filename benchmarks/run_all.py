@@ -42,6 +42,9 @@ FULL: dict[str, list[str]] = {
         "4",
     ],
     "loop_lag": ["--repeats", "5", "--token-delay", "1.0"],
+    # Many sellers (issue 20): its own PostgreSQL and redis-server, started by the script.
+    "sellers_storm": ["--sellers", "1000", "--processes", "8", "--threads", "4", "--seconds", "30"],
+    "sellers_scale": ["--sellers", "10000"],
 }
 
 

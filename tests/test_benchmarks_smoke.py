@@ -304,3 +304,85 @@ def test_refresh_cost_on_redis_refreshes_through_the_redis_store(
     assert data["store"] == "RedisStore"
     with redis_server.client() as client:  # the script moved the chain into that Redis
         assert [key for key in client.keys("mlauth:*") if client.hget(key, "refresh_token")]
+
+
+def sellers_storm(tmp_path: Path, store: str, *extra: str) -> dict[str, Any]:
+    """One tiny many-sellers storm on ``store``: its table checked, its JSON record returned."""
+    out = run_script(
+        "sellers_storm",
+        *("--stores", store, "--sellers", "12", "--processes", "2", "--threads", "2"),
+        *("--seconds", "4", "--token-lifetime", "3", *extra),
+        out=tmp_path,
+    )
+    assert rows(out)["store"] == committed_columns("sellers_storm")
+    (run,) = json.loads((tmp_path / "sellers_storm.json").read_text())["runs"]
+    assert "not_run" not in run, run  # `make test` has every server the stores need
+    assert run["calls"] > 0 and run["floor_failed"] == 0, run
+    # The calls crossed expiries: 3 s tokens (replaced from 2.25 s on) in a 4 s storm.
+    assert run["expiries_touched"] >= 1, run
+    return run  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize("store", ["env", "sqlite", "postgresql", "redis"])
+def test_sellers_storm_refreshes_each_seller_once_per_expiry_touched(
+    tmp_path: Path, store: str, request: pytest.FixtureRequest
+) -> None:
+    # PostgreSQL: a fresh database on the session's server (the script could start its own,
+    # at a few seconds per run); Redis: the script starts its own redis-server.
+    extra: tuple[str, ...] = ()
+    if store == "postgresql":
+        extra = ("--postgres-url", request.getfixturevalue("postgres_url"))
+    run = sellers_storm(tmp_path, store, *extra)
+    assert run["failed"] == 0, (run["errors"], run["error_samples"])
+    assert run["server"]["invalid_grant"] == 0
+    assert run["refreshes"] == run["expiries_touched"], run["off_examples"]
+    assert run["sellers_off"] == 0, run["off_examples"]
+    # Every refresh the fake saw was made by one worker, once, and reported with its time.
+    assert sum(run["refreshed_here"]) == run["refreshes"]
+
+
+def test_sellers_storm_runs_the_hand_made_peer_and_counts_what_it_does(tmp_path: Path) -> None:
+    run = sellers_storm(tmp_path, "peer")
+    assert run["label"] == "peer: tokens table + refresh on 401"
+    assert run["refreshes"] >= 1  # it refreshed on the 401s at expiry (raced or not)
+    assert run["absorbed_401"] >= 1
+    # What it raced into is reported, whatever it is: the fake's count, the callers' failures.
+    assert run["server"]["invalid_grant"] >= 0 and run["failed"] >= run["server"]["invalid_grant"]
+
+
+def test_sellers_scale_loads_and_lists_every_seller_on_each_store(
+    tmp_path: Path, postgres_url: str
+) -> None:
+    out = run_script(
+        "sellers_scale",
+        *("--sellers", "120", "--repeats", "1", "--postgres-url", postgres_url),
+        out=tmp_path,
+    )
+    assert rows(out)["store"] == committed_columns("sellers_scale")
+    results = json.loads((tmp_path / "sellers_scale.json").read_text())["results"]
+    assert [r["kind"] for r in results] == ["sqlite", "postgresql", "redis"]
+    for result in results:
+        assert "not_run" not in result, result
+        # Every seller written is listed, and each load step loaded what it says.
+        assert result["rows"]["sellers_listed"] == 120
+        assert [p["loaded"] for p in result["memory"]] == [1, 100]
+        assert all(p["heap"] > 0 for p in result["memory"]), result["memory"]
+
+
+def test_expiries_touched_is_one_per_replacement_point_a_call_met() -> None:
+    from benchmarks.sellers_storm import touched
+
+    # 5 s tokens replaced 1.25 s ahead; a 10 ms call every 0.5 s for 13 s, from t = 0.
+    calls = [(t / 2, t / 2 + 0.01) for t in range(27)]
+
+    def count(refreshes: list[float]) -> int:
+        return touched(calls, 0.0, refreshes, lifetime=5.0, margin=1.25, slack=0.5)
+
+    # A lazy refresher: at the first call after each replacement point (3.75, 7.75, 11.75).
+    assert count([4.0, 8.0, 12.0]) == 3
+    # The same chain, its last expiry met by no refresh: one more touched than refreshed.
+    assert count([4.0, 8.0]) == 3
+    # A second refresh right after the first touched nothing.
+    assert count([4.0, 4.01, 8.01, 12.01]) == 3
+    # Refreshed before any call reached the replacement point: touched nothing either.
+    assert count([2.0, 6.0, 10.0]) == 2

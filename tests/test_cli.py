@@ -163,7 +163,7 @@ def test_the_console_script_is_installed() -> None:
     script = Path(sys.executable).with_name("mlauth")
     done = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0
-    for command in ("status", "token", "refresh", "login", "migrate", "run", "demo"):
+    for command in ("status", "token", "refresh", "login", "migrate", "sellers", "run", "demo"):
         assert command in done.stdout
 
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 import concurrent.futures
 import random
 import re
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -246,3 +248,67 @@ def test_a_user_id_that_is_no_positive_int_is_refused(
     with pytest.raises(ValueError, match="user_id must be a positive int"):
         fake_ml.issue_tokens(user_id=user_id)  # type: ignore[arg-type]
     assert fake_ml.grants() == []
+
+
+def wait_until(condition: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.005)
+
+
+def test_one_sellers_hanging_token_post_leaves_the_others_answered_at_once(
+    fake_ml: FakeMercadoLibre,
+) -> None:
+    alice = fake_ml.issue_tokens(user_id=ALICE)
+    bob = fake_ml.issue_tokens(user_id=BOB)
+    code = fake_ml.issue_authorization_code(REDIRECT, user_id=ALICE)
+    # Far longer than the test: it ends only because the test releases it.
+    fake_ml.token_delay_for[ALICE] = 600.0
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        hanging = pool.submit(spend_outside, fake_ml, str(alice["refresh_token"]))
+        wait_until(lambda: fake_ml.token_requests_in_flight_for(ALICE) == 1, "Alice's POST")
+        # Bob's refresh, and Bob's again on the new link, while Alice's still hangs.
+        for _ in range(2):
+            answer = spend_outside(fake_ml, str(bob["refresh_token"]))
+            assert answer.status_code == 200
+            bob = answer.json()
+            assert_belongs_to(bob, BOB, fake_ml.client_id)
+        assert not hanging.done()
+        assert fake_ml.token_requests_in_flight_for(ALICE) == 1
+        assert fake_ml.token_requests_in_flight_for(BOB) == 0
+        assert fake_ml.refreshes_by_user() == {BOB: 2}
+        # Alice's code exchange hangs too: the delay is the seller's, whatever the grant.
+        exchange = pool.submit(
+            requests.post,
+            fake_ml.token_url,
+            data={
+                "grant_type": "authorization_code",
+                "client_id": fake_ml.client_id,
+                "client_secret": fake_ml.client_secret,
+                "code": code,
+                "redirect_uri": REDIRECT,
+            },
+            timeout=30,
+        )
+        wait_until(lambda: fake_ml.token_requests_in_flight_for(ALICE) == 2, "Alice's code")
+        fake_ml.release_token_delays()
+        answer = hanging.result(timeout=30)
+        assert exchange.result(timeout=30).status_code == 200
+    assert answer.status_code == 200  # released, it is processed like any other
+    assert_belongs_to(answer.json(), ALICE, fake_ml.client_id)
+    assert fake_ml.refreshes_by_user() == {ALICE: 1, BOB: 2}
+    assert fake_ml.token_requests_in_flight_for(ALICE) == 0
+
+
+def test_refresh_times_are_kept_per_user_in_order(fake_ml: FakeMercadoLibre) -> None:
+    chains = {user: fake_ml.issue_tokens(user_id=user) for user in (ALICE, BOB)}
+    before = time.time()
+    for user in (ALICE, BOB, ALICE):
+        chains[user] = spend_outside(fake_ml, str(chains[user]["refresh_token"])).json()
+    times = fake_ml.refresh_times_by_user()
+    assert sorted(times) == [ALICE, BOB] and len(times[ALICE]) == 2 and len(times[BOB]) == 1
+    assert before <= times[ALICE][0] <= times[BOB][0] <= times[ALICE][1] <= time.time()
+    assert sorted(times[ALICE] + times[BOB]) == fake_ml.refresh_times()
+    fake_ml.reset_stats()
+    assert fake_ml.refresh_times_by_user() == {}

@@ -5,6 +5,8 @@ the loopback fake."""
 from __future__ import annotations
 
 import pickle
+import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -264,3 +266,37 @@ def test_a_running_one_seller_process_follows_its_seller_into_the_store_of_many(
     assert "ML_REFRESH_TOKEN" not in read_env_file(env)  # never written into the file again
     assert fake.stats()["invalid_grant"] == 0
     stores.close()
+
+
+def test_a_seller_whose_token_post_hangs_10s_holds_up_no_other_sellers_refresh(
+    app: tuple[Path, Sellers], fake: FakeMercadoLibre
+) -> None:
+    """Issue 20's isolation figure: seller A's token POST hangs for 10 s; seller B's refresh
+    (its token expired too) is made and answered while A's POST is still in flight."""
+    _, sellers = app
+    for user in (111111, 222222):
+        sellers.add(refresh_token(fake, user))
+    fake.token_delay_for[111111] = 10.0
+    answers: dict[int, str] = {}
+
+    def call(user: int) -> None:  # a refresh now, as at an expiry
+        tokens = sellers.auth(user).refresh()
+        assert tokens.refresh_token is not None
+        answers[user] = tokens.refresh_token.reveal().rsplit("-", 1)[1]
+
+    hanging = threading.Thread(target=call, args=(111111,))
+    hanging.start()
+    deadline = time.monotonic() + 30
+    while fake.token_requests_in_flight_for(111111) == 0:  # a poll with a deadline
+        assert time.monotonic() < deadline, "seller A's token POST never started"
+        time.sleep(0.01)
+    before = fake.refreshes_by_user().get(222222, 0)
+    call(222222)  # in this thread, while A's POST hangs
+    assert answers[222222] == "222222"
+    assert whose(sellers.auth(222222), fake) == 222222
+    assert fake.refreshes_by_user()[222222] == before + 1  # B refreshed...
+    assert fake.token_requests_in_flight_for(111111) == 1  # ...while A's POST still hung
+    fake.release_token_delays()
+    hanging.join(30)
+    assert answers[111111] == "111111"
+    assert fake.stats()["invalid_grant"] == 0

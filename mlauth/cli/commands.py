@@ -22,7 +22,6 @@ command prints a token except ``mlauth token``, whose output is the access token
 from __future__ import annotations
 
 import argparse
-import datetime
 import logging
 import math
 import os
@@ -34,20 +33,25 @@ from typing import Any
 
 from mlauth import __version__
 from mlauth.config import env_settings, token_hosts_row
-from mlauth.errors import ConfigError, InvalidGrantError, MLAuthError, StoreError
+from mlauth.errors import ConfigError, InvalidGrantError, MLAuthError, StoreError, masked
 from mlauth.integrations.requests_auth import MLAuth
 from mlauth.logs import LEVEL_VARIABLE, OFF, level_from_environment, show_on_stderr
 from mlauth.preflight import refresh_problem
 from mlauth.secret import Secret, mask, redact_url, url_scheme
+from mlauth.sellers import Sellers
 from mlauth.stores import store_from_env
 from mlauth.stores.base import TokenStore
 from mlauth.stores.envfile import read_env_file, secrets_of
-from mlauth.stores.select import STORE_KEY
+from mlauth.stores.select import STORE_KEY, sellers_store
+from mlauth.stores.sellers import SELLER_SCHEMES, SellerStores, check_user_id
 from mlauth.terminal import printable
 from mlauth.tokens import TokenSet
 
+from . import sellers as sellers_cli
 from .health import DEGRADED, OK, REAUTHORIZE, examine
 from .login import AUTH_HOSTS, LoginRequest, authorization_base, complete_login, parse_pasted
+from .times import duration as _duration
+from .times import when as _when
 
 __all__ = [
     "EXIT_DEGRADED",
@@ -84,31 +88,12 @@ class AuthorizationRequired(ReauthorizationRequired):
     first = True
 
 
-def _login_hint(env: str, *, again: bool = True) -> str:
-    command = f"run `mlauth login --env {shlex.quote(env)}`"
+def _login_hint(env: str, *, again: bool = True, seller: str | None = None) -> str:
+    command = f"run `mlauth login --env {shlex.quote(env)}"
+    command += f" --seller {seller}`" if seller else "`"
     if again:
         return f"{command} to authorize the app again"
     return f"{command} to authorize the app and save its first tokens"
-
-
-def _duration(seconds: float) -> str:
-    # Stores other than the .env may hand over any float: no traceback for a status line.
-    if not math.isfinite(seconds):
-        return "an unknown time"
-    seconds = abs(int(seconds))
-    hours, rest = divmod(seconds, 3600)
-    minutes, secs = divmod(rest, 60)
-    if hours:
-        return f"{hours}h{minutes:02d}m"
-    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
-
-
-def _when(stamp: float) -> str:
-    try:
-        utc = datetime.datetime.fromtimestamp(stamp, tz=datetime.timezone.utc)
-    except (OverflowError, OSError, ValueError):
-        return f"{stamp!r}: not a valid time"
-    return utc.strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 def _expiry(tokens: TokenSet) -> str:
@@ -143,12 +128,21 @@ def _check_reauthorization(store: TokenStore) -> None:
         raise ReauthorizationRequired(message)
 
 
+def _one_chain(args: argparse.Namespace) -> TokenStore:
+    """The store of the chain a command acts on: the ``.env``'s, or with a store of many
+    sellers the one ``--seller`` names (without it, the store's only seller; several are a
+    ConfigError naming them and ``--seller``)."""
+    # `mlauth run` takes no --seller: its command's Pythons build their store from the .env
+    # alone (its ML_TOKEN_SELLER, or the only seller), and so does its check here.
+    return store_from_env(args.env, seller=getattr(args, "seller", None))
+
+
 def _chain_store(args: argparse.Namespace) -> TokenStore:
     """The store, once the credentials are there and it holds a refresh token (else exit 3)."""
     # Credentials first: a .env without them has no refresh token either, and logging in
     # (the fix for a missing token) would fail on the credentials anyway.
     env_settings(args.env)
-    store = store_from_env(args.env)
+    store = _one_chain(args)
     _load(store)  # exit 3 rather than a ConfigError when there is no refresh token
     return store
 
@@ -168,11 +162,12 @@ def _auth(args: argparse.Namespace, store: TokenStore | None = None) -> MLAuth:
 def _cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         return _status_json(args)
-    store = store_from_env(args.env)
+    store = _one_chain(args)
     tokens, _ = store.load()
     busy = store.refresh_in_progress()
     rows = [
         ("store", store.location),  # a Redis URL's password is masked there
+        *([("seller", store.seller)] if store.seller is not None else []),
         ("access token", tokens.access_token.fingerprint if tokens.access_token else "<none>"),
         ("refresh token", tokens.refresh_token.fingerprint if tokens.refresh_token else "<none>"),
         ("expires", _expiry(tokens)),
@@ -205,7 +200,7 @@ def _status_json(args: argparse.Namespace) -> int:
     """The status as one JSON document (mlauth/schemas/status.schema.json) on stdout; exit 3
     with the usual lines on stderr when re-authorization is required, else 0 (degraded too:
     ``mlauth check`` is the command that judges)."""
-    health = examine(args.env)
+    health = examine(args.env, seller=args.seller)
     print(health.render(), flush=True)
     reason = health.reason(REAUTHORIZE)
     if reason is not None:
@@ -216,7 +211,7 @@ def _status_json(args: argparse.Namespace) -> int:
 
 def _cmd_check(args: argparse.Namespace) -> int:
     """One line and an exit code for a cron job or a probe: 0 ok, 4 degraded, 3 log in."""
-    health = examine(args.env)
+    health = examine(args.env, seller=args.seller)
     if health.state == OK:
         assert health.tokens is not None
         print(printable(f"mlauth: ok: {_summary(health.tokens)}"))
@@ -228,7 +223,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
     reason = health.reason(REAUTHORIZE)
     assert reason is not None
     what = "authorization required" if reason.first else "re-authorization required"
-    fix = _login_hint(args.env, again=not reason.first)
+    fix = _login_hint(args.env, again=not reason.first, seller=health.seller)
     print(printable(f"mlauth: {what}: {reason.message}; fix: {fix}"), file=sys.stderr)
     return EXIT_REAUTHORIZE
 
@@ -281,8 +276,18 @@ def _cmd_refresh(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _sellers_or_none(args: argparse.Namespace) -> SellerStores | None:
+    """The store of many sellers the ``.env`` names (a Redis is one when ``--seller`` asks
+    for one, or when it holds sellers), else None."""
+    values = read_env_file(args.env)
+    with masked(secrets_of(values)):  # a token pasted under another key is not quoted
+        return sellers_store(values, args.env, wanted=getattr(args, "seller", None) is not None)
+
+
 def _cmd_login(args: argparse.Namespace) -> int:
-    store = store_from_env(args.env)
+    stores = _sellers_or_none(args)
+    # With many sellers, whoever authorizes is added: no one seller's store to pick.
+    store = None if stores is not None else store_from_env(args.env, seller=args.seller)
     values = read_env_file(args.env)
     redirect_uri = args.redirect_uri or (values.get("ML_REDIRECT_URI") or "").strip()
     auth_url = args.auth_url or values.get("ML_AUTH_URL")
@@ -297,7 +302,11 @@ def _cmd_login(args: argparse.Namespace) -> int:
             f"set ML_REDIRECT_URI in {args.env}"
         )
     base = authorization_base(args.site, auth_url)
-    store.check_writable()  # the .env's folder is writable; a Redis store is reachable
+    if store is not None:
+        store.check_writable()  # the .env's folder is writable; a Redis store is reachable
+    else:
+        assert stores is not None
+        stores.sellers()  # the store of many sellers is there and answers
     if args.code is not None:
         code, state = parse_pasted(args.code)
         if args.state is not None and state is not None and state != args.state:
@@ -332,6 +341,9 @@ def _cmd_login(args: argparse.Namespace) -> int:
         elif state != request.state:
             raise ConfigError(_state_mismatch())
         verifier = request.code_verifier
+    if stores is not None:
+        return _login_seller(args, Sellers(stores, **settings), code, redirect_uri, verifier)
+    assert store is not None
     tokens = complete_login(
         args.env, store, code=code, redirect_uri=redirect_uri, code_verifier=verifier
     )
@@ -339,7 +351,87 @@ def _cmd_login(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _login_seller(
+    args: argparse.Namespace,
+    sellers: Sellers,
+    code: Secret,
+    redirect_uri: str,
+    verifier: Secret | None,
+) -> int:
+    """The end of ``mlauth login`` with a store of many sellers: the seller who authorized
+    (the answer's ``user_id``) is added, or their chain replaced."""
+    try:
+        user_id = sellers.add_code(code, redirect_uri, code_verifier=verifier)
+    except InvalidGrantError as exc:
+        # Not the store's chain that failed: this login's code was refused.
+        raise ConfigError(
+            f"the authorization code was refused ({exc.error}: {exc.description or 'no detail'})"
+            ". A code works once, for a few minutes, with the same redirect URI (and, with "
+            "--pkce, from the same login). Run `mlauth login` again."
+        ) from None
+    tokens = sellers.stores.store(user_id).load()[0]
+    where = sellers.stores.location
+    print(printable(f"authorized: seller {user_id}'s tokens saved in {where} ({_summary(tokens)})"))
+    if args.seller is not None and user_id != args.seller:
+        raise ConfigError(
+            f"seller {user_id} authorized the app, not seller {args.seller}: seller {user_id}'s "
+            f"chain was saved (the code is spent; it is theirs). Seller {args.seller} must log "
+            "in to MercadoLibre themselves and authorize: run `mlauth login --seller "
+            f"{args.seller}` again in a browser where they are logged in"
+        )
+    return EXIT_OK
+
+
 def _cmd_migrate(args: argparse.Namespace) -> int:
+    values = read_env_file(args.env)
+    current = (values.get(STORE_KEY) or "").strip()
+    client_id = (values.get("ML_CLIENT_ID") or "").strip()
+    del values  # the whole .env (secret, tokens): not a local of the errors raised below
+    target = args.to.strip()
+    if current:
+        with masked(secrets_of(read_env_file(args.env))):
+            stores = sellers_store(read_env_file(args.env), args.env, wanted=False)
+        if stores is not None:
+            stores.close()
+            if args.seller is not None:
+                raise _Usage("migrate: --seller is for a .env's chain; every seller is moved")
+            return _migrate_sellers(args, current, target)
+    elif (
+        url_scheme(target) in SELLER_SCHEMES
+        or args.seller
+        or _redis_holds_sellers(target, client_id)
+    ):
+        from .migrate_sellers import migrate_env_to_sellers
+
+        done = migrate_env_to_sellers(args.env, target, seller=args.seller, force=args.force)
+        print(printable(str(done)))
+        return EXIT_OK
+    return _migrate_redis(args, current)
+
+
+def _redis_holds_sellers(url: str, client_id: str) -> bool:
+    """Whether the Redis at ``url`` is a store of many sellers of this app already: then a
+    ``.env``'s chain joins them (and is never written as a one-seller hash beside them)."""
+    if url_scheme(url) not in ("redis", "rediss", "unix") or not client_id:
+        return False
+    try:
+        from mlauth.stores.redis_sellers import redis_sellers_held
+    except ImportError as exc:  # the message names the extra: pip install 'mlauth[redis]'
+        raise ConfigError(f"migrate: {exc}") from None
+    return redis_sellers_held(url, client_id)
+
+
+def _migrate_sellers(args: argparse.Namespace, current: str, target: str) -> int:
+    from .migrate_sellers import migrate_between_sellers
+
+    if current == target:
+        print(printable(f"already migrated: {args.env} names {redact_url(target)}; nothing to do"))
+        return EXIT_OK
+    print(printable(str(migrate_between_sellers(args.env, target, force=args.force))))
+    return EXIT_OK
+
+
+def _migrate_redis(args: argparse.Namespace, current: str) -> int:
     try:
         from mlauth.stores.redis import RedisStore
 
@@ -347,7 +439,6 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
     except ImportError as exc:  # the message names the extra: pip install 'mlauth[redis]'
         raise ConfigError(f"migrate: {exc}") from None
 
-    current = (read_env_file(args.env).get(STORE_KEY) or "").strip()
     if current and current == args.to.strip():
         # Run again (by hand, or by a deploy script): done already if Redis holds the chain.
         store = store_from_env(args.env)
@@ -442,20 +533,38 @@ class _Usage(Exception):
 Handler = Callable[[argparse.Namespace], int]
 
 
-MIGRATE_SCHEMES = ("redis", "rediss", "unix")
+MIGRATE_SCHEMES = ("redis", "rediss", "unix", *SELLER_SCHEMES)
 
 
-def _redis_url(text: str) -> str:
-    """``--to``: a Redis URL, refused before anything is imported or connected to."""
+def _store_url(text: str) -> str:
+    """``--to``: a store's URL, refused before anything is imported or connected to."""
     scheme = url_scheme(text.strip())
     if scheme not in MIGRATE_SCHEMES:
         shown = redact_url(text.strip())
         raise argparse.ArgumentTypeError(
-            f"{shown!r}: the scheme {scheme + '://' if scheme else '(none)'} is not a Redis "
-            f"URL; use {', '.join(s + '://' for s in MIGRATE_SCHEMES)} "
-            "(e.g. redis://HOST:PORT/DB)"
+            f"{shown!r}: the scheme {scheme + '://' if scheme else '(none)'} is not a store "
+            f"mlauth knows; use {', '.join(s + '://' for s in MIGRATE_SCHEMES)} "
+            "(e.g. redis://HOST:PORT/DB or sqlite:///sellers.db)"
         )
     return text
+
+
+def _user_id(text: str) -> str:
+    """``--seller`` and ``sellers remove``: a user id, else a usage error (exit 2)."""
+    try:
+        return check_user_id(text.strip(), "--seller")
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("--seller: ")) from None
+
+
+def _add_seller(sub: argparse.ArgumentParser, what: str) -> None:
+    sub.add_argument(
+        "--seller",
+        type=_user_id,
+        metavar="ID",
+        help=f"with a store of many sellers (ML_TOKEN_STORE=sqlite://, postgresql://...): {what} "
+        "(the user id `mlauth sellers` lists); without it, the store's only seller",
+    )
 
 
 def _redirect_spec(text: str) -> tuple[str, str]:
@@ -487,12 +596,14 @@ def _number(
     return parse
 
 
-def _add_common(sub: argparse.ArgumentParser, env_default: str) -> None:
+def _add_common(sub: argparse.ArgumentParser, env_default: str, *, nested: bool = False) -> None:
     # Added to each sub-command, never through a shared parent parser: parents share their
     # option objects, and one command's default (demo's .env.demo) became every command's.
+    # A nested command (`sellers add`) has no defaults of its own: argparse copies a nested
+    # parser's values over its parent's, and `mlauth sellers --env X add` would lose X.
     sub.add_argument(
         "--env",
-        default=env_default,
+        default=argparse.SUPPRESS if nested else env_default,
         metavar="PATH",
         help=f"the .env file (default: ./{env_default})",
     )
@@ -500,11 +611,17 @@ def _add_common(sub: argparse.ArgumentParser, env_default: str) -> None:
         "-v",
         "--verbose",
         action="count",
-        default=0,
+        default=argparse.SUPPRESS if nested else 0,
         help=f"show mlauth's INFO log lines (-vv: DEBUG) on stderr; default WARNING and up, "
         f"or ${LEVEL_VARIABLE}",
     )
-    sub.add_argument("-q", "--quiet", action="store_true", help="show none of mlauth's log lines")
+    sub.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        default=argparse.SUPPRESS if nested else False,
+        help="show none of mlauth's log lines",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -531,6 +648,7 @@ def build_parser() -> argparse.ArgumentParser:
         _cmd_status,
         "show the store, token fingerprints, expiry, last refresh, and whether one is running",
     )
+    _add_seller(status, "the seller whose chain to show")
     status.add_argument(
         "--json",
         action="store_true",
@@ -538,14 +656,15 @@ def build_parser() -> argparse.ArgumentParser:
         "mlauth/schemas/status.schema.json) with an overall state: ok, degraded or "
         "reauthorization_required",
     )
-    command(
+    check = command(
         "check",
         _cmd_check,
         "one line on the chain's state and an exit code for cron jobs and probes: 0 ok, "
         "4 degraded (look soon), 3 re-authorization required (run `mlauth login`), 1 a "
         "configuration error",
     )
-    command(
+    _add_seller(check, "the seller whose chain to check")
+    token = command(
         "token",
         _cmd_token,
         "print a valid access token (refreshed first if expired or near expiry), for "
@@ -553,7 +672,11 @@ def build_parser() -> argparse.ArgumentParser:
         "is dead but the access token has not expired, it is printed all the same, stderr "
         "says how long it still works, and the exit code is 3",
     )
-    command("refresh", _cmd_refresh, "refresh the tokens now, under the same lock as every process")
+    _add_seller(token, "the seller whose access token to print")
+    refresh = command(
+        "refresh", _cmd_refresh, "refresh the tokens now, under the same lock as every process"
+    )
+    _add_seller(refresh, "the seller whose chain to refresh")
 
     login = command(
         "login",
@@ -587,25 +710,87 @@ def build_parser() -> argparse.ArgumentParser:
         "--state", help="with --code: the state the URL must carry (checked when present)"
     )
     login.add_argument("--code-verifier", metavar="VERIFIER", help="with --code: the PKCE verifier")
+    login.add_argument(
+        "--seller",
+        type=_user_id,
+        metavar="ID",
+        help="with a store of many sellers, where the seller who authorizes is added (or "
+        "replaces their chain): the seller expected to authorize; another's authorization is "
+        "saved all the same, and the exit code is 1",
+    )
 
     migrate = command(
         "migrate",
         _cmd_migrate,
-        "move the tokens from the .env into Redis (several machines share them), once, under "
-        "both locks; the .env keeps every other line and gains ML_TOKEN_STORE",
+        "move the tokens from the .env into Redis (several machines share them) or into a "
+        "store of many sellers, or every seller from one store of many sellers to another, "
+        "under the locks of both sides; the .env keeps every other line and names the new "
+        "store in ML_TOKEN_STORE",
     )
     migrate.add_argument(
         "--to",
         required=True,
-        type=_redis_url,
-        metavar="redis://HOST:PORT/DB",
-        help="the Redis to move them to (redis://, rediss:// or unix://)",
+        type=_store_url,
+        metavar="URL",
+        help="where to: redis://HOST:PORT/DB (rediss://, unix://) for the .env's one chain; "
+        "sqlite:///sellers.db (relative to the .env's folder; sqlite://// absolute), "
+        "postgresql://... or a Redis of many sellers for a store of many sellers",
     )
     migrate.add_argument(
         "--force",
         action="store_true",
         help="replace a different token chain already stored there (a dead or stale one)",
     )
+    _add_seller(
+        migrate,
+        "from the .env into a store of many sellers, the seller whose chain the .env holds "
+        "(checked against the tokens, which name it)",
+    )
+
+    sellers = command(
+        "sellers",
+        sellers_cli.cmd_list,
+        "the sellers of a store of many sellers (ML_TOKEN_STORE=sqlite://, postgresql://...): "
+        "user id, expiry, last refresh and by whom, and state (ok, refresh failing, "
+        "re-authorization required); `sellers add` and `sellers remove ID` change them",
+    )
+    sellers.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON document (schema mlauth-sellers/1, shipped as "
+        "mlauth/schemas/sellers.schema.json)",
+    )
+    actions = sellers.add_subparsers(dest="action", metavar="ACTION")
+    add = actions.add_parser(
+        "add",
+        help="add a seller from a refresh token read on stdin (never the command line)",
+        description="add a seller from their refresh token, read on stdin (a pipe or a file, "
+        "never a terminal nor the command line): refreshed once, which names the seller, then "
+        "saved; prints the seller's user id. A seller held already gets the new chain",
+    )
+    _add_common(add, ".env", nested=True)
+    add.add_argument(
+        "--seller",
+        type=_user_id,
+        metavar="ID",
+        help="the seller the token must be of: the answer's user id is checked against it",
+    )
+    add.add_argument(
+        "--replace",
+        action="store_true",
+        help="replace the chain of a seller held already (a dead one); without it a seller "
+        "held already is refused before the token is spent",
+    )
+    add.set_defaults(handler=sellers_cli.cmd_add)
+    remove = actions.add_parser(
+        "remove",
+        help="forget a seller's chain (under its lock)",
+        description="forget a seller's chain, under its lock; the app's grant at "
+        "MercadoLibre stays until the seller revokes it",
+    )
+    _add_common(remove, ".env", nested=True)
+    remove.add_argument("user_id", type=_user_id, metavar="ID", help="the seller's user id")
+    remove.set_defaults(handler=sellers_cli.cmd_remove)
 
     run = command(
         "run",
@@ -708,7 +893,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(printable(f"mlauth: {what}: {exc}"), file=sys.stderr)
         if isinstance(exc, ReauthorizationRequired) and exc.note:
             print(printable(f"mlauth: {exc.note}"), file=sys.stderr)
-        print(printable(f"fix: {_login_hint(env, again=not first)}"), file=sys.stderr)
+        hint = _login_hint(env, again=not first, seller=getattr(args, "seller", None))
+        print(printable(f"fix: {hint}"), file=sys.stderr)
         return EXIT_REAUTHORIZE
     except MLAuthError as exc:
         print(printable(f"mlauth: {exc}"), file=sys.stderr)

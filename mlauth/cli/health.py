@@ -22,7 +22,6 @@ fingerprints, and every string taken from the store is masked on the way out.
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import json
 import math
 import os
@@ -38,7 +37,11 @@ from mlauth.secret import Secret, mask
 from mlauth.stores import store_from_env
 from mlauth.stores.base import TokenStore
 from mlauth.stores.envfile import EnvFileStore, read_env_file, secrets_of
+from mlauth.stores.select import STORE_KEY
 from mlauth.tokens import TokenSet
+
+from .sellers import store_kind
+from .times import moment
 
 __all__ = ["DEGRADED", "OK", "REAUTHORIZE", "SCHEMA", "Health", "Reason", "examine"]
 
@@ -79,6 +82,8 @@ class Health:
     document: dict[str, Any]
     #: What the store holds (None: it could not be read); repr shows fingerprints only.
     tokens: TokenSet | None
+    #: The seller whose chain it is, in a store of many sellers; None for a one-seller store.
+    seller: str | None = None
 
     def reason(self, state: str) -> Reason | None:
         """The first reason for ``state``, if any."""
@@ -90,16 +95,20 @@ class Health:
         return json.dumps(self.document, indent=2, allow_nan=False)
 
 
-def examine(env: str) -> Health:
-    """Read the chain ``env`` names, once, without refreshing or sending anything.
+def examine(env: str, seller: str | None = None) -> Health:
+    """Read the chain ``env`` names (``seller``'s, in a store of many sellers), once, without
+    refreshing or sending anything.
 
     Raises :class:`~mlauth.ConfigError` when the configuration itself is broken; a store that
     cannot be read is a ``degraded`` state instead (running processes keep the token they
     hold until it expires).
     """
     env_settings(env)  # credentials, ML_TOKEN_URL, ML_API_HOSTS: a refresh needs them all
-    store = store_from_env(env)
-    known: list[Secret | None] = list(secrets_of(read_env_file(env)))
+    store = store_from_env(env, seller=seller)
+    values = read_env_file(env)
+    known: list[Secret | None] = list(secrets_of(values))
+    kind = _kind(store, values.get(STORE_KEY) or "")
+    del values  # the whole .env: not a local of what is raised below
     reasons: list[Reason] = []
     unreadable: list[str] = []
 
@@ -135,12 +144,12 @@ def examine(env: str) -> Health:
     document = {
         "schema": SCHEMA,
         "mlauth_version": __version__,
-        "generated_at": _time(time.time()),
+        "generated_at": moment(time.time()),
         "env": os.path.abspath(env),
         "state": state,
         "reasons": [{"code": r.code, "state": r.state, "message": r.message} for r in reasons],
         "store": {
-            "kind": _kind(store),
+            "kind": kind,
             "location": mask(store.location, known),  # a Redis URL's password is masked there
             "seller": store.seller,  # the chain's, in a store of many sellers (events say it too)
             "readable": not unreadable,
@@ -155,7 +164,7 @@ def examine(env: str) -> Health:
         "journal": None if tokens is None else {"pending": len(pending)},
         "token_sent_to": token_hosts_row(env),
     }
-    return Health(state, reasons, document, tokens)
+    return Health(state, reasons, document, tokens, store.seller)
 
 
 def _token_reasons(store: TokenStore, tokens: TokenSet, dead: str | None) -> list[Reason]:
@@ -193,25 +202,16 @@ def _worst(reasons: list[Reason]) -> str:
     return OK
 
 
-def _kind(store: TokenStore) -> str:
+def _kind(store: TokenStore, url: str) -> str:
     if isinstance(store, EnvFileStore):
         return "env_file"
+    if store.seller is not None:  # one seller's chain in a store of many
+        return store_kind(url)
     # Imported only when the extra is: a store of that class means the module is loaded.
     redis_store = sys.modules.get("mlauth.stores.redis")
     if redis_store is not None and isinstance(store, redis_store.RedisStore):
         return "redis"
     return "other"
-
-
-def _time(stamp: float | None) -> dict[str, Any] | None:
-    """A moment as unix seconds and as RFC 3339 UTC text; None if unknown or impossible."""
-    if stamp is None or not math.isfinite(stamp):
-        return None
-    try:
-        utc = datetime.datetime.fromtimestamp(stamp, tz=datetime.timezone.utc)
-    except (OverflowError, OSError, ValueError):
-        return None
-    return {"unix": round(stamp, 3), "utc": utc.strftime("%Y-%m-%dT%H:%M:%SZ")}
 
 
 def _tokens(tokens: TokenSet, known: list[Secret | None]) -> dict[str, Any]:
@@ -225,11 +225,11 @@ def _tokens(tokens: TokenSet, known: list[Secret | None]) -> dict[str, Any]:
         "refresh_token_fingerprint": (
             None if tokens.refresh_token is None else tokens.refresh_token.fingerprint
         ),
-        "expires_at": _time(tokens.expires_at),
+        "expires_at": moment(tokens.expires_at),
         "seconds_left": seconds_left,
         "expired": None if seconds_left is None else seconds_left <= 0,
         "last_refresh": {
-            "at": _time(tokens.refreshed_at),
+            "at": moment(tokens.refreshed_at),
             "by": None if by is None else mask(by, known),
         },
     }

@@ -19,6 +19,7 @@ Needs the ``redis`` package: ``pip install 'mlauth[redis]'``.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -264,11 +265,12 @@ class RedisSellers(SellerStores):
                 ) from None
         return store
 
-    def remove(self, user_id: str) -> bool:
+    def remove(self, user_id: str, *, held: bool = False) -> bool:
         user_id = check_user_id(user_id, f"Redis at {self.location}")
         store = self._store_of(user_id)
         key = self.key(user_id)
-        with store.lock(self.lock_timeout):  # never under a refresher's feet
+        # Never under a refresher's feet: under the lock, taken here or by the caller.
+        with contextlib.nullcontext() if held else store.lock(self.lock_timeout):
             try:
                 held = _REMOVE(
                     self._client,

@@ -100,8 +100,11 @@ class SellerStores(abc.ABC):
         """
 
     @abc.abstractmethod
-    def remove(self, user_id: str) -> bool:
-        """Forget seller ``user_id``'s chain, under its lock; False if it was not held."""
+    def remove(self, user_id: str, *, held: bool = False) -> bool:
+        """Forget seller ``user_id``'s chain, under its lock; False if it was not held.
+
+        ``held``: the caller holds that seller's lock already (``mlauth migrate`` moving the
+        chain out, which must remove it in the same hold as it read it)."""
 
     @abc.abstractmethod
     def rows(self, user_ids: Sequence[str] | None = None) -> list[SellerRow]:

@@ -26,6 +26,7 @@ row and the fix, never a crash, and never showing the value.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -989,10 +990,10 @@ class SqlSellers(SellerStores):
                 store.clear_reauthorization()
         return store
 
-    def remove(self, user_id: str) -> bool:
+    def remove(self, user_id: str, *, held: bool = False) -> bool:
         user_id = check_user_id(user_id, self.location)
         store = self._made(user_id)
-        with store.lock(self.lock_timeout):
+        with contextlib.nullcontext() if held else store.lock(self.lock_timeout):
             # For the change feed of every process that holds the seller (.sql_feed); first,
             # so that a removal cut short is still told (a row found there wins over it).
             self.db.run(

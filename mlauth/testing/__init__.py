@@ -145,8 +145,9 @@ class FakeMercadoLibre:
     can be tried against it.
 
     Use as a context manager, or :meth:`start` / :meth:`stop`. ``token_lifetime``,
-    ``kill_old_access_on_refresh``, ``token_delay``, ``token_answer_delay`` and ``api_delay``
-    are read on every request, so a test may change them while the server runs. Every token
+    ``kill_old_access_on_refresh``, ``token_delay``, ``token_delay_for``,
+    ``token_answer_delay`` and ``api_delay`` are read on every request, so a test may change
+    them while the server runs. Every token
     chain (one per :meth:`issue_tokens` or code exchange) is independent of the others.
 
     One fake is one app, and it serves any number of sellers (users): ``issue_tokens(
@@ -182,6 +183,11 @@ class FakeMercadoLibre:
         self.token_lifetime = token_lifetime
         self.kill_old_access_on_refresh = kill_old_access_on_refresh
         self.token_delay = 0.0
+        # Per seller: a token POST on that user's chain (a refresh or a code exchange) waits
+        # this much longer, in its own handler thread and holding no lock, so one seller's
+        # hanging POST leaves every other seller's answered at once. See
+        # :meth:`release_token_delays` and :meth:`token_requests_in_flight_for`.
+        self.token_delay_for: dict[int, float] = {}
         # Delay after a grant is processed and before its answer is sent: a client killed
         # meanwhile loses an answer whose refresh token the server has already rotated.
         self.token_answer_delay = 0.0
@@ -203,6 +209,7 @@ class FakeMercadoLibre:
         self._live_by_user: dict[int, set[str]] = {}
         self._grants: dict[int, float] = {}
         self._refreshes_by_user: collections.Counter[int] = collections.Counter()
+        self._refresh_times_by_user: dict[int, list[float]] = {}
         self._codes: dict[str, _PendingCode] = {}
         self._faults: collections.deque[_Fault] = collections.deque()
         self._manglers: collections.deque[tuple[int, Callable[[dict[str, object]], object]]] = (
@@ -210,6 +217,11 @@ class FakeMercadoLibre:
         )
         self._resets = 0
         self._in_flight = 0
+        self._in_flight_by_user: collections.Counter[int] = collections.Counter()
+        # Delayed token POSTs sleep on this condition, so release_token_delays() and stop()
+        # can cut them short; the epoch tells a sleeper it was released.
+        self._delays = threading.Condition(threading.Lock())
+        self._delay_epoch = 0
         self._unauthorized_shapes = itertools.cycle(_UNAUTHORIZED_SHAPES)
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
@@ -239,6 +251,7 @@ class FakeMercadoLibre:
             self._stopped = True
             return
         self._stopped = True
+        self.release_token_delays()  # a sleeping handler would hold its connection open
         server.shutdown()
         server.server_close()
         server.close_connections()
@@ -381,6 +394,7 @@ class FakeMercadoLibre:
             self._stats = dict.fromkeys(_STAT_NAMES, 0)
             self._refresh_times.clear()
             self._refreshes_by_user.clear()
+            self._refresh_times_by_user.clear()
 
     def refreshes_by_user(self) -> dict[int, int]:
         """Successful refreshes per user since the start or :meth:`reset_stats` (a copy).
@@ -389,6 +403,12 @@ class FakeMercadoLibre:
         """
         with self._lock:
             return dict(self._refreshes_by_user)
+
+    def refresh_times_by_user(self) -> dict[int, list[float]]:
+        """``time.time()`` of each successful refresh per user, in order (a copy); users with
+        no refresh are absent. What a benchmark compares with the calls each seller got."""
+        with self._lock:
+            return {user: list(times) for user, times in self._refresh_times_by_user.items()}
 
     def is_live(self, refresh_token: str | None) -> bool:
         """Whether ``refresh_token`` is the live end of a chain (the next refresh would work)."""
@@ -443,6 +463,18 @@ class FakeMercadoLibre:
             self._stats["faults"] += 1
             return self._manglers.popleft()
 
+    def release_token_delays(self) -> None:
+        """Let every token POST sleeping out a delay go on now (delays set later still apply)."""
+        with self._delays:
+            self._delay_epoch += 1
+            self._delays.notify_all()
+
+    def token_requests_in_flight_for(self, user_id: int) -> int:
+        """How many token POSTs on ``user_id``'s chain are being handled right now (received,
+        not yet answered): a test waits for a seller's POST to hang before it acts."""
+        with self._lock:
+            return self._in_flight_by_user[user_id]
+
     def reset_next_token_requests(self, count: int) -> None:
         """Make the next ``count`` token POSTs close the connection without any answer."""
         with self._lock:
@@ -467,6 +499,33 @@ class FakeMercadoLibre:
             self._in_flight -= 1
             if self._in_flight == 0:
                 self.token_requests_in_flight.clear()
+
+    def _grant_user(self, form: Mapping[str, str]) -> int | None:
+        """Whose chain a token POST is for (its refresh token's or code's user), if known."""
+        with self._lock:
+            if form.get("grant_type") == "refresh_token":
+                chain = self._refresh_chains.get(form.get("refresh_token") or "")
+                return None if chain is None else chain.user_id
+            pending = self._codes.get(form.get("code") or "")
+            return None if pending is None else pending.user_id
+
+    def _seller_delay(self, user: int | None) -> float:
+        """Sleep out ``user``'s own token delay (holding no lock); the seconds asked for."""
+        delay = 0.0 if user is None else self.token_delay_for.get(user, 0.0)
+        if delay <= 0:
+            return 0.0
+        with self._lock:
+            self._in_flight_by_user[user] += 1  # type: ignore[index]
+        try:
+            with self._delays:
+                epoch = self._delay_epoch
+                # wait_for releases the condition while it sleeps: other sellers' POSTs
+                # (and this seller's other ones) are handled meanwhile.
+                self._delays.wait_for(lambda: self._delay_epoch != epoch, timeout=delay)
+        finally:
+            with self._lock:
+                self._in_flight_by_user[user] -= 1  # type: ignore[index]
+        return delay
 
     def _take_fault(self) -> _Fault | Literal["reset"] | None:
         """The injected fault for this token POST, if any, oldest first; resets go first."""
@@ -533,7 +592,9 @@ class FakeMercadoLibre:
                     chain.access.clear()
                 self._stats["refreshes"] += 1
                 self._refreshes_by_user[chain.user_id] += 1
-                self._refresh_times.append(time.time())
+                now = time.time()
+                self._refresh_times.append(now)
+                self._refresh_times_by_user.setdefault(chain.user_id, []).append(now)
                 return 200, self._mint(chain)
             if grant_type == "authorization_code":
                 code, redirect_uri = form.get("code"), form.get("redirect_uri")
@@ -719,9 +780,16 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         fake._token_started()
         try:
             body = self._read_body()
+            form = {
+                key: values[0]
+                for key, values in urllib.parse.parse_qs(
+                    (body or b"").decode("utf-8", "replace")
+                ).items()
+            }
             delay = fake.token_delay
             if delay > 0:
                 time.sleep(delay)
+            delay += fake._seller_delay(fake._grant_user(form) if fake.token_delay_for else None)
             # A client that gave up while the server was slow never had its grant processed:
             # the refresh token it sent must stay valid, or tests of "timeout, then retry"
             # would see an invalid_grant that the real server would not have produced.
@@ -733,10 +801,6 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             if fault == "reset":
                 self.close_connection = True  # no answer at all: RemoteDisconnected
                 return
-            form = {
-                key: values[0]
-                for key, values in urllib.parse.parse_qs(body.decode("utf-8", "replace")).items()
-            }
             if isinstance(fault, _Fault):
                 if fault.consume:
                     fake._grant(form)  # processed server-side; the answer is what gets lost

@@ -69,6 +69,7 @@ from .base import (
     check_seller,
     savable,
 )
+from .feed import ChangeFeed, Read
 from .incidents import Incidents
 from .journal import kept_note
 from .lock import POLL_INTERVAL
@@ -87,12 +88,15 @@ PROBE_TIMEOUT = 1.0
 
 _FIELDS = ("access_token", "refresh_token", "expires_at", "refreshed_at", "refreshed_by")
 
-# A seller's hash in a store of many sellers (mlauth.stores.redis_sellers) comes with two more
-# keys: KEYS[2] the set that lists the sellers, KEYS[3] the mark `sellers remove` leaves. The
-# scripts that write tokens then refuse (-3) once the seller was removed, so a process still
-# holding its chain in memory cannot bring it back, and list the seller in the same step, so
-# the set and the hashes never disagree (after Redis lost both, a put-back lists it again).
-# The seller's id is the last argument: the field pairs end with ('seller', id).
+# A seller's hash in a store of many sellers (mlauth.stores.redis_sellers) comes with three
+# more keys: KEYS[2] the set that lists the sellers, KEYS[3] the mark `sellers remove` leaves,
+# KEYS[4] the sorted set of changes (mlauth.stores.redis_feed). The scripts that write tokens
+# then refuse (-3) once the seller was removed, so a process still holding its chain in
+# memory cannot bring it back, and list the seller in the same step, so the set and the
+# hashes never disagree (after Redis lost both, a put-back lists it again); and they record
+# the change with Redis's time, for the other processes' change feeds, dropping changes
+# older than an hour. The seller's id is the last argument: the field pairs end with
+# ('seller', id).
 _SELLER_REMOVED = """
 if #KEYS > 1 and redis.call('EXISTS', KEYS[3]) == 1 then
   return -3
@@ -101,6 +105,12 @@ end
 _SELLER_LISTED = """
 if #KEYS > 1 then
   redis.call('SADD', KEYS[2], ARGV[#ARGV])
+end
+if #KEYS > 3 then
+  local now = redis.call('TIME')
+  local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+  redis.call('ZADD', KEYS[4], ms, ARGV[#ARGV])
+  redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', '(' .. (ms - 3600000))
 end
 """
 REMOVED = -3  # what the scripts return for a seller removed from the store
@@ -464,7 +474,9 @@ class RedisStore(TokenStore):
     A store of many sellers (:class:`~mlauth.stores.redis_sellers.RedisSellers`) makes one per
     seller: ``seller`` is the user id whose chain the hash holds (a save of another seller's
     tokens is refused), ``index`` the set that lists the sellers (written with the hash, in
-    one script), and ``client`` and ``probe`` the connections all its sellers share.
+    one script), ``client`` and ``probe`` the connections all its sellers share, and ``feed``
+    the change feed they share (:mod:`.redis_feed`): whether a peer committed is then asked
+    once per ``check_interval`` for all the sellers of the process, not for each.
     """
 
     def __init__(
@@ -480,12 +492,16 @@ class RedisStore(TokenStore):
         seller: str | None = None,
         index: str | None = None,
         probe: redis.Redis | None = None,
+        feed: ChangeFeed | None = None,
+        changes: str | None = None,
     ) -> None:
         url = check_url(url)
         if lock_timeout <= 0 or check_interval < 0:
             raise ConfigError("RedisStore: lock_timeout must be > 0 and check_interval >= 0")
         if index is not None and (seller is None or key is None):
             raise ConfigError("RedisStore: index= is for a seller's hash: give seller= and key=")
+        if (feed is not None or changes is not None) and (index is None or seller is None):
+            raise ConfigError("RedisStore: feed= and changes= are for a seller's hash: give index=")
         self.url = url
         self.location = redact_url(url)
         self.lock_timeout = float(lock_timeout)
@@ -507,6 +523,12 @@ class RedisStore(TokenStore):
         self._seen: Hashable = None  # the stamp of the version last read or written
         self._checked_at = -float("inf")  # monotonic time of the last look at Redis
         self._quiet_until = -float("inf")  # after a failed look: no other before this time
+        # A seller's hash: the feed looks for all sellers (what this store read last, and
+        # the feed's look then); its own look only once after wait_unlocked().
+        self._feed = feed
+        self._changes = changes
+        self._last: Read = (None, 0)
+        self._alone = False
 
     def _connect(self, url: str, socket_timeout: float) -> tuple[redis.Redis, redis.Redis]:
         return connect(url, socket_timeout)
@@ -527,7 +549,10 @@ class RedisStore(TokenStore):
         """The keys a script that writes tokens is given: the hash, and for a seller's hash
         the sellers' set and the seller's removal mark (see ``_SELLER_REMOVED``)."""
         key = self._key()
-        return [key] if self.index is None else [key, self.index, f"{key}:removed"]
+        if self.index is None:
+            return [key]
+        keys = [key, self.index, f"{key}:removed"]
+        return keys if self._changes is None else [*keys, self._changes]
 
     def _removed(self) -> str:
         return (
@@ -549,16 +574,25 @@ class RedisStore(TokenStore):
 
     def local_stamp(self) -> Hashable:
         # Between two looks at Redis, stamp() answers from memory. One clock reading decides.
+        feed = self._feed
+        if feed is not None:
+            return feed.local_stamp(self.seller or "", self._last)
         now = time.monotonic()
         if now - self._checked_at < self.check_interval or now < self._quiet_until:
             return self._seen
         return NOT_LOCAL
 
     def stamp(self) -> Hashable:
-        # One round trip per check_interval at most, whatever the call rate; in between the
-        # version last seen is reported, so no change shows. A 401 re-reads under the lock.
+        # One round trip per check_interval at most, whatever the call rate (a seller's
+        # hash: for all the process's sellers); in between the version last seen is
+        # reported, so no change shows. A 401 re-reads under the lock.
+        feed = self._feed
         now = time.monotonic()
-        if now - self._checked_at < self.check_interval or now < self._quiet_until:
+        if feed is not None:
+            if not self._alone:
+                return feed.stamp(self.seller or "", self._last_read)
+            self._alone = False
+        elif now - self._checked_at < self.check_interval or now < self._quiet_until:
             return self._seen
         self._checked_at = now
         try:
@@ -566,23 +600,33 @@ class RedisStore(TokenStore):
         except UnicodeDecodeError:
             raise not_text(self._key(), self.location) from None
         except RedisError as exc:
-            # Back off: a Redis that hangs would otherwise cost every check its timeout. A
-            # successful load() (a 401 or an expiry re-reads under the lock) ends this early.
-            self._quiet_until = now + PROBE_BACKOFF
-            unreachable = self._unreachable(exc, "read")
-            log.warning("%s; using the cached token, next look in %gs", unreachable, PROBE_BACKOFF)
-            events.store_failed(self.location, exc, str(unreachable), seller=self.seller)
-            return self._seen
+            return self._look_failed(exc, now)
         events.store_answered(self.location, seller=self.seller)
         if chain is None:
             return None
         return (chain, _generation(cast("str | None", gen), self._key(), self.location))
+
+    def _last_read(self) -> Read:
+        return self._last
+
+    def _look_failed(self, exc: RedisError, now: float) -> Hashable:
+        # Back off: a Redis that hangs would otherwise cost every check its timeout. A
+        # successful load() (a 401 or an expiry re-reads under the lock) ends this early.
+        unreachable = self._unreachable(exc, "read")
+        if self._feed is not None:
+            self._feed.failed(unreachable, self.seller)
+            return self._last[0]
+        self._quiet_until = now + PROBE_BACKOFF
+        log.warning("%s; using the cached token, next look in %gs", unreachable, PROBE_BACKOFF)
+        events.store_failed(self.location, exc, str(unreachable), seller=self.seller)
+        return self._seen
 
     # Sealed (mlauth.errors.sealed): the hash's values (the tokens) and the raw answer kept
     # beside them are locals here and below, on the traceback of any error raised through.
     @sealed
     def load(self) -> tuple[TokenSet, Hashable]:
         key = self._key()
+        seq = self._seq()  # before the read: a look of the feed begun after it may know better
         self._local.answer = self._local.dead = None
         try:
             values = self._read(key)
@@ -597,7 +641,7 @@ class RedisStore(TokenStore):
             raise self._unreachable(exc, "read the tokens from") from None
         chain, gen = values["chain"], _generation(values.get("generation"), key, self.location)
         tokens = tokens_of_hash(values, key, self.location)
-        self._remember(tokens, chain, gen)
+        self._remember(tokens, chain, gen, seq)
         return tokens, (chain, gen)
 
     def dead_read(self) -> str | None:
@@ -679,11 +723,17 @@ class RedisStore(TokenStore):
             raise StoreError(f"Redis at {self.location} dropped {key!r} again right after a write")
         return values
 
-    def _remember(self, tokens: TokenSet, chain: str, gen: int) -> None:
+    def _seq(self) -> int:
+        return 0 if self._feed is None else self._feed.seq
+
+    def _remember(self, tokens: TokenSet, chain: str, gen: int, seq: int) -> None:
         self._seen = (chain, gen)
         self._checked_at = time.monotonic()
         self._quiet_until = -float("inf")  # Redis answered
         self._known = (tokens, chain, gen)
+        if self._feed is not None:
+            self._last = ((chain, gen), seq)
+            self._feed.answered()
 
     # -- writing ---------------------------------------------------------------------------
 
@@ -739,6 +789,7 @@ class RedisStore(TokenStore):
         if not (isinstance(replaces, tuple) and len(replaces) == 2):
             raise TypeError(f"replaces must be a version load() returned, not {replaces!r}")
         chain, gen = replaces
+        seq = self._seq()
         try:
             nonce = secrets.token_hex(8)
             args: list[str | int] = [chain, gen, nonce, *self._pairs(tokens)]
@@ -752,7 +803,7 @@ class RedisStore(TokenStore):
                 f"a peer committed newer tokens to {self.location} after this process read "
                 f"generation {gen}; ours were not written (the newer ones win)"
             )
-        self._remember(tokens, chain, new)
+        self._remember(tokens, chain, new, seq)
         return (chain, new)
 
     @sealed
@@ -767,6 +818,7 @@ class RedisStore(TokenStore):
         key = self._key()
         chain = secrets.token_hex(8)
         args = [chain, "1" if replace else "0", MAX_GENERATION, *self._pairs(tokens)]
+        seq = self._seq()
         try:
             gen = int(_SEED_SCRIPT(self._client, keys=self._script_keys(), args=args))
         except RedisError as exc:
@@ -775,7 +827,7 @@ class RedisStore(TokenStore):
             raise _generation_at_limit(key, self.location, "nothing was written")
         if gen < 0:
             raise StaleCommitError(f"{self.location} already holds tokens under {key!r}")
-        self._remember(tokens, chain, gen)
+        self._remember(tokens, chain, gen, seq)
         return (chain, gen)
 
     def peek(self) -> TokenSet | None:
@@ -905,6 +957,7 @@ class RedisStore(TokenStore):
         except RedisError as exc:
             raise self._unreachable(exc, "read the refresh lock at") from None
         self._checked_at = -float("inf")  # the next stamp() is a real look
+        self._alone = True  # of this hash, not the feed's
         return True
 
     # -- the lock --------------------------------------------------------------------------

@@ -52,6 +52,7 @@ from .redis import (
     tokens_of_hash,
     unreachable,
 )
+from .redis_feed import RedisFeed
 from .sellers_base import FAILING, OK, REAUTHORIZE, SellerRow, SellerStores, check_user_id
 
 __all__ = ["ROWS_BATCH", "RedisSellers", "redis_sellers_held"]
@@ -62,12 +63,17 @@ ROWS_BATCH = 1000
 NAMED = 10
 
 # Forget a seller, under its lock: the hash, its place in the set, and a mark that stops the
-# token scripts (mlauth.stores.redis, _SELLER_REMOVED) from writing the hash again. Returns
-# 1 if the seller was held (listed or with a hash).
+# token scripts (mlauth.stores.redis, _SELLER_REMOVED) from writing the hash again; and tell
+# the other processes' change feeds (KEYS[4], as the token scripts do). Returns 1 if the
+# seller was held (listed or with a hash).
 _REMOVE = LuaScript(
     """
 local held = redis.call('DEL', KEYS[1]) + redis.call('SREM', KEYS[2], ARGV[1])
 redis.call('SET', KEYS[3], ARGV[2])
+local now = redis.call('TIME')
+local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+redis.call('ZADD', KEYS[4], ms, ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', '(' .. (ms - 3600000))
 if held > 0 then return 1 end
 return 0
 """
@@ -129,6 +135,7 @@ class RedisSellers(SellerStores):
         self._stores: dict[str, RedisStore] = {}
         self._mutex = threading.Lock()  # threads making a seller's store make one
         self._pid = os.getpid()
+        self._feed: RedisFeed | None = None
 
     def bind_client(self, client_id: str) -> None:
         """Derive the keys' prefix from the app's client id, unless one was given."""
@@ -152,6 +159,30 @@ class RedisSellers(SellerStores):
     def key(self, user_id: str) -> str:
         """The hash of seller ``user_id``'s chain."""
         return f"{self._prefix()}:seller:{user_id}"
+
+    @property
+    def changes(self) -> str:
+        """The sorted set of the sellers written in the last hour, by Redis's time."""
+        return f"{self._prefix()}:changes"
+
+    @property
+    def feed(self) -> RedisFeed:
+        """What this process's sellers ask whether a peer committed (:mod:`.redis_feed`)."""
+        feed = self._feed
+        if feed is None:
+            with self._mutex:
+                if self._feed is None:
+                    self._feed = RedisFeed(
+                        self._probe,
+                        self.url,
+                        self.location,
+                        self.check_interval,
+                        self._stores,  # only the sellers this process holds are kept
+                        changes=self.changes,
+                        key=self.key,
+                    )
+                feed = self._feed
+        return feed
 
     def _unreachable(self, exc: Exception, doing: str) -> StoreError:
         return unreachable(exc, doing, self.url)
@@ -184,6 +215,11 @@ class RedisSellers(SellerStores):
         if self._pid != os.getpid():
             # Forked while another thread held it: that thread does not exist in the child.
             self._mutex, self._pid = threading.Lock(), os.getpid()
+        found = self._stores.get(user_id)
+        if found is not None:
+            return found
+        feed = self.feed
+        feed.start()  # before the store reads its hash: no later change is missed
         with self._mutex:
             found = self._stores.get(user_id)
             if found is None:
@@ -196,6 +232,8 @@ class RedisSellers(SellerStores):
                     check_interval=self.check_interval,
                     client=self._client,
                     probe=self._probe,
+                    feed=feed,
+                    changes=self.changes,
                 )
             return found
 
@@ -237,13 +275,14 @@ class RedisSellers(SellerStores):
             try:
                 held = _REMOVE(
                     self._client,
-                    keys=[key, self.index, f"{key}:removed"],
+                    keys=[key, self.index, f"{key}:removed", self.changes],
                     args=[user_id, f"{time.time()!r} {this_process()}"],
                 )
             except RedisError as exc:
                 raise self._unreachable(exc, "remove the seller from") from None
         with self._mutex:
             self._stores.pop(user_id, None)
+        self.feed.forget(user_id)
         return bool(held)
 
     def rows(self, user_ids: Sequence[str] | None = None) -> list[SellerRow]:

@@ -57,18 +57,19 @@ from mlauth.tokens import LATEST_TIME, USER_ID, TokenSet, this_process, token_pr
 
 from . import sql_db
 from .base import (
-    NOT_LOCAL,
     KeptAnswerRefresh,
     RefreshTransaction,
     TokenStore,
     check_seller,
     savable,
 )
+from .feed import Read
 from .incidents import Incidents
 from .journal import kept_note
 from .lock import POLL_INTERVAL
 from .sellers_base import FAILING, OK, REAUTHORIZE, SellerRow, SellerStores, check_user_id
 from .sql_db import Database
+from .sql_feed import SqlFeed
 
 __all__ = ["SqlRefresh", "SqlSellerStore", "SqlSellers"]
 
@@ -77,25 +78,26 @@ log = logging.getLogger("mlauth")
 # A commit writes generation + 1: a generation this large was set by hand, and is refused
 # before anything is spent (both databases count in 64-bit integers).
 MAX_GENERATION = 2**62
-# After a freshness check found the database unreachable, API calls go on with the cached
-# token this long before the next look (as for Redis).
-PROBE_BACKOFF = 30.0
 # Start a seller's chain where it has none; or (_REPLACE) over the one it has, the generation
 # going on from the old one so that no process takes the new chain for an older link.
+# Every statement that writes a version sets changed_at to the database's time, for the
+# change feed (.sql_feed).
 _SEED = (
     "INSERT INTO mlauth_sellers (client_id, user_id, chain, generation, access_token, "
-    "refresh_token, expires_at, refreshed_at, refreshed_by) VALUES (?, ?, ?, 1, ?, ?, ?, ?, ?) "
+    "refresh_token, expires_at, refreshed_at, refreshed_by, changed_at) "
+    "VALUES (?, ?, ?, 1, ?, ?, ?, ?, ?, {now}) "
     "ON CONFLICT (client_id, user_id) DO NOTHING RETURNING generation"
 )
 _REPLACE = (
     "INSERT INTO mlauth_sellers (client_id, user_id, chain, generation, access_token, "
-    "refresh_token, expires_at, refreshed_at, refreshed_by) VALUES (?, ?, ?, 1, ?, ?, ?, ?, ?) "
+    "refresh_token, expires_at, refreshed_at, refreshed_by, changed_at) "
+    "VALUES (?, ?, ?, 1, ?, ?, ?, ?, ?, {now}) "
     "ON CONFLICT (client_id, user_id) DO UPDATE SET chain = excluded.chain, "
     "generation = mlauth_sellers.generation + 1, access_token = excluded.access_token, "
     "refresh_token = excluded.refresh_token, expires_at = excluded.expires_at, "
     "refreshed_at = excluded.refreshed_at, refreshed_by = excluded.refreshed_by, "
-    "answer = NULL, dead = NULL, failing_since = NULL, failing_reason = NULL "
-    "RETURNING generation"
+    "answer = NULL, dead = NULL, failing_since = NULL, failing_reason = NULL, "
+    "changed_at = excluded.changed_at RETURNING generation"
 )
 _SHOWN = 10  # sellers named in a message; the rest are counted
 _REASON_LIMIT = 500  # characters of a failure's reason kept in the row
@@ -131,6 +133,17 @@ def _number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def _is_version(chain: object, generation: object) -> bool:
+    """Whether (chain, generation) is a version mlauth can have written (see ``_version``)."""
+    return (
+        isinstance(chain, str)
+        and bool(chain)
+        and isinstance(generation, int)
+        and not isinstance(generation, bool)
+        and 0 <= generation <= MAX_GENERATION
+    )
+
+
 class _Row:
     """What :meth:`SqlSellerStore.load` read beside the tokens, kept per thread for the
     refresh transaction opened on it."""
@@ -145,9 +158,10 @@ class _Row:
 class SqlSellerStore(TokenStore):
     """One seller's chain in a :class:`SqlSellers`: its row, its lease, its fenced commits.
 
-    Made by :meth:`SqlSellers.store` (once per seller and process). ``check_interval``
-    bounds how often the store asks the database whether a peer committed: requests in
-    between cost no query, and a 401 re-reads under the lease anyway.
+    Made by :meth:`SqlSellers.store` (once per seller and process). Whether a peer
+    committed is asked of the database at most once per ``check_interval`` for all the
+    sellers of the process together (the change feed, :mod:`.sql_feed`): requests in between
+    cost no query, and a 401 re-reads under the lease anyway.
     """
 
     def __init__(self, sellers: SqlSellers, user_id: str) -> None:
@@ -159,9 +173,10 @@ class SqlSellerStore(TokenStore):
         self.lock_timeout = sellers.lock_timeout
         self.check_interval = sellers.check_interval
         self._local = threading.local()  # per thread: the lease it holds, what load read
-        self._seen: Hashable = None  # the version last read or written
-        self._checked_at = -float("inf")  # monotonic time of the last look
-        self._quiet_until = -float("inf")  # after a failed look: no other before this time
+        self._user_id = user_id
+        self._feed = sellers.feed
+        self._read: Read = (None, 0)  # the version last read or written, and the feed's look
+        self._alone = False  # the next stamp() looks at this row itself (after a wait)
 
     def __repr__(self) -> str:
         return f"SqlSellerStore({self._sellers.location!r}, seller={self.seller!r})"
@@ -187,17 +202,21 @@ class SqlSellerStore(TokenStore):
     # -- reading ---------------------------------------------------------------------------
 
     def local_stamp(self) -> Hashable:
-        now = time.monotonic()
-        if now - self._checked_at < self.check_interval or now < self._quiet_until:
-            return self._seen
-        return NOT_LOCAL
+        # Within check_interval of the feed's last look: from memory, one clock reading.
+        return self._feed.local_stamp(self._user_id, self._read)
 
     def stamp(self) -> Hashable:
-        # One query per check_interval at most, whatever the call rate.
-        now = time.monotonic()
-        if now - self._checked_at < self.check_interval or now < self._quiet_until:
-            return self._seen
-        self._checked_at = now
+        # One query per check_interval at most for all the process's sellers, whatever the
+        # call rate and the number of sellers; this row alone once after wait_unlocked().
+        if self._alone:
+            self._alone = False
+            return self._look_alone()
+        return self._feed.stamp(self._user_id, self._last_read)
+
+    def _last_read(self) -> Read:
+        return self._read
+
+    def _look_alone(self) -> Hashable:
         try:
             rows, _ = self._db.run(
                 "SELECT chain, generation FROM mlauth_sellers WHERE client_id = ? AND user_id = ?",
@@ -205,11 +224,9 @@ class SqlSellerStore(TokenStore):
                 "read",
             )
         except StoreError as exc:
-            self._quiet_until = now + PROBE_BACKOFF
-            log.warning("%s; using the cached token, next look in %gs", exc, PROBE_BACKOFF)
-            events.store_failed(self.location, exc, str(exc))
-            return self._seen
-        events.store_answered(self.location)
+            self._feed.failed(exc, self.seller)
+            return self._read[0]
+        events.store_answered(self._feed.location, seller=self.seller)
         if not rows:
             return None
         return self._version(rows[0][0], rows[0][1])
@@ -238,6 +255,7 @@ class SqlSellerStore(TokenStore):
     @sealed  # the row's values (the tokens) are locals here
     def load(self) -> tuple[TokenSet, Hashable]:
         self._local.row = _Row()
+        seq = self._feed.seq  # before the read: a look begun after it may know better
         rows, _ = self._db.run(
             "SELECT chain, generation, access_token, refresh_token, expires_at, refreshed_at, "
             "refreshed_by, answer, dead FROM mlauth_sellers WHERE client_id = ? AND user_id = ?",
@@ -254,7 +272,7 @@ class SqlSellerStore(TokenStore):
         version = self._version(chain, generation)
         tokens = self._tokens(values)
         self._local.row = _Row(answer, dead)
-        self._remember(version)
+        self._remember(version, seq)
         return tokens, version
 
     def _tokens(self, values: Sequence[object]) -> TokenSet:
@@ -295,10 +313,10 @@ class SqlSellerStore(TokenStore):
             )
         return float(value)  # type: ignore[arg-type]
 
-    def _remember(self, version: tuple[str, int]) -> None:
-        self._seen = version
-        self._checked_at = time.monotonic()
-        self._quiet_until = -float("inf")
+    def _remember(self, version: tuple[str, int], seq: int) -> None:
+        """This process read or wrote ``version``; ``seq``: the feed's look before it."""
+        self._read = (version, seq)
+        self._feed.answered()
 
     def row_read(self) -> _Row:
         """What this thread's last :meth:`load` read beside the tokens."""
@@ -328,10 +346,12 @@ class SqlSellerStore(TokenStore):
         if not (isinstance(replaces, tuple) and len(replaces) == 2):
             raise TypeError(f"replaces must be a version load() returned, not {replaces!r}")
         chain, gen = replaces
+        seq = self._feed.seq
         _, count = self._db.run(
             "UPDATE mlauth_sellers SET generation = generation + 1, access_token = ?, "
             "refresh_token = ?, expires_at = ?, refreshed_at = ?, refreshed_by = ?, "
-            "answer = NULL, dead = NULL, failing_since = NULL, failing_reason = NULL "
+            "answer = NULL, dead = NULL, failing_since = NULL, failing_reason = NULL, "
+            "changed_at = {now} "
             "WHERE client_id = ? AND user_id = ? AND chain = ? AND generation = ?",
             (*self._values(tokens), *self._key(), chain, gen),
             "save the tokens to",
@@ -341,7 +361,7 @@ class SqlSellerStore(TokenStore):
                 f"a peer committed newer tokens to {self.location} after this process read "
                 f"generation {gen}; ours were not written (the newer ones win)"
             )
-        self._remember((chain, gen + 1))
+        self._remember((chain, gen + 1), seq)
         return (chain, gen + 1)
 
     @sealed
@@ -351,6 +371,7 @@ class SqlSellerStore(TokenStore):
         the old chain adopt this one; the generation goes on from the old one."""
         check_seller(self, tokens)
         chain = secrets.token_hex(8)
+        seq = self._feed.seq
         rows, _ = self._db.run(
             _REPLACE if replace else _SEED,
             (*self._key(), chain, *self._values(tokens)),
@@ -359,7 +380,7 @@ class SqlSellerStore(TokenStore):
         if not rows:
             raise StaleCommitError(f"{self.location} already holds a chain")
         version = self._version(chain, rows[0][0])
-        self._remember(version)
+        self._remember(version, seq)
         return version
 
     @sealed  # the record is the raw answer: the tokens
@@ -549,7 +570,7 @@ class SqlSellerStore(TokenStore):
             if time.monotonic() >= deadline:
                 return False
             time.sleep(POLL_INTERVAL)
-        self._checked_at = -float("inf")
+        self._alone = True
         return True
 
     @property
@@ -603,7 +624,7 @@ class SqlSellerStore(TokenStore):
         """Rows for ``mlauth status``: the row, the generation last read, a raw answer kept
         in it, and a failing refresh."""
         details = [("row", f"mlauth_sellers: client {self.client_id}, seller {self.seller}")]
-        seen = self._seen
+        seen = self._read[0]
         if isinstance(seen, tuple):
             details.append(("generation", f"{seen[1]} (chain {seen[0]})"))
         rows, _ = self._db.run(
@@ -871,6 +892,15 @@ class SqlSellers(SellerStores):
         self._client_id = client_id
         self._stores: dict[str, SqlSellerStore] = {}
         self._stores_lock = threading.Lock()
+        #: What this process's sellers ask whether a peer committed (:mod:`.sql_feed`).
+        self.feed = SqlFeed(
+            db,
+            location,
+            self.check_interval,
+            self._stores,  # only the sellers this process holds are kept
+            client_id=lambda: self.client_id,
+            valid=_is_version,
+        )
 
     @classmethod
     def sqlite(cls, path: str | os.PathLike[str], **options: Any) -> SqlSellers:
@@ -911,6 +941,11 @@ class SqlSellers(SellerStores):
         return sorted(held, key=lambda user_id: (len(user_id), user_id))
 
     def _made(self, user_id: str) -> SqlSellerStore:
+        with self._stores_lock:
+            store = self._stores.get(user_id)
+        if store is not None:
+            return store
+        self.feed.start()  # before the store reads its row: no later change is missed
         with self._stores_lock:
             store = self._stores.get(user_id)
             if store is None:
@@ -961,6 +996,15 @@ class SqlSellers(SellerStores):
         user_id = check_user_id(user_id, self.location)
         store = self._made(user_id)
         with contextlib.nullcontext() if held else store.lock(self.lock_timeout):
+            # For the change feed of every process that holds the seller (.sql_feed); first,
+            # so that a removal cut short is still told (a row found there wins over it).
+            self.db.run(
+                "INSERT INTO mlauth_removals (client_id, user_id, removed_at) "
+                "VALUES (?, ?, {now}) ON CONFLICT (client_id, user_id) "
+                "DO UPDATE SET removed_at = excluded.removed_at",
+                (self.client_id, user_id),
+                "remove from",
+            )
             _, count = self.db.run(
                 "DELETE FROM mlauth_sellers WHERE client_id = ? AND user_id = ?",
                 (self.client_id, user_id),
@@ -973,6 +1017,7 @@ class SqlSellers(SellerStores):
             )
         with self._stores_lock:
             self._stores.pop(user_id, None)
+        self.feed.forget(user_id)
         return count == 1
 
     @sealed  # the rows' tokens are read to mask them in refreshed_by

@@ -48,6 +48,7 @@ SCHEMA_VERSION = 1
 SELLERS = "mlauth_sellers"
 LEASES = "mlauth_leases"
 INCIDENTS = "mlauth_incidents"
+REMOVALS = "mlauth_removals"
 META = "mlauth_schema"
 
 # Kept apart from the tokens: a lease is written and deleted at each refresh, and a waiter
@@ -70,7 +71,10 @@ _TABLES = (
         dead TEXT,
         failing_since {{real}},
         failing_reason TEXT,
+        changed_at {{real}},
         PRIMARY KEY (client_id, user_id))""",
+    # The change feed (.sql_feed) reads the rows written since its last look, by this index.
+    f"""CREATE INDEX IF NOT EXISTS {SELLERS}_changed ON {SELLERS} (client_id, changed_at)""",
     f"""CREATE TABLE IF NOT EXISTS {LEASES} (
         client_id TEXT NOT NULL,
         user_id TEXT NOT NULL,
@@ -86,6 +90,13 @@ _TABLES = (
         name TEXT NOT NULL,
         value TEXT NOT NULL,
         PRIMARY KEY (client_id, user_id, name))""",
+    # When a seller was removed (its row is gone): for the change feed. One row per seller
+    # ever removed, replaced if removed again.
+    f"""CREATE TABLE IF NOT EXISTS {REMOVALS} (
+        client_id TEXT NOT NULL,
+        user_id TEXT NOT NULL,
+        removed_at {{real}} NOT NULL,
+        PRIMARY KEY (client_id, user_id))""",
 )
 
 

@@ -63,7 +63,6 @@ from mlauth.tokens import LATEST_TIME, TokenSet, this_process, token_problem
 
 from .base import (
     NOT_LOCAL,
-    KeptAnswerRefresh,
     RefreshTransaction,
     TokenStore,
     check_seller,
@@ -73,6 +72,7 @@ from .feed import ChangeFeed, Read
 from .incidents import Incidents
 from .journal import kept_note
 from .lock import POLL_INTERVAL
+from .recovery import FencedRefresh, answer_follows
 
 __all__ = ["RedisRefresh", "RedisStore", "redact_url"]
 
@@ -923,7 +923,7 @@ class RedisStore(TokenStore):
         if failing is not None:
             rows.append(("refresh failing", failing))
         record = _answer_record(cast("str | None", raw), self.location)
-        if record is not None and isinstance(seen, tuple) and _follows(record) == seen:
+        if record is not None and isinstance(seen, tuple) and answer_follows(record) == seen:
             found = tokens_of(record, None)
             rows.append(
                 (
@@ -1075,15 +1075,7 @@ def _spent_for_another(error: WrongSellerError) -> str:
     )
 
 
-def _follows(record: dict[str, Any]) -> tuple[str, int] | None:
-    """The version (chain, generation) a raw answer record follows, if it names one."""
-    chain, gen = record.get("chain"), record.get("generation")
-    if not isinstance(chain, str) or isinstance(gen, bool) or not isinstance(gen, int):
-        return None
-    return (chain, gen)
-
-
-class RedisRefresh(KeptAnswerRefresh):
+class RedisRefresh(FencedRefresh):
     """The refresh transaction of the Redis store: the raw answer in the hash, then the
     fenced commit (which clears it).
 
@@ -1092,6 +1084,8 @@ class RedisRefresh(KeptAnswerRefresh):
     usable refresh token: the stored token is then tried once). A usable one that cannot be
     committed stops the refresh: the stored token was spent for it.
     """
+
+    held_in = "hash"
 
     def __init__(self, store: RedisStore, *, login: bool = False) -> None:
         try:
@@ -1103,48 +1097,15 @@ class RedisRefresh(KeptAnswerRefresh):
                 raise
             super().__init__(store, login=True)
         self._store = store
-        self.kept: str | None = None
-        self._recover(store.answer_read(), login=login)
+        self.recover(store.answer_read(), login=login)
 
-    def _recover(self, record: dict[str, Any] | None, *, login: bool) -> None:
-        version = self.version if isinstance(self.version, tuple) else None
-        if record is None or _follows(record) != version:
-            return  # none, or one the chain moved past (the next commit clears it)
-        stored = self.tokens.refresh_token
-        follows_stored = record.get("spent") == fingerprint(stored.reveal() if stored else None)
-        found = tokens_of(record, stored if follows_stored else None)
-        if not isinstance(found, TokenSet):
-            self.kept = kept_note(record, found, f"{self._store.key} {ANSWER_FIELD}")
-            self.possibly_spent = self.kept
-            return
-        try:
-            self.version = self._store.save(found, replaces=self.version)
-        except WrongSellerError as exc:
-            # Another seller's answer: never into this chain. Its refresh token was spent
-            # for it, so the chain is dead; the answer stays for a human until a login.
-            self._mark_dead(stored, _spent_for_another(exc))
-            self.kept = f"{self._store.key} {ANSWER_FIELD} holds an answer for user {exc.found}"
-            self.possibly_spent = self.kept
-            log.error("%s", exc)
-            return
-        except StoreError as exc:  # a peer committed (stale), or Redis failed: it stays there
-            if login:  # replaced by the login's own tokens anyway
-                log.error("could not replay the raw answer kept in %s: %s", self._store.key, exc)
-                return
-            # The stored refresh token was spent for this answer: sending it again could
-            # only earn invalid_grant, and the answer's token would be lost for good.
-            raise StoreError(
-                f"{self._store.key} at {self._store.location} keeps the answer of a refresh "
-                f"that was not committed, and it could not be written back ({exc}); the "
-                "refresh token the hash holds was spent for it, so nothing was sent. The next "
-                "refresh tries again."
-            ) from None
-        self.tokens = found
-        log.warning(
-            "recovered a refresh that was not committed (a holder that died): wrote %s to %s",
-            found.describe(),
-            self._store.location,
-        )
+    def other_seller(self, exc: WrongSellerError, stored: Secret | None) -> None:
+        # Another seller's answer: never into this chain. Its refresh token was spent for
+        # it, so the chain is dead; the answer stays for a human until a login.
+        self._mark_dead(stored, _spent_for_another(exc))
+        self.kept = f"{self._store.key} {ANSWER_FIELD} holds an answer for user {exc.found}"
+        self.possibly_spent = self.kept
+        log.error("%s", exc)
 
     def begin(self, spent: Secret) -> None:
         self._check_generation()

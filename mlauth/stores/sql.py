@@ -52,12 +52,11 @@ from mlauth.errors import (
     WrongSellerError,
     sealed,
 )
-from mlauth.secret import Secret, fingerprint, mask, redact_url, url_scheme
+from mlauth.secret import Secret, mask, redact_url, url_scheme
 from mlauth.tokens import LATEST_TIME, USER_ID, TokenSet, this_process, token_problem
 
 from . import sql_db
 from .base import (
-    KeptAnswerRefresh,
     RefreshTransaction,
     TokenStore,
     check_seller,
@@ -67,6 +66,7 @@ from .feed import Read
 from .incidents import Incidents
 from .journal import kept_note
 from .lock import POLL_INTERVAL
+from .recovery import FencedRefresh, answer_follows
 from .sellers_base import FAILING, OK, REAUTHORIZE, SellerRow, SellerStores, check_user_id
 from .sql_db import Database
 from .sql_feed import SqlFeed
@@ -637,7 +637,7 @@ class SqlSellerStore(TokenStore):
             return details
         chain, gen, answer, since, reason = rows[0]
         record = _json_object(answer)
-        if record is not None and _follows(record) == (chain, gen):
+        if record is not None and answer_follows(record) == (chain, gen):
             found = tokens_of(record, None)
             details.append(
                 (
@@ -701,15 +701,7 @@ def _when(at: object) -> str:
         return "an unknown time"
 
 
-def _follows(record: dict[str, Any]) -> tuple[str, int] | None:
-    """The version (chain, generation) a raw answer record follows, if it names one."""
-    chain, gen = record.get("chain"), record.get("generation")
-    if not isinstance(chain, str) or isinstance(gen, bool) or not isinstance(gen, int):
-        return None
-    return (chain, gen)
-
-
-class SqlRefresh(KeptAnswerRefresh):
+class SqlRefresh(FencedRefresh):
     """The refresh transaction of the SQL store: the raw answer in the row, then the fenced
     commit (which clears it); a failure recorded in the row (``dead`` or ``failing``).
 
@@ -720,51 +712,21 @@ class SqlRefresh(KeptAnswerRefresh):
     :class:`~mlauth.WrongSellerError` (the stored token was spent for it).
     """
 
+    held_in = "row"
+
     def __init__(self, store: SqlSellerStore, *, login: bool = False) -> None:
         super().__init__(store, login=login)
         self._store = store
-        self.kept: str | None = None
         row = store.row_read()
         self._dead = row.dead
-        self._recover(_json_object(row.answer), login=login)
+        self.recover(_json_object(row.answer), login=login)
 
     @property
     def raw_place(self) -> str:
         return f"the answer column of seller {self._store.seller}'s row"
 
-    def _recover(self, record: dict[str, Any] | None, *, login: bool) -> None:
-        version = self.version if isinstance(self.version, tuple) else None
-        if record is None or version is None or _follows(record) != version:
-            return  # none, or one the chain moved past (the next commit clears it)
-        stored = self.tokens.refresh_token
-        follows_stored = record.get("spent") == fingerprint(stored.reveal() if stored else None)
-        found = tokens_of(record, stored if follows_stored else None)
-        if not isinstance(found, TokenSet):
-            self.kept = kept_note(record, found, self.raw_place)
-            self.possibly_spent = self.kept
-            return
-        try:
-            self.version = self._store.save(found, replaces=self.version)
-        except WrongSellerError as exc:
-            if login:
-                return  # replaced by the login's own tokens
-            raise self._other_seller(exc) from None
-        except StoreError as exc:  # a peer committed (stale), or the database failed
-            if login:
-                log.error("could not replay the raw answer kept in %s: %s", self.raw_place, exc)
-                return
-            raise StoreError(
-                f"{self.raw_place} at {self._store.location} keeps the answer of a refresh "
-                f"that was not committed, and it could not be written back ({exc}); the "
-                "refresh token the row holds was spent for it, so nothing was sent. The next "
-                "refresh tries again."
-            ) from None
-        self.tokens = found
-        log.warning(
-            "recovered a refresh that was not committed (a holder that died): wrote %s to %s",
-            found.describe(),
-            self._store.location,
-        )
+    def other_seller(self, exc: WrongSellerError, stored: Secret | None) -> None:
+        raise self._other_seller(exc) from None
 
     def _other_seller(self, exc: WrongSellerError) -> WrongSellerError:
         seller = self._store.seller

@@ -7,6 +7,7 @@ from __future__ import annotations
 import gc
 import json
 import os
+import sqlite3
 import threading
 import time
 from collections.abc import Iterator
@@ -17,6 +18,7 @@ import requests
 
 import mlauth
 from mlauth import InvalidGrantError, WrongSellerError
+from mlauth.cli.migrate_sellers import _move
 from mlauth.errors import (
     ConfigError,
     LockLostError,
@@ -24,6 +26,7 @@ from mlauth.errors import (
     StaleCommitError,
     StoreError,
 )
+from mlauth.stores import sql
 from mlauth.stores.sellers import FAILING, OK, REAUTHORIZE, sellers_from_url, sqlite_path
 from mlauth.stores.sql import SqlSellers
 from mlauth.stores.sql_db import Database
@@ -507,3 +510,81 @@ def test_threads_that_come_and_go_leave_no_connection_behind(
     assert _connections(db) <= before + (1 if db.kind == "sqlite" else 0)
     sellers.close()
     assert _connections(db) < before  # close() lets go of the main thread's too
+
+
+def test_a_live_lease_of_a_machine_with_the_same_name_is_not_taken_over(
+    tmp_path: Path,
+) -> None:
+    """Two machines named alike share the initial pid namespace's inode (a kernel constant):
+    a holder whose pid is not running here is judged dead only if it is of this very boot."""
+    sellers = SqlSellers.sqlite(str(tmp_path / "sellers.db"), client_id="123", lock_timeout=30)
+    store = sellers.add(
+        "111111", mlauth.TokenSet(mlauth.Secret("APP_USR-a-111111"), mlauth.Secret("TG-r-111111"))
+    )
+    name, boot, namespace = sql._HOST.split("/")
+    assert boot not in ("", "-")  # this machine has a boot id, so it is in the identity
+    twin = f"{name}/another-boot/{namespace}"  # a clone: same name, same namespace inode
+    with sqlite3.connect(tmp_path / "sellers.db") as db:
+        db.execute(
+            "INSERT INTO mlauth_leases VALUES ('123', '111111', 'owner', ?, 'pid 4000000@x', ?, ?)",
+            (time.time() + 30, twin, 4_000_000),
+        )
+    db.close()
+    with pytest.raises(LockTimeoutError), store.lock(0.3):
+        pass
+    sellers.close()
+
+
+def test_a_store_in_a_missing_folder_is_a_store_error_naming_the_fix(tmp_path: Path) -> None:
+    sellers = SqlSellers.sqlite(str(tmp_path / "data" / "sellers.db"), client_id="123")
+    with pytest.raises(StoreError, match=r"cannot create the SQLite database .*create its folder"):
+        sellers.sellers()
+    sellers.close()
+
+
+def test_a_migration_whose_lease_lapsed_removes_nothing_and_the_live_chain_stays(
+    tmp_path: Path, fake: FakeMercadoLibre
+) -> None:
+    """A seller's move to another store holds the old store's lease from the read to the
+    removal. If writing into the new store outlasts that lease, a refresher may take it and
+    rotate the chain: the move must then stop (LockLostError) and leave the old row, which
+    holds the live link, where it is."""
+    uid = "111111"
+    source = SqlSellers.sqlite(str(tmp_path / "a.db"), client_id=fake.client_id, lock_timeout=1.0)
+    target = SqlSellers.sqlite(str(tmp_path / "b.db"), client_id=fake.client_id, lock_timeout=5.0)
+    seed(source, fake, int(uid))
+    busy, done = threading.Event(), threading.Event()
+
+    def slow_target() -> None:  # the new store keeps the seller's lease for 2.5 s (another
+        # add or move of that seller there: it is not held yet, so its store is made directly)
+        with target._made(uid).lock(5):
+            busy.set()
+            done.wait(2.5)
+
+    holder = threading.Thread(target=slow_target)
+    holder.start()
+    assert busy.wait(10)
+    failures: list[BaseException] = []
+
+    def move() -> None:
+        try:
+            _move(source, target, uid, lock_timeout=10)
+        except BaseException as exc:  # noqa: BLE001 (checked below)
+            failures.append(exc)
+
+    mover = threading.Thread(target=move)
+    mover.start()
+    deadline = time.monotonic() + 10
+    while not source.store(uid).refresh_in_progress():  # the move holds the lease
+        assert time.monotonic() < deadline and mover.is_alive()
+        time.sleep(0.01)
+    worker = SqlSellers.sqlite(str(tmp_path / "a.db"), client_id=fake.client_id, lock_timeout=1.0)
+    rotated = auth_for(worker, fake, int(uid), lock_timeout=10).refresh()
+    mover.join(30)
+    holder.join(30)
+    assert len(failures) == 1 and isinstance(failures[0], LockLostError), failures
+    live = rotated.refresh_token
+    assert live is not None and fake.is_live(live.reveal())
+    assert source.store(uid).load()[0].refresh_token == live  # nothing removed
+    for stores in (source, target, worker):
+        stores.close()

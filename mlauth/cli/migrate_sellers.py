@@ -242,6 +242,11 @@ def _move(source: SellerStores, target: SellerStores, user_id: str, *, lock_time
         tokens = txn.tokens
         if tokens.refresh_token is None:
             raise ConfigError(f"seller {user_id} holds no refresh token in {source.location}")
+        # The lock must still be ours on both sides of the copy: a lock that lapsed while
+        # the new store was slow to answer may have let a refresher rotate the chain here,
+        # and removing it then would delete the live link (LockLostError: nothing removed).
+        store.check_writable()  # renews a lease, or raises if it was lost
         same = _put(target, user_id, tokens, force=True)  # conflicts were refused before
+        store.check_writable()
         source.remove(user_id, held=True)  # in the same hold: nobody refreshed in between
     return same

@@ -86,15 +86,17 @@ def _check(
 def _warn_if_lock_lapses(store: TokenStore, endpoint: TokenEndpoint) -> None:
     """One WARNING at set-up if the store's lock can lapse within one token call.
 
-    Allowed (the commit stays fenced), but a slow answer then lets the lock lapse mid-call
-    and the refresh fails with LockLostError.
+    Allowed (the commit stays fenced), but a slow answer then lets the lock lapse mid-call:
+    a peer may take it and send the same refresh token (one of them gets invalid_grant and
+    adopts the other's commit), or the refresh fails with LockLostError.
     """
     expiry = store.lock_expiry
     if expiry is not None and expiry <= endpoint.attempt_time:
         log.warning(
             "%s: the refresh lock expires after %gs (lock_timeout, ML_TOKEN_LOCK_TIMEOUT), "
-            "not longer than one token call (%gs connect + read timeout); a slow token "
-            "endpoint will make refreshes fail with LockLostError. Raise it above %gs.",
+            "not longer than one token call (%gs connect + read timeout); with a slow token "
+            "endpoint a peer may take the lapsed lock and spend the same refresh token, or "
+            "refreshes fail with LockLostError. Raise it above %gs.",
             store.location,
             expiry,
             endpoint.attempt_time,

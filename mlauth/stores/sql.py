@@ -104,14 +104,21 @@ _REASON_LIMIT = 500  # characters of a failure's reason kept in the row
 
 
 def _host() -> str:
-    """This machine, as a lease records it: the host name and the pid namespace, so that a
-    process of another container on the same host (whose pids are not ours) is never judged
-    dead by a pid we cannot see."""
+    """This machine, as a lease records it: the host name, the boot and the pid namespace,
+    so that a process of another container on the same host (whose pids are not ours), or of
+    another machine with the same name (cloned VMs), or of an earlier boot, is never judged
+    dead by a pid we cannot see. The initial pid namespace has the same inode on every Linux
+    host: the boot id tells two such machines apart."""
     try:
         namespace = str(os.stat("/proc/self/ns/pid").st_ino)
     except OSError:
         namespace = "-"
-    return f"{socket.gethostname()}/{namespace}"
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as file:
+            boot = file.read(64).strip() or "-"
+    except OSError:
+        boot = "-"
+    return f"{socket.gethostname()}/{boot}/{namespace}"
 
 
 def _gone(pid: int) -> bool:

@@ -249,6 +249,11 @@ def check_files(path: str) -> None:
         fd = open_own(path, os.O_RDWR | os.O_EXCL, "SQLite database", create=True)
     except FileExistsError:
         pass
+    except OSError as exc:  # no such folder, or one this user may not write
+        raise StoreError(
+            f"cannot create the SQLite database {path} ({exc.strerror}): create its folder, "
+            "or let this user write there, or point ML_TOKEN_STORE elsewhere"
+        ) from None
     else:
         os.close(fd)  # a file this call made: no connection of this process has it open
     for name, what in (

@@ -161,11 +161,11 @@ def test_demo_serve_on_a_busy_port_exits_at_once_saying_so(tmp_path: Path) -> No
     assert not (tmp_path / ".env.demo").exists()  # a waiting script does not see one appear
 
 
-def test_migrate_to_a_url_that_is_not_redis_names_the_scheme(fake_ml_env: Path) -> None:
+def test_migrate_to_a_url_that_is_not_a_store_names_the_scheme(fake_ml_env: Path) -> None:
     done = mlauth_cli("migrate", "--env", str(fake_ml_env), "--to", "http://me:pw@host:80/0")
     assert done.returncode == 2 and "Traceback" not in done.stderr
-    assert "the scheme http:// is not a Redis URL" in done.stderr
-    assert "redis://, rediss://, unix://" in done.stderr
+    assert "the scheme http:// is not a store mlauth knows" in done.stderr
+    assert "redis://, rediss://, unix://, sqlite://, postgresql://" in done.stderr
     assert "pw" not in done.stderr and "install" not in done.stderr
 
 

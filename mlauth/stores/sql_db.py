@@ -249,6 +249,8 @@ def check_files(path: str) -> None:
         fd = open_own(path, os.O_RDWR | os.O_EXCL, "SQLite database", create=True)
     except FileExistsError:
         pass
+    except StoreError:  # a planted link, another user's file: named as such (an OSError too)
+        raise
     except OSError as exc:  # no such folder, or one this user may not write
         raise StoreError(
             f"cannot create the SQLite database {path} ({exc.strerror}): create its folder, "
